@@ -1,0 +1,3 @@
+from cars_tl.cli import app
+
+app()

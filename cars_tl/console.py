@@ -1,0 +1,67 @@
+"""Rich-backed progress for the CLI (library code takes a :class:`cars_tl.progress.Progress`)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress as RichProgress, TaskProgressColumn,
+    TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
+
+from cars_tl.progress import Progress, Task
+
+console = Console(stderr=True)
+out = Console()
+
+
+class _RateColumn(TextColumn):
+    """Throughput in the task's own unit (img/s, it/s)."""
+
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        text = f"{speed:,.1f} {unit}/s" if speed else f"-- {unit}/s"
+        from rich.text import Text
+
+        return Text(text, style="progress.data.speed")
+
+
+class _RichTask(Task):
+    def __init__(self, progress: RichProgress, task_id):
+        self._progress, self._id = progress, task_id
+
+    def advance(self, amount: float = 1, **fields) -> None:
+        self._progress.update(self._id, advance=amount, **fields)
+
+    def update(self, **fields) -> None:
+        self._progress.update(self._id, **fields)
+
+
+class RichProgressReporter(Progress):
+    """Progress bars on stderr: bytes/s for downloads, items/s (img/s) for everything else."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: float | None = None, unit: str = "it") -> Iterator[Task]:
+        if unit == "B":
+            columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+        else:
+            columns = [
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                _RateColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+            ]
+        with RichProgress(*columns, console=console) as bar:
+            task_id = bar.add_task(description, total=total, unit=unit, status="")
+            yield _RichTask(bar, task_id)
+
+    def log(self, message: str) -> None:
+        console.print(message)
+
+
+def progress() -> Progress:
+    return RichProgressReporter()
