@@ -82,3 +82,113 @@ def download(
         f"{manifest.classes_present()} of {manifest.num_classes} classes, fingerprint {manifest.fingerprint[:12]}"
         + (f", {manifest.clipped_boxes} boxes clipped to the image" if manifest.clipped_boxes else "")
     )
+
+
+Backbone = Annotated[str, typer.Option(help="torchvision model name (resnet50) or timm/<name> (needs the timm extra).")]
+Weights = Annotated[str, typer.Option(help="imagenet (torch cache) | random (seeded) | a torchvision weights name | PATH (state dict or run dir).")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16")]
+Artifacts = Annotated[Path, typer.Option(help="Root of generated files (features/, runs/, report/).")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Output path (default under --artifacts).")]
+FeaturesFile = Annotated[Path, typer.Option("--features", help="HDF5 feature cache from extract-features.")]
+
+
+@command("extract-features")
+def extract_features(
+    data_dir: DataDir = Path("data"),
+    backbone: Backbone = "resnet50",
+    weights: Weights = "imagenet",
+    split: Annotated[Optional[List[str]], typer.Option(help="Split to extract (repeatable): train, test.")] = None,
+    crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
+    margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
+    image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size (resize keeps its ratio).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: min(4, cores)).")] = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images (listed in the file) instead of stopping.")] = False,
+    out: Out = None,
+    artifacts: Artifacts = Path("artifacts"),
+):
+    """Run the frozen backbone over the images once and cache pooled features in HDF5.
+
+    Resumes an interrupted run; a no-op when an identical complete file exists.
+    """
+    from cars_tl.console import console, progress
+    from cars_tl.extract import extract_features as run
+
+    result = run(
+        data_dir, backbone, weights, tuple(split or ("train", "test")), crop, margin, image_size, batch_size, workers,
+        device, precision, skip_bad, out, artifacts, progress(),
+    )
+    if result.action == "up to date":
+        console.print(f"up to date: {result.path} (same backbone, weights, transform and dataset)")
+        return
+    skipped = sum(result.skipped.values())
+    console.print(
+        f"{result.action}: {result.path} — " + ", ".join(f"{s} {n}" for s, n in result.counts.items())
+        + f" images, {result.images_per_second:,.1f} img/s ({result.precision} on {result.device})"
+        + (f", [yellow]{skipped} unreadable images skipped[/] (listed in the file)" if skipped else "")
+    )
+
+
+@command("train-head")
+def train_head(
+    features: FeaturesFile,
+    preset: Annotated[str, typer.Option(help="study (the paper's exact setting) | tuned (validated linear probe).")] = "study",
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs [study: 15].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate [study: 1e-3].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size [study: 32].")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd | lbfgs [study: adam].")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay [study: 0; tuned: chosen on validation].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
+    out: Out = None,
+    artifacts: Artifacts = Path("artifacts"),
+):
+    """Train a Linear head (model B) on cached features; saves head.pt and metrics.json."""
+    from cars_tl.console import progress
+    from cars_tl.heads import train_head as run
+
+    run_dir, metrics = run(features, preset, epochs, lr, batch_size, optimizer, weight_decay, seed, out, artifacts, progress())
+    _print_final(run_dir, metrics)
+
+
+@command("fit-svm")
+def fit_svm(
+    features: FeaturesFile,
+    kernel: Annotated[str, typer.Option(help="linear | poly | rbf | sigmoid | all (fit each, compare).")] = "poly",
+    c: Annotated[float, typer.Option("--C", help="SVC regularization C.")] = 1.0,
+    degree: Annotated[int, typer.Option(help="poly degree.")] = 3,
+    gamma: Annotated[str, typer.Option(help="scale | auto | a number (sklearn's meaning).")] = "scale",
+    coef0: Annotated[float, typer.Option(help="poly/sigmoid coef0.")] = 0.0,
+    scale: Annotated[str, typer.Option(help="Feature scaling: l2 (default, see README) | standard | none.")] = "l2",
+    method: Annotated[str, typer.Option(help="precomputed (fast torch kernel) | plain (sklearn SVC).")] = "precomputed",
+    out: Out = None,
+    artifacts: Artifacts = Path("artifacts"),
+):
+    """Fit an SVM (model C) on cached features; --kernel all compares every kernel from one cache."""
+    from rich.table import Table
+
+    from cars_tl.console import out as stdout, progress
+    from cars_tl.svm import fit_svm as run
+
+    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress())
+    table = Table(title=f"SVM on {features.name} ({scale} scaling, C={c})")
+    for column in ("kernel", "train acc %", "test acc %", "fit s", "predict s", "support vectors"):
+        table.add_column(column, justify="left" if column == "kernel" else "right")
+    for r in metrics["kernels"].values():
+        table.add_row(r["kernel"], f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}", f"{r['fit_seconds']:.2f}",
+                      f"{r['predict_seconds']:.2f}", str(r["support_vectors"]))
+    stdout.print(table)
+    stdout.print(f"run: {run_dir}")
+
+
+def _print_final(run_dir: Path, metrics: dict) -> None:
+    from cars_tl.console import out as stdout
+
+    f = metrics["final"]
+    stdout.print(
+        f"{metrics['kind']} run {run_dir}: train loss {f['train_loss']:.4f} acc {f['train_acc']:.2f}% | "
+        f"test loss {f['test_loss']:.4f} acc {f['test_acc']:.2f}% top-5 {f['test_top5']:.2f}% | "
+        f"trainable {metrics['params']['trainable']:,} of {metrics['params']['total']:,} params | {metrics['wall_time_s']:.1f} s"
+    )

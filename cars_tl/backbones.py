@@ -1,0 +1,304 @@
+"""Backbones and their preprocessing: the one place that builds networks.
+
+A backbone is any torchvision classification model by name (``resnet50``), or ``timm/<name>`` when
+timm is installed. Its classifier is replaced by an identity so the network returns the globally
+pooled features (2048 for resnet50); :class:`ClassifierModel` puts a fresh ``Linear`` head back on.
+
+Weights (``--weights``):
+
+``imagenet``
+    the library's default pretrained weights (torchvision: ``Weights.DEFAULT``), read from the torch
+    cache only; a missing file is an error that gives the download command. A torchvision weights
+    enum name (``IMAGENET1K_V1``: what the study's ``pretrained=True`` loaded) works too.
+``random``
+    a seeded random initialisation, so that every stage rebuilds the same network.
+``PATH``
+    a state dict, or a cars_tl checkpoint / run directory, loaded with ``weights_only=True``.
+
+Preprocessing comes from the weights (resize, center crop, mean/std, interpolation) unless
+``image_size`` overrides the crop (the resize keeps the weights' ratio).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cars_tl.errors import CarsTLError
+
+TIMM_PREFIX = "timm/"
+RANDOM_SEED = 0
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A feature extractor: ``body(x)`` returns pooled features of width ``num_features``."""
+
+    name: str
+    weights: str
+    weights_digest: str
+    body: Any  # torch.nn.Module
+    num_features: int
+    transform: dict
+    stages: list[str]
+    classifier_name: str
+
+    def describe(self) -> dict:
+        return {
+            "backbone": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
+            "num_features": self.num_features, "transform": self.transform,
+        }
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 over a state dict's names, shapes, dtypes and bytes: the weights' identity."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def _is_timm(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _create(name: str):
+    """The bare network (1000-class head, no weights) and its default transform spec."""
+    torch.manual_seed(RANDOM_SEED)
+    if _is_timm(name):
+        try:
+            import timm
+        except ImportError:
+            raise CarsTLError(
+                f"backbone {name!r} needs timm, which is not installed", "pip install 'cars_tl[timm]'"
+            ) from None
+        arch = name[len(TIMM_PREFIX):]
+        if arch not in timm.list_models():
+            raise CarsTLError(f"unknown timm model {arch!r}", "see timm.list_models() for valid names, e.g. timm/efficientnet_lite0")
+        model = timm.create_model(arch, pretrained=False)
+        cfg = model.pretrained_cfg
+        crop = int(cfg["input_size"][-1])
+        spec = {
+            "resize": int(round(crop / cfg.get("crop_pct", 0.875))), "crop": crop,
+            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg.get("interpolation", "bilinear"),
+        }
+        return model, spec
+    import torchvision
+
+    names = _torchvision_names()
+    if name not in names:
+        close = [n for n in names if name.split("_")[0][:4] in n][:8] or names[:8]
+        raise CarsTLError(
+            f"unknown backbone {name!r}", f"use a torchvision model name such as {', '.join(close)}, or timm/<name>"
+        )
+    model = torchvision.models.get_model(name, weights=None)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    return model, _transform_from_weights(weights)
+
+
+def _transform_from_weights(weights) -> dict:
+    t = weights.transforms()
+    return {
+        "resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": [float(v) for v in t.mean],
+        "std": [float(v) for v in t.std], "interpolation": t.interpolation.value,
+    }
+
+
+def _classifier_path(model, name: str) -> str:
+    if _is_timm(name):
+        return model.pretrained_cfg.get("classifier", "classifier")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CarsTLError(f"backbone {name!r} has no Linear classifier to replace")
+    return linears[-1]
+
+
+def _set_module(model, path: str, module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def _cache_file_for(weights) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def _load_state(name: str, weights: str) -> tuple[dict, dict | None]:
+    """The state dict for ``weights`` and, for torchvision enums, that enum's transform spec."""
+    if Path(weights).exists():
+        return load_weights_file(Path(weights)), None
+    if _is_timm(name):
+        raise CarsTLError(
+            f"--weights {weights!r} for {name}: timm weights come from the Hugging Face hub, which is not used offline",
+            "download the state dict once and pass --weights PATH (a .pth state dict)",
+        )
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    key = "DEFAULT" if weights == "imagenet" else weights
+    try:
+        chosen = enum[key] if key != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        valid = ["imagenet", "random", *[w.name for w in enum], "PATH"]
+        raise CarsTLError(f"unknown weights {weights!r} for {name} (and no such file)", f"valid: {', '.join(valid)}") from None
+    path = _cache_file_for(chosen)
+    if not path.is_file():
+        raise CarsTLError(
+            f"ImageNet weights for {name} ({chosen}) are not in the torch cache: {path} is missing",
+            f"cars-tl download --weights {name}   (offline: put {Path(chosen.url).name} from {chosen.url} at {path})",
+        )
+    return torch.load(path, map_location="cpu", weights_only=True), _transform_from_weights(chosen)
+
+
+def load_weights_file(path: Path) -> dict:
+    """A state dict from a plain ``.pth``, a cars_tl checkpoint, or a run directory's model."""
+    path = Path(path)
+    if path.is_dir():
+        from cars_tl import runs
+
+        path = runs.model_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CarsTLError(
+            f"cannot load weights from {path}: {str(exc).splitlines()[0][:300]}",
+            "pass a state dict saved with torch.save(model.state_dict(), path) or a cars_tl run directory",
+        ) from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise CarsTLError(f"{path} is not a state dict (a mapping of names to tensors)")
+    if any(k.startswith("body.") for k in obj):  # a cars_tl ClassifierModel: keep the body
+        obj = {k[len("body."):]: v for k, v in obj.items() if k.startswith("body.")}
+    return obj
+
+
+def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size: int | None = None) -> Backbone:
+    """Build ``name`` with ``weights`` and its classifier removed; see the module docstring."""
+    model, spec = _create(name)
+    classifier = _classifier_path(model, name)
+    if weights == "random":
+        state = None
+    else:
+        state, enum_spec = _load_state(name, weights)
+        spec = enum_spec or spec
+        _load_into(model, state, classifier, name, weights)
+    digest = state_digest(model.state_dict())
+    head = model.get_submodule(classifier)
+    num_features = int(head.in_features)
+    if _is_timm(name):
+        model.reset_classifier(0)
+    else:
+        _set_module(model, classifier, nn.Identity())
+    if image_size:
+        spec = dict(spec, resize=int(round(image_size * spec["resize"] / spec["crop"])), crop=int(image_size))
+    stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+    if _is_timm(name) and isinstance(getattr(model, "blocks", None), nn.Sequential):
+        stages += [f"blocks.{i}" for i in range(len(model.blocks))]  # timm's stage names
+    model.eval()
+    return Backbone(name, str(weights), digest, model, num_features, spec, stages, classifier)
+
+
+def _load_into(model, state: dict, classifier: str, name: str, weights: str) -> None:
+    own = model.state_dict()
+    # A classifier of another class count is not part of the backbone: keep ours.
+    state = {k: v for k, v in state.items() if not (k.startswith(classifier + ".") and k in own and own[k].shape != v.shape)}
+    missing = [k for k in own if k not in state and not k.startswith(classifier + ".")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise CarsTLError(
+            f"weights {weights!r} do not fit backbone {name}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} mis-shaped keys (e.g. {(missing + unexpected + wrong)[:3]})",
+            "pass --backbone matching the architecture the weights were saved from",
+        )
+    model.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------- models and transforms
+
+
+def classifier_model(backbone: Backbone, num_classes: int) -> "ClassifierModel":
+    """Backbone body + a fresh ``Linear(num_features, num_classes)`` head."""
+    torch.manual_seed(RANDOM_SEED)
+    return ClassifierModel(backbone.body, nn.Linear(backbone.num_features, num_classes))
+
+
+class ClassifierModel(nn.Module):
+    """``head(body(x))``; the head's state dict loads into the backbone's own classifier."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def eval_transform(spec: dict):
+    """Resize, center crop, to tensor, normalize: exactly the weights' evaluation preprocessing."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
+        T.CenterCrop(spec["crop"]),
+        T.ToTensor(),
+        T.Normalize(spec["mean"], spec["std"]),
+    ])
+
+
+def train_transform(spec: dict, augment: str):
+    """``none``: the evaluation preprocessing. ``standard``: random resized crop, flip, light colour jitter."""
+    from torchvision import transforms as T
+
+    if augment == "none":
+        return eval_transform(spec)
+    if augment != "standard":
+        raise CarsTLError(f"unknown --augment {augment!r}; valid: none, standard")
+    return T.Compose([
+        T.RandomResizedCrop(spec["crop"], scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.2, 0.2, 0.2),
+        T.ToTensor(),
+        T.Normalize(spec["mean"], spec["std"]),
+    ])
+
+
+def transform_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def parse_unfreeze(value: str, backbone: Backbone) -> list[str]:
+    """``none`` | ``all`` | comma-separated module names of the backbone (validated)."""
+    if value == "none":
+        return []
+    if value == "all":
+        return list(backbone.stages)
+    names = [v.strip() for v in re.split(r"[,\s]+", value) if v.strip()]
+    bad = [n for n in names if n not in backbone.stages]
+    if bad:
+        raise CarsTLError(
+            f"--unfreeze {value!r}: {', '.join(bad)} is not a module of {backbone.name}",
+            f"valid: none, all, or comma-separated names from: {', '.join(backbone.stages)}",
+        )
+    return names

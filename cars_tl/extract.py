@@ -1,0 +1,187 @@
+"""``extract-features``: run a frozen backbone over the images once, into an HDF5 cache.
+
+Eval mode under ``torch.inference_mode()``, channels_last, DataLoader workers, pinned memory on
+CUDA, bf16 autocast where the hardware has it. Chunks are kept as they finish, so an interrupted
+run resumes; identical inputs and a complete file make it a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from cars_tl import backbones, data, features, runtime
+from cars_tl.errors import CarsTLError
+from cars_tl.progress import NULL, Progress
+
+CHUNK_BATCHES = 4
+
+
+@dataclasses.dataclass
+class ExtractResult:
+    path: Path
+    action: str  # "extracted" | "resumed" | "up to date"
+    counts: dict[str, int]
+    skipped: dict[str, int]
+    seconds: float
+    images_per_second: float
+    precision: str
+    device: str
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None, collate_fn=None):
+    """The DataLoader every stage uses: workers, pinned memory on CUDA, persistent workers."""
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        pin_memory=device.startswith("cuda"), persistent_workers=False,
+        collate_fn=collate_fn, prefetch_factor=4 if workers else None,
+    )
+
+
+def prepare_body(body: torch.nn.Module, device: str) -> torch.nn.Module:
+    body = body.to(device, memory_format=torch.channels_last)
+    body.eval()
+    for p in body.parameters():
+        p.requires_grad_(False)
+    return body
+
+
+@torch.inference_mode()
+def embed(body, images: torch.Tensor, device: str, precision: str) -> torch.Tensor:
+    """Pooled features of a batch, as float32 on the CPU."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with runtime.autocast(device, precision):
+        out = body(images)
+    return out.float().flatten(1).cpu()
+
+
+def extract_features(
+    data_dir: Path = Path("data"),
+    backbone: str = "resnet50",
+    weights: str = "imagenet",
+    splits: tuple[str, ...] = ("train", "test"),
+    crop: str = "full",
+    margin: float = 0.0,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    skip_bad: bool = False,
+    out: Path | None = None,
+    artifacts: Path = Path("artifacts"),
+    progress: Progress = NULL,
+) -> ExtractResult:
+    """Extract pooled features for ``splits`` into an HDF5 cache (see :mod:`cars_tl.features`)."""
+    for split in splits:
+        if split not in data.SPLITS:
+            raise CarsTLError(f"unknown split {split!r}; valid: {', '.join(data.SPLITS)}")
+    if crop not in ("full", "box"):
+        raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
+    if batch_size < 1:
+        raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
+    manifest = data.load_manifest(data_dir)
+    device = runtime.resolve_device(device)
+    precision = runtime.resolve_precision(precision, device)
+    workers = default_workers() if workers is None else workers
+    bb = backbones.build_backbone(backbone, weights, image_size)
+    out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop)
+    identity = {
+        "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest,
+        "transform": bb.transform, "crop": crop, "margin": float(margin), "precision": precision,
+        "dataset_fingerprint": manifest.fingerprint, "skip_bad": bool(skip_bad),
+    }
+    if features.matches(out, identity, splits):
+        attrs = features.read_attrs(out)
+        return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, attrs["precision"], device)
+
+    datasets = {
+        s: data.CarsDataset(manifest, s, backbones.eval_transform(bb.transform), crop=crop, margin=margin, skip_bad=skip_bad)
+        for s in splits
+    }
+    identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(splits), feature_dim=bb.num_features, batch_size=batch_size)
+    partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
+    resumed = partial.resumed_rows
+    body = prepare_body(bb.body, device)
+    start_time, processed = time.perf_counter(), 0
+    skipped: dict[str, int] = {}
+    for split, dataset in datasets.items():
+        done = partial.done_rows(split)
+        processed += _extract_split(
+            body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, bb.num_features, progress
+        )
+    seconds = time.perf_counter() - start_time
+    rows = {
+        s: {"labels": [r.label for r in d.records], "ids": [r.index for r in d.records], "paths": [r.path for r in d.records]}
+        for s, d in datasets.items()
+    }
+    attrs = dict(
+        identity, class_names=manifest.class_names, num_classes=manifest.num_classes, feature_dim=bb.num_features,
+        backbone_params=sum(p.numel() for p in bb.body.parameters()),
+        versions=runtime.versions(),
+        options={"splits": list(splits), "batch_size": batch_size, "workers": workers, "device": device,
+                 "device_name": runtime.device_name(device), "image_size": image_size, "data_dir": str(data_dir)},
+    )
+    partial.finalize(attrs, rows)
+    cache = features.load(out, splits)
+    for s in splits:
+        skipped[s] = len(cache.split(s).skipped)
+    return ExtractResult(
+        out, "resumed" if resumed else "extracted", {s: len(cache.split(s).labels) for s in splits}, skipped,
+        seconds, processed / seconds if seconds > 0 else 0.0, precision, device,
+    )
+
+
+def _extract_split(body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, dim, progress) -> int:
+    total = len(dataset)
+    if done >= total:
+        return 0
+    loader = make_loader(
+        Subset(dataset, range(done, total)), batch_size, workers, device,
+        collate_fn=data.collate_skip_bad if skip_bad else None,
+    )
+    chunk_rows = partial.chunk_rows
+    chunk_start = cursor = done
+    buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
+    valid = np.zeros(len(buffer), bool)
+    with progress.task(f"extract {split}", total=total, unit="img") as task:
+        task.advance(done)
+        for images, _, positions in loader:
+            # The dataset yields its own positions, so they are absolute even through Subset.
+            if len(positions):
+                rel = positions.numpy() - chunk_start
+                buffer[rel] = embed(body, images, device, precision).numpy()
+                valid[rel] = True
+            consumed = min(batch_size, total - cursor)
+            cursor += consumed
+            task.advance(consumed)
+            if cursor - chunk_start >= len(buffer):
+                reasons = _bad_reasons(dataset, chunk_start, valid) if skip_bad else {}
+                partial.write_chunk(split, chunk_start, buffer, valid, reasons)
+                chunk_start = cursor
+                buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
+                valid = np.zeros(len(buffer), bool)
+    return total - done
+
+
+def _bad_reasons(dataset, chunk_start: int, valid: np.ndarray) -> dict[int, str]:
+    """Re-open the images a ``skip_bad`` chunk left out, to record why each was skipped."""
+    reasons = {}
+    for rel in np.flatnonzero(~valid):
+        position = chunk_start + int(rel)
+        try:
+            dataset.load(position)
+            reasons[position] = "unknown"
+        except CarsTLError as exc:
+            reasons[position] = getattr(exc, "reason", exc.message)
+    return reasons

@@ -1,0 +1,79 @@
+"""Where and how tensors are computed: device choice, precision, autocast, library versions."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+
+from cars_tl.errors import CarsTLError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise CarsTLError(f"unknown device {device!r}; valid: {', '.join(DEVICES)} (or cuda:N)")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CarsTLError(f"--device {device} asked for, but no CUDA device is available here", "use --device cpu (or auto)")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matrix work runs natively, so autocast pays off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    import torch
+
+    if precision not in PRECISIONS:
+        raise CarsTLError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    cuda = device.startswith("cuda")
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise CarsTLError("--precision fp16 needs a CUDA device", "use --precision bf16 or fp32 on the CPU")
+    return precision
+
+
+def autocast(device: str, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    """Versions of what shapes the numbers, recorded in every artifact."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for package in ("cars_tl", "torch", "torchvision", "timm", "numpy", "scikit-learn", "h5py"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,281 @@
+"""``fit-svm``: scikit-learn SVC on cached features (the study's model C), with a fast path.
+
+Semantics are exactly ``sklearn.svm.SVC``'s (one-vs-one, C, degree, gamma, coef0 mean what they mean
+there). The fast path computes the kernel matrix with torch matrix products in float64 and fits
+``SVC(kernel="precomputed")``; to predict new images it keeps the support vectors (and only them)
+and the scaling. ``--method plain`` fits a plain ``SVC`` instead (the reference the fast path is
+checked against).
+
+Defaults and why: features are L2-normalized (``--scale l2``) and ``gamma="scale"``. Pooled ReLU
+features have a large common positive component; on L2-normalized features every kernel sees
+cosine similarities, which keeps poly and sigmoid well conditioned. Standardizing instead, with
+``gamma="scale"`` (= 1/2048 for unit variance) and ``coef0=0``, makes poly's off-diagonal kernel
+values vanish next to the diagonal: the SVM memorizes the training set and falls to chance on
+test. That is why ``standard`` is not the default.
+
+Models are saved with ``skops.io`` and loaded with an explicit list of trusted types: no pickle.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cars_tl import runs
+from cars_tl.errors import CarsTLError
+from cars_tl.progress import NULL, Progress
+
+KERNELS = ("linear", "poly", "rbf", "sigmoid")
+SCALES = ("none", "standard", "l2")
+METHODS = ("precomputed", "plain")
+TRUSTED_TYPES = (
+    "sklearn.svm._classes.SVC",
+    "numpy.ndarray", "numpy.dtype", "numpy.float64", "numpy.int32", "numpy.int64",
+    "builtins.dict", "builtins.list", "builtins.str", "builtins.int", "builtins.float",
+    "builtins.tuple", "builtins.NoneType",
+)
+BLOCK = 2048
+
+
+def parse_gamma(gamma: str) -> str | float:
+    if gamma in ("scale", "auto"):
+        return gamma
+    try:
+        value = float(gamma)
+    except ValueError:
+        raise CarsTLError(f"--gamma {gamma!r} is not valid; valid: scale, auto, or a positive number") from None
+    if value <= 0:
+        raise CarsTLError(f"--gamma must be positive, got {value}")
+    return value
+
+
+class Scaler:
+    """``none`` | ``standard`` (train mean/std) | ``l2`` (each vector to unit length)."""
+
+    def __init__(self, mode: str, mean: np.ndarray | None = None, std: np.ndarray | None = None):
+        if mode not in SCALES:
+            raise CarsTLError(f"unknown --scale {mode!r}; valid: {', '.join(SCALES)}")
+        self.mode, self.mean, self.std = mode, mean, std
+
+    @classmethod
+    def fit(cls, mode: str, x: np.ndarray) -> "Scaler":
+        if mode == "standard":
+            return cls(mode, x.mean(0).astype(np.float64), np.maximum(x.std(0), 1e-6).astype(np.float64))
+        return cls(mode)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if self.mode == "standard":
+            return (x - self.mean) / self.std
+        if self.mode == "l2":
+            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
+
+def gamma_value(gamma: str | float, x: np.ndarray) -> float:
+    """sklearn's meaning: ``scale`` = 1 / (n_features * X.var()), ``auto`` = 1 / n_features."""
+    if gamma == "scale":
+        var = float(x.var())
+        return 1.0 / (x.shape[1] * var) if var > 0 else 1.0
+    if gamma == "auto":
+        return 1.0 / x.shape[1]
+    return float(gamma)
+
+
+def kernel_matrix(a: np.ndarray, b: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> np.ndarray:
+    """K(a, b) in float64 with torch matrix products, by row blocks."""
+    import torch
+
+    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
+    b_sq = (tb * tb).sum(1) if kernel == "rbf" else None
+    out = np.empty((len(a), len(b)), dtype=np.float64)
+    for start in range(0, len(a), BLOCK):
+        ta = torch.from_numpy(np.ascontiguousarray(a[start:start + BLOCK], dtype=np.float64))
+        dot = ta @ tb.T
+        if kernel == "linear":
+            k = dot
+        elif kernel == "poly":
+            k = (gamma * dot + coef0) ** degree
+        elif kernel == "rbf":
+            sq = ((ta * ta).sum(1)[:, None] + b_sq[None, :] - 2 * dot).clamp_min_(0)
+            k = torch.exp(-gamma * sq)
+        elif kernel == "sigmoid":
+            k = torch.tanh(gamma * dot + coef0)
+        else:
+            raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
+        out[start:start + len(ta)] = k.numpy()
+    return out
+
+
+class SVMModel:
+    """An SVC plus what it needs to score new features: scaling, kernel settings, support vectors."""
+
+    def __init__(self, svc, scaler: Scaler, kernel: str, gamma: float, degree: int, coef0: float,
+                 method: str, support_vectors: np.ndarray | None = None, n_train: int = 0):
+        self.svc, self.scaler, self.kernel = svc, scaler, kernel
+        self.gamma, self.degree, self.coef0, self.method = gamma, degree, coef0, method
+        self.support_vectors, self.n_train = support_vectors, n_train
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.svc.classes_
+
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        z = self.scaler(x)
+        if self.method == "plain":
+            return z
+        # sklearn wants K against all training rows; only the support columns are ever read.
+        full = np.zeros((len(z), self.n_train), dtype=np.float64)
+        full[:, self.svc.support_] = kernel_matrix(z, self.support_vectors, self.kernel, self.gamma, self.degree, self.coef0)
+        return full
+
+    def _blocks(self, fn, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([fn(self._input(x[i:i + 1024])) for i in range(0, len(x), 1024)]) if len(x) else np.zeros(0)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._blocks(self.svc.predict, x)
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """One-vs-rest shaped scores (sklearn's ``decision_function_shape="ovr"``): (n, classes)."""
+        return self._blocks(self.svc.decision_function, x)
+
+    def to_state(self) -> dict:
+        return {
+            "svc": self.svc, "scale": self.scaler.mode, "scale_mean": self.scaler.mean, "scale_std": self.scaler.std,
+            "kernel": self.kernel, "gamma": float(self.gamma), "degree": int(self.degree), "coef0": float(self.coef0),
+            "method": self.method, "support_vectors": self.support_vectors, "n_train": int(self.n_train),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SVMModel":
+        scaler = Scaler(state["scale"], state["scale_mean"], state["scale_std"])
+        return cls(state["svc"], scaler, state["kernel"], state["gamma"], state["degree"], state["coef0"],
+                   state["method"], state["support_vectors"], state["n_train"])
+
+
+def fit_model(x: np.ndarray, y: np.ndarray, kernel: str, C: float, degree: int, gamma: str | float, coef0: float,
+              scale: str, method: str = "precomputed") -> SVMModel:
+    from sklearn.svm import SVC
+
+    if kernel not in KERNELS:
+        raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
+    if method not in METHODS:
+        raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
+    if C <= 0:
+        raise CarsTLError(f"--C must be positive, got {C}")
+    scaler = Scaler.fit(scale, x)
+    z = scaler(x)
+    g = gamma_value(gamma, z)
+    if method == "plain":
+        svc = SVC(kernel=kernel, C=C, degree=degree, gamma=g, coef0=coef0).fit(z, y)
+        return SVMModel(svc, scaler, kernel, g, degree, coef0, method)
+    svc = SVC(kernel="precomputed", C=C).fit(kernel_matrix(z, z, kernel, g, degree, coef0), y)
+    return SVMModel(svc, scaler, kernel, g, degree, coef0, method, z[svc.support_].copy(), len(z))
+
+
+# --------------------------------------------------------------------------- persistence (skops, no pickle)
+
+
+def save_model(model: SVMModel, path: Path) -> None:
+    import skops.io as sio
+
+    from cars_tl.atomic import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        sio.dump(model.to_state(), tmp)
+
+
+def load_model(path: Path) -> SVMModel:
+    """Load a skops file, refusing any type outside :data:`TRUSTED_TYPES`."""
+    import skops.io as sio
+
+    path = Path(path)
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as exc:
+        raise CarsTLError(f"{path} is not a readable skops file: {exc}", "refit it with cars-tl fit-svm") from None
+    refused = sorted(t for t in untrusted if t not in TRUSTED_TYPES)
+    if refused:
+        raise CarsTLError(
+            f"refused to load {path}: it contains types outside the trusted list: {', '.join(refused)}",
+            "only load SVM files made by cars-tl fit-svm; refit it yourself from the feature cache",
+        )
+    state = sio.load(path, trusted=list(untrusted))
+    if not isinstance(state, dict) or "svc" not in state:
+        raise CarsTLError(f"{path} is not a cars_tl SVM file")
+    return SVMModel.from_state(state)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def model_file_name(kernel: str) -> str:
+    return f"svm-{kernel}.skops"
+
+
+def fit_svm(
+    features_path: Path,
+    kernel: str = "poly",
+    C: float = 1.0,
+    degree: int = 3,
+    gamma: str = "scale",
+    coef0: float = 0.0,
+    scale: str = "l2",
+    method: str = "precomputed",
+    out: Path | None = None,
+    artifacts: Path = Path("artifacts"),
+    progress: Progress = NULL,
+) -> tuple[Path, dict]:
+    """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics."""
+    from cars_tl.heads import feature_run_fields, load_train_test
+    from cars_tl.scoring import Meter
+
+    started = time.perf_counter()
+    kernels = list(KERNELS) if kernel == "all" else [kernel]
+    if kernel != "all" and kernel not in KERNELS:
+        raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
+    Scaler(scale)  # validates the name before any work
+    parsed_gamma = parse_gamma(gamma)
+    cache = load_train_test(Path(features_path))
+    tr, te = cache.split("train"), cache.split("test")
+    weights = cache.attrs["weights"] if "/" not in cache.attrs["weights"] else "custom"
+    run_dir = runs.resolve_run_dir(out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts)
+    config = {"kernel": kernel, "C": C, "degree": degree, "gamma": gamma, "coef0": coef0, "scale": scale,
+              "method": method, "features": str(features_path)}
+    fields = feature_run_fields(cache)
+    metrics = runs.new_metrics(
+        "svm", run_dir.name, config, **fields,
+        params={"total": fields["backbone"]["params"] or 0, "trainable": 0}, device="cpu",
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_metrics(run_dir, metrics)
+    results = {}
+    with progress.task("fit svm", total=len(kernels), unit="kernel") as task:
+        for k in kernels:
+            t0 = time.perf_counter()
+            model = fit_model(tr.features, tr.labels, k, C, degree, parsed_gamma, coef0, scale, method)
+            fit_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            test_pred = model.predict(te.features)
+            predict_s = time.perf_counter() - t1
+            train_pred = model.predict(tr.features)
+            save_model(model, run_dir / model_file_name(k))
+            results[k] = {
+                "kernel": k, "gamma_value": model.gamma,
+                "train_acc": round(100.0 * float((train_pred == tr.labels).mean()), 4),
+                "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
+                "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
+                "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
+            }
+            task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
+    primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
+    best = results[primary]
+    metrics.update(
+        kernels=results, model_file=best["model_file"],
+        final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,
+               "train_loss": None, "test_loss": None, "test_top5": None, "best_epoch": None,
+               "selected_by": "the only kernel fitted" if len(kernels) == 1 else "test accuracy (kernel comparison, as the study did)"},
+    )
+    return run_dir, runs.finish(run_dir, metrics, started)
