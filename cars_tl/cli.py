@@ -192,3 +192,119 @@ def _print_final(run_dir: Path, metrics: dict) -> None:
         f"test loss {f['test_loss']:.4f} acc {f['test_acc']:.2f}% top-5 {f['test_top5']:.2f}% | "
         f"trainable {metrics['params']['trainable']:,} of {metrics['params']['total']:,} params | {metrics['wall_time_s']:.1f} s"
     )
+
+
+@command("finetune")
+def finetune(
+    data_dir: DataDir = Path("data"),
+    backbone: Backbone = "resnet50",
+    weights: Weights = "imagenet",
+    unfreeze: Annotated[str, typer.Option(help="none | all | comma-separated backbone modules (resnet: layer4 or layer3,layer4).")] = "layer4",
+    init_head: Annotated[Optional[Path], typer.Option(help="Start the head from this train-head run (model D from model B).")] = None,
+    preset: Annotated[str, typer.Option(help="study (the paper's setting) | tuned (augmentation, AdamW, cosine, smoothing).")] = "study",
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs [study: 15, tuned: 30].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Head learning rate [1e-3]; tuned uses 0.1x for the backbone.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size [32].")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd [study: adam, tuned: adamw].")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="none | standard [study: none, tuned: standard].")] = None,
+    crop: Annotated[str, typer.Option(help="full | box")] = "full",
+    image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size.")] = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (default: min(4, cores)).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: init, shuffling, augmentation, validation split.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue a killed run from its last checkpoint.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing run, or resume with changed options.")] = False,
+    out: Out = None,
+    artifacts: Artifacts = Path("artifacts"),
+):
+    """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
+    from cars_tl.console import console, progress
+    from cars_tl.finetune import finetune as run
+
+    run_dir, metrics = run(
+        data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, 0.0,
+        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(),
+    )
+    p = metrics["params"]
+    console.print(f"parameters: total {p['total']:,}, trainable {p['trainable']:,}")
+    _print_final(run_dir, metrics)
+
+
+@command("predict")
+def predict(
+    images: Annotated[List[Path], typer.Argument(help="Image files.")],
+    model: Annotated[List[Path], typer.Option("--model", help="Run directory (finetune, train-head or fit-svm); repeatable.")],
+    top_k: Annotated[int, typer.Option(help="Classes shown per model.")] = 5,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+):
+    """Top-k classes per image, the given models side by side (softmax probability, or SVM decision score)."""
+    import json
+
+    from rich.table import Table
+
+    from cars_tl.console import out as stdout
+    from cars_tl.predict import predict as run
+
+    results = run(images, model, top_k)
+    if json_output:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        table = Table(title=result["image"], show_lines=False)
+        table.add_column("#", justify="right")
+        for name, p in result["predictions"].items():
+            table.add_column(f"{name}\n[dim]{p['kind']} · {p['score_kind']}[/]")
+        rows = max(len(p["top"]) for p in result["predictions"].values())
+        for i in range(rows):
+            cells = []
+            for p in result["predictions"].values():
+                t = p["top"][i] if i < len(p["top"]) else None
+                value = f"{100 * t['score']:.1f}%" if t and p["score_kind"] == "probability" else (f"{t['score']:.3f}" if t else "")
+                cells.append(f"{t['class']} [bold]{value}[/]" if t else "")
+            table.add_row(str(i + 1), *cells)
+        stdout.print(table)
+
+
+@command("sparsity")
+def sparsity(
+    model: Annotated[List[Path], typer.Option("--model", help="Run directory (repeatable).")],
+    image: Annotated[Optional[List[Path]], typer.Option("--image", help="Image file (repeatable).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Or take images from this split of the manifest.")] = None,
+    limit: Annotated[int, typer.Option(help="With --split: how many images.")] = 32,
+    data_dir: DataDir = Path("data"),
+    out: Annotated[Path, typer.Option(help="Folder for sparsity.csv/.json/.png.")] = Path("artifacts/sparsity"),
+):
+    """Fraction of exactly-zero outputs of every ReLU call, per model; CSV, JSON and a bar chart."""
+    from cars_tl.console import console, progress
+    from cars_tl.sparsity import measure
+
+    summary = measure(model, image, split, limit, data_dir, out, progress=progress())
+    for name, values in summary["models"].items():
+        mean = sum(values.values()) / len(values)
+        console.print(f"{name}: {len(values)} ReLU calls, mean zero fraction {mean:.3f}")
+    console.print("wrote " + ", ".join(summary["files"].values()))
+
+
+@command("report")
+def report(
+    artifacts: Artifacts = Path("artifacts"),
+    out: Annotated[Optional[Path], typer.Option(help="Report folder [artifacts/report].")] = None,
+):
+    """Gather every run into the comparison table, kernel table, curves and sparsity chart (report.md, report.html)."""
+    from rich.table import Table
+
+    from cars_tl.console import console, out as stdout
+    from cars_tl.report import build_report
+
+    result = build_report(artifacts, out)
+    table = Table(title="cars_tl runs")
+    shown = [c for c in result["columns"] if c not in ("kind", "total params", "best epoch")]
+    for column in shown:
+        table.add_column(column, justify="left" if column in ("model", "kind", "backbone / weights / preset") else "right")
+    for row in result["rows"]:
+        table.add_row(*(row[c] for c in shown))
+    stdout.print(table)
+    for problem in result["problems"]:
+        console.print(f"[yellow]{problem['status']}[/]: {problem['run']} ({problem['detail']})")
+    console.print("wrote " + ", ".join(result["files"].values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator
 
 from rich.console import Console
@@ -14,7 +15,8 @@ from rich.progress import (
 from cars_tl.progress import Progress, Task
 
 console = Console(stderr=True)
-out = Console()
+# Piped output is read in files and logs: give wide tables room instead of 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 
 class _RateColumn(TextColumn):

@@ -247,7 +247,7 @@ def fit_svm(
     fields = feature_run_fields(cache)
     metrics = runs.new_metrics(
         "svm", run_dir.name, config, **fields,
-        params={"total": fields["backbone"]["params"] or 0, "trainable": 0}, device="cpu",
+        params={"total": fields["backbone"]["params"] or 0, "trainable": None}, device="cpu",
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_metrics(run_dir, metrics)

@@ -1,0 +1,304 @@
+"""``finetune``: train a backbone (or part of it) with a Linear head on the images.
+
+The study's model A is ``--weights random --unfreeze all``; model D is ``--weights imagenet
+--unfreeze layer4 --init-head <model B's train-head run>``.
+
+Frozen means frozen: frozen parameters have ``requires_grad=False`` and never reach the optimizer,
+every module without trainable parameters is put back in eval mode after ``model.train()`` (its
+BatchNorm statistics never move), and since no input of the frozen prefix needs a gradient,
+autograd builds no graph for it.
+
+Presets (explicit options override them):
+
+``study``  Adam, lr 1e-3, batch 32, 15 epochs, no augmentation, no schedule; the kept model is the
+           best epoch by *test* accuracy, as the study did (recorded as such in metrics.json).
+``tuned``  AdamW (weight decay 0.05), head lr 1e-3 and backbone lr 1e-4, one warmup epoch then a
+           cosine schedule, label smoothing 0.1, standard augmentation (random resized crop, flip,
+           colour jitter), 30 epochs; the kept model is the best epoch on a validation split carved
+           from train (10%, stratified).
+
+Every epoch is reproducible from (seed, epoch) alone: RNGs and the shuffling generator are
+re-seeded at each epoch start, so ``--resume`` after a kill ends with the same weights (on the CPU).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from cars_tl import backbones, data, runs, runtime
+from cars_tl.errors import CarsTLError
+from cars_tl.extract import default_workers, make_loader
+from cars_tl.heads import HEAD_FILE, make_optimizer, stratified_split
+from cars_tl.progress import NULL, Progress
+from cars_tl.scoring import Meter
+
+MODEL_FILE = "model.pt"
+PRESETS = {
+    "study": dict(epochs=15, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
+                  augment="none", schedule="none", warmup_epochs=0, backbone_lr_scale=1.0, val_fraction=0.0),
+    "tuned": dict(epochs=30, lr=1e-3, batch_size=32, optimizer="adamw", weight_decay=0.05, label_smoothing=0.1,
+                  augment="standard", schedule="cosine", warmup_epochs=1, backbone_lr_scale=0.1, val_fraction=0.1),
+}
+# Options that may differ on --resume without changing what is computed.
+RESUME_FREE = ("workers", "resume", "force", "out", "artifacts", "data_dir")
+
+
+def resolve_config(preset: str, **options) -> dict:
+    if preset not in PRESETS:
+        raise CarsTLError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}")
+    config = dict(PRESETS[preset], preset=preset)
+    config.update({k: v for k, v in options.items() if v is not None})
+    if config["optimizer"] not in ("adam", "adamw", "sgd"):
+        raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: adam, adamw, sgd")
+    if config["augment"] not in ("none", "standard"):
+        raise CarsTLError(f"unknown --augment {config['augment']!r}; valid: none, standard")
+    for key in ("epochs", "batch_size"):
+        if config[key] < 1:
+            raise CarsTLError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+    return config
+
+
+def set_trainable(model, unfrozen: list[str]) -> None:
+    """Only the head and the named backbone modules train."""
+    for p in model.body.parameters():
+        p.requires_grad_(False)
+    for name in unfrozen:
+        for p in model.body.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+
+def train_mode(model) -> None:
+    """``model.train()``, then every module without trainable parameters back to eval mode."""
+    model.train()
+    for module in model.body.modules():
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    value = seed * 100_003 + epoch
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+    return torch.Generator().manual_seed(value)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": [int(v) for v in np.random.get_state()[1]], "python": list(random.getstate()[1])}
+
+
+def _lr_lambda(config: dict, steps_per_epoch: int):
+    total = config["epochs"] * steps_per_epoch
+    warmup = config["warmup_epochs"] * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config["schedule"] == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: str, precision: str, prefix: str) -> dict:
+    model.eval()
+    meter = Meter()
+    for images, labels, _ in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(device, precision):
+            logits = model(images)
+        meter.add(logits.float().cpu(), labels)
+    return meter.result(prefix)
+
+
+def _check_head_run(head_dir: Path, bb, manifest, crop: str) -> Path:
+    m = runs.read_metrics(head_dir)
+    if m["kind"] != "head":
+        raise CarsTLError(f"--init-head {head_dir} is a {m['kind']} run, not a train-head run", "pass the run directory that cars-tl train-head wrote")
+    b = m["backbone"]
+    problems = []
+    if b["backbone"] != bb.name:
+        problems.append(f"backbone {b['backbone']} != {bb.name}")
+    if b["weights_digest"] != bb.weights_digest:
+        problems.append(f"its features came from other weights ({b['weights']}, digest {b['weights_digest'][:12]} != {bb.weights_digest[:12]})")
+    if b["transform"] != bb.transform or b["crop"] != crop:
+        problems.append(f"preprocessing differs (crop {b['crop']}, {b['transform']} vs crop {crop}, {bb.transform})")
+    if len(m["class_names"]) != manifest.num_classes:
+        problems.append(f"{len(m['class_names'])} classes != {manifest.num_classes}")
+    if m["inputs"]["dataset_fingerprint"] != manifest.fingerprint:
+        problems.append("it was trained on another dataset (fingerprint differs)")
+    if problems:
+        raise CarsTLError(
+            f"--init-head {head_dir} does not fit this fine-tune: " + "; ".join(problems),
+            "use the same --backbone/--weights/--crop/--image-size as the features the head was trained on",
+        )
+    return runs.model_file(head_dir)
+
+
+def finetune(
+    data_dir: Path = Path("data"),
+    backbone: str = "resnet50",
+    weights: str = "imagenet",
+    unfreeze: str = "layer4",
+    init_head: Path | None = None,
+    preset: str = "study",
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    optimizer: str | None = None,
+    augment: str | None = None,
+    crop: str = "full",
+    margin: float = 0.0,
+    image_size: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    force: bool = False,
+    out: Path | None = None,
+    artifacts: Path = Path("artifacts"),
+    progress: Progress = NULL,
+) -> tuple[Path, dict]:
+    """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.runs`)."""
+    started = time.perf_counter()
+    config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
+    config.update(backbone=backbone, weights=str(weights), unfreeze=unfreeze, init_head=str(init_head) if init_head else None,
+                  crop=crop, margin=margin, image_size=image_size, seed=seed)
+    manifest = data.load_manifest(data_dir)
+    device = runtime.resolve_device(device)
+    precision = runtime.resolve_precision(precision, device)
+    config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint)
+    workers = default_workers() if workers is None else workers
+
+    bb = backbones.build_backbone(backbone, weights, image_size)
+    unfrozen = backbones.parse_unfreeze(unfreeze, bb)
+    model = backbones.classifier_model(bb, manifest.num_classes)
+    if init_head:
+        model.head.load_state_dict(runs.load_checkpoint(_check_head_run(Path(init_head), bb, manifest, crop)))
+    set_trainable(model, unfrozen)
+    params = runs.count_params(model)
+    model.to(device, memory_format=torch.channels_last)
+
+    weights_tag = weights if not Path(weights).exists() else "custom"
+    run_dir = runs.resolve_run_dir(out, f"finetune-{backbone.replace('/', '-')}-{weights_tag}-{unfreeze.replace(',', '+')}-{preset}", artifacts)
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not force:
+        raise CarsTLError(
+            f"run directory {run_dir} already exists",
+            "add --resume to continue it, --force to start it over, or --out for a new run",
+        )
+
+    head_params = list(model.head.parameters())
+    body_params = [p for p in model.body.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": config["lr"]}]
+    if body_params:
+        groups.append({"params": body_params, "lr": config["lr"] * config["backbone_lr_scale"]})
+    opt = make_optimizer(config["optimizer"], groups, config["lr"], config["weight_decay"])
+
+    spec = bb.transform
+    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"]), crop, margin)
+    eval_train = data.CarsDataset(manifest, "train", backbones.eval_transform(spec), crop, margin)
+    test_set = data.CarsDataset(manifest, "test", backbones.eval_transform(spec), crop, margin)
+    labels = np.array([r.label for r in train_set.records])
+    fit_idx, val_idx = stratified_split(labels, config["val_fraction"], seed)
+    fit_set = Subset(train_set, fit_idx.tolist()) if len(val_idx) else train_set
+    eval_loaders = {"test": make_loader(test_set, config["batch_size"] * 2, workers, device)}
+    if len(val_idx):
+        eval_loaders["val"] = make_loader(Subset(eval_train, val_idx.tolist()), config["batch_size"] * 2, workers, device)
+    steps_per_epoch = -(-len(fit_set) // config["batch_size"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
+    select = "val" if "val" in eval_loaders else "test"
+
+    metrics = runs.new_metrics(
+        "finetune", run_dir.name, config, params=params, model_file=MODEL_FILE, device=device,
+        device_name=runtime.device_name(device), class_names=manifest.class_names,
+        backbone={**bb.describe(), "crop": crop, "margin": margin, "precision": precision, "params": params["total"] - sum(p.numel() for p in head_params)},
+        inputs={"dataset_fingerprint": manifest.fingerprint, "init_head": config["init_head"]},
+    )
+    start_epoch, best = 1, None
+    if resume and last_path.is_file():
+        state = runs.load_checkpoint(last_path)
+        differing = sorted(k for k in set(config) | set(state["config"]) if k not in RESUME_FREE and config.get(k) != state["config"].get(k))
+        if differing and not force:
+            raise CarsTLError(
+                f"--resume with other options than {run_dir} was started with: "
+                + ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in differing),
+                "rerun with the original options, or add --force to continue with the new ones",
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        metrics["history"] = state["history"]
+        metrics["resumed_from_epoch"] = state["epoch"]
+    elif force and run_dir.exists():
+        for stale in (last_path, best_path, run_dir / MODEL_FILE):
+            stale.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if start_epoch == 1:  # the starting point, before any step (e.g. the init-head's accuracy)
+        row = {"epoch": 0}
+        for name, loader in eval_loaders.items():
+            row.update(evaluate(model, loader, device, precision, name))
+        metrics["history"] = [row]
+    runs.write_metrics(run_dir, metrics)
+
+    for epoch in range(start_epoch, config["epochs"] + 1):
+        generator = _seed_epoch(seed, epoch)
+        loader = make_loader(fit_set, config["batch_size"], workers, device, shuffle=True, generator=generator)
+        row = _train_epoch(model, loader, opt, scheduler, config, device, precision, epoch, len(fit_set), progress)
+        for name, loader in eval_loaders.items():
+            row.update(evaluate(model, loader, device, precision, name))
+        metrics["history"].append(row)
+        if best is None or row[f"{select}_acc"] > best["acc"]:
+            best = {"epoch": epoch, "acc": row[f"{select}_acc"]}
+            runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
+        runs.save_checkpoint(last_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "rng": _rng_state(), "config": config, "best": best, "history": metrics["history"],
+        })
+        runs.write_metrics(run_dir, metrics)
+
+    best_state = runs.load_checkpoint(best_path) if best_path.is_file() else {"model": model.state_dict()}
+    runs.save_checkpoint(run_dir / MODEL_FILE, best_state["model"])
+    chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
+    metrics["final"] = {
+        **{k: chosen.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")},
+        "best_epoch": chosen["epoch"],
+        "selected_by": "validation split of train" if select == "val" else "test accuracy (as the study did: optimistic)",
+    }
+    return run_dir, runs.finish(run_dir, metrics, started)
+
+
+def _train_epoch(model, loader, opt, scheduler, config, device, precision, epoch, total, progress) -> dict:
+    train_mode(model)
+    meter = Meter()
+    start = time.perf_counter()
+    with progress.task(f"epoch {epoch}/{config['epochs']}", total=total, unit="img") as task:
+        for images, labels, _ in loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with runtime.autocast(device, precision):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            scheduler.step()
+            meter.add(logits.detach().float().cpu(), labels.cpu())
+            task.advance(len(labels), status=f"loss {meter.loss_sum / meter.count:.3f} acc {100 * meter.correct / meter.count:.1f}%")
+    seconds = time.perf_counter() - start
+    return {"epoch": epoch, **meter.result("train"), "seconds": round(seconds, 3), "images_per_second": round(total / seconds, 2)}

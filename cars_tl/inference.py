@@ -1,0 +1,89 @@
+"""Rebuild any run for inference: a finetune run, a train-head run or a fit-svm run.
+
+Head and SVM runs have no network of their own: their backbone is rebuilt from what the run
+recorded about its feature cache (backbone, weights, preprocessing) and checked against the
+recorded weights digest, so predictions see exactly the features the model was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cars_tl import backbones, runs
+from cars_tl.errors import CarsTLError
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    run_dir: Path
+    name: str
+    kind: str
+    class_names: list[str]
+    body: torch.nn.Module  # image batch -> pooled features
+    transform: Callable
+    score: Callable[[torch.Tensor], torch.Tensor]  # features -> (n, classes) scores
+    score_kind: str  # "probability" (softmax) or "decision score" (SVM)
+
+
+def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbone:
+    b = metrics["backbone"]
+    key = (b["backbone"], b["weights_digest"], str(b["transform"]))
+    if key in cache:
+        return cache[key]
+    image_size = b["transform"]["crop"]
+    bb = backbones.build_backbone(b["backbone"], b["weights"], image_size)
+    if bb.weights_digest != b["weights_digest"]:
+        raise CarsTLError(
+            f"run {run_dir}: its backbone weights {b['weights']!r} are not the ones it was trained on "
+            f"(digest {bb.weights_digest[:12]} != {b['weights_digest'][:12]})",
+            "restore the original weights file, or re-run extract-features and this stage",
+        )
+    bb.transform = b["transform"]  # exactly the recorded preprocessing
+    cache[key] = bb
+    return bb
+
+
+def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
+    """Load a run of any kind; ``cache`` shares rebuilt backbones between runs."""
+    cache = {} if cache is None else cache
+    run_dir = Path(run_dir)
+    metrics = runs.read_metrics(run_dir)
+    model_path = runs.model_file(run_dir)
+    kind, names = metrics["kind"], metrics["class_names"]
+    if kind == "finetune":
+        b = metrics["backbone"]
+        bb = backbones.build_backbone(b["backbone"], "random", b["transform"]["crop"])
+        model = backbones.classifier_model(bb, len(names))
+        state = runs.load_checkpoint(model_path)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CarsTLError(f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}") from None
+        model.eval()
+        return LoadedRun(run_dir, metrics["name"], kind, names, model.body, backbones.eval_transform(b["transform"]),
+                         lambda f: model.head(f).softmax(1), "probability")
+    bb = _backbone_for(metrics, run_dir, cache)
+    transform = backbones.eval_transform(bb.transform)
+    if kind == "head":
+        head = torch.nn.Linear(bb.num_features, len(names))
+        head.load_state_dict(runs.load_checkpoint(model_path))
+        head.eval()
+        return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability")
+    from cars_tl import svm
+
+    model = svm.load_model(model_path)
+    classes = torch.as_tensor(model.classes)
+
+    def svm_scores(f: torch.Tensor) -> torch.Tensor:
+        # SVC scores only the classes it saw; place them at their label positions.
+        raw = torch.as_tensor(model.decision_function(f.double().numpy()))
+        raw = raw.reshape(len(f), -1)
+        out = torch.full((len(f), len(names)), float("-inf"), dtype=torch.float64)
+        out[:, classes] = raw if raw.shape[1] == len(classes) else torch.stack([-raw[:, 0], raw[:, 0]], 1)
+        return out
+
+    return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score")

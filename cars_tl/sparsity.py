@@ -1,0 +1,159 @@
+"""``sparsity``: the fraction of exactly-zero outputs of every ReLU call, per model.
+
+Each *call* of a ReLU module is its own layer: torchvision's ResNet bottleneck calls its one
+``relu`` three times, named ``layer3.2.relu``, ``layer3.2.relu_1``, ``layer3.2.relu_2``, so ResNet50
+has 49 points (the stem plus 16 blocks x 3). ``nn.ReLU`` and ``nn.ReLU6`` are counted, in eval
+mode, pooled over all the images given (every image has the same size after preprocessing, so
+this equals the mean of per-image fractions). Head and SVM runs measure their frozen backbone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from cars_tl import data
+from cars_tl.atomic import atomic_path, atomic_write_text
+from cars_tl.errors import CarsTLError
+from cars_tl.inference import load_run
+from cars_tl.progress import NULL, Progress
+
+RELU_TYPES = (torch.nn.ReLU, torch.nn.ReLU6)
+
+
+class ZeroCounter:
+    """Forward hooks that count exact zeros per ReLU call site, in forward order."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.zeros: "OrderedDict[str, int]" = OrderedDict()
+        self.totals: "OrderedDict[str, int]" = OrderedDict()
+        self._calls: dict[str, int] = {}
+        self._handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules() if isinstance(module, RELU_TYPES)
+        ]
+        if not self._handles:
+            raise CarsTLError(f"{type(model).__name__} has no ReLU modules to measure")
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            n = self._calls.get(name, 0)
+            self._calls[name] = n + 1
+            site = name if n == 0 else f"{name}_{n}"
+            self.zeros[site] = self.zeros.get(site, 0) + int((output == 0).sum())
+            self.totals[site] = self.totals.get(site, 0) + output.numel()
+
+        return hook
+
+    def new_forward(self) -> None:
+        self._calls.clear()
+
+    def fractions(self) -> "OrderedDict[str, float]":
+        return OrderedDict((k, self.zeros[k] / self.totals[k]) for k in self.zeros)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def zero_fractions(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> "OrderedDict[str, float]":
+    """Fraction of exact zeros at every ReLU call site of ``model`` over ``batches`` (eval mode)."""
+    model.eval()
+    counter = ZeroCounter(model)
+    try:
+        for batch in batches:
+            counter.new_forward()
+            model(batch)
+    finally:
+        counter.close()
+    return counter.fractions()
+
+
+def _image_source(images: list[Path] | None, split: str | None, limit: int | None, data_dir: Path) -> tuple[list, str]:
+    if images:
+        missing = [str(p) for p in images if not Path(p).is_file()]
+        if missing:
+            raise CarsTLError(f"image(s) not found: {', '.join(missing)}")
+        return [data.open_image(Path(p)) for p in images], f"{len(images)} image(s)"
+    if not split:
+        raise CarsTLError("give images with --image, or --split test --limit N")
+    manifest = data.load_manifest(data_dir)
+    dataset = data.CarsDataset(manifest, split)
+    count = len(dataset) if not limit else min(limit, len(dataset))
+    return [dataset.load(i) for i in range(count)], f"the first {count} {split} images"
+
+
+def measure(
+    run_dirs: list[Path],
+    images: list[Path] | None = None,
+    split: str | None = None,
+    limit: int | None = 32,
+    data_dir: Path = Path("data"),
+    out: Path = Path("artifacts/sparsity"),
+    batch_size: int = 16,
+    progress: Progress = NULL,
+) -> dict:
+    """Measure every run, write ``sparsity.csv``, ``sparsity.json`` and ``sparsity.png`` under ``out``."""
+    if not run_dirs:
+        raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
+    pictures, described = _image_source(images, split, limit, data_dir)
+    cache: dict = {}
+    results: "OrderedDict[str, OrderedDict[str, float]]" = OrderedDict()
+    with progress.task("sparsity", total=len(run_dirs), unit="model") as task:
+        for run_dir in run_dirs:
+            run = load_run(Path(run_dir), cache)
+            batches = (torch.stack([run.transform(p) for p in pictures[i:i + batch_size]]) for i in range(0, len(pictures), batch_size))
+            results[run.name] = zero_fractions(run.body, batches)
+            task.advance(1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = list(next(iter(results.values())))
+    summary = {"images": described, "models": {name: dict(v) for name, v in results.items()}, "layers": layers}
+    atomic_write_text(out / "sparsity.json", json.dumps(summary, indent=2))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["position", "layer", *results])
+    all_layers = list(OrderedDict.fromkeys(layer for v in results.values() for layer in v))
+    for i, layer in enumerate(all_layers):
+        writer.writerow([i, layer, *(f"{v[layer]:.6f}" if layer in v else "" for v in results.values())])
+    atomic_write_text(out / "sparsity.csv", buffer.getvalue())
+    plot(results, out / "sparsity.png", described)
+    summary["files"] = {k: str(out / f"sparsity.{k}") for k in ("csv", "json", "png")}
+    return summary
+
+
+def plot(results: "OrderedDict[str, OrderedDict[str, float]]", path: Path, described: str) -> None:
+    """Grouped bars: x = ReLU call in forward order, one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = list(OrderedDict.fromkeys(layer for v in results.values() for layer in v))
+    n_models = len(results)
+    width = 0.8 / n_models
+    fig, ax = plt.subplots(figsize=(max(10, 0.3 * len(layers) * max(1, n_models) ** 0.5 + 2), 5.5), dpi=130)
+    x = np.arange(len(layers))
+    for i, (name, values) in enumerate(results.items()):
+        ax.bar(x - 0.4 + width * (i + 0.5), [values.get(layer, np.nan) for layer in layers], width, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers, rotation=90, fontsize=7)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("ReLU call, in forward order")
+    ax.set_ylabel("fraction of exactly-zero outputs")
+    ax.set_title(f"Activation sparsity per ReLU call ({described})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
