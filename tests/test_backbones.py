@@ -1,0 +1,95 @@
+"""Backbones: exact parameter counts, unfreeze names, weights loading, preprocessing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cars_tl import backbones
+from cars_tl.errors import CarsTLError
+from cars_tl.finetune import set_trainable
+from cars_tl.runs import count_params
+from conftest import SHARED_EFFNET, needs_effnet
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return backbones.build_backbone("resnet50", "random")
+
+
+@pytest.mark.parametrize("unfreeze, trainable", [("none", 401_604), ("layer4", 15_366_340), ("all", 23_909_636)])
+def test_resnet50_parameter_counts_match_the_study(resnet50, unfreeze, trainable):
+    model = backbones.classifier_model(resnet50, 196)
+    set_trainable(model, backbones.parse_unfreeze(unfreeze, resnet50))
+    assert count_params(model) == {"total": 23_909_636, "trainable": trainable}
+
+
+def test_unfreeze_names_are_validated_with_the_valid_list(resnet50):
+    assert backbones.parse_unfreeze("layer3,layer4", resnet50) == ["layer3", "layer4"]
+    with pytest.raises(CarsTLError) as err:
+        backbones.parse_unfreeze("layer5", resnet50)
+    assert "layer5" in err.value.message and "layer4" in err.value.hint
+
+
+def test_resnet50_features_and_transform(resnet50):
+    assert resnet50.num_features == 2048
+    assert resnet50.transform["crop"] == 224 and resnet50.transform["mean"] == [0.485, 0.456, 0.406]
+    with torch.inference_mode():
+        assert resnet50.body(torch.randn(2, 3, 64, 64)).shape == (2, 2048)
+
+
+def test_image_size_override_keeps_the_resize_ratio():
+    default = backbones.build_backbone("resnet18", "random").transform
+    bb = backbones.build_backbone("resnet18", "random", image_size=112)
+    assert bb.transform["crop"] == 112
+    assert bb.transform["resize"] == round(112 * default["resize"] / default["crop"])
+
+
+def test_random_weights_are_reproducible():
+    a = backbones.build_backbone("resnet18", "random")
+    b = backbones.build_backbone("resnet18", "random")
+    assert a.weights_digest == b.weights_digest
+    assert all(torch.equal(x, y) for x, y in zip(a.body.state_dict().values(), b.body.state_dict().values()))
+
+
+def test_weights_from_a_state_dict_file(tmp_path):
+    source = backbones.build_backbone("resnet18", "random")
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in source.body.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 512)  # a 1000-class head: not part of the backbone
+    state["fc.bias"] = torch.zeros(1000)
+    torch.save(state, tmp_path / "w.pth")
+    loaded = backbones.build_backbone("resnet18", str(tmp_path / "w.pth"))
+    assert torch.equal(loaded.body.conv1.weight, source.body.conv1.weight + 1)
+    assert loaded.weights_digest != source.weights_digest
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(CarsTLError, match="do not fit backbone resnet50"):
+        backbones.build_backbone("resnet50", str(tmp_path / "r18.pth"))
+
+
+def test_missing_imagenet_weights_give_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(CarsTLError) as err:
+        backbones.build_backbone("resnet50", "imagenet")
+    assert "cars-tl download --weights resnet50" in err.value.hint
+    assert str(tmp_path) in err.value.hint
+
+
+def test_unknown_backbone_and_weights_names():
+    with pytest.raises(CarsTLError, match="unknown backbone"):
+        backbones.build_backbone("resnet51", "random")
+    with pytest.raises(CarsTLError) as err:
+        backbones.build_backbone("resnet18", "IMAGENET9K")
+    assert "IMAGENET1K_V1" in err.value.hint
+
+
+@needs_effnet
+def test_timm_backbone_with_the_shared_pretrained_weights():
+    bb = backbones.build_backbone("timm/efficientnet_lite0", str(SHARED_EFFNET))
+    assert bb.num_features == 1280
+    assert bb.transform["resize"] == 256 and bb.transform["crop"] == 224
+    assert "blocks.6" in bb.stages and backbones.parse_unfreeze("blocks.6", bb) == ["blocks.6"]
+    with torch.inference_mode():
+        assert bb.body(torch.randn(1, 3, 224, 224)).shape == (1, 1280)

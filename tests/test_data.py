@@ -1,0 +1,204 @@
+"""The data layer: real devkit parsing, manifest validation, image decoding, the Dataset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cars_tl import data
+from cars_tl.errors import BadImageError, CarsTLError
+from conftest import SHARED_DEVKIT, needs_devkit
+
+
+@needs_devkit
+def test_real_devkit_parses():
+    names = data.read_class_names(SHARED_DEVKIT / "cars_meta.mat")
+    train = data.read_annotations(SHARED_DEVKIT / "cars_train_annos.mat", with_class=True)
+    test = data.read_annotations(SHARED_DEVKIT / "cars_test_annos.mat", with_class=False)
+    assert len(names) == 196 and len(train) == 8144 and len(test) == 8041
+    assert train[0] == {"fname": "00001.jpg", "box": (39, 116, 569, 375), "class": 14}
+    assert "Ram C/V Cargo Van Minivan 2012" in names  # a slash: names never come from folders
+
+
+def _copy_demo(demo_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(demo_dir / data.STANFORD_DIR, tmp_path / data.STANFORD_DIR)
+    for name in (data.MANIFEST_CSV, data.MANIFEST_JSON):
+        (tmp_path / data.STANFORD_DIR / name).unlink()
+    return tmp_path
+
+
+def _rewrite_train(root: Path, edit) -> None:
+    names = data.read_class_names(root / "devkit/cars_meta.mat")
+    train = data.read_annotations(root / "devkit/cars_train_annos.mat", with_class=True)
+    test = data.read_annotations(root / data.TEST_LABELS_NAMES[0], with_class=True)
+    as_rows = lambda rows: [{"fname": r["fname"], "box": r["box"], "label": r["class"] - 1} for r in rows]  # noqa: E731
+    train_rows = as_rows(train)
+    edit(train_rows)
+    data.write_devkit(root, names, train_rows, as_rows(test))
+
+
+def test_manifest_rows_and_fingerprint(demo_dir):
+    manifest = data.load_manifest(demo_dir)
+    assert manifest.counts() == {"train": 144, "test": 72}
+    assert manifest.num_classes == 6 and manifest.classes_present() == 6
+    record = manifest.records[0]
+    assert record.path.startswith("cars_train/") and 0 <= record.label < 6
+    assert record.class_name == manifest.class_names[record.label]
+    x1, y1, x2, y2 = record.box
+    assert 1 <= x1 <= x2 <= record.width and 1 <= y1 <= y2 <= record.height
+    assert len(manifest.fingerprint) == 64
+
+
+def test_tampered_manifest_is_refused(demo_dir, tmp_path):
+    root = _copy_demo(demo_dir, tmp_path)
+    data.build_manifest(root)
+    csv_path = root / data.STANFORD_DIR / data.MANIFEST_CSV
+    csv_path.write_text(csv_path.read_text().replace("cars_train/00001.jpg", "cars_train/00002.jpg", 1))
+    with pytest.raises(CarsTLError, match="modified"):
+        data.load_manifest(root)
+
+
+def test_validation_reports_every_problem_at_once(demo_dir, tmp_path):
+    root = _copy_demo(demo_dir, tmp_path)
+    stanford = root / data.STANFORD_DIR
+
+    def break_rows(rows):
+        rows.append(dict(rows[0]))  # duplicate image
+        rows[1]["label"] = 250  # out of range (written 1-based as 251)
+        rows[2]["box"] = (500, 500, 600, 600)  # entirely outside: empty after clipping
+        rows[3]["box"] = (1, 1, 10_000, 10_000)  # overshoots: clipped and counted
+
+    _rewrite_train(stanford, break_rows)
+    (stanford / "cars_train" / "00005.jpg").unlink()
+    with pytest.raises(CarsTLError) as err:
+        data.build_manifest(root)
+    message = str(err.value)
+    for expected in ("1 missing images", "1 duplicate images", "1 labels out of range", "1 empty boxes", "00005.jpg"):
+        assert expected in message
+
+
+def test_overshooting_boxes_are_clipped_and_counted(demo_dir, tmp_path):
+    root = _copy_demo(demo_dir, tmp_path)
+    stanford = root / data.STANFORD_DIR
+
+    def overshoot(rows):
+        rows[0]["box"] = (1, 1, 10_000, 10_000)
+
+    _rewrite_train(stanford, overshoot)
+    manifest = data.build_manifest(root)
+    first = manifest.split("train")[0]
+    assert manifest.clipped_boxes == 1
+    assert first.box == (1, 1, first.width, first.height)
+
+
+def test_missing_devkit_names_the_files(tmp_path):
+    (tmp_path / data.STANFORD_DIR).mkdir()
+    with pytest.raises(CarsTLError, match="cars_meta.mat") as err:
+        data.build_manifest(tmp_path)
+    assert "cars-tl download" in err.value.hint
+
+
+def test_unreadable_mat_is_reported(demo_dir, tmp_path):
+    root = _copy_demo(demo_dir, tmp_path)
+    (root / data.STANFORD_DIR / "devkit/cars_meta.mat").write_bytes(b"not a mat file")
+    with pytest.raises(CarsTLError, match="unreadable .mat"):
+        data.build_manifest(root)
+
+
+# --------------------------------------------------------------------------- image modes
+
+
+def _colour_image() -> Image.Image:
+    array = np.zeros((40, 60, 3), np.uint8)
+    array[:, :30] = (255, 0, 0)
+    array[:, 30:] = (0, 0, 255)
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "LA", "RGBA"])
+def test_every_mode_becomes_rgb(mode, tmp_path):
+    path = tmp_path / f"img-{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
+    _colour_image().convert(mode).save(path)
+    image = data.open_image(path)
+    assert image.mode == "RGB" and image.size == (60, 40)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    rgba.save(tmp_path / "clear.png")
+    assert data.open_image(tmp_path / "clear.png").getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = _colour_image()  # 60 wide, 40 high: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    opened = data.open_image(tmp_path / "rotated.jpg")
+    assert opened.size == (40, 60)
+    assert data.image_size(tmp_path / "rotated.jpg") == (40, 60)
+    red, green, blue = opened.getpixel((20, 5))
+    assert red > 200 and blue < 60  # the left (red) half is now on top
+
+
+def test_truncated_and_empty_files_raise_naming_the_file(tmp_path):
+    _colour_image().save(tmp_path / "whole.jpg", quality=95)
+    blob = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
+        with pytest.raises(BadImageError) as err:
+            data.open_image(tmp_path / name)
+        assert name in str(err.value)
+    with pytest.raises(BadImageError, match="0 bytes"):
+        data.open_image(tmp_path / "empty.jpg")
+
+
+def test_decompression_bomb_limit_stays_on():
+    assert Image.MAX_IMAGE_PIXELS is not None
+
+
+# --------------------------------------------------------------------------- Dataset
+
+
+def test_dataset_yields_tensor_label_position(demo_dir):
+    from cars_tl.backbones import eval_transform
+
+    manifest = data.load_manifest(demo_dir)
+    spec = {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    dataset = data.CarsDataset(manifest, "test", eval_transform(spec))
+    image, label, position = dataset[3]
+    assert tuple(image.shape) == (3, 32, 32)
+    assert label == manifest.split("test")[3].label and position == 3
+
+
+def test_box_crop_with_margin(demo_dir):
+    manifest = data.load_manifest(demo_dir)
+    record = manifest.split("train")[0]
+    x1, y1, x2, y2 = record.box
+    tight = data.CarsDataset(manifest, "train", crop="box").load(0)
+    assert tight.size == (x2 - x1 + 1, y2 - y1 + 1)
+    wide = data.CarsDataset(manifest, "train", crop="box", margin=0.1).load(0)
+    assert wide.size[0] > tight.size[0] and wide.size[0] <= record.width
+
+
+def test_skip_bad_drops_unreadable_images(demo_dir, tmp_path):
+    import torch
+
+    root = _copy_demo(demo_dir, tmp_path)
+    manifest = data.build_manifest(root)
+    victim = manifest.root / manifest.split("train")[1].path
+    victim.write_bytes(victim.read_bytes()[:200])
+    transform = lambda im: torch.zeros(3, 8, 8)  # noqa: E731
+    strict = data.CarsDataset(manifest, "train", transform)
+    with pytest.raises(BadImageError, match="00002.jpg|cars_train"):
+        strict[1]
+    lenient = data.CarsDataset(manifest, "train", transform, skip_bad=True)
+    assert lenient[1] is None
+    images, labels, positions = data.collate_skip_bad([lenient[i] for i in range(4)])
+    assert positions.tolist() == [0, 2, 3] and images.shape[0] == 3
