@@ -23,6 +23,7 @@ re-seeded at each epoch start, so ``--resume`` after a kill ends with the same w
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def _lr_lambda(config: dict, steps_per_epoch: int):
             return (step + 1) / warmup
         if config["schedule"] == "cosine":
             progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
     return factor

@@ -127,7 +127,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__)[:300]
         raise CarsTLError(
             f"refused to load {path}: it is not a weights-only checkpoint ({first})",
             "only load checkpoints made by cars_tl or plain state dicts; never unpickle files from others",

@@ -68,3 +68,20 @@ def mini_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mini")
     prepare_dataset(root, str(SHARED_MINI))
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_finetune_run(demo_dir, demo_head_run, tmp_path_factory) -> Path:
+    from cars_tl.finetune import finetune
+
+    run_dir, _ = finetune(demo_dir, unfreeze="layer4", init_head=demo_head_run, epochs=1, batch_size=16,
+                          out=tmp_path_factory.mktemp("runs") / "ft", **TINY)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_svm_run(demo_features, tmp_path_factory) -> Path:
+    from cars_tl.svm import fit_svm
+
+    run_dir, _ = fit_svm(demo_features, kernel="poly", out=tmp_path_factory.mktemp("runs") / "svm")
+    return run_dir

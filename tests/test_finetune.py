@@ -1,0 +1,149 @@
+"""finetune: frozen means frozen, exact resume after a kill, safe checkpoints, init from a head run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cars_tl import backbones, finetune as ft, runs
+from cars_tl.errors import CarsTLError
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_study_preset_is_exactly_the_study():
+    c = ft.resolve_config("study")
+    assert (c["epochs"], c["lr"], c["batch_size"], c["optimizer"], c["schedule"], c["augment"]) == (15, 1e-3, 32, "adam", "none", "none")
+    assert c["weight_decay"] == 0 and c["label_smoothing"] == 0 and c["backbone_lr_scale"] == 1.0
+
+
+def test_frozen_batchnorm_statistics_never_move(demo_finetune_run):
+    fresh = backbones.build_backbone("resnet18", "random", 64).body.state_dict()
+    trained = runs.load_checkpoint(demo_finetune_run / ft.MODEL_FILE)
+    frozen = [k for k in fresh if not k.startswith("layer4.")]
+    moved = [k for k in frozen if not torch.equal(fresh[k], trained["body." + k])]
+    assert moved == [], f"frozen tensors changed: {moved[:5]}"
+    assert not torch.equal(fresh["layer4.0.bn1.running_mean"], trained["body.layer4.0.bn1.running_mean"])
+    assert not torch.equal(fresh["layer4.0.conv1.weight"], trained["body.layer4.0.conv1.weight"])
+
+
+def test_frozen_prefix_builds_no_graph_and_stays_in_eval_mode():
+    bb = backbones.build_backbone("resnet18", "random", 64)
+    model = backbones.classifier_model(bb, 6)
+    ft.set_trainable(model, ["layer4"])
+    ft.train_mode(model)
+    assert not model.body.layer3.training and not model.body.bn1.training
+    assert model.body.layer4.training and model.head.training
+    seen = {}
+    model.body.layer3.register_forward_hook(lambda m, i, o: seen.update(layer3=o.requires_grad))
+    model.body.layer4.register_forward_hook(lambda m, i, o: seen.update(layer4=o.requires_grad))
+    model(torch.randn(2, 3, 64, 64))
+    assert seen == {"layer3": False, "layer4": True}
+
+
+def test_only_trainable_parameters_reach_the_optimizer(demo_dir, tmp_path, monkeypatch):
+    captured = {}
+    real = ft.make_optimizer
+
+    def spy(name, groups, lr, wd):
+        captured["params"] = [p for g in groups for p in g["params"]]
+        return real(name, groups, lr, wd)
+
+    monkeypatch.setattr(ft, "make_optimizer", spy)
+    ft.finetune(demo_dir, unfreeze="layer4", epochs=1, batch_size=32, out=tmp_path / "r", **TINY)
+    assert captured["params"] and all(p.requires_grad for p in captured["params"])
+    assert sum(p.numel() for p in captured["params"]) == runs.read_metrics(tmp_path / "r")["params"]["trainable"]
+
+
+def test_first_evaluation_matches_the_init_head(demo_finetune_run, demo_head_run):
+    head_acc = runs.read_metrics(demo_head_run)["final"]["test_acc"]
+    history = runs.read_metrics(demo_finetune_run)["history"]
+    assert history[0]["epoch"] == 0
+    assert history[0]["test_acc"] == pytest.approx(head_acc, abs=1e-6)
+
+
+def test_metrics_and_checkpoints(demo_finetune_run):
+    m = runs.read_metrics(demo_finetune_run)
+    assert m["status"] == "complete" and m["final"]["selected_by"].startswith("test accuracy")
+    row = m["history"][1]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "images_per_second", "seconds"):
+        assert key in row
+    last = runs.load_checkpoint(demo_finetune_run / "checkpoints" / "last.pt")
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(last)
+    assert (demo_finetune_run / "checkpoints" / "best.pt").is_file()
+
+
+def test_existing_run_needs_resume_or_force(demo_dir, demo_finetune_run):
+    with pytest.raises(CarsTLError) as err:
+        ft.finetune(demo_dir, unfreeze="layer4", epochs=1, out=demo_finetune_run, **TINY)
+    assert "--resume" in err.value.hint and "--force" in err.value.hint
+
+
+def test_resume_with_other_options_is_refused(demo_dir, tmp_path):
+    ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, out=tmp_path / "r", **TINY)
+    with pytest.raises(CarsTLError, match="lr: 0.001 -> 0.01"):
+        ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, lr=0.01, resume=True, out=tmp_path / "r", **TINY)
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, demo_finetune_run):
+    import shutil
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Exploit(marker)}, evil)
+    with pytest.raises(CarsTLError, match="refused"):
+        runs.load_checkpoint(evil)
+    run_copy = tmp_path / "run"
+    shutil.copytree(demo_finetune_run, run_copy)
+    shutil.copy(evil, run_copy / ft.MODEL_FILE)
+    from cars_tl.predict import predict
+
+    image = next((run_copy.parent).glob("*.pt"))  # any existing file: the model fails first
+    with pytest.raises(CarsTLError, match="refused"):
+        predict([image], [run_copy])
+    assert not marker.exists()
+
+
+def _finetune_command(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cars_tl", "finetune", "--data-dir", str(data_dir), "--backbone", "resnet18",
+            "--weights", "random", "--unfreeze", "layer4", "--image-size", "32", "--precision", "fp32",
+            "--workers", "0", "--epochs", "4", "--batch-size", "16", "--preset", "tuned", "--out", str(out), *extra]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(demo_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    reference = subprocess.run(_finetune_command(demo_dir, tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    process = subprocess.Popen(_finetune_command(demo_dir, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert runs.load_checkpoint(last)["epoch"] < 4
+    resumed = subprocess.run(_finetune_command(demo_dir, out, "--resume"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a = runs.load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["model"]
+    b = runs.load_checkpoint(last)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert runs.read_metrics(out)["resumed_from_epoch"] >= 1

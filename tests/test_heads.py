@@ -1,0 +1,78 @@
+"""train-head: the study preset, the tuned preset's folding, run directories, mismatched inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cars_tl import features, heads, runs
+from cars_tl.errors import CarsTLError
+
+
+def test_study_preset_is_exactly_the_study():
+    config = heads.resolve_preset("study")
+    assert (config["epochs"], config["lr"], config["batch_size"], config["optimizer"]) == (15, 1e-3, 32, "adam")
+    assert config["weight_decay"] == 0 and config["label_smoothing"] == 0 and config["schedule"] == "none"
+    assert heads.resolve_preset("study", epochs=3)["epochs"] == 3
+    with pytest.raises(CarsTLError, match="valid: study, tuned"):
+        heads.resolve_preset("fast")
+
+
+def test_head_run_directory_and_metrics(demo_head_run):
+    metrics = json.loads((demo_head_run / runs.METRICS).read_text())
+    assert metrics["kind"] == "head" and metrics["status"] == "complete"
+    assert len(metrics["history"]) == 15
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "seconds"):
+        assert key in metrics["history"][-1]
+    assert metrics["params"]["trainable"] == 512 * 6 + 6
+    assert metrics["params"]["total"] == 11_176_512 + 512 * 6 + 6  # resnet18 body + head
+    assert metrics["inputs"]["dataset_fingerprint"] and len(metrics["inputs"]["features"]["sha256"]) == 64
+    assert metrics["final"]["test_acc"] > 100 / 6  # better than chance on the demo classes
+
+
+def test_saved_head_loads_straight_into_the_backbone_classifier(demo_head_run, demo_features):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=6)
+    model.fc.load_state_dict(torch.load(demo_head_run / heads.HEAD_FILE, weights_only=True))
+    cache = features.load(demo_features)
+    test = cache.split("test")
+    with torch.no_grad():
+        accuracy = (model.fc(torch.from_numpy(test.features)).argmax(1).numpy() == test.labels).mean() * 100
+    recorded = runs.read_metrics(demo_head_run)["final"]["test_acc"]
+    assert accuracy == pytest.approx(recorded, abs=1e-3)
+
+
+def test_tuned_preset_folds_standardization_into_the_saved_weights(demo_features, tmp_path):
+    run_dir, metrics = heads.train_head(demo_features, preset="tuned", out=tmp_path / "tuned")
+    assert metrics["selection"]["by"].startswith("cross-entropy on a validation split")
+    assert metrics["config"]["weight_decay"] in heads.WEIGHT_DECAY_GRID
+    state = torch.load(run_dir / heads.HEAD_FILE, weights_only=True)
+    test = features.load(demo_features).split("test")
+    logits = torch.from_numpy(test.features) @ state["weight"].T + state["bias"]
+    acc = (logits.argmax(1).numpy() == test.labels).mean() * 100
+    assert acc == pytest.approx(metrics["final"]["test_acc"], abs=1e-3)
+
+
+def test_stratified_split_takes_from_every_class():
+    import numpy as np
+
+    labels = np.repeat(np.arange(5), 10)
+    train, val = heads.stratified_split(labels, 0.2, seed=0)
+    assert len(val) == 10 and set(labels[val]) == set(range(5)) and not set(train) & set(val)
+
+
+def test_feature_file_without_a_test_split_is_refused(demo_features, tmp_path):
+    cache = features.load(demo_features)
+    path = features.write(tmp_path / "train-only.h5", cache.attrs, {"train": cache.split("train")})
+    with pytest.raises(CarsTLError) as err:
+        heads.train_head(path, out=tmp_path / "run")
+    assert "train-only.h5" in err.value.message and "--split test" in err.value.hint
+
+
+def test_not_a_feature_file_is_refused(tmp_path):
+    (tmp_path / "x.h5").write_text("hello")
+    with pytest.raises(CarsTLError, match="not a readable HDF5"):
+        heads.train_head(tmp_path / "x.h5", out=tmp_path / "run")
