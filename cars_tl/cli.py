@@ -38,9 +38,9 @@ def command(name: str):
             except CarsTLError as exc:
                 from cars_tl.console import console
 
-                console.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False)
+                console.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
                 if exc.hint:
-                    console.print(f"[bold]next:[/] {exc.hint}", markup=True, highlight=False)
+                    console.print(f"[bold]next:[/] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 from cars_tl.console import console

@@ -1,0 +1,95 @@
+"""The CLI end to end: fast help, the chain on the real subset, refusals that say what to do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cars_tl.cli import app
+from conftest import SHARED_EFFNET, needs_effnet, needs_mini
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("download", "extract-features", "train-head", "fit-svm", "finetune", "predict", "sparsity", "report")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["download", "--help"]])
+def test_help_does_not_import_torch(argv):
+    code = (
+        "import sys\nfrom cars_tl.cli import app\n"
+        f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_help_lists_every_stage():
+    output = CliRunner().invoke(app, ["--help"]).output
+    for stage in STAGES:
+        assert stage in output
+
+
+def test_user_mistakes_exit_2_without_a_traceback(tmp_path):
+    runner = CliRunner()
+    for argv, expected in (
+        (["extract-features", "--data-dir", str(tmp_path)], "cars-tl download"),
+        (["train-head", "--features", str(tmp_path / "none.h5")], "does not exist"),
+        (["fit-svm", "--features", str(tmp_path / "none.h5"), "--kernel", "cubic"], "valid: linear"),
+    ):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert expected in result.output.replace("\n", " ") and "Traceback" not in result.output
+
+
+def _chain(tmp_path: Path, backbone: str, weights: str, *extra: str) -> dict:
+    runner = CliRunner()
+    data_dir, artifacts = tmp_path / "data", tmp_path / "artifacts"
+    steps = [
+        ["download", "--source", str(Path(__file__).resolve().parents[2] / "shared/data/stanford_cars_mini"), "--data-dir", str(data_dir)],
+        ["extract-features", "--data-dir", str(data_dir), "--backbone", backbone, "--weights", weights,
+         "--out", str(artifacts / "f.h5"), "--workers", "2", *extra],
+        ["train-head", "--features", str(artifacts / "f.h5"), "--out", str(artifacts / "runs/head")],
+        ["fit-svm", "--features", str(artifacts / "f.h5"), "--kernel", "all", "--out", str(artifacts / "runs/svm")],
+    ]
+    for argv in steps:
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, (argv, result.output)
+    head = json.loads((artifacts / "runs/head/metrics.json").read_text())
+    svm = json.loads((artifacts / "runs/svm/metrics.json").read_text())
+    assert head["backbone"]["backbone"] == backbone and len(head["class_names"]) == 196
+    return {"head": head, "svm": svm}
+
+
+@needs_mini
+@pytest.mark.slow
+def test_chain_on_the_real_subset_with_random_weights(tmp_path):
+    runs = _chain(tmp_path, "resnet18", "random", "--image-size", "112")
+    assert runs["head"]["final"]["test_acc"] > 100 / 20  # above chance over the 20 classes present
+
+
+@needs_mini
+@needs_effnet
+@pytest.mark.slow
+def test_chain_on_the_real_subset_with_the_pretrained_backbone(tmp_path):
+    runs = _chain(tmp_path, "timm/efficientnet_lite0", str(SHARED_EFFNET))
+    # Real pretrained features: far above chance (5%) for both models.
+    assert runs["head"]["final"]["test_acc"] > 45
+    assert runs["svm"]["kernels"]["poly"]["test_acc"] > 45
+    assert runs["head"]["params"]["trainable"] == 1280 * 196 + 196
+
+
+def test_init_head_from_another_dataset_is_refused(demo_head_run, mini_dir):
+    result = CliRunner().invoke(app, [
+        "finetune", "--data-dir", str(mini_dir), "--backbone", "resnet18", "--weights", "random",
+        "--image-size", "64", "--init-head", str(demo_head_run), "--epochs", "1",
+    ])
+    assert result.exit_code == 2
+    text = result.output.replace("\n", " ")
+    assert str(demo_head_run) in text.replace(" ", "") or demo_head_run.name in text
+    assert "another dataset" in text and "classes" in text
