@@ -14,7 +14,7 @@ from rich.progress import (
 
 from cars_tl.progress import Progress, Task
 
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 # Piped output is read in files and logs: give wide tables room instead of 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 200)
 

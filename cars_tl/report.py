@@ -41,7 +41,11 @@ def row_for(m: dict) -> dict:
     f = m.get("final") or {}
     b = m.get("backbone") or {}
     c = m.get("config") or {}
-    setting = c.get("preset") or (f"{c.get('kernel')} kernel, {c.get('scale')} scaling" if m["kind"] == "svm" else "")
+    if m["kind"] == "svm":
+        kernel = f"all kernels (best {f.get('kernel')})" if c.get("kernel") == "all" else f"{c.get('kernel')} kernel"
+        setting = f"{kernel}, {c.get('scale')} scaling"
+    else:
+        setting = c.get("preset", "")
     if m["kind"] == "finetune":
         setting += f", unfreeze {c.get('unfreeze')}"
     return {
