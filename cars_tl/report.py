@@ -78,21 +78,23 @@ def gather(artifacts: Path) -> tuple[list[dict], list[dict]]:
 
 def plot_curves(m: dict, path: Path) -> bool:
     """Loss and accuracy per epoch; train solid, test dashed, validation dotted."""
-    history = [h for h in m.get("history", []) if h.get("epoch", 0) > 0]
-    if not history:
+    history = m.get("history", [])
+    if not any(h.get("epoch", 0) > 0 for h in history):
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    epochs = [h["epoch"] for h in history]
     for ax, metric, label in ((axes[0], "loss", "mean cross-entropy"), (axes[1], "acc", "accuracy (%)")):
         for split, style in (("train", "-"), ("test", "--"), ("val", ":")):
-            values = [h.get(f"{split}_{metric}") for h in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, values, style, marker="o", markersize=3, label=split)
+            # Epoch 0 is the evaluation before any step (test/val only).
+            points = [(h["epoch"], h[f"{split}_{metric}"]) for h in history if h.get(f"{split}_{metric}") is not None]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", markersize=3, label=split)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

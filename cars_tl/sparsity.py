@@ -129,8 +129,13 @@ def measure(
     return summary
 
 
+PER_ROW = 25
+
+
 def plot(results: "OrderedDict[str, OrderedDict[str, float]]", path: Path, described: str) -> None:
-    """Grouped bars: x = ReLU call in forward order, one colour per model."""
+    """Grouped bars: x = ReLU call in forward order, one colour per model; long nets wrap onto rows."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,22 +143,27 @@ def plot(results: "OrderedDict[str, OrderedDict[str, float]]", path: Path, descr
     import numpy as np
 
     layers = list(OrderedDict.fromkeys(layer for v in results.values() for layer in v))
-    n_models = len(results)
-    width = 0.8 / n_models
-    fig, ax = plt.subplots(figsize=(max(10, 0.3 * len(layers) * max(1, n_models) ** 0.5 + 2), 5.5), dpi=130)
-    x = np.arange(len(layers))
-    for i, (name, values) in enumerate(results.items()):
-        ax.bar(x - 0.4 + width * (i + 0.5), [values.get(layer, np.nan) for layer in layers], width, label=name)
-    ax.set_xticks(x)
-    ax.set_xticklabels(layers, rotation=90, fontsize=7)
-    ax.set_xlim(-0.6, len(layers) - 0.4)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("ReLU call, in forward order")
-    ax.set_ylabel("fraction of exactly-zero outputs")
-    ax.set_title(f"Activation sparsity per ReLU call ({described})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
+    rows = max(1, math.ceil(len(layers) / PER_ROW))
+    per_row = math.ceil(len(layers) / rows)
+    width = 0.8 / len(results)
+    fig, axes = plt.subplots(rows, 1, figsize=(16, 3.9 * rows + 0.9), dpi=110, squeeze=False)
+    for r, ax in enumerate(axes[:, 0]):
+        chunk = layers[r * per_row:(r + 1) * per_row]
+        x = np.arange(len(chunk))
+        for i, (name, values) in enumerate(results.items()):
+            ax.bar(x - 0.4 + width * (i + 0.5), [values.get(layer, np.nan) for layer in chunk], width,
+                   label=name, color=f"C{i}")
+        ax.set_xticks(x)
+        ax.set_xticklabels(chunk, rotation=60, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, per_row - 0.4)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of zeros")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xlabel("ReLU call, in forward order")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=min(4, len(labels)), fontsize=9, frameon=False)
+    fig.suptitle(f"Fraction of exactly-zero ReLU outputs per call ({described})", x=0.01, ha="left", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
