@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cars_tl import atomic
 from cars_tl.errors import CarsTLError
 
 TIMM_PREFIX = "timm/"
@@ -49,11 +50,13 @@ class Backbone:
     transform: dict
     stages: list[str]
     classifier_name: str
+    weights_file_sha256: str | None = None  # SHA-256 of the file the weights came from, if any
 
     def describe(self) -> dict:
         return {
             "backbone": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
-            "num_features": self.num_features, "transform": self.transform,
+            "weights_file_sha256": self.weights_file_sha256, "num_features": self.num_features,
+            "transform": self.transform,
         }
 
 
@@ -142,10 +145,11 @@ def _cache_file_for(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def _load_state(name: str, weights: str) -> tuple[dict, dict | None]:
+def _load_state(name: str, weights: str) -> tuple[dict, dict | None, Path]:
     """The state dict for ``weights`` and, for torchvision enums, that enum's transform spec."""
     if Path(weights).exists():
-        return load_weights_file(Path(weights)), None
+        path = Path(weights)
+        return load_weights_file(path), None, path if path.is_file() else _run_model_file(path)
     if _is_timm(name):
         raise CarsTLError(
             f"--weights {weights!r} for {name}: timm weights come from the Hugging Face hub, which is not used offline",
@@ -166,16 +170,20 @@ def _load_state(name: str, weights: str) -> tuple[dict, dict | None]:
             f"ImageNet weights for {name} ({chosen}) are not in the torch cache: {path} is missing",
             f"cars-tl download --weights {name}   (offline: put {Path(chosen.url).name} from {chosen.url} at {path})",
         )
-    return torch.load(path, map_location="cpu", weights_only=True), _transform_from_weights(chosen)
+    return torch.load(path, map_location="cpu", weights_only=True), _transform_from_weights(chosen), path
+
+
+def _run_model_file(run_dir: Path) -> Path:
+    from cars_tl import runs
+
+    return runs.model_file(run_dir)
 
 
 def load_weights_file(path: Path) -> dict:
     """A state dict from a plain ``.pth``, a cars_tl checkpoint, or a run directory's model."""
     path = Path(path)
     if path.is_dir():
-        from cars_tl import runs
-
-        path = runs.model_file(path)
+        path = _run_model_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -196,11 +204,11 @@ def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size
     """Build ``name`` with ``weights`` and its classifier removed; see the module docstring."""
     model, spec = _create(name)
     classifier = _classifier_path(model, name)
-    if weights == "random":
-        state = None
-    else:
-        state, enum_spec = _load_state(name, weights)
+    file_sha256 = None
+    if weights != "random":
+        state, enum_spec, source = _load_state(name, weights)
         spec = enum_spec or spec
+        file_sha256 = atomic.file_sha256(source)
         _load_into(model, state, classifier, name, weights)
     digest = state_digest(model.state_dict())
     head = model.get_submodule(classifier)
@@ -215,7 +223,7 @@ def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size
     if _is_timm(name) and isinstance(getattr(model, "blocks", None), nn.Sequential):
         stages += [f"blocks.{i}" for i in range(len(model.blocks))]  # timm's stage names
     model.eval()
-    return Backbone(name, str(weights), digest, model, num_features, spec, stages, classifier)
+    return Backbone(name, str(weights), digest, model, num_features, spec, stages, classifier, file_sha256)
 
 
 def _load_into(model, state: dict, classifier: str, name: str, weights: str) -> None:

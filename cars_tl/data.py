@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from cars_tl.atomic import atomic_write_bytes
+from cars_tl.atomic import atomic_write_bytes, file_sha256
 from cars_tl.errors import BadImageError, CarsTLError
 
 STANFORD_DIR = "stanford_cars"
@@ -291,14 +291,6 @@ def stanford_root(data_dir: Path) -> Path:
     return Path(data_dir) / STANFORD_DIR
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _test_labels_path(root: Path) -> Path | None:
     for name in TEST_LABELS_NAMES:
         if (root / name).is_file():
@@ -391,7 +383,7 @@ def build_manifest(data_dir: Path) -> Manifest:
         "counts": {s: sum(r.split == s for r in records) for s in SPLITS},
         "classes_present": len({r.label for r in records}),
         "clipped_boxes": clipped,
-        "devkit_sha256": {str(p.relative_to(root)): _sha256(p) for p in paths.values()},
+        "devkit_sha256": {str(p.relative_to(root)): file_sha256(p) for p in paths.values()},
     }
     atomic_write_bytes(root / MANIFEST_CSV, csv_bytes)
     atomic_write_bytes(root / MANIFEST_JSON, json.dumps(meta, indent=2).encode())
@@ -448,6 +440,6 @@ def manifest_is_current(data_dir: Path) -> bool:
     except (CarsTLError, OSError, ValueError, KeyError):
         return False
     for rel, digest in meta.get("devkit_sha256", {}).items():
-        if not (root / rel).is_file() or _sha256(root / rel) != digest:
+        if not (root / rel).is_file() or file_sha256(root / rel) != digest:
             return False
     return all((root / r.path).is_file() for r in manifest.records)

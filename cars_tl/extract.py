@@ -126,7 +126,7 @@ def extract_features(
         for s, d in datasets.items()
     }
     attrs = dict(
-        identity, class_names=manifest.class_names, num_classes=manifest.num_classes, feature_dim=bb.num_features,
+        identity, weights_sha256=bb.weights_file_sha256 or "", class_names=manifest.class_names, num_classes=manifest.num_classes, feature_dim=bb.num_features,
         backbone_params=sum(p.numel() for p in bb.body.parameters()),
         versions=runtime.versions(),
         options={"splits": list(splits), "batch_size": batch_size, "workers": workers, "device": device,

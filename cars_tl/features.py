@@ -8,6 +8,7 @@ This module is the only one that touches h5py. Layout of a cache file (schema ve
         backbone            e.g. "resnet50", "timm/efficientnet_lite0"
         weights             "imagenet" | "random" | a path
         weights_digest      SHA-256 of the backbone's state dict (names, shapes, bytes)
+        weights_sha256      SHA-256 of the weights file ("" for seeded random weights)
         transform           JSON: resize, crop, mean, std, interpolation
         crop                "full" | "box";  margin (float, for box crops)
         precision           "fp32" | "bf16" | "fp16" (what the backbone ran in)

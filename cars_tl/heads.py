@@ -21,7 +21,6 @@ and ``finetune --init-head`` starts from it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cars_tl import features, runs, runtime
+from cars_tl.atomic import file_sha256
 from cars_tl.errors import CarsTLError
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter, evaluate_logits
@@ -150,26 +150,19 @@ def _fold_standardization(head: torch.nn.Linear, mean: torch.Tensor, std: torch.
     return {"weight": weight.contiguous(), "bias": bias.contiguous()}
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def feature_run_fields(cache: features.FeatureCache) -> dict:
     """The ``backbone``/``inputs``/``class_names`` sections shared by train-head and fit-svm runs."""
     a = cache.attrs
     return {
         "backbone": {
             "backbone": a["backbone"], "weights": a["weights"], "weights_digest": a["weights_digest"],
+            "weights_sha256": a.get("weights_sha256"),
             "num_features": a["feature_dim"], "transform": a["transform"], "crop": a["crop"],
             "margin": a["margin"], "precision": a["precision"], "params": a.get("backbone_params"),
         },
         "inputs": {
             "dataset_fingerprint": a["dataset_fingerprint"],
-            "features": {"path": str(cache.path), "sha256": file_digest(cache.path), "created": a.get("created")},
+            "features": {"path": str(cache.path), "sha256": file_sha256(cache.path), "created": a.get("created")},
         },
         "class_names": cache.class_names,
     }

@@ -70,7 +70,14 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
     transform = backbones.eval_transform(bb.transform)
     if kind == "head":
         head = torch.nn.Linear(bb.num_features, len(names))
-        head.load_state_dict(runs.load_checkpoint(model_path))
+        state = runs.load_checkpoint(model_path)
+        shape = tuple(getattr(state.get("weight"), "shape", ())) if isinstance(state, dict) else ()
+        if shape != (len(names), bb.num_features):
+            raise CarsTLError(
+                f"{model_path} holds a head of shape {shape}, but {bb.name} gives {bb.num_features} features "
+                f"and the run has {len(names)} classes", "retrain it: cars-tl train-head --features ...",
+            )
+        head.load_state_dict(state)
         head.eval()
         return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability")
     from cars_tl import svm

@@ -63,7 +63,9 @@ def _chain(tmp_path: Path, backbone: str, weights: str, *extra: str) -> dict:
     head = json.loads((artifacts / "runs/head/metrics.json").read_text())
     svm = json.loads((artifacts / "runs/svm/metrics.json").read_text())
     assert head["backbone"]["backbone"] == backbone and len(head["class_names"]) == 196
-    return {"head": head, "svm": svm}
+    from cars_tl.features import read_attrs
+
+    return {"head": head, "svm": svm, "features": read_attrs(artifacts / "f.h5")}
 
 
 @needs_mini
@@ -82,6 +84,9 @@ def test_chain_on_the_real_subset_with_the_pretrained_backbone(tmp_path):
     assert runs["head"]["final"]["test_acc"] > 45
     assert runs["svm"]["kernels"]["poly"]["test_acc"] > 45
     assert runs["head"]["params"]["trainable"] == 1280 * 196 + 196
+    # The weights file is recorded by its SHA-256 (the one ../shared/models/README.md gives).
+    assert runs["features"]["weights_sha256"] == "aa49b98b024ba8f46b73ba7d7cc10a636f7eae2a94bccfe5a8f81f47bf305527"
+    assert runs["head"]["backbone"]["weights_sha256"] == runs["features"]["weights_sha256"]
 
 
 def test_init_head_from_another_dataset_is_refused(demo_head_run, mini_dir):
