@@ -86,9 +86,13 @@ class FeatureCache:
         return self.splits[name]
 
 
+def weights_tag(weights: str) -> str:
+    """A short name for weights in default file names: ``imagenet``, ``random``, or ``file-<stem>``."""
+    return f"file-{Path(weights).stem}" if "/" in weights or "\\" in weights or Path(weights).exists() else weights
+
+
 def default_path(artifacts: Path, backbone: str, weights: str, crop: str) -> Path:
-    weights_tag = "path-" + Path(weights).stem if Path(weights).exists() else weights
-    name = f"{backbone.replace('/', '-')}-{weights_tag}" + ("-box" if crop == "box" else "")
+    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}" + ("-box" if crop == "box" else "")
     return Path(artifacts) / "features" / f"{name}.h5"
 
 

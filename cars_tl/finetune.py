@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from cars_tl import backbones, data, runs, runtime
+from cars_tl import backbones, data, features, runs, runtime
 from cars_tl.errors import CarsTLError
 from cars_tl.extract import default_workers, make_loader
 from cars_tl.heads import HEAD_FILE, make_optimizer, stratified_split
@@ -193,8 +193,9 @@ def finetune(
     params = runs.count_params(model)
     model.to(device, memory_format=torch.channels_last)
 
-    weights_tag = weights if not Path(weights).exists() else "custom"
-    run_dir = runs.resolve_run_dir(out, f"finetune-{backbone.replace('/', '-')}-{weights_tag}-{unfreeze.replace(',', '+')}-{preset}", artifacts)
+    run_dir = runs.resolve_run_dir(
+        out, f"finetune-{backbone.replace('/', '-')}-{features.weights_tag(str(weights))}-{unfreeze.replace(',', '+')}-{preset}", artifacts
+    )
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     if run_dir.exists() and any(run_dir.iterdir()) and not resume and not force:
         raise CarsTLError(

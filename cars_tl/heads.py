@@ -197,7 +197,7 @@ def train_head(
     config["features"] = str(features_path)
     cache = load_train_test(Path(features_path))
     backbone = cache.attrs["backbone"].replace("/", "-")
-    run_dir = runs.resolve_run_dir(out, f"head-{backbone}-{cache.attrs['weights'] if '/' not in cache.attrs['weights'] else 'custom'}-{preset}", artifacts)
+    run_dir = runs.resolve_run_dir(out, f"head-{backbone}-{features.weights_tag(cache.attrs['weights'])}-{preset}", artifacts)
     tr, te = cache.split("train"), cache.split("test")
     x_train, y_train = torch.from_numpy(tr.features), torch.from_numpy(tr.labels)
     x_test, y_test = torch.from_numpy(te.features), torch.from_numpy(te.labels)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import runs
+from cars_tl import features, runs
 from cars_tl.errors import CarsTLError
 from cars_tl.progress import NULL, Progress
 
@@ -240,7 +240,7 @@ def fit_svm(
     parsed_gamma = parse_gamma(gamma)
     cache = load_train_test(Path(features_path))
     tr, te = cache.split("train"), cache.split("test")
-    weights = cache.attrs["weights"] if "/" not in cache.attrs["weights"] else "custom"
+    weights = features.weights_tag(cache.attrs["weights"])
     run_dir = runs.resolve_run_dir(out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts)
     config = {"kernel": kernel, "C": C, "degree": degree, "gamma": gamma, "coef0": coef0, "scale": scale,
               "method": method, "features": str(features_path)}
