@@ -147,3 +147,18 @@ def test_kill_and_resume_equals_an_uninterrupted_run(demo_dir, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     assert runs.read_metrics(out)["resumed_from_epoch"] >= 1
+
+
+def test_tuned_keeps_pretrained_batchnorm_statistics(demo_dir, tmp_path):
+    weights = tmp_path / "pretrained.pth"
+    torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
+    settings = dict(TINY, weights=str(weights))
+    run_dir, metrics = ft.finetune(demo_dir, unfreeze="layer4", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "r", **settings)
+    assert metrics["config"]["freeze_bn_stats"] is True
+    fresh = torch.load(weights, weights_only=True)
+    trained = runs.load_checkpoint(run_dir / ft.MODEL_FILE)
+    assert torch.equal(fresh["layer4.0.bn1.running_mean"], trained["body.layer4.0.bn1.running_mean"])
+    assert not torch.equal(fresh["layer4.0.bn1.weight"], trained["body.layer4.0.bn1.weight"])  # affine still trains
+    # From random weights there are no statistics worth keeping.
+    _, scratch = ft.finetune(demo_dir, unfreeze="all", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "s", **TINY)
+    assert scratch["config"]["freeze_bn_stats"] is False
