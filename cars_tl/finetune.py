@@ -277,8 +277,9 @@ def finetune(
         for name, loader in eval_loaders.items():
             row.update(evaluate(model, loader, device, precision, name))
         metrics["history"].append(row)
-        if best is None or row[f"{select}_acc"] > best["acc"]:
-            best = {"epoch": epoch, "acc": row[f"{select}_acc"]}
+        score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
+        if best is None or score > (best["acc"], -best["loss"]):
+            best = {"epoch": epoch, "acc": score[0], "loss": -score[1]}
             runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
         runs.save_checkpoint(last_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
