@@ -45,7 +45,7 @@ def command(name: str):
             except KeyboardInterrupt:
                 from cars_tl.console import console
 
-                console.print("[yellow]interrupted[/]: rerun the same command to resume where it can")
+                console.print("[yellow]interrupted[/]: rerun extract-features as it was to resume it; finetune resumes with --resume")
                 raise typer.Exit(130) from None
 
         return app.command(name)(wrapper)
@@ -59,7 +59,10 @@ DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder holding stanfo
 @command("download")
 def download(
     data_dir: DataDir = Path("data"),
-    source: Annotated[str, typer.Option(help="auto | demo | an http(s) URL of a mirror | a local folder or archive.")] = "auto",
+    source: Annotated[str, typer.Option(help=(
+        "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive: torchvision's layout, "
+        "the split archives cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat, "
+        "or car_ims.tgz + cars_annos.mat."))] = "auto",
     mirror: Annotated[Optional[List[str]], typer.Option(help="Extra mirror base URL, tried first (repeatable).")] = None,
     mirror_list: Annotated[Optional[Path], typer.Option(help="JSON mirror list replacing the built-in one.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Instead of the dataset, fetch torchvision ImageNet weights of this model (e.g. resnet50) into the torch cache.")] = None,
