@@ -24,8 +24,8 @@ WEIGHTS ?= imagenet
 PRESET ?= study
 DEVICE ?= auto
 PRECISION ?= auto
-EPOCHS ?= 15
-BATCH ?= 32
+EPOCHS ?=
+BATCH ?=
 IMAGE_SIZE ?=
 CROP ?= full
 WORKERS ?=
@@ -38,7 +38,8 @@ SPARSITY_IMAGES ?= 32
 RUNS := $(ARTIFACTS)/runs
 OPTS := $(ARTIFACTS)/.options
 MANIFEST := $(DATA)/stanford_cars/manifest.json
-FEATURES := $(ARTIFACTS)/features/$(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS))).h5
+FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))
+FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
 HEAD_B := $(RUNS)/B-head-$(PRESET)/metrics.json
 SVM_C1 := $(RUNS)/C-svm-$(SVM_KERNEL)/metrics.json
 SVM_ALL := $(RUNS)/C-svm-all-kernels/metrics.json
@@ -50,13 +51,19 @@ REPORT := $(ARTIFACTS)/report/report.html
 TEST_IMAGE := $(DATA)/stanford_cars/cars_test/00001.jpg
 
 COMMON := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --crop $(CROP) --device $(DEVICE) --precision $(PRECISION) $(if $(WORKERS),--workers $(WORKERS))
-TRAIN := --preset $(PRESET) --epochs $(EPOCHS) --batch-size $(BATCH)
+# Empty EPOCHS/BATCH: the preset's own (study: 15 epochs, batch 32).
+TRAIN := --preset $(PRESET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+# What changes a stage's output (not WORKERS or DEVICE).
+SHAPE := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --crop $(CROP) --precision $(PRECISION)
 
 # The demo: generated images, random weights, 64 px, 2 epochs. A WEIGHTS or BACKBONE given on the
 # command line (e.g. a local pretrained file with timm) is kept, at the weights' own image size.
 DEMO_WEIGHTS := $(if $(filter command line,$(origin WEIGHTS)),$(WEIGHTS),random)
 DEMO_BACKBONE := $(if $(filter command line,$(origin BACKBONE)),$(BACKBONE),resnet50)
 DEMO_IMAGE_SIZE := $(if $(filter command line,$(origin WEIGHTS)),,64)
+
+# A stage that fails leaves no target behind: the next make reruns it.
+.DELETE_ON_ERROR:
 
 .PHONY: help install test test-fast demo all features B C C-all A D predict sparsity report clean-demo FORCE
 
@@ -97,12 +104,15 @@ define stamp
 @echo '$(1)' | cmp -s - $@ || echo '$(1)' > $@
 endef
 
+# One stamp per output, holding only what changes it: switching PRESET or SVM_KERNEL back and
+# forth reuses the runs already made for each value.
 $(OPTS)/download: FORCE ; $(call stamp,$(SOURCE))
-$(OPTS)/features: FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(COMMON))
-$(OPTS)/head: FORCE ; $(call stamp,$(TRAIN))
-$(OPTS)/svm: FORCE ; $(call stamp,$(SVM_KERNEL) $(SVM_C) $(SVM_SCALE))
+$(OPTS)/features-$(FEATURES_TAG): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(SHAPE))
+$(OPTS)/head-$(PRESET): FORCE ; $(call stamp,$(TRAIN))
+$(OPTS)/svm-$(SVM_KERNEL): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
 $(OPTS)/svm-all: FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
-$(OPTS)/finetune: FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(TRAIN) $(COMMON) $(UNFREEZE_D))
+$(OPTS)/A-$(PRESET): FORCE ; $(call stamp,$(BACKBONE) $(TRAIN) $(SHAPE))
+$(OPTS)/D-$(UNFREEZE_D)-$(PRESET): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(TRAIN) $(SHAPE))
 $(OPTS)/sparsity: FORCE ; $(call stamp,$(SPARSITY_IMAGES))
 
 # ----------------------------------------------------------------------------- the study
@@ -112,22 +122,23 @@ $(MANIFEST): $(OPTS)/download
 	$(CARS) download --data-dir $(DATA) --source $(SOURCE)
 	@touch $@
 
-$(FEATURES): $(MANIFEST) $(OPTS)/features
+$(FEATURES): $(MANIFEST) $(OPTS)/features-$(FEATURES_TAG)
 	$(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) $(COMMON) --out $@
+	@touch $@
 
-$(HEAD_B): $(FEATURES) $(OPTS)/head
+$(HEAD_B): $(FEATURES) $(OPTS)/head-$(PRESET)
 	$(CARS) train-head --features $(FEATURES) $(TRAIN) --out $(@D)
 
-$(SVM_C1): $(FEATURES) $(OPTS)/svm
+$(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)
 	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) --C $(SVM_C) --scale $(SVM_SCALE) --out $(@D)
 
 $(SVM_ALL): $(FEATURES) $(OPTS)/svm-all
 	$(CARS) fit-svm --features $(FEATURES) --kernel all --C $(SVM_C) --scale $(SVM_SCALE) --out $(@D)
 
-$(FT_A): $(MANIFEST) $(OPTS)/finetune
+$(FT_A): $(MANIFEST) $(OPTS)/A-$(PRESET)
 	$(CARS) finetune --data-dir $(DATA) --backbone $(BACKBONE) --weights random --unfreeze all $(TRAIN) $(COMMON) --force --out $(@D)
 
-$(FT_D): $(MANIFEST) $(HEAD_B) $(OPTS)/finetune
+$(FT_D): $(MANIFEST) $(HEAD_B) $(OPTS)/D-$(UNFREEZE_D)-$(PRESET)
 	$(CARS) finetune --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --unfreeze $(UNFREEZE_D) \
 		--init-head $(dir $(HEAD_B)) $(TRAIN) $(COMMON) --force --out $(@D)
 
@@ -159,7 +170,7 @@ demo: $(VENV)/.installed
 	@echo "== cars_tl demo: generated images, $(DEMO_BACKBONE) with $(DEMO_WEIGHTS) weights."
 	@echo "== With random weights and generated images the numbers only show that the chain works."
 	$(MAKE) --no-print-directory all DATA=data/demo SOURCE=demo ARTIFACTS=artifacts/demo \
-		BACKBONE=$(DEMO_BACKBONE) WEIGHTS=$(DEMO_WEIGHTS) IMAGE_SIZE=$(DEMO_IMAGE_SIZE) EPOCHS=2 BATCH=16 SPARSITY_IMAGES=16
+		BACKBONE=$(DEMO_BACKBONE) WEIGHTS=$(DEMO_WEIGHTS) IMAGE_SIZE=$(DEMO_IMAGE_SIZE) EPOCHS=2 BATCH=16 SPARSITY_IMAGES=16 WORKERS=2
 	@echo "== demo report: artifacts/demo/report/report.html (and report.md)"
 
 clean-demo:

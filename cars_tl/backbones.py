@@ -202,6 +202,10 @@ def load_weights_file(path: Path) -> dict:
 
 def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size: int | None = None) -> Backbone:
     """Build ``name`` with ``weights`` and its classifier removed; see the module docstring."""
+    if image_size is not None and image_size < 1:
+        raise CarsTLError(f"--image-size must be positive, got {image_size}")
+    if weights not in ("imagenet", "random") and Path(weights).exists():
+        weights = str(Path(weights).resolve())  # recorded in artifacts: must work from any folder
     model, spec = _create(name)
     classifier = _classifier_path(model, name)
     file_sha256 = None

@@ -144,7 +144,7 @@ def train_head(
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size [study: 32].")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd | lbfgs [study: adam].")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay [study: 0; tuned: chosen on validation].")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the head's initialisation, shuffling and the validation split.")] = 0,
     out: Out = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
@@ -211,11 +211,12 @@ def finetune(
     optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd [study: adam, tuned: adamw].")] = None,
     augment: Annotated[Optional[str], typer.Option(help="none | standard [study: none, tuned: standard].")] = None,
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
+    margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size.")] = None,
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (default: min(4, cores)).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed: init, shuffling, augmentation, validation split.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed: shuffling, augmentation, validation split (initial weights come from --weights).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing run, or resume with changed options.")] = False,
     out: Out = None,
@@ -226,7 +227,7 @@ def finetune(
     from cars_tl.finetune import finetune as run
 
     run_dir, metrics = run(
-        data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, 0.0,
+        data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
         image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(),
     )
     p = metrics["params"]

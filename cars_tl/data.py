@@ -225,12 +225,26 @@ def crop_box(image, box: tuple[int, int, int, int], margin: float = 0.0):
     return image.crop((left, top, right, bottom))
 
 
+@dataclasses.dataclass(frozen=True)
+class BadItem:
+    """What a ``mark_bad`` dataset yields for an unreadable image (picklable across workers)."""
+
+    position: int
+    path: str
+    reason: str
+
+    def error(self) -> BadImageError:
+        return BadImageError(self.path, self.reason)
+
+
 class CarsDataset:
     """Map-style dataset over one split of a manifest: yields ``(image, label, position)``.
 
     ``transform`` turns a PIL RGB image into a tensor (take it from the backbone). ``crop="box"``
-    crops the annotated box (plus ``margin``) first. With ``skip_bad`` an unreadable image yields
-    ``None`` (drop it with :func:`collate_skip_bad`), else :class:`BadImageError` propagates.
+    crops the annotated box (plus ``margin``) first. An unreadable image raises
+    :class:`BadImageError`; with ``mark_bad`` it yields a :class:`BadItem` instead, so that the
+    caller (in the main process, whatever its DataLoader workers) decides: skip it, or raise
+    ``item.error()``. :func:`collate_marking_bad` collates such batches.
     """
 
     def __init__(
@@ -240,16 +254,18 @@ class CarsDataset:
         transform: Callable | None = None,
         crop: str = "full",
         margin: float = 0.0,
-        skip_bad: bool = False,
+        mark_bad: bool = False,
     ):
         if crop not in ("full", "box"):
             raise CarsTLError(f"unknown crop mode {crop!r}; valid: full, box")
+        if margin < 0:
+            raise CarsTLError(f"--margin must be >= 0, got {margin}")
         self.manifest = manifest
         self.records = manifest.split(split)
         self.transform = transform
         self.crop = crop
         self.margin = margin
-        self.skip_bad = skip_bad
+        self.mark_bad = mark_bad
 
     def __len__(self) -> int:
         return len(self.records)
@@ -264,24 +280,31 @@ class CarsDataset:
     def __getitem__(self, position: int):
         try:
             image = self.load(position)
-        except BadImageError:
-            if self.skip_bad:
-                return None
+        except BadImageError as exc:
+            if self.mark_bad:
+                return BadItem(position, exc.path, exc.reason)
             raise
         if self.transform is not None:
             image = self.transform(image)
         return image, self.records[position].label, position
 
 
-def collate_skip_bad(batch):
-    """Collate that drops the ``None`` items a ``skip_bad`` dataset yields for unreadable images."""
+def collate_marking_bad(batch):
+    """Collate a ``mark_bad`` dataset's batch into ``(images, labels, positions, bad_items)``."""
     import torch
     from torch.utils.data import default_collate
 
-    kept = [item for item in batch if item is not None]
+    bad = [item for item in batch if isinstance(item, BadItem)]
+    kept = [item for item in batch if not isinstance(item, BadItem)]
     if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return default_collate(kept)
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
+    return (*default_collate(kept), bad)
+
+
+def raise_bad(bad: list) -> None:
+    """Raise the first unreadable image of a batch (for stages that do not skip them)."""
+    if bad:
+        raise bad[0].error()
 
 
 # --------------------------------------------------------------------------- manifest

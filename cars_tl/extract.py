@@ -39,12 +39,18 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None, collate_fn=None):
-    """The DataLoader every stage uses: workers, pinned memory on CUDA, persistent workers."""
+def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None):
+    """The DataLoader every stage uses: workers, pinned memory on CUDA.
+
+    Batches are ``(images, labels, positions, bad_items)`` (a ``mark_bad`` dataset): unreadable
+    images come back to the main process, which skips them or raises an error naming the file.
+    """
+    if workers < 0:
+        raise CarsTLError(f"--workers must be >= 0, got {workers}")
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-        pin_memory=device.startswith("cuda"), persistent_workers=False,
-        collate_fn=collate_fn, prefetch_factor=4 if workers else None,
+        pin_memory=device.startswith("cuda"), collate_fn=data.collate_marking_bad,
+        prefetch_factor=4 if workers else None,
     )
 
 
@@ -101,15 +107,18 @@ def extract_features(
         "transform": bb.transform, "crop": crop, "margin": float(margin), "precision": precision,
         "dataset_fingerprint": manifest.fingerprint, "skip_bad": bool(skip_bad),
     }
-    if features.matches(out, identity, splits):
-        attrs = features.read_attrs(out)
-        return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, attrs["precision"], device)
+    present = features.splits_made_alike(out, identity)
+    todo = tuple(s for s in splits if s not in present)
+    if not todo:
+        return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, precision, device)
+    # Splits already extracted alike are kept: extracting test after train adds to the file.
+    carry = {s: a for s, a in features.load(out, tuple(present)).splits.items()} if present else {}
 
     datasets = {
-        s: data.CarsDataset(manifest, s, backbones.eval_transform(bb.transform), crop=crop, margin=margin, skip_bad=skip_bad)
-        for s in splits
+        s: data.CarsDataset(manifest, s, backbones.eval_transform(bb.transform), crop=crop, margin=margin, mark_bad=True)
+        for s in todo
     }
-    identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(splits), feature_dim=bb.num_features, batch_size=batch_size)
+    identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
     partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
     resumed = partial.resumed_rows
     body = prepare_body(bb.body, device)
@@ -129,15 +138,15 @@ def extract_features(
         identity, weights_sha256=bb.weights_file_sha256 or "", class_names=manifest.class_names, num_classes=manifest.num_classes, feature_dim=bb.num_features,
         backbone_params=sum(p.numel() for p in bb.body.parameters()),
         versions=runtime.versions(),
-        options={"splits": list(splits), "batch_size": batch_size, "workers": workers, "device": device,
+        options={"splits": sorted(set(todo) | set(carry)), "batch_size": batch_size, "workers": workers, "device": device,
                  "device_name": runtime.device_name(device), "image_size": image_size, "data_dir": str(data_dir)},
     )
-    partial.finalize(attrs, rows)
-    cache = features.load(out, splits)
-    for s in splits:
+    partial.finalize(attrs, rows, carry)
+    cache = features.load(out, todo)
+    for s in todo:
         skipped[s] = len(cache.split(s).skipped)
     return ExtractResult(
-        out, "resumed" if resumed else "extracted", {s: len(cache.split(s).labels) for s in splits}, skipped,
+        out, "resumed" if resumed else "extracted", {s: len(cache.split(s).labels) for s in todo}, skipped,
         seconds, processed / seconds if seconds > 0 else 0.0, precision, device,
     )
 
@@ -146,17 +155,18 @@ def _extract_split(body, dataset, split, done, partial, batch_size, workers, dev
     total = len(dataset)
     if done >= total:
         return 0
-    loader = make_loader(
-        Subset(dataset, range(done, total)), batch_size, workers, device,
-        collate_fn=data.collate_skip_bad if skip_bad else None,
-    )
+    loader = make_loader(Subset(dataset, range(done, total)), batch_size, workers, device)
     chunk_rows = partial.chunk_rows
     chunk_start = cursor = done
     buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
     valid = np.zeros(len(buffer), bool)
     with progress.task(f"extract {split}", total=total, unit="img") as task:
         task.advance(done)
-        for images, _, positions in loader:
+        reasons: dict[int, str] = {}
+        for images, _, positions, bad in loader:
+            if not skip_bad:
+                data.raise_bad(bad)  # here, in the main process, so the error names the file
+            reasons.update({item.position: item.reason for item in bad})
             # The dataset yields its own positions, so they are absolute even through Subset.
             if len(positions):
                 rel = positions.numpy() - chunk_start
@@ -166,22 +176,9 @@ def _extract_split(body, dataset, split, done, partial, batch_size, workers, dev
             cursor += consumed
             task.advance(consumed)
             if cursor - chunk_start >= len(buffer):
-                reasons = _bad_reasons(dataset, chunk_start, valid) if skip_bad else {}
-                partial.write_chunk(split, chunk_start, buffer, valid, reasons)
+                partial.write_chunk(split, chunk_start, buffer, valid, {p: r for p, r in reasons.items() if p >= chunk_start})
+                reasons = {}
                 chunk_start = cursor
                 buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
                 valid = np.zeros(len(buffer), bool)
     return total - done
-
-
-def _bad_reasons(dataset, chunk_start: int, valid: np.ndarray) -> dict[int, str]:
-    """Re-open the images a ``skip_bad`` chunk left out, to record why each was skipped."""
-    reasons = {}
-    for rel in np.flatnonzero(~valid):
-        position = chunk_start + int(rel)
-        try:
-            dataset.load(position)
-            reasons[position] = "unknown"
-        except CarsTLError as exc:
-            reasons[position] = getattr(exc, "reason", exc.message)
-    return reasons

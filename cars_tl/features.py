@@ -164,8 +164,8 @@ def load(path: Path, splits: tuple[str, ...] = ("train", "test")) -> FeatureCach
     return FeatureCache(Path(path), attrs, out)
 
 
-def matches(path: Path, identity: dict, splits: tuple[str, ...]) -> bool:
-    """True when a complete cache at ``path`` was made from the same inputs and has ``splits``."""
+def splits_made_alike(path: Path, identity: dict) -> set[str]:
+    """The splits of a complete cache at ``path`` made from the same inputs (empty if none)."""
     import h5py
 
     try:
@@ -173,8 +173,8 @@ def matches(path: Path, identity: dict, splits: tuple[str, ...]) -> bool:
         with h5py.File(path, "r") as f:
             present = set(f.keys())
     except CarsTLError:
-        return False
-    return all(attrs.get(k) == identity.get(k) for k in IDENTITY_KEYS) and set(splits) <= present
+        return set()
+    return present if all(attrs.get(k) == identity.get(k) for k in IDENTITY_KEYS) else set()
 
 
 # --------------------------------------------------------------------------- writing
@@ -230,10 +230,11 @@ class PartialCache:
         dim = self.meta["feature_dim"]
         return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), (np.concatenate(valid) if valid else np.zeros(0, bool)), bad
 
-    def finalize(self, attrs: dict, rows: dict[str, dict]) -> Path:
+    def finalize(self, attrs: dict, rows: dict[str, dict], carry: dict[str, SplitArrays] | None = None) -> Path:
         """Write the complete ``.h5`` (temp name, then rename) and drop the partial chunks.
 
-        ``rows[split]`` holds ``labels``, ``ids`` and ``paths`` for every image of the split, in order.
+        ``rows[split]`` holds ``labels``, ``ids`` and ``paths`` for every image of the split, in order;
+        ``carry`` holds splits already extracted alike, copied as they are.
         """
         import h5py
 
@@ -241,6 +242,8 @@ class PartialCache:
             with h5py.File(tmp, "w") as f:
                 for key, value in dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")).items():
                     f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
+                for split, arrays in (carry or {}).items():
+                    write_split(f, split, arrays.features, arrays.labels, arrays.ids, arrays.paths, arrays.skipped)
                 for split, info in rows.items():
                     features, valid, bad = self._gather(split)
                     keep = np.flatnonzero(valid)

@@ -68,13 +68,15 @@ def resolve_config(preset: str, **options) -> dict:
     for key in ("epochs", "batch_size"):
         if config[key] < 1:
             raise CarsTLError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+    if config["lr"] <= 0:
+        raise CarsTLError(f"--lr must be positive, got {config['lr']}")
     return config
 
 
-def set_trainable(model, unfrozen: list[str]) -> None:
-    """Only the head and the named backbone modules train."""
+def set_trainable(model, unfrozen: list[str], everything: bool = False) -> None:
+    """Only the head and the named backbone modules train (``everything``: the whole body too)."""
     for p in model.body.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(everything)
     for name in unfrozen:
         for p in model.body.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -89,10 +91,23 @@ def train_mode(model, freeze_bn_stats: bool = False) -> None:
     affine weights still train): small batches of a small dataset re-estimate them badly.
     """
     model.train()
-    for module in model.body.modules():
-        frozen = not any(p.requires_grad for p in module.parameters())
+    modules = dict(model.body.named_modules())
+    for name, module in modules.items():
+        params = list(module.parameters())
+        # Parameter-free modules (dropout, drop-path) follow the part they sit in.
+        frozen = not any(p.requires_grad for p in params) if params else bool(name) and _ancestor_frozen(modules, name)
         if frozen or (freeze_bn_stats and isinstance(module, torch.nn.modules.batchnorm._BatchNorm)):
             module.eval()
+
+
+def _ancestor_frozen(modules: dict, name: str) -> bool:
+    """True when the closest ancestor of module ``name`` that has parameters has none trainable."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        params = list(modules[".".join(parts[:depth])].parameters())
+        if params:
+            return not any(p.requires_grad for p in params)
+    return False
 
 
 def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
@@ -126,7 +141,8 @@ def _lr_lambda(config: dict, steps_per_epoch: int):
 def evaluate(model, loader, device: str, precision: str, prefix: str) -> dict:
     model.eval()
     meter = Meter()
-    for images, labels, _ in loader:
+    for images, labels, _, bad in loader:
+        data.raise_bad(bad)
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with runtime.autocast(device, precision):
             logits = model(images)
@@ -134,7 +150,7 @@ def evaluate(model, loader, device: str, precision: str, prefix: str) -> dict:
     return meter.result(prefix)
 
 
-def _check_head_run(head_dir: Path, bb, manifest, crop: str) -> Path:
+def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> Path:
     m = runs.read_metrics(head_dir)
     if m["kind"] != "head":
         raise CarsTLError(f"--init-head {head_dir} is a {m['kind']} run, not a train-head run", "pass the run directory that cars-tl train-head wrote")
@@ -144,8 +160,11 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str) -> Path:
         problems.append(f"backbone {b['backbone']} != {bb.name}")
     if b["weights_digest"] != bb.weights_digest:
         problems.append(f"its features came from other weights ({b['weights']}, digest {b['weights_digest'][:12]} != {bb.weights_digest[:12]})")
-    if b["transform"] != bb.transform or b["crop"] != crop:
-        problems.append(f"preprocessing differs (crop {b['crop']}, {b['transform']} vs crop {crop}, {bb.transform})")
+    if b["transform"] != bb.transform or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
+        problems.append(
+            f"preprocessing differs (crop {b['crop']} margin {b.get('margin')}, {b['transform']} "
+            f"vs crop {crop} margin {margin}, {bb.transform})"
+        )
     if len(m["class_names"]) != manifest.num_classes:
         problems.append(f"{len(m['class_names'])} classes != {manifest.num_classes}")
     if m["inputs"]["dataset_fingerprint"] != manifest.fingerprint:
@@ -200,8 +219,8 @@ def finetune(
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
     model = backbones.classifier_model(bb, manifest.num_classes)
     if init_head:
-        model.head.load_state_dict(runs.load_checkpoint(_check_head_run(Path(init_head), bb, manifest, crop)))
-    set_trainable(model, unfrozen)
+        model.head.load_state_dict(runs.load_checkpoint(_check_head_run(Path(init_head), bb, manifest, crop, margin)))
+    set_trainable(model, unfrozen, everything=unfreeze == "all")
     params = runs.count_params(model)
     model.to(device, memory_format=torch.channels_last)
 
@@ -223,9 +242,9 @@ def finetune(
     opt = make_optimizer(config["optimizer"], groups, config["lr"], config["weight_decay"])
 
     spec = bb.transform
-    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"]), crop, margin)
-    eval_train = data.CarsDataset(manifest, "train", backbones.eval_transform(spec), crop, margin)
-    test_set = data.CarsDataset(manifest, "test", backbones.eval_transform(spec), crop, margin)
+    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"]), crop, margin, mark_bad=True)
+    eval_train = data.CarsDataset(manifest, "train", backbones.eval_transform(spec), crop, margin, mark_bad=True)
+    test_set = data.CarsDataset(manifest, "test", backbones.eval_transform(spec), crop, margin, mark_bad=True)
     labels = np.array([r.label for r in train_set.records])
     fit_idx, val_idx = stratified_split(labels, config["val_fraction"], seed)
     fit_set = Subset(train_set, fit_idx.tolist()) if len(val_idx) else train_set
@@ -235,6 +254,7 @@ def finetune(
     steps_per_epoch = -(-len(fit_set) // config["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
     select = "val" if "val" in eval_loaders else "test"
+    scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=precision == "fp16")
 
     metrics = runs.new_metrics(
         "finetune", run_dir.name, config, params=params, model_file=MODEL_FILE, device=device,
@@ -252,9 +272,18 @@ def finetune(
                 + ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in differing),
                 "rerun with the original options, or add --force to continue with the new ones",
             )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CarsTLError(
+                f"{last_path} does not fit the model asked for now: {str(exc).splitlines()[0][:200]}",
+                "resume with the original --backbone, or start over with --force (without --resume)",
+            ) from None
+        if not differing:
+            opt.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # forced with other options: keep the weights, start the new optimizer/schedule afresh
+            metrics["resumed_with_changes"] = differing
         start_epoch, best = state["epoch"] + 1, state["best"]
         metrics["history"] = state["history"]
         metrics["resumed_from_epoch"] = state["epoch"]
@@ -270,23 +299,23 @@ def finetune(
         metrics["history"] = [row]
     runs.write_metrics(run_dir, metrics)
 
-    for epoch in range(start_epoch, config["epochs"] + 1):
-        generator = _seed_epoch(seed, epoch)
-        loader = make_loader(fit_set, config["batch_size"], workers, device, shuffle=True, generator=generator)
-        row = _train_epoch(model, loader, opt, scheduler, config, device, precision, epoch, len(fit_set), progress)
-        for name, loader in eval_loaders.items():
-            row.update(evaluate(model, loader, device, precision, name))
-        metrics["history"].append(row)
-        score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
-        if best is None or score > (best["acc"], -best["loss"]):
-            best = {"epoch": epoch, "acc": score[0], "loss": -score[1]}
-            runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
-        runs.save_checkpoint(last_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "rng": _rng_state(), "config": config, "best": best, "history": metrics["history"],
-        })
-        runs.write_metrics(run_dir, metrics)
-
+    with runs.recording(run_dir, metrics):
+        for epoch in range(start_epoch, config["epochs"] + 1):
+            generator = _seed_epoch(seed, epoch)
+            loader = make_loader(fit_set, config["batch_size"], workers, device, shuffle=True, generator=generator)
+            row = _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, len(fit_set), progress)
+            for name, loader in eval_loaders.items():
+                row.update(evaluate(model, loader, device, precision, name))
+            metrics["history"].append(row)
+            score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
+            if best is None or score > (best["acc"], -best["loss"]):
+                best = {"epoch": epoch, "acc": score[0], "loss": -score[1]}
+                runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
+            runs.save_checkpoint(last_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "rng": _rng_state(), "config": config, "best": best, "history": metrics["history"],
+            })
+            runs.write_metrics(run_dir, metrics)
     best_state = runs.load_checkpoint(best_path) if best_path.is_file() else {"model": model.state_dict()}
     runs.save_checkpoint(run_dir / MODEL_FILE, best_state["model"])
     chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
@@ -300,20 +329,22 @@ def finetune(
     return run_dir, runs.finish(run_dir, metrics, started)
 
 
-def _train_epoch(model, loader, opt, scheduler, config, device, precision, epoch, total, progress) -> dict:
+def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, progress) -> dict:
     train_mode(model, config["freeze_bn_stats"])
     meter = Meter()
     start = time.perf_counter()
     with progress.task(f"epoch {epoch}/{config['epochs']}", total=total, unit="img") as task:
-        for images, labels, _ in loader:
+        for images, labels, _, bad in loader:
+            data.raise_bad(bad)
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
             with runtime.autocast(device, precision):
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # loss scaling only for fp16; a no-op otherwise
+            scaler.step(opt)
+            scaler.update()
             scheduler.step()
             meter.add(logits.detach().float().cpu(), labels.cpu())
             task.advance(len(labels), status=f"loss {meter.loss_sum / meter.count:.3f} acc {100 * meter.correct / meter.count:.1f}%")

@@ -54,6 +54,10 @@ def resolve_preset(preset: str, **overrides) -> dict:
     config.update({k: v for k, v in overrides.items() if v is not None})
     if config["optimizer"] not in OPTIMIZERS:
         raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: {', '.join(OPTIMIZERS)}")
+    if config["lr"] <= 0:
+        raise CarsTLError(f"--lr must be positive, got {config['lr']}")
+    if config["weight_decay"] is not None and config["weight_decay"] < 0:
+        raise CarsTLError(f"--weight-decay must be >= 0, got {config['weight_decay']}")
     if config["optimizer"] == "lbfgs":
         config["batch_size"] = 0  # full batch
     for key in ("epochs",) + (("batch_size",) if config["optimizer"] != "lbfgs" else ()):
@@ -216,21 +220,22 @@ def train_head(
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_metrics(run_dir, metrics)
 
-    if config["weight_decay"] is None:  # tuned: choose on a validation split carved from train
-        fit_idx, val_idx = stratified_split(tr.labels, config["val_fraction"], seed)
-        fit = _Data(norm(x_train[fit_idx]), y_train[fit_idx])
-        val = _Data(norm(x_train[val_idx]), y_train[val_idx])
-        search = []
-        for wd in WEIGHT_DECAY_GRID:
-            _, hist = _fit(fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)")
-            search.append({"weight_decay": wd, "val_acc": hist[-1]["val_acc"], "val_loss": hist[-1]["val_loss"]})
-        best = min(search, key=lambda r: (r["val_loss"], -r["val_acc"]))
-        config["weight_decay"] = best["weight_decay"]
-        metrics["selection"] = {"by": "cross-entropy on a validation split of train", "val_fraction": config["val_fraction"], "grid": search}
-    head, history = _fit(
-        _Data(norm(x_train), y_train), {"test": _Data(norm(x_test), y_test)}, config, config["weight_decay"],
-        cache.num_classes, seed, progress, f"train head ({preset})",
-    )
+    with runs.recording(run_dir, metrics):
+        if config["weight_decay"] is None:  # tuned: choose on a validation split carved from train
+            fit_idx, val_idx = stratified_split(tr.labels, config["val_fraction"], seed)
+            fit = _Data(norm(x_train[fit_idx]), y_train[fit_idx])
+            val = _Data(norm(x_train[val_idx]), y_train[val_idx])
+            search = []
+            for wd in WEIGHT_DECAY_GRID:
+                _, hist = _fit(fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)")
+                search.append({"weight_decay": wd, "val_acc": hist[-1]["val_acc"], "val_loss": hist[-1]["val_loss"]})
+            best = min(search, key=lambda r: (r["val_loss"], -r["val_acc"]))
+            config["weight_decay"] = best["weight_decay"]
+            metrics["selection"] = {"by": "cross-entropy on a validation split of train", "val_fraction": config["val_fraction"], "grid": search}
+        head, history = _fit(
+            _Data(norm(x_train), y_train), {"test": _Data(norm(x_test), y_test)}, config, config["weight_decay"],
+            cache.num_classes, seed, progress, f"train head ({preset})",
+        )
     state = _fold_standardization(head, mean, std)
     runs.save_checkpoint(run_dir / HEAD_FILE, state)
     with torch.no_grad():

@@ -37,7 +37,8 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5) -> list[di
                 batch = torch.stack([m.transform(p) for p in pictures])
                 features_memo[key] = m.body(batch).float().flatten(1)
             scores = m.score(features_memo[key])
-            k = min(top_k, scores.shape[1])
+            # An SVM scores only the classes it saw (the rest are -inf): never list those.
+            k = min(top_k, int(torch.isfinite(scores).sum(1).min()))
             values, indices = scores.topk(k, dim=1)
             for i, result in enumerate(results):
                 label = m.name if m.name not in result["predictions"] else str(m.run_dir)

@@ -9,7 +9,8 @@ Every training stage writes ``artifacts/runs/<name>/``::
 ``metrics.json`` (format_version 1)::
 
     kind            "head" | "svm" | "finetune"
-    name, status    status is "running" until the run ends, then "complete" (or "failed")
+    name, status    "running" until the run ends, then "complete" ("failed" or "interrupted" with
+                    an ``error``; a run killed outright stays "running")
     created, finished, wall_time_s, device, device_name, versions
     config          every option the run used (after presets were applied)
     backbone        backbone, weights, weights_digest, num_features, transform, crop, margin, precision
@@ -28,6 +29,7 @@ Losses are mean cross-entropy per image; accuracies are percentages. Checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -73,6 +75,18 @@ def finish(run_dir: Path, metrics: dict, started: float) -> dict:
     metrics.update(status="complete", finished=now(), wall_time_s=round(time.perf_counter() - started, 3))
     write_metrics(run_dir, metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def recording(run_dir: Path, metrics: dict):
+    """Around a run's work: a failure or Ctrl-C is written into metrics.json before it propagates."""
+    try:
+        yield
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        metrics.update(status=status, finished=now(), error=(str(exc) or type(exc).__name__)[:500])
+        write_metrics(run_dir, metrics)
+        raise
 
 
 def read_metrics(run_dir: Path) -> dict:

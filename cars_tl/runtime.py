@@ -41,7 +41,7 @@ def resolve_precision(precision: str, device: str) -> str:
     cuda = device.startswith("cuda")
     if precision == "auto":
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not cuda:
         raise CarsTLError("--precision fp16 needs a CUDA device", "use --precision bf16 or fp32 on the CPU")

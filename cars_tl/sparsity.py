@@ -84,6 +84,8 @@ def _image_source(images: list[Path] | None, split: str | None, limit: int | Non
         return [data.open_image(Path(p)) for p in images], f"{len(images)} image(s)"
     if not split:
         raise CarsTLError("give images with --image, or --split test --limit N")
+    if limit is not None and limit < 1:
+        raise CarsTLError(f"--limit must be positive, got {limit}")
     manifest = data.load_manifest(data_dir)
     dataset = data.CarsDataset(manifest, split)
     count = len(dataset) if not limit else min(limit, len(dataset))

@@ -236,9 +236,17 @@ def fit_svm(
     kernels = list(KERNELS) if kernel == "all" else [kernel]
     if kernel != "all" and kernel not in KERNELS:
         raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
-    Scaler(scale)  # validates the name before any work
+    Scaler(scale)  # validates every option before any work or any file is touched
     parsed_gamma = parse_gamma(gamma)
+    if method not in METHODS:
+        raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
+    if C <= 0:
+        raise CarsTLError(f"--C must be positive, got {C}")
+    if degree < 0:
+        raise CarsTLError(f"--degree must be >= 0, got {degree}")
     cache = load_train_test(Path(features_path))
+    if len(np.unique(cache.split("train").labels)) < 2:
+        raise CarsTLError(f"{features_path}: the train split has fewer than two classes; an SVM needs two or more")
     tr, te = cache.split("train"), cache.split("test")
     weights = features.weights_tag(cache.attrs["weights"])
     run_dir = runs.resolve_run_dir(out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts)
@@ -251,25 +259,26 @@ def fit_svm(
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_metrics(run_dir, metrics)
-    results = {}
-    with progress.task("fit svm", total=len(kernels), unit="kernel") as task:
-        for k in kernels:
-            t0 = time.perf_counter()
-            model = fit_model(tr.features, tr.labels, k, C, degree, parsed_gamma, coef0, scale, method)
-            fit_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            test_pred = model.predict(te.features)
-            predict_s = time.perf_counter() - t1
-            train_pred = model.predict(tr.features)
-            save_model(model, run_dir / model_file_name(k))
-            results[k] = {
-                "kernel": k, "gamma_value": model.gamma,
-                "train_acc": round(100.0 * float((train_pred == tr.labels).mean()), 4),
-                "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
-                "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
-                "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
-            }
-            task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
+    with runs.recording(run_dir, metrics):
+        results = {}
+        with progress.task("fit svm", total=len(kernels), unit="kernel") as task:
+            for k in kernels:
+                t0 = time.perf_counter()
+                model = fit_model(tr.features, tr.labels, k, C, degree, parsed_gamma, coef0, scale, method)
+                fit_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                test_pred = model.predict(te.features)
+                predict_s = time.perf_counter() - t1
+                train_pred = model.predict(tr.features)
+                save_model(model, run_dir / model_file_name(k))
+                results[k] = {
+                    "kernel": k, "gamma_value": model.gamma,
+                    "train_acc": round(100.0 * float((train_pred == tr.labels).mean()), 4),
+                    "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
+                    "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
+                    "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
+                }
+                task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
     primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
     best = results[primary]
     metrics.update(

@@ -187,7 +187,7 @@ def test_box_crop_with_margin(demo_dir):
     assert wide.size[0] > tight.size[0] and wide.size[0] <= record.width
 
 
-def test_skip_bad_drops_unreadable_images(demo_dir, tmp_path):
+def test_mark_bad_hands_unreadable_images_to_the_caller(demo_dir, tmp_path):
     import torch
 
     root = _copy_demo(demo_dir, tmp_path)
@@ -198,7 +198,9 @@ def test_skip_bad_drops_unreadable_images(demo_dir, tmp_path):
     strict = data.CarsDataset(manifest, "train", transform)
     with pytest.raises(BadImageError, match="00002.jpg|cars_train"):
         strict[1]
-    lenient = data.CarsDataset(manifest, "train", transform, skip_bad=True)
-    assert lenient[1] is None
-    images, labels, positions = data.collate_skip_bad([lenient[i] for i in range(4)])
-    assert positions.tolist() == [0, 2, 3] and images.shape[0] == 3
+    marking = data.CarsDataset(manifest, "train", transform, mark_bad=True)
+    assert isinstance(marking[1], data.BadItem) and marking[1].path.endswith(manifest.split("train")[1].path)
+    images, labels, positions, bad = data.collate_marking_bad([marking[i] for i in range(4)])
+    assert positions.tolist() == [0, 2, 3] and images.shape[0] == 3 and [b.position for b in bad] == [1]
+    with pytest.raises(BadImageError):
+        data.raise_bad(bad)

@@ -133,10 +133,24 @@ def test_skip_bad_lists_the_skipped_images(demo_dir, tmp_path):
     manifest = data.load_manifest(tmp_path)
     victim = manifest.root / manifest.split("test")[4].path
     victim.write_bytes(b"")
-    with pytest.raises(CarsTLError, match="0 bytes"):
-        extract_features(tmp_path, splits=("test",), batch_size=8, out=tmp_path / "strict.h5", **TINY)
+    for workers in (0, 2):  # the error names the file, also when a worker process hit it
+        with pytest.raises(CarsTLError, match="0 bytes") as err:
+            extract_features(tmp_path, splits=("test",), batch_size=8, out=tmp_path / "strict.h5", **dict(TINY, workers=workers))
+        assert manifest.split("test")[4].path in err.value.message and "--skip-bad" in err.value.hint
     result = extract_features(tmp_path, splits=("test",), batch_size=8, out=tmp_path / "f.h5", skip_bad=True, **TINY)
     test = features.load(tmp_path / "f.h5").split("test")
     assert result.skipped == {"test": 1} and len(test.labels) == 71
     assert test.skipped[0]["path"] == manifest.split("test")[4].path and "0 bytes" in test.skipped[0]["reason"]
     assert manifest.split("test")[4].path not in test.paths
+
+
+def test_extracting_another_split_adds_to_the_file(demo_dir, demo_features, tmp_path):
+    out = tmp_path / "f.h5"
+    extract_features(demo_dir, splits=("train",), batch_size=32, out=out, **TINY)
+    assert set(features.load(out).splits) == {"train"}
+    result = extract_features(demo_dir, splits=("test",), batch_size=32, out=out, **TINY)
+    assert result.counts == {"test": 72}
+    both, reference = features.load(out), features.load(demo_features)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(both.split(split).features, reference.split(split).features)
+    assert extract_features(demo_dir, batch_size=32, out=out, **TINY).action == "up to date"

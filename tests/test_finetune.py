@@ -162,3 +162,15 @@ def test_tuned_keeps_pretrained_batchnorm_statistics(demo_dir, tmp_path):
     # From random weights there are no statistics worth keeping.
     _, scratch = ft.finetune(demo_dir, unfreeze="all", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "s", **TINY)
     assert scratch["config"]["freeze_bn_stats"] is False
+
+
+def test_dropout_follows_the_part_it_sits_in():
+    from torch import nn
+
+    body = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))
+    model = backbones.ClassifierModel(body, nn.Linear(4, 2))
+    ft.set_trainable(model, ["1"])
+    ft.train_mode(model)
+    assert not body[0][1].training and body[1][1].training
+    ft.set_trainable(model, [], everything=True)
+    assert all(p.requires_grad for p in body.parameters())
