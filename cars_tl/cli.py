@@ -25,6 +25,9 @@ app = typer.Typer(
 @app.callback()
 def _root():
     """Transfer-learning experiments on Stanford Cars. Stages exchange files: manifest -> HDF5 features -> run directories -> report."""
+    from cars_tl.runtime import tune_malloc
+
+    tune_malloc()
 
 
 def command(name: str):

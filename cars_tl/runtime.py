@@ -58,6 +58,27 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
+def tune_malloc() -> bool:
+    """glibc only: keep large freed blocks for reuse instead of an mmap/munmap per tensor.
+
+    By default every tensor above glibc's mmap threshold is mapped fresh and page-faulted in again
+    on each forward pass; measured here, that halved model throughput (benchmarks/README.md).
+    The CLI calls this at start-up (DataLoader workers inherit it); memory is then not returned
+    to the OS after a peak. ``CARS_TL_NO_MALLOC_TUNING=1`` turns it off. Returns whether it applied.
+    """
+    import ctypes
+    import os
+
+    if os.environ.get("CARS_TL_NO_MALLOC_TUNING") or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def device_name(device: str) -> str:
     import torch
 
