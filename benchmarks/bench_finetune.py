@@ -32,7 +32,6 @@ import torch  # noqa: E402
 from _common import banner, best_of, isolated, machine_info, measured, page_faults, real_subset, save, target  # noqa: E402
 from cars_tl import backbones, data, finetune, runtime  # noqa: E402
 from cars_tl.extract import default_workers, make_loader  # noqa: E402
-from cars_tl.heads import make_optimizer  # noqa: E402
 
 NAME = "bench_finetune"
 BACKBONE, WEIGHTS, CLASSES, BATCH = "resnet50", "random", 196, 32
@@ -52,12 +51,7 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
         finetune.set_trainable(model, unfrozen)
     model.to("cpu", memory_format=torch.channels_last)
     config = dict(finetune.PRESETS["study"], epochs=1, freeze_bn_stats=False)
-    head_params = list(model.head.parameters())
-    body_params = [p for p in model.body.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": config["lr"]}]
-    if body_params:
-        groups.append({"params": body_params, "lr": config["lr"] * config["backbone_lr_scale"]})
-    opt = make_optimizer(config["optimizer"], groups, config["lr"], config["weight_decay"])
+    opt = finetune.build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # finetune's scaler: a no-op except fp16
 

@@ -100,6 +100,15 @@ def train_mode(model, freeze_bn_stats: bool = False) -> None:
             module.eval()
 
 
+def build_optimizer(model, config: dict):
+    """Only trainable parameters: the head at ``lr``, the unfrozen backbone at ``lr * backbone_lr_scale``."""
+    groups = [{"params": list(model.head.parameters()), "lr": config["lr"]}]
+    body_params = [p for p in model.body.parameters() if p.requires_grad]
+    if body_params:
+        groups.append({"params": body_params, "lr": config["lr"] * config["backbone_lr_scale"]})
+    return make_optimizer(config["optimizer"], groups, config["lr"], config["weight_decay"])
+
+
 def _ancestor_frozen(modules: dict, name: str) -> bool:
     """True when the closest ancestor of module ``name`` that has parameters has none trainable."""
     parts = name.split(".")
@@ -234,12 +243,7 @@ def finetune(
             "add --resume to continue it, --force to start it over, or --out for a new run",
         )
 
-    head_params = list(model.head.parameters())
-    body_params = [p for p in model.body.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": config["lr"]}]
-    if body_params:
-        groups.append({"params": body_params, "lr": config["lr"] * config["backbone_lr_scale"]})
-    opt = make_optimizer(config["optimizer"], groups, config["lr"], config["weight_decay"])
+    opt = build_optimizer(model, config)
 
     spec = bb.transform
     train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"]), crop, margin, mark_bad=True)
@@ -259,7 +263,7 @@ def finetune(
     metrics = runs.new_metrics(
         "finetune", run_dir.name, config, params=params, model_file=MODEL_FILE, device=device,
         device_name=runtime.device_name(device), class_names=manifest.class_names,
-        backbone={**bb.describe(), "crop": crop, "margin": margin, "precision": precision, "params": params["total"] - sum(p.numel() for p in head_params)},
+        backbone={**bb.describe(), "crop": crop, "margin": margin, "precision": precision, "params": params["total"] - sum(p.numel() for p in model.head.parameters())},
         inputs={"dataset_fingerprint": manifest.fingerprint, "init_head": config["init_head"]},
     )
     start_epoch, best = 1, None
