@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import banner, best_of, isolated, machine_info, measured, page_faults, real_subset, save, target  # noqa: E402
+from _common import banner, best_of, isolated, machine_info, measured, page_faults, real_subset, save  # noqa: E402
 from cars_tl import backbones, data, finetune, runtime  # noqa: E402
 from cars_tl.extract import default_workers, make_loader  # noqa: E402
 
@@ -76,7 +76,7 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
     out = measured(lambda: {"row": epoch(timed_batches, BATCH * steps)})
     out.pop("row")
     images = BATCH * steps
-    trainable = sum(p.numel() for g in groups for p in g["params"])
+    trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
     return dict(out, images=images, images_per_second=images / out["seconds"], source=source, unfreeze=unfreeze,
                 precision=precision, warmup_steps=warmup, timed_steps=steps, trainable_params=trainable,
                 total_params=sum(p.numel() for p in model.parameters()),

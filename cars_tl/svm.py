@@ -230,7 +230,6 @@ def fit_svm(
 ) -> tuple[Path, dict]:
     """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics."""
     from cars_tl.heads import feature_run_fields, load_train_test
-    from cars_tl.scoring import Meter
 
     started = time.perf_counter()
     kernels = list(KERNELS) if kernel == "all" else [kernel]

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from cars_tl import runs
 from cars_tl.cli import app
-from cars_tl.report import build_report
 from cars_tl.sparsity import measure
 
 
