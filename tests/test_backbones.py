@@ -93,3 +93,23 @@ def test_timm_backbone_with_the_shared_pretrained_weights():
     assert "blocks.6" in bb.stages and backbones.parse_unfreeze("blocks.6", bb) == ["blocks.6"]
     with torch.inference_mode():
         assert bb.body(torch.randn(1, 3, 224, 224)).shape == (1, 1280)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 299), (4000, 900), (225, 1000)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_one_step_resize_crop_matches_the_two_step_transform(size, interpolation):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(size))
+    base = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize(size, Image.BILINEAR)  # smooth, photo-like content
+    spec = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": interpolation}
+    two_step = backbones.eval_transform(spec)(image)
+    one_step = backbones.eval_transform(dict(spec, pipeline=backbones.FUSED_PIPELINE))(image)
+    assert one_step.shape == two_step.shape == (3, 224, 224)
+    assert float((one_step - two_step).abs().max()) <= 2.5 / 255 / 0.25  # within ~2 grey levels
+
+
+def test_specs_from_weights_use_the_one_step_pipeline():
+    assert backbones.build_backbone("resnet18", "random").transform["pipeline"] == backbones.FUSED_PIPELINE
