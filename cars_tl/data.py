@@ -398,19 +398,19 @@ def build_manifest(data_dir: Path) -> Manifest:
         raise CarsTLError("\n".join(lines), f"re-run cars-tl download --data-dir {data_dir} to fetch a clean copy")
 
     csv_bytes = _manifest_csv(records)
-    fingerprint = hashlib.sha256(csv_bytes).hexdigest()
+    manifest = Manifest(root, records, class_names, hashlib.sha256(csv_bytes).hexdigest(), clipped)
     meta = {
         "manifest_version": MANIFEST_VERSION,
-        "fingerprint": fingerprint,
+        "fingerprint": manifest.fingerprint,
         "class_names": class_names,
-        "counts": {s: sum(r.split == s for r in records) for s in SPLITS},
-        "classes_present": len({r.label for r in records}),
+        "counts": manifest.counts(),
+        "classes_present": manifest.classes_present(),
         "clipped_boxes": clipped,
         "devkit_sha256": {str(p.relative_to(root)): file_sha256(p) for p in paths.values()},
     }
     atomic_write_bytes(root / MANIFEST_CSV, csv_bytes)
     atomic_write_bytes(root / MANIFEST_JSON, json.dumps(meta, indent=2).encode())
-    return Manifest(root, records, class_names, fingerprint, clipped)
+    return manifest
 
 
 def _manifest_csv(records: Iterable[Record]) -> bytes:
