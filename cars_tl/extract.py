@@ -1,22 +1,24 @@
 """``extract-features``: run a frozen backbone over the images once, into an HDF5 cache.
 
-Eval mode under ``torch.inference_mode()``, channels_last, DataLoader workers, pinned memory on
-CUDA, bf16 autocast where the hardware has it. Chunks are kept as they finish, so an interrupted
-run resumes; identical inputs and a complete file make it a no-op.
+Eval mode under ``torch.inference_mode()``, BatchNorm folded into the convolutions, channels_last,
+bf16 autocast where the hardware has it. On CUDA a DataLoader with worker processes and pinned
+memory feeds the model; on the CPU, where decoding and the model share the cores, decode threads
+fill the next batch while the model runs (:class:`cars_tl.loaders.ThreadedLoader`). Chunks are
+kept as they finish, so an interrupted run resumes; identical inputs and a complete file make it
+a no-op.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
-from cars_tl import backbones, data, features, runtime
+from cars_tl import backbones, data, features, loaders, runtime
 from cars_tl.errors import CarsTLError
 from cars_tl.progress import NULL, Progress
 
@@ -35,26 +37,10 @@ class ExtractResult:
     device: str
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
-def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None):
-    """The DataLoader every stage uses: workers, pinned memory on CUDA.
-
-    Batches are ``(images, labels, positions, bad_items)`` (a ``mark_bad`` dataset): unreadable
-    images come back to the main process, which skips them or raises an error naming the file.
-    """
-    if workers < 0:
-        raise CarsTLError(f"--workers must be >= 0, got {workers}")
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-        pin_memory=device.startswith("cuda"), collate_fn=data.collate_marking_bad,
-        prefetch_factor=4 if workers else None,
-    )
-
-
 def prepare_body(body: torch.nn.Module, device: str) -> torch.nn.Module:
+    """The frozen body as extraction runs it: eval mode, BatchNorm folded into the convolutions
+    (a copy: ``body`` keeps its layers), channels_last on ``device``, no gradients."""
+    body = backbones.fold_batchnorm(body.eval())
     body = body.to(device, memory_format=torch.channels_last)
     body.eval()
     for p in body.parameters():
@@ -88,7 +74,11 @@ def extract_features(
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
 ) -> ExtractResult:
-    """Extract pooled features for ``splits`` into an HDF5 cache (see :mod:`cars_tl.features`)."""
+    """Extract pooled features for ``splits`` into an HDF5 cache (see :mod:`cars_tl.features`).
+
+    ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default: the
+    number of cores, at most 4). Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
+    """
     for split in splits:
         if split not in data.SPLITS:
             raise CarsTLError(f"unknown split {split!r}; valid: {', '.join(data.SPLITS)}")
@@ -99,7 +89,8 @@ def extract_features(
     manifest = data.load_manifest(data_dir)
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
-    workers = default_workers() if workers is None else workers
+    workers = loaders.default_workers() if workers is None else workers
+    runtime.tune_malloc()
     bb = backbones.build_backbone(backbone, weights, image_size)
     out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop)
     identity = {
@@ -114,10 +105,9 @@ def extract_features(
     # Splits already extracted alike are kept: extracting test after train adds to the file.
     carry = {s: a for s, a in features.load(out, tuple(present)).splits.items()} if present else {}
 
-    datasets = {
-        s: data.CarsDataset(manifest, s, backbones.eval_transform(bb.transform), crop=crop, margin=margin, mark_bad=True)
-        for s in todo
-    }
+    # The threaded CPU loader normalizes into its batches itself: the dataset stops at the crop.
+    transform = backbones.eval_transform(bb.transform) if device != "cpu" else backbones.eval_resize_crop(bb.transform)
+    datasets = {s: data.CarsDataset(manifest, s, transform, crop=crop, margin=margin, mark_bad=True) for s in todo}
     identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
     partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
     resumed = partial.resumed_rows
@@ -127,7 +117,7 @@ def extract_features(
     for split, dataset in datasets.items():
         done = partial.done_rows(split)
         processed += _extract_split(
-            body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, bb.num_features, progress
+            body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, bb, progress
         )
     seconds = time.perf_counter() - start_time
     rows = {
@@ -151,11 +141,14 @@ def extract_features(
     )
 
 
-def _extract_split(body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, dim, progress) -> int:
-    total = len(dataset)
+def _extract_split(body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, bb, progress) -> int:
+    total, dim = len(dataset), bb.num_features
     if done >= total:
         return 0
-    loader = make_loader(Subset(dataset, range(done, total)), batch_size, workers, device)
+    if device == "cpu":
+        loader = loaders.ThreadedLoader(dataset, range(done, total), batch_size, workers, bb.transform)
+    else:
+        loader = loaders.make_loader(Subset(dataset, range(done, total)), batch_size, workers, device)
     chunk_rows = partial.chunk_rows
     chunk_start = cursor = done
     buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)

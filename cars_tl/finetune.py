@@ -38,8 +38,8 @@ from torch.utils.data import Subset
 
 from cars_tl import backbones, data, features, runs, runtime
 from cars_tl.errors import CarsTLError
-from cars_tl.extract import default_workers, make_loader
 from cars_tl.heads import make_optimizer, stratified_split
+from cars_tl.loaders import default_workers, make_loader
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter
 

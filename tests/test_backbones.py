@@ -9,7 +9,7 @@ from cars_tl import backbones
 from cars_tl.errors import CarsTLError
 from cars_tl.finetune import set_trainable
 from cars_tl.runs import count_params
-from conftest import SHARED_EFFNET, needs_effnet
+from conftest import HAS_TIMM, SHARED_EFFNET, needs_effnet
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,23 @@ def test_one_step_resize_crop_matches_the_two_step_transform(size, interpolation
 
 def test_specs_from_weights_use_the_one_step_pipeline():
     assert backbones.build_backbone("resnet18", "random").transform["pipeline"] == backbones.FUSED_PIPELINE
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm/efficientnet_lite0"])
+def test_folded_batchnorm_gives_the_same_features_and_leaves_the_body_alone(name):
+    if name.startswith("timm/") and not HAS_TIMM:
+        pytest.skip("needs the timm extra")
+    bb = backbones.build_backbone(name, "random")
+    for m in bb.body.modules():  # non-trivial statistics, so that folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in bb.body.state_dict().items()}
+    folded = backbones.fold_batchnorm(bb.body)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), bb.body(x), rtol=1e-4, atol=1e-4)
+    if name == "resnet18":  # torchvision's BatchNorms follow their convolutions: all of them fold
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.body.modules())
+    assert all(torch.equal(v, before[k]) for k, v in bb.body.state_dict().items())

@@ -153,3 +153,19 @@ def test_extracting_another_split_adds_to_the_file(demo_dir, demo_features, tmp_
     for split in ("train", "test"):
         np.testing.assert_array_equal(both.split(split).features, reference.split(split).features)
     assert extract_features(demo_dir, batch_size=32, out=out, **TINY).action == "up to date"
+
+
+def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, demo_features):
+    """Folded BatchNorm, threaded loading and channels_last change nothing but fp32 rounding."""
+    import torch
+
+    from cars_tl import backbones, data
+
+    bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], TINY["image_size"])
+    manifest = data.load_manifest(demo_dir)
+    dataset = data.CarsDataset(manifest, "test", backbones.eval_transform(bb.transform))
+    positions = [0, 17, 71]
+    with torch.inference_mode():
+        want = bb.body(torch.stack([dataset[p][0] for p in positions])).numpy()
+    got = features.load(demo_features).split("test").features[positions]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
