@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
 from cars_tl import backbones, data, features, loaders, runtime
 from cars_tl.errors import CarsTLError
@@ -105,9 +104,7 @@ def extract_features(
     # Splits already extracted alike are kept: extracting test after train adds to the file.
     carry = {s: a for s, a in features.load(out, tuple(present)).splits.items()} if present else {}
 
-    # The threaded CPU loader normalizes into its batches itself: the dataset stops at the crop.
-    transform = backbones.eval_transform(bb.transform) if device != "cpu" else backbones.eval_resize_crop(bb.transform)
-    datasets = {s: data.CarsDataset(manifest, s, transform, crop=crop, margin=margin, mark_bad=True) for s in todo}
+    datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
     identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
     partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
     resumed = partial.resumed_rows
@@ -145,10 +142,7 @@ def _extract_split(body, dataset, split, done, partial, batch_size, workers, dev
     total, dim = len(dataset), bb.num_features
     if done >= total:
         return 0
-    if device == "cpu":
-        loader = loaders.ThreadedLoader(dataset, range(done, total), batch_size, workers, bb.transform)
-    else:
-        loader = loaders.make_loader(Subset(dataset, range(done, total)), batch_size, workers, device)
+    loader = loaders.eval_loader(dataset, range(done, total), batch_size, workers, device, bb.transform)
     chunk_rows = partial.chunk_rows
     chunk_start = cursor = done
     buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
@@ -160,7 +154,7 @@ def _extract_split(body, dataset, split, done, partial, batch_size, workers, dev
             if not skip_bad:
                 data.raise_bad(bad)  # here, in the main process, so the error names the file
             reasons.update({item.position: item.reason for item in bad})
-            # The dataset yields its own positions, so they are absolute even through Subset.
+            # The dataset yields its own positions, so they are absolute whichever loader resumes mid-split.
             if len(positions):
                 rel = positions.numpy() - chunk_start
                 buffer[rel] = embed(body, images, device, precision).numpy()

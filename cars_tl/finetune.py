@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from cars_tl import backbones, data, features, runs, runtime
+from cars_tl import backbones, data, features, loaders, runs, runtime
 from cars_tl.errors import CarsTLError
 from cars_tl.heads import make_optimizer, stratified_split
-from cars_tl.loaders import default_workers, make_loader
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter
 
@@ -222,7 +221,7 @@ def finetune(
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
     config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint)
-    workers = default_workers() if workers is None else workers
+    workers = loaders.default_workers() if workers is None else workers
 
     bb = backbones.build_backbone(backbone, weights, image_size)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
@@ -247,14 +246,15 @@ def finetune(
 
     spec = bb.transform
     train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"]), crop, margin, mark_bad=True)
-    eval_train = data.CarsDataset(manifest, "train", backbones.eval_transform(spec), crop, margin, mark_bad=True)
-    test_set = data.CarsDataset(manifest, "test", backbones.eval_transform(spec), crop, margin, mark_bad=True)
+    eval_train = loaders.eval_dataset(manifest, "train", spec, device, crop, margin)
+    test_set = loaders.eval_dataset(manifest, "test", spec, device, crop, margin)
     labels = np.array([r.label for r in train_set.records])
     fit_idx, val_idx = stratified_split(labels, config["val_fraction"], seed)
     fit_set = Subset(train_set, fit_idx.tolist()) if len(val_idx) else train_set
-    eval_loaders = {"test": make_loader(test_set, config["batch_size"] * 2, workers, device)}
+    eval_batch = config["batch_size"] * 2
+    eval_loaders = {"test": loaders.eval_loader(test_set, range(len(test_set)), eval_batch, workers, device, spec)}
     if len(val_idx):
-        eval_loaders["val"] = make_loader(Subset(eval_train, val_idx.tolist()), config["batch_size"] * 2, workers, device)
+        eval_loaders["val"] = loaders.eval_loader(eval_train, val_idx.tolist(), eval_batch, workers, device, spec)
     steps_per_epoch = -(-len(fit_set) // config["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
     select = "val" if "val" in eval_loaders else "test"
@@ -306,7 +306,7 @@ def finetune(
     with runs.recording(run_dir, metrics):
         for epoch in range(start_epoch, config["epochs"] + 1):
             generator = _seed_epoch(seed, epoch)
-            loader = make_loader(fit_set, config["batch_size"], workers, device, shuffle=True, generator=generator)
+            loader = loaders.make_loader(fit_set, config["batch_size"], workers, device, shuffle=True, generator=generator)
             row = _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, len(fit_set), progress)
             for name, loader in eval_loaders.items():
                 row.update(evaluate(model, loader, device, precision, name))

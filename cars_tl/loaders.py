@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cars_tl import backbones, data
 from cars_tl.errors import CarsTLError
@@ -50,6 +50,22 @@ def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle:
     )
 
 
+def eval_dataset(manifest, split: str, spec: dict, device: str, crop: str = "full", margin: float = 0.0) -> data.CarsDataset:
+    """A ``mark_bad`` dataset of ``split`` for :func:`eval_loader` on ``device``: on the CPU it stops
+    at the resize and crop (the threaded loader normalizes into its batches), elsewhere it yields
+    :func:`cars_tl.backbones.eval_transform` tensors."""
+    transform = backbones.eval_resize_crop(spec) if device == "cpu" else backbones.eval_transform(spec)
+    return data.CarsDataset(manifest, split, transform, crop, margin, mark_bad=True)
+
+
+def eval_loader(dataset: data.CarsDataset, positions, batch_size: int, workers: int, device: str, spec: dict):
+    """Evaluation batches of ``dataset[positions]`` in order (``dataset`` from :func:`eval_dataset`):
+    the threaded loader on the CPU, the DataLoader elsewhere."""
+    if device == "cpu":
+        return ThreadedLoader(dataset, positions, batch_size, workers, spec)
+    return make_loader(Subset(dataset, list(positions)), batch_size, workers, device)
+
+
 class ThreadedLoader:
     """Evaluation batches of ``dataset[positions]`` in order, decoded by ``workers`` threads.
 
@@ -59,7 +75,7 @@ class ThreadedLoader:
     Each batch is a fresh array (with :func:`cars_tl.runtime.tune_malloc`, reused heap memory).
     """
 
-    def __init__(self, dataset, positions: range, batch_size: int, workers: int, spec: dict):
+    def __init__(self, dataset, positions, batch_size: int, workers: int, spec: dict):
         _check_workers(workers)
         if batch_size < 1:
             raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
@@ -90,7 +106,7 @@ class ThreadedLoader:
             assembler.shutdown(wait=True, cancel_futures=True)
             decoders.shutdown(wait=True, cancel_futures=True)
 
-    def _assemble(self, decoders, positions: range):
+    def _assemble(self, decoders, positions):
         buffer = np.empty((len(positions), self.size, self.size, 3), np.float32)
 
         def fill(slot: int):

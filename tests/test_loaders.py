@@ -63,3 +63,16 @@ def test_pixel_normalizer_matches_to_tensor_and_normalize():
     backbones.PixelNormalizer(SPEC)(pixels, out)
     want = T.Normalize(SPEC["mean"], SPEC["std"])(T.ToTensor()(pixels))
     torch.testing.assert_close(torch.from_numpy(out).permute(2, 0, 1), want, rtol=0, atol=1e-5)
+
+
+def test_eval_loader_picks_threads_on_the_cpu_and_the_dataloader_elsewhere(demo_dir):
+    manifest = data.load_manifest(demo_dir)
+    cpu_set = loaders.eval_dataset(manifest, "test", SPEC, "cpu")
+    assert cpu_set[0][0].size == (32, 32)  # a PIL crop: the threaded loader normalizes
+    cpu = loaders.eval_loader(cpu_set, [3, 1, 4], 2, 0, "cpu", SPEC)
+    assert isinstance(cpu, loaders.ThreadedLoader)
+    assert [p for _, _, where, _ in cpu for p in where.tolist()] == [3, 1, 4]
+    cuda_set = loaders.eval_dataset(manifest, "test", SPEC, "cuda")
+    assert tuple(cuda_set[0][0].shape) == (3, 32, 32)  # a normalized tensor, for worker processes
+    cuda = loaders.eval_loader(cuda_set, [3, 1, 4], 2, 0, "cuda", SPEC)
+    assert isinstance(cuda, torch.utils.data.DataLoader) and cuda.dataset.indices == [3, 1, 4] and cuda.pin_memory
