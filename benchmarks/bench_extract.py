@@ -57,7 +57,7 @@ def default_batch_size() -> int:
 
 def _warm_body(name: str, weights: str, precision: str, batch_size: int):
     bb = backbones.build_backbone(name, weights)
-    body = extract.prepare_body(bb.body, "cpu")
+    body = extract.prepare_body(bb.body, "cpu", bb.transform["crop"])
     crop = bb.transform["crop"]
     x = torch.randn(batch_size, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # warm-up: oneDNN primitives, allocator

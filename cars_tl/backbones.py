@@ -348,19 +348,29 @@ class PixelNormalizer:
         np.multiply(flat_out, scale, out=flat_out)
 
 
-def fold_batchnorm(body: nn.Module) -> nn.Module:
+def fold_batchnorm(body: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
     """An eval-mode copy of ``body`` with each BatchNorm that follows a convolution folded into it.
 
     One pass over the activations fewer per layer (about 7% faster for resnet50 here, features
-    equal to fp32 rounding); ``body`` itself is left untouched. A body that torch.fx cannot trace
-    (data-dependent control flow) is returned as it is.
+    equal to fp32 rounding); ``body`` itself is left untouched. A body without BatchNorm, one that
+    torch.fx cannot trace (data-dependent control flow), or one whose folded copy does not give
+    the same output on ``example`` is returned as it is.
     """
     from torch.fx.experimental.optimization import fuse
 
+    body.eval()
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in body.modules()):
+        return body
     try:
-        return fuse(body.eval(), inplace=False)
+        folded = fuse(body, inplace=False)
+        if example is not None:
+            with torch.inference_mode():
+                want, got = body(example), folded(example)
+            if not torch.linalg.vector_norm(got - want) <= 1e-4 * torch.linalg.vector_norm(want) + 1e-6:
+                return body
     except Exception:  # noqa: BLE001 - tracing failures have many types; folding is only an optimization
         return body
+    return folded
 
 
 def train_transform(spec: dict, augment: str):

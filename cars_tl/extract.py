@@ -36,10 +36,12 @@ class ExtractResult:
     device: str
 
 
-def prepare_body(body: torch.nn.Module, device: str) -> torch.nn.Module:
+def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224) -> torch.nn.Module:
     """The frozen body as extraction runs it: eval mode, BatchNorm folded into the convolutions
-    (a copy: ``body`` keeps its layers), channels_last on ``device``, no gradients."""
-    body = backbones.fold_batchnorm(body.eval())
+    (a copy, checked on one random image of ``image_size``: ``body`` keeps its layers),
+    channels_last on ``device``, no gradients."""
+    example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    body = backbones.fold_batchnorm(body.eval(), example)
     body = body.to(device, memory_format=torch.channels_last)
     body.eval()
     for p in body.parameters():
@@ -108,7 +110,7 @@ def extract_features(
     identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
     partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
     resumed = partial.resumed_rows
-    body = prepare_body(bb.body, device)
+    body = prepare_body(bb.body, device, bb.transform["crop"])
     start_time, processed = time.perf_counter(), 0
     skipped: dict[str, int] = {}
     for split, dataset in datasets.items():

@@ -133,3 +133,23 @@ def test_folded_batchnorm_gives_the_same_features_and_leaves_the_body_alone(name
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.body.modules())
     assert all(torch.equal(v, before[k]) for k, v in bb.body.state_dict().items())
+
+
+def test_a_fold_that_changes_the_output_is_not_used(monkeypatch):
+    import torch.fx.experimental.optimization as fx_optimization
+
+    body = backbones.build_backbone("resnet18", "random").body
+    example = torch.randn(1, 3, 64, 64)
+    assert backbones.fold_batchnorm(body, example) is not body  # the real fold passes its check
+
+    def broken_fuse(model, inplace=False):
+        folded = original(model, inplace)
+        with torch.no_grad():
+            folded.conv1.weight.mul_(1.01)
+        return folded
+
+    original = fx_optimization.fuse
+    monkeypatch.setattr(fx_optimization, "fuse", broken_fuse)
+    assert backbones.fold_batchnorm(body, example) is body
+    no_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    assert backbones.fold_batchnorm(no_bn, torch.randn(1, 3, 8, 8)) is no_bn
