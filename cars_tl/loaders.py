@@ -10,8 +10,8 @@ Two loaders yield the same batches, ``(images, labels, positions, bad_items)``, 
     for evaluation on the CPU, where the model and the decoding share the same cores. Decode
     threads (Pillow and numpy release the GIL) fill the next channels_last float batch while
     the model runs on the current one: no worker processes, no pickling of tensors between
-    them, no per-image ``ToTensor``. Measured on 2 cores, extraction ran 1.13x (lite0) and
-    1.17x (resnet50) faster than with the DataLoader (benchmarks/README.md).
+    them, no per-image ``ToTensor``. Measured on 2 cores, extraction ran 1.13-1.19x (lite0) and
+    1.17-1.25x (resnet50) faster than with the DataLoader (benchmarks/README.md).
 
 :func:`eval_dataset` and :func:`eval_loader` pick between them by device.
 """
