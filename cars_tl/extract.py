@@ -41,7 +41,7 @@ def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224) -> t
     (a copy, checked on one random image of ``image_size``: ``body`` keeps its layers),
     channels_last on ``device``, no gradients."""
     example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    body = backbones.fold_batchnorm(body.eval(), example)
+    body = backbones.fold_batchnorm(body, example)  # puts body in eval mode
     body = body.to(device, memory_format=torch.channels_last)
     body.eval()
     for p in body.parameters():

@@ -94,16 +94,18 @@ class ThreadedLoader:
             for positions in batches:
                 yield self._assemble(None, positions)
             return
+        if not batches:
+            return
         decoders = ThreadPoolExecutor(self.workers, thread_name_prefix="cars_tl-decode")
         # One more thread assembles the next batch, so that the caller's model never waits on it.
         assembler = ThreadPoolExecutor(1, thread_name_prefix="cars_tl-batch")
         try:
-            pending = [assembler.submit(self._assemble, decoders, positions) for positions in batches[:1]]
-            for i in range(len(batches)):
-                batch = pending.pop().result()
-                if i + 1 < len(batches):
-                    pending.append(assembler.submit(self._assemble, decoders, batches[i + 1]))
+            pending = assembler.submit(self._assemble, decoders, batches[0])
+            for following in batches[1:]:
+                batch = pending.result()
+                pending = assembler.submit(self._assemble, decoders, following)
                 yield batch
+            yield pending.result()
         finally:
             assembler.shutdown(wait=True, cancel_futures=True)
             decoders.shutdown(wait=True, cancel_futures=True)
