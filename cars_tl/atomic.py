@@ -44,3 +44,28 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def swap_in(staged: Path, target: Path) -> None:
+    """Put the finished folder (or file) ``staged`` at ``target``, keeping the previous one until then.
+
+    The previous ``target`` is renamed to ``.<name>.old-<pid>`` beside it, ``staged`` takes its
+    name, and only then is the old one deleted. A kill between the two renames leaves the old
+    output under ``.old-*``, which :func:`cars_tl.locks.clean_stale` puts back on the next run.
+    """
+    staged, target = Path(staged), Path(target)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    had_old = target.exists() or target.is_symlink()
+    if had_old:
+        os.replace(target, old)
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if had_old:
+            os.replace(old, target)
+        raise
+    if had_old:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
