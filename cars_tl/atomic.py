@@ -3,25 +3,67 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import resource
 import shutil
 from pathlib import Path
 from typing import Iterator
+
+from cars_tl.errors import CarsTLError
+
+# Failures of the place being written to, not of the program: reported as a message naming the path.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def storage_error(exc: OSError, path: Path) -> CarsTLError:
+    """A CarsTLError for a full disk, a file-size limit or a read-only/forbidden output."""
+    where = Path(exc.filename) if getattr(exc, "filename", None) else Path(path)
+    reason = exc.strerror or str(exc)
+    fixes = {
+        errno.ENOSPC: f"free space on the disk holding {where.parent}, or write elsewhere with --out",
+        errno.EDQUOT: f"free space within your quota on {where.parent}, or write elsewhere with --out",
+        errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit, or write elsewhere",
+    }
+    hint = fixes.get(exc.errno, f"make {where.parent} writable, or write elsewhere with --out")
+    return CarsTLError(f"cannot write {where}: {reason}", hint)
+
+
+def ensure_room(path: Path, needed: int, what: str = "output") -> None:
+    """Refuse before writing ``needed`` bytes at ``path`` when the disk or ``ulimit -f`` cannot take them."""
+    path = Path(path)
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    if free < needed:
+        raise CarsTLError(
+            f"not enough free space for the {what} {path}: about {needed / 1e6:,.1f} MB needed, {free / 1e6:,.1f} MB free",
+            f"free space on the disk holding {path.parent}, or write elsewhere with --out",
+        )
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise CarsTLError(
+            f"the {what} {path} needs about {needed / 1e6:,.1f} MB, more than this process may write per file "
+            f"(ulimit -f: {soft / 1e6:,.1f} MB)",
+            "raise the limit (ulimit -f unlimited) and rerun",
+        )
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, path) from None
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

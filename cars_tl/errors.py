@@ -29,3 +29,31 @@ class BadImageError(CarsTLError):
         )
         self.path = str(path)
         self.reason = reason
+
+
+def check_number(option: str, value, *, minimum=None, maximum=None, exclusive_minimum: bool = False, hint: str | None = None):
+    """``value`` if it is finite and in range; else a :class:`CarsTLError` naming ``option``,
+    the offending value and the valid range. ``None`` (option not given) passes through."""
+    import math
+
+    if value is None:
+        return value
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"{'>' if exclusive_minimum else '>='} {minimum:g}")
+    if maximum is not None:
+        bounds.append(f"<= {maximum:g}")
+    valid = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+    if not math.isfinite(value):
+        raise CarsTLError(f"{option} must be {valid}, got {value}", hint)
+    too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    if too_low or (maximum is not None and value > maximum):
+        raise CarsTLError(f"{option} must be {valid}, got {value:g}", hint)
+    return value
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def check_seed(seed: int) -> int:
+    return int(check_number("--seed", seed, minimum=0, maximum=SEED_MAX))

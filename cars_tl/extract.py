@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars_tl import backbones, data, features, loaders, runtime
-from cars_tl.errors import CarsTLError
+from cars_tl import backbones, data, features, loaders, locks, runtime
+from cars_tl.errors import CarsTLError, check_number
 from cars_tl.progress import NULL, Progress
 
 CHUNK_BATCHES = 4
@@ -34,6 +34,7 @@ class ExtractResult:
     images_per_second: float
     precision: str
     device: str
+    replaced_corrupt: str | None = None  # why an existing file at the path was not trusted
 
 
 def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224) -> torch.nn.Module:
@@ -87,24 +88,32 @@ def extract_features(
         raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
+    check_number("--margin", margin, minimum=0)
     manifest = data.load_manifest(data_dir)
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
     workers = loaders.default_workers() if workers is None else workers
     runtime.tune_malloc()
     bb = backbones.build_backbone(backbone, weights, image_size)
-    out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop)
+    out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop, bb.transform, margin, precision)
     identity = {
         "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest,
         "transform": bb.transform, "crop": crop, "margin": float(margin), "precision": precision,
         "dataset_fingerprint": manifest.fingerprint, "skip_bad": bool(skip_bad),
     }
-    present = features.splits_made_alike(out, identity)
-    todo = tuple(s for s in splits if s not in present)
+    with locks.writer_lock(out, "extract-features"):
+        return _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device,
+                               precision, skip_bad, data_dir, progress)
+
+
+def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device, precision,
+                    skip_bad, data_dir, progress) -> ExtractResult:
+    # Splits already extracted alike are kept (extracting test after train adds to the file); an
+    # existing file that does not verify is never trusted: it is extracted again, and we say why.
+    carry, distrusted = features.existing_splits(out, identity)
+    todo = tuple(s for s in splits if s not in carry)
     if not todo:
         return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, precision, device)
-    # Splits already extracted alike are kept: extracting test after train adds to the file.
-    carry = {s: a for s, a in features.load(out, tuple(present)).splits.items()} if present else {}
 
     datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
     identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
@@ -136,7 +145,7 @@ def extract_features(
         skipped[s] = len(cache.split(s).skipped)
     return ExtractResult(
         out, "resumed" if resumed else "extracted", {s: len(cache.split(s).labels) for s in todo}, skipped,
-        seconds, processed / seconds if seconds > 0 else 0.0, precision, device,
+        seconds, processed / seconds if seconds > 0 else 0.0, precision, device, distrusted,
     )
 
 

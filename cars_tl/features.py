@@ -1,10 +1,10 @@
 """The HDF5 feature cache: its schema, writing (resumable) and validated reading.
 
-This module is the only one that touches h5py. Layout of a cache file (schema version 1)::
+This module is the only one that touches h5py. Layout of a cache file (schema version 2)::
 
     /                                 file attributes
         kind                = "cars_tl.features"
-        schema_version      = 1
+        schema_version      = 2
         backbone            e.g. "resnet50", "timm/efficientnet_lite0"
         weights             "imagenet" | "random" | a path
         weights_digest      SHA-256 of the backbone's state dict (names, shapes, bytes)
@@ -20,19 +20,25 @@ This module is the only one that touches h5py. Layout of a cache file (schema ve
         created             ISO time
     /<split>/                         one group per split ("train", "test")
         features  float32 (N, D)  chunked by rows, gzip + shuffle, fletcher32 checksums
-        labels    int64 (N,)      0-based class index
-        ids       int64 (N,)      the image's row in the manifest
+        labels    int64 (N,)      0-based class index, fletcher32
+        ids       int64 (N,)      the image's row in the manifest, fletcher32
         paths     utf-8 (N,)      image path relative to stanford_cars/
         attrs: count, skipped (JSON list of {path, reason}: images left out by --skip-bad)
+        every dataset also carries ``sha256``: SHA-256 of its content (for ``paths``, the
+        UTF-8 names each followed by a NUL byte), checked on every read
 
 Everything is readable with plain h5py (``f["train/features"][:]``). While extraction runs, finished
-chunks live in ``<name>.partial/`` as ``.npz`` files (each written atomically), so a killed run
-resumes from the last complete chunk; the ``.h5`` appears, by rename, only when complete.
+chunks live in ``<name>.partial/`` as ``.npz`` files (each written atomically, named and stamped with
+the chunk layout they were cut with), so a killed run resumes from the last complete chunk. The
+``.h5`` is written under a temporary name, read back and verified in full (schema, shapes, label
+range, every checksum), and only then renamed into place. :func:`verify` is what "up to date" means:
+a file that fails it is never trusted, and extract-features says so and extracts again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -40,11 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.atomic import atomic_path, atomic_write_text
+from cars_tl.atomic import atomic_path, atomic_write_text, ensure_room
 from cars_tl.errors import CarsTLError
 
 KIND = "cars_tl.features"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DATASETS = ("features", "labels", "ids", "paths")
 JSON_ATTRS = ("transform", "class_names", "versions", "options")
 # What makes two extractions the same: a complete file matching these is reused as it is.
 IDENTITY_KEYS = ("backbone", "weights_digest", "transform", "crop", "margin", "precision", "dataset_fingerprint", "skip_bad")
@@ -91,8 +98,14 @@ def weights_tag(weights: str) -> str:
     return f"file-{Path(weights).stem}" if "/" in weights or "\\" in weights or Path(weights).exists() else weights
 
 
-def default_path(artifacts: Path, backbone: str, weights: str, crop: str) -> Path:
-    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}" + ("-box" if crop == "box" else "")
+def default_path(artifacts: Path, backbone: str, weights: str, crop: str, transform: dict, margin: float, precision: str) -> Path:
+    """``<backbone>-<weights>-<crop>-<size>px-<precision>-<digest>.h5``: every option that changes the
+    arrays is in the name (the digest covers the whole transform spec and the margin), so
+    extracting with other options never overwrites a cache that runs point to."""
+    key = json.dumps({"transform": transform, "crop": crop, "margin": float(margin), "precision": precision}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    crop_part = crop if crop == "full" else f"box{float(margin):g}"
+    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}-{crop_part}-{transform['crop']}px-{precision}-{digest}"
     return Path(artifacts) / "features" / f"{name}.h5"
 
 
@@ -134,47 +147,89 @@ def read_attrs(path: Path) -> dict:
     return attrs
 
 
+def content_digest(values) -> str:
+    """SHA-256 of a dataset's content: array bytes (C order), or UTF-8 strings each ended by NUL."""
+    digest = hashlib.sha256()
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        digest.update(np.ascontiguousarray(values).tobytes())
+    else:
+        for value in values:
+            digest.update((value.decode() if isinstance(value, bytes) else str(value)).encode() + b"\0")
+    return digest.hexdigest()
+
+
 def load(path: Path, splits: tuple[str, ...] = ("train", "test")) -> FeatureCache:
-    """Read and validate a cache: schema, shapes, labels in range, checksums of every chunk."""
+    """Read and validate a cache: schema, shapes, labels in range, checksums of every dataset."""
     import h5py
 
     attrs = read_attrs(path)
     out: dict[str, SplitArrays] = {}
+    fix = f"delete {path} and rerun cars-tl extract-features (it re-extracts a corrupt file by itself)"
     with h5py.File(path, "r") as f:
         for name in splits:
             if name not in f:
                 continue
             group = f[name]
-            try:
-                features = group["features"][:]
-                labels = group["labels"][:]
-                ids = group["ids"][:]
-                paths = [p.decode() if isinstance(p, bytes) else str(p) for p in group["paths"][:]]
-            except OSError as exc:  # fletcher32 mismatch lands here
+            missing = [d for d in DATASETS if not isinstance(group.get(d), h5py.Dataset)]
+            if missing:
                 raise CarsTLError(
-                    f"{path}: split '{name}' is corrupt ({exc})", "delete the file and rerun cars-tl extract-features"
-                ) from None
+                    f"{path}: split '{name}' lacks the dataset(s) {', '.join(missing)} (it has: {', '.join(sorted(group)) or 'none'}); "
+                    f"a cars_tl cache holds {', '.join(DATASETS)} per split", fix,
+                )
+            arrays = {}
+            try:
+                for d in DATASETS:
+                    arrays[d] = group[d][:]
+            except OSError as exc:  # a fletcher32 mismatch lands here
+                raise CarsTLError(f"{path}: split '{name}' is corrupt ({exc})", fix) from None
+            for d in DATASETS:
+                recorded = group[d].attrs.get("sha256")
+                if isinstance(recorded, bytes):
+                    recorded = recorded.decode()
+                if recorded != content_digest(arrays[d]):
+                    raise CarsTLError(f"{path}: split '{name}' is corrupt ({name}/{d} does not match its recorded SHA-256)", fix)
+            features, labels, ids = arrays["features"], arrays["labels"], arrays["ids"]
+            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in arrays["paths"]]
             skipped = json.loads(group.attrs.get("skipped", "[]"))
             n = len(labels)
             if features.shape != (n, attrs["feature_dim"]) or len(ids) != n or len(paths) != n:
-                raise CarsTLError(f"{path}: split '{name}' has inconsistent shapes {features.shape}, {n} labels")
+                raise CarsTLError(f"{path}: split '{name}' has inconsistent shapes {features.shape}, {n} labels", fix)
             if n and (labels.min() < 0 or labels.max() >= attrs["num_classes"]):
-                raise CarsTLError(f"{path}: split '{name}' has labels outside 0..{attrs['num_classes'] - 1}")
+                raise CarsTLError(f"{path}: split '{name}' has labels outside 0..{attrs['num_classes'] - 1}", fix)
             out[name] = SplitArrays(features, labels.astype(np.int64), ids, paths, skipped)
     return FeatureCache(Path(path), attrs, out)
 
 
-def splits_made_alike(path: Path, identity: dict) -> set[str]:
-    """The splits of a complete cache at ``path`` made from the same inputs (empty if none)."""
+def split_names(path: Path) -> list[str]:
+    """The split groups present in a cache file."""
     import h5py
 
+    with h5py.File(path, "r") as f:
+        return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+
+
+def verify(path: Path) -> FeatureCache:
+    """Every split of the file read and checked: what "up to date" rests on."""
+    read_attrs(path)
     try:
-        attrs = read_attrs(path)
-        with h5py.File(path, "r") as f:
-            present = set(f.keys())
-    except CarsTLError:
-        return set()
-    return present if all(attrs.get(k) == identity.get(k) for k in IDENTITY_KEYS) else set()
+        names = split_names(path)
+    except OSError as exc:
+        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", "delete it and rerun cars-tl extract-features") from None
+    return load(path, tuple(names))
+
+
+def existing_splits(path: Path, identity: dict) -> tuple[dict[str, SplitArrays], str | None]:
+    """The verified splits of a cache at ``path`` made from the same inputs, and why an existing
+    file could not be trusted (``None`` when there is no file, or it was sound)."""
+    if not Path(path).exists():
+        return {}, None
+    try:
+        cache = verify(path)
+    except CarsTLError as exc:
+        return {}, exc.message
+    if any(cache.attrs.get(k) != identity.get(k) for k in IDENTITY_KEYS):
+        return {}, None  # a sound file from other inputs: replaced, as asked
+    return cache.splits, None
 
 
 # --------------------------------------------------------------------------- writing
@@ -185,7 +240,12 @@ def partial_dir(path: Path) -> Path:
 
 
 class PartialCache:
-    """Chunks of an extraction in progress; resumes when the identity and chunking match."""
+    """Chunks of an extraction in progress; resumes when the identity and chunk layout match.
+
+    A chunk file's name carries the layout it was cut with (``<split>-r<chunk_rows>-<start>.npz``)
+    and its contents repeat it, so chunks of another layout are never mixed in. Call only while
+    holding the cache's :func:`cars_tl.locks.writer_lock`.
+    """
 
     def __init__(self, path: Path, meta: dict, sizes: dict[str, int], chunk_rows: int):
         self.path = Path(path)
@@ -200,57 +260,74 @@ class PartialCache:
             except (OSError, ValueError):
                 old = None
             if old != json.loads(json.dumps(self.meta)):
-                shutil.rmtree(self.dir)  # other inputs: its chunks are of no use
+                shutil.rmtree(self.dir)  # other inputs or layout: its chunks are of no use
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(meta_file, json.dumps(self.meta, indent=2))
         self.resumed_rows = sum(self.done_rows(s) for s in sizes)
 
     def _chunk(self, split: str, start: int) -> Path:
-        return self.dir / f"{split}-{start:09d}.npz"
+        return self.dir / f"{split}-r{self.chunk_rows}-{start:09d}.npz"
+
+    def _rows_in(self, split: str, start: int) -> int:
+        return min(self.chunk_rows, self.meta["sizes"][split] - start)
 
     def done_rows(self, split: str) -> int:
         """Rows of ``split`` covered by consecutive complete chunks from the start."""
         start = 0
-        while self._chunk(split, start).is_file():
+        while start < self.meta["sizes"][split] and self._chunk(split, start).is_file():
             start += self.chunk_rows
         return min(start, self.meta["sizes"][split])
 
     def write_chunk(self, split: str, start: int, features: np.ndarray, valid: np.ndarray, reasons: dict[int, str]) -> None:
+        if len(features) != self._rows_in(split, start) or start % self.chunk_rows:
+            raise ValueError(f"chunk of {len(features)} rows at {start} does not fit the layout of {self.chunk_rows} rows")
         with atomic_path(self._chunk(split, start)) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, features=features.astype(np.float32), valid=valid, bad=json.dumps({str(k): v for k, v in reasons.items()}))
+                np.savez(f, features=features.astype(np.float32), valid=valid, start=start, chunk_rows=self.chunk_rows,
+                         bad=json.dumps({str(k): v for k, v in reasons.items()}))
 
     def _gather(self, split: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         feats, valid, bad = [], [], {}
-        for start in range(0, self.meta["sizes"][split], self.chunk_rows):
-            with np.load(self._chunk(split, start)) as z:
-                feats.append(z["features"])
-                valid.append(z["valid"])
-                bad.update({int(k): v for k, v in json.loads(str(z["bad"])).items()})
         dim = self.meta["feature_dim"]
+        for start in range(0, self.meta["sizes"][split], self.chunk_rows):
+            path = self._chunk(split, start)
+            try:
+                with np.load(path) as z:
+                    chunk = {k: z[k] for k in ("features", "valid", "start", "chunk_rows", "bad")}
+            except (OSError, ValueError, KeyError) as exc:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise CarsTLError(
+                    f"partial chunk {path} is unreadable ({exc}); the partial extraction was discarded",
+                    "rerun the same cars-tl extract-features command to extract again",
+                ) from None
+            rows = self._rows_in(split, start)
+            if (int(chunk["start"]), int(chunk["chunk_rows"])) != (start, self.chunk_rows) or chunk["features"].shape != (rows, dim) \
+                    or chunk["valid"].shape != (rows,):
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise CarsTLError(
+                    f"partial chunk {path} does not fit the layout it is named for; the partial extraction was discarded",
+                    "rerun the same cars-tl extract-features command to extract again",
+                )
+            feats.append(chunk["features"])
+            valid.append(chunk["valid"])
+            bad.update({int(k): v for k, v in json.loads(str(chunk["bad"])).items()})
         return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), (np.concatenate(valid) if valid else np.zeros(0, bool)), bad
 
     def finalize(self, attrs: dict, rows: dict[str, dict], carry: dict[str, SplitArrays] | None = None) -> Path:
-        """Write the complete ``.h5`` (temp name, then rename) and drop the partial chunks.
+        """Write the complete ``.h5`` (temporary name, verified, then renamed) and drop the chunks.
 
         ``rows[split]`` holds ``labels``, ``ids`` and ``paths`` for every image of the split, in order;
         ``carry`` holds splits already extracted alike, copied as they are.
         """
-        import h5py
-
-        with atomic_path(self.path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                for key, value in dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")).items():
-                    f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
-                for split, arrays in (carry or {}).items():
-                    write_split(f, split, arrays.features, arrays.labels, arrays.ids, arrays.paths, arrays.skipped)
-                for split, info in rows.items():
-                    features, valid, bad = self._gather(split)
-                    keep = np.flatnonzero(valid)
-                    write_split(
-                        f, split, features[keep], np.asarray(info["labels"])[keep], np.asarray(info["ids"])[keep],
-                        [info["paths"][i] for i in keep], [{"path": info["paths"][i], "reason": r} for i, r in sorted(bad.items())],
-                    )
+        splits = dict(carry or {})
+        for split, info in rows.items():
+            features, valid, bad = self._gather(split)
+            keep = np.flatnonzero(valid)
+            splits[split] = SplitArrays(
+                features[keep], np.asarray(info["labels"], dtype=np.int64)[keep], np.asarray(info["ids"], dtype=np.int64)[keep],
+                [info["paths"][i] for i in keep], [{"path": info["paths"][i], "reason": r} for i, r in sorted(bad.items())],
+            )
+        write(self.path, dict(attrs, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")), splits)
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.path
 
@@ -260,25 +337,59 @@ def write_split(f, split: str, features, labels, ids, paths, skipped) -> None:
 
     group = f.create_group(split)
     n, dim = features.shape
+    # Filters need chunked storage, which an empty dataset cannot have.
+    checked = dict(fletcher32=True) if n else {}
+    arrays = {
+        "features": np.ascontiguousarray(features, dtype=np.float32),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "ids": np.asarray(ids, dtype=np.int64),
+    }
     group.create_dataset(
-        "features", data=features.astype(np.float32), chunks=(max(1, min(n, 256)), dim) if n else None,
-        compression="gzip", compression_opts=4, shuffle=True, fletcher32=True,
+        "features", data=arrays["features"], chunks=(max(1, min(n, 256)), dim) if n else None,
+        **(dict(compression="gzip", compression_opts=4, shuffle=True, **checked) if n else {}),
     )
-    group.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-    group.create_dataset("ids", data=np.asarray(ids, dtype=np.int64))
+    group.create_dataset("labels", data=arrays["labels"], **checked)
+    group.create_dataset("ids", data=arrays["ids"], **checked)
     group.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype("utf-8"))
+    for name, values in (*arrays.items(), ("paths", paths)):
+        group[name].attrs["sha256"] = content_digest(values)
     group.attrs["count"] = n
     group.attrs["skipped"] = json.dumps(skipped)
 
 
+def estimated_size(splits: dict[str, SplitArrays]) -> int:
+    """An upper bound of a cache's size on disk (uncompressed arrays, names, HDF5 overhead)."""
+    total = 1 << 20
+    for s in splits.values():
+        total += s.features.nbytes + 16 * len(s.labels) + sum(len(p.encode()) + 32 for p in s.paths)
+    return total
+
+
 def write(path: Path, attrs: dict, splits: dict[str, SplitArrays]) -> Path:
-    """Write a whole cache at once (tests, conversions); atomic like :meth:`PartialCache.finalize`."""
+    """Write a whole cache: temporary name in the same folder, verified in full, then renamed.
+
+    Free space and the process's file-size limit are checked first; a cache that does not verify
+    (e.g. labels out of range) raises and leaves no file behind.
+    """
     import h5py
 
-    with atomic_path(Path(path)) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for key, value in dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION).items():
-                f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
-            for name, s in splits.items():
-                write_split(f, name, s.features, s.labels, s.ids, s.paths, s.skipped)
-    return Path(path)
+    path = Path(path)
+    ensure_room(path, estimated_size(splits), "feature cache")
+    with atomic_path(path) as tmp:
+        try:
+            with h5py.File(tmp, "w") as f:
+                for key, value in dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION).items():
+                    f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
+                for name, s in splits.items():
+                    write_split(f, name, s.features, s.labels, s.ids, s.paths, s.skipped)
+        except OSError as exc:
+            raise CarsTLError(
+                f"cannot write the feature cache {path}: {exc}",
+                f"free space or check permissions in {path.parent} (about {estimated_size(splits) / 1e6:,.0f} MB are needed), then rerun",
+            ) from None
+        try:
+            load(tmp, tuple(splits))  # verify before anything appears under the final name
+        except CarsTLError as exc:
+            raise CarsTLError(f"refused to write {path}: the new cache does not verify ({exc.message.replace(str(tmp), 'it')})",
+                              "this is a bug or a bad dataset: rerun cars-tl download to rebuild the manifest") from None
+    return path
