@@ -21,6 +21,7 @@ and ``finetune --init-head`` starts from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from cars_tl import features, runs, runtime
 from cars_tl.atomic import file_sha256
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_number, check_seed
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter, evaluate_logits
 
@@ -54,10 +55,8 @@ def resolve_preset(preset: str, **overrides) -> dict:
     config.update({k: v for k, v in overrides.items() if v is not None})
     if config["optimizer"] not in OPTIMIZERS:
         raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: {', '.join(OPTIMIZERS)}")
-    if config["lr"] <= 0:
-        raise CarsTLError(f"--lr must be positive, got {config['lr']}")
-    if config["weight_decay"] is not None and config["weight_decay"] < 0:
-        raise CarsTLError(f"--weight-decay must be >= 0, got {config['weight_decay']}")
+    check_number("--lr", config["lr"], minimum=0, exclusive_minimum=True)
+    check_number("--weight-decay", config["weight_decay"], minimum=0)
     if config["optimizer"] == "lbfgs":
         config["batch_size"] = 0  # full batch
     for key in ("epochs",) + (("batch_size",) if config["optimizer"] != "lbfgs" else ()):
@@ -136,6 +135,7 @@ def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: floa
                     scheduler.step()
                 meter.add(logits.detach(), train.y[idx])
             row = {"epoch": epoch, **meter.result("train")}
+            check_finite_loss(row["train_loss"], epoch, label)
             head.eval()
             with torch.no_grad():
                 for name, d in evals.items():
@@ -145,6 +145,27 @@ def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: floa
             history.append(row)
             task.advance(1, status=f"loss {row['train_loss']:.3f} acc {row['train_acc']:.1f}%")
     return head, history
+
+
+class DivergedError(CarsTLError):
+    """Training produced a non-finite loss: the run is marked failed at that epoch."""
+
+
+def check_finite_loss(loss: float, epoch: int, what: str) -> None:
+    if not math.isfinite(loss):
+        raise DivergedError(
+            f"{what} diverged: the training loss became {loss} in epoch {epoch}",
+            "lower --lr (or check the features for NaN/Inf with cars-tl inspect) and rerun with --force",
+        )
+
+
+def standardization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and scale of each feature over the rows given, as scikit-learn's StandardScaler has them:
+    a feature constant on those rows (a dead ReLU unit) gets scale 1, never a huge gain."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x.double().numpy())
+    return torch.from_numpy(scaler.mean_).float(), torch.from_numpy(scaler.scale_).float()
 
 
 def _fold_standardization(head: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> dict:
@@ -193,11 +214,14 @@ def train_head(
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
+    force: bool = False,
 ) -> tuple[Path, dict]:
-    """Train a Linear head on a feature cache; returns the run directory and its metrics."""
+    """Train a Linear head on a feature cache; returns the run directory and its metrics.
+
+    An existing run is replaced only with ``force`` (and only once the new one completes)."""
     started = time.perf_counter()
     config = resolve_preset(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
-    config["seed"] = seed
+    config["seed"] = check_seed(seed)
     config["features"] = str(features_path)
     cache = load_train_test(Path(features_path))
     backbone = cache.attrs["backbone"].replace("/", "-")
@@ -205,45 +229,48 @@ def train_head(
     tr, te = cache.split("train"), cache.split("test")
     x_train, y_train = torch.from_numpy(tr.features), torch.from_numpy(tr.labels)
     x_test, y_test = torch.from_numpy(te.features), torch.from_numpy(te.labels)
-    mean = x_train.mean(0) if config["standardize"] else torch.zeros(x_train.shape[1])
-    std = x_train.std(0).clamp_min(1e-6) if config["standardize"] else torch.ones(x_train.shape[1])
-    norm = lambda x: (x - mean) / std  # noqa: E731 - identity for the study preset
+
+    def scaling(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Statistics of the rows the head trains on, never of validation or test rows.
+        return standardization(rows) if config["standardize"] else (torch.zeros(rows.shape[1]), torch.ones(rows.shape[1]))
 
     fields = feature_run_fields(cache)
     head_params = cache.feature_dim * cache.num_classes + cache.num_classes
     backbone_params = fields["backbone"]["params"] or 0
-    metrics = runs.new_metrics(
-        "head", run_dir.name, config, **fields,
-        params={"total": backbone_params + head_params, "trainable": head_params},
-        device="cpu", device_name=runtime.device_name("cpu"), model_file=HEAD_FILE,
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_metrics(run_dir, metrics)
-
-    with runs.recording(run_dir, metrics):
-        if config["weight_decay"] is None:  # tuned: choose on a validation split carved from train
-            fit_idx, val_idx = stratified_split(tr.labels, config["val_fraction"], seed)
-            fit = _Data(norm(x_train[fit_idx]), y_train[fit_idx])
-            val = _Data(norm(x_train[val_idx]), y_train[val_idx])
-            search = []
-            for wd in WEIGHT_DECAY_GRID:
-                _, hist = _fit(fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)")
-                search.append({"weight_decay": wd, "val_acc": hist[-1]["val_acc"], "val_loss": hist[-1]["val_loss"]})
-            best = min(search, key=lambda r: (r["val_loss"], -r["val_acc"]))
-            config["weight_decay"] = best["weight_decay"]
-            metrics["selection"] = {"by": "cross-entropy on a validation split of train", "val_fraction": config["val_fraction"], "grid": search}
-        head, history = _fit(
-            _Data(norm(x_train), y_train), {"test": _Data(norm(x_test), y_test)}, config, config["weight_decay"],
-            cache.num_classes, seed, progress, f"train head ({preset})",
+    with runs.writing_run(run_dir, "train-head", force=force) as target:
+        metrics = runs.new_metrics(
+            "head", run_dir.name, config, **fields,
+            params={"total": backbone_params + head_params, "trainable": head_params},
+            device="cpu", device_name=runtime.device_name("cpu"), model_file=HEAD_FILE,
         )
-    state = _fold_standardization(head, mean, std)
-    runs.save_checkpoint(run_dir / HEAD_FILE, state)
-    with torch.no_grad():
-        raw = torch.nn.Linear(cache.feature_dim, cache.num_classes)
-        raw.load_state_dict(state)
-        final = {**evaluate_logits(raw(x_train), y_train, "train"), **evaluate_logits(raw(x_test), y_test, "test")}
-    metrics.update(
-        history=history,
-        final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch"},
-    )
-    return run_dir, runs.finish(run_dir, metrics, started)
+        runs.write_metrics(target, metrics)
+        with runs.recording(target, metrics):
+            if config["weight_decay"] is None:  # tuned: choose on a validation split carved from train
+                fit_idx, val_idx = stratified_split(tr.labels, config["val_fraction"], seed)
+                mean, std = scaling(x_train[fit_idx])
+                fit = _Data((x_train[fit_idx] - mean) / std, y_train[fit_idx])
+                val = _Data((x_train[val_idx] - mean) / std, y_train[val_idx])
+                search = []
+                for wd in WEIGHT_DECAY_GRID:
+                    _, hist = _fit(fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)")
+                    search.append({"weight_decay": wd, "val_acc": hist[-1]["val_acc"], "val_loss": hist[-1]["val_loss"]})
+                best = min(search, key=lambda r: (r["val_loss"], -r["val_acc"]))
+                config["weight_decay"] = best["weight_decay"]
+                metrics["selection"] = {"by": "cross-entropy on a validation split of train", "val_fraction": config["val_fraction"], "grid": search}
+            mean, std = scaling(x_train)
+            head, history = _fit(
+                _Data((x_train - mean) / std, y_train), {"test": _Data((x_test - mean) / std, y_test)}, config, config["weight_decay"],
+                cache.num_classes, seed, progress, f"train head ({preset})",
+            )
+            state = _fold_standardization(head, mean, std)
+            runs.save_checkpoint(target / HEAD_FILE, state)
+            with torch.no_grad():
+                raw = torch.nn.Linear(cache.feature_dim, cache.num_classes)
+                raw.load_state_dict(state)
+                final = {**evaluate_logits(raw(x_train), y_train, "train"), **evaluate_logits(raw(x_test), y_test, "test")}
+            metrics.update(
+                history=history,
+                final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch"},
+            )
+            metrics = runs.finish(target, metrics, started)
+    return run_dir, metrics

@@ -86,11 +86,10 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
     classes = torch.as_tensor(model.classes)
 
     def svm_scores(f: torch.Tensor) -> torch.Tensor:
-        # SVC scores only the classes it saw; place them at their label positions.
-        raw = torch.as_tensor(model.decision_function(f.double().numpy()))
-        raw = raw.reshape(len(f), -1)
+        # SVC scores only the classes it saw; place them at their label positions. Rank 1 is SVC.predict.
+        raw = torch.as_tensor(model.ranking_scores(f.double().numpy()))
         out = torch.full((len(f), len(names)), float("-inf"), dtype=torch.float64)
-        out[:, classes] = raw if raw.shape[1] == len(classes) else torch.stack([-raw[:, 0], raw[:, 0]], 1)
+        out[:, classes] = raw
         return out
 
     return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score")

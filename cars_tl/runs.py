@@ -3,8 +3,16 @@
 Every training stage writes ``artifacts/runs/<name>/``::
 
     metrics.json     what the run is and how it went (below); rewritten atomically every epoch
+    status.json      the status alone, in a small file rewritten in place: when metrics.json cannot be
+                     rewritten (a full disk), a failure still shows here, and read_metrics honours it
     <model file>     head.pt (train-head), svm.skops (fit-svm), model.pt (finetune)
     checkpoints/     last.pt and best.pt (finetune): model, optimizer, scheduler, epoch, RNG, config
+
+One writer at a time: every stage holds the run's :func:`cars_tl.locks.writer_lock` while it writes
+(:func:`writing_run`). An existing run is replaced only with ``--force``, and then the new run is
+written into a sibling ``.<name>.next/`` and swapped in only when complete: until then, and if the
+new run fails, the previous run stays as it was. (A fine-tune that starts fresh, or resumes, writes in
+place so that ``--resume`` finds it.)
 
 ``metrics.json`` (format_version 1)::
 
@@ -34,11 +42,14 @@ import json
 import time
 from pathlib import Path
 
-from cars_tl.atomic import atomic_path, atomic_write_text
+from cars_tl import locks
+from cars_tl.atomic import atomic_path, atomic_write_text, swap_in
 from cars_tl.errors import CarsTLError
 
 FORMAT_VERSION = 1
 METRICS = "metrics.json"
+STATUS = "status.json"
+STATUS_BYTES = 1024  # status.json is padded to this size when created, so rewriting it needs no new disk blocks
 KINDS = ("head", "svm", "finetune")
 
 
@@ -48,6 +59,45 @@ def now() -> str:
 
 def resolve_run_dir(out: Path | None, default_name: str, artifacts: Path) -> Path:
     return Path(out) if out else Path(artifacts) / "runs" / default_name
+
+
+def _has_content(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.iterdir())
+
+
+@contextlib.contextmanager
+def writing_run(run_dir: Path, stage: str, *, force: bool = False, resume: bool = False):
+    """Hold the run's lock and yield the folder to write the run into (see the module docstring).
+
+    Without ``force`` an existing run is refused. With it, the new run goes to ``.<name>.next`` and
+    replaces the old one only if the block completes; a failed new run is discarded (the old one
+    stays), unless there was no old run, in which case the failed one is kept to show what happened.
+    ``resume`` writes in place (a fine-tune continuing from its checkpoints).
+    """
+    run_dir = Path(run_dir)
+    with locks.writer_lock(run_dir, stage):
+        exists = _has_content(run_dir)
+        if exists and not (force or resume):
+            hint = "add --force to replace it (the old run stays until the new one completes), or --out for a new run"
+            if stage == "finetune":
+                hint = "add --resume to continue it, " + hint
+            raise CarsTLError(f"run directory {run_dir} already exists", hint)
+        if resume or not exists:
+            for stale in run_dir.glob(".*.tmp-*") if run_dir.is_dir() else ():
+                stale.unlink(missing_ok=True)  # a dead writer's temporaries (we hold the lock)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            yield run_dir
+            return
+        staging = run_dir.with_name(f".{run_dir.name}.next")
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        swap_in(staging, run_dir)
 
 
 def new_metrics(kind: str, name: str, config: dict, **fields) -> dict:
@@ -61,6 +111,18 @@ def new_metrics(kind: str, name: str, config: dict, **fields) -> dict:
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     atomic_write_text(Path(run_dir) / METRICS, json.dumps(metrics, indent=2, default=_jsonable))
+    write_status(run_dir, metrics["status"], metrics.get("error"))
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    """Rewrite status.json in place (created padded to STATUS_BYTES), so it works on a full disk."""
+    path = Path(run_dir) / STATUS
+    text = json.dumps({"status": status, "error": (error or "")[:600]}, ensure_ascii=True).encode()
+    text = text[:STATUS_BYTES - 1] if len(text) >= STATUS_BYTES else text
+    if not path.is_file() or path.stat().st_size < STATUS_BYTES:
+        atomic_write_text(path, " " * STATUS_BYTES)
+    with open(path, "r+b") as f:
+        f.write(text.ljust(STATUS_BYTES, b" "))
 
 
 def _jsonable(value):
@@ -84,8 +146,15 @@ def recording(run_dir: Path, metrics: dict):
         yield
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        metrics.update(status=status, finished=now(), error=(str(exc) or type(exc).__name__)[:500])
-        write_metrics(run_dir, metrics)
+        error = (getattr(exc, "message", None) or str(exc) or type(exc).__name__)[:500]
+        metrics.update(status=status, finished=now(), error=error)
+        try:
+            write_metrics(run_dir, metrics)
+        except (OSError, CarsTLError):  # e.g. the disk is full: the small in-place file still tells
+            try:
+                write_status(run_dir, status, error)
+            except OSError:
+                pass
         raise
 
 
@@ -105,6 +174,13 @@ def read_metrics(run_dir: Path) -> dict:
         raise CarsTLError(f"{path}: unknown run kind {metrics.get('kind')!r}; valid: {', '.join(KINDS)}")
     if metrics.get("format_version") != FORMAT_VERSION:
         raise CarsTLError(f"{path}: run format {metrics.get('format_version')}, this cars_tl reads {FORMAT_VERSION}")
+    if metrics.get("status") == "running":  # metrics.json may have been impossible to rewrite
+        try:
+            status = json.loads((run_dir / STATUS).read_text())
+        except (OSError, ValueError):
+            status = {}
+        if status.get("status") in ("failed", "interrupted"):
+            metrics.update(status=status["status"], error=status.get("error"))
     return metrics
 
 
@@ -156,4 +232,4 @@ def count_params(model) -> dict[str, int]:
 
 def list_runs(artifacts: Path) -> list[Path]:
     root = Path(artifacts) / "runs"
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cars_tl import features, runs
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_number
 from cars_tl.progress import NULL, Progress
 
 KERNELS = ("linear", "poly", "rbf", "sigmoid")
@@ -46,9 +46,7 @@ def parse_gamma(gamma: str) -> str | float:
         value = float(gamma)
     except ValueError:
         raise CarsTLError(f"--gamma {gamma!r} is not valid; valid: scale, auto, or a positive number") from None
-    if value <= 0:
-        raise CarsTLError(f"--gamma must be positive, got {value}")
-    return value
+    return check_number("--gamma", value, minimum=0, exclusive_minimum=True, hint="valid: scale, auto, or a positive number")
 
 
 class Scaler:
@@ -62,7 +60,11 @@ class Scaler:
     @classmethod
     def fit(cls, mode: str, x: np.ndarray) -> "Scaler":
         if mode == "standard":
-            return cls(mode, x.mean(0).astype(np.float64), np.maximum(x.std(0), 1e-6).astype(np.float64))
+            # StandardScaler's statistics: a feature constant on train gets scale 1, not a huge gain.
+            from sklearn.preprocessing import StandardScaler
+
+            scaler = StandardScaler().fit(np.asarray(x, dtype=np.float64))
+            return cls(mode, scaler.mean_, scaler.scale_)
         return cls(mode)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -141,6 +143,24 @@ class SVMModel:
         """One-vs-rest shaped scores (sklearn's ``decision_function_shape="ovr"``): (n, classes)."""
         return self._blocks(self.svc.decision_function, x)
 
+    def ranking_scores(self, x: np.ndarray) -> np.ndarray:
+        """Scores (n, classes) whose argmax is exactly ``predict``: sklearn's one-vs-rest scores
+        (one-vs-one votes plus confidences scaled below one vote), except where votes tie. There
+        ``SVC.predict`` takes the lowest class index while the confidences may favour another class,
+        so the predicted class's score is raised to just above the row's maximum: rank 1 is always
+        what the SVM predicts (and what its recorded accuracy counts), ranks 2.. follow the scores."""
+        x = np.asarray(x)
+        if not len(x):
+            return np.zeros((0, len(self.classes)))
+        scores = self.decision_function(x).reshape(len(x), -1)
+        if scores.shape[1] == 1:  # two classes: sklearn gives one column, positive for classes_[1]
+            scores = np.concatenate([-scores, scores], axis=1)
+        predicted = np.searchsorted(self.classes, self.predict(x))
+        rows = np.arange(len(x))
+        disagree = scores.argmax(1) != predicted
+        scores[rows[disagree], predicted[disagree]] = scores[disagree].max(1) + 1e-9 * (1 + np.abs(scores[disagree].max(1)))
+        return scores
+
     def to_state(self) -> dict:
         return {
             "svc": self.svc, "scale": self.scaler.mode, "scale_mean": self.scaler.mean, "scale_std": self.scaler.std,
@@ -163,8 +183,7 @@ def fit_model(x: np.ndarray, y: np.ndarray, kernel: str, C: float, degree: int, 
         raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
-    if C <= 0:
-        raise CarsTLError(f"--C must be positive, got {C}")
+    check_number("--C", C, minimum=0, exclusive_minimum=True)
     scaler = Scaler.fit(scale, x)
     z = scaler(x)
     g = gamma_value(gamma, z)
@@ -202,10 +221,43 @@ def load_model(path: Path) -> SVMModel:
             f"refused to load {path}: it contains types outside the trusted list: {', '.join(refused)}",
             "only load SVM files made by cars-tl fit-svm; refit it yourself from the feature cache",
         )
-    state = sio.load(path, trusted=list(untrusted))
-    if not isinstance(state, dict) or "svc" not in state:
-        raise CarsTLError(f"{path} is not a cars_tl SVM file")
+    try:
+        state = sio.load(path, trusted=list(untrusted))
+    except Exception as exc:  # noqa: BLE001 - skops raises many types for damaged files
+        raise CarsTLError(f"{path} is not a readable skops file: {exc}", "refit it with cars-tl fit-svm") from None
+    problem = _state_problem(state)
+    if problem:
+        raise CarsTLError(f"{path} is not a cars_tl fit-svm model: {problem}", "refit it with cars-tl fit-svm --features F.h5 --force")
     return SVMModel.from_state(state)
+
+
+STATE_KEYS = ("svc", "scale", "scale_mean", "scale_std", "kernel", "gamma", "degree", "coef0", "method", "support_vectors", "n_train")
+
+
+def _state_problem(state) -> str | None:
+    """Why a loaded skops object is not a model that fit-svm wrote (None when it is)."""
+    from sklearn.svm import SVC
+
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not the dict fit-svm writes"
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    svc = state["svc"]
+    if not isinstance(svc, SVC):
+        return f"'svc' is a {type(svc).__name__}, not an sklearn SVC"
+    unfitted = [a for a in ("support_", "classes_", "dual_coef_", "intercept_") if not hasattr(svc, a)]
+    if unfitted:
+        return f"its SVC is not fitted (no {', '.join(unfitted)})"
+    if state["scale"] not in SCALES or state["kernel"] not in KERNELS or state["method"] not in METHODS:
+        return f"unknown scale/kernel/method {state['scale']!r}/{state['kernel']!r}/{state['method']!r}"
+    if state["scale"] == "standard" and not (isinstance(state["scale_mean"], np.ndarray) and isinstance(state["scale_std"], np.ndarray)):
+        return "standard scaling without its mean and scale arrays"
+    if state["method"] == "precomputed":
+        sv = state["support_vectors"]
+        if not isinstance(sv, np.ndarray) or sv.ndim != 2 or len(sv) != len(svc.support_):
+            return "its support vectors do not match the SVC's support"
+    return None
 
 
 # --------------------------------------------------------------------------- the stage
@@ -227,8 +279,11 @@ def fit_svm(
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
+    force: bool = False,
 ) -> tuple[Path, dict]:
-    """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics."""
+    """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics.
+
+    An existing run is replaced only with ``force`` (and only once the new one completes)."""
     from cars_tl.heads import feature_run_fields, load_train_test
 
     started = time.perf_counter()
@@ -239,8 +294,8 @@ def fit_svm(
     parsed_gamma = parse_gamma(gamma)
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
-    if C <= 0:
-        raise CarsTLError(f"--C must be positive, got {C}")
+    check_number("--C", C, minimum=0, exclusive_minimum=True)
+    check_number("--coef0", coef0)
     if degree < 0:
         raise CarsTLError(f"--degree must be >= 0, got {degree}")
     cache = load_train_test(Path(features_path))
@@ -252,38 +307,39 @@ def fit_svm(
     config = {"kernel": kernel, "C": C, "degree": degree, "gamma": gamma, "coef0": coef0, "scale": scale,
               "method": method, "features": str(features_path)}
     fields = feature_run_fields(cache)
-    metrics = runs.new_metrics(
-        "svm", run_dir.name, config, **fields,
-        params={"total": fields["backbone"]["params"] or 0, "trainable": None}, device="cpu",
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_metrics(run_dir, metrics)
-    with runs.recording(run_dir, metrics):
-        results = {}
-        with progress.task("fit svm", total=len(kernels), unit="kernel") as task:
-            for k in kernels:
-                t0 = time.perf_counter()
-                model = fit_model(tr.features, tr.labels, k, C, degree, parsed_gamma, coef0, scale, method)
-                fit_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                test_pred = model.predict(te.features)
-                predict_s = time.perf_counter() - t1
-                train_pred = model.predict(tr.features)
-                save_model(model, run_dir / model_file_name(k))
-                results[k] = {
-                    "kernel": k, "gamma_value": model.gamma,
-                    "train_acc": round(100.0 * float((train_pred == tr.labels).mean()), 4),
-                    "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
-                    "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
-                    "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
-                }
-                task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
-    primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
-    best = results[primary]
-    metrics.update(
-        kernels=results, model_file=best["model_file"],
-        final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,
-               "train_loss": None, "test_loss": None, "test_top5": None, "best_epoch": None,
-               "selected_by": "the only kernel fitted" if len(kernels) == 1 else "test accuracy (kernel comparison, as the study did)"},
-    )
-    return run_dir, runs.finish(run_dir, metrics, started)
+    with runs.writing_run(run_dir, "fit-svm", force=force) as target:
+        metrics = runs.new_metrics(
+            "svm", run_dir.name, config, **fields,
+            params={"total": fields["backbone"]["params"] or 0, "trainable": None}, device="cpu",
+        )
+        runs.write_metrics(target, metrics)
+        with runs.recording(target, metrics):
+            results = {}
+            with progress.task("fit svm", total=len(kernels), unit="kernel") as task:
+                for k in kernels:
+                    t0 = time.perf_counter()
+                    model = fit_model(tr.features, tr.labels, k, C, degree, parsed_gamma, coef0, scale, method)
+                    fit_s = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    test_pred = model.predict(te.features)
+                    predict_s = time.perf_counter() - t1
+                    train_pred = model.predict(tr.features)
+                    save_model(model, target / model_file_name(k))
+                    results[k] = {
+                        "kernel": k, "gamma_value": model.gamma,
+                        "train_acc": round(100.0 * float((train_pred == tr.labels).mean()), 4),
+                        "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
+                        "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
+                        "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
+                    }
+                    task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
+            primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
+            best = results[primary]
+            metrics.update(
+                kernels=results, model_file=best["model_file"],
+                final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,
+                       "train_loss": None, "test_loss": None, "test_top5": None, "best_epoch": None,
+                       "selected_by": "the only kernel fitted" if len(kernels) == 1 else "test accuracy (kernel comparison, as the study did)"},
+            )
+            metrics = runs.finish(target, metrics, started)
+    return run_dir, metrics
