@@ -86,9 +86,9 @@ def _torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _create(name: str):
-    """The bare network (1000-class head, no weights) and its default transform spec."""
-    torch.manual_seed(RANDOM_SEED)
+def _create(name: str, seed: int = RANDOM_SEED):
+    """The bare network (1000-class head, initialised from ``seed``) and its default transform spec."""
+    torch.manual_seed(seed)
     if _is_timm(name):
         try:
             import timm
@@ -203,13 +203,17 @@ def load_weights_file(path: Path) -> dict:
     return obj
 
 
-def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size: int | None = None) -> Backbone:
-    """Build ``name`` with ``weights`` and its classifier removed; see the module docstring."""
+def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size: int | None = None,
+                   seed: int = RANDOM_SEED) -> Backbone:
+    """Build ``name`` with ``weights`` and its classifier removed; see the module docstring.
+
+    ``seed`` sets the random initialisation (what ``--weights random`` keeps; pretrained weights
+    replace it). The default reproduces every artifact made before seeds varied it."""
     if image_size is not None and image_size < 1:
         raise CarsTLError(f"--image-size must be positive, got {image_size}")
     if weights not in ("imagenet", "random") and Path(weights).exists():
         weights = str(Path(weights).resolve())  # recorded in artifacts: must work from any folder
-    model, spec = _create(name)
+    model, spec = _create(name, seed)
     classifier = _classifier_path(model, name)
     file_sha256 = None
     if weights != "random":
@@ -252,9 +256,9 @@ def _load_into(model, state: dict, classifier: str, name: str, weights: str) -> 
 # --------------------------------------------------------------------------- models and transforms
 
 
-def classifier_model(backbone: Backbone, num_classes: int) -> ClassifierModel:
-    """Backbone body + a fresh ``Linear(num_features, num_classes)`` head."""
-    torch.manual_seed(RANDOM_SEED)
+def classifier_model(backbone: Backbone, num_classes: int, seed: int = RANDOM_SEED) -> ClassifierModel:
+    """Backbone body + a fresh ``Linear(num_features, num_classes)`` head initialised from ``seed``."""
+    torch.manual_seed(seed)
     return ClassifierModel(backbone.body, nn.Linear(backbone.num_features, num_classes))
 
 
@@ -314,11 +318,24 @@ def eval_resize_crop(spec: dict):
     ])
 
 
-def eval_transform(spec: dict):
-    """Resize, center crop, to tensor, normalize: the weights' evaluation preprocessing."""
+def eval_transform(spec: dict, output: str = "float"):
+    """Resize, center crop, to tensor, normalize: the weights' evaluation preprocessing.
+
+    ``output="uint8"`` stops before normalizing (a uint8 CHW tensor): for loaders feeding a GPU,
+    where :func:`cars_tl.loaders.batch_to_device` normalizes on the device."""
     from torchvision import transforms as T
 
-    return T.Compose([eval_resize_crop(spec), T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
+    return T.Compose([eval_resize_crop(spec), *_tensor_steps(spec, output)])
+
+
+def _tensor_steps(spec: dict, output: str) -> list:
+    from torchvision import transforms as T
+
+    if output == "uint8":
+        return [T.PILToTensor()]
+    if output != "float":
+        raise ValueError(f"output must be float or uint8, not {output!r}")
+    return [T.ToTensor(), T.Normalize(spec["mean"], spec["std"])]
 
 
 class PixelNormalizer:
@@ -373,20 +390,20 @@ def fold_batchnorm(body: nn.Module, example: torch.Tensor | None = None) -> nn.M
     return folded
 
 
-def train_transform(spec: dict, augment: str):
-    """``none``: the evaluation preprocessing. ``standard``: random resized crop, flip, light colour jitter."""
+def train_transform(spec: dict, augment: str, output: str = "float"):
+    """``none``: the evaluation preprocessing. ``standard``: random resized crop, flip, light colour jitter.
+    ``output`` as in :func:`eval_transform`."""
     from torchvision import transforms as T
 
     if augment == "none":
-        return eval_transform(spec)
+        return eval_transform(spec, output)
     if augment != "standard":
         raise CarsTLError(f"unknown --augment {augment!r}; valid: none, standard")
     return T.Compose([
         T.RandomResizedCrop(spec["crop"], scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
         T.RandomHorizontalFlip(),
         T.ColorJitter(0.2, 0.2, 0.2),
-        T.ToTensor(),
-        T.Normalize(spec["mean"], spec["std"]),
+        *_tensor_steps(spec, output),
     ])
 
 

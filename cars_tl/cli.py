@@ -22,11 +22,25 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        import importlib.metadata as md
+
+        print(f"cars-tl {md.version('cars_tl')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root():
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+):
     """Transfer-learning experiments on Stanford Cars. Stages exchange files: manifest -> HDF5 features -> run directories -> report."""
+    import signal
+
     from cars_tl.runtime import tune_malloc
 
+    # Past `ulimit -f`, a write then fails with EFBIG (reported with the path) instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     tune_malloc()
 
 
@@ -45,16 +59,34 @@ def command(name: str):
                 if exc.hint:
                     console.print(f"[bold]next:[/] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            except OSError as exc:
+                from cars_tl.atomic import STORAGE_ERRNOS, storage_error
+
+                if exc.errno not in STORAGE_ERRNOS:
+                    raise
+                error = storage_error(exc, Path(exc.filename or "."))
+                from cars_tl.console import console
+
+                console.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False, soft_wrap=True)
+                console.print(f"[bold]next:[/] {error.hint}", markup=True, highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 from cars_tl.console import console
 
-                console.print("[yellow]interrupted[/]: rerun extract-features as it was to resume it; finetune resumes with --resume")
+                console.print(f"[yellow]{name} interrupted[/]: {RESUME_HINTS.get(name, f'rerun cars-tl {name} to start it again')}",
+                              highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
 
         return app.command(name)(wrapper)
 
     return decorate
 
+
+RESUME_HINTS = {
+    "extract-features": "rerun the same cars-tl extract-features command to resume from the last complete chunk",
+    "finetune": "rerun the same cars-tl finetune command with --resume to continue from the last complete epoch",
+    "download": "rerun the same cars-tl download command: verified archives and partial downloads are kept",
+}
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder holding stanford_cars/ and its manifest.")]
 
@@ -66,7 +98,7 @@ def download(
         "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive: torchvision's layout, "
         "the split archives cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat, "
         "or car_ims.tgz + cars_annos.mat."))] = "auto",
-    mirror: Annotated[Optional[List[str]], typer.Option(help="Extra mirror base URL, tried first (repeatable).")] = None,
+    mirror: Annotated[Optional[List[str]], typer.Option(metavar="URL", help="Extra mirror base URL, tried first (repeatable).")] = None,
     mirror_list: Annotated[Optional[Path], typer.Option(help="JSON mirror list replacing the built-in one.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Instead of the dataset, fetch torchvision ImageNet weights of this model (e.g. resnet50) into the torch cache.")] = None,
 ):
@@ -92,10 +124,12 @@ def download(
 
 Backbone = Annotated[str, typer.Option(help="torchvision model name (resnet50) or timm/<name> (needs the timm extra).")]
 Weights = Annotated[str, typer.Option(help="imagenet (torch cache) | random (seeded) | a torchvision weights name | PATH (state dict or run dir).")]
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16")]
 Artifacts = Annotated[Path, typer.Option(help="Root of generated files (features/, runs/, report/).")]
-Out = Annotated[Optional[Path], typer.Option("--out", help="Output path (default under --artifacts).")]
+Out = Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="Output .h5 file (default: ARTIFACTS/features/<backbone>-<weights>-<options>.h5).")]
+RunOut = Annotated[Optional[Path], typer.Option("--out", metavar="RUN_DIR", help="Run directory (default: ARTIFACTS/runs/<stage>-<backbone>-<weights>-...).")]
+Force = Annotated[bool, typer.Option(help="Replace an existing run; the old one stays until the new one completes.")]
 FeaturesFile = Annotated[Path, typer.Option("--features", help="HDF5 feature cache from extract-features.")]
 
 
@@ -104,7 +138,7 @@ def extract_features(
     data_dir: DataDir = Path("data"),
     backbone: Backbone = "resnet50",
     weights: Weights = "imagenet",
-    split: Annotated[Optional[List[str]], typer.Option(help="Split to extract (repeatable): train, test.")] = None,
+    split: Annotated[Optional[List[str]], typer.Option(metavar="SPLIT", help="Split to extract (repeatable): train, test.")] = None,
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size (resize keeps its ratio).")] = None,
@@ -127,6 +161,9 @@ def extract_features(
         data_dir, backbone, weights, tuple(split or ("train", "test")), crop, margin, image_size, batch_size, workers,
         device, precision, skip_bad, out, artifacts, progress(),
     )
+    if result.replaced_corrupt:
+        console.print(f"[yellow]the existing file could not be trusted and was extracted again[/]: {result.replaced_corrupt}",
+                      highlight=False, soft_wrap=True)
     if result.action == "up to date":
         console.print(f"up to date: {result.path} (same backbone, weights, transform and dataset)")
         return
@@ -142,20 +179,21 @@ def extract_features(
 def train_head(
     features: FeaturesFile,
     preset: Annotated[str, typer.Option(help="study (the paper's exact setting) | tuned (validated linear probe).")] = "study",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs [study: 15].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate [study: 1e-3].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size [study: 32].")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd | lbfgs [study: adam].")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay [study: 0; tuned: chosen on validation].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (study: 15; tuned: 15 L-BFGS epochs).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (study: 1e-3; tuned: 1 for L-BFGS).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (study: 32; tuned: full batch).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd | lbfgs (study: adam; tuned: lbfgs).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (study: 0; tuned: chosen on a validation split).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the head's initialisation, shuffling and the validation split.")] = 0,
-    out: Out = None,
+    force: Force = False,
+    out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
     """Train a Linear head (model B) on cached features; saves head.pt and metrics.json."""
     from cars_tl.console import progress
     from cars_tl.heads import train_head as run
 
-    run_dir, metrics = run(features, preset, epochs, lr, batch_size, optimizer, weight_decay, seed, out, artifacts, progress())
+    run_dir, metrics = run(features, preset, epochs, lr, batch_size, optimizer, weight_decay, seed, out, artifacts, progress(), force)
     _print_final(run_dir, metrics)
 
 
@@ -169,7 +207,8 @@ def fit_svm(
     coef0: Annotated[float, typer.Option(help="poly/sigmoid coef0.")] = 0.0,
     scale: Annotated[str, typer.Option(help="Feature scaling: l2 (default, see README) | standard | none.")] = "l2",
     method: Annotated[str, typer.Option(help="precomputed (fast torch kernel) | plain (sklearn SVC).")] = "precomputed",
-    out: Out = None,
+    force: Force = False,
+    out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
     """Fit an SVM (model C) on cached features; --kernel all compares every kernel from one cache."""
@@ -178,7 +217,7 @@ def fit_svm(
     from cars_tl.console import out as stdout, progress
     from cars_tl.svm import fit_svm as run
 
-    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress())
+    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress(), force)
     table = Table(title=f"SVM on {features.name} ({scale} scaling, C={c})")
     for column in ("kernel", "train acc %", "test acc %", "fit s", "predict s", "support vectors"):
         table.add_column(column, justify="left" if column == "kernel" else "right")
@@ -208,21 +247,21 @@ def finetune(
     unfreeze: Annotated[str, typer.Option(help="none | all | comma-separated backbone modules (resnet: layer4 or layer3,layer4).")] = "layer4",
     init_head: Annotated[Optional[Path], typer.Option(help="Start the head from this train-head run (model D from model B).")] = None,
     preset: Annotated[str, typer.Option(help="study (the paper's setting) | tuned (augmentation, AdamW, cosine, smoothing).")] = "study",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs [study: 15, tuned: 30].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Head learning rate [1e-3]; tuned uses 0.1x for the backbone.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size [32].")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd [study: adam, tuned: adamw].")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="none | standard [study: none, tuned: standard].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (study: 15; tuned: 30).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Head learning rate (1e-3); tuned uses 0.1x for the backbone.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (32).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd (study: adam; tuned: adamw).")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="none | standard (study: none; tuned: standard).")] = None,
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size.")] = None,
     device: Device = "auto",
     precision: Precision = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (default: min(4, cores)).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed: shuffling, augmentation, validation split (initial weights come from --weights).")] = 0,
+    workers: Annotated[Optional[int], typer.Option(help="Loader workers: decode threads for evaluation on the CPU, DataLoader processes otherwise (default: min(4, cores) on the CPU, every core on CUDA).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: the head's and a random backbone's initialisation, shuffling, augmentation, validation split.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last checkpoint.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing run, or resume with changed options.")] = False,
-    out: Out = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing run (kept until the new one completes), or resume with changed options.")] = False,
+    out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
@@ -235,13 +274,17 @@ def finetune(
     )
     p = metrics["params"]
     console.print(f"parameters: total {p['total']:,}, trainable {p['trainable']:,}")
+    if metrics.get("resumed_with_changes"):
+        changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in metrics["resumed_with_changes"].items())
+        restarted = "; the optimizer and learning-rate schedule started afresh" if metrics.get("optimizer_restarted") else ""
+        console.print(f"[yellow]resumed with changed options[/] ({changes}){restarted}", highlight=False, soft_wrap=True)
     _print_final(run_dir, metrics)
 
 
 @command("predict")
 def predict(
-    images: Annotated[List[Path], typer.Argument(help="Image files.")],
-    model: Annotated[List[Path], typer.Option("--model", help="Run directory (finetune, train-head or fit-svm); repeatable.")],
+    images: Annotated[List[Path], typer.Argument(metavar="IMAGE", help="Image files.", show_default=False)],
+    model: Annotated[List[Path], typer.Option("--model", metavar="RUN_DIR", help="Run directory (finetune, train-head or fit-svm); repeatable.")],
     top_k: Annotated[int, typer.Option(help="Classes shown per model.")] = 5,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ):
@@ -275,8 +318,8 @@ def predict(
 
 @command("sparsity")
 def sparsity(
-    model: Annotated[List[Path], typer.Option("--model", help="Run directory (repeatable).")],
-    image: Annotated[Optional[List[Path]], typer.Option("--image", help="Image file (repeatable).")] = None,
+    model: Annotated[List[Path], typer.Option("--model", metavar="RUN_DIR", help="Run directory (repeatable).")],
+    image: Annotated[Optional[List[Path]], typer.Option("--image", metavar="IMAGE", help="Image file (repeatable).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Or take images from this split of the manifest.")] = None,
     limit: Annotated[int, typer.Option(help="With --split: how many images.")] = 32,
     data_dir: DataDir = Path("data"),
@@ -296,7 +339,7 @@ def sparsity(
 @command("report")
 def report(
     artifacts: Artifacts = Path("artifacts"),
-    out: Annotated[Optional[Path], typer.Option(help="Report folder [artifacts/report].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: ARTIFACTS/report).")] = None,
 ):
     """Gather every run into the comparison table, kernel table, curves and sparsity chart (report.md, report.html)."""
     from rich.table import Table

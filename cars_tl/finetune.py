@@ -20,8 +20,13 @@ Presets (explicit options override them):
            Re-estimating BN statistics from batches of 32 moved the pretrained features so far that,
            with the learning rate at zero, test accuracy fell from 62% to 25% on the real subset.
 
-Every epoch is reproducible from (seed, epoch) alone: RNGs and the shuffling generator are
-re-seeded at each epoch start, so ``--resume`` after a kill ends with the same weights (on the CPU).
+Every epoch is reproducible from (seed, epoch) alone: the global RNGs are re-seeded at each epoch
+start, the order is a permutation seeded by (seed, epoch), and each sample's augmentation by
+(seed, epoch, sample), whatever the number of loader workers; so ``--resume`` after a kill, with
+any ``--workers``, ends with the same weights (on the CPU). ``last.pt`` is written before ``best.pt``
+and names the best epoch, so the kept model is always that epoch's (see :func:`_best_weights`).
+A loss that becomes NaN or infinite stops the run as ``failed`` at that epoch; ``last.pt`` keeps the
+last good one.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from cars_tl import backbones, data, features, loaders, runs, runtime
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_number, check_seed
 from cars_tl.heads import make_optimizer, stratified_split
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter
@@ -51,8 +56,14 @@ PRESETS = {
                   augment="standard", schedule="cosine", warmup_epochs=1, backbone_lr_scale=0.1, val_fraction=0.1,
                   freeze_bn_stats=True),
 }
-# Options that may differ on --resume without changing what is computed.
+# Options that may differ on --resume without changing what is computed (augmentation depends on
+# (seed, epoch, sample) only, so the worker count is free).
 RESUME_FREE = ("workers", "resume", "force", "out", "artifacts", "data_dir")
+LOG_EVERY = 20  # training steps between progress updates (each reads the running loss back from the device)
+
+
+class DivergedError(CarsTLError):
+    """The training loss became NaN or infinite: the run fails at that epoch, last.pt keeps the one before."""
 
 
 def resolve_config(preset: str, **options) -> dict:
@@ -67,8 +78,8 @@ def resolve_config(preset: str, **options) -> dict:
     for key in ("epochs", "batch_size"):
         if config[key] < 1:
             raise CarsTLError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
-    if config["lr"] <= 0:
-        raise CarsTLError(f"--lr must be positive, got {config['lr']}")
+    check_number("--lr", config["lr"], minimum=0, exclusive_minimum=True)
+    check_number("--weight-decay", config["weight_decay"], minimum=0)
     return config
 
 
@@ -118,12 +129,12 @@ def _ancestor_frozen(modules: dict, name: str) -> bool:
     return False
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Global RNGs (dropout, drop-path) from (seed, epoch) alone: a resumed epoch repeats exactly."""
     value = seed * 100_003 + epoch
     torch.manual_seed(value)
     np.random.seed(value % 2**32)
     random.seed(value)
-    return torch.Generator().manual_seed(value)
 
 
 def _rng_state() -> dict:
@@ -146,15 +157,15 @@ def _lr_lambda(config: dict, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: str, precision: str, prefix: str) -> dict:
+def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict) -> dict:
     model.eval()
     meter = Meter()
     for images, labels, _, bad in loader:
         data.raise_bad(bad)
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = loaders.batch_to_device(images, device, spec)
         with runtime.autocast(device, precision):
             logits = model(images)
-        meter.add(logits.float().cpu(), labels)
+        meter.add(logits, labels)
     return meter.result(prefix)
 
 
@@ -210,47 +221,91 @@ def finetune(
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
 ) -> tuple[Path, dict]:
-    """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.runs`)."""
+    """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.runs`).
+
+    ``seed`` seeds the head's initialisation, a random backbone's (``--weights random``), the
+    shuffling, the augmentation and the validation split; the default (0) reproduces earlier runs.
+    """
     started = time.perf_counter()
     config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
+    check_number("--margin", margin, minimum=0)
     config.update(backbone=backbone, weights=str(weights), unfreeze=unfreeze, init_head=str(init_head) if init_head else None,
-                  crop=crop, margin=margin, image_size=image_size, seed=seed)
+                  crop=crop, margin=margin, image_size=image_size, seed=check_seed(seed))
     # Pretrained statistics are worth keeping; a random network's are not statistics at all.
     config["freeze_bn_stats"] = bool(config["freeze_bn_stats"]) and str(weights) != "random"
     manifest = data.load_manifest(data_dir)
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
+    runtime.prepare_device(device, precision)
     config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint)
-    workers = loaders.default_workers() if workers is None else workers
+    workers = loaders.default_workers(device) if workers is None else workers
 
-    bb = backbones.build_backbone(backbone, weights, image_size)
+    bb = backbones.build_backbone(backbone, weights, image_size, seed=seed)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
-    model = backbones.classifier_model(bb, manifest.num_classes)
+    model = backbones.classifier_model(bb, manifest.num_classes, seed=seed)
     if init_head:
-        model.head.load_state_dict(runs.load_checkpoint(_check_head_run(Path(init_head), bb, manifest, crop, margin)))
+        _load_init_head(model, _check_head_run(Path(init_head), bb, manifest, crop, margin))
     set_trainable(model, unfrozen, everything=unfreeze == "all")
     params = runs.count_params(model)
     model.to(device, memory_format=torch.channels_last)
-
     run_dir = runs.resolve_run_dir(
         out, f"finetune-{backbone.replace('/', '-')}-{features.weights_tag(str(weights))}-{unfreeze.replace(',', '+')}-{preset}", artifacts
     )
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not force:
+    with runs.writing_run(run_dir, "finetune", force=force, resume=resume) as target:
+        metrics = _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress)
+        return run_dir, runs.finish(target, metrics, started)
+
+
+def _load_init_head(model, head_file: Path) -> None:
+    state = runs.load_checkpoint(head_file)
+    want = tuple(model.head.weight.shape)
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} if isinstance(state, dict) else {}
+    if set(shapes) != {"weight", "bias"} or shapes["weight"] != want or shapes["bias"] != want[:1]:
+        found = ", ".join(f"{k} {s}" for k, s in shapes.items()) if shapes else f"a {type(state).__name__}"
         raise CarsTLError(
-            f"run directory {run_dir} already exists",
-            "add --resume to continue it, --force to start it over, or --out for a new run",
+            f"--init-head: {head_file} is not a head for this model: it holds {found}, "
+            f"this model's head is weight {want} and bias {want[:1]}",
+            "retrain the head on this backbone's features: cars-tl train-head --features F.h5 --force",
         )
+    model.head.load_state_dict(state)
 
+
+def _resume_changes(state_config: dict, config: dict, force: bool, last_path: Path) -> list[str]:
+    """The options that differ from the checkpoint's; refuses what cannot continue honestly."""
+    differing = sorted(k for k in set(config) | set(state_config) if k not in RESUME_FREE and config.get(k) != state_config.get(k))
+    listing = ", ".join(f"{k}: {state_config.get(k)!r} -> {config.get(k)!r}" for k in differing)
+    if "epochs" in differing and (config["schedule"] != "none" or config["warmup_epochs"]):
+        raise CarsTLError(
+            f"--resume with --epochs {config['epochs']} instead of {state_config.get('epochs')}: the learning-rate schedule "
+            f"({config['schedule']}, {config['warmup_epochs']} warmup epoch(s)) was laid out over {state_config.get('epochs')} epochs, "
+            "and stretching it mid-run would jump the learning rate",
+            f"resume with --epochs {state_config.get('epochs')}, or start a new run (--force without --resume, or --out)",
+        )
+    if differing == ["epochs"]:
+        return differing  # a constant schedule continues as it was: optimizer state and all
+    if differing and not force:
+        raise CarsTLError(
+            f"--resume with other options than {last_path.parent.parent} was started with: {listing}",
+            "rerun with the original options, or add --force to continue from its weights with a new optimizer",
+        )
+    return differing
+
+
+def _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress) -> dict:
+    last_path, best_path = target / "checkpoints" / "last.pt", target / "checkpoints" / "best.pt"
     opt = build_optimizer(model, config)
-
     spec = bb.transform
-    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"]), crop, margin, mark_bad=True)
+    crop, margin = config["crop"], config["margin"]
+    cuda = device.startswith("cuda")
+    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"], "uint8" if cuda else "float"),
+                                 crop, margin, mark_bad=True)
     eval_train = loaders.eval_dataset(manifest, "train", spec, device, crop, margin)
     test_set = loaders.eval_dataset(manifest, "test", spec, device, crop, margin)
     labels = np.array([r.label for r in train_set.records])
     fit_idx, val_idx = stratified_split(labels, config["val_fraction"], seed)
     fit_set = Subset(train_set, fit_idx.tolist()) if len(val_idx) else train_set
+    sampler = loaders.EpochSampler(len(fit_set), seed)
+    train_loader = loaders.make_loader(loaders.SeededAugmentation(fit_set, seed), config["batch_size"], workers, device, sampler=sampler)
     eval_batch = config["batch_size"] * 2
     eval_loaders = {"test": loaders.eval_loader(test_set, range(len(test_set)), eval_batch, workers, device, spec)}
     if len(val_idx):
@@ -258,7 +313,7 @@ def finetune(
     steps_per_epoch = -(-len(fit_set) // config["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
     select = "val" if "val" in eval_loaders else "test"
-    scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=precision == "fp16")
 
     metrics = runs.new_metrics(
         "finetune", run_dir.name, config, params=params, model_file=MODEL_FILE, device=device,
@@ -269,13 +324,7 @@ def finetune(
     start_epoch, best = 1, None
     if resume and last_path.is_file():
         state = runs.load_checkpoint(last_path)
-        differing = sorted(k for k in set(config) | set(state["config"]) if k not in RESUME_FREE and config.get(k) != state["config"].get(k))
-        if differing and not force:
-            raise CarsTLError(
-                f"--resume with other options than {run_dir} was started with: "
-                + ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in differing),
-                "rerun with the original options, or add --force to continue with the new ones",
-            )
+        differing = _resume_changes(state["config"], config, force, last_path)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -283,64 +332,103 @@ def finetune(
                 f"{last_path} does not fit the model asked for now: {str(exc).splitlines()[0][:200]}",
                 "resume with the original --backbone, or start over with --force (without --resume)",
             ) from None
-        if not differing:
+        if differing in ([], ["epochs"]):
             opt.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        else:  # forced with other options: keep the weights, start the new optimizer/schedule afresh
-            metrics["resumed_with_changes"] = differing
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        else:  # forced with other options: the weights carry on, the optimizer and schedule start afresh
+            metrics["optimizer_restarted"] = True
+        if differing:
+            metrics["resumed_with_changes"] = {k: [state["config"].get(k), config.get(k)] for k in differing}
         start_epoch, best = state["epoch"] + 1, state["best"]
         metrics["history"] = state["history"]
         metrics["resumed_from_epoch"] = state["epoch"]
-    elif force and run_dir.exists():
-        for stale in (last_path, best_path, run_dir / MODEL_FILE):
-            stale.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        _repair_best(state, best_path)
 
     if start_epoch == 1:  # the starting point, before any step (e.g. the init-head's accuracy)
         row = {"epoch": 0}
         for name, loader in eval_loaders.items():
-            row.update(evaluate(model, loader, device, precision, name))
+            row.update(evaluate(model, loader, device, precision, name, spec))
         metrics["history"] = [row]
-    runs.write_metrics(run_dir, metrics)
+    runs.write_metrics(target, metrics)
 
-    with runs.recording(run_dir, metrics):
+    with runs.recording(target, metrics):
         for epoch in range(start_epoch, config["epochs"] + 1):
-            generator = _seed_epoch(seed, epoch)
-            loader = loaders.make_loader(fit_set, config["batch_size"], workers, device, shuffle=True, generator=generator)
-            row = _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, len(fit_set), progress)
+            _seed_epoch(seed, epoch)
+            sampler.set_epoch(epoch)
+            row = _train_epoch(model, train_loader, opt, scheduler, scaler, config, device, precision, epoch, len(fit_set), spec, progress)
+            if not math.isfinite(row["train_loss"]):
+                metrics["diverged_at_epoch"] = epoch
+                raise DivergedError(
+                    f"training diverged: the loss became {row['train_loss']} in epoch {epoch}; "
+                    f"checkpoints/last.pt keeps epoch {epoch - 1}",
+                    "lower --lr and start again with --force (or --resume --force from the last good epoch)",
+                )
             for name, loader in eval_loaders.items():
-                row.update(evaluate(model, loader, device, precision, name))
+                row.update(evaluate(model, loader, device, precision, name, spec))
             metrics["history"].append(row)
             score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
-            if best is None or score > (best["acc"], -best["loss"]):
+            improved = best is None or score > (best["acc"], -best["loss"])
+            if improved:
                 best = {"epoch": epoch, "acc": score[0], "loss": -score[1]}
-                runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
+            # last.pt first: it names the best epoch, and holds that epoch's weights whenever best.pt
+            # may lag behind it (a kill between the two writes), so _repair_best can always mend it.
             runs.save_checkpoint(last_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "rng": _rng_state(), "config": config, "best": best, "history": metrics["history"],
+                "scaler": scaler.state_dict(), "epoch": epoch, "rng": _rng_state(), "config": config, "best": best,
+                "history": metrics["history"],
             })
-            runs.write_metrics(run_dir, metrics)
-    best_state = runs.load_checkpoint(best_path) if best_path.is_file() else {"model": model.state_dict()}
-    runs.save_checkpoint(run_dir / MODEL_FILE, best_state["model"])
+            if improved:
+                runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
+            runs.write_metrics(target, metrics)
+        runs.save_checkpoint(target / MODEL_FILE, _best_weights(best, last_path, best_path, model))
     chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
     metrics["final"] = {
         **{k: chosen.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")},
         "best_epoch": chosen["epoch"],
         "selected_by": "validation split of train" if select == "val" else "test accuracy (as the study did: optimistic)",
     }
-    if select == "val" and init_head:
+    if select == "val" and config["init_head"]:
         metrics["final"]["note"] = "the --init-head run was trained on all of train, validation images included: val metrics are optimistic"
-    return run_dir, runs.finish(run_dir, metrics, started)
+    return metrics
 
 
-def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, progress) -> dict:
+def _repair_best(last: dict, best_path: Path) -> None:
+    """After a kill between writing last.pt and best.pt, best.pt lags: when last.pt's epoch is the
+    best one, its weights are the best weights."""
+    best = last.get("best") or {}
+    if best.get("epoch") != last["epoch"]:
+        return
+    current = runs.load_checkpoint(best_path) if best_path.is_file() else {}
+    if current.get("epoch") != best["epoch"]:
+        runs.save_checkpoint(best_path, {"model": last["model"], "epoch": last["epoch"], "config": last["config"]})
+
+
+def _best_weights(best: dict | None, last_path: Path, best_path: Path, model) -> dict:
+    """The kept model's weights, checked to be of the epoch the run reports as best."""
+    if best is None:  # no epoch ran (e.g. --epochs reached already): the weights as they are
+        return model.state_dict()
+    state = runs.load_checkpoint(best_path) if best_path.is_file() else {}
+    if state.get("epoch") == best["epoch"]:
+        return state["model"]
+    last = runs.load_checkpoint(last_path)
+    if last.get("epoch") == best["epoch"]:
+        return last["model"]
+    raise CarsTLError(
+        f"{best_path} holds epoch {state.get('epoch')}, but the run's best epoch is {best['epoch']}: the checkpoints disagree",
+        "start the run again with --force",
+    )
+
+
+def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, spec, progress) -> dict:
     train_mode(model, config["freeze_bn_stats"])
     meter = Meter()
     start = time.perf_counter()
     with progress.task(f"epoch {epoch}/{config['epochs']}", total=total, unit="img") as task:
-        for images, labels, _, bad in loader:
+        for step, (images, labels, _, bad) in enumerate(loader, 1):
             data.raise_bad(bad)
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = loaders.batch_to_device(images, device, spec)
             labels = labels.to(device, non_blocking=True)
             with runtime.autocast(device, precision):
                 logits = model(images)
@@ -350,7 +438,12 @@ def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precisio
             scaler.step(opt)
             scaler.update()
             scheduler.step()
-            meter.add(logits.detach().float().cpu(), labels.cpu())
-            task.advance(len(labels), status=f"loss {meter.loss_sum / meter.count:.3f} acc {100 * meter.correct / meter.count:.1f}%")
+            meter.add(logits.detach(), labels)
+            # Reading the running figures waits for the device: only every LOG_EVERY steps.
+            status = {}
+            if step % LOG_EVERY == 0:
+                running_loss, running_acc = meter.running()
+                status = {"status": f"loss {running_loss:.3f} acc {running_acc:.1f}%"}
+            task.advance(len(labels), **status)
     seconds = time.perf_counter() - start
     return {"epoch": epoch, **meter.result("train"), "seconds": round(seconds, 3), "images_per_second": round(total / seconds, 2)}

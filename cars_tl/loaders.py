@@ -29,8 +29,11 @@ from cars_tl import backbones, data
 from cars_tl.errors import CarsTLError
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+def default_workers(device: str = "cpu") -> int:
+    """CPU: decode threads beside the model (at most 4 help on the cores the model also uses).
+    CUDA: every core this process may use decodes, since the GPU runs the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if device.startswith("cuda") else min(4, cores)
 
 
 def _check_workers(workers: int) -> None:
@@ -38,25 +41,90 @@ def _check_workers(workers: int) -> None:
         raise CarsTLError(f"--workers must be >= 0, got {workers}", "use 0 to load in the main thread, or a positive count")
 
 
-def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None):
-    """The DataLoader: worker processes, pinned memory on CUDA.
+def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None, sampler=None):
+    """The DataLoader: worker processes kept alive across epochs, pinned memory on CUDA.
 
     Unreadable images come back to the main process as bad items, which the caller skips or
-    raises (``data.raise_bad``), so that the error names the file.
+    raises (``data.raise_bad``), so that the error names the file. ``generator`` (a private one
+    by default) keeps the loader from drawing on the global RNG.
     """
     _check_workers(workers)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        num_workers=workers, generator=generator if generator is not None else torch.Generator().manual_seed(0),
         pin_memory=device.startswith("cuda"), collate_fn=data.collate_marking_bad,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
     )
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 steps): nearby inputs give unrelated seeds."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (int(value) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return state >> 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Training order of one epoch as keys ``epoch * n + position``: a permutation seeded by
+    (seed, epoch) alone (:meth:`set_epoch`, as DistributedSampler). The key carries the epoch to
+    :class:`SeededAugmentation`, also inside worker processes that persist across epochs."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))).tolist()
+
+    def __iter__(self):
+        base = self.epoch * self.size
+        return iter([base + p for p in self.order()])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """``dataset[position]`` for a key of :class:`EpochSampler`, with torch's RNG seeded from
+    (seed, epoch, position) for the transform and restored afterwards: the random crops, flips and
+    jitter of a sample depend on nothing else, whatever the number of workers (torchvision's
+    transforms draw from torch's RNG only), and the caller's RNG stream is left as it was."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        epoch, position = divmod(int(key), len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, epoch, position))
+            return self.dataset[position]
+
+
+def batch_to_device(images: torch.Tensor, device: str, spec: dict) -> torch.Tensor:
+    """A batch on ``device`` as the model takes it (channels_last float). uint8 batches (the CUDA
+    loaders': 4x less to copy) are normalized there with the weights' mean and std."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        mean = torch.tensor(spec["mean"], device=images.device).view(1, -1, 1, 1) * 255
+        scale = 1 / (torch.tensor(spec["std"], device=images.device).view(1, -1, 1, 1) * 255)
+        images = (images.float() - mean) * scale
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def eval_dataset(manifest, split: str, spec: dict, device: str, crop: str = "full", margin: float = 0.0) -> data.CarsDataset:
     """A ``mark_bad`` dataset of ``split`` for :func:`eval_loader` on ``device``: on the CPU it stops
     at the resize and crop (the threaded loader normalizes into its batches), elsewhere it yields
-    :func:`cars_tl.backbones.eval_transform` tensors."""
-    transform = backbones.eval_resize_crop(spec) if device == "cpu" else backbones.eval_transform(spec)
+    uint8 tensors that :func:`batch_to_device` normalizes on the device."""
+    transform = backbones.eval_resize_crop(spec) if device == "cpu" else backbones.eval_transform(spec, output="uint8")
     return data.CarsDataset(manifest, split, transform, crop, margin, mark_bad=True)
 
 

@@ -20,7 +20,20 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CarsTLError(f"--device {device} asked for, but no CUDA device is available here", "use --device cpu (or auto)")
+    if device.startswith("cuda:"):
+        index, count = device[len("cuda:"):], torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            valid = ", ".join(f"cuda:{i}" for i in range(count))
+            raise CarsTLError(f"--device {device}: this machine has {count} CUDA device(s); valid: cuda, {valid}",
+                              "use --device cuda (the first) or one of the indices listed (nvidia-smi shows them)")
     return device
+
+
+def cuda_has_native_bf16(device: str) -> bool:
+    """bf16 tensor cores (compute capability 8.0+, Ampere on) on the device asked for."""
+    import torch
+
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -34,18 +47,34 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    import torch
-
     if precision not in PRECISIONS:
         raise CarsTLError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     cuda = device.startswith("cuda")
     if precision == "auto":
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+            return "bf16" if cuda_has_native_bf16(device) else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not cuda:
         raise CarsTLError("--precision fp16 needs a CUDA device", "use --precision bf16 or fp32 on the CPU")
+    if precision == "bf16" and cuda and not cuda_has_native_bf16(device):
+        raise CarsTLError(f"--precision bf16: {device} has no native bf16 (compute capability below 8.0)",
+                          "use --precision fp16 (or auto) on this GPU")
     return precision
+
+
+def prepare_device(device: str, precision: str) -> None:
+    """Backend settings for a run: cuDNN picks the fastest convolution algorithms for the fixed
+    input size, and fp32 means fp32 (TF32 matrix math off), so ``--precision fp32`` is what it says."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    if torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
+    torch.backends.cudnn.benchmark = True
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def autocast(device: str, precision: str):
