@@ -44,7 +44,7 @@ def _holder(lock_file: Path) -> str:
         info = {}
     if not info:
         return "another process"
-    return f"PID {info.get('pid')} on {info.get('host')} since {info.get('since')} ({info.get('command')})"
+    return f"PID {info.get('pid')} ({info.get('stage')}: {info.get('command')}) on {info.get('host')} since {info.get('since')}"
 
 
 @contextlib.contextmanager

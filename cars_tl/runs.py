@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from cars_tl import locks
-from cars_tl.atomic import atomic_path, atomic_write_text, swap_in
+from cars_tl.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
 from cars_tl.errors import CarsTLError
 
 FORMAT_VERSION = 1
@@ -200,11 +200,32 @@ def model_file(run_dir: Path) -> Path:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint.
+
+    Free space and ``ulimit -f`` are checked first (the tensors' size is known), and a write that
+    fails anyway is reported with the path, never as torch's serializer error."""
     import torch
 
-    with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
+    path = Path(path)
+    ensure_room(path, _payload_bytes(payload) + (1 << 20), "checkpoint")
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer turns a failed write into this
+            raise CarsTLError(
+                f"cannot write the checkpoint {path}: {str(exc).splitlines()[0][:200]}",
+                f"free space in {path.parent} (or raise ulimit -f), then rerun; a finetune continues with --resume",
+            ) from None
+
+
+def _payload_bytes(value) -> int:
+    if hasattr(value, "untyped_storage"):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_payload_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_payload_bytes(v) for v in value)
+    return 64
 
 
 def load_checkpoint(path: Path) -> dict:
