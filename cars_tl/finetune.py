@@ -39,6 +39,7 @@ from torch.utils.data import Subset
 from cars_tl import backbones, data, features, loaders, runs, runtime
 from cars_tl.errors import CarsTLError
 from cars_tl.heads import make_optimizer, stratified_split
+from cars_tl.predict import score_batches
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter
 
@@ -322,6 +323,10 @@ def finetune(
             runs.write_metrics(run_dir, metrics)
     best_state = runs.load_checkpoint(best_path) if best_path.is_file() else {"model": model.state_dict()}
     runs.save_checkpoint(run_dir / MODEL_FILE, best_state["model"])
+    model.load_state_dict(best_state["model"])  # the kept model's test predictions
+    model.eval()
+    runs.write_predictions(run_dir, *score_batches(lambda x: model(x).float().softmax(1), eval_loaders["test"], test_set.records,
+                                                   device, precision), "probability")
     chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
     metrics["final"] = {
         **{k: chosen.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")},

@@ -27,6 +27,7 @@ class LoadedRun:
     transform: Callable
     score: Callable[[torch.Tensor], torch.Tensor]  # features -> (n, classes) scores
     score_kind: str  # "probability" (softmax) or "decision score" (SVM)
+    predict: Callable[[torch.Tensor], object] | None = None  # features -> labels, where rank 1 is not the top score (SVM)
 
 
 def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbone:
@@ -52,6 +53,11 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
     cache = {} if cache is None else cache
     run_dir = Path(run_dir)
     metrics = runs.read_metrics(run_dir)
+    if metrics["kind"] == "knn":
+        raise CarsTLError(
+            f"{run_dir} is a knn run: it keeps no model to apply to new images (its test predictions are saved in it)",
+            f"predict with a train-head, fit-svm or finetune run; look inside it with: cars-tl inspect {run_dir}",
+        )
     model_path = runs.model_file(run_dir)
     kind, names = metrics["kind"], metrics["class_names"]
     if kind == "finetune":
@@ -93,4 +99,5 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         out[:, classes] = raw if raw.shape[1] == len(classes) else torch.stack([-raw[:, 0], raw[:, 0]], 1)
         return out
 
-    return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score")
+    return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score",
+                     lambda f: model.predict(f.double().numpy()))

@@ -280,6 +280,11 @@ def fit_svm(
                 task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
     primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
     best = results[primary]
+    if primary != kernels[-1]:  # the saved predictions are the kept kernel's; rank 1 is SVC.predict
+        model = load_model(run_dir / best["model_file"])
+        test_pred = model.predict(te.features)
+    runs.write_predictions(run_dir, te.ids, te.labels, model.decision_function(te.features), "decision score",
+                           columns=model.classes, first=test_pred)
     metrics.update(
         kernels=results, model_file=best["model_file"],
         final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,
