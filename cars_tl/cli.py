@@ -306,14 +306,15 @@ def sparsity(
 def report(
     artifacts: Artifacts = Path("artifacts"),
     out: Annotated[Optional[Path], typer.Option(help="Report folder [artifacts/report].")] = None,
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Dataset the runs used: thumbnails in the report come from its images.")] = Path("data"),
 ):
-    """Gather every run into the comparison table, kernel table, curves and sparsity chart (report.md, report.html)."""
+    """Gather every run: headline chart, comparison, seeds, curves, per-class and make-level accuracy, confusions, gallery (report.md, report.html)."""
     from rich.table import Table
 
     from cars_tl.console import console, out as stdout
     from cars_tl.report import build_report
 
-    result = build_report(artifacts, out)
+    result = build_report(artifacts, out, data_dir=data_dir)
     table = Table(title="cars_tl runs")
     shown = [c for c in result["columns"] if c not in ("kind", "total params", "best epoch")]
     for column in shown:
@@ -323,6 +324,8 @@ def report(
     stdout.print(table)
     for problem in result["problems"]:
         console.print(f"[yellow]{problem['status']}[/]: {problem['run']} ({problem['detail']})")
+    if result["thumbnails"]:
+        console.print(f"[yellow]note[/]: {result['thumbnails']}")
     console.print("wrote " + ", ".join(result["files"].values()))
 
 
