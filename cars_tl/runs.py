@@ -222,6 +222,8 @@ def top_predictions(scores, k: int = PREDICTION_TOP_K, columns=None, first=None)
     each row's rank 1 (the model's own prediction, e.g. ``SVC.predict``); the rest follow the scores.
     """
     scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:  # an empty split
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float64)
     if scores.ndim == 1:
         scores = np.stack([-scores, scores], axis=1)
     columns = np.arange(scores.shape[1]) if columns is None else np.asarray(columns, dtype=np.int64)
