@@ -211,7 +211,7 @@ def test_top_predictions_map_svm_columns_and_keep_its_own_rank_1(tmp_path):
     assert top.tolist() == [[7, 4, 2], [4, 2, 7]] and values[0].tolist() == [0.4, 0.5, 0.1]
     top, values = runs.top_predictions(np.array([1.0, -2.0]), columns=[3, 8])  # sklearn's binary decision value
     assert top.tolist() == [[8, 3], [3, 8]] and values[:, 0].tolist() == [1.0, 2.0]
-    path = runs.write_predictions(tmp_path, [5, 6], [4, 2], scores, "decision score", columns=[2, 4, 7], first=[7, 4])
+    path = runs.write_predictions(tmp_path, [5, 6], [7, 2], scores, "decision score", columns=[2, 4, 7], first=[7, 4])
     p = runs.read_predictions(tmp_path)
     assert path.name == "predictions-test.npz" and p.ids.tolist() == [5, 6] and p.accuracy() == 50.0
     assert not list(tmp_path.glob(".*tmp*"))
