@@ -53,17 +53,20 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5) -> list[di
 
 
 @torch.no_grad()
-def score_batches(score, loader, records, device: str = "cpu", precision: str = "fp32", progress=None):
+def score_batches(score, loader, records, device: str = "cpu", precision: str = "fp32", progress=None, prepare=None):
     """(ids, labels, scores) of every image a loader yields; ``score`` maps an image batch to (n, classes).
 
     ``records`` are the loader's dataset records (positions index them); an unreadable image raises.
+    ``prepare`` puts a loader batch on ``device`` as the model wants it (default: channels_last there).
     """
     from cars_tl import runtime
 
+    if prepare is None:
+        prepare = lambda images: images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # noqa: E731
     ids, labels, scores = [], [], []
     for images, batch_labels, positions, bad in loader:
         data.raise_bad(bad)
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = prepare(images)
         with runtime.autocast(device, precision):
             out = score(images)
         scores.append(out.double().cpu())
