@@ -23,8 +23,6 @@ from cars_tl.errors import CarsTLError
 
 PROVENANCE = ("backbone", "weights", "weights_sha256", "weights_digest", "transform", "crop", "margin", "precision",
               "dataset_fingerprint", "num_classes", "feature_dim", "backbone_params", "created", "versions", "options")
-# Attributes that differ between any two extractions and say nothing about the features.
-INCIDENTAL = ("created",)
 
 
 def feature_stats(x: np.ndarray) -> dict:
@@ -169,7 +167,7 @@ def _value(v) -> str:
         return f"{v:.6g}"
     if isinstance(v, (dict, list)):
         return json.dumps(v, sort_keys=True)
-    return "–" if v is None else str(v)
+    return "–" if v is None or v == "" else str(v)
 
 
 def _stats_line(s: dict) -> str:

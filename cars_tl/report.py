@@ -42,8 +42,8 @@ from cars_tl.errors import CarsTLError
 COLUMNS = ("model", "kind", "backbone / weights / preset", "trainable params", "total params", "train time",
            "train loss", "train acc %", "test loss", "test acc %", "test top-5 %", "best epoch")
 GROUP_ORDER = ("A", "B", "C", "D", "kNN")
-GROUP_TITLES = {"A": "A: from scratch", "B": "B: frozen + Linear head", "C": "C: frozen + SVM",
-                "D": "D: partial fine-tune", "kNN": "kNN on frozen features"}
+GROUP_TITLES = {"A": "from scratch (random weights, all trained)", "B": "frozen features + Linear head",
+                "C": "frozen features + SVM", "D": "part of the backbone fine-tuned", "kNN": "k nearest neighbours on frozen features"}
 PRESET_COLOURS = {"study": "#4C72B0", "tuned": "#DD8452"}
 OTHER_COLOUR = "#8C8C8C"
 GROUP_COLOURS = {"A": "#C44E52", "B": "#4C72B0", "C": "#55A868", "D": "#8172B3", "kNN": "#937860"}
@@ -586,8 +586,9 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
 
     # ---- Markdown
     text = ["# cars_tl report", "", note]
+    legend = "; ".join(f"{k}: {v}" for k, v in GROUP_TITLES.items())
     if has_headline:
-        text += ["", "## Test accuracy by model", "", f"![test accuracy by model]({headline.name})"]
+        text += ["", "## Test accuracy by model", "", f"![test accuracy by model]({headline.name})", "", md(legend)]
     text += ["", "## Comparison", "", _md_table(COLUMNS, rows) if rows else "_no complete runs_"]
     if group_rows:
         text += ["", "## Seeds: configurations and their runs", "", _md_table(group_cols, group_rows)]
@@ -630,7 +631,7 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     # ---- HTML
     parts = ["<h1>cars_tl report</h1>", f"<p>{esc(note)}</p>", _toc(has_headline, bool(make_rows), bool(gallery))]
     if has_headline:
-        parts += ["<h2 id='headline'>Test accuracy by model</h2>", _png(headline, "test accuracy by model")]
+        parts += ["<h2 id='headline'>Test accuracy by model</h2>", _png(headline, "test accuracy by model"), f"<p>{esc(legend)}</p>"]
     parts += ["<h2 id='comparison'>Comparison</h2>", _html_table(COLUMNS, rows) if rows else "<p>No complete runs.</p>"]
     if group_rows:
         parts += ["<h2 id='seeds'>Seeds: configurations and their runs</h2>",
