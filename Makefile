@@ -1,7 +1,8 @@
 # cars_tl: the study as a pipeline of real file targets.
 #   make demo   the whole chain offline on generated data (random weights, small settings)
 #   make test   the test suite
-#   make all    the study: download -> features -> B, C -> A, D -> predict -> sparsity -> report
+#   make all    the study: download -> features -> B, C, kNN -> A, D -> predict -> sparsity -> report
+#   make all SEEDS="0 1 2"   B, A and D once per seed (run names gain -s<seed>); the report shows mean +- std
 #   make help   every variable
 # `make` reruns only what is stale: each stage depends on its inputs and on a stamp file of its
 # options, rewritten only when the options change (so SVM_KERNEL=rbf reruns just the SVM and the report).
@@ -34,17 +35,37 @@ SVM_C ?= 1.0
 SVM_SCALE ?= l2
 UNFREEZE_D ?= $(if $(findstring timm/,$(BACKBONE)),blocks.6,layer4)
 SPARSITY_IMAGES ?= 32
+KNN_K ?= 20
+KNN_T ?= 0.07
+# Empty or one value: one run per stage, under the usual names. Several: one run per seed, named -s<seed>.
+# fit-svm and knn are deterministic (nothing to seed): they run once.
+SEEDS ?=
+DEMO_SEEDS ?= 0 1
 
 RUNS := $(ARTIFACTS)/runs
 OPTS := $(ARTIFACTS)/.options
 MANIFEST := $(DATA)/stanford_cars/manifest.json
 FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))
 FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
-HEAD_B := $(RUNS)/B-head-$(PRESET)/metrics.json
+SEED_LIST := $(or $(strip $(SEEDS)),0)
+seed_sfx = $(if $(word 2,$(SEED_LIST)),-s$(1))
+empty :=
+space := $(empty) $(empty)
+comma := ,
+seed_opt = $(if $(strip $(SEEDS)),$(space)--seed $(1))
+head_run = $(RUNS)/B-head-$(PRESET)$(call seed_sfx,$(1))/metrics.json
+a_run = $(RUNS)/A-scratch-$(PRESET)$(call seed_sfx,$(1))/metrics.json
+d_run = $(RUNS)/D-$(UNFREEZE_D)-$(PRESET)$(call seed_sfx,$(1))/metrics.json
+# predict and sparsity look at the first seed's runs.
+HEAD_B := $(call head_run,$(firstword $(SEED_LIST)))
+FT_A := $(call a_run,$(firstword $(SEED_LIST)))
+FT_D := $(call d_run,$(firstword $(SEED_LIST)))
+HEADS_B := $(foreach s,$(SEED_LIST),$(call head_run,$(s)))
+FTS_A := $(foreach s,$(SEED_LIST),$(call a_run,$(s)))
+FTS_D := $(foreach s,$(SEED_LIST),$(call d_run,$(s)))
 SVM_C1 := $(RUNS)/C-svm-$(SVM_KERNEL)/metrics.json
 SVM_ALL := $(RUNS)/C-svm-all-kernels/metrics.json
-FT_A := $(RUNS)/A-scratch-$(PRESET)/metrics.json
-FT_D := $(RUNS)/D-$(UNFREEZE_D)-$(PRESET)/metrics.json
+KNN := $(RUNS)/kNN/metrics.json
 PREDICT := $(ARTIFACTS)/predict/predictions.json
 SPARSITY := $(ARTIFACTS)/sparsity/sparsity.json
 REPORT := $(ARTIFACTS)/report/report.html
@@ -65,20 +86,22 @@ DEMO_IMAGE_SIZE := $(if $(filter command line,$(origin WEIGHTS)),,64)
 # A stage that fails leaves no target behind: the next make reruns it.
 .DELETE_ON_ERROR:
 
-.PHONY: help install test test-fast demo all features B C C-all A D predict sparsity report clean-demo FORCE
+.PHONY: help install test test-fast demo all features B C C-all kNN A D predict sparsity report clean-demo FORCE
 
 help:
 	@echo "cars_tl make targets:"
 	@echo "  make demo       whole chain offline on generated data (random weights; numbers only show the chain works)"
 	@echo "  make test       run the test suite (creates $(VENV) when missing)"
-	@echo "  make all        the study end to end: download, features, B, C, A, D, predict, sparsity, report"
-	@echo "  make features | B | C | C-all | A | D | predict | sparsity | report   one stage (and what it needs)"
+	@echo "  make all        the study end to end: download, features, B, C, kNN, A, D, predict, sparsity, report"
+	@echo "  make all SEEDS=\"0 1 2\"   B, A and D once per seed; the report groups them (mean +- std, n)"
+	@echo "  make features | B | C | C-all | kNN | A | D | predict | sparsity | report   one stage (and what it needs)"
 	@echo ""
 	@echo "variables (current value):"
 	@echo "  DATA=$(DATA)  SOURCE=$(SOURCE)  ARTIFACTS=$(ARTIFACTS)"
 	@echo "  BACKBONE=$(BACKBONE)  WEIGHTS=$(WEIGHTS)  PRESET=$(PRESET)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
 	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)"
 	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
+	@echo "  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)"
 
 # ----------------------------------------------------------------------------- environment
 
@@ -108,11 +131,9 @@ endef
 # forth reuses the runs already made for each value.
 $(OPTS)/download: FORCE ; $(call stamp,$(SOURCE))
 $(OPTS)/features-$(FEATURES_TAG): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(SHAPE))
-$(OPTS)/head-$(PRESET): FORCE ; $(call stamp,$(TRAIN))
 $(OPTS)/svm-$(SVM_KERNEL): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
 $(OPTS)/svm-all: FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
-$(OPTS)/A-$(PRESET): FORCE ; $(call stamp,$(BACKBONE) $(TRAIN) $(SHAPE))
-$(OPTS)/D-$(UNFREEZE_D)-$(PRESET): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(TRAIN) $(SHAPE))
+$(OPTS)/knn: FORCE ; $(call stamp,$(KNN_K) $(KNN_T))
 $(OPTS)/sparsity: FORCE ; $(call stamp,$(SPARSITY_IMAGES))
 
 # ----------------------------------------------------------------------------- the study
@@ -126,21 +147,32 @@ $(FEATURES): $(MANIFEST) $(OPTS)/features-$(FEATURES_TAG)
 	$(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) $(COMMON) --out $@
 	@touch $@
 
-$(HEAD_B): $(FEATURES) $(OPTS)/head-$(PRESET)
-	$(CARS) train-head --features $(FEATURES) $(TRAIN) --out $(@D)
+# B, A and D for one seed ($(1)); D starts from that seed's B.
+define seeded_stages
+$$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(TRAIN)$(call seed_opt,$(1)))
+$$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(BACKBONE) $$(TRAIN) $$(SHAPE)$(call seed_opt,$(1)))
+$$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(BACKBONE) $$(WEIGHTS) $$(TRAIN) $$(SHAPE)$(call seed_opt,$(1)))
+
+$(call head_run,$(1)): $$(FEATURES) $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1))
+	$$(CARS) train-head --features $$(FEATURES) $$(TRAIN)$(call seed_opt,$(1)) --force --out $$(@D)
+
+$(call a_run,$(1)): $$(MANIFEST) $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1))
+	$$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
+
+$(call d_run,$(1)): $$(MANIFEST) $(call head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1))
+	$$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights $$(WEIGHTS) --unfreeze $$(UNFREEZE_D) \
+		--init-head $$(dir $(call head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
+endef
+$(foreach s,$(SEED_LIST),$(eval $(call seeded_stages,$(s))))
 
 $(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)
-	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) --C $(SVM_C) --scale $(SVM_SCALE) --out $(@D)
+	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) --C $(SVM_C) --scale $(SVM_SCALE) --force --out $(@D)
 
 $(SVM_ALL): $(FEATURES) $(OPTS)/svm-all
-	$(CARS) fit-svm --features $(FEATURES) --kernel all --C $(SVM_C) --scale $(SVM_SCALE) --out $(@D)
+	$(CARS) fit-svm --features $(FEATURES) --kernel all --C $(SVM_C) --scale $(SVM_SCALE) --force --out $(@D)
 
-$(FT_A): $(MANIFEST) $(OPTS)/A-$(PRESET)
-	$(CARS) finetune --data-dir $(DATA) --backbone $(BACKBONE) --weights random --unfreeze all $(TRAIN) $(COMMON) --force --out $(@D)
-
-$(FT_D): $(MANIFEST) $(HEAD_B) $(OPTS)/D-$(UNFREEZE_D)-$(PRESET)
-	$(CARS) finetune --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --unfreeze $(UNFREEZE_D) \
-		--init-head $(dir $(HEAD_B)) $(TRAIN) $(COMMON) --force --out $(@D)
+$(KNN): $(FEATURES) $(OPTS)/knn
+	$(CARS) knn --features $(FEATURES) --k $(subst $(space),$(comma),$(strip $(KNN_K))) --temperature $(KNN_T) --force --out $(@D)
 
 # As in the study: one test image through A, B and D (an SVM run can be added with --model too).
 $(PREDICT): $(FT_A) $(HEAD_B) $(FT_D)
@@ -152,15 +184,16 @@ $(SPARSITY): $(FT_A) $(HEAD_B) $(FT_D) $(OPTS)/sparsity
 	$(CARS) sparsity --model $(dir $(FT_A)) --model $(dir $(HEAD_B)) --model $(dir $(FT_D)) \
 		--split test --limit $(SPARSITY_IMAGES) --data-dir $(DATA) --out $(@D)
 
-$(REPORT): $(HEAD_B) $(SVM_C1) $(SVM_ALL) $(FT_A) $(FT_D) $(PREDICT) $(SPARSITY)
-	$(CARS) report --artifacts $(ARTIFACTS)
+$(REPORT): $(HEADS_B) $(SVM_C1) $(SVM_ALL) $(KNN) $(FTS_A) $(FTS_D) $(PREDICT) $(SPARSITY)
+	$(CARS) report --artifacts $(ARTIFACTS) --data-dir $(DATA)
 
 features: $(FEATURES)
-B: $(HEAD_B)
+B: $(HEADS_B)
 C: $(SVM_C1)
 C-all: $(SVM_ALL)
-A: $(FT_A)
-D: $(FT_D)
+kNN: $(KNN)
+A: $(FTS_A)
+D: $(FTS_D)
 predict: $(PREDICT)
 sparsity: $(SPARSITY)
 report: $(REPORT)
@@ -170,7 +203,8 @@ demo: $(VENV)/.installed
 	@echo "== cars_tl demo: generated images, $(DEMO_BACKBONE) with $(DEMO_WEIGHTS) weights."
 	@echo "== With random weights and generated images the numbers only show that the chain works."
 	$(MAKE) --no-print-directory all DATA=data/demo SOURCE=demo ARTIFACTS=artifacts/demo \
-		BACKBONE=$(DEMO_BACKBONE) WEIGHTS=$(DEMO_WEIGHTS) IMAGE_SIZE=$(DEMO_IMAGE_SIZE) EPOCHS=2 BATCH=16 SPARSITY_IMAGES=16 WORKERS=2
+		BACKBONE=$(DEMO_BACKBONE) WEIGHTS=$(DEMO_WEIGHTS) IMAGE_SIZE=$(DEMO_IMAGE_SIZE) EPOCHS=2 BATCH=16 SPARSITY_IMAGES=16 WORKERS=2 \
+		SEEDS="$(DEMO_SEEDS)"
 	@echo "== demo report: artifacts/demo/report/report.html (and report.md)"
 
 clean-demo:

@@ -283,10 +283,12 @@ def finetune(
 
 @command("predict")
 def predict(
-    images: Annotated[List[Path], typer.Argument(metavar="IMAGE", help="Image files.", show_default=False)],
     model: Annotated[List[Path], typer.Option("--model", metavar="RUN_DIR", help="Run directory (finetune, train-head or fit-svm); repeatable.")],
+    images: Annotated[Optional[List[Path]], typer.Argument(metavar="IMAGE", help="Image files.", show_default=False)] = None,
     top_k: Annotated[int, typer.Option(help="Classes shown per model.")] = 5,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    split: Annotated[Optional[str], typer.Option(help="Instead of images: score this whole split of the manifest and save each run's predictions-<split>.npz.")] = None,
+    data_dir: DataDir = Path("data"),
 ):
     """Top-k classes per image, the given models side by side (softmax probability, or SVM decision score)."""
     import json
@@ -296,7 +298,14 @@ def predict(
     from cars_tl.console import out as stdout
     from cars_tl.predict import predict as run
 
-    results = run(images, model, top_k)
+    if split:
+        from cars_tl.console import progress
+        from cars_tl.predict import predict_split
+
+        for saved in predict_split(model, split, data_dir, progress(), images=images or []):
+            stdout.print(f"{saved['run']}: {saved['count']} {split} images, top-1 {saved['accuracy']:.2f}% -> {saved['file']}")
+        return
+    results = run(images or [], model, top_k)
     if json_output:
         print(json.dumps(results, indent=2))
         return
@@ -340,14 +349,15 @@ def sparsity(
 def report(
     artifacts: Artifacts = Path("artifacts"),
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: ARTIFACTS/report).")] = None,
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Dataset the runs used: thumbnails in the report come from its images.")] = Path("data"),
 ):
-    """Gather every run into the comparison table, kernel table, curves and sparsity chart (report.md, report.html)."""
+    """Gather every run: headline chart, comparison, seeds, curves, per-class and make-level accuracy, confusions, gallery (report.md, report.html)."""
     from rich.table import Table
 
     from cars_tl.console import console, out as stdout
     from cars_tl.report import build_report
 
-    result = build_report(artifacts, out)
+    result = build_report(artifacts, out, data_dir=data_dir)
     table = Table(title="cars_tl runs")
     shown = [c for c in result["columns"] if c not in ("kind", "total params", "best epoch")]
     for column in shown:
@@ -357,4 +367,43 @@ def report(
     stdout.print(table)
     for problem in result["problems"]:
         console.print(f"[yellow]{problem['status']}[/]: {problem['run']} ({problem['detail']})")
+    if result["thumbnails"]:
+        console.print(f"[yellow]note[/]: {result['thumbnails']}")
     console.print("wrote " + ", ".join(result["files"].values()))
+
+
+@command("knn")
+def knn(
+    features: FeaturesFile,
+    k: Annotated[Optional[List[str]], typer.Option("--k", help="Neighbours that vote; repeatable or comma-separated (10,20,50), each reported; the first is the run's result. [20]")] = None,
+    temperature: Annotated[float, typer.Option(help="Vote weight exp(cosine / T).")] = 0.07,
+    force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default under --artifacts/runs).")] = None,
+    artifacts: Artifacts = Path("artifacts"),
+):
+    """Weighted k-nearest-neighbour classification on cosine similarity of cached features (DINO protocol)."""
+    from cars_tl.console import out as stdout, progress
+    from cars_tl.knn import run_knn
+
+    run_dir, metrics = run_knn(features, tuple(k or ()), temperature, force, out, artifacts, progress())
+    for r in metrics["k_results"].values():
+        stdout.print(f"k={r['k']:<4} test acc {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%")
+    stdout.print(f"knn run {run_dir}: T={temperature}, {metrics['wall_time_s']:.1f} s")
+
+
+@command("inspect")
+def inspect(
+    paths: Annotated[List[Path], typer.Argument(help="A feature cache (.h5) or a run directory; two caches (or two runs) are compared.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+):
+    """Look inside a feature cache or a run: provenance, splits, skipped images, feature statistics, final metrics."""
+    import json
+
+    from cars_tl.console import out as stdout
+    from cars_tl.inspection import inspect_paths, render_text
+
+    result = inspect_paths(paths)
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    stdout.print(render_text(result), markup=False, highlight=False, soft_wrap=True)

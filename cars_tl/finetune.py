@@ -44,6 +44,7 @@ from torch.utils.data import Subset
 from cars_tl import backbones, data, features, loaders, runs, runtime
 from cars_tl.errors import CarsTLError, check_number, check_seed
 from cars_tl.heads import make_optimizer, stratified_split
+from cars_tl.predict import score_batches
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter
 
@@ -382,7 +383,13 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
             if improved:
                 runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
             runs.write_metrics(target, metrics)
-        runs.save_checkpoint(target / MODEL_FILE, _best_weights(best, last_path, best_path, model))
+        kept = _best_weights(best, last_path, best_path, model)
+        runs.save_checkpoint(target / MODEL_FILE, kept)
+        model.load_state_dict(kept)  # the kept model's test predictions
+        model.eval()
+        runs.write_predictions(target, *score_batches(lambda x: model(x).float().softmax(1), eval_loaders["test"], test_set.records,
+                                                      device, precision, prepare=lambda b: loaders.batch_to_device(b, device, spec)),
+                               "probability")
     chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
     metrics["final"] = {
         **{k: chosen.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")},

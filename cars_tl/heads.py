@@ -268,6 +268,7 @@ def train_head(
                 raw = torch.nn.Linear(cache.feature_dim, cache.num_classes)
                 raw.load_state_dict(state)
                 final = {**evaluate_logits(raw(x_train), y_train, "train"), **evaluate_logits(raw(x_test), y_test, "test")}
+                runs.write_predictions(target, te.ids, te.labels, raw(x_test).softmax(1).numpy(), "probability")
             metrics.update(
                 history=history,
                 final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch"},

@@ -52,6 +52,11 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
     cache = {} if cache is None else cache
     run_dir = Path(run_dir)
     metrics = runs.read_metrics(run_dir)
+    if metrics["kind"] == "knn":
+        raise CarsTLError(
+            f"{run_dir} is a knn run: it keeps no model to apply to new images (its test predictions are saved in it)",
+            f"predict with a train-head, fit-svm or finetune run; look inside it with: cars-tl inspect {run_dir}",
+        )
     model_path = runs.model_file(run_dir)
     kind, names = metrics["kind"], metrics["class_names"]
     if kind == "finetune":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cars_tl import data
 from cars_tl.errors import CarsTLError
 from cars_tl.inference import load_run
+from cars_tl.progress import NULL
 
 
 def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5) -> list[dict]:
@@ -48,3 +50,69 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5) -> list[di
                             for v, j in zip(values[i], indices[i])],
                 }
     return results
+
+
+@torch.no_grad()
+def score_batches(score, loader, records, device: str = "cpu", precision: str = "fp32", progress=None, prepare=None):
+    """(ids, labels, scores) of every image a loader yields; ``score`` maps an image batch to (n, classes).
+
+    ``records`` are the loader's dataset records (positions index them); an unreadable image raises.
+    ``prepare`` puts a loader batch on ``device`` as the model wants it (default: channels_last there).
+    """
+    from cars_tl import runtime
+
+    if prepare is None:
+        prepare = lambda images: images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    ids, labels, scores = [], [], []
+    for images, batch_labels, positions, bad in loader:
+        data.raise_bad(bad)
+        images = prepare(images)
+        with runtime.autocast(device, precision):
+            out = score(images)
+        scores.append(out.double().cpu())
+        labels.append(torch.as_tensor(batch_labels))
+        ids.extend(records[int(p)].index for p in positions)
+        if progress is not None:
+            progress.advance(len(positions))
+    n_classes = scores[0].shape[1] if scores else 0
+    return (np.array(ids, dtype=np.int64), torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
+            torch.cat(scores).numpy() if scores else np.zeros((0, n_classes)))
+
+
+def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NULL, images=(), batch_size: int = 64,
+                  workers: int | None = None) -> list[dict]:
+    """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.runs`)."""
+    from cars_tl import loaders, locks, runs
+
+    if images:
+        raise CarsTLError("give either image files or --split, not both", f"cars-tl predict --split {split} --model RUN")
+    if not run_dirs:
+        raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
+    manifest = data.load_manifest(data_dir)
+    manifest.split(split)  # validates the name
+    workers = loaders.default_workers() if workers is None else workers
+    saved, cache = [], {}
+    for run_dir in map(Path, run_dirs):
+        m = load_run(run_dir, cache)
+        metrics = runs.read_metrics(run_dir)
+        recorded = (metrics.get("inputs") or {}).get("dataset_fingerprint")
+        if recorded != manifest.fingerprint:
+            raise CarsTLError(
+                f"{run_dir} was trained on another dataset than {manifest.root} (fingerprint {str(recorded)[:12]} != {manifest.fingerprint[:12]})",
+                "pass the --data-dir the run was made from",
+            )
+        b = metrics["backbone"]
+        spec = dict(b["transform"])
+        dataset = loaders.eval_dataset(manifest, split, spec, "cpu", b.get("crop", "full"), float(b.get("margin") or 0.0))
+        loader = loaders.eval_loader(dataset, range(len(dataset)), batch_size, workers, "cpu", spec)
+        m.body.eval()
+        with locks.writer_lock(run_dir, "predict"), progress.task(f"predict {m.name}", total=len(dataset), unit="img") as task:
+            with torch.inference_mode():
+                ids, labels, feats = score_batches(lambda x: m.body(x).float().flatten(1), loader, dataset.records, progress=task)
+                features = torch.from_numpy(feats).float()
+                scores = m.score(features).double().numpy()
+            # An SVM's scores rank its own predict first (SVMModel.ranking_scores), as fit-svm saves them.
+            path = runs.write_predictions(run_dir, ids, labels, scores, m.score_kind, split=split)
+        accuracy = runs.read_predictions(run_dir, split).accuracy()
+        saved.append({"run": str(run_dir), "file": str(path), "count": len(ids), "accuracy": accuracy if accuracy is not None else float("nan")})
+    return saved

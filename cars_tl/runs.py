@@ -5,8 +5,9 @@ Every training stage writes ``artifacts/runs/<name>/``::
     metrics.json     what the run is and how it went (below); rewritten atomically every epoch
     status.json      the status alone, in a small file rewritten in place: when metrics.json cannot be
                      rewritten (a full disk), a failure still shows here, and read_metrics honours it
-    <model file>     head.pt (train-head), svm.skops (fit-svm), model.pt (finetune)
+    <model file>     head.pt (train-head), svm.skops (fit-svm), model.pt (finetune); knn has none
     checkpoints/     last.pt and best.pt (finetune): model, optimizer, scheduler, epoch, RNG, config
+    predictions-test.npz   the kept model's top-5 on every test image (below)
 
 One writer at a time: every stage holds the run's :func:`cars_tl.locks.writer_lock` while it writes
 (:func:`writing_run`). An existing run is replaced only with ``--force``, and then the new run is
@@ -16,7 +17,7 @@ place so that ``--resume`` finds it.)
 
 ``metrics.json`` (format_version 1)::
 
-    kind            "head" | "svm" | "finetune"
+    kind            "head" | "svm" | "finetune" | "knn"
     name, status    "running" until the run ends, then "complete" ("failed" or "interrupted" with
                     an ``error``; a run killed outright stays "running")
     created, finished, wall_time_s, device, device_name, versions
@@ -30,6 +31,25 @@ place so that ``--resume`` finds it.)
     final           train_loss, train_acc, test_loss, test_acc, test_top5, best_epoch, selected_by
     model_file      the model's file name inside the run directory
     kernels         (fit-svm) per-kernel results when several kernels were fitted
+    k_results       (knn) per-k results; ``final`` is the first k asked for
+
+``predictions-<split>.npz`` (format_version 1; plain ``numpy.load``, no pickle), one row per image
+of the split, in the order the stage scored them::
+
+    ids          int64 (N,)     the image's row in the manifest (``index`` column)
+    labels       int64 (N,)     true label
+    top_classes  int64 (N, K)   predicted labels, best first (K = 5, fewer with fewer classes)
+    top_scores   float32 (N, K) their scores: ``score_kind`` says what they are
+    score_kind   str            "probability" (softmax: train-head, finetune), "decision score"
+                                (fit-svm, one-vs-rest shaped; rank 1 is ``SVC.predict`` and ranks
+                                2.. follow the decision scores), "vote share" (knn: summed neighbour
+                                weights, divided by their total)
+    split        str            "test"
+    format_version int          1
+
+Accuracy is ``(top_classes[:, 0] == labels).mean()``; the stages write the file from the same
+scores their reported ``final`` test metrics come from, and ``predict --split test`` rewrites it
+for any run.
 
 Losses are mean cross-entropy per image; accuracies are percentages. Checkpoints are
 ``torch.save`` dicts of tensors and plain values, and are only ever read with ``weights_only=True``.
@@ -38,9 +58,12 @@ Losses are mean cross-entropy per image; accuracies are percentages. Checkpoints
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
+
+import numpy as np
 
 from cars_tl import locks
 from cars_tl.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
@@ -50,7 +73,7 @@ FORMAT_VERSION = 1
 METRICS = "metrics.json"
 STATUS = "status.json"
 STATUS_BYTES = 1024  # status.json is padded to this size when created, so rewriting it needs no new disk blocks
-KINDS = ("head", "svm", "finetune")
+KINDS = ("head", "svm", "finetune", "knn")
 
 
 def now() -> str:
@@ -254,3 +277,106 @@ def count_params(model) -> dict[str, int]:
 def list_runs(artifacts: Path) -> list[Path]:
     root = Path(artifacts) / "runs"
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+# --------------------------------------------------------------------------- test predictions
+
+PREDICTIONS_FORMAT = 1
+PREDICTION_TOP_K = 5
+SCORE_KINDS = ("probability", "decision score", "vote share")
+
+
+@dataclasses.dataclass
+class Predictions:
+    """A run's saved top-k on one split (see the module docstring for the file)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    top_classes: np.ndarray
+    top_scores: np.ndarray
+    score_kind: str
+    split: str = "test"
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.top_classes[:, 0] == self.labels if len(self.labels) else np.zeros(0, bool)
+
+    def accuracy(self) -> float | None:
+        """Top-1 accuracy in % (None for an empty split)."""
+        return float(100.0 * self.correct.mean()) if len(self.labels) else None
+
+
+def predictions_path(run_dir: Path, split: str = "test") -> Path:
+    return Path(run_dir) / f"predictions-{split}.npz"
+
+
+def top_predictions(scores, k: int = PREDICTION_TOP_K, columns=None, first=None) -> tuple[np.ndarray, np.ndarray]:
+    """(top labels, their scores) from a score matrix, best first.
+
+    ``columns[j]`` is the label of score column ``j`` (an SVM scores only the classes it saw);
+    a 1-D ``scores`` is sklearn's binary decision value (positive: ``columns[1]``). ``first`` forces
+    each row's rank 1 (the model's own prediction, e.g. ``SVC.predict``); the rest follow the scores.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:  # an empty split
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float64)
+    if scores.ndim == 1:
+        scores = np.stack([-scores, scores], axis=1)
+    columns = np.arange(scores.shape[1]) if columns is None else np.asarray(columns, dtype=np.int64)
+    if len(columns) != scores.shape[1]:
+        raise ValueError(f"{scores.shape[1]} score columns for {len(columns)} labels")
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")
+    if first is not None:
+        position = {int(label): j for j, label in enumerate(columns)}
+        forced = np.array([position[int(label)] for label in np.asarray(first)], dtype=np.int64)
+        rest = order[order != forced[:, None]].reshape(len(order), -1) if len(order) else order[:, 1:]
+        order = np.concatenate([forced[:, None], rest], axis=1)
+    order = order[:, :k]
+    return columns[order], np.take_along_axis(scores, order, axis=1)
+
+
+def write_predictions(run_dir: Path, ids, labels, scores, score_kind: str, *, split: str = "test",
+                      columns=None, first=None) -> Path:
+    """Save a run's top-k on ``split`` from its (N, classes) scores, atomically; returns the file."""
+    if score_kind not in SCORE_KINDS:
+        raise ValueError(f"score_kind {score_kind!r} not in {SCORE_KINDS}")
+    top_classes, top_scores = top_predictions(scores, PREDICTION_TOP_K, columns, first)
+    ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if not len(ids) == len(labels) == len(top_classes):
+        raise ValueError(f"{len(ids)} ids, {len(labels)} labels, {len(top_classes)} score rows")
+    path = predictions_path(run_dir, split)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, ids=ids, labels=labels, top_classes=top_classes.astype(np.int64),
+                top_scores=top_scores.astype(np.float32), score_kind=np.array(score_kind), split=np.array(split),
+                format_version=np.array(PREDICTIONS_FORMAT),
+            )
+    return path
+
+
+def read_predictions(run_dir: Path, split: str = "test") -> Predictions:
+    """A run's saved predictions, checked: arrays present, shapes consistent, no pickled objects."""
+    path = predictions_path(run_dir, split)
+    if not path.is_file():
+        raise CarsTLError(f"{run_dir} has no saved {split} predictions ({path.name})",
+                          f"cars-tl predict --split {split} --model {run_dir}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {key: z[key] for key in z.files}
+    except Exception as exc:  # zip, header or dtype errors of a damaged file
+        raise CarsTLError(f"{path} is not a readable predictions file: {exc}",
+                          f"rewrite it: cars-tl predict --split {split} --model {run_dir}") from None
+    missing = [key for key in ("ids", "labels", "top_classes", "top_scores", "score_kind") if key not in arrays]
+    if missing:
+        raise CarsTLError(f"{path} lacks {', '.join(missing)}", f"rewrite it: cars-tl predict --split {split} --model {run_dir}")
+    if int(arrays.get("format_version", PREDICTIONS_FORMAT)) != PREDICTIONS_FORMAT:
+        raise CarsTLError(f"{path}: predictions format {int(arrays['format_version'])}, this cars_tl reads {PREDICTIONS_FORMAT}")
+    n = len(arrays["ids"])
+    top, scores = arrays["top_classes"], arrays["top_scores"]
+    if len(arrays["labels"]) != n or top.ndim != 2 or len(top) != n or scores.shape != top.shape:
+        raise CarsTLError(f"{path}: inconsistent shapes (ids {arrays['ids'].shape}, labels {arrays['labels'].shape}, "
+                          f"top_classes {top.shape}, top_scores {scores.shape})")
+    return Predictions(arrays["ids"].astype(np.int64), arrays["labels"].astype(np.int64), top.astype(np.int64),
+                       scores.astype(np.float32), str(arrays["score_kind"]), str(arrays.get("split", split)))

@@ -335,6 +335,11 @@ def fit_svm(
                     task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
             primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
             best = results[primary]
+            if primary != kernels[-1]:  # the saved predictions are the kept kernel's
+                model = load_model(target / best["model_file"])
+            # ranking_scores: rank 1 is SVC.predict, ranks 2.. follow the decision scores.
+            runs.write_predictions(target, te.ids, te.labels, model.ranking_scores(te.features), "decision score",
+                                   columns=model.classes)
             metrics.update(
                 kernels=results, model_file=best["model_file"],
                 final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
-from cars_tl import runs
+from cars_tl import locks, report, runs
 from cars_tl.cli import app
+from cars_tl.errors import CarsTLError
 from cars_tl.sparsity import measure
 
 
@@ -40,3 +44,174 @@ def test_report_mentions_every_run(demo_dir, demo_finetune_run, demo_head_run, d
 def test_report_without_runs_says_what_to_do(tmp_path):
     result = CliRunner().invoke(app, ["report", "--artifacts", str(tmp_path)])
     assert result.exit_code == 2 and "train-head" in result.output
+
+
+# --------------------------------------------------------------------------- analysis of saved predictions
+
+
+def _toy_predictions(labels, first, ids=None):
+    labels = np.asarray(labels)
+    first = np.asarray(first)
+    others = np.array([[c for c in range(4) if c != f][:2] for f in first])
+    top = np.concatenate([first[:, None], others], axis=1)
+    ids = np.arange(len(labels)) if ids is None else np.asarray(ids)
+    return runs.Predictions(ids, labels, top, np.ones(top.shape, np.float32), "probability")
+
+
+TOY_CLASSES = ["Audi A4 2012", "Audi A6 2012", "BMW M3 2012", "Volvo XC90 2007"]
+
+
+def test_per_class_and_make_level_accuracy_on_a_hand_made_set():
+    # true:  0 0 0 1 1 2 2 2   (class 3 has no test image)
+    # pred:  0 0 1 1 0 2 0 3   -> class 0: 2/3, class 1: 1/2, class 2: 1/3
+    p = _toy_predictions([0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 0, 2, 0, 3])
+    table = report.per_class_accuracy(p, 4)
+    assert [(r["n"], r["correct"]) for r in table] == [(3, 2), (2, 1), (3, 1), (0, 0)]
+    assert table[0]["acc"] == pytest.approx(200 / 3) and table[3]["acc"] is None
+    mk = report.make_accuracy(p, TOY_CLASSES)
+    # Errors: 0->1 (Audi->Audi), 1->0 (Audi->Audi), 2->0 (BMW->Audi), 2->3 (BMW->Volvo).
+    assert mk["errors"] == 4 and mk["errors_within_make"] == 2 and mk["errors_within_make_pct"] == 50.0
+    assert mk["top1_acc"] == 50.0 and mk["make_acc"] == 75.0 and mk["makes"] == 3
+    pairs = report.confused_pairs(p, top=2)
+    assert [(c["true"], c["predicted"], c["count"]) for c in pairs] == [(0, 1, 1), (1, 0, 1)]
+    assert pairs[0]["example_id"] == 2 and pairs[0]["of"] == 3
+    assert report.make_of("AM General Hummer SUV 2000") == "AM"
+
+
+def test_the_gallery_is_a_fixed_sample_of_images_every_run_scored():
+    a = _toy_predictions([0] * 40, [0] * 40, ids=np.arange(40))
+    b = _toy_predictions([0] * 30, [0] * 30, ids=np.arange(10, 40))
+    first = report.gallery_ids([a, b], size=8, seed=0)
+    assert first == report.gallery_ids([b, a], size=8, seed=0) and len(first) == 8
+    assert all(10 <= i < 40 for i in first) and first == sorted(first)
+    assert report.gallery_ids([a, b], size=8, seed=1) != first
+
+
+def _toy_run(artifacts: Path, name: str, kind: str = "head", seed: int = 0, preset: str = "study", test_acc: float = 50.0,
+             labels=(0, 1, 2, 3), first=(0, 1, 2, 3), history=(), **config) -> Path:
+    run_dir = artifacts / "runs" / name
+    run_dir.mkdir(parents=True)
+    metrics = runs.new_metrics(
+        kind, config.pop("display_name", name), {"preset": preset, "seed": seed, "features": f"/x/{name}.h5", **config},
+        history=list(history),
+        backbone={"backbone": "resnet18", "weights": "random", "weights_digest": "ab" * 32, "transform": {"crop": 8},
+                  "crop": "full", "margin": 0.0},
+        inputs={"dataset_fingerprint": "cd" * 32}, class_names=TOY_CLASSES, params={"total": 10, "trainable": 5},
+        model_file="head.pt", final={"test_acc": test_acc, "train_acc": 90.0},
+    )
+    metrics["status"] = "complete"
+    runs.write_metrics(run_dir, metrics)
+    runs.write_predictions(run_dir, np.arange(len(labels)), labels, np.eye(4)[list(first)], "probability")
+    return run_dir
+
+
+def test_runs_that_differ_only_by_seed_are_one_group(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    for seed, acc in ((0, 40.0), (1, 50.0), (2, 60.0)):
+        _toy_run(artifacts, f"B-s{seed}", seed=seed, test_acc=acc)
+    _toy_run(artifacts, "B-tuned", preset="tuned", test_acc=70.0)
+    _toy_run(artifacts, "B-lr", seed=1, lr=0.1, test_acc=10.0)  # another learning rate: another configuration
+    complete, problems = report.gather(artifacts)
+    assert not problems
+    groups = {tuple(g["runs"]): g for g in report.seed_groups(complete)}
+    seeded = groups[("B-s0", "B-s1", "B-s2")]
+    assert seeded["n"] == 3 and seeded["mean"] == pytest.approx(50.0) and seeded["std"] == pytest.approx(10.0)
+    assert sorted(seeded["seeds"]) == [0, 1, 2] and seeded["group"] == "B"
+    assert groups[("B-tuned",)]["n"] == 1 and groups[("B-tuned",)]["std"] is None
+    assert ("B-lr",) in groups and len(groups) == 3
+    result = report.build_report(artifacts, data_dir=None)
+    md = Path(result["files"]["md"]).read_text()
+    assert "50.00 ± 10.00" in md and "| B | study | resnet18 / random | 3 | 0, 1, 2 |" in md
+
+
+def test_model_groups_follow_what_the_run_did():
+    ft = lambda weights, unfreeze: {"kind": "finetune", "backbone": {"weights": weights}, "config": {"unfreeze": unfreeze}}  # noqa: E731
+    assert report.model_group(ft("random", "all")) == "A"
+    assert report.model_group(ft("imagenet", "layer4")) == "D"
+    assert report.model_group(ft("imagenet", "all")).startswith("finetune (pretrained")
+    assert [report.model_group({"kind": k}) for k in ("head", "svm", "knn")] == ["B", "C", "kNN"]
+
+
+def test_report_with_a_broken_run_still_renders(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    _toy_run(artifacts, "good", test_acc=75.0, labels=(0, 1, 2, 3), first=(0, 1, 2, 0))
+    truncated = artifacts / "runs" / "truncated"
+    truncated.mkdir()
+    (truncated / runs.METRICS).write_text('{"kind": "head", "format_')
+    wrong_shape = artifacts / "runs" / "wrong-shape"
+    wrong_shape.mkdir()
+    (wrong_shape / runs.METRICS).write_text(json.dumps({"kind": "head", "format_version": 1, "status": "complete", "final": [1, 2]}))
+    garbage = _toy_run(artifacts, "garbage-predictions")
+    runs.predictions_path(garbage).write_bytes(b"not a zip file")
+    result = CliRunner().invoke(app, ["report", "--artifacts", str(artifacts), "--data-dir", str(tmp_path / "nowhere")])
+    assert result.exit_code == 0, result.output
+    html = (artifacts / "report" / "report.html").read_text()
+    statuses = {Path(p["run"]).name: p["status"] for p in json.loads((artifacts / "report" / "report.json").read_text())["incomplete"]}
+    assert statuses == {"truncated": "unreadable", "wrong-shape": "unreadable", "garbage-predictions": "no predictions"}
+    assert "Make-level accuracy" in html and "Prediction gallery" in html and "garbage-predictions" in html
+    assert "Ford" not in html and "no thumbnails" in html  # no manifest: sections without pictures, said so
+    assert "<table class='sortable'>" in html and "75.0" in html
+
+
+def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
+    artifacts = tmp_path / "a" / "b" / "artifacts"
+    epochs = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 50.0 + e, "test_loss": 1.2 / e, "test_acc": 40.0 + e} for e in (1, 2)]
+    _toy_run(artifacts, "evil", display_name="../../../x", test_acc=60.0, history=epochs)
+    _toy_run(artifacts, "pipes", display_name="a | b <script>alert(1)</script> [x](y)")
+    before = {p for p in tmp_path.rglob("*")}
+    out = artifacts / "report"
+    report.build_report(artifacts, data_dir=None)
+    created = {p for p in tmp_path.rglob("*")} - before
+    outside = {p for p in created if out not in p.parents and p != out}
+    assert outside == {locks.lock_path(out)}  # only the report's own lock, beside it
+    assert not list(tmp_path.rglob("x.png")) and (out / "curves-evil.png").is_file()
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "a \\| b \\<script\\>alert\\(1\\)\\</script\\> \\[x\\]\\(y\\)" in md and "<script>alert" not in md
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert report.slug("../../../x") == "x" and report.slug("..") == "run" and report.slug(".hidden") == "hidden"
+
+
+def test_saved_predictions_agree_with_each_stage_s_reported_accuracy(demo_head_run, demo_svm_run, demo_finetune_run, demo_features, tmp_path):
+    from cars_tl import features, svm
+    from cars_tl.knn import run_knn
+
+    knn_run, _ = run_knn(demo_features, ks=(5, 10), out=tmp_path / "knn")
+    for run_dir in (demo_head_run, demo_svm_run, demo_finetune_run, knn_run):
+        p = runs.read_predictions(run_dir)
+        m = runs.read_metrics(run_dir)
+        assert len(p.ids) == 72 and p.top_classes.shape == (72, 5)
+        assert p.accuracy() == pytest.approx(m["final"]["test_acc"], abs=1e-3), run_dir
+    test = features.load(demo_features).split("test")
+    model = svm.load_model(runs.model_file(demo_svm_run))
+    p = runs.read_predictions(demo_svm_run)
+    assert list(p.ids) == list(test.ids) and (p.top_classes[:, 0] == model.predict(test.features)).all()
+    assert p.score_kind == "decision score"
+
+
+def test_predict_split_rewrites_a_run_s_predictions(demo_dir, demo_head_run, tmp_path):
+    from cars_tl.predict import predict_split
+
+    run_dir = tmp_path / "head"
+    shutil.copytree(demo_head_run, run_dir)
+    saved = runs.read_predictions(run_dir)
+    runs.predictions_path(run_dir).unlink()
+    result = CliRunner().invoke(app, ["predict", "--split", "test", "--model", str(run_dir), "--data-dir", str(demo_dir)])
+    assert result.exit_code == 0, result.output
+    again = runs.read_predictions(run_dir)
+    assert (again.ids == saved.ids).all() and (again.top_classes[:, 0] == saved.top_classes[:, 0]).all()
+    np.testing.assert_allclose(again.top_scores, saved.top_scores, atol=1e-4)
+    with pytest.raises(CarsTLError, match="either image files or --split"):
+        predict_split([run_dir], "test", demo_dir, images=[Path("x.jpg")])
+
+
+def test_top_predictions_map_svm_columns_and_keep_its_own_rank_1(tmp_path):
+    scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
+    top, values = runs.top_predictions(scores, columns=[2, 4, 7], first=[7, 4])
+    assert top.tolist() == [[7, 4, 2], [4, 2, 7]] and values[0].tolist() == [0.4, 0.5, 0.1]
+    top, values = runs.top_predictions(np.array([1.0, -2.0]), columns=[3, 8])  # sklearn's binary decision value
+    assert top.tolist() == [[8, 3], [3, 8]] and values[:, 0].tolist() == [1.0, 2.0]
+    path = runs.write_predictions(tmp_path, [5, 6], [7, 2], scores, "decision score", columns=[2, 4, 7], first=[7, 4])
+    p = runs.read_predictions(tmp_path)
+    assert path.name == "predictions-test.npz" and p.ids.tolist() == [5, 6] and p.accuracy() == 50.0
+    assert not list(tmp_path.glob(".*tmp*"))

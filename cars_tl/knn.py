@@ -1,0 +1,148 @@
+"""``knn``: weighted k-nearest-neighbour classification on cached features (DINO / VISSL protocol).
+
+Every feature vector is scaled to unit length, so a matrix product gives cosine similarities. For
+each test image the ``k`` most similar training images vote for their class with weight
+``exp(similarity / T)``; the class with the largest summed weight wins. (Wu et al. 2018, as used by
+DINO's ``eval_knn.py``: k = 20, T = 0.07 by default.) Nothing is trained, so the result is a
+property of the features alone: a quick, hyperparameter-light check of a backbone's features.
+
+Several ``k`` cost one pass: the largest ``k`` neighbours are found once per chunk of test images
+and each ``k`` uses its first ``k``. Test images go through in chunks of ``chunk`` rows, so memory
+is bounded by the two feature matrices plus ``chunk x n_train`` similarities, whatever the split sizes.
+
+The run directory (``runs`` format, kind ``knn``) has no model file: its ``final`` metrics are those
+of the first ``k`` asked for (never chosen on test), every ``k`` is in ``k_results``, and the first
+``k``'s predictions are in ``predictions-test.npz`` (scores: each class's share of the votes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cars_tl import features, runs, runtime
+from cars_tl.errors import CarsTLError
+from cars_tl.progress import NULL, Progress
+
+DEFAULT_K = (20,)
+DEFAULT_TEMPERATURE = 0.07
+CHUNK = 1024
+
+
+def parse_ks(values: list[str] | tuple | None) -> tuple[int, ...]:
+    """``--k 10 --k 20`` or ``--k 10,20`` -> (10, 20), in the order given, duplicates dropped."""
+    out: list[int] = []
+    for value in values or ():
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                k = int(part)
+            except ValueError:
+                raise CarsTLError(f"--k {part!r} is not a whole number", "e.g. --k 20 or --k 10,20,50") from None
+            if k < 1:
+                raise CarsTLError(f"--k must be at least 1, got {k}", "e.g. --k 20 or --k 10,20,50")
+            if k not in out:
+                out.append(k)
+    return tuple(out) or DEFAULT_K
+
+
+def _unit_rows(x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks: tuple[int, ...], temperature: float,
+               num_classes: int, chunk: int = CHUNK, progress: Progress = NULL) -> dict[int, np.ndarray]:
+    """Per k, the (n_test, num_classes) summed vote weights of the k nearest training images."""
+    if len(train_x) == 0:
+        raise CarsTLError("the train split is empty: kNN needs training images to vote")
+    largest = max(ks)
+    if largest > len(train_x):
+        raise CarsTLError(
+            f"--k {largest} is larger than the train split ({len(train_x)} images)",
+            f"use --k {min(DEFAULT_K[0], len(train_x))} or any value up to {len(train_x)}",
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CarsTLError(f"--temperature must be a positive number, got {temperature}", f"e.g. --temperature {DEFAULT_TEMPERATURE}")
+    train = _unit_rows(train_x)
+    labels = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    out = {k: np.zeros((len(test_x), num_classes), dtype=np.float32) for k in ks}
+    with torch.inference_mode(), progress.task("knn", total=len(test_x), unit="img") as task:
+        for start in range(0, len(test_x), chunk):
+            query = _unit_rows(test_x[start:start + chunk])
+            similarity, index = (query @ train.T).topk(largest, dim=1)  # sorted, most similar first
+            weight = (similarity / temperature).exp_()
+            neighbour_labels = labels[index]
+            for k in ks:
+                votes = torch.zeros(len(query), num_classes)
+                votes.scatter_add_(1, neighbour_labels[:, :k], weight[:, :k])
+                out[k][start:start + len(query)] = votes.numpy()
+            task.advance(len(query))
+    return out
+
+
+def _check_finite(cache: features.FeatureCache, split: str) -> None:
+    bad = int((~np.isfinite(cache.split(split).features).all(axis=1)).sum())
+    if bad:
+        raise CarsTLError(f"{cache.path}: {bad} {split} feature vectors contain NaN or Inf; kNN cannot compare them",
+                          f"cars-tl inspect {cache.path}  (then re-extract: cars-tl extract-features ...)")
+
+
+def _metrics_of(votes: np.ndarray, labels: np.ndarray) -> dict:
+    if not len(labels):
+        return {"test_acc": None, "test_top5": None}
+    top = np.argsort(-votes, axis=1, kind="stable")[:, :5]
+    return {"test_acc": round(100.0 * float((top[:, 0] == labels).mean()), 4),
+            "test_top5": round(100.0 * float((top == labels[:, None]).any(axis=1).mean()), 4)}
+
+
+def run_knn(
+    features_path: Path,
+    ks: tuple[int, ...] = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    force: bool = False,
+    out: Path | None = None,
+    artifacts: Path = Path("artifacts"),
+    progress: Progress = NULL,
+) -> tuple[Path, dict]:
+    """Classify the test split by its nearest training images; returns the run directory and metrics."""
+    from cars_tl.heads import feature_run_fields, load_train_test
+
+    started = time.perf_counter()
+    ks = parse_ks(ks)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CarsTLError(f"--temperature must be a positive number, got {temperature}", f"e.g. --temperature {DEFAULT_TEMPERATURE}")
+    cache = load_train_test(Path(features_path))
+    tr, te = cache.split("train"), cache.split("test")
+    if max(ks) > len(tr.labels):
+        raise CarsTLError(
+            f"--k {max(ks)} is larger than the train split of {features_path} ({len(tr.labels)} images)",
+            f"use --k {min(DEFAULT_K[0], len(tr.labels))} or any value up to {len(tr.labels)}",
+        )
+    for split in ("train", "test"):
+        _check_finite(cache, split)
+    weights = features.weights_tag(cache.attrs["weights"])
+    run_dir = runs.resolve_run_dir(out, f"knn-{cache.attrs['backbone'].replace('/', '-')}-{weights}", artifacts)
+    with runs.writing_run(run_dir, "knn", force=force) as target:
+        config = {"k": list(ks), "temperature": temperature, "features": str(features_path), "chunk": CHUNK}
+        fields = feature_run_fields(cache)
+        votes = knn_scores(tr.features, tr.labels, te.features, ks, temperature, cache.num_classes, progress=progress)
+        k_results = {str(k): {"k": k, **_metrics_of(votes[k], te.labels)} for k in ks}
+        first = ks[0]
+        metrics = runs.new_metrics(
+            "knn", run_dir.name, config, **fields, params={"total": fields["backbone"]["params"] or 0, "trainable": 0},
+            device="cpu", device_name=runtime.device_name("cpu"), model_file=None, k_results=k_results,
+            final={**k_results[str(first)], "train_acc": None, "train_loss": None, "test_loss": None, "best_epoch": None,
+                   "k": first, "selected_by": "the first --k given (never chosen on test)"},
+        )
+        total = votes[first].sum(axis=1, keepdims=True)
+        share = np.divide(votes[first], total, out=np.zeros_like(votes[first]), where=total > 0)
+        runs.write_predictions(target, te.ids, te.labels, share, "vote share")
+        metrics = runs.finish(target, metrics, started)
+    return run_dir, metrics
