@@ -22,10 +22,14 @@ class CarsTLError(Exception):
 class BadImageError(CarsTLError):
     """An image file that cannot be decoded (truncated, empty, not an image)."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str, hint: str | None = None):
+        from pathlib import Path
+
+        root = Path(path).parent.parent  # <data-dir>/stanford_cars/cars_train/00001.jpg
+        data_dir = str(root.parent) if root.name == "stanford_cars" else "DIR"
         super().__init__(
             f"cannot read image {path}: {reason}",
-            "re-download the dataset (cars-tl download) or pass --skip-bad to leave such files out",
+            hint or f"replace the file with an intact copy, or fetch the dataset again: cars-tl download --data-dir {data_dir} --source SOURCE",
         )
         self.path = str(path)
         self.reason = reason

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cars_tl import backbones, data, features, loaders, locks, runtime
-from cars_tl.errors import CarsTLError, check_number
+from cars_tl.errors import BadImageError, CarsTLError, check_number
 from cars_tl.progress import NULL, Progress
 
 CHUNK_BATCHES = 4
@@ -162,8 +162,10 @@ def _extract_split(body, dataset, split, done, partial, batch_size, workers, dev
         task.advance(done)
         reasons: dict[int, str] = {}
         for images, _, positions, bad in loader:
-            if not skip_bad:
-                data.raise_bad(bad)  # here, in the main process, so the error names the file
+            if not skip_bad and bad:  # raised here, in the main process, so the error names the file
+                first = bad[0].error()
+                raise BadImageError(first.path, first.reason, "leave such files out with --skip-bad (they are listed in the cache), "
+                                                              f"or replace them; then rerun the same command to resume. {first.hint}")
             reasons.update({item.position: item.reason for item in bad})
             # The dataset yields its own positions, so they are absolute whichever loader resumes mid-split.
             if len(positions):

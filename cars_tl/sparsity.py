@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from cars_tl import data
+from cars_tl import data, locks
 from cars_tl.atomic import atomic_path, atomic_write_text
 from cars_tl.errors import CarsTLError
 from cars_tl.inference import load_run
@@ -115,9 +115,16 @@ def measure(
             results[run.name] = zero_fractions(run.body, batches)
             task.advance(1)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = list(next(iter(results.values())))
-    summary = {"images": described, "models": {name: dict(v) for name, v in results.items()}, "layers": layers}
+    summary = {"images": described, "models": {name: dict(v) for name, v in results.items()}, "layers": list(next(iter(results.values())))}
+    with locks.writer_lock(out, "sparsity"):
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out, summary, results, described)
+    summary["files"] = {k: str(out / f"sparsity.{k}") for k in ("csv", "json", "png")}
+    return summary
+
+
+def _write(out: Path, summary: dict, results, described: str) -> None:
+    """sparsity.json, .csv and .png, each atomically (the caller holds the folder's writer lock)."""
     atomic_write_text(out / "sparsity.json", json.dumps(summary, indent=2))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -127,8 +134,6 @@ def measure(
         writer.writerow([i, layer, *(f"{v[layer]:.6f}" if layer in v else "" for v in results.values())])
     atomic_write_text(out / "sparsity.csv", buffer.getvalue())
     plot(results, out / "sparsity.png", described)
-    summary["files"] = {k: str(out / f"sparsity.{k}") for k in ("csv", "json", "png")}
-    return summary
 
 
 PER_ROW = 25
