@@ -107,7 +107,7 @@ def extract_features(
     data_dir: DataDir = Path("data"),
     backbone: Backbone = "resnet50",
     weights: Weights = "imagenet",
-    split: Annotated[Optional[List[str]], typer.Option(help="Split to extract (repeatable): train, test.")] = None,
+    split: Annotated[Optional[List[str]], typer.Option(help="Split to extract (repeatable): train, test (default: every split the dataset has).")] = None,
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size (resize keeps its ratio).")] = None,
@@ -127,7 +127,7 @@ def extract_features(
     from cars_tl.extract import extract_features as run
 
     result = run(
-        data_dir, backbone, weights, tuple(split or ("train", "test")), crop, margin, image_size, batch_size, workers,
+        data_dir, backbone, weights, tuple(split) if split else None, crop, margin, image_size, batch_size, workers,
         device, precision, skip_bad, out, artifacts, progress(),
     )
     if result.action == "up to date":

@@ -105,7 +105,8 @@ class Manifest:
             raise CarsTLError(
                 f"the dataset at {self.root} has no {name} split: it was imported with --splits {','.join(self.splits)}"
                 f" ({describe_origin(self.origin)}); this stage needs {name} images",
-                f"import the {name} split too: {download_command(self.root.parent, self.origin, splits=SPLITS)}",
+                f"import the {name} split too: {download_command(self.root.parent, self.origin, splits=SPLITS)}"
+                + (f" --test-labels /path/to/{TEST_LABELS_NAMES[0]}" if not self.origin.get("test_labels") else ""),
             )
         return [r for r in self.records if r.split == name]
 
@@ -475,8 +476,8 @@ def build_manifest(
                     continue
                 try:
                     width, height = image_size(image_path)
-                except BadImageError as exc:
-                    problems["unreadable images"].append(f"{shown(rel)} ({exc.reason})")
+                except BadImageError as exc:  # Pillow's reason may quote the staged path: name the source
+                    problems["unreadable images"].append(f"{shown(rel)} ({exc.reason.replace(str(image_path), shown(rel))})")
                     continue
                 box = _clip(row["box"], width, height)
                 if box[2] < box[0] or box[3] < box[1]:

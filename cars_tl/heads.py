@@ -172,9 +172,11 @@ def feature_run_fields(cache: features.FeatureCache) -> dict:
     }
 
 
-def load_train_test(path: Path) -> features.FeatureCache:
+def load_train_test(path: Path, require_test: bool = True) -> features.FeatureCache:
+    """The cache's train and test splits; without ``require_test``, test may be absent when the
+    dataset itself has none (imported with ``--splits train``)."""
     cache = features.load(path, ("train", "test"))
-    for split in ("train", "test"):
+    for split in ("train", "test") if require_test or features.dataset_has_split(cache, "test") else ("train",):
         cache.split(split)
     if len(cache.split("train").labels) == 0:
         raise CarsTLError(f"{path}: the train split is empty", "extract features for a dataset with training images")
@@ -199,12 +201,13 @@ def train_head(
     config = resolve_preset(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
     config["seed"] = seed
     config["features"] = str(features_path)
-    cache = load_train_test(Path(features_path))
+    cache = load_train_test(Path(features_path), require_test=False)
     backbone = cache.attrs["backbone"].replace("/", "-")
     run_dir = runs.resolve_run_dir(out, f"head-{backbone}-{features.weights_tag(cache.attrs['weights'])}-{preset}", artifacts)
-    tr, te = cache.split("train"), cache.split("test")
+    tr = cache.split("train")
+    te = cache.split("test") if "test" in cache.splits else None  # a train-only dataset: no test metrics
     x_train, y_train = torch.from_numpy(tr.features), torch.from_numpy(tr.labels)
-    x_test, y_test = torch.from_numpy(te.features), torch.from_numpy(te.labels)
+    x_test, y_test = (torch.from_numpy(te.features), torch.from_numpy(te.labels)) if te else (None, None)
     mean = x_train.mean(0) if config["standardize"] else torch.zeros(x_train.shape[1])
     std = x_train.std(0).clamp_min(1e-6) if config["standardize"] else torch.ones(x_train.shape[1])
     norm = lambda x: (x - mean) / std  # noqa: E731 - identity for the study preset
@@ -233,7 +236,7 @@ def train_head(
             config["weight_decay"] = best["weight_decay"]
             metrics["selection"] = {"by": "cross-entropy on a validation split of train", "val_fraction": config["val_fraction"], "grid": search}
         head, history = _fit(
-            _Data(norm(x_train), y_train), {"test": _Data(norm(x_test), y_test)}, config, config["weight_decay"],
+            _Data(norm(x_train), y_train), {"test": _Data(norm(x_test), y_test)} if te else {}, config, config["weight_decay"],
             cache.num_classes, seed, progress, f"train head ({preset})",
         )
     state = _fold_standardization(head, mean, std)
@@ -241,7 +244,7 @@ def train_head(
     with torch.no_grad():
         raw = torch.nn.Linear(cache.feature_dim, cache.num_classes)
         raw.load_state_dict(state)
-        final = {**evaluate_logits(raw(x_train), y_train, "train"), **evaluate_logits(raw(x_test), y_test, "test")}
+        final = {**evaluate_logits(raw(x_train), y_train, "train"), **(evaluate_logits(raw(x_test), y_test, "test") if te else {})}
     metrics.update(
         history=history,
         final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch"},
