@@ -366,3 +366,35 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, demo_ref, monkeypatch
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     error = fail_leaving_unchanged(occupied, source, "needs pyarrow")
     assert "cars_tl[parquet]" in error.hint
+
+
+# --------------------------------------------------------------------------- a train-only dataset downstream
+
+
+def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, demo_ref):
+    from conftest import TINY
+
+    from cars_tl import features
+    from cars_tl.extract import extract_features
+    from cars_tl.finetune import finetune
+    from cars_tl.heads import train_head
+    from cars_tl.svm import fit_svm
+
+    source = class_folders(demo_ref, tmp_path / "folders")
+    shutil.rmtree(source / "car_data" / "car_data" / "test")
+    data_dir = tmp_path / "data"
+    manifest, _ = prepare_dataset(data_dir, str(source), splits=["train"])
+    assert manifest.splits == ("train",)
+    result = extract_features(data_dir, batch_size=32, out=tmp_path / "f.h5", **TINY)
+    assert result.counts == {"train": 144}
+    assert set(features.load(tmp_path / "f.h5").splits) == {"train"}
+    run_dir, metrics = train_head(tmp_path / "f.h5", epochs=2, out=tmp_path / "head")
+    assert metrics["status"] == "complete" and "train_acc" in metrics["final"] and "test_acc" not in metrics["final"]
+    with pytest.raises(CarsTLError, match="its dataset has none"):
+        fit_svm(tmp_path / "f.h5", kernel="linear", out=tmp_path / "svm")
+    with pytest.raises(CarsTLError, match="no test split") as info:
+        finetune(data_dir, epochs=1, out=tmp_path / "ft", **TINY)
+    assert "--test-labels" in info.value.hint or "--splits" not in info.value.hint
+    assert not (tmp_path / "ft").exists()
+    with pytest.raises(CarsTLError, match="no test split"):
+        extract_features(data_dir, splits=("test",), out=tmp_path / "g.h5", **TINY)
