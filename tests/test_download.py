@@ -353,6 +353,31 @@ def test_a_part_file_left_by_a_killed_run_is_resumed(tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+def test_a_refused_connection_mid_transfer_keeps_the_part_and_the_next_run_resumes(tmp_path, monkeypatch):
+    slept = []
+    monkeypatch.setattr(download.time, "sleep", slept.append)
+    dest = tmp_path / "f.bin"
+    with FileServer({"/f.bin": BLOB}) as server:
+        server.drop_after, server.refuse_after_drop = 100_000, True
+        with pytest.raises(DownloadError, match="refused") as info:
+            download_file(server.url("/f.bin"), dest, size=len(BLOB), md5=md5(BLOB))
+    part = tmp_path / "f.bin.part"
+    assert part.read_bytes() == BLOB[:100_000] and "kept" in info.value.message
+    assert slept == sorted(slept) and len(slept) == download.RECONNECT_TRIES  # backoff between the tries
+    with FileServer({"/f.bin": BLOB}) as server:
+        assert download_file(server.url("/f.bin"), dest, size=len(BLOB), md5=md5(BLOB)).read_bytes() == BLOB
+    assert [r.range for r in server.requests] == ["bytes=100000-"]
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_checksum_mismatch_discards_the_part(tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # not a prefix of the file: the digest will not match
+    with FileServer({"/f.bin": BLOB}) as server:
+        with pytest.raises(DownloadError, match="MD5"):
+            download_file(server.url("/f.bin"), tmp_path / "f.bin", md5=md5(BLOB))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_server_ignoring_range_restarts_from_zero(tmp_path):
     with FileServer({"/f.bin": BLOB}) as server:
         server.drop_after, server.ignore_range = 100_000, True
@@ -543,3 +568,96 @@ def test_importing_download_does_not_import_torch():
 
     code = "import sys, cars_tl.download; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- one writer, interrupted swaps
+
+
+SLOW_DEMO = """
+import pathlib, sys, time
+import cars_tl.demo as demo
+original = demo.generate_demo
+def slow(root):
+    original(root)
+    pathlib.Path(sys.argv[2]).write_text("ready")
+    time.sleep(120)
+demo.generate_demo = slow
+from cars_tl.download import prepare_dataset
+prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
+"""
+
+
+def test_a_second_download_fails_at_once_and_a_killed_ones_leftovers_go(tmp_path):
+    import subprocess
+    import sys
+
+    from cars_tl.locks import LockedError
+
+    data_dir, ready = tmp_path / "data", tmp_path / "ready"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_DEMO, str(data_dir), str(ready)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer process died or hung"
+            time.sleep(0.1)
+        assert len(list(data_dir.glob(".stanford_cars.tmp-*"))) == 1
+        with pytest.raises(LockedError) as info:
+            prepare_dataset(data_dir, "demo")
+        assert f"PID {writer.pid}" in info.value.message
+    finally:
+        writer.kill()
+        writer.wait()
+    assert list(data_dir.glob(".stanford_cars.tmp-*"))  # SIGKILL cleans nothing up itself
+    manifest, action = prepare_dataset(data_dir, "demo")
+    assert action == "generated" and manifest.counts() == COUNTS
+    assert entries(data_dir) == ["stanford_cars"]  # the dead writer's staging folder is gone
+
+
+def test_an_interrupted_swap_keeps_the_previous_dataset(sources, tmp_path, monkeypatch):
+    import cars_tl.atomic
+
+    previous, _ = prepare_dataset(tmp_path, "demo")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(dst) == previous.root and Path(src).parent.name.startswith(".stanford_cars.tmp-"):
+            raise KeyboardInterrupt  # between the two renames
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cars_tl.atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(tmp_path, str(sources["torchvision-folder"]))
+    monkeypatch.undo()
+    assert not previous.root.exists() and len(list(tmp_path.glob(".stanford_cars.old-*"))) == 1
+    manifest, action = prepare_dataset(tmp_path, "demo")  # the lock's cleanup puts the previous one back
+    assert action == "already verified" and manifest.fingerprint == previous.fingerprint
+    assert entries(tmp_path) == ["stanford_cars"]
+
+
+# --------------------------------------------------------------------------- a named weights enum
+
+
+def test_weights_enum_is_fetched_exactly_and_the_missing_weights_hint_names_it(monkeypatch, tmp_path):
+    import torchvision.models
+
+    from cars_tl import backbones
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    enum = torchvision.models.get_model_weights("resnet50")
+    v1, v2 = enum.IMAGENET1K_V1, enum.IMAGENET1K_V2
+    assert enum.DEFAULT == v2
+    with pytest.raises(CarsTLError) as info:
+        backbones.build_backbone("resnet50", "IMAGENET1K_V1")
+    assert "cars-tl download --weights resnet50:IMAGENET1K_V1" in info.value.hint
+    v1_name = f"resnet50-{hashlib.sha256(BLOB).hexdigest()[:8]}.pth"
+    monkeypatch.setattr(v1.value, "url", closed_port_url(f"/models/{v1_name}"))
+    monkeypatch.setattr(v2.value, "url", closed_port_url("/models/resnet50-v2-never.pth"))
+    with FileServer({f"/m/{v1_name}": BLOB}) as server:
+        path = download_weights("resnet50:IMAGENET1K_V1", mirrors=[server.url("/m")])
+        assert download_weights("resnet50", variant="IMAGENET1K_V1", mirrors=[server.url("/m")]) == path
+    assert path.name == v1_name and path.read_bytes() == BLOB
+    assert server.paths() == [f"/m/{v1_name}"]  # fetched once, reused after
+    with pytest.raises(CarsTLError, match="IMAGENET1K_V3") as info:
+        download_weights("resnet50:IMAGENET1K_V3")
+    assert "IMAGENET1K_V1" in info.value.message
