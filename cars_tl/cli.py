@@ -90,7 +90,7 @@ def download(
         data_dir, source, mirrors=mirror or [], mirror_list=mirror_list, splits=[s.strip() for s in splits.split(",") if s.strip()],
         test_labels=test_labels, verify=verify, progress=progress(),
     )
-    console.print(f"{action}: {data.summary(manifest)}", highlight=False)
+    console.print(f"{action}: {data.summary(manifest)}", highlight=False, soft_wrap=True)
 
 
 Backbone = Annotated[str, typer.Option(help="torchvision model name (resnet50) or timm/<name> (needs the timm extra).")]
