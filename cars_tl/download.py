@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -377,8 +378,9 @@ def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify
 
         def fill(stage: Path) -> layouts.Imported:
             test_labels = Path(wanted["test_labels"]) if wanted.get("test_labels") else None
+            command = f"cars-tl download --data-dir {shlex.quote(str(data_dir))} --source {shlex.quote(wanted['path'])}"
             return layouts.import_path(
-                Path(wanted["path"]), stage, stage.parent, test_labels=test_labels, splits=wanted["splits"], progress=progress
+                Path(wanted["path"]), stage, stage.parent, test_labels=test_labels, splits=wanted["splits"], command=command, progress=progress
             )
 
         return _build(data_dir, wanted, fill, progress), "imported"

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
@@ -85,6 +86,7 @@ class _Source:
     archive: Path | None = None
     test_labels: Path | None = None
     splits: tuple[str, ...] = data.SPLITS
+    command: str = ""  # the download command being run, for hints
 
     def name(self, path: Path) -> str:
         """How to show ``path`` in errors: never a temporary extraction path."""
@@ -268,8 +270,7 @@ def _import_devkit_folders(folder: Path, stage: Path, work: Path, src: _Source, 
             raise CarsTLError(
                 f"{src.name(folder)} holds Stanford Cars ({parts['layout']} layout) without the test labels: "
                 f"{TEST_LABELS} is missing. {TEST_LABELS_HELP}.",
-                f"cars-tl download --source {src.archive or src.root} --test-labels /path/to/{TEST_LABELS}   "
-                f"(or import the train split alone: cars-tl download --source {src.archive or src.root} --splits train)",
+                f"{src.command} --test-labels /path/to/{TEST_LABELS}   (or import the train split alone: {src.command} --splits train)",
             )
         if images["test"] is None:
             raise CarsTLError(f"{src.name(folder)} has no cars_test/ image folder", "add it, or import with --splits train")
@@ -315,7 +316,7 @@ def _import_split_layout(folder: Path, stage: Path, work: Path, src: _Source, pr
     if "test" in src.splits and not (folder / TEST_LABELS).is_file() and src.test_labels is None:
         raise CarsTLError(
             f"{src.name(folder)} holds the split archives without {TEST_LABELS}. {TEST_LABELS_HELP}.",
-            f"cars-tl download --source {src.archive or src.root} --test-labels FILE   (or --splits train)",
+            f"{src.command} --test-labels /path/to/{TEST_LABELS}   (or import the train split alone: {src.command} --splits train)",
         )
     imported = import_split_archives(folder, stage, work, src, progress)
     if src.test_labels is not None:
@@ -659,18 +660,24 @@ def import_path(
     *,
     test_labels: Path | None = None,
     splits: Sequence[str] = data.SPLITS,
+    command: str | None = None,
     progress: Progress = NULL,
 ) -> Imported:
-    """Fill ``stage`` (a new ``stanford_cars`` folder) from a local folder or archive in any layout."""
+    """Fill ``stage`` (a new ``stanford_cars`` folder) from a local folder or archive in any layout.
+
+    ``command`` is the download command being run, which hints extend (default: ``cars-tl
+    download --source PATH``).
+    """
+    command = command or f"cars-tl download --source {shlex.quote(str(path))}"
     splits = check_splits(splits)
     if test_labels is not None and not Path(test_labels).is_file():
         raise CarsTLError(f"--test-labels {test_labels} does not exist", f"pass the path of {TEST_LABELS}")
     if path.is_file():
         root = work / "source"
         safe_extract(path, root, progress=progress)
-        src = _Source(root, True, path, test_labels, splits)
+        src = _Source(root, True, path, test_labels, splits, command)
     else:
-        src = _Source(path, False, None, test_labels, splits)
+        src = _Source(path, False, None, test_labels, splits, command)
     layout, folder = find_layout(src.root)
     imported = _IMPORTERS[layout](folder, stage, work, src, progress)
     imported.splits = splits

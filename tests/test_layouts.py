@@ -351,6 +351,16 @@ def test_parquet_shards_equal_the_torchvision_layout(names_in, tmp_path, demo_re
 
 
 @needs_pyarrow
+@needs_mini
+def test_parquet_shards_of_the_real_subset(tmp_path, mini_ref):
+    source = parquet_shards(mini_ref, tmp_path / "hf-mini", names_in="card")
+    manifest, _ = prepare_dataset(tmp_path / "data", str(source))
+    assert manifest.counts() == {"train": 422, "test": 415}
+    assert content(manifest, boxes=False) == content(mini_ref, boxes=False)
+    assert {r.sha256: (r.width, r.height) for r in manifest.records} == {r.sha256: (r.width, r.height) for r in mini_ref.records}
+
+
+@needs_pyarrow
 def test_a_parquet_shard_without_label_is_an_error_naming_it(tmp_path, demo_ref, occupied):
     source = parquet_shards(demo_ref, tmp_path / "hf", drop_label=True)
     error = fail_leaving_unchanged(occupied, source, "no label column")
@@ -371,6 +381,7 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, demo_ref, monkeypatch
 # --------------------------------------------------------------------------- a train-only dataset downstream
 
 
+@pytest.mark.slow
 def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, demo_ref):
     from conftest import TINY
 
