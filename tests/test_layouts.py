@@ -296,13 +296,17 @@ def test_a_bad_image_is_named_by_its_source_file(tmp_path, demo_ref, occupied):
     assert str(victim) in error.message and ".tmp-" not in error.message
 
 
-def test_a_decompression_bomb_is_a_clean_error(tmp_path, demo_ref, occupied, monkeypatch):
+@pytest.mark.parametrize("layout", ["torchvision", "class folders"])
+def test_a_decompression_bomb_is_a_clean_error(layout, tmp_path, demo_ref, occupied, monkeypatch):
     from PIL import Image
 
-    source = class_folders(demo_ref, tmp_path / "folders")
+    if layout == "torchvision":
+        source = link_tree(demo_ref.root, tmp_path / "copy" / "stanford_cars")
+    else:
+        source = class_folders(demo_ref, tmp_path / "folders")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every demo image is now over twice the limit
-    error = fail_leaving_unchanged(occupied, source, "cannot read image")
-    assert str(source) in error.message and "decompression bomb" in error.message.lower()
+    error = fail_leaving_unchanged(occupied, source, "cannot read image|unreadable images")
+    assert str(source) in error.message and "decompression bomb" in error.message.lower() and ".tmp-" not in error.message
 
 
 # --------------------------------------------------------------------------- parquet
