@@ -276,9 +276,13 @@ def test_duplicates_across_splits_are_counted_and_within_a_split_checked(tmp_pat
     test_image = next(r for r in demo_ref.records if r.split == "test")
     train_dir = source / "car_data" / "car_data" / "train"
     shutil.copyfile(demo_ref.root / test_image.path, train_dir / test_image.class_name.replace("/", "-") / "leak.jpg")
+    train_image = next(r for r in demo_ref.records if r.split == "train")
+    class_dir = train_dir / train_image.class_name.replace("/", "-")
+    shutil.copyfile(demo_ref.root / train_image.path, class_dir / "again.jpg")  # same bytes, same label: allowed
     manifest, _ = prepare_dataset(tmp_path / "leaky", str(source))
     meta = json.loads((manifest.root / data.MANIFEST_JSON).read_text())
     assert meta["duplicates"]["across_splits"] == 1 and len(meta["duplicates"]["across_splits_examples"]) == 1
+    assert meta["duplicates"]["within_splits_same_label"] == 1
     assert "1 test images identical to train images" in data.summary(manifest)
     # The same bytes twice in train with the same label: allowed; with another label: an error.
     other = next(n for n in DEMO_CLASSES if n != test_image.class_name).replace("/", "-")
