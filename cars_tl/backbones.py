@@ -171,7 +171,7 @@ def _load_state(name: str, weights: str) -> tuple[dict, dict | None, Path]:
     if not path.is_file():
         raise CarsTLError(
             f"ImageNet weights for {name} ({chosen}) are not in the torch cache: {path} is missing",
-            f"cars-tl download --weights {name}   (offline: put {Path(chosen.url).name} from {chosen.url} at {path})",
+            f"cars-tl download --weights {name}:{chosen.name}   (offline: put {Path(chosen.url).name} from {chosen.url} at {path})",
         )
     return torch.load(path, map_location="cpu", weights_only=True), _transform_from_weights(chosen), path
 

@@ -95,31 +95,34 @@ DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder holding stanfo
 def download(
     data_dir: DataDir = Path("data"),
     source: Annotated[str, typer.Option(help=(
-        "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive: torchvision's layout, "
-        "the split archives cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat, "
-        "or car_ims.tgz + cars_annos.mat."))] = "auto",
+        "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive in any layout: torchvision's, "
+        "the Kaggle copy (cars_train/cars_train, car_devkit/devkit), the split archives, car_ims.tgz + cars_annos.mat, "
+        "class folders train/<class>/ test/<class>/ (+ anno_*.csv), or Hugging Face data/train-*.parquet shards."))] = "auto",
+    splits: Annotated[str, typer.Option("--splits", help="train,test or train (a local copy without test labels: train only).")] = "train,test",
+    test_labels: Annotated[Optional[Path], typer.Option(help="cars_test_annos_withlabels.mat for a copy without it (the Kaggle copy).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every image (SHA-256) instead of trusting sizes and mtimes; rebuild the manifest.")] = False,
     mirror: Annotated[Optional[List[str]], typer.Option(metavar="URL", help="Extra mirror base URL, tried first (repeatable).")] = None,
     mirror_list: Annotated[Optional[Path], typer.Option(help="JSON mirror list replacing the built-in one.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Instead of the dataset, fetch torchvision ImageNet weights of this model (e.g. resnet50) into the torch cache.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Instead of the dataset, fetch torchvision ImageNet weights into the torch cache: MODEL (its default) or MODEL:ENUM, e.g. resnet50:IMAGENET1K_V1.")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="With --weights MODEL: the torchvision weights enum (e.g. IMAGENET1K_V1).")] = None,
 ):
     """Put Stanford Cars into DATA_DIR/stanford_cars (torchvision's layout) and write its manifest.
 
     Rerunning on a verified dataset is a fast no-op. Stanford Cars is for non-commercial research only.
     """
+    from cars_tl import data
     from cars_tl import download as dl
     from cars_tl.console import console, progress
 
     if weights:
-        path = dl.download_weights(weights, mirrors=mirror or [], progress=progress())
-        console.print(f"weights for {weights}: {path}")
+        path = dl.download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
+        console.print(f"weights for {weights}{':' + variant if variant else ''}: {path}")
         return
-    manifest, action = dl.prepare_dataset(data_dir, source, mirrors=mirror or [], mirror_list=mirror_list, progress=progress())
-    counts = manifest.counts()
-    console.print(
-        f"{action}: {manifest.root} — train {counts['train']}, test {counts['test']} images, "
-        f"{manifest.classes_present()} of {manifest.num_classes} classes, fingerprint {manifest.fingerprint[:12]}"
-        + (f", {manifest.clipped_boxes} boxes clipped to the image" if manifest.clipped_boxes else "")
+    manifest, action = dl.prepare_dataset(
+        data_dir, source, mirrors=mirror or [], mirror_list=mirror_list, splits=[s.strip() for s in splits.split(",") if s.strip()],
+        test_labels=test_labels, verify=verify, progress=progress(),
     )
+    console.print(f"{action}: {data.summary(manifest)}", highlight=False, soft_wrap=True)
 
 
 Backbone = Annotated[str, typer.Option(help="torchvision model name (resnet50) or timm/<name> (needs the timm extra).")]
@@ -138,7 +141,7 @@ def extract_features(
     data_dir: DataDir = Path("data"),
     backbone: Backbone = "resnet50",
     weights: Weights = "imagenet",
-    split: Annotated[Optional[List[str]], typer.Option(metavar="SPLIT", help="Split to extract (repeatable): train, test.")] = None,
+    split: Annotated[Optional[List[str]], typer.Option(metavar="SPLIT", help="Split to extract (repeatable): train, test (default: every split the dataset has).")] = None,
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size (resize keeps its ratio).")] = None,
@@ -158,7 +161,7 @@ def extract_features(
     from cars_tl.extract import extract_features as run
 
     result = run(
-        data_dir, backbone, weights, tuple(split or ("train", "test")), crop, margin, image_size, batch_size, workers,
+        data_dir, backbone, weights, tuple(split) if split else None, crop, margin, image_size, batch_size, workers,
         device, precision, skip_bad, out, artifacts, progress(),
     )
     if result.replaced_corrupt:

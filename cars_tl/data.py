@@ -13,13 +13,20 @@ This module owns the dataset. It reads torchvision's layout::
 and writes, beside them, the manifest that every later stage reads instead of the .mat files:
 
 ``manifest.csv``
-    one row per image: ``index, split, path, label, class_name, x1, y1, x2, y2, width, height``.
-    ``path`` is relative to ``stanford_cars/``; ``label`` is 0-based (the .mat files are 1-based);
-    the box is the devkit's, 1-based and inclusive, clipped to the image; width and height are the
-    image's size after its EXIF orientation.
+    one row per image: ``index, split, path, label, class_name, x1, y1, x2, y2, width, height,
+    bytes, sha256``. ``path`` is relative to ``stanford_cars/``; ``label`` is 0-based (the .mat
+    files are 1-based); the box is the devkit's, 1-based and inclusive, clipped to the image; width
+    and height are the image's size after its EXIF orientation; ``bytes`` and ``sha256`` are the
+    file's size and digest, so the fingerprint covers the pixels.
 ``manifest.json``
     class names, counts, the number of clipped boxes, the fingerprint (SHA-256 of manifest.csv)
-    that every artifact records, and the SHA-256 of the devkit files it was built from.
+    that every artifact records, the SHA-256 of the devkit files it was built from, where the data
+    came from (``origin``: source, layout), whether it has boxes, its splits, duplicate images
+    (``duplicates``), and each image's mtime (``mtime_ns``, in manifest order).
+
+:func:`load_manifest` checks, cheaply, that nothing changed since: the fingerprint, each image's
+size and mtime (a ``stat`` per image), and every row against the devkit annotations (so a hand
+edit of ``manifest.csv`` with a recomputed fingerprint still fails).
 
 Nothing here imports torch: ``cars-tl download`` stays fast. :class:`CarsDataset` is a plain
 map-style dataset that a ``torch.utils.data.DataLoader`` accepts as it is.
@@ -44,9 +51,10 @@ from cars_tl.errors import BadImageError, CarsTLError
 STANFORD_DIR = "stanford_cars"
 MANIFEST_CSV = "manifest.csv"
 MANIFEST_JSON = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+ORIGIN_FILE = ".cars_tl_source.json"  # inside stanford_cars/: where the data came from (written by download)
 SPLITS = ("train", "test")
-COLUMNS = ("index", "split", "path", "label", "class_name", "x1", "y1", "x2", "y2", "width", "height")
+COLUMNS = ("index", "split", "path", "label", "class_name", "x1", "y1", "x2", "y2", "width", "height", "bytes", "sha256")
 DEVKIT_FILES = {
     "meta": "devkit/cars_meta.mat",
     "train": "devkit/cars_train_annos.mat",
@@ -69,6 +77,8 @@ class Record:
     box: tuple[int, int, int, int]
     width: int
     height: int
+    bytes: int = 0
+    sha256: str = ""
 
 
 @dataclasses.dataclass
@@ -80,6 +90,9 @@ class Manifest:
     class_names: list[str]
     fingerprint: str
     clipped_boxes: int = 0
+    splits: tuple[str, ...] = SPLITS
+    has_boxes: bool = True
+    origin: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -88,6 +101,13 @@ class Manifest:
     def split(self, name: str) -> list[Record]:
         if name not in SPLITS:
             raise CarsTLError(f"unknown split {name!r}; valid splits: {', '.join(SPLITS)}")
+        if name not in self.splits:
+            raise CarsTLError(
+                f"the dataset at {self.root} has no {name} split: it was imported with --splits {','.join(self.splits)}"
+                f" ({describe_origin(self.origin)}); this stage needs {name} images",
+                f"import the {name} split too: {download_command(self.root.parent, self.origin, splits=SPLITS)}"
+                + (f" --test-labels /path/to/{TEST_LABELS_NAMES[0]}" if not self.origin.get("test_labels") else ""),
+            )
         return [r for r in self.records if r.split == name]
 
     def counts(self) -> dict[str, int]:
@@ -140,11 +160,12 @@ def read_annotations(path: Path, *, with_class: bool) -> list[dict]:
     return rows
 
 
-def write_devkit(root: Path, class_names: Sequence[str], train: Sequence[dict], test: Sequence[dict]) -> None:
+def write_devkit(root: Path, class_names: Sequence[str], train: Sequence[dict], test: Sequence[dict] | None) -> None:
     """Write the four devkit files of torchvision's layout under ``root`` (a stanford_cars dir).
 
     ``train``/``test`` rows are dicts with ``fname``, ``box`` (1-based inclusive) and ``label``
-    (0-based). Used by the demo generator and to convert the all-in-one layout.
+    (0-based); ``test=None`` writes a train-only devkit. Used by the demo generator and to
+    convert the all-in-one, class-folder and parquet layouts.
     """
     import scipy.io
 
@@ -165,8 +186,9 @@ def write_devkit(root: Path, class_names: Sequence[str], train: Sequence[dict], 
     names[0, :] = list(class_names)
     scipy.io.savemat(root / DEVKIT_FILES["meta"], {"class_names": names})
     scipy.io.savemat(root / DEVKIT_FILES["train"], {"annotations": struct(train, True)})
-    scipy.io.savemat(root / DEVKIT_FILES["test_nolabels"], {"annotations": struct(test, False)})
-    scipy.io.savemat(root / TEST_LABELS_NAMES[0], {"annotations": struct(test, True)})
+    if test is not None:
+        scipy.io.savemat(root / DEVKIT_FILES["test_nolabels"], {"annotations": struct(test, False)})
+        scipy.io.savemat(root / TEST_LABELS_NAMES[0], {"annotations": struct(test, True)})
 
 
 # --------------------------------------------------------------------------- images
@@ -175,9 +197,10 @@ def write_devkit(root: Path, class_names: Sequence[str], train: Sequence[dict], 
 def open_image(path: Path):
     """Open an image as RGB with its EXIF orientation applied.
 
-    Grayscale, CMYK, palette and alpha modes all become RGB (alpha composited on white).
-    Pillow's decompression-bomb limit stays on. Any decoding failure raises
-    :class:`BadImageError` naming the file.
+    Grayscale, CMYK, palette and alpha modes all become RGB (alpha composited on white); 16-bit
+    grayscale (modes ``I;16*`` and ``I``, as Pillow opens 16-bit PNGs) is scaled to 8 bits
+    (value / 257) rather than clipped to white. Pillow's decompression-bomb limit stays on. Any
+    decoding failure raises :class:`BadImageError` naming the file.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -192,6 +215,9 @@ def open_image(path: Path):
         if os.path.exists(path) and os.path.getsize(path) == 0:
             reason = "empty file (0 bytes)"
         raise BadImageError(path, reason) from None
+    if im.mode.startswith("I"):  # 16-bit samples (0..65535): convert("L") would clip them at 255
+        scaled = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        im = Image.fromarray(scaled.reshape(im.height, im.width), "L")
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -209,7 +235,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImageError(path, str(exc) or type(exc).__name__) from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
@@ -258,6 +284,12 @@ class CarsDataset:
     ):
         if crop not in ("full", "box"):
             raise CarsTLError(f"unknown crop mode {crop!r}; valid: full, box")
+        if crop == "box" and not manifest.has_boxes:
+            raise CarsTLError(
+                f"--crop box needs bounding boxes, and the dataset at {manifest.root} has none "
+                f"({describe_origin(manifest.origin)}: that layout carries no boxes)",
+                "use --crop full, or import a copy with boxes (the devkit, or class folders with anno_train.csv/anno_test.csv): cars-tl download --source PATH",
+            )
         if margin < 0:
             raise CarsTLError(f"--margin must be >= 0, got {margin}")
         self.manifest = manifest
@@ -314,6 +346,40 @@ def stanford_root(data_dir: Path) -> Path:
     return Path(data_dir) / STANFORD_DIR
 
 
+def read_origin(root: Path) -> dict:
+    """Where the dataset under ``root`` came from (``ORIGIN_FILE``); a copy placed by hand counts as downloaded."""
+    try:
+        origin = json.loads((Path(root) / ORIGIN_FILE).read_text())
+    except (OSError, ValueError):
+        origin = None
+    return origin if isinstance(origin, dict) else {"source": "download", "layout": "torchvision"}
+
+
+def describe_origin(origin: dict) -> str:
+    """A short phrase for messages: the layout and where it came from."""
+    source, layout = origin.get("source"), origin.get("layout", "torchvision")
+    if source == "demo":
+        return "generated demo data"
+    if source == "path":
+        return f"{layout} layout imported from {origin.get('path')}"
+    return f"{layout} layout, downloaded or placed by hand"
+
+
+def download_command(data_dir: Path, origin: dict, splits: Sequence[str] | None = None) -> str:
+    """The ``cars-tl download`` command that rebuilds this dataset from where it came from."""
+    import shlex
+
+    kind = origin.get("source")
+    source = "demo" if kind == "demo" else str(origin.get("path")) if kind == "path" else "auto"
+    command = f"cars-tl download --data-dir {shlex.quote(str(data_dir))} --source {shlex.quote(source)}"
+    splits = tuple(origin.get("splits", SPLITS)) if splits is None else tuple(splits)
+    if kind != "demo" and splits != SPLITS:
+        command += " --splits " + ",".join(splits)
+    if origin.get("test_labels") and "test" in splits:
+        command += f" --test-labels {shlex.quote(str(origin['test_labels']))}"
+    return command
+
+
 def _test_labels_path(root: Path) -> Path | None:
     for name in TEST_LABELS_NAMES:
         if (root / name).is_file():
@@ -321,84 +387,138 @@ def _test_labels_path(root: Path) -> Path | None:
     return None
 
 
-def _devkit_paths(root: Path) -> dict[str, Path]:
-    paths = {key: root / rel for key, rel in DEVKIT_FILES.items()}
+def _devkit_paths(root: Path, splits: Sequence[str] = SPLITS) -> dict[str, Path]:
+    paths = {"meta": root / DEVKIT_FILES["meta"], "train": root / DEVKIT_FILES["train"]}
+    if "test" in splits:
+        paths["test_nolabels"] = root / DEVKIT_FILES["test_nolabels"]
     missing = [str(p) for p in paths.values() if not p.is_file()]
-    labels = _test_labels_path(root)
-    if labels is None:
-        missing.append(str(root / TEST_LABELS_NAMES[0]))
+    if "test" in splits:
+        labels = _test_labels_path(root)
+        if labels is None:
+            missing.append(str(root / TEST_LABELS_NAMES[0]))
+        paths["test"] = labels
     if missing:
         raise CarsTLError(
             f"Stanford Cars devkit incomplete under {root}: missing {', '.join(missing)}",
             "cars-tl download --data-dir <dir> (or --source demo for generated data)",
         )
-    paths["test"] = labels
     return paths
 
 
-def build_manifest(data_dir: Path) -> Manifest:
+def _annotations(paths: dict[str, Path], splits: Sequence[str]) -> dict[str, list[dict]]:
+    return {split: read_annotations(paths[split], with_class=True) for split in splits}
+
+
+def _clip(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = box
+    return (max(1, x1), max(1, y1), min(width, x2), min(height, y2))
+
+
+def build_manifest(
+    data_dir: Path,
+    *,
+    source_names: dict[str, str] | None = None,
+    shown_data_dir: Path | None = None,
+    progress=None,
+) -> Manifest:
     """Validate the dataset under ``data_dir`` once and write its manifest (atomically).
 
     Every problem is collected and reported in one error naming files and counts: missing or
-    duplicate images, unreadable .mat, labels out of range, empty boxes. Boxes overshooting the
-    image edge are clipped and counted.
+    duplicate images, unreadable .mat, labels out of range, empty boxes, identical images with
+    different labels within a split. Boxes overshooting the image edge are clipped and counted.
+    Every image is hashed (SHA-256): the fingerprint covers the pixels, and images identical
+    across splits are counted (a leak check). ``source_names`` maps a path of the dataset to the
+    file it was imported from, so that errors name what the user can fix; ``shown_data_dir`` is
+    the data folder named in hints when ``data_dir`` is a staging folder.
     """
+    from cars_tl.progress import NULL
+
+    progress = progress or NULL
     root = stanford_root(data_dir)
+    shown_dir = shown_data_dir or data_dir
     if not root.is_dir():
         raise CarsTLError(
             f"no dataset at {root}",
             f"cars-tl download --data-dir {data_dir} (or --source demo for a generated one)",
         )
-    paths = _devkit_paths(root)
+    origin = read_origin(root)
+    splits = tuple(s for s in SPLITS if s in origin.get("splits", SPLITS))
+    paths = _devkit_paths(root, splits)
     class_names = read_class_names(paths["meta"])
-    annotations = {
-        "train": read_annotations(paths["train"], with_class=True),
-        "test": read_annotations(paths["test"], with_class=True),
-    }
+    annotations = _annotations(paths, splits)
     problems: dict[str, list[str]] = {
         "missing images": [], "duplicate images": [], "labels out of range": [],
-        "empty boxes": [], "unreadable images": [],
+        "empty boxes": [], "unreadable images": [], "identical images with different labels": [],
     }
+
+    def shown(rel: str) -> str:
+        return (source_names or {}).get(rel, rel)
+
     records: list[Record] = []
+    mtimes: list[int] = []
     clipped = 0
-    for split in SPLITS:
-        seen: set[str] = set()
-        for row in annotations[split]:
-            rel = f"{IMAGE_DIRS[split]}/{row['fname']}"
-            if rel in seen:
-                problems["duplicate images"].append(rel)
-                continue
-            seen.add(rel)
-            if not 1 <= row["class"] <= len(class_names):
-                problems["labels out of range"].append(f"{rel} (class {row['class']}, valid 1..{len(class_names)})")
-                continue
-            image_path = root / rel
-            if not image_path.is_file():
-                problems["missing images"].append(rel)
-                continue
-            try:
-                width, height = image_size(image_path)
-            except BadImageError as exc:
-                problems["unreadable images"].append(f"{rel} ({exc.reason})")
-                continue
-            x1, y1, x2, y2 = row["box"]
-            box = (max(1, x1), max(1, y1), min(width, x2), min(height, y2))
-            if box[2] < box[0] or box[3] < box[1]:
-                problems["empty boxes"].append(f"{rel} {row['box']} in {width}x{height}")
-                continue
-            clipped += box != row["box"]
-            label = row["class"] - 1
-            records.append(Record(len(records), split, rel, label, class_names[label], box, width, height))
+    with progress.task("verify images", total=sum(len(a) for a in annotations.values()), unit="img") as task:
+        for split in splits:
+            seen: set[str] = set()
+            for row in annotations[split]:
+                task.advance(1)
+                rel = f"{IMAGE_DIRS[split]}/{row['fname']}"
+                if rel in seen:
+                    problems["duplicate images"].append(rel)
+                    continue
+                seen.add(rel)
+                if not 1 <= row["class"] <= len(class_names):
+                    problems["labels out of range"].append(f"{shown(rel)} (class {row['class']}, valid 1..{len(class_names)})")
+                    continue
+                image_path = root / rel
+                if not image_path.is_file():
+                    problems["missing images"].append(shown(rel))
+                    continue
+                try:
+                    width, height = image_size(image_path)
+                except BadImageError as exc:  # Pillow's reason may quote the staged path: name the source
+                    problems["unreadable images"].append(f"{shown(rel)} ({exc.reason.replace(str(image_path), shown(rel))})")
+                    continue
+                box = _clip(row["box"], width, height)
+                if box[2] < box[0] or box[3] < box[1]:
+                    problems["empty boxes"].append(f"{shown(rel)} {row['box']} in {width}x{height}")
+                    continue
+                clipped += box != row["box"]
+                label = row["class"] - 1
+                stat = image_path.stat()
+                records.append(
+                    Record(len(records), split, rel, label, class_names[label], box, width, height, stat.st_size, file_sha256(image_path))
+                )
+                mtimes.append(stat.st_mtime_ns)
+    by_digest: dict[str, list[Record]] = {}
+    for r in records:
+        by_digest.setdefault(r.sha256, []).append(r)
+    within_splits, across = 0, []
+    for group in by_digest.values():
+        for split in splits:
+            same = [r for r in group if r.split == split]
+            if len({r.label for r in same}) > 1:
+                problems["identical images with different labels"].append(
+                    " = ".join(f"{shown(r.path)} ({r.class_name})" for r in same)
+                )
+            within_splits += max(0, len(same) - 1)
+        if "test" in splits and any(r.split == "train" for r in group):
+            across += [(next(r for r in group if r.split == "train"), r) for r in group if r.split == "test"]
     found = {k: v for k, v in problems.items() if v}
     if found:
-        lines = [f"dataset under {root} failed validation ({paths['train'].name}, {paths['test'].name}):"]
+        lines = [f"dataset under {STANFORD_DIR}/ failed validation ({', '.join(paths[s].name for s in splits)}; {describe_origin(origin)}):"]
         for kind, items in found.items():
-            shown = ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
-            lines.append(f"  {len(items)} {kind}: {shown}")
-        raise CarsTLError("\n".join(lines), f"re-run cars-tl download --data-dir {data_dir} to fetch a clean copy")
+            shown_items = ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
+            lines.append(f"  {len(items)} {kind}: {shown_items}")
+        fix = (
+            f"fix or remove the files named above in the source, then rerun {download_command(shown_dir, origin)}"
+            if origin.get("source") == "path" else f"re-run {download_command(shown_dir, origin)} to fetch a clean copy"
+        )
+        raise CarsTLError("\n".join(lines), fix)
 
     csv_bytes = _manifest_csv(records)
-    manifest = Manifest(root, records, class_names, hashlib.sha256(csv_bytes).hexdigest(), clipped)
+    has_boxes = bool(origin.get("boxes", True))
+    manifest = Manifest(root, records, class_names, hashlib.sha256(csv_bytes).hexdigest(), clipped, splits, has_boxes, origin)
     meta = {
         "manifest_version": MANIFEST_VERSION,
         "fingerprint": manifest.fingerprint,
@@ -406,10 +526,19 @@ def build_manifest(data_dir: Path) -> Manifest:
         "counts": manifest.counts(),
         "classes_present": manifest.classes_present(),
         "clipped_boxes": clipped,
+        "origin": origin,
+        "splits": list(splits),
+        "boxes": has_boxes,
+        "duplicates": {
+            "across_splits": len(across),
+            "across_splits_examples": [[a.path, b.path] for a, b in across[:10]],
+            "within_splits_same_label": within_splits,
+        },
         "devkit_sha256": {str(p.relative_to(root)): file_sha256(p) for p in paths.values()},
+        "mtime_ns": mtimes,
     }
     atomic_write_bytes(root / MANIFEST_CSV, csv_bytes)
-    atomic_write_bytes(root / MANIFEST_JSON, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(root / MANIFEST_JSON, json.dumps(meta, indent=1).encode())
     return manifest
 
 
@@ -418,12 +547,24 @@ def _manifest_csv(records: Iterable[Record]) -> bytes:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for r in records:
-        writer.writerow([r.index, r.split, r.path, r.label, r.class_name, *r.box, r.width, r.height])
+        writer.writerow([r.index, r.split, r.path, r.label, r.class_name, *r.box, r.width, r.height, r.bytes, r.sha256])
     return out.getvalue().encode()
 
 
-def load_manifest(data_dir: Path) -> Manifest:
-    """Read the manifest that ``cars-tl download`` wrote; verify its fingerprint."""
+def _listed(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_manifest(data_dir: Path, *, check_files: bool = True) -> Manifest:
+    """Read the manifest that ``cars-tl download`` wrote and check that it still describes the data.
+
+    Checked every time: the fingerprint (SHA-256 of manifest.csv). With ``check_files`` (every
+    stage): each row against the devkit annotations (paths, splits, labels, class names, boxes;
+    so a hand edit with a recomputed fingerprint fails), and each image's size and mtime
+    against the recorded ones (one ``stat`` per image; ``cars-tl download --verify`` hashes the
+    bytes instead). A mismatch is an error naming the files and the download command that
+    rebuilds the manifest from the recorded origin.
+    """
     root = stanford_root(data_dir)
     csv_path, json_path = root / MANIFEST_CSV, root / MANIFEST_JSON
     if not csv_path.is_file() or not json_path.is_file():
@@ -432,37 +573,139 @@ def load_manifest(data_dir: Path) -> Manifest:
             f"cars-tl download --data-dir {data_dir}   (or --source demo / --source PATH)",
         )
     csv_bytes = csv_path.read_bytes()
-    meta = json.loads(json_path.read_text())
+    try:
+        meta = json.loads(json_path.read_text())
+    except ValueError as exc:
+        meta = {"error": str(exc)}
+    origin = meta.get("origin") if isinstance(meta.get("origin"), dict) else read_origin(root)
+    rebuild = download_command(data_dir, origin)
+    if meta.get("manifest_version") != MANIFEST_VERSION:
+        raise CarsTLError(
+            f"{json_path} is not a manifest of version {MANIFEST_VERSION} (found {meta.get('manifest_version', 'none')}): "
+            "written by another cars_tl version, or damaged",
+            f"{rebuild} rebuilds it",
+        )
     fingerprint = hashlib.sha256(csv_bytes).hexdigest()
     if meta.get("fingerprint") != fingerprint:
         raise CarsTLError(
             f"{csv_path} was modified after it was written (fingerprint {fingerprint[:12]} != {str(meta.get('fingerprint'))[:12]})",
-            f"cars-tl download --data-dir {data_dir} rebuilds it",
+            f"{rebuild} rebuilds it",
         )
     records = []
-    for row in csv.DictReader(io.StringIO(csv_bytes.decode())):
-        records.append(
-            Record(
-                int(row["index"]), row["split"], row["path"], int(row["label"]), row["class_name"],
-                (int(row["x1"]), int(row["y1"]), int(row["x2"]), int(row["y2"])),
-                int(row["width"]), int(row["height"]),
+    try:
+        for row in csv.DictReader(io.StringIO(csv_bytes.decode())):
+            records.append(
+                Record(
+                    int(row["index"]), row["split"], row["path"], int(row["label"]), row["class_name"],
+                    (int(row["x1"]), int(row["y1"]), int(row["x2"]), int(row["y2"])),
+                    int(row["width"]), int(row["height"]), int(row["bytes"]), row["sha256"],
+                )
             )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CarsTLError(f"{csv_path} has a malformed row ({exc!r})", f"{rebuild} rebuilds it") from None
+    splits = tuple(s for s in SPLITS if s in meta.get("splits", SPLITS))
+    manifest = Manifest(
+        root, records, list(meta["class_names"]), fingerprint, int(meta.get("clipped_boxes", 0)),
+        splits, bool(meta.get("boxes", True)), origin,
+    )
+    if check_files:
+        _check_against_devkit(manifest, rebuild)
+        _check_images(manifest, meta.get("mtime_ns"), rebuild)
+    return manifest
+
+
+def _check_against_devkit(manifest: Manifest, rebuild: str) -> None:
+    """Every manifest row as the devkit says: the same images, splits, labels, names and boxes."""
+    root = manifest.root
+    paths = _devkit_paths(root, manifest.splits)
+    class_names = read_class_names(paths["meta"])
+    expected = {
+        f"{IMAGE_DIRS[split]}/{row['fname']}": (split, row)
+        for split, rows in _annotations(paths, manifest.splits).items() for row in rows
+    }
+    wrong: list[str] = []
+    if class_names != manifest.class_names:
+        wrong.append(f"class names differ from {paths['meta'].name}")
+    listed = set()
+    for position, r in enumerate(manifest.records):
+        listed.add(r.path)
+        split_row = expected.get(r.path)
+        if split_row is None:
+            wrong.append(f"{r.path} is not in the devkit annotations")
+            continue
+        split, row = split_row
+        label = row["class"] - 1
+        if r.index != position or r.split != split or r.label != label:
+            wrong.append(f"{r.path}: row {r.index}, split {r.split}, label {r.label} (devkit: row {position}, {split}, label {label})")
+        elif not 0 <= label < len(class_names) or r.class_name != class_names[label]:
+            wrong.append(f"{r.path}: class name {r.class_name!r} (devkit: label {label})")
+        elif r.box != _clip(row["box"], r.width, r.height):
+            wrong.append(f"{r.path}: box {r.box} (devkit: {row['box']})")
+    absent = [p for p in expected if p not in listed]
+    if absent:
+        wrong.append(f"{len(absent)} annotated images have no row: {_listed(absent, 3)}")
+    if wrong:
+        raise CarsTLError(
+            f"{root / MANIFEST_CSV} disagrees with the devkit annotations it was built from ({len(wrong)} problems): {_listed(wrong)}",
+            f"{rebuild} rebuilds it",
         )
-    return Manifest(root, records, list(meta["class_names"]), fingerprint, int(meta.get("clipped_boxes", 0)))
+
+
+def _check_images(manifest: Manifest, mtimes, rebuild: str) -> None:
+    """Size and mtime of every image as recorded: a replaced image is caught without reading it."""
+    if not isinstance(mtimes, list) or len(mtimes) != len(manifest.records):
+        raise CarsTLError(f"{manifest.root / MANIFEST_JSON} lacks the images' mtimes", f"{rebuild} rebuilds it")
+    changed = []
+    for r, mtime in zip(manifest.records, mtimes):
+        try:
+            stat = os.stat(manifest.root / r.path)
+        except OSError:
+            changed.append(f"{r.path} (missing)")
+            continue
+        if stat.st_size != r.bytes:
+            changed.append(f"{r.path} ({r.bytes} -> {stat.st_size} bytes)")
+        elif stat.st_mtime_ns != mtime:
+            changed.append(f"{r.path} (modified after the manifest was written)")
+    if changed:
+        raise CarsTLError(
+            f"{len(changed)} images under {manifest.root} changed since the manifest was written: {_listed(changed)}; "
+            "features or runs made from the old images would no longer match them",
+            f"{rebuild} --verify re-checks every image (SHA-256) and rebuilds the manifest (and its fingerprint, if the pixels changed)",
+        )
 
 
 def manifest_is_current(data_dir: Path) -> bool:
-    """True when a manifest exists, its devkit files are unchanged and every image is present.
+    """True when the manifest still describes the data: devkit files unchanged, every image's
+    size and mtime as recorded, every row as the devkit says.
 
     The cheap check behind ``cars-tl download`` being a no-op on a verified dataset.
     """
     root = stanford_root(data_dir)
     try:
-        manifest = load_manifest(data_dir)
+        load_manifest(data_dir)
         meta = json.loads((root / MANIFEST_JSON).read_text())
     except (CarsTLError, OSError, ValueError, KeyError):
         return False
     for rel, digest in meta.get("devkit_sha256", {}).items():
         if not (root / rel).is_file() or file_sha256(root / rel) != digest:
             return False
-    return all((root / r.path).is_file() for r in manifest.records)
+    return True
+
+
+def summary(manifest: Manifest) -> str:
+    """One line about a dataset: where, from what layout, counts, fingerprint, boxes, duplicates."""
+    meta = json.loads((manifest.root / MANIFEST_JSON).read_text())
+    counts = manifest.counts()
+    sizes = ", ".join(f"{s} {counts[s]}" for s in manifest.splits)
+    text = (
+        f"{manifest.root} ({describe_origin(manifest.origin)}) — {sizes} images, "
+        f"{manifest.classes_present()} of {manifest.num_classes} classes, fingerprint {manifest.fingerprint[:12]}"
+    )
+    if manifest.clipped_boxes:
+        text += f", {manifest.clipped_boxes} boxes clipped to the image"
+    if not manifest.has_boxes:
+        text += ", no bounding boxes (--crop box unavailable)"
+    across = meta.get("duplicates", {}).get("across_splits", 0)
+    if across:
+        text += f", {across} test images identical to train images (listed in manifest.json)"
+    return text

@@ -63,7 +63,7 @@ def extract_features(
     data_dir: Path = Path("data"),
     backbone: str = "resnet50",
     weights: str = "imagenet",
-    splits: tuple[str, ...] = ("train", "test"),
+    splits: tuple[str, ...] | None = None,
     crop: str = "full",
     margin: float = 0.0,
     image_size: int | None = None,
@@ -76,12 +76,13 @@ def extract_features(
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
 ) -> ExtractResult:
-    """Extract pooled features for ``splits`` into an HDF5 cache (see :mod:`cars_tl.features`).
+    """Extract pooled features for ``splits`` (default: every split the dataset has) into an HDF5
+    cache (see :mod:`cars_tl.features`).
 
     ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default: the
     number of cores, at most 4). Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
     """
-    for split in splits:
+    for split in splits or ():
         if split not in data.SPLITS:
             raise CarsTLError(f"unknown split {split!r}; valid: {', '.join(data.SPLITS)}")
     if crop not in ("full", "box"):
@@ -90,6 +91,7 @@ def extract_features(
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
     check_number("--margin", margin, minimum=0)
     manifest = data.load_manifest(data_dir)
+    splits = manifest.splits if splits is None else splits
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
     workers = loaders.default_workers() if workers is None else workers
@@ -136,7 +138,7 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
         identity, weights_sha256=bb.weights_file_sha256 or "", class_names=manifest.class_names, num_classes=manifest.num_classes, feature_dim=bb.num_features,
         backbone_params=sum(p.numel() for p in bb.body.parameters()),
         versions=runtime.versions(),
-        options={"splits": sorted(set(todo) | set(carry)), "batch_size": batch_size, "workers": workers, "device": device,
+        options={"splits": sorted(set(todo) | set(carry)), "dataset_splits": list(manifest.splits), "batch_size": batch_size, "workers": workers, "device": device,
                  "device_name": runtime.device_name(device), "image_size": image_size, "data_dir": str(data_dir)},
     )
     partial.finalize(attrs, rows, carry)

@@ -85,12 +85,23 @@ class FeatureCache:
         return list(self.attrs["class_names"])
 
     def split(self, name: str) -> SplitArrays:
+        if name not in self.splits and not dataset_has_split(self, name):
+            raise CarsTLError(
+                f"{self.path} has no '{name}' split because its dataset has none (imported with --splits train); "
+                f"this stage needs {name} features",
+                "import the test split too (cars-tl download --source PATH --test-labels FILE), then rerun cars-tl extract-features",
+            )
         if name not in self.splits:
             raise CarsTLError(
                 f"{self.path} has no '{name}' split (it has: {', '.join(self.splits) or 'none'})",
                 f"cars-tl extract-features --split {name} ... --out {self.path}",
             )
         return self.splits[name]
+
+
+def dataset_has_split(cache: FeatureCache, name: str) -> bool:
+    """Whether the dataset the cache was extracted from has ``name`` (older caches: both splits)."""
+    return name in cache.attrs.get("options", {}).get("dataset_splits", ("train", "test"))
 
 
 def weights_tag(weights: str) -> str:

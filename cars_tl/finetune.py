@@ -235,6 +235,7 @@ def finetune(
     # Pretrained statistics are worth keeping; a random network's are not statistics at all.
     config["freeze_bn_stats"] = bool(config["freeze_bn_stats"]) and str(weights) != "random"
     manifest = data.load_manifest(data_dir)
+    manifest.split("test")  # evaluated every epoch: a train-only dataset is refused here, saying so
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
     runtime.prepare_device(device, precision)

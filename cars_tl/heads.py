@@ -193,9 +193,11 @@ def feature_run_fields(cache: features.FeatureCache) -> dict:
     }
 
 
-def load_train_test(path: Path) -> features.FeatureCache:
+def load_train_test(path: Path, require_test: bool = True) -> features.FeatureCache:
+    """The cache's train and test splits; without ``require_test``, test may be absent when the
+    dataset itself has none (imported with ``--splits train``)."""
     cache = features.load(path, ("train", "test"))
-    for split in ("train", "test"):
+    for split in ("train", "test") if require_test or features.dataset_has_split(cache, "test") else ("train",):
         cache.split(split)
     if len(cache.split("train").labels) == 0:
         raise CarsTLError(f"{path}: the train split is empty", "extract features for a dataset with training images")
@@ -223,12 +225,13 @@ def train_head(
     config = resolve_preset(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
     config["seed"] = check_seed(seed)
     config["features"] = str(features_path)
-    cache = load_train_test(Path(features_path))
+    cache = load_train_test(Path(features_path), require_test=False)
     backbone = cache.attrs["backbone"].replace("/", "-")
     run_dir = runs.resolve_run_dir(out, f"head-{backbone}-{features.weights_tag(cache.attrs['weights'])}-{preset}", artifacts)
-    tr, te = cache.split("train"), cache.split("test")
+    tr = cache.split("train")
+    te = cache.split("test") if "test" in cache.splits else None  # a train-only dataset: no test metrics
     x_train, y_train = torch.from_numpy(tr.features), torch.from_numpy(tr.labels)
-    x_test, y_test = torch.from_numpy(te.features), torch.from_numpy(te.labels)
+    x_test, y_test = (torch.from_numpy(te.features), torch.from_numpy(te.labels)) if te else (None, None)
 
     def scaling(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Statistics of the rows the head trains on, never of validation or test rows.
@@ -259,16 +262,18 @@ def train_head(
                 metrics["selection"] = {"by": "cross-entropy on a validation split of train", "val_fraction": config["val_fraction"], "grid": search}
             mean, std = scaling(x_train)
             head, history = _fit(
-                _Data((x_train - mean) / std, y_train), {"test": _Data((x_test - mean) / std, y_test)}, config, config["weight_decay"],
-                cache.num_classes, seed, progress, f"train head ({preset})",
+                _Data((x_train - mean) / std, y_train), {"test": _Data((x_test - mean) / std, y_test)} if te else {}, config,
+                config["weight_decay"], cache.num_classes, seed, progress, f"train head ({preset})",
             )
             state = _fold_standardization(head, mean, std)
             runs.save_checkpoint(target / HEAD_FILE, state)
             with torch.no_grad():
                 raw = torch.nn.Linear(cache.feature_dim, cache.num_classes)
                 raw.load_state_dict(state)
-                final = {**evaluate_logits(raw(x_train), y_train, "train"), **evaluate_logits(raw(x_test), y_test, "test")}
-                runs.write_predictions(target, te.ids, te.labels, raw(x_test).softmax(1).numpy(), "probability")
+                final = evaluate_logits(raw(x_train), y_train, "train")
+                if te:
+                    final.update(evaluate_logits(raw(x_test), y_test, "test"))
+                    runs.write_predictions(target, te.ids, te.labels, raw(x_test).softmax(1).numpy(), "probability")
             metrics.update(
                 history=history,
                 final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch"},

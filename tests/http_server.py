@@ -10,7 +10,9 @@ Usage::
 ``files`` is a dict of URL path -> bytes, or a directory served as is (the URL path is relative
 to it). Switches (plain attributes, change them any time): ``drop_after`` (bytes, first request of
 each path only), ``ignore_range`` (always 200 with the full body), ``html`` (an HTML page with
-Content-Type text/html instead of the file), ``not_found`` (404 for everything).
+Content-Type text/html instead of the file), ``not_found`` (404 for everything),
+``refuse_after_drop`` (with ``drop_after``: the server stops listening before it hangs up, so the
+client's reconnection is refused).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class FileServer:
         self.ignore_range = False
         self.html = False
         self.not_found = False
+        self.refuse_after_drop = False
         self.requests: list[Request] = []
         self._dropped: set[str] = set()
         self._httpd: ThreadingHTTPServer | None = None
@@ -115,6 +118,10 @@ class _Handler(BaseHTTPRequestHandler):
         if drop:
             owner._dropped.add(path)
         sent = payload[: owner.drop_after] if drop else payload
+        if drop and owner.refuse_after_drop:
+            # Stop listening first (this handler runs in its own thread), so no reconnection can race in.
+            self.server.shutdown()
+            self.server.server_close()
         self._send(status, sent, "application/octet-stream", length=len(payload), headers=headers)
         if drop:
             # Hang up mid-body: the client saw the full Content-Length but gets EOF early.

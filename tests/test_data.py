@@ -204,3 +204,112 @@ def test_mark_bad_hands_unreadable_images_to_the_caller(demo_dir, tmp_path):
     assert positions.tolist() == [0, 2, 3] and images.shape[0] == 3 and [b.position for b in bad] == [1]
     with pytest.raises(BadImageError):
         data.raise_bad(bad)
+
+
+# --------------------------------------------------------------------------- the manifest checks the data
+
+
+def _recompute_fingerprint(root: Path) -> None:
+    """What a careful hand edit does: make manifest.json agree with the edited manifest.csv."""
+    import hashlib
+    import json
+
+    stanford = root / data.STANFORD_DIR
+    meta = json.loads((stanford / data.MANIFEST_JSON).read_text())
+    meta["fingerprint"] = hashlib.sha256((stanford / data.MANIFEST_CSV).read_bytes()).hexdigest()
+    (stanford / data.MANIFEST_JSON).write_text(json.dumps(meta))
+
+
+def _edit_csv(root: Path, edit) -> None:
+    csv_path = root / data.STANFORD_DIR / data.MANIFEST_CSV
+    lines = csv_path.read_text().splitlines(keepends=True)
+    csv_path.write_text("".join(edit(lines)))
+    _recompute_fingerprint(root)
+
+
+def _set_label(line: str, label: int) -> str:
+    cells = line.split(",")
+    cells[3] = str(label)
+    return ",".join(cells)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda lines: lines[:5] + lines[6:], id="row-removed"),
+        pytest.param(lambda lines: [lines[0], _set_label(lines[1], 9), *lines[2:]], id="label-out-of-range"),
+        pytest.param(lambda lines: [lines[0], _set_label(lines[1], (int(lines[1].split(",")[3]) + 1) % 6), *lines[2:]], id="label-changed"),
+    ],
+)
+def test_hand_edits_with_a_recomputed_fingerprint_fail_against_the_devkit(edit, demo_dir, tmp_path):
+    root = _copy_demo(demo_dir, tmp_path)
+    data.build_manifest(root)
+    _edit_csv(root, edit)
+    with pytest.raises(CarsTLError, match="disagrees with the devkit annotations"):
+        data.load_manifest(root)
+    assert not data.manifest_is_current(root)
+
+
+def test_a_replaced_image_is_caught_by_size_or_mtime(demo_dir, tmp_path):
+    import os
+
+    root = _copy_demo(demo_dir, tmp_path)
+    manifest = data.build_manifest(root)
+    first, second = manifest.records[0], manifest.records[1]
+    # Another image under the same name: a new size.
+    target = root / data.STANFORD_DIR / first.path
+    target.write_bytes(target.read_bytes() + b"\0" * 16)
+    with pytest.raises(CarsTLError, match="changed since the manifest was written") as info:
+        data.load_manifest(root)
+    assert first.path in info.value.message and "--verify" in info.value.hint
+    data.build_manifest(root)
+    # The same size, other bytes (mtime moves with any write).
+    target = root / data.STANFORD_DIR / second.path
+    blob = bytearray(target.read_bytes())
+    blob[-10] ^= 0xFF
+    stat = target.stat()
+    target.write_bytes(bytes(blob))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(CarsTLError, match="modified after the manifest") as info:
+        data.load_manifest(root)
+    assert second.path in info.value.message
+
+
+def test_verify_rehashes_and_the_fingerprint_follows_the_pixels(tmp_path):
+    from cars_tl.download import prepare_dataset
+
+    manifest, _ = prepare_dataset(tmp_path, "demo")
+    target = manifest.root / manifest.records[3].path
+    blob = bytearray(target.read_bytes())
+    blob[-10] ^= 0xFF  # same size, other pixels
+    target.write_bytes(bytes(blob))
+    assert not data.manifest_is_current(tmp_path)
+    rebuilt, action = prepare_dataset(tmp_path, "demo", verify=True)
+    assert action == "verified" and rebuilt.fingerprint != manifest.fingerprint
+    assert rebuilt.records[3].sha256 == data.file_sha256(target)
+    again, action = prepare_dataset(tmp_path, "demo", verify=True)
+    assert action == "verified" and again.fingerprint == rebuilt.fingerprint
+    assert prepare_dataset(tmp_path, "demo")[1] == "already verified"
+
+
+def test_modified_manifest_hint_reruns_the_recorded_origin(tmp_path):
+    from cars_tl.download import prepare_dataset
+
+    manifest, _ = prepare_dataset(tmp_path, "demo")
+    csv_path = manifest.root / data.MANIFEST_CSV
+    csv_path.write_text(csv_path.read_text().replace(",", ";", 1))
+    with pytest.raises(CarsTLError, match="modified") as info:
+        data.load_manifest(tmp_path)
+    assert f"cars-tl download --data-dir {tmp_path} --source demo" in info.value.hint
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    gradient = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (8, 1))
+    Image.fromarray(gradient).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
+    with Image.open(tmp_path / "g16.png") as raw:
+        assert raw.mode.startswith("I")
+    rgb = np.asarray(data.open_image(tmp_path / "g16.png"))
+    assert rgb.shape == (8, 256, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    expected = np.round(gradient / 257).astype(np.uint8)
+    assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255 and rgb[0, 128, 0] in (128, 129)

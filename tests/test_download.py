@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from cars_tl import data, download
 from cars_tl.cli import app
 from cars_tl.demo import DEMO_CLASSES
-from cars_tl.download import DownloadError, download_file, download_weights, prepare_dataset, safe_extract
+from cars_tl.archives import safe_extract
+from cars_tl.download import DownloadError, download_file, download_weights, prepare_dataset
 from cars_tl.errors import CarsTLError
 
 try:
@@ -128,9 +129,14 @@ def assert_demo_dataset(manifest: data.Manifest, demo) -> None:
     assert manifest.fingerprint == demo.fingerprint
 
 
+def entries(folder: Path) -> list[str]:
+    """What a folder holds, less the writer-lock files (they stay by design, see cars_tl.locks)."""
+    return sorted(n for n in os.listdir(folder) if not n.endswith(".lock"))
+
+
 def assert_only_dataset(data_dir: Path) -> None:
     """No temporary folders, downloads or stray files beside stanford_cars/."""
-    assert sorted(os.listdir(data_dir)) == ["stanford_cars"]
+    assert entries(data_dir) == ["stanford_cars"]
 
 
 # --------------------------------------------------------------------------- local layouts
@@ -170,9 +176,9 @@ def test_unrecognised_layout_lists_what_was_found(tmp_path):
         prepare_dataset(tmp_path / "data", str(source))
     message = info.value.message
     assert "cars_train.tgz, notes.txt" in message
-    assert "lacks cars_test.tgz, car_devkit.tgz, cars_test_annos_withlabels.mat" in message
+    assert "lacks cars_test.tgz, car_devkit.tgz" in message
     assert "all-in-one" in message and "split archives" in message
-    assert os.listdir(tmp_path / "data") == []
+    assert entries(tmp_path / "data") == []
 
 
 def test_all_in_one_paths_outside_car_ims_are_refused(tmp_path):
@@ -186,7 +192,7 @@ def test_all_in_one_paths_outside_car_ims_are_refused(tmp_path):
     with pytest.raises(CarsTLError, match="outside its folder"):
         prepare_dataset(tmp_path / "data", str(source))
     assert (tmp_path / "secret.jpg").read_bytes() == b"not yours"
-    assert os.listdir(tmp_path / "data") == []
+    assert entries(tmp_path / "data") == []
 
 
 def test_unknown_source_names_the_choices(tmp_path):
@@ -287,7 +293,7 @@ def test_every_mirror_failing_names_each_and_leaves_nothing(sources, tmp_path):
     assert "--mirror" in message and "HTTP 404" in message
     assert "mirror0 (test)" in message and dead in message and "cannot connect" in message
     assert "--source" in info.value.hint
-    assert os.listdir(tmp_path / "data") == []
+    assert entries(tmp_path / "data") == []
 
 
 def test_verified_archives_survive_a_failed_run_and_are_reused(sources, demo, tmp_path):
@@ -299,7 +305,7 @@ def test_verified_archives_survive_a_failed_run_and_are_reused(sources, demo, tm
         with pytest.raises(CarsTLError, match="cars_test_annos_withlabels.mat"):
             prepare_dataset(data_dir, server.url(), mirror_list=listed)
     kept = data_dir / download.DOWNLOADS_DIR
-    assert sorted(os.listdir(data_dir)) == [download.DOWNLOADS_DIR]
+    assert entries(data_dir) == [download.DOWNLOADS_DIR]
     assert sorted(os.listdir(kept)) == sorted(partial_name[1:] for partial_name in partial)  # verified, no .part
     with FileServer(split) as server:
         manifest, action = prepare_dataset(data_dir, server.url(), mirror_list=listed)
@@ -316,7 +322,7 @@ def test_a_broken_hand_placed_copy_is_reported_when_no_fresh_copy_comes(sources,
         prepare_dataset(tmp_path, "auto", mirror_list=listed)
     assert "missing images: cars_test/00007.jpg" in info.value.message
     assert "fetching a fresh copy failed too" in info.value.message
-    assert sorted(os.listdir(tmp_path)) == ["mirrors.json", "stanford_cars"]
+    assert entries(tmp_path) == ["mirrors.json", "stanford_cars"]
 
 
 def test_builtin_mirror_list_is_well_formed():
@@ -345,6 +351,31 @@ def test_a_part_file_left_by_a_killed_run_is_resumed(tmp_path):
         download_file(server.url("/f.bin"), tmp_path / "f.bin", md5=md5(BLOB))
     assert [r.range for r in server.requests] == ["bytes=1000-"]
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_refused_connection_mid_transfer_keeps_the_part_and_the_next_run_resumes(tmp_path, monkeypatch):
+    slept = []
+    monkeypatch.setattr(download.time, "sleep", slept.append)
+    dest = tmp_path / "f.bin"
+    with FileServer({"/f.bin": BLOB}) as server:
+        server.drop_after, server.refuse_after_drop = 100_000, True
+        with pytest.raises(DownloadError, match="refused") as info:
+            download_file(server.url("/f.bin"), dest, size=len(BLOB), md5=md5(BLOB))
+    part = tmp_path / "f.bin.part"
+    assert part.read_bytes() == BLOB[:100_000] and "kept" in info.value.message
+    assert slept == sorted(slept) and len(slept) == download.RECONNECT_TRIES  # backoff between the tries
+    with FileServer({"/f.bin": BLOB}) as server:
+        assert download_file(server.url("/f.bin"), dest, size=len(BLOB), md5=md5(BLOB)).read_bytes() == BLOB
+    assert [r.range for r in server.requests] == ["bytes=100000-"]
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_checksum_mismatch_discards_the_part(tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # not a prefix of the file: the digest will not match
+    with FileServer({"/f.bin": BLOB}) as server:
+        with pytest.raises(DownloadError, match="MD5"):
+            download_file(server.url("/f.bin"), tmp_path / "f.bin", md5=md5(BLOB))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_server_ignoring_range_restarts_from_zero(tmp_path):
@@ -445,7 +476,7 @@ def test_a_member_below_a_symlink_is_refused(tmp_path):
         tar.addfile(_symlink("here/here/up", "../.."))
     with pytest.raises(CarsTLError, match="below a link"):
         safe_extract(tmp_path / "evil.tar", tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == ["evil.tar"]
+    assert entries(tmp_path) == ["evil.tar"]
 
 
 def test_device_files_are_refused(tmp_path):
@@ -453,7 +484,7 @@ def test_device_files_are_refused(tmp_path):
     device.type = tarfile.CHRTYPE
     with pytest.raises(CarsTLError, match="device"):
         safe_extract(_evil_tar(tmp_path / "evil.tgz", device), tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == ["evil.tgz"]
+    assert entries(tmp_path) == ["evil.tgz"]
 
 
 def test_unsafe_zip_members_are_refused(tmp_path):
@@ -461,7 +492,7 @@ def test_unsafe_zip_members_are_refused(tmp_path):
         zf.writestr("../escaped.txt", b"bad")
     with pytest.raises(CarsTLError, match="'..'"):
         safe_extract(tmp_path / "evil.zip", tmp_path / "out")
-    assert sorted(os.listdir(tmp_path)) == ["evil.zip"]
+    assert entries(tmp_path) == ["evil.zip"]
 
 
 def test_safe_extract_keeps_links_inside(tmp_path):
@@ -537,3 +568,96 @@ def test_importing_download_does_not_import_torch():
 
     code = "import sys, cars_tl.download; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- one writer, interrupted swaps
+
+
+SLOW_DEMO = """
+import pathlib, sys, time
+import cars_tl.demo as demo
+original = demo.generate_demo
+def slow(root):
+    original(root)
+    pathlib.Path(sys.argv[2]).write_text("ready")
+    time.sleep(120)
+demo.generate_demo = slow
+from cars_tl.download import prepare_dataset
+prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
+"""
+
+
+def test_a_second_download_fails_at_once_and_a_killed_ones_leftovers_go(tmp_path):
+    import subprocess
+    import sys
+
+    from cars_tl.locks import LockedError
+
+    data_dir, ready = tmp_path / "data", tmp_path / "ready"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_DEMO, str(data_dir), str(ready)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer process died or hung"
+            time.sleep(0.1)
+        assert len(list(data_dir.glob(".stanford_cars.tmp-*"))) == 1
+        with pytest.raises(LockedError) as info:
+            prepare_dataset(data_dir, "demo")
+        assert f"PID {writer.pid}" in info.value.message
+    finally:
+        writer.kill()
+        writer.wait()
+    assert list(data_dir.glob(".stanford_cars.tmp-*"))  # SIGKILL cleans nothing up itself
+    manifest, action = prepare_dataset(data_dir, "demo")
+    assert action == "generated" and manifest.counts() == COUNTS
+    assert entries(data_dir) == ["stanford_cars"]  # the dead writer's staging folder is gone
+
+
+def test_an_interrupted_swap_keeps_the_previous_dataset(sources, tmp_path, monkeypatch):
+    import cars_tl.atomic
+
+    previous, _ = prepare_dataset(tmp_path, "demo")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(dst) == previous.root and Path(src).parent.name.startswith(".stanford_cars.tmp-"):
+            raise KeyboardInterrupt  # between the two renames
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cars_tl.atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(tmp_path, str(sources["torchvision-folder"]))
+    monkeypatch.undo()
+    assert not previous.root.exists() and len(list(tmp_path.glob(".stanford_cars.old-*"))) == 1
+    manifest, action = prepare_dataset(tmp_path, "demo")  # the lock's cleanup puts the previous one back
+    assert action == "already verified" and manifest.fingerprint == previous.fingerprint
+    assert entries(tmp_path) == ["stanford_cars"]
+
+
+# --------------------------------------------------------------------------- a named weights enum
+
+
+def test_weights_enum_is_fetched_exactly_and_the_missing_weights_hint_names_it(monkeypatch, tmp_path):
+    import torchvision.models
+
+    from cars_tl import backbones
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    enum = torchvision.models.get_model_weights("resnet50")
+    v1, v2 = enum.IMAGENET1K_V1, enum.IMAGENET1K_V2
+    assert enum.DEFAULT == v2
+    with pytest.raises(CarsTLError) as info:
+        backbones.build_backbone("resnet50", "IMAGENET1K_V1")
+    assert "cars-tl download --weights resnet50:IMAGENET1K_V1" in info.value.hint
+    v1_name = f"resnet50-{hashlib.sha256(BLOB).hexdigest()[:8]}.pth"
+    monkeypatch.setattr(v1.value, "url", closed_port_url(f"/models/{v1_name}"))
+    monkeypatch.setattr(v2.value, "url", closed_port_url("/models/resnet50-v2-never.pth"))
+    with FileServer({f"/m/{v1_name}": BLOB}) as server:
+        path = download_weights("resnet50:IMAGENET1K_V1", mirrors=[server.url("/m")])
+        assert download_weights("resnet50", variant="IMAGENET1K_V1", mirrors=[server.url("/m")]) == path
+    assert path.name == v1_name and path.read_bytes() == BLOB
+    assert server.paths() == [f"/m/{v1_name}"]  # fetched once, reused after
+    with pytest.raises(CarsTLError, match="IMAGENET1K_V3") as info:
+        download_weights("resnet50:IMAGENET1K_V3")
+    assert "IMAGENET1K_V1" in info.value.message
