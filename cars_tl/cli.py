@@ -96,6 +96,8 @@ Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16")]
 Artifacts = Annotated[Path, typer.Option(help="Root of generated files (features/, runs/, report/).")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Output path (default under --artifacts).")]
+Resize = Annotated[str, typer.Option("--resize", help=(
+    "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS on the mean colour)."))]
 FeaturesFile = Annotated[Path, typer.Option("--features", help="HDF5 feature cache from extract-features.")]
 
 
@@ -107,7 +109,8 @@ def extract_features(
     split: Annotated[Optional[List[str]], typer.Option(help="Split to extract (repeatable): train, test.")] = None,
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size (resize keeps its ratio).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop, e.g. 224; at least 32).")] = None,
+    resize: Resize = "crop",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader worker processes on CUDA; 0 decodes in the main thread (default: min(4, cores)).")] = None,
     device: Device = "auto",
@@ -125,7 +128,7 @@ def extract_features(
 
     result = run(
         data_dir, backbone, weights, tuple(split or ("train", "test")), crop, margin, image_size, batch_size, workers,
-        device, precision, skip_bad, out, artifacts, progress(),
+        device, precision, skip_bad, out, artifacts, progress(), resize_mode=resize,
     )
     if result.action == "up to date":
         console.print(f"up to date: {result.path} (same backbone, weights, transform and dataset)")
@@ -215,7 +218,8 @@ def finetune(
     augment: Annotated[Optional[str], typer.Option(help="none | standard [study: none, tuned: standard].")] = None,
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop; at least 32).")] = None,
+    resize: Resize = "crop",
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (default: min(4, cores)).")] = None,
@@ -231,7 +235,7 @@ def finetune(
 
     run_dir, metrics = run(
         data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
-        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(),
+        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize,
     )
     p = metrics["params"]
     console.print(f"parameters: total {p['total']:,}, trainable {p['trainable']:,}")
@@ -244,6 +248,7 @@ def predict(
     model: Annotated[List[Path], typer.Option("--model", help="Run directory (finetune, train-head or fit-svm); repeatable.")],
     top_k: Annotated[int, typer.Option(help="Classes shown per model.")] = 5,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    boxed: Annotated[bool, typer.Option("--boxed", help="The images already are box crops (for --crop box runs, cut with the run's margin).")] = False,
 ):
     """Top-k classes per image, the given models side by side (softmax probability, or SVM decision score)."""
     import json
@@ -253,7 +258,7 @@ def predict(
     from cars_tl.console import out as stdout
     from cars_tl.predict import predict as run
 
-    results = run(images, model, top_k)
+    results = run(images, model, top_k, boxed)
     if json_output:
         print(json.dumps(results, indent=2))
         return

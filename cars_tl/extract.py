@@ -49,6 +49,16 @@ def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224) -> t
     return body
 
 
+def default_path(artifacts: Path, backbone: str, weights: str, crop: str, spec: dict, image_size: int | None) -> Path:
+    """The cache's default name, with the resize mode and size when not the weights' own crop
+    (so extracting another preprocessing never overwrites a cache that runs point to)."""
+    path = features.default_path(artifacts, backbone, weights, crop)
+    mode = backbones.resize_mode(spec)
+    if mode == "crop" and not image_size:
+        return path
+    return path.with_name(f"{path.stem}-{mode}{spec['crop']}{path.suffix}")
+
+
 @torch.inference_mode()
 def embed(body, images: torch.Tensor, device: str, precision: str) -> torch.Tensor:
     """Pooled features of a batch, as float32 on the CPU."""
@@ -74,11 +84,13 @@ def extract_features(
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
+    resize_mode: str = "crop",
 ) -> ExtractResult:
     """Extract pooled features for ``splits`` into an HDF5 cache (see :mod:`cars_tl.features`).
 
     ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default: the
-    number of cores, at most 4). Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
+    number of cores, at most 4). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.backbones`).
+    Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
     """
     for split in splits:
         if split not in data.SPLITS:
@@ -87,13 +99,14 @@ def extract_features(
         raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
+    backbones.check_image_options(image_size, resize_mode)
     manifest = data.load_manifest(data_dir)
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
     workers = loaders.default_workers() if workers is None else workers
     runtime.tune_malloc()
-    bb = backbones.build_backbone(backbone, weights, image_size)
-    out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop)
+    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode)
+    out = Path(out) if out else default_path(artifacts, backbone, weights, crop, bb.transform, image_size)
     identity = {
         "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest,
         "transform": bb.transform, "crop": crop, "margin": float(margin), "precision": precision,
