@@ -380,7 +380,10 @@ class SquareResize:
         w, h = right - left, bottom - top
         scale = self.longest / max(w, h)
         nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-        ox, oy = int(round((self.size - nw) / 2.0)), int(round((self.size - nh) / 2.0))
+        # torchvision's conventions (timm's CenterCropOrPad): pad floor((S - n) / 2) before, crop round((n - S) / 2).
+        ox, oy = (
+            (self.size - n) // 2 if n <= self.size else -int(round((n - self.size) / 2.0)) for n in (nw, nh)
+        )
         # The part of the scaled region that lands on the canvas, and where it comes from.
         vx0, vy0 = max(0, -ox), max(0, -oy)
         vx1, vy1 = min(nw, self.size - ox), min(nh, self.size - oy)

@@ -166,12 +166,15 @@ def train_head(
 def fit_svm(
     features: FeaturesFile,
     kernel: Annotated[str, typer.Option(help="linear | poly | rbf | sigmoid | all (fit each, compare).")] = "poly",
-    c: Annotated[float, typer.Option("--C", help="SVC regularization C.")] = 1.0,
+    c: Annotated[Optional[str], typer.Option("--C", help="SVC regularization C: a positive number, or auto (chosen by stratified k-fold CV on train) [study: 1; tuned: auto].")] = None,
     degree: Annotated[int, typer.Option(help="poly degree.")] = 3,
-    gamma: Annotated[str, typer.Option(help="scale | auto | a number (sklearn's meaning).")] = "scale",
+    gamma: Annotated[Optional[str], typer.Option(help="scale | auto (1/n_features) | a number (sklearn's meaning) | cv (chosen by CV around scale) [study: scale; tuned: cv].")] = None,
     coef0: Annotated[float, typer.Option(help="poly/sigmoid coef0.")] = 0.0,
-    scale: Annotated[str, typer.Option(help="Feature scaling: l2 (default, see README) | standard | none.")] = "l2",
+    scale: Annotated[Optional[str], typer.Option(help="Feature scaling: l2 (see README) | standard | none [both presets: l2].")] = None,
     method: Annotated[str, typer.Option(help="precomputed (fast torch kernel) | plain (sklearn SVC).")] = "precomputed",
+    preset: Annotated[str, typer.Option(help="study (sklearn defaults C=1, gamma=scale: the study) | tuned (--C auto --gamma cv).")] = "study",
+    cv_folds: Annotated[int, typer.Option(help="Folds of the stratified cross-validation for --C auto / --gamma cv.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the cross-validation folds.")] = 0,
     out: Out = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
@@ -181,12 +184,17 @@ def fit_svm(
     from cars_tl.console import out as stdout, progress
     from cars_tl.svm import fit_svm as run
 
-    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress())
-    table = Table(title=f"SVM on {features.name} ({scale} scaling, C={c})")
-    for column in ("kernel", "train acc %", "test acc %", "fit s", "predict s", "support vectors"):
+    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress(),
+                           preset=preset, cv_folds=cv_folds, seed=seed)
+    config = metrics["config"]
+    searched = any("search" in r for r in metrics["kernels"].values())
+    table = Table(title=f"SVM on {features.name} ({config['scale']} scaling, C={config['C']}, gamma={config['gamma']})")
+    columns = ["kernel"] + (["C", "gamma", "CV acc %"] if searched else []) + ["train acc %", "test acc %", "fit s", "predict s", "support vectors"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for r in metrics["kernels"].values():
-        table.add_row(r["kernel"], f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}", f"{r['fit_seconds']:.2f}",
+        chosen = [f"{r['C']:g}", f"{r['gamma_value']:.4g}" if r["kernel"] != "linear" else "-", f"{r['cv_acc']:.2f}"] if searched else []
+        table.add_row(r["kernel"], *chosen, f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}", f"{r['fit_seconds']:.2f}",
                       f"{r['predict_seconds']:.2f}", str(r["support_vectors"]))
     stdout.print(table)
     stdout.print(f"run: {run_dir}")

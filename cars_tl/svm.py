@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import features, runs
+from cars_tl import features, runs, svm_search
 from cars_tl.errors import CarsTLError
 from cars_tl.progress import NULL, Progress
 
@@ -45,7 +45,7 @@ def parse_gamma(gamma: str) -> str | float:
     try:
         value = float(gamma)
     except ValueError:
-        raise CarsTLError(f"--gamma {gamma!r} is not valid; valid: scale, auto, or a positive number") from None
+        raise CarsTLError(f"--gamma {gamma!r} is not valid; valid: scale, auto, cv (cross-validated), or a positive number") from None
     if value <= 0:
         raise CarsTLError(f"--gamma must be positive, got {value}")
     return value
@@ -218,39 +218,52 @@ def model_file_name(kernel: str) -> str:
 def fit_svm(
     features_path: Path,
     kernel: str = "poly",
-    C: float = 1.0,
+    C: float | str | None = None,
     degree: int = 3,
-    gamma: str = "scale",
+    gamma: str | None = None,
     coef0: float = 0.0,
-    scale: str = "l2",
+    scale: str | None = None,
     method: str = "precomputed",
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
+    preset: str = "study",
+    cv_folds: int = svm_search.DEFAULT_FOLDS,
+    seed: int = 0,
 ) -> tuple[Path, dict]:
-    """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics."""
+    """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics.
+
+    ``preset`` gives C, gamma and scale unless passed (study: 1, scale, l2; tuned: see
+    :mod:`cars_tl.svm_search`); ``C="auto"`` / ``gamma="cv"`` choose them by ``cv_folds``-fold
+    cross-validation on train (seeded by ``seed``), recorded per kernel under ``search``."""
     from cars_tl.heads import feature_run_fields, load_train_test
+
+    chosen = svm_search.resolve_preset(preset, C=C, gamma=gamma, scale=scale)
+    C, gamma, scale = chosen["C"], chosen["gamma"], chosen["scale"]
+    searching = C == "auto" or gamma == "cv"
 
     started = time.perf_counter()
     kernels = list(KERNELS) if kernel == "all" else [kernel]
     if kernel != "all" and kernel not in KERNELS:
         raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
     Scaler(scale)  # validates every option before any work or any file is touched
-    parsed_gamma = parse_gamma(gamma)
+    parsed_gamma = "cv" if gamma == "cv" else parse_gamma(gamma)
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
-    if C <= 0:
-        raise CarsTLError(f"--C must be positive, got {C}")
     if degree < 0:
         raise CarsTLError(f"--degree must be >= 0, got {degree}")
     cache = load_train_test(Path(features_path))
     if len(np.unique(cache.split("train").labels)) < 2:
         raise CarsTLError(f"{features_path}: the train split has fewer than two classes; an SVM needs two or more")
+    if searching:
+        svm_search.check_folds(cache.split("train").labels, cv_folds)
     tr, te = cache.split("train"), cache.split("test")
     weights = features.weights_tag(cache.attrs["weights"])
     run_dir = runs.resolve_run_dir(out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts)
     config = {"kernel": kernel, "C": C, "degree": degree, "gamma": gamma, "coef0": coef0, "scale": scale,
-              "method": method, "features": str(features_path)}
+              "method": method, "features": str(features_path), "preset": preset}
+    if searching:
+        config.update(cv_folds=cv_folds, seed=seed)
     fields = feature_run_fields(cache)
     metrics = runs.new_metrics(
         "svm", run_dir.name, config, **fields,
@@ -263,7 +276,11 @@ def fit_svm(
         with progress.task("fit svm", total=len(kernels), unit="kernel") as task:
             for k in kernels:
                 t0 = time.perf_counter()
-                model = fit_model(tr.features, tr.labels, k, C, degree, parsed_gamma, coef0, scale, method)
+                found = None
+                if searching:  # on the training rows only: test is not passed
+                    found = svm_search.search(tr.features, tr.labels, k, C, parsed_gamma, degree, coef0, scale, cv_folds, seed)
+                model = fit_model(tr.features, tr.labels, k, found["C"] if found else C, degree,
+                                  found["gamma_value"] if found else parsed_gamma, coef0, scale, method)
                 fit_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 test_pred = model.predict(te.features)
@@ -276,7 +293,10 @@ def fit_svm(
                     "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
                     "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
                     "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
+                    "C": float(model.svc.C),
                 }
+                if found:
+                    results[k].update(search=found, cv_acc=found["cv_acc_chosen"])
                 task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
     primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
     best = results[primary]
