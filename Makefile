@@ -2,6 +2,7 @@
 #   make demo   the whole chain offline on generated data (random weights, small settings)
 #   make test   the test suite
 #   make all    the study: download -> features -> B, C -> A, D -> predict -> sparsity -> report
+#   make all PRESET=tuned   our best settings: squash 288 px features, tuned head, CV-tuned SVM, tuned finetune
 #   make help   every variable
 # `make` reruns only what is stale: each stage depends on its inputs and on a stamp file of its
 # options, rewritten only when the options change (so SVM_KERNEL=rbf reruns just the SVM and the report).
@@ -26,11 +27,16 @@ DEVICE ?= auto
 PRECISION ?= auto
 EPOCHS ?=
 BATCH ?=
-IMAGE_SIZE ?=
+TUNED := $(filter tuned,$(PRESET))
+# PRESET=tuned: the resize mode and size measured best in benchmarks/bench_accuracy.py (README).
+RESIZE ?= $(if $(TUNED),squash,crop)
+IMAGE_SIZE ?= $(if $(TUNED),288,)
 CROP ?= full
 WORKERS ?=
 SVM_KERNEL ?= poly
-SVM_C ?= 1.0
+# study: scikit-learn's defaults (C=1, gamma=scale); tuned: both chosen by 5-fold CV on train.
+SVM_C ?= $(if $(TUNED),auto,1.0)
+SVM_GAMMA ?= $(if $(TUNED),cv,scale)
 SVM_SCALE ?= l2
 UNFREEZE_D ?= $(if $(findstring timm/,$(BACKBONE)),blocks.6,layer4)
 SPARSITY_IMAGES ?= 32
@@ -38,11 +44,12 @@ SPARSITY_IMAGES ?= 32
 RUNS := $(ARTIFACTS)/runs
 OPTS := $(ARTIFACTS)/.options
 MANIFEST := $(DATA)/stanford_cars/manifest.json
-FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))
+FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))$(if $(filter-out crop,$(RESIZE)),-$(RESIZE))$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))
 FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
 HEAD_B := $(RUNS)/B-head-$(PRESET)/metrics.json
-SVM_C1 := $(RUNS)/C-svm-$(SVM_KERNEL)/metrics.json
-SVM_ALL := $(RUNS)/C-svm-all-kernels/metrics.json
+SVM_TAG := $(if $(TUNED),-tuned)
+SVM_C1 := $(RUNS)/C-svm-$(SVM_KERNEL)$(SVM_TAG)/metrics.json
+SVM_ALL := $(RUNS)/C-svm-all-kernels$(SVM_TAG)/metrics.json
 FT_A := $(RUNS)/A-scratch-$(PRESET)/metrics.json
 FT_D := $(RUNS)/D-$(UNFREEZE_D)-$(PRESET)/metrics.json
 PREDICT := $(ARTIFACTS)/predict/predictions.json
@@ -50,11 +57,13 @@ SPARSITY := $(ARTIFACTS)/sparsity/sparsity.json
 REPORT := $(ARTIFACTS)/report/report.html
 TEST_IMAGE := $(DATA)/stanford_cars/cars_test/00001.jpg
 
-COMMON := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --crop $(CROP) --device $(DEVICE) --precision $(PRECISION) $(if $(WORKERS),--workers $(WORKERS))
+RESIZE_OPT := $(if $(filter-out crop,$(RESIZE)),--resize $(RESIZE))
+COMMON := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(RESIZE_OPT) --crop $(CROP) --device $(DEVICE) --precision $(PRECISION) $(if $(WORKERS),--workers $(WORKERS))
 # Empty EPOCHS/BATCH: the preset's own (study: 15 epochs, batch 32).
 TRAIN := --preset $(PRESET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
 # What changes a stage's output (not WORKERS or DEVICE).
-SHAPE := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --crop $(CROP) --precision $(PRECISION)
+SHAPE := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(RESIZE_OPT) --crop $(CROP) --precision $(PRECISION)
+SVM_OPTS := --C $(SVM_C) $(if $(filter-out scale,$(SVM_GAMMA)),--gamma $(SVM_GAMMA)) --scale $(SVM_SCALE)
 
 # The demo: generated images, random weights, 64 px, 2 epochs. A WEIGHTS or BACKBONE given on the
 # command line (e.g. a local pretrained file with timm) is kept, at the weights' own image size.
@@ -72,13 +81,14 @@ help:
 	@echo "  make demo       whole chain offline on generated data (random weights; numbers only show the chain works)"
 	@echo "  make test       run the test suite (creates $(VENV) when missing)"
 	@echo "  make all        the study end to end: download, features, B, C, A, D, predict, sparsity, report"
+	@echo "  make all PRESET=tuned   the same chain with our best settings (squash 288 px, tuned head/SVM/finetune)"
 	@echo "  make features | B | C | C-all | A | D | predict | sparsity | report   one stage (and what it needs)"
 	@echo ""
 	@echo "variables (current value):"
 	@echo "  DATA=$(DATA)  SOURCE=$(SOURCE)  ARTIFACTS=$(ARTIFACTS)"
 	@echo "  BACKBONE=$(BACKBONE)  WEIGHTS=$(WEIGHTS)  PRESET=$(PRESET)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
-	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)"
-	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
+	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  RESIZE=$(RESIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)"
+	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_GAMMA=$(SVM_GAMMA)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
 
 # ----------------------------------------------------------------------------- environment
 
@@ -109,8 +119,8 @@ endef
 $(OPTS)/download: FORCE ; $(call stamp,$(SOURCE))
 $(OPTS)/features-$(FEATURES_TAG): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(SHAPE))
 $(OPTS)/head-$(PRESET): FORCE ; $(call stamp,$(TRAIN))
-$(OPTS)/svm-$(SVM_KERNEL): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
-$(OPTS)/svm-all: FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
+$(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
+$(OPTS)/svm-all$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
 $(OPTS)/A-$(PRESET): FORCE ; $(call stamp,$(BACKBONE) $(TRAIN) $(SHAPE))
 $(OPTS)/D-$(UNFREEZE_D)-$(PRESET): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(TRAIN) $(SHAPE))
 $(OPTS)/sparsity: FORCE ; $(call stamp,$(SPARSITY_IMAGES))
@@ -129,11 +139,11 @@ $(FEATURES): $(MANIFEST) $(OPTS)/features-$(FEATURES_TAG)
 $(HEAD_B): $(FEATURES) $(OPTS)/head-$(PRESET)
 	$(CARS) train-head --features $(FEATURES) $(TRAIN) --out $(@D)
 
-$(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)
-	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) --C $(SVM_C) --scale $(SVM_SCALE) --out $(@D)
+$(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG)
+	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) $(SVM_OPTS) --out $(@D)
 
-$(SVM_ALL): $(FEATURES) $(OPTS)/svm-all
-	$(CARS) fit-svm --features $(FEATURES) --kernel all --C $(SVM_C) --scale $(SVM_SCALE) --out $(@D)
+$(SVM_ALL): $(FEATURES) $(OPTS)/svm-all$(SVM_TAG)
+	$(CARS) fit-svm --features $(FEATURES) --kernel all $(SVM_OPTS) --out $(@D)
 
 $(FT_A): $(MANIFEST) $(OPTS)/A-$(PRESET)
 	$(CARS) finetune --data-dir $(DATA) --backbone $(BACKBONE) --weights random --unfreeze all $(TRAIN) $(COMMON) --force --out $(@D)

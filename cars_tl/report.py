@@ -129,9 +129,11 @@ def build_report(artifacts: Path = Path("artifacts"), out: Path | None = None, s
         raise CarsTLError(f"no runs under {artifacts / 'runs'}", "run train-head, fit-svm or finetune first (or make demo)")
     out.mkdir(parents=True, exist_ok=True)
     rows = [row_for(m) for m in complete]
-    kernel_cols = ("run", "kernel", "train acc %", "test acc %", "fit s", "predict s", "support vectors")
+    short = lambda v: f"{v:.4g}" if isinstance(v, float) else _fmt(v)  # noqa: E731 - C and gamma span decades
+    kernel_cols = ("run", "kernel", "C", "gamma", "CV acc %", "train acc %", "test acc %", "fit s", "predict s", "support vectors")
     kernels = [
-        {"run": m["name"], "kernel": k["kernel"], "train acc %": _fmt(k["train_acc"]), "test acc %": _fmt(k["test_acc"]),
+        {"run": m["name"], "kernel": k["kernel"], "C": short(k.get("C", m["config"].get("C"))),  # chosen by CV with --C auto
+         "gamma": short(k.get("gamma_value")) if k["kernel"] != "linear" else "", "CV acc %": _fmt(k.get("cv_acc")), "train acc %": _fmt(k["train_acc"]), "test acc %": _fmt(k["test_acc"]),
          "fit s": _fmt(k["fit_seconds"]), "predict s": _fmt(k["predict_seconds"]), "support vectors": _fmt(k["support_vectors"])}
         for m in complete if m["kind"] == "svm" for k in m.get("kernels", {}).values()
     ]
