@@ -295,3 +295,21 @@ def test_runs_are_evaluated_in_their_recorded_precision(demo_head_run, tmp_path,
         mp.setattr(torch, "autocast", Spy)
         loaded.embed(torch.zeros(1, 3, 64, 64))
     assert seen.get("dtype") == (torch.bfloat16 if used == "bf16" else None)
+
+
+def test_cli_resize_option_names_the_cache_and_records_the_mode(demo_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cars_tl.cli import app
+
+    result = CliRunner().invoke(app, [
+        "extract-features", "--data-dir", str(demo_dir), "--backbone", "resnet18", "--weights", "random",
+        "--image-size", "64", "--resize", "pad", "--precision", "fp32", "--workers", "0", "--split", "test",
+        "--artifacts", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    [path] = (tmp_path / "features").glob("*.h5")
+    assert path.name == "resnet18-random-pad64.h5"  # beside, not over, the crop-mode cache
+    assert features.load(path, ("test",)).attrs["transform"]["mode"] == "pad"
+    refused = CliRunner().invoke(app, ["extract-features", "--data-dir", str(demo_dir), "--resize", "stretch"])
+    assert refused.exit_code == 2 and "valid: crop, squash, pad" in refused.output

@@ -103,6 +103,9 @@ def test_gamma_cv_searches_gamma_for_kernels_that_have_one(demo_features, tmp_pa
         assert len(search["gamma_grid"]) == len(svm_search.GAMMA_FACTORS) == len(search["cv_acc"])
         assert row["gamma_value"] in search["gamma_grid"]
         assert row["cv_acc"] == max(max(r) for r in search["cv_acc"])
+    cv = {k: r["cv_acc"] for k, r in metrics["kernels"].items()}
+    assert metrics["final"]["kernel"] == max(cv, key=cv.get)  # kernels compared on train, not on test
+    assert metrics["final"]["selected_by"] == "cross-validation accuracy on train"
 
 
 def test_study_preset_is_sklearns_defaults(demo_features, tmp_path):
