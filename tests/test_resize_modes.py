@@ -313,3 +313,13 @@ def test_cli_resize_option_names_the_cache_and_records_the_mode(demo_dir, tmp_pa
     assert features.load(path, ("test",)).attrs["transform"]["mode"] == "pad"
     refused = CliRunner().invoke(app, ["extract-features", "--data-dir", str(demo_dir), "--resize", "stretch"])
     assert refused.exit_code == 2 and "valid: crop, squash, pad" in refused.output
+
+
+def test_finetune_trains_and_records_a_resize_mode_with_its_augmentation(demo_dir, tmp_path):
+    from cars_tl.finetune import finetune
+
+    run_dir, metrics = finetune(demo_dir, unfreeze="none", preset="tuned", epochs=1, batch_size=16,
+                                resize_mode="pad", out=tmp_path / "ft", **TINY)
+    assert metrics["config"]["resize"] == "pad" and metrics["backbone"]["transform"]["mode"] == "pad"
+    loaded = load_run(run_dir)
+    assert backbones.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image_size"]
