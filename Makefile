@@ -3,6 +3,8 @@
 #   make test   the test suite
 #   make all    the study: download -> features -> B, C, kNN -> A, D -> predict -> sparsity -> report
 #   make all SEEDS="0 1 2"   B, A and D once per seed (run names gain -s<seed>); the report shows mean +- std
+#   make all PRESET=tuned   our best settings: squash 288 px features, tuned head, CV-tuned SVM, tuned finetune
+#   make study  the study exactly as it was: IMAGENET1K_V1 weights, fp32, the study presets
 #   make help   every variable
 # `make` reruns only what is stale: each stage depends on its inputs and on a stamp file of its
 # options, rewritten only when the options change (so SVM_KERNEL=rbf reruns just the SVM and the report).
@@ -27,11 +29,16 @@ DEVICE ?= auto
 PRECISION ?= auto
 EPOCHS ?=
 BATCH ?=
-IMAGE_SIZE ?=
+TUNED := $(filter tuned,$(PRESET))
+# PRESET=tuned: the resize mode and size measured best in benchmarks/bench_accuracy.py (README).
+RESIZE ?= $(if $(TUNED),squash,crop)
+IMAGE_SIZE ?= $(if $(TUNED),288,)
 CROP ?= full
 WORKERS ?=
 SVM_KERNEL ?= poly
-SVM_C ?= 1.0
+# study: scikit-learn's defaults (C=1, gamma=scale); tuned: both chosen by 5-fold CV on train.
+SVM_C ?= $(if $(TUNED),auto,1.0)
+SVM_GAMMA ?= $(if $(TUNED),cv,scale)
 SVM_SCALE ?= l2
 UNFREEZE_D ?= $(if $(findstring timm/,$(BACKBONE)),blocks.6,layer4)
 SPARSITY_IMAGES ?= 32
@@ -45,7 +52,7 @@ DEMO_SEEDS ?= 0 1
 RUNS := $(ARTIFACTS)/runs
 OPTS := $(ARTIFACTS)/.options
 MANIFEST := $(DATA)/stanford_cars/manifest.json
-FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))
+FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))$(if $(filter-out crop,$(RESIZE)),-$(RESIZE))$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))
 FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
 SEED_LIST := $(or $(strip $(SEEDS)),0)
 seed_sfx = $(if $(word 2,$(SEED_LIST)),-s$(1))
@@ -63,19 +70,22 @@ FT_D := $(call d_run,$(firstword $(SEED_LIST)))
 HEADS_B := $(foreach s,$(SEED_LIST),$(call head_run,$(s)))
 FTS_A := $(foreach s,$(SEED_LIST),$(call a_run,$(s)))
 FTS_D := $(foreach s,$(SEED_LIST),$(call d_run,$(s)))
-SVM_C1 := $(RUNS)/C-svm-$(SVM_KERNEL)/metrics.json
-SVM_ALL := $(RUNS)/C-svm-all-kernels/metrics.json
+SVM_TAG := $(if $(TUNED),-tuned)
+SVM_C1 := $(RUNS)/C-svm-$(SVM_KERNEL)$(SVM_TAG)/metrics.json
+SVM_ALL := $(RUNS)/C-svm-all-kernels$(SVM_TAG)/metrics.json
 KNN := $(RUNS)/kNN/metrics.json
 PREDICT := $(ARTIFACTS)/predict/predictions.json
 SPARSITY := $(ARTIFACTS)/sparsity/sparsity.json
 REPORT := $(ARTIFACTS)/report/report.html
 TEST_IMAGE := $(DATA)/stanford_cars/cars_test/00001.jpg
 
-COMMON := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --crop $(CROP) --device $(DEVICE) --precision $(PRECISION) $(if $(WORKERS),--workers $(WORKERS))
+RESIZE_OPT := $(if $(filter-out crop,$(RESIZE)),--resize $(RESIZE))
+COMMON := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(RESIZE_OPT) --crop $(CROP) --device $(DEVICE) --precision $(PRECISION) $(if $(WORKERS),--workers $(WORKERS))
 # Empty EPOCHS/BATCH: the preset's own (study: 15 epochs, batch 32).
 TRAIN := --preset $(PRESET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
 # What changes a stage's output (not WORKERS or DEVICE).
-SHAPE := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --crop $(CROP) --precision $(PRECISION)
+SHAPE := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(RESIZE_OPT) --crop $(CROP) --precision $(PRECISION)
+SVM_OPTS := --C $(SVM_C) $(if $(filter-out scale,$(SVM_GAMMA)),--gamma $(SVM_GAMMA)) --scale $(SVM_SCALE)
 
 # The demo: generated images, random weights, 64 px, 2 epochs. A WEIGHTS or BACKBONE given on the
 # command line (e.g. a local pretrained file with timm) is kept, at the weights' own image size.
@@ -86,7 +96,7 @@ DEMO_IMAGE_SIZE := $(if $(filter command line,$(origin WEIGHTS)),,64)
 # A stage that fails leaves no target behind: the next make reruns it.
 .DELETE_ON_ERROR:
 
-.PHONY: help install test test-fast demo all features B C C-all kNN A D predict sparsity report clean-demo FORCE
+.PHONY: help install test test-fast demo all study features B C C-all kNN A D predict sparsity report clean-demo FORCE
 
 help:
 	@echo "cars_tl make targets:"
@@ -94,13 +104,16 @@ help:
 	@echo "  make test       run the test suite (creates $(VENV) when missing)"
 	@echo "  make all        the study end to end: download, features, B, C, kNN, A, D, predict, sparsity, report"
 	@echo "  make all SEEDS=\"0 1 2\"   B, A and D once per seed; the report groups them (mean +- std, n)"
+	@echo "  make all PRESET=tuned   the same chain with our best settings (squash 288 px, tuned head/SVM/finetune)"
+	@echo "  make study      the study exactly: IMAGENET1K_V1 weights, fp32, study presets (fetch the weights first:"
+	@echo "                  cars-tl download --weights resnet50:IMAGENET1K_V1)"
 	@echo "  make features | B | C | C-all | kNN | A | D | predict | sparsity | report   one stage (and what it needs)"
 	@echo ""
 	@echo "variables (current value):"
 	@echo "  DATA=$(DATA)  SOURCE=$(SOURCE)  ARTIFACTS=$(ARTIFACTS)"
 	@echo "  BACKBONE=$(BACKBONE)  WEIGHTS=$(WEIGHTS)  PRESET=$(PRESET)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
-	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)"
-	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
+	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  RESIZE=$(RESIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)"
+	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_GAMMA=$(SVM_GAMMA)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
 	@echo "  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)"
 
 # ----------------------------------------------------------------------------- environment
@@ -131,8 +144,8 @@ endef
 # forth reuses the runs already made for each value.
 $(OPTS)/download: FORCE ; $(call stamp,$(SOURCE))
 $(OPTS)/features-$(FEATURES_TAG): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(SHAPE))
-$(OPTS)/svm-$(SVM_KERNEL): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
-$(OPTS)/svm-all: FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE))
+$(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
+$(OPTS)/svm-all$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
 $(OPTS)/knn: FORCE ; $(call stamp,$(KNN_K) $(KNN_T))
 $(OPTS)/sparsity: FORCE ; $(call stamp,$(SPARSITY_IMAGES))
 
@@ -165,11 +178,11 @@ $(call d_run,$(1)): $$(MANIFEST) $(call head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)
 endef
 $(foreach s,$(SEED_LIST),$(eval $(call seeded_stages,$(s))))
 
-$(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)
-	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) --C $(SVM_C) --scale $(SVM_SCALE) --force --out $(@D)
+$(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG)
+	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) $(SVM_OPTS) --force --out $(@D)
 
-$(SVM_ALL): $(FEATURES) $(OPTS)/svm-all
-	$(CARS) fit-svm --features $(FEATURES) --kernel all --C $(SVM_C) --scale $(SVM_SCALE) --force --out $(@D)
+$(SVM_ALL): $(FEATURES) $(OPTS)/svm-all$(SVM_TAG)
+	$(CARS) fit-svm --features $(FEATURES) --kernel all $(SVM_OPTS) --force --out $(@D)
 
 $(KNN): $(FEATURES) $(OPTS)/knn
 	$(CARS) knn --features $(FEATURES) --k $(subst $(space),$(comma),$(strip $(KNN_K))) --temperature $(KNN_T) --force --out $(@D)
@@ -198,6 +211,13 @@ predict: $(PREDICT)
 sparsity: $(SPARSITY)
 report: $(REPORT)
 all: $(REPORT)
+
+# The study exactly as it was: torchvision's pretrained=True (IMAGENET1K_V1, resize 256), fp32, the
+# study presets, in artifacts/study so it never mixes with `make all` runs. The weights must be in the
+# torch cache: cars-tl download --weights resnet50:IMAGENET1K_V1
+study:
+	$(MAKE) --no-print-directory all PRESET=study WEIGHTS=IMAGENET1K_V1 PRECISION=fp32 RESIZE=crop IMAGE_SIZE= \
+		ARTIFACTS=$(if $(filter command line,$(origin ARTIFACTS)),$(ARTIFACTS),artifacts/study)
 
 demo: $(VENV)/.installed
 	@echo "== cars_tl demo: generated images, $(DEMO_BACKBONE) with $(DEMO_WEIGHTS) weights."

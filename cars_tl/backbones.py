@@ -15,8 +15,22 @@ Weights (``--weights``):
 ``PATH``
     a state dict, or a cars_tl checkpoint / run directory, loaded with ``weights_only=True``.
 
-Preprocessing comes from the weights (resize, center crop, mean/std, interpolation) unless
-``image_size`` overrides the crop (the resize keeps the weights' ratio).
+Preprocessing (the *transform spec*, recorded in every cache and run) comes from the weights --
+resize, center crop, mean/std, interpolation; for timm models exactly timm's ``resolve_data_config``
+(``floor(crop / crop_pct)``, its ``crop_mode``) -- and from the resize mode (``--resize``):
+
+``crop`` (default; the study's setting)
+    the weights' resize of the shorter side then a center crop of ``image_size`` (timm weights made
+    with ``crop_mode`` squash or border get timm's own variant).
+``squash``
+    the whole image (or the box, with ``--crop box``) resized to ``image_size`` square, aspect not kept:
+    nothing of a wide car is cut off.
+``pad``
+    the whole image letterboxed into ``image_size`` square on the normalization mean colour (zero
+    after normalization), aspect kept.
+
+``image_size`` is the final side in every mode (crop mode: the resize keeps the weights' ratio).
+Specs recorded before resize modes existed (no ``mode``) mean ``crop``.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -38,6 +53,12 @@ from cars_tl.errors import CarsTLError
 TIMM_PREFIX = "timm/"
 FUSED_PIPELINE = "resize-crop-in-one-v1"  # recorded in transform specs: see eval_transform
 RANDOM_SEED = 0
+RESIZE_MODES = ("crop", "squash", "pad")
+MIN_IMAGE_SIZE = 32  # below this the backbones' strided stems leave (next to) nothing to pool
+# Training crops for squash/pad (see train_transform): area fraction of the image kept, and the
+# crop's aspect ratio relative to the image's own (log-uniform), so a wide car stays wide.
+TRAIN_CROP_SCALE = (0.5, 1.0)
+TRAIN_CROP_RELATIVE_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclasses.dataclass
@@ -100,14 +121,7 @@ def _create(name: str, seed: int = RANDOM_SEED):
         if arch not in timm.list_models():
             raise CarsTLError(f"unknown timm model {arch!r}", "see timm.list_models() for valid names, e.g. timm/efficientnet_lite0")
         model = timm.create_model(arch, pretrained=False)
-        cfg = model.pretrained_cfg
-        crop = int(cfg["input_size"][-1])
-        spec = {
-            "resize": int(round(crop / cfg.get("crop_pct", 0.875))), "crop": crop,
-            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg.get("interpolation", "bilinear"),
-            "pipeline": FUSED_PIPELINE,
-        }
-        return model, spec
+        return model, timm_spec(model)
     import torchvision
 
     names = _torchvision_names()
@@ -121,11 +135,29 @@ def _create(name: str, seed: int = RANDOM_SEED):
     return model, _transform_from_weights(weights)
 
 
+def timm_spec(model) -> dict:
+    """timm's own evaluation preprocessing for ``model`` (``resolve_data_config``), as a spec:
+    resize ``floor(crop / crop_pct)`` as ``create_transform`` computes it, and its ``crop_mode``."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    crop, crop_pct = int(cfg["input_size"][-1]), float(cfg["crop_pct"])
+    spec = {
+        "resize": int(math.floor(crop / crop_pct)), "crop": crop, "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]], "interpolation": cfg["interpolation"], "pipeline": FUSED_PIPELINE,
+        "mode": "crop",
+    }
+    if cfg.get("crop_mode", "center") != "center":
+        spec["crop_mode"] = cfg["crop_mode"]  # squash | border: timm's variants of resize + center crop
+    return spec
+
+
 def _transform_from_weights(weights) -> dict:
     t = weights.transforms()
     return {
         "resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": [float(v) for v in t.mean],
         "std": [float(v) for v in t.std], "interpolation": t.interpolation.value, "pipeline": FUSED_PIPELINE,
+        "mode": "crop",
     }
 
 
@@ -203,14 +235,36 @@ def load_weights_file(path: Path) -> dict:
     return obj
 
 
+def check_image_options(image_size: int | None, resize_mode: str) -> None:
+    if resize_mode not in RESIZE_MODES:
+        raise CarsTLError(f"unknown --resize {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}",
+                          "--resize crop (the weights' resize + center crop, the study's), squash or pad")
+    if image_size is not None and image_size < MIN_IMAGE_SIZE:
+        raise CarsTLError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {image_size}",
+                          "omit it for the weights' own size (224 for most), or pass e.g. --image-size 288")
+
+
+def with_image_options(spec: dict, image_size: int | None, resize_mode: str, crop_pct: float | None = None) -> dict:
+    """``spec`` at final side ``image_size`` (None: the weights' own) in ``resize_mode``."""
+    check_image_options(image_size, resize_mode)
+    spec = dict(spec)
+    if image_size:
+        resize = math.floor(image_size / crop_pct) if crop_pct else int(round(image_size * spec["resize"] / spec["crop"]))
+        spec.update(resize=int(resize), crop=int(image_size))
+    if resize_mode != "crop":
+        spec.pop("crop_mode", None)  # timm's center-crop variants belong to the crop mode
+        spec["resize"] = spec["crop"]  # the whole image goes to the final side
+    spec["mode"] = resize_mode
+    return spec
+
+
 def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size: int | None = None,
-                   seed: int = RANDOM_SEED) -> Backbone:
+                   resize_mode: str = "crop", *, seed: int = RANDOM_SEED) -> Backbone:
     """Build ``name`` with ``weights`` and its classifier removed; see the module docstring.
 
     ``seed`` sets the random initialisation (what ``--weights random`` keeps; pretrained weights
     replace it). The default reproduces every artifact made before seeds varied it."""
-    if image_size is not None and image_size < 1:
-        raise CarsTLError(f"--image-size must be positive, got {image_size}")
+    check_image_options(image_size, resize_mode)
     if weights not in ("imagenet", "random") and Path(weights).exists():
         weights = str(Path(weights).resolve())  # recorded in artifacts: must work from any folder
     model, spec = _create(name, seed)
@@ -228,8 +282,12 @@ def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size
         model.reset_classifier(0)
     else:
         _set_module(model, classifier, nn.Identity())
-    if image_size:
-        spec = dict(spec, resize=int(round(image_size * spec["resize"] / spec["crop"])), crop=int(image_size))
+    crop_pct = None
+    if _is_timm(name) and spec.get("pipeline") == FUSED_PIPELINE and image_size:
+        from timm.data import resolve_data_config
+
+        crop_pct = float(resolve_data_config({}, model=model)["crop_pct"])  # timm floors image_size / crop_pct
+    spec = with_image_options(spec, image_size, resize_mode, crop_pct)
     stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
     if _is_timm(name) and isinstance(getattr(model, "blocks", None), nn.Sequential):
         stages += [f"blocks.{i}" for i in range(len(model.blocks))]  # timm's stage names
@@ -302,14 +360,98 @@ class ResizeCenterCrop:
         return image.resize((crop, crop), resample, box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy))
 
 
-def eval_resize_crop(spec: dict):
-    """The weights' evaluation resize and center crop, PIL image to PIL image (``crop`` square).
+class SquareResize:
+    """A region of the image (default: all of it) to ``size`` square in one PIL resampling call.
 
-    Specs made by this version carry ``pipeline`` and resize+crop in one step; specs recorded by
-    older artifacts (no ``pipeline``) get the two-step transform they were made with.
+    ``squash``: the region stretched to the square. ``pad``: the region scaled so its longer side
+    is ``longest`` (default ``size``), centred on a ``size`` square of colour ``fill``; with
+    ``longest > size`` what falls outside the square is cut (timm's ``border`` crop mode).
+    Only the visible part of the region is resampled, in the one call; the paste copies.
+    """
+
+    def __init__(self, size: int, interpolation: str, how: str, fill=(0, 0, 0), longest: int | None = None):
+        self.size, self.interpolation, self.how = size, interpolation, how
+        self.fill, self.longest = tuple(fill), longest or size
+
+    def __call__(self, image, region=None):
+        from PIL import Image
+
+        resample = Image.Resampling[self.interpolation.upper()]
+        left, top, right, bottom = region or (0, 0, image.width, image.height)
+        if self.how == "squash":
+            return image.resize((self.size, self.size), resample, box=(left, top, right, bottom))
+        w, h = right - left, bottom - top
+        scale = self.longest / max(w, h)
+        nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+        # torchvision's conventions (timm's CenterCropOrPad): pad floor((S - n) / 2) before, crop round((n - S) / 2).
+        ox, oy = (
+            (self.size - n) // 2 if n <= self.size else -int(round((n - self.size) / 2.0)) for n in (nw, nh)
+        )
+        # The part of the scaled region that lands on the canvas, and where it comes from.
+        vx0, vy0 = max(0, -ox), max(0, -oy)
+        vx1, vy1 = min(nw, self.size - ox), min(nh, self.size - oy)
+        sx, sy = w / nw, h / nh
+        visible = image.resize((vx1 - vx0, vy1 - vy0), resample,
+                               box=(left + vx0 * sx, top + vy0 * sy, left + vx1 * sx, top + vy1 * sy))
+        if (vx1 - vx0, vy1 - vy0) == (self.size, self.size):
+            return visible
+        canvas = Image.new("RGB", (self.size, self.size), self.fill)
+        canvas.paste(visible, (ox + vx0, oy + vy0))
+        return canvas
+
+
+class CenterSquash:
+    """timm's ``crop_mode="squash"``: ``Resize((resize, resize))`` then ``CenterCrop(crop)``, as one
+    PIL call on the source region the crop keeps."""
+
+    def __init__(self, resize: int, crop: int, interpolation: str):
+        self.resize, self.crop, self.interpolation = resize, crop, interpolation
+
+    def __call__(self, image):
+        from PIL import Image
+
+        w, h = image.size
+        offset = int(round((self.resize - self.crop) / 2.0))
+        sx, sy = w / self.resize, h / self.resize
+        box = (offset * sx, offset * sy, (offset + self.crop) * sx, (offset + self.crop) * sy)
+        return image.resize((self.crop, self.crop), Image.Resampling[self.interpolation.upper()], box=box)
+
+
+def resize_mode(spec: dict) -> str:
+    """The spec's resize mode; specs recorded before modes existed mean ``crop``."""
+    return spec.get("mode", "crop")
+
+
+def mean_colour(spec: dict) -> tuple[int, int, int]:
+    """The normalization mean as an RGB colour: padding that normalizes to zero."""
+    return tuple(int(round(255 * m)) for m in spec["mean"])
+
+
+def square_resize(spec: dict) -> SquareResize:
+    """The ``squash`` or ``pad`` mode's region-to-square resize of ``spec``."""
+    return SquareResize(spec["crop"], spec["interpolation"], resize_mode(spec), mean_colour(spec))
+
+
+def eval_resize_crop(spec: dict):
+    """The evaluation resize of ``spec``'s mode, PIL image to PIL image (``crop`` square), in one
+    PIL resampling call (see the module docstring for the modes).
+
+    Crop-mode specs made by this version carry ``pipeline`` and resize+crop in one step; specs
+    recorded by older artifacts (no ``pipeline``) get the two-step transform they were made with.
     """
     from torchvision import transforms as T
 
+    mode = resize_mode(spec)
+    if mode not in RESIZE_MODES:
+        raise CarsTLError(f"transform spec has an unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}",
+                          "re-extract the features (or rerun the stage) with this version of cars_tl")
+    if mode != "crop":
+        return square_resize(spec)
+    crop_mode = spec.get("crop_mode", "center")
+    if crop_mode == "squash":
+        return CenterSquash(spec["resize"], spec["crop"], spec["interpolation"])
+    if crop_mode == "border":
+        return SquareResize(spec["crop"], spec["interpolation"], "pad", mean_colour(spec), longest=spec["resize"])
     if spec.get("pipeline") == FUSED_PIPELINE:
         return ResizeCenterCrop(spec["resize"], spec["crop"], spec["interpolation"])
     return T.Compose([
@@ -319,7 +461,7 @@ def eval_resize_crop(spec: dict):
 
 
 def eval_transform(spec: dict, output: str = "float"):
-    """Resize, center crop, to tensor, normalize: the weights' evaluation preprocessing.
+    """:func:`eval_resize_crop` (the spec's resize mode), to tensor, normalize: evaluation preprocessing.
 
     ``output="uint8"`` stops before normalizing (a uint8 CHW tensor): for loaders feeding a GPU,
     where :func:`cars_tl.loaders.batch_to_device` normalizes on the device."""
@@ -390,8 +532,36 @@ def fold_batchnorm(body: nn.Module, example: torch.Tensor | None = None) -> nn.M
     return folded
 
 
+class RandomRegionSquare:
+    """Training crop for ``squash``/``pad``: a random region of the image -- ``scale`` of its area,
+    aspect ratio ``relative_ratio`` times the image's own (log-uniform), placed uniformly -- then
+    the mode's square resize, in one PIL call. Random numbers come from torch's generator, which
+    finetune seeds per epoch."""
+
+    def __init__(self, spec: dict, scale=TRAIN_CROP_SCALE, relative_ratio=TRAIN_CROP_RELATIVE_RATIO):
+        self.resize, self.scale, self.relative_ratio = square_resize(spec), scale, relative_ratio
+
+    def region(self, width: int, height: int) -> tuple[float, float, float, float]:
+        area = float(torch.empty(1).uniform_(*self.scale))
+        log_ratio = torch.empty(1).uniform_(math.log(self.relative_ratio[0]), math.log(self.relative_ratio[1]))
+        ratio = math.exp(float(log_ratio))  # region aspect / image aspect
+        # Region w/h = ratio * W/H and w*h = area*W*H: w = W*sqrt(area*ratio), h = H*sqrt(area/ratio).
+        w = min(width, width * math.sqrt(area * ratio))
+        h = min(height, height * math.sqrt(area / ratio))
+        left = float(torch.rand(1)) * (width - w)
+        top = float(torch.rand(1)) * (height - h)
+        return left, top, left + w, top + h
+
+    def __call__(self, image):
+        return self.resize(image, self.region(image.width, image.height))
+
+
 def train_transform(spec: dict, augment: str, output: str = "float"):
-    """``none``: the evaluation preprocessing. ``standard``: random resized crop, flip, light colour jitter.
+    """``none``: the evaluation preprocessing. ``standard``: a random crop fitting the resize mode,
+    flip, light colour jitter. ``crop`` mode: ``RandomResizedCrop`` (area 0.25-1, torchvision's
+    square-ish ratios), as before. ``squash``/``pad``: :class:`RandomRegionSquare` -- half the area
+    or more, with the image's own aspect within 3/4-4/3, so a wide car is never cut to a square
+    middle -- then the mode's square resize (what evaluation sees, slightly zoomed and shifted).
     ``output`` as in :func:`eval_transform`."""
     from torchvision import transforms as T
 
@@ -399,16 +569,37 @@ def train_transform(spec: dict, augment: str, output: str = "float"):
         return eval_transform(spec, output)
     if augment != "standard":
         raise CarsTLError(f"unknown --augment {augment!r}; valid: none, standard")
+    if resize_mode(spec) == "crop":
+        crop = T.RandomResizedCrop(spec["crop"], scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True)
+    else:
+        crop = RandomRegionSquare(spec)
     return T.Compose([
-        T.RandomResizedCrop(spec["crop"], scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
+        crop,
         T.RandomHorizontalFlip(),
         T.ColorJitter(0.2, 0.2, 0.2),
         *_tensor_steps(spec, output),
     ])
 
 
+def normalized_spec(spec: dict) -> dict:
+    """``spec`` with the defaults of older recordings made explicit (no ``mode``: crop)."""
+    return dict(spec, mode=resize_mode(spec))
+
+
 def transform_key(spec: dict) -> str:
-    return json.dumps(spec, sort_keys=True)
+    """One string per preprocessing: equal keys, equal tensors (older specs normalized first)."""
+    return json.dumps(normalized_spec(spec), sort_keys=True)
+
+
+def same_transform(a: dict, b: dict) -> bool:
+    return transform_key(a) == transform_key(b)
+
+
+def describe_transform(spec: dict) -> str:
+    """A short human description for error messages, e.g. ``squash 288 px``."""
+    mode = resize_mode(spec)
+    detail = f"resize {spec['resize']} + center crop {spec['crop']}" if mode == "crop" else f"{spec['crop']} px"
+    return f"{mode} ({detail})"
 
 
 def parse_unfreeze(value: str, backbone: Backbone) -> list[str]:

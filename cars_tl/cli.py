@@ -133,6 +133,8 @@ Artifacts = Annotated[Path, typer.Option(help="Root of generated files (features
 Out = Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="Output .h5 file (default: ARTIFACTS/features/<backbone>-<weights>-<options>.h5).")]
 RunOut = Annotated[Optional[Path], typer.Option("--out", metavar="RUN_DIR", help="Run directory (default: ARTIFACTS/runs/<stage>-<backbone>-<weights>-...).")]
 Force = Annotated[bool, typer.Option(help="Replace an existing run; the old one stays until the new one completes.")]
+Resize = Annotated[str, typer.Option("--resize", help=(
+    "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS on the mean colour)."))]
 FeaturesFile = Annotated[Path, typer.Option("--features", help="HDF5 feature cache from extract-features.")]
 
 
@@ -144,7 +146,8 @@ def extract_features(
     split: Annotated[Optional[List[str]], typer.Option(metavar="SPLIT", help="Split to extract (repeatable): train, test (default: every split the dataset has).")] = None,
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size (resize keeps its ratio).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop, e.g. 224; at least 32).")] = None,
+    resize: Resize = "crop",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader worker processes on CUDA; 0 decodes in the main thread (default: min(4, cores)).")] = None,
     device: Device = "auto",
@@ -162,7 +165,7 @@ def extract_features(
 
     result = run(
         data_dir, backbone, weights, tuple(split) if split else None, crop, margin, image_size, batch_size, workers,
-        device, precision, skip_bad, out, artifacts, progress(),
+        device, precision, skip_bad, out, artifacts, progress(), resize_mode=resize,
     )
     if result.replaced_corrupt:
         console.print(f"[yellow]the existing file could not be trusted and was extracted again[/]: {result.replaced_corrupt}",
@@ -204,12 +207,15 @@ def train_head(
 def fit_svm(
     features: FeaturesFile,
     kernel: Annotated[str, typer.Option(help="linear | poly | rbf | sigmoid | all (fit each, compare).")] = "poly",
-    c: Annotated[float, typer.Option("--C", help="SVC regularization C.")] = 1.0,
+    c: Annotated[Optional[str], typer.Option("--C", help="SVC regularization C: a positive number, or auto (chosen by stratified k-fold CV on train) [study: 1; tuned: auto].")] = None,
     degree: Annotated[int, typer.Option(help="poly degree.")] = 3,
-    gamma: Annotated[str, typer.Option(help="scale | auto | a number (sklearn's meaning).")] = "scale",
+    gamma: Annotated[Optional[str], typer.Option(help="scale | auto (1/n_features) | a number (sklearn's meaning) | cv (chosen by CV around scale) [study: scale; tuned: cv].")] = None,
     coef0: Annotated[float, typer.Option(help="poly/sigmoid coef0.")] = 0.0,
-    scale: Annotated[str, typer.Option(help="Feature scaling: l2 (default, see README) | standard | none.")] = "l2",
+    scale: Annotated[Optional[str], typer.Option(help="Feature scaling: l2 (see README) | standard | none [both presets: l2].")] = None,
     method: Annotated[str, typer.Option(help="precomputed (fast torch kernel) | plain (sklearn SVC).")] = "precomputed",
+    preset: Annotated[str, typer.Option(help="study (sklearn defaults C=1, gamma=scale: the study) | tuned (--C auto --gamma cv).")] = "study",
+    cv_folds: Annotated[int, typer.Option(help="Folds of the stratified cross-validation for --C auto / --gamma cv.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the cross-validation folds.")] = 0,
     force: Force = False,
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
@@ -220,12 +226,17 @@ def fit_svm(
     from cars_tl.console import out as stdout, progress
     from cars_tl.svm import fit_svm as run
 
-    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress(), force)
-    table = Table(title=f"SVM on {features.name} ({scale} scaling, C={c})")
-    for column in ("kernel", "train acc %", "test acc %", "fit s", "predict s", "support vectors"):
+    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress(),
+                           preset=preset, cv_folds=cv_folds, seed=seed, force=force)
+    config = metrics["config"]
+    searched = any("search" in r for r in metrics["kernels"].values())
+    table = Table(title=f"SVM on {features.name} ({config['scale']} scaling, C={config['C']}, gamma={config['gamma']})")
+    columns = ["kernel"] + (["C", "gamma", "CV acc %"] if searched else []) + ["train acc %", "test acc %", "fit s", "predict s", "support vectors"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for r in metrics["kernels"].values():
-        table.add_row(r["kernel"], f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}", f"{r['fit_seconds']:.2f}",
+        chosen = [f"{r['C']:g}", f"{r['gamma_value']:.4g}" if r["kernel"] != "linear" else "-", f"{r['cv_acc']:.2f}"] if searched else []
+        table.add_row(r["kernel"], *chosen, f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}", f"{r['fit_seconds']:.2f}",
                       f"{r['predict_seconds']:.2f}", str(r["support_vectors"]))
     stdout.print(table)
     stdout.print(f"run: {run_dir}")
@@ -257,7 +268,8 @@ def finetune(
     augment: Annotated[Optional[str], typer.Option(help="none | standard (study: none; tuned: standard).")] = None,
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Override the weights' crop size.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop; at least 32).")] = None,
+    resize: Resize = "crop",
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Loader workers: decode threads for evaluation on the CPU, DataLoader processes otherwise (default: min(4, cores) on the CPU, every core on CUDA).")] = None,
@@ -273,7 +285,7 @@ def finetune(
 
     run_dir, metrics = run(
         data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
-        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(),
+        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize,
     )
     p = metrics["params"]
     console.print(f"parameters: total {p['total']:,}, trainable {p['trainable']:,}")
@@ -292,6 +304,7 @@ def predict(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     split: Annotated[Optional[str], typer.Option(help="Instead of images: score this whole split of the manifest and save each run's predictions-<split>.npz.")] = None,
     data_dir: DataDir = Path("data"),
+    boxed: Annotated[bool, typer.Option("--boxed", help="The images already are box crops (for --crop box runs, cut with the run's margin).")] = False,
 ):
     """Top-k classes per image, the given models side by side (softmax probability, or SVM decision score)."""
     import json
@@ -308,7 +321,7 @@ def predict(
         for saved in predict_split(model, split, data_dir, progress(), images=images or []):
             stdout.print(f"{saved['run']}: {saved['count']} {split} images, top-1 {saved['accuracy']:.2f}% -> {saved['file']}")
         return
-    results = run(images or [], model, top_k)
+    results = run(images or [], model, top_k, boxed)
     if json_output:
         print(json.dumps(results, indent=2))
         return

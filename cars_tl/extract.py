@@ -75,12 +75,14 @@ def extract_features(
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
+    resize_mode: str = "crop",
 ) -> ExtractResult:
     """Extract pooled features for ``splits`` (default: every split the dataset has) into an HDF5
     cache (see :mod:`cars_tl.features`).
 
     ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default: the
-    number of cores, at most 4). Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
+    number of cores, at most 4). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.backbones`).
+    Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
     """
     for split in splits or ():
         if split not in data.SPLITS:
@@ -90,13 +92,14 @@ def extract_features(
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
     check_number("--margin", margin, minimum=0)
+    backbones.check_image_options(image_size, resize_mode)
     manifest = data.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
     device = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device)
     workers = loaders.default_workers() if workers is None else workers
     runtime.tune_malloc()
-    bb = backbones.build_backbone(backbone, weights, image_size)
+    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode)
     out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop, bb.transform, margin, precision)
     identity = {
         "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest,

@@ -110,13 +110,15 @@ def weights_tag(weights: str) -> str:
 
 
 def default_path(artifacts: Path, backbone: str, weights: str, crop: str, transform: dict, margin: float, precision: str) -> Path:
-    """``<backbone>-<weights>-<crop>-<size>px-<precision>-<digest>.h5``: every option that changes the
+    """``<backbone>-<weights>-<crop>-[<resize mode>]<size>px-<precision>-<digest>.h5``: every option that changes the
     arrays is in the name (the digest covers the whole transform spec and the margin), so
     extracting with other options never overwrites a cache that runs point to."""
     key = json.dumps({"transform": transform, "crop": crop, "margin": float(margin), "precision": precision}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     crop_part = crop if crop == "full" else f"box{float(margin):g}"
-    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}-{crop_part}-{transform['crop']}px-{precision}-{digest}"
+    mode = transform.get("mode", "crop")
+    size = f"{transform['crop']}px" if mode == "crop" else f"{mode}{transform['crop']}px"
+    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}-{crop_part}-{size}-{precision}-{digest}"
     return Path(artifacts) / "features" / f"{name}.h5"
 
 

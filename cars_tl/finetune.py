@@ -13,7 +13,7 @@ Presets (explicit options override them):
 ``study``  Adam, lr 1e-3, batch 32, 15 epochs, no augmentation, no schedule; the kept model is the
            best epoch by *test* accuracy, as the study did (recorded as such in metrics.json).
 ``tuned``  AdamW (weight decay 0.05), head lr 1e-3 and backbone lr 1e-4, one warmup epoch then a
-           cosine schedule, label smoothing 0.1, standard augmentation (random resized crop, flip,
+           cosine schedule, label smoothing 0.1, standard augmentation (a random crop fitting ``--resize``, flip,
            colour jitter), 30 epochs, and BatchNorm running statistics kept from pretraining (BN
            layers in eval mode; their affine weights train) unless the weights are random; the kept
            model is the best epoch on a validation split carved from train (10%, stratified).
@@ -180,10 +180,12 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
         problems.append(f"backbone {b['backbone']} != {bb.name}")
     if b["weights_digest"] != bb.weights_digest:
         problems.append(f"its features came from other weights ({b['weights']}, digest {b['weights_digest'][:12]} != {bb.weights_digest[:12]})")
-    if b["transform"] != bb.transform or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
+    if not backbones.same_transform(b["transform"], bb.transform) or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
         problems.append(
-            f"preprocessing differs (crop {b['crop']} margin {b.get('margin')}, {b['transform']} "
-            f"vs crop {crop} margin {margin}, {bb.transform})"
+            f"preprocessing differs: the head's features were made with --crop {b['crop']} --margin {b.get('margin')} "
+            f"--resize {backbones.resize_mode(b['transform'])} --image-size {b['transform']['crop']} "
+            f"({backbones.describe_transform(b['transform'])}), this fine-tune asks for --crop {crop} --margin {margin} "
+            f"--resize {backbones.resize_mode(bb.transform)} --image-size {bb.transform['crop']}"
         )
     if len(m["class_names"]) != manifest.num_classes:
         problems.append(f"{len(m['class_names'])} classes != {manifest.num_classes}")
@@ -192,7 +194,7 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
     if problems:
         raise CarsTLError(
             f"--init-head {head_dir} does not fit this fine-tune: " + "; ".join(problems),
-            "use the same --backbone/--weights/--crop/--image-size as the features the head was trained on",
+            "use the same --backbone/--weights/--crop/--margin/--resize/--image-size as the features the head was trained on",
         )
     return runs.model_file(head_dir)
 
@@ -221,17 +223,22 @@ def finetune(
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
+    resize_mode: str = "crop",
 ) -> tuple[Path, dict]:
     """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.runs`).
 
     ``seed`` seeds the head's initialisation, a random backbone's (``--weights random``), the
     shuffling, the augmentation and the validation split; the default (0) reproduces earlier runs.
+    ``resize_mode``: crop | squash | pad, for training (with the augmentation that fits it) and evaluation.
     """
     started = time.perf_counter()
+    backbones.check_image_options(image_size, resize_mode)
     config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
     check_number("--margin", margin, minimum=0)
     config.update(backbone=backbone, weights=str(weights), unfreeze=unfreeze, init_head=str(init_head) if init_head else None,
                   crop=crop, margin=margin, image_size=image_size, seed=check_seed(seed))
+    if resize_mode != "crop":  # absent means crop: configs of earlier runs stay comparable on --resume
+        config["resize"] = resize_mode
     # Pretrained statistics are worth keeping; a random network's are not statistics at all.
     config["freeze_bn_stats"] = bool(config["freeze_bn_stats"]) and str(weights) != "random"
     manifest = data.load_manifest(data_dir)
@@ -242,7 +249,7 @@ def finetune(
     config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint)
     workers = loaders.default_workers(device) if workers is None else workers
 
-    bb = backbones.build_backbone(backbone, weights, image_size, seed=seed)
+    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=seed)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
     model = backbones.classifier_model(bb, manifest.num_classes, seed=seed)
     if init_head:

@@ -3,6 +3,17 @@
 Head and SVM runs have no network of their own: their backbone is rebuilt from what the run
 recorded about its feature cache (backbone, weights, preprocessing) and checked against the
 recorded weights digest, so predictions see exactly the features the model was trained on.
+
+Every run is rebuilt with the preprocessing it recorded -- the transform spec (resize mode, size,
+interpolation, mean/std), the crop (``full`` or ``box``) and margin -- and its precision:
+
+* a ``--crop box`` run needs each image's box. Images from the manifest have it
+  (:meth:`LoadedRun.tensor` with ``box``); an image file given on the command line has none, so a
+  box run refuses it unless the caller says the image already *is* the box crop (``boxed``:
+  predict's ``--boxed``), cut with the run's recorded margin.
+* ``bf16`` runs are evaluated under CPU bf16 autocast, as extracted; ``fp16`` exists only on CUDA:
+  on the CPU such a run is evaluated in fp32 (more precise, not bit-equal) and says so
+  (``precision_used``).
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from cars_tl import backbones, runs
+from cars_tl import backbones, data, runs, runtime
 from cars_tl.errors import CarsTLError
 
 
@@ -27,6 +38,35 @@ class LoadedRun:
     transform: Callable
     score: Callable[[torch.Tensor], torch.Tensor]  # features -> (n, classes) scores
     score_kind: str  # "probability" (softmax) or "decision score" (SVM)
+    spec: dict  # the recorded transform spec
+    crop: str = "full"  # "full" | "box", as recorded
+    margin: float = 0.0
+    precision: str = "fp32"  # as recorded
+    precision_used: str = "fp32"  # what the CPU runs it in (fp16 exists only on CUDA)
+
+    def tensor(self, image, box: tuple[int, int, int, int] | None = None, boxed: bool = False) -> torch.Tensor:
+        """``image`` (PIL, the full picture) preprocessed as the run was trained: its box cut with
+        the recorded margin first for a box run (``boxed``: the image already is that cut)."""
+        if self.crop == "box" and not boxed:
+            if box is None:
+                raise CarsTLError(
+                    f"run {self.run_dir} was trained on box crops (--crop box, margin {self.margin}) and this image has no box",
+                    "predict: crop the image to the car's box (widened by the margin) and add --boxed; "
+                    "sparsity: take images from the manifest, which carry their boxes (--split test)",
+                )
+            image = data.crop_box(image, box, self.margin)
+        return self.transform(image)
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pooled features in the recorded precision (see the module docstring), as float32."""
+        self.body.eval()
+        with runtime.autocast("cpu", self.precision_used):
+            return self.body(batch).float().flatten(1)
+
+    def preprocessing_key(self) -> tuple:
+        """Equal keys: the same body and the same tensors and features for the same image."""
+        return (id(self.body), backbones.transform_key(self.spec), self.crop, float(self.margin), self.precision_used)
 
 
 def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbone:
@@ -34,15 +74,14 @@ def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbo
     key = (b["backbone"], b["weights_digest"], str(b["transform"]))
     if key in cache:
         return cache[key]
-    image_size = b["transform"]["crop"]
-    bb = backbones.build_backbone(b["backbone"], b["weights"], image_size)
+    bb = backbones.build_backbone(b["backbone"], b["weights"])  # the body does not depend on the image size
     if bb.weights_digest != b["weights_digest"]:
         raise CarsTLError(
             f"run {run_dir}: its backbone weights {b['weights']!r} are not the ones it was trained on "
             f"(digest {bb.weights_digest[:12]} != {b['weights_digest'][:12]})",
             "restore the original weights file, or re-run extract-features and this stage",
         )
-    bb.transform = b["transform"]  # exactly the recorded preprocessing
+    bb.transform = backbones.normalized_spec(b["transform"])  # exactly the recorded preprocessing
     cache[key] = bb
     return bb
 
@@ -59,9 +98,14 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         )
     model_path = runs.model_file(run_dir)
     kind, names = metrics["kind"], metrics["class_names"]
+    b = metrics["backbone"]
+    spec = backbones.normalized_spec(b["transform"])
+    backbones.eval_resize_crop(spec)  # refuses a spec this version cannot reproduce
+    precision = b.get("precision", "fp32")
+    recorded = dict(spec=spec, crop=b.get("crop", "full"), margin=float(b.get("margin") or 0.0),
+                    precision=precision, precision_used="fp32" if precision == "fp16" else precision)
     if kind == "finetune":
-        b = metrics["backbone"]
-        bb = backbones.build_backbone(b["backbone"], "random", b["transform"]["crop"])
+        bb = backbones.build_backbone(b["backbone"], "random")
         model = backbones.classifier_model(bb, len(names))
         state = runs.load_checkpoint(model_path)
         try:
@@ -69,8 +113,8 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         except RuntimeError as exc:
             raise CarsTLError(f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}") from None
         model.eval()
-        return LoadedRun(run_dir, metrics["name"], kind, names, model.body, backbones.eval_transform(b["transform"]),
-                         lambda f: model.head(f).softmax(1), "probability")
+        return LoadedRun(run_dir, metrics["name"], kind, names, model.body, backbones.eval_transform(spec),
+                         lambda f: model.head(f).softmax(1), "probability", **recorded)
     bb = _backbone_for(metrics, run_dir, cache)
     transform = backbones.eval_transform(bb.transform)
     if kind == "head":
@@ -84,7 +128,7 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
             )
         head.load_state_dict(state)
         head.eval()
-        return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability")
+        return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability", **recorded)
     from cars_tl import svm
 
     model = svm.load_model(model_path)
@@ -97,4 +141,4 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         out[:, classes] = raw
         return out
 
-    return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score")
+    return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score", **recorded)

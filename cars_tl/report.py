@@ -534,9 +534,12 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     analysed = [m for m in complete if m["slug"] in predictions]
     thumbs = Thumbnails(data_dir, {(m.get("inputs") or {}).get("dataset_fingerprint") for m in analysed} - {None}) if analysed else None
 
-    kernel_cols = ("run", "kernel", "train acc %", "test acc %", "fit s", "predict s", "support vectors")
+    short = lambda v: f"{v:.4g}" if isinstance(v, float) else _fmt(v)  # noqa: E731 - C and gamma span decades
+    kernel_cols = ("run", "kernel", "C", "gamma", "CV acc %", "train acc %", "test acc %", "fit s", "predict s", "support vectors")
     kernels = [
-        {"run": m["name"], "kernel": k.get("kernel"), "train acc %": _fmt(k.get("train_acc")), "test acc %": _fmt(k.get("test_acc")),
+        {"run": m["name"], "kernel": k.get("kernel"), "C": short(k.get("C", (m.get("config") or {}).get("C"))),  # chosen by CV with --C auto
+         "gamma": short(k.get("gamma_value")) if k.get("kernel") != "linear" else "", "CV acc %": _fmt(k.get("cv_acc")),
+         "train acc %": _fmt(k.get("train_acc")), "test acc %": _fmt(k.get("test_acc")),
          "fit s": _fmt(k.get("fit_seconds")), "predict s": _fmt(k.get("predict_seconds")), "support vectors": _fmt(k.get("support_vectors"))}
         for m in complete if m["kind"] == "svm" for k in (m.get("kernels") or {}).values()
     ]

@@ -5,6 +5,9 @@ Each *call* of a ReLU module is its own layer: torchvision's ResNet bottleneck c
 has 49 points (the stem plus 16 blocks x 3). ``nn.ReLU`` and ``nn.ReLU6`` are counted, in eval
 mode, pooled over all the images given (every image has the same size after preprocessing, so
 this equals the mean of per-image fractions). Head and SVM runs measure their frozen backbone.
+Each run sees the images preprocessed as it was trained (see :mod:`cars_tl.inference`): images
+from ``--split`` carry their boxes for ``--crop box`` runs; ``--image`` files have none, so a box
+run refuses them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from cars_tl import data, locks
+from cars_tl import data, locks, runtime
 from cars_tl.atomic import atomic_path, atomic_write_text
 from cars_tl.errors import CarsTLError
 from cars_tl.inference import load_run
@@ -77,11 +80,12 @@ def zero_fractions(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> "
 
 
 def _image_source(images: list[Path] | None, split: str | None, limit: int | None, data_dir: Path) -> tuple[list, str]:
+    """``[(full image, box or None)]`` and a description of them."""
     if images:
         missing = [str(p) for p in images if not Path(p).is_file()]
         if missing:
             raise CarsTLError(f"image(s) not found: {', '.join(missing)}")
-        return [data.open_image(Path(p)) for p in images], f"{len(images)} image(s)"
+        return [(data.open_image(Path(p)), None) for p in images], f"{len(images)} image(s)"
     if not split:
         raise CarsTLError("give images with --image, or --split test --limit N")
     if limit is not None and limit < 1:
@@ -89,7 +93,7 @@ def _image_source(images: list[Path] | None, split: str | None, limit: int | Non
     manifest = data.load_manifest(data_dir)
     dataset = data.CarsDataset(manifest, split)
     count = len(dataset) if not limit else min(limit, len(dataset))
-    return [dataset.load(i) for i in range(count)], f"the first {count} {split} images"
+    return [(dataset.load(i), dataset.records[i].box) for i in range(count)], f"the first {count} {split} images"
 
 
 def measure(
@@ -111,8 +115,10 @@ def measure(
     with progress.task("sparsity", total=len(run_dirs), unit="model") as task:
         for run_dir in run_dirs:
             run = load_run(Path(run_dir), cache)
-            batches = (torch.stack([run.transform(p) for p in pictures[i:i + batch_size]]) for i in range(0, len(pictures), batch_size))
-            results[run.name] = zero_fractions(run.body, batches)
+            batches = (torch.stack([run.tensor(image, box) for image, box in pictures[i:i + batch_size]])
+                       for i in range(0, len(pictures), batch_size))
+            with runtime.autocast("cpu", run.precision_used):
+                results[run.name] = zero_fractions(run.body, batches)
             task.advance(1)
     out = Path(out)
     summary = {"images": described, "models": {name: dict(v) for name, v in results.items()}, "layers": list(next(iter(results.values())))}

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import features, runs
-from cars_tl.errors import CarsTLError, check_number
+from cars_tl import features, runs, svm_search
+from cars_tl.errors import CarsTLError, check_number, check_seed
 from cars_tl.progress import NULL, Progress
 
 KERNELS = ("linear", "poly", "rbf", "sigmoid")
@@ -45,8 +45,8 @@ def parse_gamma(gamma: str) -> str | float:
     try:
         value = float(gamma)
     except ValueError:
-        raise CarsTLError(f"--gamma {gamma!r} is not valid; valid: scale, auto, or a positive number") from None
-    return check_number("--gamma", value, minimum=0, exclusive_minimum=True, hint="valid: scale, auto, or a positive number")
+        raise CarsTLError(f"--gamma {gamma!r} is not valid; valid: scale, auto, cv (cross-validated), or a positive number") from None
+    return check_number("--gamma", value, minimum=0, exclusive_minimum=True, hint="valid: scale, auto, cv, or a positive number")
 
 
 class Scaler:
@@ -270,42 +270,55 @@ def model_file_name(kernel: str) -> str:
 def fit_svm(
     features_path: Path,
     kernel: str = "poly",
-    C: float = 1.0,
+    C: float | str | None = None,
     degree: int = 3,
-    gamma: str = "scale",
+    gamma: str | None = None,
     coef0: float = 0.0,
-    scale: str = "l2",
+    scale: str | None = None,
     method: str = "precomputed",
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
+    preset: str = "study",
+    cv_folds: int = svm_search.DEFAULT_FOLDS,
+    seed: int = 0,
     force: bool = False,
 ) -> tuple[Path, dict]:
     """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics.
 
+    ``preset`` gives C, gamma and scale unless passed (study: 1, scale, l2; tuned: see
+    :mod:`cars_tl.svm_search`); ``C="auto"`` / ``gamma="cv"`` choose them by ``cv_folds``-fold
+    cross-validation on train (seeded by ``seed``), recorded per kernel under ``search``.
     An existing run is replaced only with ``force`` (and only once the new one completes)."""
     from cars_tl.heads import feature_run_fields, load_train_test
+
+    chosen = svm_search.resolve_preset(preset, C=C, gamma=gamma, scale=scale)
+    C, gamma, scale = chosen["C"], chosen["gamma"], chosen["scale"]
+    searching = C == "auto" or gamma == "cv"
 
     started = time.perf_counter()
     kernels = list(KERNELS) if kernel == "all" else [kernel]
     if kernel != "all" and kernel not in KERNELS:
         raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
     Scaler(scale)  # validates every option before any work or any file is touched
-    parsed_gamma = parse_gamma(gamma)
+    parsed_gamma = "cv" if gamma == "cv" else parse_gamma(gamma)
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
-    check_number("--C", C, minimum=0, exclusive_minimum=True)
     check_number("--coef0", coef0)
     if degree < 0:
         raise CarsTLError(f"--degree must be >= 0, got {degree}")
     cache = load_train_test(Path(features_path))
     if len(np.unique(cache.split("train").labels)) < 2:
         raise CarsTLError(f"{features_path}: the train split has fewer than two classes; an SVM needs two or more")
+    if searching:
+        svm_search.check_folds(cache.split("train").labels, cv_folds)
     tr, te = cache.split("train"), cache.split("test")
     weights = features.weights_tag(cache.attrs["weights"])
     run_dir = runs.resolve_run_dir(out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts)
     config = {"kernel": kernel, "C": C, "degree": degree, "gamma": gamma, "coef0": coef0, "scale": scale,
-              "method": method, "features": str(features_path)}
+              "method": method, "features": str(features_path), "preset": preset}
+    if searching:
+        config.update(cv_folds=cv_folds, seed=check_seed(seed))
     fields = feature_run_fields(cache)
     with runs.writing_run(run_dir, "fit-svm", force=force) as target:
         metrics = runs.new_metrics(
@@ -318,7 +331,11 @@ def fit_svm(
             with progress.task("fit svm", total=len(kernels), unit="kernel") as task:
                 for k in kernels:
                     t0 = time.perf_counter()
-                    model = fit_model(tr.features, tr.labels, k, C, degree, parsed_gamma, coef0, scale, method)
+                    found = None
+                    if searching:  # on the training rows only: test is not passed
+                        found = svm_search.search(tr.features, tr.labels, k, C, parsed_gamma, degree, coef0, scale, cv_folds, seed)
+                    model = fit_model(tr.features, tr.labels, k, found["C"] if found else C, degree,
+                                      found["gamma_value"] if found else parsed_gamma, coef0, scale, method)
                     fit_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
                     test_pred = model.predict(te.features)
@@ -331,9 +348,14 @@ def fit_svm(
                         "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
                         "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
                         "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
+                        "C": float(model.svc.C),
                     }
+                    if found:
+                        results[k].update(search=found, cv_acc=found["cv_acc_chosen"])
                     task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
-            primary = kernels[0] if len(kernels) == 1 else max(results, key=lambda k: results[k]["test_acc"] or 0)
+            # With a search, the kernels are compared on their CV accuracy (train only); else on test, as the study did.
+            rank = (lambda k: results[k]["cv_acc"]) if searching else (lambda k: results[k]["test_acc"] or 0)
+            primary = kernels[0] if len(kernels) == 1 else max(results, key=rank)
             best = results[primary]
             if primary != kernels[-1]:  # the saved predictions are the kept kernel's
                 model = load_model(target / best["model_file"])
@@ -344,7 +366,8 @@ def fit_svm(
                 kernels=results, model_file=best["model_file"],
                 final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,
                        "train_loss": None, "test_loss": None, "test_top5": None, "best_epoch": None,
-                       "selected_by": "the only kernel fitted" if len(kernels) == 1 else "test accuracy (kernel comparison, as the study did)"},
+                       "selected_by": "the only kernel fitted" if len(kernels) == 1 else
+                       "cross-validation accuracy on train" if searching else "test accuracy (kernel comparison, as the study did)"},
             )
             metrics = runs.finish(target, metrics, started)
     return run_dir, metrics

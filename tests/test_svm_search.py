@@ -1,0 +1,138 @@
+"""fit-svm --C auto / --gamma cv: cross-validation on train only, one kernel matrix, the known-best C,
+presets, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cars_tl import features, svm, svm_search
+from cars_tl.cli import app
+from cars_tl.errors import CarsTLError
+
+
+def test_cv_never_sees_test_rows(demo_features, tmp_path, monkeypatch):
+    calls = []
+    original = svm_search.cross_validate
+
+    def spy(z, y, kernel, c_grid, gamma_values, degree, coef0, folds):
+        calls.append((z, y, folds))
+        return original(z, y, kernel, c_grid, gamma_values, degree, coef0, folds)
+
+    monkeypatch.setattr(svm_search, "cross_validate", spy)
+    svm.fit_svm(demo_features, kernel="linear", C="auto", out=tmp_path / "run")
+    cache = features.load(demo_features)
+    train, test = cache.split("train"), cache.split("test")
+    [(z, y, folds)] = calls
+    expected = svm.Scaler.fit("l2", train.features)(train.features)
+    assert np.array_equal(z, expected) and np.array_equal(y, train.labels)  # exactly the training rows
+    scaled_test = svm.Scaler.fit("l2", train.features)(test.features)
+    assert not any(np.isclose(z, row).all(1).any() for row in scaled_test)
+    seen = np.concatenate([val for _, val in folds])
+    assert sorted(seen) == list(range(len(train.labels)))  # each training row validated once
+    for fit, val in folds:
+        assert set(fit).isdisjoint(val) and max(fit.max(), val.max()) < len(train.labels)
+
+
+def test_one_kernel_matrix_for_every_fold_and_grid_point(demo_features, tmp_path, monkeypatch):
+    calls = []
+    original = svm.kernel_matrix
+    monkeypatch.setattr(svm, "kernel_matrix", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    svm.fit_svm(demo_features, kernel="rbf", C="auto", gamma="cv", out=tmp_path / "run")
+    # One Gram matrix for the whole search, then the refit's own, then scoring train and test.
+    assert calls[0] == "linear" and calls.count("linear") == 1
+
+
+def toy_where_c_matters(seed: int = 0, n: int = 120, dims: int = 20, flipped: float = 0.05):
+    """Two classes (2:1) apart along one axis, 19 noise axes, 5% of labels flipped, all values ~0.01:
+    at C <= 1 the margin term wins, w shrinks to nothing and the SVM predicts the majority class;
+    a large C separates the classes; the largest starts fitting the noise."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], [2 * n // 3, n - 2 * n // 3])
+    x = rng.normal(0, 0.01, (n, dims))
+    x[:, 0] = np.where(y == 1, 0.01, -0.01) + rng.uniform(-0.009, 0.009, n)
+    return x, np.where(rng.random(n) < flipped, 1 - y, y)
+
+
+def test_auto_picks_the_known_best_C_on_a_toy_set_where_C_matters():
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.svm import SVC
+
+    x, y = toy_where_c_matters()
+    found = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    splitter = StratifiedKFold(5, shuffle=True, random_state=0)
+    reference = [100 * cross_val_score(SVC(kernel="linear", C=C), x, y, cv=splitter).mean() for C in svm_search.C_GRID]
+    best = max(reference)
+    known_best = next(C for C, acc in zip(svm_search.C_GRID, reference) if acc >= best - 1e-9)  # smallest C among ties
+    assert found["C"] == known_best and found["cv_acc_chosen"] == pytest.approx(best)
+    assert found["cv_acc"][0] == pytest.approx(reference)
+    assert 1 < found["C"] < max(svm_search.C_GRID)  # inside the grid, not at its edge
+    assert reference[list(svm_search.C_GRID).index(1.0)] < best - 10  # C matters here
+    x_new, y_new = toy_where_c_matters(seed=1)
+    scores = {C: (svm.fit_model(x, y, "linear", C, 3, "scale", 0.0, "none").predict(x_new) == y_new).mean() for C in (1.0, found["C"])}
+    assert scores[found["C"]] > scores[1.0] + 0.2
+
+
+def test_auto_records_the_search_and_cli_prints_it(demo_features, tmp_path):
+    result = CliRunner().invoke(app, ["fit-svm", "--features", str(demo_features), "--kernel", "all", "--C", "auto",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "CV acc %" in result.output and "C=auto" in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["C"] == "auto" and metrics["config"]["cv_folds"] == 5
+    for kernel, row in metrics["kernels"].items():
+        search = row["search"]
+        assert len(search["C_grid"]) >= 8 and search["C_grid"] == sorted(search["C_grid"])
+        assert len(search["cv_acc"]) == 1 and len(search["cv_acc"][0]) == len(search["C_grid"])
+        assert row["C"] == search["C"] in search["C_grid"]
+        assert row["cv_acc"] == max(search["cv_acc"][0])
+        assert search["gamma_grid"] is None  # gamma stays "scale" unless --gamma cv
+
+
+def test_gamma_cv_searches_gamma_for_kernels_that_have_one(demo_features, tmp_path):
+    _, metrics = svm.fit_svm(demo_features, kernel="all", preset="tuned", out=tmp_path / "run")
+    assert metrics["config"]["C"] == "auto" and metrics["config"]["gamma"] == "cv"
+    for kernel, row in metrics["kernels"].items():
+        search = row["search"]
+        if kernel == "linear":
+            assert search["gamma_grid"] is None
+            continue
+        assert len(search["gamma_grid"]) == len(svm_search.GAMMA_FACTORS) == len(search["cv_acc"])
+        assert row["gamma_value"] in search["gamma_grid"]
+        assert row["cv_acc"] == max(max(r) for r in search["cv_acc"])
+    cv = {k: r["cv_acc"] for k, r in metrics["kernels"].items()}
+    assert metrics["final"]["kernel"] == max(cv, key=cv.get)  # kernels compared on train, not on test
+    assert metrics["final"]["selected_by"] == "cross-validation accuracy on train"
+
+
+def test_study_preset_is_sklearns_defaults(demo_features, tmp_path):
+    _, metrics = svm.fit_svm(demo_features, kernel="rbf", out=tmp_path / "run")
+    assert (metrics["config"]["C"], metrics["config"]["gamma"], metrics["config"]["scale"]) == (1.0, "scale", "l2")
+    assert metrics["kernels"]["rbf"]["C"] == 1.0 and "search" not in metrics["kernels"]["rbf"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(C=0), "--C must be positive"),
+    (dict(C=-1.0), "--C must be positive"),
+    (dict(C="big"), "--C 'big' is not valid"),
+    (dict(gamma="often"), "valid: scale, auto, cv"),
+    (dict(preset="best"), "unknown --preset"),
+    (dict(C="auto", cv_folds=1), "at least 2"),
+    (dict(C="auto", cv_folds=30), "cannot cross-validate with 30 folds"),
+])
+def test_bad_options_say_why_and_what_to_use(demo_features, tmp_path, options, message):
+    with pytest.raises(CarsTLError, match=message) as info:
+        svm.fit_svm(demo_features, kernel="linear", out=tmp_path / "run", **options)
+    assert info.value.hint or "valid:" in info.value.message  # what to use instead
+    if "folds" in message:
+        assert "--cv-folds 24" in info.value.hint  # the demo's smallest class has 24 training images
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_with_one_image_cannot_be_cross_validated():
+    with pytest.raises(CarsTLError, match="class 2 has 1") as info:
+        svm_search.check_folds(np.array([0, 0, 0, 1, 1, 1, 2]), 3)
+    assert "--C 1" in info.value.hint
