@@ -309,7 +309,7 @@ def test_cli_resize_option_names_the_cache_and_records_the_mode(demo_dir, tmp_pa
     ])
     assert result.exit_code == 0, result.output
     [path] = (tmp_path / "features").glob("*.h5")
-    assert path.name == "resnet18-random-pad64.h5"  # beside, not over, the crop-mode cache
+    assert path.name.startswith("resnet18-random-full-pad64px-fp32-")  # beside, not over, the crop-mode cache
     assert features.load(path, ("test",)).attrs["transform"]["mode"] == "pad"
     refused = CliRunner().invoke(app, ["extract-features", "--data-dir", str(demo_dir), "--resize", "stretch"])
     assert refused.exit_code == 2 and "valid: crop, squash, pad" in refused.output
