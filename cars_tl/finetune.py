@@ -227,8 +227,9 @@ def finetune(
 ) -> tuple[Path, dict]:
     """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.runs`).
 
-    ``seed`` seeds the head's initialisation, a random backbone's (``--weights random``), the
-    shuffling, the augmentation and the validation split; the default (0) reproduces earlier runs.
+    ``seed`` seeds the head's initialisation, a random backbone's (``--weights random``, unless
+    ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
+    validation split; the default (0) reproduces earlier runs.
     ``resize_mode``: crop | squash | pad, for training (with the augmentation that fits it) and evaluation.
     """
     started = time.perf_counter()
@@ -249,7 +250,11 @@ def finetune(
     config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint)
     workers = loaders.default_workers(device) if workers is None else workers
 
-    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=seed)
+    # A random backbone is seeded by --seed, except under --init-head: the head was trained on the
+    # features of one backbone (extract-features builds random weights from the default seed), and
+    # D must start from that very backbone.
+    backbone_seed = backbones.RANDOM_SEED if init_head else seed
+    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=backbone_seed)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
     model = backbones.classifier_model(bb, manifest.num_classes, seed=seed)
     if init_head:

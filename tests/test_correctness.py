@@ -326,3 +326,12 @@ def test_default_cache_names_differ_for_every_array_changing_option(tmp_path):
     }
     assert len(names) == 5
     assert features.default_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32").name.startswith("resnet18-random-full-64px-fp32-")
+
+
+def test_a_seeded_fine_tune_from_a_head_keeps_the_backbone_of_its_features(demo_dir, demo_head_run, tmp_path):
+    # Model D on random weights (the demo): seed 1 must not rebuild another random backbone than the
+    # one the head's features came from; the head's own accuracy is epoch 0's.
+    _, m = ft.finetune(demo_dir, unfreeze="layer4", init_head=demo_head_run, epochs=1, batch_size=32, seed=1,
+                       out=tmp_path / "d", **TINY)
+    assert m["backbone"]["weights_digest"] == runs.read_metrics(demo_head_run)["backbone"]["weights_digest"]
+    assert m["history"][0]["test_acc"] == pytest.approx(runs.read_metrics(demo_head_run)["final"]["test_acc"], abs=1e-6)
