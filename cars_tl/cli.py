@@ -53,9 +53,9 @@ def command(name: str):
             try:
                 return fn(*args, **kwargs)
             except CarsTLError as exc:
-                from cars_tl.console import console
+                from cars_tl.console import console, rank_prefix
 
-                console.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+                console.print(f"{rank_prefix()}[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
                 if exc.hint:
                     console.print(f"[bold]next:[/] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
@@ -161,6 +161,10 @@ def extract_features(
         data_dir, backbone, weights, tuple(split or ("train", "test")), crop, margin, image_size, batch_size, workers,
         device, precision, skip_bad, out, artifacts, progress(),
     )
+    from cars_tl.distributed import is_main_process
+
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     if result.replaced_corrupt:
         console.print(f"[yellow]the existing file could not be trusted and was extracted again[/]: {result.replaced_corrupt}",
                       highlight=False, soft_wrap=True)
@@ -263,15 +267,19 @@ def finetune(
     force: Annotated[bool, typer.Option(help="Replace an existing run (kept until the new one completes), or resume with changed options.")] = False,
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.", show_default=False)] = None,
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
     from cars_tl.console import console, progress
+    from cars_tl.distributed import is_main_process
     from cars_tl.finetune import finetune as run
 
     run_dir, metrics = run(
         data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
-        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(),
+        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), sync_bn,
     )
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     p = metrics["params"]
     console.print(f"parameters: total {p['total']:,}, trainable {p['trainable']:,}")
     if metrics.get("resumed_with_changes"):
