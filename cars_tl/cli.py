@@ -70,6 +70,20 @@ def command(name: str):
                 console.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False, soft_wrap=True)
                 console.print(f"[bold]next:[/] {error.hint}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            except RuntimeError as exc:
+                from cars_tl.distributed import peer_failure
+
+                if not peer_failure(exc):
+                    raise
+                from cars_tl.console import console, rank_prefix
+
+                from rich.markup import escape
+
+                first = escape(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+                console.print(f"{rank_prefix()}[bold red]stopped:[/] another process of this torchrun job failed or was lost "
+                              f"(its own message says why) — {first}", markup=True, highlight=False, soft_wrap=True)
+                console.print(f"[bold]next:[/] {RESUME_HINTS.get(name, f'fix that and rerun cars-tl {name}')}", markup=True, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 from cars_tl.console import console
 

@@ -75,6 +75,17 @@ def is_main_process() -> bool:
     return launched()[1] == 0
 
 
+def peer_failure(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank of the job died or timed out."""
+    if launched()[0] <= 1 or not isinstance(exc, RuntimeError):
+        return False
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "NCCL communicator was aborted"))
+
+
 def timeout() -> datetime.timedelta:
     seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
     if seconds < 1:
