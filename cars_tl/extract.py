@@ -136,9 +136,12 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
     body = prepare_body(bb.body, device, bb.transform["crop"])
     start_time, processed = time.perf_counter(), 0
     skipped: dict[str, int] = {}
-    for split, dataset in datasets.items():
+    for index, (split, dataset) in enumerate(datasets.items()):
         # Chunk-aligned shards: every rank's chunks are whole chunks of the one-process layout, valid for any N.
-        shard = distributed.shard_range(len(dataset), ctx, align=partial.chunk_rows)
+        # Every other split deals its shards in reverse rank order, so that the short last chunks do not all
+        # fall to the same rank.
+        order = ctx if index % 2 == 0 else dataclasses.replace(ctx, rank=ctx.world_size - 1 - ctx.rank)
+        shard = distributed.shard_range(len(dataset), order, align=partial.chunk_rows)
         processed += _extract_split(
             body, dataset, split, shard, partial, batch_size, workers, device, precision, skip_bad, bb, progress
         )
