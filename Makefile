@@ -35,6 +35,8 @@ RESIZE ?= $(if $(TUNED),squash,crop)
 IMAGE_SIZE ?= $(if $(TUNED),288,)
 CROP ?= full
 WORKERS ?=
+# Prefix of the image stages (extract-features, finetune), e.g. LAUNCH="$(BIN)/torchrun --nproc_per_node=8": --batch-size stays global.
+LAUNCH ?=
 SVM_KERNEL ?= poly
 # study: scikit-learn's defaults (C=1, gamma=scale); tuned: both chosen by 5-fold CV on train.
 SVM_C ?= $(if $(TUNED),auto,1.0)
@@ -112,7 +114,7 @@ help:
 	@echo "variables (current value):"
 	@echo "  DATA=$(DATA)  SOURCE=$(SOURCE)  ARTIFACTS=$(ARTIFACTS)"
 	@echo "  BACKBONE=$(BACKBONE)  WEIGHTS=$(WEIGHTS)  PRESET=$(PRESET)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
-	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  RESIZE=$(RESIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)"
+	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  RESIZE=$(RESIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)  LAUNCH=$(LAUNCH)"
 	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_GAMMA=$(SVM_GAMMA)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
 	@echo "  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)"
 
@@ -157,7 +159,7 @@ $(MANIFEST): $(OPTS)/download
 	@touch $@
 
 $(FEATURES): $(MANIFEST) $(OPTS)/features-$(FEATURES_TAG)
-	$(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) $(COMMON) --out $@
+	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) $(COMMON) --out $@
 	@touch $@
 
 # B, A and D for one seed ($(1)); D starts from that seed's B.
@@ -170,10 +172,10 @@ $(call head_run,$(1)): $$(FEATURES) $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1)
 	$$(CARS) train-head --features $$(FEATURES) $$(TRAIN)$(call seed_opt,$(1)) --force --out $$(@D)
 
 $(call a_run,$(1)): $$(MANIFEST) $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1))
-	$$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
+	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
 
 $(call d_run,$(1)): $$(MANIFEST) $(call head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1))
-	$$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights $$(WEIGHTS) --unfreeze $$(UNFREEZE_D) \
+	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights $$(WEIGHTS) --unfreeze $$(UNFREEZE_D) \
 		--init-head $$(dir $(call head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
 endef
 $(foreach s,$(SEED_LIST),$(eval $(call seeded_stages,$(s))))

@@ -53,9 +53,9 @@ def command(name: str):
             try:
                 return fn(*args, **kwargs)
             except CarsTLError as exc:
-                from cars_tl.console import console
+                from cars_tl.console import console, rank_prefix
 
-                console.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+                console.print(f"{rank_prefix()}[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
                 if exc.hint:
                     console.print(f"[bold]next:[/] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
@@ -70,6 +70,20 @@ def command(name: str):
                 console.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False, soft_wrap=True)
                 console.print(f"[bold]next:[/] {error.hint}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            except RuntimeError as exc:
+                from cars_tl.distributed import peer_failure
+
+                if not peer_failure(exc):
+                    raise
+                from cars_tl.console import console, rank_prefix
+
+                from rich.markup import escape
+
+                first = escape(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+                console.print(f"{rank_prefix()}[bold red]stopped:[/] another process of this torchrun job failed or was lost "
+                              f"(its own message says why) — {first}", markup=True, highlight=False, soft_wrap=True)
+                console.print(f"[bold]next:[/] {RESUME_HINTS.get(name, f'fix that and rerun cars-tl {name}')}", markup=True, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 from cars_tl.console import console
 
@@ -167,6 +181,10 @@ def extract_features(
         data_dir, backbone, weights, tuple(split) if split else None, crop, margin, image_size, batch_size, workers,
         device, precision, skip_bad, out, artifacts, progress(), resize_mode=resize,
     )
+    from cars_tl.distributed import is_main_process
+
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     if result.replaced_corrupt:
         console.print(f"[yellow]the existing file could not be trusted and was extracted again[/]: {result.replaced_corrupt}",
                       highlight=False, soft_wrap=True)
@@ -278,15 +296,19 @@ def finetune(
     force: Annotated[bool, typer.Option(help="Replace an existing run (kept until the new one completes), or resume with changed options.")] = False,
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.", show_default=False)] = None,
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
     from cars_tl.console import console, progress
+    from cars_tl.distributed import is_main_process
     from cars_tl.finetune import finetune as run
 
     run_dir, metrics = run(
         data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
-        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize,
+        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize, sync_bn=sync_bn,
     )
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     p = metrics["params"]
     console.print(f"parameters: total {p['total']:,}, trainable {p['trainable']:,}")
     if metrics.get("resumed_with_changes"):

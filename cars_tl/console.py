@@ -66,4 +66,15 @@ class RichProgressReporter(Progress):
 
 
 def progress() -> Progress:
-    return RichProgressReporter()
+    """Progress bars; none on the other ranks of a torchrun job (rank 0 shows the job's)."""
+    from cars_tl.distributed import is_main_process
+
+    return RichProgressReporter() if is_main_process() else Progress()
+
+
+def rank_prefix() -> str:
+    """``rank N: `` in a torchrun job of several processes (whose messages share one terminal), else nothing."""
+    from cars_tl.distributed import launched
+
+    world, rank, _ = launched()
+    return f"rank {rank}: " if world > 1 else ""

@@ -11,13 +11,14 @@ a no-op.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cars_tl import backbones, data, features, loaders, locks, runtime
+from cars_tl import backbones, data, distributed, features, loaders, locks, runtime
 from cars_tl.errors import BadImageError, CarsTLError, check_number
 from cars_tl.progress import NULL, Progress
 
@@ -83,6 +84,10 @@ def extract_features(
     ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default: the
     number of cores, at most 4). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.backbones`).
     Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
+
+    Under ``torchrun`` every process calls this: each extracts a contiguous, chunk-aligned shard of
+    every split into its own chunks; rank 0 holds the file's writer lock, waits for the others and
+    merges the chunks into the one ``.h5`` (the same arrays as one process makes).
     """
     for split in splits or ():
         if split not in data.SPLITS:
@@ -95,7 +100,8 @@ def extract_features(
     backbones.check_image_options(image_size, resize_mode)
     manifest = data.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
-    device = runtime.resolve_device(device)
+    ctx = distributed.init(runtime.resolve_device(device))
+    device = ctx.device
     precision = runtime.resolve_precision(precision, device)
     workers = loaders.default_workers() if workers is None else workers
     runtime.tune_malloc()
@@ -106,33 +112,49 @@ def extract_features(
         "transform": bb.transform, "crop": crop, "margin": float(margin), "precision": precision,
         "dataset_fingerprint": manifest.fingerprint, "skip_bad": bool(skip_bad),
     }
-    with locks.writer_lock(out, "extract-features"):
+    # Rank 0 alone holds the lock; the other ranks write only their own chunk files.
+    with distributed.rank0_output(ctx, lambda: locks.writer_lock(out, "extract-features")):
         return _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device,
-                               precision, skip_bad, data_dir, progress)
+                               precision, skip_bad, data_dir, progress, ctx)
 
 
 def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device, precision,
-                    skip_bad, data_dir, progress) -> ExtractResult:
+                    skip_bad, data_dir, progress, ctx=distributed.SINGLE) -> ExtractResult:
     # Splits already extracted alike are kept (extracting test after train adds to the file); an
     # existing file that does not verify is never trusted: it is extracted again, and we say why.
-    carry, distrusted = features.existing_splits(out, identity)
-    todo = tuple(s for s in splits if s not in carry)
-    if not todo:
-        return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, precision, device)
-
+    carry, distrusted, todo = {}, None, ()
+    if ctx.is_main:
+        carry, distrusted = features.existing_splits(out, identity)
+        todo = tuple(s for s in splits if s not in carry)
     datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
     identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
-    partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
+    partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES) if todo else None
+    # The other ranks join once rank 0 has prepared the chunk folder (and learn which splits are to do).
+    todo = tuple(json.loads(distributed.broadcast_text(json.dumps(todo), ctx) or "[]")) if ctx.active else todo
+    if not todo:
+        return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, precision, device)
+    if not ctx.is_main:
+        datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
+        identity_meta.update(splits=list(todo))
+        partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES, join=True)
     resumed = partial.resumed_rows
     body = prepare_body(bb.body, device, bb.transform["crop"])
     start_time, processed = time.perf_counter(), 0
     skipped: dict[str, int] = {}
-    for split, dataset in datasets.items():
-        done = partial.done_rows(split)
+    for index, (split, dataset) in enumerate(datasets.items()):
+        # Chunk-aligned shards: every rank's chunks are whole chunks of the one-process layout, valid for any N.
+        # Every other split deals its shards in reverse rank order, so that the short last chunks do not all
+        # fall to the same rank.
+        order = ctx if index % 2 == 0 else dataclasses.replace(ctx, rank=ctx.world_size - 1 - ctx.rank)
+        shard = distributed.shard_range(len(dataset), order, align=partial.chunk_rows)
         processed += _extract_split(
-            body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, bb, progress
+            body, dataset, split, shard, partial, batch_size, workers, device, precision, skip_bad, bb, progress
         )
+    distributed.barrier(ctx)  # every rank's chunks are written
+    processed = int(distributed.all_reduce_sum([processed], ctx)[0])
     seconds = time.perf_counter() - start_time
+    if not ctx.is_main:
+        return ExtractResult(out, "extracted shard", {}, {}, seconds, processed / seconds if seconds > 0 else 0.0, precision, device)
     rows = {
         s: {"labels": [r.label for r in d.records], "ids": [r.index for r in d.records], "paths": [r.path for r in d.records]}
         for s, d in datasets.items()
@@ -141,8 +163,9 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
         identity, weights_sha256=bb.weights_file_sha256 or "", class_names=manifest.class_names, num_classes=manifest.num_classes, feature_dim=bb.num_features,
         backbone_params=sum(p.numel() for p in bb.body.parameters()),
         versions=runtime.versions(),
-        options={"splits": sorted(set(todo) | set(carry)), "dataset_splits": list(manifest.splits), "batch_size": batch_size, "workers": workers, "device": device,
-                 "device_name": runtime.device_name(device), "image_size": image_size, "data_dir": str(data_dir)},
+        options={"splits": sorted(set(todo) | set(carry)), "dataset_splits": list(manifest.splits), "batch_size": batch_size, "workers": workers,
+                 "device": device, "device_name": runtime.device_name(device), "image_size": image_size, "data_dir": str(data_dir),
+                 "world_size": ctx.world_size},
     )
     partial.finalize(attrs, rows, carry)
     cache = features.load(out, todo)
@@ -154,36 +177,44 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
     )
 
 
-def _extract_split(body, dataset, split, done, partial, batch_size, workers, device, precision, skip_bad, bb, progress) -> int:
-    total, dim = len(dataset), bb.num_features
-    if done >= total:
+def _extract_split(body, dataset, split, shard, partial, batch_size, workers, device, precision, skip_bad, bb, progress) -> int:
+    """Extract the chunks of ``shard`` (rows of ``split``) that are not complete yet; returns the rows done."""
+    missing = partial.missing_runs(split, shard)
+    todo = sum(map(len, missing))
+    if not todo:
         return 0
-    loader = loaders.eval_loader(dataset, range(done, total), batch_size, workers, device, bb.transform)
+    with progress.task(f"extract {split}", total=len(shard), unit="img") as task:
+        task.advance(len(shard) - todo)
+        for rows in missing:
+            _extract_rows(body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task)
+    return todo
+
+
+def _extract_rows(body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task) -> None:
+    total, dim = rows.stop, bb.num_features
+    loader = loaders.eval_loader(dataset, rows, batch_size, workers, device, bb.transform)
     chunk_rows = partial.chunk_rows
-    chunk_start = cursor = done
+    chunk_start = cursor = rows.start
     buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
     valid = np.zeros(len(buffer), bool)
-    with progress.task(f"extract {split}", total=total, unit="img") as task:
-        task.advance(done)
-        reasons: dict[int, str] = {}
-        for images, _, positions, bad in loader:
-            if not skip_bad and bad:  # raised here, in the main process, so the error names the file
-                first = bad[0].error()
-                raise BadImageError(first.path, first.reason, "leave such files out with --skip-bad (they are listed in the cache), "
-                                                              f"or replace them; then rerun the same command to resume. {first.hint}")
-            reasons.update({item.position: item.reason for item in bad})
-            # The dataset yields its own positions, so they are absolute whichever loader resumes mid-split.
-            if len(positions):
-                rel = positions.numpy() - chunk_start
-                buffer[rel] = embed(body, images, device, precision).numpy()
-                valid[rel] = True
-            consumed = min(batch_size, total - cursor)
-            cursor += consumed
-            task.advance(consumed)
-            if cursor - chunk_start >= len(buffer):
-                partial.write_chunk(split, chunk_start, buffer, valid, {p: r for p, r in reasons.items() if p >= chunk_start})
-                reasons = {}
-                chunk_start = cursor
-                buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
-                valid = np.zeros(len(buffer), bool)
-    return total - done
+    reasons: dict[int, str] = {}
+    for images, _, positions, bad in loader:
+        if not skip_bad and bad:  # raised here, in the main process, so the error names the file
+            first = bad[0].error()
+            raise BadImageError(first.path, first.reason, "leave such files out with --skip-bad (they are listed in the cache), "
+                                                          f"or replace them; then rerun the same command to resume. {first.hint}")
+        reasons.update({item.position: item.reason for item in bad})
+        # The dataset yields its own positions, so they are absolute whichever loader resumes mid-split.
+        if len(positions):
+            rel = positions.numpy() - chunk_start
+            buffer[rel] = embed(body, images, device, precision).numpy()
+            valid[rel] = True
+        consumed = min(batch_size, total - cursor)
+        cursor += consumed
+        task.advance(consumed)
+        if cursor - chunk_start >= len(buffer):
+            partial.write_chunk(split, chunk_start, buffer, valid, {p: r for p, r in reasons.items() if p >= chunk_start})
+            reasons = {}
+            chunk_start = cursor
+            buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
+            valid = np.zeros(len(buffer), bool)

@@ -257,16 +257,28 @@ class PartialCache:
 
     A chunk file's name carries the layout it was cut with (``<split>-r<chunk_rows>-<start>.npz``)
     and its contents repeat it, so chunks of another layout are never mixed in. Call only while
-    holding the cache's :func:`cars_tl.locks.writer_lock`.
+    holding the cache's :func:`cars_tl.locks.writer_lock`, or with ``join`` from the other ranks of a
+    torchrun job whose rank 0 holds it and made the folder: they neither clear it nor rewrite its
+    ``meta.json``, and write only their own chunks (a shard aligned to ``chunk_rows``).
     """
 
-    def __init__(self, path: Path, meta: dict, sizes: dict[str, int], chunk_rows: int):
+    def __init__(self, path: Path, meta: dict, sizes: dict[str, int], chunk_rows: int, join: bool = False):
         self.path = Path(path)
         self.dir = partial_dir(path)
         self.meta = dict(meta, sizes=sizes, chunk_rows=chunk_rows)
         self.chunk_rows = chunk_rows
         self.resumed_rows = 0
         meta_file = self.dir / "meta.json"
+        if join:
+            try:
+                joined = json.loads(meta_file.read_text())
+            except (OSError, ValueError):
+                joined = None
+            if joined != json.loads(json.dumps(self.meta)):
+                raise CarsTLError(f"{self.dir} does not hold the extraction rank 0 prepared (meta.json differs or is missing)",
+                                  "every rank must see the same --out folder: put it on a filesystem shared by the nodes")
+            self.resumed_rows = 0
+            return
         if self.dir.exists():
             try:
                 old = json.loads(meta_file.read_text())
@@ -276,7 +288,7 @@ class PartialCache:
                 shutil.rmtree(self.dir)  # other inputs or layout: its chunks are of no use
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(meta_file, json.dumps(self.meta, indent=2))
-        self.resumed_rows = sum(self.done_rows(s) for s in sizes)
+        self.resumed_rows = sum(sizes[s] - sum(map(len, self.missing_runs(s, range(sizes[s])))) for s in sizes)
 
     def _chunk(self, split: str, start: int) -> Path:
         return self.dir / f"{split}-r{self.chunk_rows}-{start:09d}.npz"
@@ -290,6 +302,16 @@ class PartialCache:
         while start < self.meta["sizes"][split] and self._chunk(split, start).is_file():
             start += self.chunk_rows
         return min(start, self.meta["sizes"][split])
+
+    def missing_runs(self, split: str, rows: range) -> list[range]:
+        """The rows of ``rows`` (chunk-aligned start) not yet in a complete chunk, as ranges of whole chunks."""
+        out: list[range] = []
+        for start in range(rows.start, rows.stop, self.chunk_rows):
+            if self._chunk(split, start).is_file():
+                continue
+            stop = start + self._rows_in(split, start)
+            out[-1:] = [range(out[-1].start, stop)] if out and out[-1].stop == start else out[-1:] + [range(start, stop)]
+        return out
 
     def write_chunk(self, split: str, start: int, features: np.ndarray, valid: np.ndarray, reasons: dict[int, str]) -> None:
         if len(features) != self._rows_in(split, start) or start % self.chunk_rows:

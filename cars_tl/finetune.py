@@ -31,6 +31,7 @@ last good one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from cars_tl import backbones, data, features, loaders, runs, runtime
+from cars_tl import backbones, data, distributed, features, loaders, runs, runtime
 from cars_tl.errors import CarsTLError, check_number, check_seed
 from cars_tl.heads import make_optimizer, stratified_split
 from cars_tl.predict import score_batches
@@ -58,8 +59,9 @@ PRESETS = {
                   freeze_bn_stats=True),
 }
 # Options that may differ on --resume without changing what is computed (augmentation depends on
-# (seed, epoch, sample) only, so the worker count is free).
-RESUME_FREE = ("workers", "resume", "force", "out", "artifacts", "data_dir")
+# (seed, epoch, sample) only, so the worker count is free; so is the process count, and SyncBatchNorm
+# computes the global batch's statistics, as one process does).
+RESUME_FREE = ("workers", "resume", "force", "out", "artifacts", "data_dir", "sync_bn")
 LOG_EVERY = 20  # training steps between progress updates (each reads the running loss back from the device)
 
 
@@ -158,7 +160,8 @@ def _lr_lambda(config: dict, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict) -> dict:
+def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict, ctx=distributed.SINGLE) -> dict:
+    """Metrics over the loader's images; with ``ctx`` active, over every rank's shard together."""
     model.eval()
     meter = Meter()
     for images, labels, _, bad in loader:
@@ -167,7 +170,7 @@ def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict
         with runtime.autocast(device, precision):
             logits = model(images)
         meter.add(logits, labels)
-    return meter.result(prefix)
+    return distributed.reduce_meter(meter, ctx).result(prefix)
 
 
 def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> Path:
@@ -224,6 +227,7 @@ def finetune(
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
     resize_mode: str = "crop",
+    sync_bn: bool | None = None,
 ) -> tuple[Path, dict]:
     """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.runs`).
 
@@ -231,6 +235,10 @@ def finetune(
     ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
     validation split; the default (0) reproduces earlier runs.
     ``resize_mode``: crop | squash | pad, for training (with the augmentation that fits it) and evaluation.
+
+    Under ``torchrun`` every process calls this; ``batch_size`` is the global batch (see
+    :mod:`cars_tl.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
+    BatchNorm into SyncBatchNorm where its statistics train in a job of several CUDA processes.
     """
     started = time.perf_counter()
     backbones.check_image_options(image_size, resize_mode)
@@ -244,10 +252,12 @@ def finetune(
     config["freeze_bn_stats"] = bool(config["freeze_bn_stats"]) and str(weights) != "random"
     manifest = data.load_manifest(data_dir)
     manifest.split("test")  # evaluated every epoch: a train-only dataset is refused here, saying so
-    device = runtime.resolve_device(device)
+    ctx = distributed.init(runtime.resolve_device(device))
+    distributed.local_batch(config["batch_size"], ctx)  # a global batch that does not divide: refused before any work
+    device = ctx.device
     precision = runtime.resolve_precision(precision, device)
     runtime.prepare_device(device, precision)
-    config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint)
+    config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint, sync_bn=sync_bn)
     workers = loaders.default_workers(device) if workers is None else workers
 
     # A random backbone is seeded by --seed, except under --init-head: the head was trained on the
@@ -261,13 +271,33 @@ def finetune(
         _load_init_head(model, _check_head_run(Path(init_head), bb, manifest, crop, margin))
     set_trainable(model, unfrozen, everything=unfreeze == "all")
     params = runs.count_params(model)
+    synced = _sync_batchnorm_wanted(model, config, sync_bn, ctx)
+    if synced:
+        model = distributed.sync_batchnorm(model, device)
     model.to(device, memory_format=torch.channels_last)
     run_dir = runs.resolve_run_dir(
         out, f"finetune-{backbone.replace('/', '-')}-{features.weights_tag(str(weights))}-{unfreeze.replace(',', '+')}-{preset}", artifacts
     )
-    with runs.writing_run(run_dir, "finetune", force=force, resume=resume) as target:
-        metrics = _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress)
-        return run_dir, runs.finish(target, metrics, started)
+    # Rank 0 alone takes the run's lock and writes; the other ranks learn where (a staging folder with --force).
+    with distributed.rank0_output(ctx, lambda: runs.writing_run(run_dir, "finetune", force=force, resume=resume)) as target:
+        metrics = _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
+                         ctx, synced)
+        return run_dir, runs.finish(target, metrics, started) if ctx.is_main else metrics
+
+
+def _sync_batchnorm_wanted(model, config: dict, sync_bn: bool | None, ctx) -> bool:
+    """SyncBatchNorm where it changes something: several processes, and BatchNorm layers whose
+    statistics train (not frozen, not kept from pretraining). Auto (``None``) turns it on for CUDA
+    jobs, so that the global batch means for BatchNorm what it means for the gradient: the same
+    statistics as one process with that batch. On the CPU torch has no SyncBatchNorm, so auto
+    leaves each process its own share's statistics (recorded in metrics.json)."""
+    if not ctx.active or sync_bn is False:
+        return False
+    trains = not config["freeze_bn_stats"] and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters()) for m in model.modules())
+    if sync_bn is None:
+        return trains and ctx.device.startswith("cuda")
+    return trains or sync_bn
 
 
 def _load_init_head(model, head_file: Path) -> None:
@@ -305,7 +335,8 @@ def _resume_changes(state_config: dict, config: dict, force: bool, last_path: Pa
     return differing
 
 
-def _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress) -> dict:
+def _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
+           ctx=distributed.SINGLE, synced: bool = False) -> dict:
     last_path, best_path = target / "checkpoints" / "last.pt", target / "checkpoints" / "best.pt"
     opt = build_optimizer(model, config)
     spec = bb.transform
@@ -318,12 +349,16 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     labels = np.array([r.label for r in train_set.records])
     fit_idx, val_idx = stratified_split(labels, config["val_fraction"], seed)
     fit_set = Subset(train_set, fit_idx.tolist()) if len(val_idx) else train_set
-    sampler = loaders.EpochSampler(len(fit_set), seed)
-    train_loader = loaders.make_loader(loaders.SeededAugmentation(fit_set, seed), config["batch_size"], workers, device, sampler=sampler)
-    eval_batch = config["batch_size"] * 2
-    eval_loaders = {"test": loaders.eval_loader(test_set, range(len(test_set)), eval_batch, workers, device, spec)}
+    # Each rank takes its slice of every global batch, and a contiguous shard of the evaluation splits.
+    local_batch = distributed.local_batch(config["batch_size"], ctx)
+    sampler = (distributed.ShardedEpochSampler(len(fit_set), seed, config["batch_size"], ctx) if ctx.active
+               else loaders.EpochSampler(len(fit_set), seed))
+    train_loader = loaders.make_loader(loaders.SeededAugmentation(fit_set, seed), local_batch, workers, device, sampler=sampler)
+    eval_batch = local_batch * 2
+    eval_loaders = {"test": loaders.eval_loader(test_set, distributed.shard_range(len(test_set), ctx), eval_batch, workers, device, spec)}
     if len(val_idx):
-        eval_loaders["val"] = loaders.eval_loader(eval_train, val_idx.tolist(), eval_batch, workers, device, spec)
+        val_shard = [val_idx.tolist()[i] for i in distributed.shard_range(len(val_idx), ctx)]
+        eval_loaders["val"] = loaders.eval_loader(eval_train, val_shard, eval_batch, workers, device, spec)
     steps_per_epoch = -(-len(fit_set) // config["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
     select = "val" if "val" in eval_loaders else "test"
@@ -335,6 +370,11 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         backbone={**bb.describe(), "crop": crop, "margin": margin, "precision": precision, "params": params["total"] - sum(p.numel() for p in model.head.parameters())},
         inputs={"dataset_fingerprint": manifest.fingerprint, "init_head": config["init_head"]},
     )
+    if ctx.active:
+        metrics["distributed"] = {
+            "world_size": ctx.world_size, "backend": ctx.backend, "per_rank_batch": local_batch, "sync_bn": synced,
+            "batchnorm": "SyncBatchNorm (global batch statistics)" if synced else "unchanged (frozen, or per-process statistics)",
+        }
     start_epoch, best = 1, None
     if resume and last_path.is_file():
         state = runs.load_checkpoint(last_path)
@@ -358,20 +398,32 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         start_epoch, best = state["epoch"] + 1, state["best"]
         metrics["history"] = state["history"]
         metrics["resumed_from_epoch"] = state["epoch"]
-        _repair_best(state, best_path)
+        if ctx.is_main:
+            _repair_best(state, best_path)
 
     if start_epoch == 1:  # the starting point, before any step (e.g. the init-head's accuracy)
         row = {"epoch": 0}
         for name, loader in eval_loaders.items():
-            row.update(evaluate(model, loader, device, precision, name, spec))
+            row.update(evaluate(model, loader, device, precision, name, spec, ctx))
         metrics["history"] = [row]
-    runs.write_metrics(target, metrics)
+    if ctx.is_main:
+        runs.write_metrics(target, metrics)
+    # Frozen parameters have requires_grad False, so DDP leaves them out. Every trainable parameter
+    # (head, unfrozen stages) takes part in every forward, so unused-parameter detection would only
+    # add a walk over the autograd graph per step: off.
+    forward = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
 
-    with runs.recording(target, metrics):
+        forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None,
+                                          find_unused_parameters=False)
+
+    with runs.recording(target, metrics) if ctx.is_main else contextlib.nullcontext():
         for epoch in range(start_epoch, config["epochs"] + 1):
             _seed_epoch(seed, epoch)
             sampler.set_epoch(epoch)
-            row = _train_epoch(model, train_loader, opt, scheduler, scaler, config, device, precision, epoch, len(fit_set), spec, progress)
+            row = _train_epoch(model, train_loader, opt, scheduler, scaler, config, device, precision, epoch, len(fit_set), spec, progress,
+                               forward=forward, sampler=sampler if ctx.active else None, ctx=ctx)
             if not math.isfinite(row["train_loss"]):
                 metrics["diverged_at_epoch"] = epoch
                 raise DivergedError(
@@ -380,12 +432,14 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
                     "lower --lr and start again with --force (or --resume --force from the last good epoch)",
                 )
             for name, loader in eval_loaders.items():
-                row.update(evaluate(model, loader, device, precision, name, spec))
+                row.update(evaluate(model, loader, device, precision, name, spec, ctx))
             metrics["history"].append(row)
             score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
             improved = best is None or score > (best["acc"], -best["loss"])
             if improved:
                 best = {"epoch": epoch, "acc": score[0], "loss": -score[1]}
+            if not ctx.is_main:
+                continue
             # last.pt first: it names the best epoch, and holds that epoch's weights whenever best.pt
             # may lag behind it (a kill between the two writes), so _repair_best can always mend it.
             runs.save_checkpoint(last_path, {
@@ -396,13 +450,17 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
             if improved:
                 runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
             runs.write_metrics(target, metrics)
-        kept = _best_weights(best, last_path, best_path, model)
-        runs.save_checkpoint(target / MODEL_FILE, kept)
-        model.load_state_dict(kept)  # the kept model's test predictions
+        if ctx.is_main:
+            kept = _best_weights(best, last_path, best_path, model)
+            runs.save_checkpoint(target / MODEL_FILE, kept)
+            model.load_state_dict(kept)  # the kept model's test predictions
+        distributed.broadcast_module(model, ctx)  # ... on every rank, each scoring its shard
         model.eval()
-        runs.write_predictions(target, *score_batches(lambda x: model(x).float().softmax(1), eval_loaders["test"], test_set.records,
-                                                      device, precision, prepare=lambda b: loaders.batch_to_device(b, device, spec)),
-                               "probability")
+        scored = score_batches(lambda x: model(x).float().softmax(1), eval_loaders["test"], test_set.records,
+                               device, precision, prepare=lambda b: loaders.batch_to_device(b, device, spec))
+        scored = _gather_scores(scored, manifest.num_classes, ctx)
+        if ctx.is_main:
+            runs.write_predictions(target, *scored, "probability")
     chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
     metrics["final"] = {
         **{k: chosen.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")},
@@ -412,6 +470,16 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     if select == "val" and config["init_head"]:
         metrics["final"]["note"] = "the --init-head run was trained on all of train, validation images included: val metrics are optimistic"
     return metrics
+
+
+def _gather_scores(scored, num_classes: int, ctx):
+    """Rank 0: (ids, labels, scores) of every rank's test shard, in shard order (the whole split once)."""
+    if not ctx.active:
+        return scored
+    ids, labels, scores = scored
+    parts = [distributed.gather_rows(torch.as_tensor(np.asarray(a)), ctx)
+             for a in (ids, labels, np.asarray(scores, dtype=np.float64).reshape(len(ids), num_classes))]
+    return tuple(p.numpy() for p in parts) if ctx.is_main else scored
 
 
 def _repair_best(last: dict, best_path: Path) -> None:
@@ -441,7 +509,12 @@ def _best_weights(best: dict | None, last_path: Path, best_path: Path, model) ->
     )
 
 
-def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, spec, progress) -> dict:
+def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, spec, progress, *,
+                 forward=None, sampler=None, ctx=distributed.SINGLE) -> dict:
+    """One epoch. Several processes: ``forward`` is the DDP-wrapped model and ``sampler`` the
+    :class:`~cars_tl.distributed.ShardedEpochSampler`; each rank's loss is its share's summed loss
+    times world size / global batch size, so DDP's gradient average is the global batch's mean."""
+    forward = forward or model
     train_mode(model, config["freeze_bn_stats"])
     meter = Meter()
     start = time.perf_counter()
@@ -451,19 +524,26 @@ def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precisio
             images = loaders.batch_to_device(images, device, spec)
             labels = labels.to(device, non_blocking=True)
             with runtime.autocast(device, precision):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"])
+                logits = forward(images)
+            held, global_count = sampler.share(step - 1) if sampler is not None else (len(labels), len(labels))
+            if sampler is None:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"])
+            else:  # a stand-in image (held == 0) runs the step with weight 0
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"], reduction="sum")
+                loss = loss * (ctx.world_size * min(held, 1) / global_count)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # loss scaling only for fp16; a no-op otherwise
             scaler.step(opt)
             scaler.update()
             scheduler.step()
-            meter.add(logits.detach(), labels)
+            if held:
+                meter.add(logits.detach(), labels)
             # Reading the running figures waits for the device: only every LOG_EVERY steps.
             status = {}
             if step % LOG_EVERY == 0:
                 running_loss, running_acc = meter.running()
                 status = {"status": f"loss {running_loss:.3f} acc {running_acc:.1f}%"}
-            task.advance(len(labels), **status)
+            task.advance(global_count, **status)
     seconds = time.perf_counter() - start
+    meter = distributed.reduce_meter(meter, ctx)
     return {"epoch": epoch, **meter.result("train"), "seconds": round(seconds, 3), "images_per_second": round(total / seconds, 2)}

@@ -1,0 +1,294 @@
+"""Several processes under torchrun (gloo on the CPU): real processes launched with
+``python -m torch.distributed.run``, compared with one process doing the same work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cars_tl import backbones, distributed, features, runs
+from cars_tl import finetune as ft
+from cars_tl.errors import CarsTLError
+from cars_tl.extract import extract_features
+from cars_tl.loaders import EpochSampler
+from cars_tl.progress import Progress, Task
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+# One thread per process, as torchrun sets it for several processes (and the one-process reference too).
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+LOSS_TOLERANCE = 1e-5  # float32 sums of differently sized batches; accuracies must be equal
+WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: 2 epochs of AdamW differ by at most 1.6e-7
+
+
+def _torchrun(nproc: int, *args: str, **kwargs) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "cars_tl", *args]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL the launcher and all its workers at once, as a lost machine would."""
+    for pid in [job.pid, *_descendants(job.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _run(command, timeout=200):
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+@pytest.mark.parametrize("size,batch,world", [(144, 16, 2), (37, 8, 4), (10, 8, 4), (5, 4, 2), (33, 32, 8)])
+def test_ranks_together_hold_exactly_the_global_batches(size, batch, world):
+    single = EpochSampler(size, seed=3)
+    single.set_epoch(2)
+    keys = list(single)
+    global_batches = [keys[i:i + batch] for i in range(0, size, batch)]
+    per_rank = []
+    for rank in range(world):
+        sampler = distributed.ShardedEpochSampler(size, 3, batch, distributed.Context(world, rank))
+        sampler.set_epoch(2)
+        mine, local = list(sampler), batch // world
+        assert len(mine) == len(sampler)
+        # The loader cuts the rank's stream into per-rank batches of batch/world: one per global batch.
+        steps, at = [], 0
+        for step in range(sampler.steps()):
+            held, count = sampler.share(step)
+            take = max(held, 1)
+            assert take <= local
+            steps.append((mine[at:at + take], held, count))
+            at += take
+        assert at == len(mine)
+        per_rank.append(steps)
+    for step, batch_keys in enumerate(global_batches):
+        real = [k for r in range(world) for k in (per_rank[r][step][0] if per_rank[r][step][1] else [])]
+        assert real == batch_keys, "the ranks' slices are not the global batch, in order"
+        assert {per_rank[r][step][2] for r in range(world)} == {len(batch_keys)}
+
+
+def test_shards_cover_each_row_once_and_align_to_chunks():
+    for size, world, align in [(144, 2, 64), (72, 2, 64), (10, 4, 1), (3, 8, 1), (0, 2, 4), (1000, 3, 64)]:
+        shards = [distributed.shard_range(size, distributed.Context(world, r), align) for r in range(world)]
+        assert [i for s in shards for i in s] == list(range(size))
+        assert all(s.start % align == 0 for s in shards if len(s))
+
+
+def test_global_batch_must_divide_over_the_processes():
+    ctx = distributed.Context(world_size=4, rank=1)
+    assert distributed.local_batch(32, ctx) == 8
+    with pytest.raises(CarsTLError, match="--batch-size 30 is the global batch.*4 processes") as info:
+        distributed.local_batch(30, ctx)
+    assert "28 or 32" in info.value.hint
+
+
+def test_one_process_needs_no_group(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = distributed.init("cpu")
+    assert not ctx.active and ctx.is_main and not torch.distributed.is_initialized()
+
+
+def test_sync_batchnorm_is_refused_on_the_cpu():
+    with pytest.raises(CarsTLError, match="--sync-bn needs CUDA"):
+        distributed.sync_batchnorm(torch.nn.BatchNorm2d(3), "cpu")
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank_only():
+    with pytest.raises(CarsTLError, match="cuda:LOCAL_RANK"):
+        distributed.rank_device("cuda:1", 0)
+    assert distributed.rank_device("cpu", 3) == "cpu"
+
+
+# --------------------------------------------------------------------------- extract-features
+
+
+class _StopAfter(Progress):
+    """Interrupts an extraction (as Ctrl-C would) once ``rows`` images went through."""
+
+    def __init__(self, rows: int):
+        self.rows, self.seen = rows, 0
+
+    def task(self, description, total=None, unit="it"):
+        import contextlib
+
+        outer = self
+
+        class _Task(Task):
+            def advance(self, amount=1, **fields):
+                outer.seen += amount
+                if outer.seen > outer.rows:
+                    raise KeyboardInterrupt
+
+        return contextlib.nullcontext(_Task())
+
+
+def _extract_args(data_dir: Path, out: Path) -> list[str]:
+    return ["extract-features", "--data-dir", str(data_dir), "--backbone", TINY["backbone"], "--weights", TINY["weights"],
+            "--image-size", str(TINY["image_size"]), "--precision", TINY["precision"], "--workers", "0", "--batch-size", "16",
+            "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_two_process_extraction_equals_one_process_and_resumes_with_another_count(demo_dir, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = extract_features(demo_dir, batch_size=16, out=tmp_path / "one.h5", **TINY)
+        out = tmp_path / "two.h5"
+        # One process interrupted after its first chunk (64 rows), then two processes finish it.
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(demo_dir, batch_size=16, out=out, progress=_StopAfter(70), **TINY)
+    finally:
+        torch.set_num_threads(threads)
+    assert not out.exists() and len(list(features.partial_dir(out).glob("train-*.npz"))) == 1
+    done = _run(_torchrun(2, *_extract_args(demo_dir, out)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed:" in done.stderr + done.stdout and done.stderr.count("resumed:") + done.stdout.count("resumed:") == 1
+    one, two = features.load(reference.path), features.load(out)
+    for split in ("train", "test"):
+        a, b = one.split(split), two.split(split)
+        assert np.array_equal(a.features, b.features), f"{split} features differ"
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.ids, b.ids) and a.paths == b.paths
+    differing = {k for k in one.attrs if one.attrs[k] != two.attrs.get(k)}
+    assert differing <= {"created", "options"}
+    assert {k: v for k, v in one.attrs["options"].items() if k != "world_size"} == \
+        {k: v for k, v in two.attrs["options"].items() if k != "world_size"}
+    assert (one.attrs["options"]["world_size"], two.attrs["options"]["world_size"]) == (1, 2)
+    assert not features.partial_dir(out).exists()
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(demo_dir, bad)
+    last = sorted((bad / "stanford_cars" / "cars_train").iterdir())[-1]  # in rank 1's shard
+    last.write_bytes(last.read_bytes()[:300])
+    out = tmp_path / "f.h5"
+    started = time.monotonic()
+    result = _run(_torchrun(2, *_extract_args(bad, out)), timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 240
+    assert "rank 1: error: cannot read image" in result.stderr and last.name in result.stderr
+    assert "rank 0: stopped: another process of this torchrun job failed" in result.stderr
+    assert not out.exists(), "a failed job must not leave a feature file"
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def _finetune_args(data_dir: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    # tuned: seeded augmentation, a validation split, warmup + cosine, label smoothing, AdamW, and
+    # BatchNorm statistics kept (frozen) with pretrained-like weights from a file.
+    return ["finetune", "--data-dir", str(data_dir), "--backbone", "resnet18", "--weights", str(weights), "--unfreeze", "layer4",
+            "--image-size", "32", "--precision", "fp32", "--workers", "0", "--epochs", "2", "--batch-size", "16",
+            "--preset", "tuned", "--out", str(out), *extra]
+
+
+def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    a = runs.load_checkpoint(a_dir / "checkpoints" / "last.pt")["model"]
+    b = runs.load_checkpoint(b_dir / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double(), **WEIGHT_TOLERANCE), f"{key} differs"
+    ha, hb = runs.read_metrics(a_dir)["history"], runs.read_metrics(b_dir)["history"]
+    assert [r["epoch"] for r in ha] == [r["epoch"] for r in hb]
+    for ra, rb in zip(ha, hb):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if key.endswith(("_acc", "_top5")) or key == "epoch":
+                assert ra[key] == rb[key], (ra["epoch"], key)
+            elif key.endswith("_loss"):
+                assert abs(ra[key] - rb[key]) <= LOSS_TOLERANCE, (ra["epoch"], key)
+    pa, pb = runs.read_predictions(a_dir), runs.read_predictions(b_dir)
+    assert np.array_equal(pa.ids, pb.ids) and np.array_equal(pa.top_classes, pb.top_classes)
+
+
+@pytest.mark.slow
+def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tmp_path):
+    weights = tmp_path / "pretrained.pth"
+    torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
+    one = _run([sys.executable, "-m", "cars_tl", *_finetune_args(demo_dir, weights, tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(_torchrun(2, *_finetune_args(demo_dir, weights, tmp_path / "two")))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("finetune run") == 1, "only rank 0 reports"
+    metrics = runs.read_metrics(tmp_path / "two")
+    assert metrics["status"] == "complete" and metrics["distributed"]["world_size"] == 2
+    assert metrics["distributed"]["per_rank_batch"] == 8 and metrics["config"]["batch_size"] == 16
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+    # Two processes killed outright in epoch 2; one process resumes and finishes the same run.
+    killed = tmp_path / "killed"
+    job = subprocess.Popen(_torchrun(2, *_finetune_args(demo_dir, weights, killed)), cwd=REPO, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not last.exists() and job.poll() is None:
+        time.sleep(0.02)
+    _kill_job(job)
+    job.wait()
+    time.sleep(0.5)
+    assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    assert runs.load_checkpoint(last)["epoch"] == 1
+    assert not (killed / ft.MODEL_FILE).exists() and runs.read_metrics(killed)["status"] == "running"
+    resumed = _run([sys.executable, "-m", "cars_tl", *_finetune_args(demo_dir, weights, killed, "--resume")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = runs.read_metrics(killed)
+    assert metrics["resumed_from_epoch"] == 1 and "distributed" not in metrics
+    _assert_same_run(tmp_path / "one", killed)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_finetune_job(demo_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(demo_dir, bad)
+    image = sorted((bad / "stanford_cars" / "cars_train").iterdir())[5]
+    image.write_bytes(image.read_bytes()[:300])
+    out = tmp_path / "run"
+    args = ["finetune", "--data-dir", str(bad), "--backbone", "resnet18", "--weights", "random", "--unfreeze", "none",
+            "--image-size", "32", "--precision", "fp32", "--workers", "0", "--epochs", "1", "--batch-size", "16", "--out", str(out)]
+    started = time.monotonic()
+    result = _run(_torchrun(2, *args), timeout=240)
+    assert result.returncode != 0 and time.monotonic() - started < 240
+    assert "error: cannot read image" in result.stderr and image.name in result.stderr
+    assert not (out / ft.MODEL_FILE).exists() and not (out / "checkpoints" / "last.pt").exists()
+    assert runs.read_metrics(out)["status"] != "complete"
+
+
+@pytest.mark.slow
+def test_a_batch_that_does_not_divide_is_refused(demo_dir, tmp_path):
+    result = _run(_torchrun(2, "finetune", "--data-dir", str(demo_dir), "--backbone", "resnet18", "--weights", "random",
+                            "--image-size", "32", "--batch-size", "15", "--epochs", "1", "--out", str(tmp_path / "r")), timeout=240)
+    assert result.returncode != 0
+    assert "--batch-size 15 is the global batch and must divide evenly over the 2 processes" in result.stderr.replace("\n", " ")
+    assert not (tmp_path / "r").exists()
