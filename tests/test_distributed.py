@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cars_tl import backbones, distributed, features, runs
+from cars_tl import backbones, data, distributed, features, runs
 from cars_tl import finetune as ft
 from cars_tl.errors import CarsTLError
 from cars_tl.extract import extract_features
@@ -192,7 +192,8 @@ def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(demo_dir, bad)
     last = sorted((bad / "stanford_cars" / "cars_train").iterdir())[-1]  # in rank 1's shard
-    last.write_bytes(last.read_bytes()[:300])
+    last.write_bytes(last.read_bytes()[:-600])  # the header reads, the pixels do not
+    data.build_manifest(bad)  # the manifest accepts it (a changed file is refused at load): only decoding finds the damage
     out = tmp_path / "f.h5"
     started = time.monotonic()
     result = _run(_torchrun(2, *_extract_args(bad, out)), timeout=240)
