@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, Contention, banner, claim_cpu, load_average, machine_info, real_subset, save, target  # noqa: E402
+from _common import REPO, Contention, RESULTS, banner, claim_cpu, load_average, machine_info, real_subset, save, target  # noqa: E402
 
 NAME = "bench_distributed"
 BACKBONE = "resnet18"
@@ -122,6 +122,14 @@ def main() -> None:
             }
             print(f"  {stage}: 2x1 / 1x2 = {ratio:.3f} (target >= 0.9), 2x1 / 1x1 = {results[stage]['ratio_2x1_vs_1x1']:.3f}", flush=True)
     results["machine"] = info
+    if args.only:  # keep the other stage's figures from the last full run
+        import json
+
+        previous = RESULTS / f"{NAME}.json"
+        if previous.is_file():
+            kept = json.loads(previous.read_text())
+            results = {**kept, **{k: v for k, v in results.items() if k != "machine"}, "machine": info}
+            results.setdefault("reruns", []).append({"stage": args.only, "machine": info})
     save(NAME, results)
 
 
