@@ -167,12 +167,11 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
                  "device": device, "device_name": runtime.device_name(device), "image_size": image_size, "data_dir": str(data_dir),
                  "world_size": ctx.world_size},
     )
-    partial.finalize(attrs, rows, carry)
-    cache = features.load(out, todo)
+    written = partial.finalize(attrs, rows, carry)
     for s in todo:
-        skipped[s] = len(cache.split(s).skipped)
+        skipped[s] = len(written[s].skipped)
     return ExtractResult(
-        out, "resumed" if resumed else "extracted", {s: len(cache.split(s).labels) for s in todo}, skipped,
+        out, "resumed" if resumed else "extracted", {s: len(written[s].labels) for s in todo}, skipped,
         seconds, processed / seconds if seconds > 0 else 0.0, precision, device, distrusted,
     )
 

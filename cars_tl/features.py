@@ -348,11 +348,12 @@ class PartialCache:
             bad.update({int(k): v for k, v in json.loads(str(chunk["bad"])).items()})
         return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), (np.concatenate(valid) if valid else np.zeros(0, bool)), bad
 
-    def finalize(self, attrs: dict, rows: dict[str, dict], carry: dict[str, SplitArrays] | None = None) -> Path:
+    def finalize(self, attrs: dict, rows: dict[str, dict], carry: dict[str, SplitArrays] | None = None) -> dict[str, SplitArrays]:
         """Write the complete ``.h5`` (temporary name, verified, then renamed) and drop the chunks.
 
         ``rows[split]`` holds ``labels``, ``ids`` and ``paths`` for every image of the split, in order;
-        ``carry`` holds splits already extracted alike, copied as they are.
+        ``carry`` holds splits already extracted alike, copied as they are. Returns the splits written
+        (the file was read back and verified by :func:`write`: no need to read it again).
         """
         splits = dict(carry or {})
         for split, info in rows.items():
@@ -364,7 +365,7 @@ class PartialCache:
             )
         write(self.path, dict(attrs, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")), splits)
         shutil.rmtree(self.dir, ignore_errors=True)
-        return self.path
+        return splits
 
 
 def write_split(f, split: str, features, labels, ids, paths, skipped) -> None:

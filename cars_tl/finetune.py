@@ -44,7 +44,7 @@ from torch.utils.data import Subset
 
 from cars_tl import backbones, data, distributed, features, loaders, runs, runtime
 from cars_tl.errors import CarsTLError, check_number, check_seed
-from cars_tl.heads import make_optimizer, stratified_split
+from cars_tl.heads import DivergedError, make_optimizer, stratified_split
 from cars_tl.predict import score_batches
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter
@@ -63,10 +63,6 @@ PRESETS = {
 # computes the global batch's statistics, as one process does).
 RESUME_FREE = ("workers", "resume", "force", "out", "artifacts", "data_dir", "sync_bn")
 LOG_EVERY = 20  # training steps between progress updates (each reads the running loss back from the device)
-
-
-class DivergedError(CarsTLError):
-    """The training loss became NaN or infinite: the run fails at that epoch, last.pt keeps the one before."""
 
 
 def resolve_config(preset: str, **options) -> dict:

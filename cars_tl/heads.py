@@ -148,7 +148,7 @@ def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: floa
 
 
 class DivergedError(CarsTLError):
-    """Training produced a non-finite loss: the run is marked failed at that epoch."""
+    """Training produced a non-finite loss (train-head, finetune): the run is marked failed at that epoch."""
 
 
 def check_finite_loss(loss: float, epoch: int, what: str) -> None:

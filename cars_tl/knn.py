@@ -17,7 +17,6 @@ of the first ``k`` asked for (never chosen on test), every ``k`` is in ``k_resul
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from cars_tl import features, runs, runtime
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_number
 from cars_tl.progress import NULL, Progress
 
 DEFAULT_K = (20,)
@@ -68,8 +67,7 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks:
             f"--k {largest} is larger than the train split ({len(train_x)} images)",
             f"use --k {min(DEFAULT_K[0], len(train_x))} or any value up to {len(train_x)}",
         )
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise CarsTLError(f"--temperature must be a positive number, got {temperature}", f"e.g. --temperature {DEFAULT_TEMPERATURE}")
+    check_number("--temperature", temperature, minimum=0, exclusive_minimum=True, hint=f"e.g. --temperature {DEFAULT_TEMPERATURE}")
     train = _unit_rows(train_x)
     labels = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     out = {k: np.zeros((len(test_x), num_classes), dtype=np.float32) for k in ks}
@@ -116,8 +114,7 @@ def run_knn(
 
     started = time.perf_counter()
     ks = parse_ks(ks)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise CarsTLError(f"--temperature must be a positive number, got {temperature}", f"e.g. --temperature {DEFAULT_TEMPERATURE}")
+    check_number("--temperature", temperature, minimum=0, exclusive_minimum=True, hint=f"e.g. --temperature {DEFAULT_TEMPERATURE}")
     cache = load_train_test(Path(features_path))
     tr, te = cache.split("train"), cache.split("test")
     if max(ks) > len(tr.labels):
