@@ -18,9 +18,9 @@ def test_cv_never_sees_test_rows(demo_features, tmp_path, monkeypatch):
     calls = []
     original = svm_search.cross_validate
 
-    def spy(z, y, kernel, c_grid, gamma_values, degree, coef0, folds):
+    def spy(z, y, kernel, c_grid, gamma_values, degree, coef0, folds, **options):
         calls.append((z, y, folds))
-        return original(z, y, kernel, c_grid, gamma_values, degree, coef0, folds)
+        return original(z, y, kernel, c_grid, gamma_values, degree, coef0, folds, **options)
 
     monkeypatch.setattr(svm_search, "cross_validate", spy)
     svm.fit_svm(demo_features, kernel="linear", C="auto", out=tmp_path / "run")
@@ -47,13 +47,13 @@ def test_one_kernel_matrix_for_every_fold_and_grid_point(demo_features, tmp_path
 
 
 def toy_where_c_matters(seed: int = 0, n: int = 120, dims: int = 20, flipped: float = 0.05):
-    """Two classes (2:1) apart along one axis, 19 noise axes, 5% of labels flipped, all values ~0.01:
+    """Two classes (2:1) apart along one axis, 19 noise axes, 5% of labels flipped, all values ~0.08:
     at C <= 1 the margin term wins, w shrinks to nothing and the SVM predicts the majority class;
-    a large C separates the classes; the largest starts fitting the noise."""
+    a large C (about 100) separates the classes; the largest starts fitting the noise."""
     rng = np.random.default_rng(seed)
     y = np.repeat([0, 1], [2 * n // 3, n - 2 * n // 3])
-    x = rng.normal(0, 0.01, (n, dims))
-    x[:, 0] = np.where(y == 1, 0.01, -0.01) + rng.uniform(-0.009, 0.009, n)
+    x = rng.normal(0, 0.08, (n, dims))
+    x[:, 0] = np.where(y == 1, 0.08, -0.08) + rng.uniform(-0.072, 0.072, n)
     return x, np.where(rng.random(n) < flipped, 1 - y, y)
 
 
@@ -136,3 +136,77 @@ def test_a_class_with_one_image_cannot_be_cross_validated():
     with pytest.raises(CarsTLError, match="class 2 has 1") as info:
         svm_search.check_folds(np.array([0, 0, 0, 1, 1, 1, 2]), 3)
     assert "--C 1" in info.value.hint
+
+
+def separable_blobs(classes: int = 6, per_class: int = 30, dims: int = 40, seed: int = 0):
+    """L2-normalized blobs: every one-vs-one pair separable, so the hard margin is reached inside the grid."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes) * 3 + 2, per_class)  # labels neither contiguous nor from 0
+    x = rng.normal(0, 1, (classes, dims))[np.searchsorted(np.unique(y), y)] + rng.normal(0, 0.9, (len(y), dims))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_ovo_predict_is_svc_predict(classes):
+    from sklearn.svm import SVC
+
+    x, y = separable_blobs(classes, 40, 8, seed=classes)  # few dims: overlapping classes, real votes ties
+    gram = x @ x.T
+    fit, val = np.arange(0, len(y), 2), np.arange(1, len(y), 2)
+    for C in (0.01, 1.0, 100.0):
+        svc = SVC(kernel="precomputed", C=C).fit(gram[np.ix_(fit, fit)], y[fit])
+        rows = gram[np.ix_(val, fit)]
+        expected = svc.predict(rows)
+        assert np.array_equal(svm_search.ovo_predict(svc, rows, block=7), expected)  # several blocks, a short last one
+    assert len(np.unique(expected)) == classes
+
+
+def brute_force_cv(x, y, kernel, folds):
+    """Every (fold, C) fitted and scored by sklearn itself: the reference for the early stop."""
+    from sklearn.svm import SVC
+
+    gram = svm_search._gram(x, kernel)
+    k = svm_search._kernel_from_gram(gram, kernel, svm.gamma_value("scale", x), 3, 0.0)
+    correct = np.zeros(len(svm_search.C_GRID))
+    for fit, val in folds:
+        for c, C in enumerate(svm_search.C_GRID):
+            svc = SVC(kernel="precomputed", C=C).fit(k[np.ix_(fit, fit)], y[fit])
+            correct[c] += (svc.predict(k[np.ix_(val, fit)]) == y[val]).sum()
+    return 100.0 * correct / len(y)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_hard_margin_early_stop_skips_fits_without_changing_any_score(kernel):
+    x, y = separable_blobs()
+    folds = svm_search.stratified_folds(y, 5, seed=0)
+    gamma = svm.gamma_value("scale", x)
+    cv = svm_search.cross_validate(x, y, kernel, svm_search.C_GRID, [gamma], 3, 0.0, folds, n_jobs=1)
+    assert cv.points == 5 * len(svm_search.C_GRID)
+    assert cv.fits < cv.points - 5  # at least the top grid point skipped in every fold
+    assert np.array_equal(cv.scores[0], brute_force_cv(x, y, kernel, folds))
+
+
+def test_early_stop_only_where_no_alpha_is_at_the_bound():
+    from sklearn.svm import SVC
+
+    x, y = separable_blobs(2, 30)
+    gram = x @ x.T
+    soft = SVC(kernel="precomputed", C=0.01).fit(gram, y)
+    assert svm_search.at_bound(soft, 0.01)
+    hard = SVC(kernel="precomputed", C=1000.0).fit(gram, y)
+    assert not svm_search.at_bound(hard, 1000.0)
+    # The hard-margin solution is libsvm's answer at any larger C (within its tolerance).
+    harder = SVC(kernel="precomputed", C=1e6).fit(gram, y)
+    assert np.array_equal(harder.support_, hard.support_)
+    assert np.allclose(harder.dual_coef_, hard.dual_coef_, atol=1e-3 * np.abs(hard.dual_coef_).max())
+
+
+def test_folds_in_threads_give_the_one_thread_scores(demo_features):
+    train = features.load(demo_features, ("train",)).split("train")
+    z = svm.Scaler.fit("l2", train.features)(train.features)
+    folds = svm_search.stratified_folds(train.labels, 5, seed=3)
+    gammas = [svm.gamma_value("scale", z) * f for f in (0.5, 2.0)]
+    one = svm_search.cross_validate(z, train.labels, "rbf", svm_search.C_GRID, gammas, 3, 0.0, folds, n_jobs=1)
+    threaded = svm_search.cross_validate(z, train.labels, "rbf", svm_search.C_GRID, gammas, 3, 0.0, folds, n_jobs=3)
+    assert np.array_equal(one.scores, threaded.scores) and one.fits == threaded.fits
+    assert one.scores.shape == (2, len(svm_search.C_GRID))
