@@ -2,7 +2,8 @@
 
 ``fit-svm --C auto`` searches a log-scale grid of :data:`C_GRID`: 8 values from 0.01 to 464 in
 steps of two thirds of a decade (x4.64, about libsvm's guide's x4), with C=1 (scikit-learn's
-default, the study's) among them. The top of the range costs nothing (the hard-margin stop below);
+default, the study's) among them, moved by whole decades onto the kernel's scale
+(:func:`grid_decades`: as listed for linear and rbf on l2-scaled features). The top of the range costs nothing (the hard-margin stop below);
 each value under the hard-margin point costs one fit per fold, so the step is as coarse as the
 CV accuracy's plateau allows; ``--gamma cv`` (for poly, rbf, sigmoid) searches :data:`GAMMA_FACTORS` times
 scikit-learn's ``gamma="scale"`` value (``--gamma auto`` keeps scikit-learn's meaning,
@@ -260,6 +261,22 @@ def cross_validate(z: np.ndarray, y: np.ndarray, kernel: str, c_grid, gamma_valu
     return CVResult(100.0 * correct / len(y), sum(walk.fits for walk in walks), len(folds) * len(gamma_values) * len(c_grid))
 
 
+def grid_decades(z: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> int:
+    """Whole decades to move :data:`C_GRID` by so that it sits on the kernel's scale.
+
+    An SVM sees only C times the kernel: scaling K by s is exactly scaling C by s (the dual's
+    alphas scale by 1/s, the decisions keep their sign). :data:`C_GRID` is made for kernels of
+    unit scale -- rbf always, linear on l2-scaled features -- where it is used as listed. A linear
+    kernel on standardized 2,048-d features has K(x, x) near 2,048, though, and a cubic one with a
+    gamma of 5 has 125: there the listed grid would be all hard-margin. So the grid is divided by
+    the mean K(x, x) over the training rows, rounded to a power of ten (0 for any mean between
+    0.32 and 3.2)."""
+    sq = np.einsum("ij,ij->i", z, z)
+    diag = np.ones_like(sq) if kernel == "rbf" else _kernel_from_gram(sq, kernel, gamma, degree, coef0)
+    size = float(np.mean(np.abs(diag)))
+    return -int(round(math.log10(size))) if size > 0 and math.isfinite(size) else 0
+
+
 def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coef0: float, scale: str,
            folds: int = DEFAULT_FOLDS, seed: int = 0, n_jobs: int | None = None) -> dict:
     """Choose ``C`` (when ``"auto"``) and gamma (when ``"cv"``) on the training rows ``x``, ``y``.
@@ -275,7 +292,8 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
     base = gamma_value("scale" if gamma == "cv" else parse_gamma(gamma) if isinstance(gamma, str) else gamma, z)
     factors = GAMMA_FACTORS if search_gamma else (1.0,)
     gamma_values = [base * f for f in factors]
-    c_grid = list(C_GRID) if C == "auto" else [float(C)]
+    decades = grid_decades(z, kernel, base, degree, coef0) if C == "auto" else 0
+    c_grid = [c * 10.0 ** decades for c in C_GRID] if C == "auto" else [float(C)]
     cv = cross_validate(z, y, kernel, c_grid, gamma_values, degree, coef0, splits, n_jobs=n_jobs)
     scores = cv.scores
     # Ties: smallest C first (the grid ascends), then the gamma factor closest to 1.
@@ -285,6 +303,7 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
     return {
         "folds": folds, "seed": seed, "train_rows": int(len(y)), "scale": scale,
         "C_grid": c_grid if C == "auto" else None,
+        "C_grid_decades": decades if C == "auto" else None,  # C_GRID x 10**decades: the kernel's scale
         "gamma_grid": gamma_values if search_gamma else None,
         "gamma_factors": list(factors) if search_gamma else None,
         "cv_acc": [[round(float(v), 4) for v in row] for row in scores],  # [gamma][C]

@@ -63,17 +63,39 @@ def test_auto_picks_the_known_best_C_on_a_toy_set_where_C_matters():
 
     x, y = toy_where_c_matters()
     found = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    grid = found["C_grid"]
+    assert found["C_grid_decades"] == 1  # K(x, x) about 0.13: the grid moves up one decade
+    assert grid == pytest.approx([c * 10 for c in svm_search.C_GRID])
     splitter = StratifiedKFold(5, shuffle=True, random_state=0)
-    reference = [100 * cross_val_score(SVC(kernel="linear", C=C), x, y, cv=splitter).mean() for C in svm_search.C_GRID]
+    cv_acc = lambda C: 100 * cross_val_score(SVC(kernel="linear", C=C), x, y, cv=splitter).mean()  # noqa: E731
+    reference = [cv_acc(C) for C in grid]
     best = max(reference)
-    known_best = next(C for C, acc in zip(svm_search.C_GRID, reference) if acc >= best - 1e-9)  # smallest C among ties
+    known_best = next(C for C, acc in zip(grid, reference) if acc >= best - 1e-9)  # smallest C among ties
     assert found["C"] == known_best and found["cv_acc_chosen"] == pytest.approx(best)
     assert found["cv_acc"][0] == pytest.approx(reference)
-    assert 1 < found["C"] < max(svm_search.C_GRID)  # inside the grid, not at its edge
-    assert reference[list(svm_search.C_GRID).index(1.0)] < best - 10  # C matters here
+    assert grid[0] < found["C"] < grid[-1]  # inside the grid, not at its edge
+    assert cv_acc(1.0) < best - 10  # C matters here
     x_new, y_new = toy_where_c_matters(seed=1)
     scores = {C: (svm.fit_model(x, y, "linear", C, 3, "scale", 0.0, "none").predict(x_new) == y_new).mean() for C in (1.0, found["C"])}
     assert scores[found["C"]] > scores[1.0] + 0.2
+
+
+def test_the_grid_follows_the_kernels_scale():
+    """C times K is all an SVM sees: features x10 (a linear kernel x100) give the same CV accuracies
+    at C / 100; on unit kernels (linear, rbf on l2-scaled features) the grid is the listed one."""
+    x, y = separable_blobs(4, 25, 30)
+    x = np.abs(x) + 0.2  # not unit length, not centred: a 'none'-scaled linear kernel of scale about 9
+    small = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    large = svm_search.search(10 * x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    assert large["C_grid_decades"] == small["C_grid_decades"] - 2
+    assert large["cv_acc"] == small["cv_acc"]
+    assert large["C"] == pytest.approx(small["C"] / 100)
+    for kernel in ("linear", "rbf"):  # K(x, x) = 1 on unit vectors
+        unit = svm_search.search(x, y, kernel, "auto", "scale", 3, 0.0, "l2", folds=5, seed=0)
+        assert unit["C_grid_decades"] == 0 and unit["C_grid"] == list(svm_search.C_GRID)
+    poly = svm_search.search(x, y, "poly", "auto", "scale", 3, 0.0, "l2", folds=5, seed=0)
+    gamma = poly["gamma_value"]  # gamma "scale" on these positive unit vectors: about 7, so K(x, x) = gamma**3
+    assert gamma > 4 and poly["C_grid_decades"] == -round(3 * np.log10(gamma)) < 0
 
 
 def test_auto_records_the_search_and_cli_prints_it(demo_features, tmp_path):
