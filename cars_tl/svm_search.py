@@ -1,14 +1,14 @@
 """Choosing an SVM's ``C`` (and ``gamma``) by cross-validation on the training split only.
 
 ``fit-svm --C auto`` searches a log-scale grid of :data:`C_GRID`: 8 values from 0.01 to 464 in
-steps of two thirds of a decade (x4.64, about libsvm's guide's x4), with C=1 (scikit-learn's
-default, the study's) among them, moved by whole decades onto the kernel's scale
-(:func:`grid_decades`: as listed for linear and rbf on l2-scaled features). The top of the range costs nothing (the hard-margin stop below);
-each value under the hard-margin point costs one fit per fold, so the step is as coarse as the
-CV accuracy's plateau allows; ``--gamma cv`` (for poly, rbf, sigmoid) searches :data:`GAMMA_FACTORS` times
-scikit-learn's ``gamma="scale"`` value (``--gamma auto`` keeps scikit-learn's meaning,
-1 / n_features, so the search has its own name). The protocol is the standard one for linear probes
-and SVMs on frozen features (VISSL's SVM benchmark, Kornblith et al. 2019):
+steps of two thirds of a decade (x4.64, about libsvm's guide's x4), C=1 (scikit-learn's default,
+the study's) among them, moved by whole decades onto the kernel's scale (:func:`grid_decades`; as
+listed for linear and rbf on l2-scaled features). The top of the range costs nothing (the
+hard-margin stop below); each value under the hard-margin point costs one fit per fold, which is
+why the step is no finer. ``--gamma cv`` (for poly, rbf, sigmoid) searches :data:`GAMMA_FACTORS`
+times scikit-learn's ``gamma="scale"`` value (``--gamma auto`` keeps scikit-learn's meaning,
+1 / n_features, so the search has its own name). The protocol is the standard one for linear
+probes and SVMs on frozen features (VISSL's SVM benchmark, Kornblith et al. 2019):
 
 * stratified k-fold cross-validation (``folds``, default 5, seeded) over the **training rows
   only**; the test split is never passed here;
@@ -160,17 +160,26 @@ def ovo_predict(svc, kernel_rows: np.ndarray, block: int = 256) -> np.ndarray:
     coef, intercept = svc.dual_coef_, svc.intercept_
     if k == 2:  # sklearn negates both for two classes (positive means classes_[1]); libsvm's own sign
         coef, intercept = -coef, -intercept
-    first, second = np.triu_indices(k, 1)  # libsvm's pair order
+    # Class i's coefficients as one contiguous (k - 1, its support vectors) block: strided slices
+    # of dual_coef_ made the products 4x slower.
+    blocks = [np.ascontiguousarray(coef[:, starts[i]:starts[i + 1]]) for i in range(k)]
     out = np.empty(len(kernel_rows), dtype=classes.dtype)
     for lo in range(0, len(kernel_rows), block):
-        rows = kernel_rows[lo:lo + block][:, svc.support_]
-        # share[i][:, slot]: class i's support vectors' part of pair (i, other), slot = other - (other > i)
-        share = np.stack([rows[:, starts[i]:starts[i + 1]] @ coef[:, starts[i]:starts[i + 1]].T for i in range(k)])
-        decision = share[first, :, second - 1] + share[second, :, first] + intercept[:, None]  # (pairs, n)
-        winner = np.where(decision > 0, first[:, None], second[:, None])
-        n = winner.shape[1]
-        votes = np.bincount((winner + k * np.arange(n)).ravel(), minlength=n * k).reshape(n, k)
-        out[lo:lo + n] = classes[votes.argmax(1)]
+        rows = np.ascontiguousarray(kernel_rows[lo:lo + block][:, svc.support_].T)  # (support vectors, n)
+        n = rows.shape[1]
+        # share[i, slot]: class i's support vectors' part of pair (i, other), slot = other - (other > i)
+        share = np.empty((k, k - 1, n))
+        for i in range(k):
+            np.matmul(blocks[i], rows[starts[i]:starts[i + 1]], out=share[i])
+        votes = np.zeros((k, n), dtype=np.int64)
+        pair = 0
+        for i in range(k - 1):  # pairs (i, i+1), ..., (i, k-1): consecutive in libsvm's order
+            decision = share[i, i:] + share[i + 1:, i] + intercept[pair:pair + k - 1 - i, None]
+            wins = decision > 0
+            votes[i] += wins.sum(0)
+            votes[i + 1:] += ~wins
+            pair += k - 1 - i
+        out[lo:lo + n] = classes[votes.argmax(0)]
     return out
 
 
@@ -216,19 +225,26 @@ class _FoldWalk:
 
 
 def _walk_all(walks: list[_FoldWalk], workers: int) -> None:
-    """Round robin, one fit at a time: with fewer cores than folds no core idles while another fold
-    still has fits (whole folds per thread would leave 5 folds on 2 cores 3 rounds long, not 2.5)."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
+    """Every fold's walk to its end, in ``workers`` threads."""
     from threadpoolctl import threadpool_limits
 
-    if workers == 1:
-        for walk in walks:
-            while not walk.done:
-                walk.step()
-        return
-    # One BLAS thread per fit thread: the fits already fill the cores.
-    with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+    # One BLAS thread: the fits fill the cores, and the vote products are small (a BLAS thread pool
+    # spinning on them made them 5x slower next to another busy process).
+    with threadpool_limits(1):
+        if workers == 1:
+            for walk in walks:
+                while not walk.done:
+                    walk.step()
+        else:
+            _round_robin(walks, workers)
+
+
+def _round_robin(walks: list[_FoldWalk], workers: int) -> None:
+    """One fit at a time per walk, in turn: with fewer cores than folds no core idles while another
+    fold still has fits (whole folds per thread would leave 5 folds on 2 cores 3 rounds long, not 2.5)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(workers) as pool:
         running = {pool.submit(walk.step): walk for walk in walks}
         try:
             while running:
