@@ -9,7 +9,7 @@ repo="$(dirname "$here")"
 python="${1:-$repo/.venv/bin/python}"
 mkdir -p "$here/results"
 start=$(date +%s)
-for name in bench_extract bench_loader bench_train_head bench_svm bench_accuracy bench_finetune bench_knn; do
+for name in bench_extract bench_loader bench_train_head bench_svm bench_svm_search bench_accuracy bench_finetune bench_knn; do
     echo
     echo "################ $name ################"
     t0=$(date +%s)
