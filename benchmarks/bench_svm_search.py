@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from _common import LITE0, LITE0_WEIGHTS, RESULTS, banner, best_of, machine_info, real_subset, require_shared, save, target  # noqa: E402
 from bench_svm import synthetic  # noqa: E402
-from cars_tl import extract, features, svm, svm_search  # noqa: E402
+from cars_tl import extract, features, runtime, svm, svm_search  # noqa: E402
 
 NAME = "bench_svm_search"
 CELLS = (("crop", 224), ("squash", 288))
@@ -120,7 +120,7 @@ def main() -> None:
     kernels = [k for k in svm.KERNELS if k in args.kernels.split(",")]
     info = machine_info()
     results = {"benchmark": NAME, "machine": info, "grid": {"C": svm_search.C_GRID, "folds": svm_search.DEFAULT_FOLDS},
-               "cores_used_by_search": min(svm_search.usable_cores(), svm_search.DEFAULT_FOLDS), "real": {}, "synthetic": {}}
+               "cores_used_by_search": min(runtime.usable_cores(), svm_search.DEFAULT_FOLDS), "real": {}, "synthetic": {}}
     if args.only:
         previous = RESULTS / f"{NAME}.json"
         if previous.is_file():

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cars_tl import backbones, data
+from cars_tl import backbones, data, runtime
 from cars_tl.errors import CarsTLError
 
 
 def default_workers(device: str = "cpu") -> int:
     """CPU: decode threads beside the model (at most 4 help on the cores the model also uses).
     CUDA: every core this process may use decodes, since the GPU runs the model."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = runtime.usable_cores()
     # Under torchrun the processes of a node share its cores.
     cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
     return cores if device.startswith("cuda") else min(4, cores)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 
 from cars_tl.errors import CarsTLError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which taskset and cpusets narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(device: str) -> str:

@@ -41,12 +41,12 @@ probes and SVMs on frozen features (VISSL's SVM benchmark, Kornblith et al. 2019
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import NamedTuple
 
 import numpy as np
 
+from cars_tl import runtime
 from cars_tl.errors import CarsTLError
 
 C_GRID = tuple(10.0 ** (e / 3) for e in range(-6, 9, 2))  # 0.01, 0.0464, 0.215, 1, 4.64, 21.5, 100, 464
@@ -137,13 +137,9 @@ class CVResult(NamedTuple):
     points: int
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def at_bound(svc, C: float) -> bool:
     """Whether any dual coefficient of the fitted SVC sits at the bound C (libsvm sets it to C exactly)."""
-    return bool(len(svc.dual_coef_) and np.abs(svc.dual_coef_).max() >= C * (1 - 1e-9))
+    return bool(svc.dual_coef_.size and np.abs(svc.dual_coef_).max() >= C * (1 - 1e-9))
 
 
 def ovo_predict(svc, kernel_rows: np.ndarray, block: int = 256) -> np.ndarray:
@@ -220,8 +216,6 @@ class _FoldWalk:
             return
         self.correct[self.g, self.c + 1:] = self.correct[self.g, self.c]  # the hard margin: the same for every larger C
         self.g, self.c, self.kernels = self.g + 1, 0, None
-        if self.done:
-            self.slices = ()
 
 
 def _walk_all(walks: list[_FoldWalk], workers: int) -> None:
@@ -272,7 +266,7 @@ def cross_validate(z: np.ndarray, y: np.ndarray, kernel: str, c_grid, gamma_valu
         raise ValueError("c_grid must ascend: the early stop at the hard margin walks C upwards")
     gram = _gram(z, kernel)
     walks = [_FoldWalk(gram, y, fit, val, kernel, list(c_grid), list(gamma_values), degree, coef0) for fit, val in folds]
-    _walk_all(walks, max(1, min(len(folds), n_jobs or usable_cores())))
+    _walk_all(walks, max(1, min(len(folds), n_jobs or runtime.usable_cores())))
     correct = sum(walk.correct for walk in walks)
     return CVResult(100.0 * correct / len(y), sum(walk.fits for walk in walks), len(folds) * len(gamma_values) * len(c_grid))
 
