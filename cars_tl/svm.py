@@ -336,8 +336,10 @@ def fit_svm(
                     # kernels each one's CV score is what they are compared on.
                     if searching and (len(kernels) > 1 or svm_search.has_choice(k, C, parsed_gamma)):  # on train only
                         found = svm_search.search(tr.features, tr.labels, k, C, parsed_gamma, degree, coef0, scale, cv_folds, seed)
+                    # --gamma cv with nothing searched (a linear kernel, which has no gamma): scale, the search's centre.
                     model = fit_model(tr.features, tr.labels, k, found["C"] if found else C, degree,
-                                      found["gamma_value"] if found else parsed_gamma, coef0, scale, method)
+                                      found["gamma_value"] if found else "scale" if parsed_gamma == "cv" else parsed_gamma,
+                                      coef0, scale, method)
                     fit_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
                     test_pred = model.predict(te.features)
