@@ -189,12 +189,12 @@ def brute_force_cv(x, y, kernel, folds):
 
     gram = svm_search._gram(x, kernel)
     k = svm_search._kernel_from_gram(gram, kernel, svm.gamma_value("scale", x), 3, 0.0)
-    correct = np.zeros(len(svm_search.C_GRID))
-    for fit, val in folds:
+    per_fold = np.zeros((len(folds), len(svm_search.C_GRID)))
+    for f, (fit, val) in enumerate(folds):
         for c, C in enumerate(svm_search.C_GRID):
             svc = SVC(kernel="precomputed", C=C).fit(k[np.ix_(fit, fit)], y[fit])
-            correct[c] += (svc.predict(k[np.ix_(val, fit)]) == y[val]).sum()
-    return 100.0 * correct / len(y)
+            per_fold[f, c] = 100.0 * (svc.predict(k[np.ix_(val, fit)]) == y[val]).sum() / len(val)
+    return per_fold.mean(0)
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
