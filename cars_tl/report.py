@@ -5,9 +5,10 @@ thumbnails inlined; one file, readable offline) and ``report.json``. Sections:
 
 - a headline chart: test accuracy of every run grouped by model (A scratch, B head, C SVM,
   D partial fine-tune, kNN), study vs tuned preset, mean ± std (sample std) where several seeds of one
-  configuration exist, every seed's own result as a dot;
-- the comparison table, runs grouped by seed (configurations that differ only by ``seed``), SVM
-  kernels and kNN k values;
+  configuration exist, every seed's own result as a dot; numbers selected on test (``final.selected_on``:
+  the study's best epoch or kernel by test accuracy) hatched, with the last epoch's number beside them;
+- the comparison table, runs grouped by seed (configurations that differ only by ``seed``, or by
+  values the runs chose: ``selection``), SVM kernels and kNN k values; a ``selected on`` column;
 - all runs' test-accuracy curves in one chart (each run's loss/accuracy charts folded below it);
 - from each run's ``predictions-test.npz`` (see :mod:`cars_tl.runs`): make-level accuracy (the
   make is the first word of the class name: how often the prediction is at least the right make,
