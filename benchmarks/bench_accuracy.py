@@ -62,8 +62,9 @@ def cell(path: Path, runs_dir: Path, tuned_svm: bool) -> dict:
         _, m = heads.train_head(path, preset=preset, out=runs_dir / f"head-{preset}", artifacts=runs_dir)
         row = {"test_acc": m["final"]["test_acc"], "test_loss": round(m["final"]["test_loss"], 4)}
         if "selection" in m:
-            chosen = next(r for r in m["selection"]["grid"] if r["weight_decay"] == m["config"]["weight_decay"])
-            row.update(weight_decay=m["config"]["weight_decay"], val_acc=chosen["val_acc"])
+            wd = m["selection"]["chosen"]["weight_decay"]
+            chosen = next(r for r in m["selection"]["grid"] if r["weight_decay"] == wd)
+            row.update(weight_decay=wd, val_acc=chosen["val_acc"])
         out[f"head_{preset}"] = row
     _, m = svm.fit_svm(path, kernel="all", preset="study", out=runs_dir / "svm-study", artifacts=runs_dir)
     out["svm_c1"] = svm_rows(m)

@@ -253,10 +253,19 @@ def fit_svm(
     for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for r in metrics["kernels"].values():
-        chosen = [f"{r['C']:g}", f"{r['gamma_value']:.4g}" if r["kernel"] != "linear" else "-", f"{r['cv_acc']:.2f}"] if searched else []
+        chosen = [f"{r['C']:g}", f"{r['gamma_value']:.4g}" if r["kernel"] != "linear" else "-",
+                  f"{r['cv_acc']:.2f} ± {r['cv_std']:.2f}"] if searched else []
         table.add_row(r["kernel"], *chosen, f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}", f"{r['fit_seconds']:.2f}",
                       f"{r['predict_seconds']:.2f}", str(r["support_vectors"]))
     stdout.print(table)
+    if searched:
+        from cars_tl.svm_search import extension_note
+
+        stdout.print("CV acc %: the mean ± std of the folds' accuracies (as scikit-learn's cross_val_score)")
+        for r in metrics["kernels"].values():
+            note = extension_note(r.get("search"))
+            if note:
+                stdout.print(f"{r['kernel']}: {note}")
     stdout.print(f"run: {run_dir}")
 
 

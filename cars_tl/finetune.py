@@ -458,11 +458,17 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         if ctx.is_main:
             runs.write_predictions(target, *scored, "probability")
     chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
+    last = metrics["history"][-1]
+    selected_on = "validation" if select == "val" else "test"
     metrics["final"] = {
         **{k: chosen.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")},
         "best_epoch": chosen["epoch"],
         "selected_by": "validation split of train" if select == "val" else "test accuracy (as the study did: optimistic)",
+        "selected_on": selected_on,
+        # The last epoch's numbers beside the kept epoch's: for a model kept by test accuracy, the honest one.
+        "last_epoch": {k: last.get(k) for k in ("epoch", "test_loss", "test_acc", "test_top5")},
     }
+    metrics["selection"] = {"selected_on": selected_on, "by": metrics["final"]["selected_by"], "chosen": {"best_epoch": chosen["epoch"]}}
     if select == "val" and config["init_head"]:
         metrics["final"]["note"] = "the --init-head run was trained on all of train, validation images included: val metrics are optimistic"
     return metrics

@@ -8,7 +8,8 @@ Presets (explicit options override them):
            full-batch L-BFGS on cross-entropy plus an L2 penalty (``weight_decay/2 * |W|^2``),
            15 epochs of 20 L-BFGS iterations each. The penalty is chosen from a grid by the
            cross-entropy on a validation split carved from train (10%, stratified, seeded) --
-           never on test -- then the head is refitted on all of train. Full-batch optimization
+           never on test -- then the head is refitted on all of train (the chosen value is recorded
+           under ``selection`` in metrics.json; ``config`` keeps ``None``). Full-batch optimization
            converges whatever the dataset size, unlike a fixed number of minibatch epochs;
            validation loss is a steadier criterion than validation accuracy on small splits.
            (Label smoothing was tried and dropped: it lowered accuracy and calibration here.)
@@ -258,12 +259,16 @@ def train_head(
                     _, hist = _fit(fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)")
                     search.append({"weight_decay": wd, "val_acc": hist[-1]["val_acc"], "val_loss": hist[-1]["val_loss"]})
                 best = min(search, key=lambda r: (r["val_loss"], -r["val_acc"]))
-                config["weight_decay"] = best["weight_decay"]
-                metrics["selection"] = {"by": "cross-entropy on a validation split of train", "val_fraction": config["val_fraction"], "grid": search}
+                # The chosen value is a result, not an option: config keeps weight_decay None ("chosen"),
+                # so seeds that chose differently are still one configuration.
+                metrics["selection"] = {"selected_on": "validation", "by": "cross-entropy on a validation split of train",
+                                        "chosen": {"weight_decay": best["weight_decay"]},
+                                        "val_fraction": config["val_fraction"], "grid": search}
+            weight_decay_used = metrics["selection"]["chosen"]["weight_decay"] if "selection" in metrics else config["weight_decay"]
             mean, std = scaling(x_train)
             head, history = _fit(
                 _Data((x_train - mean) / std, y_train), {"test": _Data((x_test - mean) / std, y_test)} if te else {}, config,
-                config["weight_decay"], cache.num_classes, seed, progress, f"train head ({preset})",
+                weight_decay_used, cache.num_classes, seed, progress, f"train head ({preset})",
             )
             state = _fold_standardization(head, mean, std)
             runs.save_checkpoint(target / HEAD_FILE, state)
@@ -276,7 +281,8 @@ def train_head(
                     runs.write_predictions(target, te.ids, te.labels, raw(x_test).softmax(1).numpy(), "probability")
             metrics.update(
                 history=history,
-                final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch"},
+                final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch",
+                       "selected_on": "validation" if "selection" in metrics else "none"},
             )
             metrics = runs.finish(target, metrics, started)
     return run_dir, metrics

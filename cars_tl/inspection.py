@@ -126,10 +126,13 @@ def compare_runs(a: Path, b: Path) -> dict:
     ma, mb = runs.read_metrics(Path(a)), runs.read_metrics(Path(b))
     ca, cb = ma.get("config") or {}, mb.get("config") or {}
     fa, fb = ma.get("final") or {}, mb.get("final") or {}
+    sa, sb = ((m.get("selection") or {}).get("chosen") or {} for m in (ma, mb))
     return {
         "type": "run comparison", "a": str(a), "b": str(b), "kinds": [ma["kind"], mb["kind"]],
         "config_differ": {k: {"a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)},
         "final": {k: {"a": fa.get(k), "b": fb.get(k)} for k in ("train_acc", "test_acc", "test_top5", "test_loss") if k in fa or k in fb},
+        # Values the runs chose (not options): train-head's weight decay, finetune's kept epoch, SVM's kernel/C.
+        "chosen_differ": {k: {"a": sa.get(k), "b": sb.get(k)} for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)},
     }
 
 
@@ -195,7 +198,7 @@ def render_text(result: dict) -> str:
         for key in ("kind", "name", "status", "error", "created", "finished", "wall_time_s", "device", "model_file", "epochs_recorded"):
             if result.get(key) is not None:
                 lines.append(f"  {key:<20} {_value(result[key])}")
-        for section in ("config", "provenance", "inputs", "params", "final", "kernels", "k_results", "predictions", "versions"):
+        for section in ("config", "provenance", "inputs", "params", "final", "selection", "kernels", "k_results", "predictions", "versions"):
             if result.get(section):
                 lines.append(f"  {section}:")
                 lines += [f"      {k:<18} {_value(v)}" for k, v in result[section].items()]
@@ -221,5 +224,8 @@ def render_text(result: dict) -> str:
         lines.append(f"  kinds: {result['kinds'][0]} vs {result['kinds'][1]}")
         lines.append("  config that differs:" if result["config_differ"] else "  config: identical")
         lines += [f"      {k:<18} a: {_value(v['a'])}  b: {_value(v['b'])}" for k, v in result["config_differ"].items()]
+        if result.get("chosen_differ"):
+            lines.append("  chosen values that differ:")
+            lines += [f"      {k:<18} a: {_value(v['a'])}  b: {_value(v['b'])}" for k, v in result["chosen_differ"].items()]
         lines += [f"  {k:<20} a: {_value(v['a'])}  b: {_value(v['b'])}" for k, v in result["final"].items()]
     return "\n".join(lines)

@@ -5,9 +5,10 @@ thumbnails inlined; one file, readable offline) and ``report.json``. Sections:
 
 - a headline chart: test accuracy of every run grouped by model (A scratch, B head, C SVM,
   D partial fine-tune, kNN), study vs tuned preset, mean ± std (sample std) where several seeds of one
-  configuration exist, every seed's own result as a dot;
-- the comparison table, runs grouped by seed (configurations that differ only by ``seed``), SVM
-  kernels and kNN k values;
+  configuration exist, every seed's own result as a dot; numbers selected on test (``final.selected_on``:
+  the study's best epoch or kernel by test accuracy) hatched, with the last epoch's number beside them;
+- the comparison table, runs grouped by seed (configurations that differ only by ``seed``, or by
+  values the runs chose: ``selection``), SVM kernels and kNN k values; a ``selected on`` column;
 - all runs' test-accuracy curves in one chart (each run's loss/accuracy charts folded below it);
 - from each run's ``predictions-test.npz`` (see :mod:`cars_tl.runs`): make-level accuracy (the
   make is the first word of the class name: how often the prediction is at least the right make,
@@ -40,7 +41,12 @@ from cars_tl.atomic import atomic_path, atomic_write_text
 from cars_tl.errors import CarsTLError
 
 COLUMNS = ("model", "kind", "backbone / weights / preset", "trainable params", "total params", "train time",
-           "train loss", "train acc %", "test loss", "test acc %", "test top-5 %", "best epoch")
+           "train loss", "train acc %", "test loss", "test acc %", "test top-5 %", "best epoch", "selected on",
+           "last-epoch test acc %")
+# How a run's reported number was selected (metrics ``final.selected_on``); "test" is the study's
+# protocol (best epoch or kernel by test accuracy): optimistic, marked in the chart and tables.
+SELECTED_ON_TEST = "test"
+TEST_MARK = "selected on test, as the study did"
 GROUP_ORDER = ("A", "B", "C", "D", "kNN")
 GROUP_TITLES = {"A": "from scratch (random weights, all trained)", "B": "frozen features + Linear head",
                 "C": "frozen features + SVM", "D": "part of the backbone fine-tuned", "kNN": "k nearest neighbours on frozen features"}
@@ -118,10 +124,38 @@ def setting(m: dict) -> str:
     return label
 
 
+def selected_on(m: dict) -> str:
+    """What the run's reported number was chosen on: test | validation | train-cv | none (older runs:
+    read from ``selected_by`` and ``selection``)."""
+    f = m.get("final") or {}
+    if f.get("selected_on"):
+        return str(f["selected_on"])
+    by = str(f.get("selected_by") or "")
+    if by.startswith("test accuracy"):
+        return "test"
+    if "cross-validation" in by or any("search" in k for k in (m.get("kernels") or {}).values() if isinstance(k, dict)):
+        return "train-cv"
+    if "validation" in by or m.get("selection"):
+        return "validation"
+    return "none"
+
+
+def chosen_keys(m: dict) -> set[str]:
+    """Config keys that hold a value the run chose (a result, not an option): left out of the
+    configuration. Runs before ``selection.chosen`` existed wrote train-head's weight decay there."""
+    selection = m.get("selection") or {}
+    keys = set(selection.get("chosen") or {})
+    if m.get("kind") == "head" and selection.get("grid") and "chosen" not in selection:
+        keys.add("weight_decay")
+    return keys
+
+
 def configuration_key(m: dict) -> str:
-    """Equal for runs that differ only by seed (and by where they ran or read their inputs from)."""
+    """Equal for runs that differ only by seed (and by where they ran or read their inputs from, and
+    by the values they chose on a validation split or by CV: those are under ``selection``)."""
     b, c = m.get("backbone") or {}, m.get("config") or {}
-    config = {k: v for k, v in c.items() if k not in NOT_CONFIGURATION}
+    skip = set(NOT_CONFIGURATION) | chosen_keys(m)
+    config = {k: v for k, v in c.items() if k not in skip}
     config["init_head"] = bool(c.get("init_head"))
     identity = {
         "kind": m.get("kind"), "backbone": b.get("backbone"), "weights_digest": b.get("weights_digest", b.get("weights")),
@@ -139,18 +173,25 @@ def seed_groups(complete: list[dict]) -> list[dict]:
         g = groups.setdefault(key, {"key": key, "group": model_group(m), "setting": setting(m),
                                     "preset": (m.get("config") or {}).get("preset"), "kind": m.get("kind"),
                                     "backbone": f"{(m.get('backbone') or {}).get('backbone')} / {(m.get('backbone') or {}).get('weights')}",
-                                    "runs": [], "seeds": [], "test_accs": []})
+                                    "runs": [], "seeds": [], "test_accs": [], "selected_on": [], "last_epoch_accs": []})
         g["runs"].append(m["name"])
         g["seeds"].append((m.get("config") or {}).get("seed"))
         acc = (m.get("final") or {}).get("test_acc")
         if acc is not None:
             g["test_accs"].append(float(acc))
+        if selected_on(m) not in g["selected_on"]:
+            g["selected_on"].append(selected_on(m))
+        last = ((m.get("final") or {}).get("last_epoch") or {}).get("test_acc")
+        if last is not None:
+            g["last_epoch_accs"].append(float(last))
     out = []
     for g in groups.values():
         accs = np.array(g["test_accs"], dtype=np.float64)
         g["n"] = len(accs)
         g["mean"] = float(accs.mean()) if len(accs) else None
         g["std"] = float(accs.std(ddof=1)) if len(accs) > 1 else None
+        g["on_test"] = SELECTED_ON_TEST in g["selected_on"]
+        g["last_epoch_mean"] = float(np.mean(g["last_epoch_accs"])) if g["last_epoch_accs"] else None
         out.append(g)
     rank = {name: i for i, name in enumerate(GROUP_ORDER)}
     return sorted(out, key=lambda g: (rank.get(g["group"], len(rank)), g["group"], str(g["preset"]), g["setting"]))
@@ -242,8 +283,13 @@ def row_for(m: dict) -> dict:
         "trainable params": _fmt(params.get("trainable")), "total params": _fmt(params.get("total")),
         "train time": _duration(m.get("wall_time_s")), "train loss": _fmt(f.get("train_loss"), 4), "train acc %": _fmt(f.get("train_acc")),
         "test loss": _fmt(f.get("test_loss"), 4), "test acc %": _fmt(f.get("test_acc")), "test top-5 %": _fmt(f.get("test_top5")),
-        "best epoch": _fmt(f.get("best_epoch")),
+        "best epoch": _fmt(f.get("best_epoch")), "selected on": _selected_label(selected_on(m)),
+        "last-epoch test acc %": _fmt((f.get("last_epoch") or {}).get("test_acc")),
     }
+
+
+def _selected_label(on: str) -> str:
+    return f"test † ({TEST_MARK})" if on == SELECTED_ON_TEST else on
 
 
 def gather(artifacts: Path) -> tuple[list[dict], list[dict]]:
@@ -355,8 +401,10 @@ def plot_headline(groups: list[dict], complete: list[dict], path: Path) -> bool:
             x += 0.6  # a gap between model groups
         previous = g["group"]
         colour = PRESET_COLOURS.get(str(g["preset"]), OTHER_COLOUR)
-        ax.bar(x, g["mean"], width=0.7, color=colour, alpha=0.85,
+        ax.bar(x, g["mean"], width=0.7, color=colour, alpha=0.85, hatch="///" if g["on_test"] else None, edgecolor="#222" if g["on_test"] else None,
                yerr=g["std"] if g["std"] is not None else None, capsize=4, ecolor="#222")
+        if g["on_test"] and g["last_epoch_mean"] is not None:  # the same runs' last epoch, not chosen on test
+            ax.plot([x - 0.35, x + 0.35], [g["last_epoch_mean"]] * 2, color="#222", lw=2, ls="--", zorder=4)
         accs = [(by_name[r].get("final") or {}).get("test_acc") for r in g["runs"] if r in by_name]
         accs = [a for a in accs if a is not None]
         if len(accs) > 1:
@@ -378,6 +426,12 @@ def plot_headline(groups: list[dict], complete: list[dict], path: Path) -> bool:
     ax.grid(axis="y", alpha=0.3)
     presets = sorted({str(g["preset"]) for g in shown})
     handles = [Patch(color=PRESET_COLOURS.get(p, OTHER_COLOUR), label=p if p in PRESET_COLOURS else "no preset") for p in presets]
+    if any(g["on_test"] for g in shown):
+        from matplotlib.lines import Line2D
+
+        handles.append(Patch(facecolor="white", edgecolor="#222", hatch="///", label=TEST_MARK))
+        if any(g["on_test"] and g["last_epoch_mean"] is not None for g in shown):
+            handles.append(Line2D([], [], color="#222", lw=2, ls="--", label="its last epoch (not chosen on test)"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="preset", title_fontsize=8)
     ax.set_title("Test accuracy by model (bar: mean over seeds, whisker: ± sample std, dots: single seeds)", fontsize=9)
     fig.tight_layout()
@@ -494,6 +548,14 @@ def _html_table(columns, rows, cls: str = "", raw: tuple = ()) -> str:
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _grid_note(search: dict | None) -> str:
+    """A C grid extended past its end (fit-svm --C auto), in a few words."""
+    ext = (search or {}).get("C_grid_extended")
+    if not ext:
+        return ""
+    return " ".join(f"extended {d} ×{ext[d]}" for d in ("up", "down") if ext[d]) + (" (cap hit)" if ext.get("capped") else "")
+
+
 def _pct(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
@@ -535,10 +597,12 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     thumbs = Thumbnails(data_dir, {(m.get("inputs") or {}).get("dataset_fingerprint") for m in analysed} - {None}) if analysed else None
 
     short = lambda v: f"{v:.4g}" if isinstance(v, float) else _fmt(v)  # noqa: E731 - C and gamma span decades
-    kernel_cols = ("run", "kernel", "C", "gamma", "CV acc %", "train acc %", "test acc %", "fit s", "predict s", "support vectors")
+    kernel_cols = ("run", "kernel", "C", "gamma", "CV acc % (mean ± std of folds)", "C grid", "train acc %", "test acc %", "fit s",
+                   "predict s", "support vectors")
     kernels = [
         {"run": m["name"], "kernel": k.get("kernel"), "C": short(k.get("C", (m.get("config") or {}).get("C"))),  # chosen by CV with --C auto
-         "gamma": short(k.get("gamma_value")) if k.get("kernel") != "linear" else "", "CV acc %": _fmt(k.get("cv_acc")),
+         "gamma": short(k.get("gamma_value")) if k.get("kernel") != "linear" else "", "CV acc % (mean ± std of folds)": _fmt(k.get("cv_acc")) + (f" ± {k['cv_std']:.2f}" if k.get("cv_std") is not None else ""),
+         "C grid": _grid_note(k.get("search")),
          "train acc %": _fmt(k.get("train_acc")), "test acc %": _fmt(k.get("test_acc")),
          "fit s": _fmt(k.get("fit_seconds")), "predict s": _fmt(k.get("predict_seconds")), "support vectors": _fmt(k.get("support_vectors"))}
         for m in complete if m["kind"] == "svm" for k in (m.get("kernels") or {}).values()
@@ -549,12 +613,14 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
          "test acc %": _fmt(r.get("test_acc")), "test top-5 %": _fmt(r.get("test_top5"))}
         for m in complete if m["kind"] == "knn" for r in (m.get("k_results") or {}).values()
     ]
-    group_cols = ("model", "setting", "backbone / weights", "n", "seeds", "test acc % (mean ± std)", "runs")
+    group_cols = ("model", "setting", "backbone / weights", "n", "seeds", "test acc % (mean ± std)", "selected on",
+                  "last-epoch test acc % (mean)", "runs")
     group_rows = [
         {"model": g["group"], "setting": g["setting"], "backbone / weights": g["backbone"], "n": str(g["n"]),
          "seeds": ", ".join("–" if s is None else str(s) for s in g["seeds"]),
          "test acc % (mean ± std)": "–" if g["mean"] is None else f"{g['mean']:.2f}" + (f" ± {g['std']:.2f}" if g["std"] is not None else ""),
-         "runs": ", ".join(g["runs"])}
+         "selected on": ", ".join(_selected_label(on) for on in g["selected_on"]),
+         "last-epoch test acc % (mean)": _fmt(g["last_epoch_mean"]), "runs": ", ".join(g["runs"])}
         for g in groups
     ]
 
@@ -583,7 +649,10 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     gallery = gallery_ids([predictions[m["slug"]] for m in analysed])
 
     note = ("Losses are mean cross-entropy per image; accuracies in %. `best epoch` is the epoch whose model was kept "
-            "(see each run's metrics.json for how it was selected). Runs that differ only by seed are one configuration: "
+            "(see each run's metrics.json for how it was selected). `selected on` says what a run's number was chosen on: "
+            f"`test †` ({TEST_MARK}: the best epoch or kernel by test accuracy, optimistic; hatched in the chart, with the "
+            "last epoch's number beside it), `validation` (a split of train), `train-cv` (cross-validation on train) or "
+            "`none` (nothing chosen). Runs that differ only by seed (and by the values they chose) are one configuration: "
             "mean ± sample standard deviation over its n runs.")
     files = {"md": out / "report.md", "html": out / "report.html", "json": out / "report.json"}
 

@@ -28,7 +28,13 @@ place so that ``--resume`` finds it.)
     params          total and trainable parameter counts
     history         per epoch: epoch, train_loss, train_acc, test_loss, test_acc, test_top5,
                     val_loss/val_acc where a validation split exists, seconds, images_per_second
-    final           train_loss, train_acc, test_loss, test_acc, test_top5, best_epoch, selected_by
+    final           train_loss, train_acc, test_loss, test_acc, test_top5, best_epoch, selected_by,
+                    selected_on ("test" | "validation" | "train-cv" | "none": what the reported number
+                    was chosen on); finetune also ``last_epoch`` (epoch, test_loss, test_acc, test_top5)
+    selection       what a run chose rather than was told (never written into ``config``, so seeds
+                    that chose differently stay one configuration): selected_on, by, ``chosen``
+                    (train-head tuned: weight_decay; finetune: best_epoch; fit-svm: kernel and per
+                    kernel C / gamma_value), and the search's grid where there was one
     model_file      the model's file name inside the run directory
     kernels         (fit-svm) per-kernel results when several kernels were fitted
     k_results       (knn) per-k results; ``final`` is the first k asked for

@@ -332,10 +332,14 @@ def fit_svm(
                 for k in kernels:
                     t0 = time.perf_counter()
                     found = None
-                    if searching:  # on the training rows only: test is not passed
+                    # With one kernel, one C and one gamma there is nothing to choose: no CV. With several
+                    # kernels each one's CV score is what they are compared on.
+                    if searching and (len(kernels) > 1 or svm_search.has_choice(k, C, parsed_gamma)):  # on train only
                         found = svm_search.search(tr.features, tr.labels, k, C, parsed_gamma, degree, coef0, scale, cv_folds, seed)
+                    # --gamma cv with nothing searched (a linear kernel, which has no gamma): scale, the search's centre.
                     model = fit_model(tr.features, tr.labels, k, found["C"] if found else C, degree,
-                                      found["gamma_value"] if found else parsed_gamma, coef0, scale, method)
+                                      found["gamma_value"] if found else "scale" if parsed_gamma == "cv" else parsed_gamma,
+                                      coef0, scale, method)
                     fit_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
                     test_pred = model.predict(te.features)
@@ -351,9 +355,12 @@ def fit_svm(
                         "C": float(model.svc.C),
                     }
                     if found:
-                        results[k].update(search=found, cv_acc=found["cv_acc_chosen"])
+                        results[k].update(search=found, cv_acc=found["cv_acc_chosen"], cv_std=found["cv_std_chosen"])
+                    elif searching:
+                        results[k]["search_skipped"] = "one C and one gamma: nothing to choose, no cross-validation"
                     task.advance(1, status=f"{k}: test {results[k]['test_acc']}%")
             # With a search, the kernels are compared on their CV accuracy (train only); else on test, as the study did.
+            searched = any("search" in r for r in results.values())
             rank = (lambda k: results[k]["cv_acc"]) if searching else (lambda k: results[k]["test_acc"] or 0)
             primary = kernels[0] if len(kernels) == 1 else max(results, key=rank)
             best = results[primary]
@@ -362,12 +369,22 @@ def fit_svm(
             # ranking_scores: rank 1 is SVC.predict, ranks 2.. follow the decision scores.
             runs.write_predictions(target, te.ids, te.labels, model.ranking_scores(te.features), "decision score",
                                    columns=model.classes)
+            # How the reported number was selected: the kernel (several fitted) and C / gamma (searched).
+            selected_on = "train-cv" if searched else "none" if len(kernels) == 1 else "test"
+            chosen = {"kernel": primary} if len(kernels) > 1 else {}
+            if searched:
+                chosen.update(C={k: r["C"] for k, r in results.items() if "search" in r},
+                              gamma_value={k: r["gamma_value"] for k, r in results.items() if "search" in r and k != "linear"})
+            selection = {"selected_on": selected_on, "chosen": chosen,
+                         "by": "cross-validation accuracy on train (mean of the folds)" if searched else
+                         "test accuracy (kernel comparison, as the study did)" if len(kernels) > 1 else "nothing chosen"}
             metrics.update(
-                kernels=results, model_file=best["model_file"],
+                kernels=results, model_file=best["model_file"], selection=selection,
                 final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,
                        "train_loss": None, "test_loss": None, "test_top5": None, "best_epoch": None,
                        "selected_by": "the only kernel fitted" if len(kernels) == 1 else
-                       "cross-validation accuracy on train" if searching else "test accuracy (kernel comparison, as the study did)"},
+                       "cross-validation accuracy on train" if searching else "test accuracy (kernel comparison, as the study did)",
+                       "selected_on": selected_on},
             )
             metrics = runs.finish(target, metrics, started)
     return run_dir, metrics

@@ -31,8 +31,13 @@ probes and SVMs on frozen features (VISSL's SVM benchmark, Kornblith et al. 2019
   lowest class index), not one row at a time in libsvm;
 * the fits run in parallel threads (libsvm and the matrix products release the GIL), one per
   core up to the number of folds (``n_jobs``), taking the folds' next fits round robin;
-* the point with the best mean CV accuracy wins; ties go to the smallest ``C`` (the most
-  regularized) and then the gamma factor closest to 1; the model is then refitted on all of train.
+* the score is the mean of the folds' accuracies, as scikit-learn's ``cross_val_score(...).mean()``
+  (``cv_std``: their std); the point with the best mean wins; ties go to the smallest ``C`` (the most
+  regularized) and then the gamma factor closest to 1; the model is then refitted on all of train;
+* each gamma has its own C grid, on its own kernel's scale (a cubic kernel's scale is gamma cubed);
+  a best C at an end of its grid with the score still rising that way extends the grid by its step
+  until the best is inside (:data:`MAX_EXTENSION` values at most; recorded as ``C_grid_extended``);
+* with one kernel, one C and one gamma there is nothing to choose, and no CV runs (``fit-svm``).
 
 ``--preset study`` is what the study ran (scikit-learn's defaults: C=1, gamma="scale");
 ``--preset tuned`` searches both, on the scaling measured best (benchmarks/bench_accuracy.py).
@@ -50,6 +55,8 @@ from cars_tl import runtime
 from cars_tl.errors import CarsTLError
 
 C_GRID = tuple(10.0 ** (e / 3) for e in range(-6, 9, 2))  # 0.01, 0.0464, 0.215, 1, 4.64, 21.5, 100, 464
+C_STEP = 10.0 ** (2 / 3)  # the grid's step: two thirds of a decade
+MAX_EXTENSION = 6  # values added past an end of the C grid at most (see search)
 GAMMA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 DEFAULT_FOLDS = 5
 GAMMA_KERNELS = ("poly", "rbf", "sigmoid")
@@ -130,9 +137,12 @@ def _kernel_from_gram(gram: np.ndarray, kernel: str, gamma: float, degree: int, 
 
 
 class CVResult(NamedTuple):
-    """Mean CV accuracy (%) per (gamma, C): shape (len(gamma_values), len(c_grid)); fits run of all points."""
+    """CV accuracy (%) per (gamma, C), shape (len(gamma_values), len(c_grid)): ``scores`` the mean of
+    the folds' accuracies (scikit-learn's ``cross_val_score(...).mean()``), ``std`` their standard
+    deviation (``.std()``, over the folds); fits run of all points."""
 
     scores: np.ndarray
+    std: np.ndarray
     fits: int
     points: int
 
@@ -183,10 +193,10 @@ class _FoldWalk:
     """One fold's walk up the C grid, for each gamma in turn: one SVC fit per :meth:`step`, and the
     rest of a gamma's grid filled in at the hard margin (see the module docstring)."""
 
-    def __init__(self, gram, y, fit, val, kernel, c_grid, gamma_values, degree, coef0):
+    def __init__(self, gram, y, fit, val, kernel, c_grids, gamma_values, degree, coef0):
         self.gram, self.y_fit, self.y_val, self.fit_rows, self.val_rows = gram, y[fit], y[val], fit, val
-        self.kernel, self.c_grid, self.gamma_values, self.degree, self.coef0 = kernel, c_grid, gamma_values, degree, coef0
-        self.correct = np.zeros((len(gamma_values), len(c_grid)))
+        self.kernel, self.c_grids, self.gamma_values, self.degree, self.coef0 = kernel, c_grids, gamma_values, degree, coef0
+        self.correct = np.zeros((len(gamma_values), len(c_grids[0])))
         self.fits = self.g = self.c = 0
         self.slices = self.kernels = None
 
@@ -207,11 +217,12 @@ class _FoldWalk:
             if self.g + 1 == len(self.gamma_values):
                 self.slices = ()  # the last gamma: its kernel is all this fold still needs
         k_fit, k_val = self.kernels
-        C = self.c_grid[self.c]
+        c_grid = self.c_grids[self.g]
+        C = c_grid[self.c]
         svc = SVC(kernel="precomputed", C=C).fit(k_fit, self.y_fit)
         self.fits += 1
         self.correct[self.g, self.c] = np.count_nonzero(ovo_predict(svc, k_val) == self.y_val)
-        if at_bound(svc, C) and self.c + 1 < len(self.c_grid):
+        if at_bound(svc, C) and self.c + 1 < len(c_grid):
             self.c += 1
             return
         self.correct[self.g, self.c + 1:] = self.correct[self.g, self.c]  # the hard margin: the same for every larger C
@@ -254,21 +265,28 @@ def _round_robin(walks: list[_FoldWalk], workers: int) -> None:
 
 
 def cross_validate(z: np.ndarray, y: np.ndarray, kernel: str, c_grid, gamma_values, degree: int, coef0: float,
-                   folds: list[tuple[np.ndarray, np.ndarray]], n_jobs: int | None = None) -> CVResult:
-    """Mean CV accuracy (%) for every (gamma, C) pair, ``c_grid`` ascending.
+                   folds: list[tuple[np.ndarray, np.ndarray]], n_jobs: int | None = None, gram: np.ndarray | None = None) -> CVResult:
+    """CV accuracy (%) for every (gamma, C) pair: the mean of the folds' accuracies and their std.
 
-    ``z`` are the scaled *training* features; one Gram matrix, sliced once per fold; fits in
-    ``n_jobs`` threads (default: one per usable core, at most one per fold). Memory: the Gram
-    matrix (n x n float64: 0.53 GB for 8,144 rows) plus, per fold, its columns of the fold's fit
-    rows (0.8x that) and, while gammas remain to search, one gamma's kernel of them (0.8x again):
-    about 5x the Gram matrix in all for 5 folds searching C, 9x searching gamma too."""
-    if list(c_grid) != sorted(c_grid):
+    ``c_grid`` ascending: one grid for every gamma, or one per gamma (a list of equally long grids).
+    ``z`` are the scaled *training* features; one Gram matrix (``gram``, computed when not given),
+    sliced once per fold; fits in ``n_jobs`` threads (default: one per usable core, at most one per
+    fold). Memory: the Gram matrix (n x n float64: 0.53 GB for 8,144 rows) plus, per fold, its
+    columns of the fold's fit rows (0.8x that) and, while gammas remain to search, one gamma's
+    kernel of them (0.8x again): about 5x the Gram matrix in all for 5 folds searching C, 9x
+    searching gamma too."""
+    c_grids = [list(g) for g in c_grid] if len(c_grid) and np.ndim(c_grid[0]) else [list(c_grid)] * len(gamma_values)
+    if len(c_grids) != len(gamma_values) or len({len(g) for g in c_grids}) != 1:
+        raise ValueError("one C grid for every gamma, or one per gamma, all of one length")
+    if any(g != sorted(g) for g in c_grids):
         raise ValueError("c_grid must ascend: the early stop at the hard margin walks C upwards")
-    gram = _gram(z, kernel)
-    walks = [_FoldWalk(gram, y, fit, val, kernel, list(c_grid), list(gamma_values), degree, coef0) for fit, val in folds]
+    gram = _gram(z, kernel) if gram is None else gram
+    walks = [_FoldWalk(gram, y, fit, val, kernel, c_grids, list(gamma_values), degree, coef0) for fit, val in folds]
     _walk_all(walks, max(1, min(len(folds), n_jobs or runtime.usable_cores())))
-    correct = sum(walk.correct for walk in walks)
-    return CVResult(100.0 * correct / len(y), sum(walk.fits for walk in walks), len(folds) * len(gamma_values) * len(c_grid))
+    # Each fold's accuracy, then their mean: cross_val_score's mean (not all folds' correct over all rows).
+    per_fold = np.stack([100.0 * walk.correct / len(walk.val_rows) for walk in walks])
+    return CVResult(per_fold.mean(0), per_fold.std(0), sum(walk.fits for walk in walks),
+                    len(folds) * len(gamma_values) * len(c_grids[0]))
 
 
 def grid_decades(z: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> int:
@@ -287,12 +305,29 @@ def grid_decades(z: np.ndarray, kernel: str, gamma: float, degree: int, coef0: f
     return -int(round(math.log10(size))) if size > 0 and math.isfinite(size) else 0
 
 
+def has_choice(kernel: str, C, gamma) -> bool:
+    """Whether a search has anything to choose for one kernel: several C values or several gammas."""
+    return C == "auto" or (gamma == "cv" and kernel in GAMMA_KERNELS)
+
+
+def _best(scores: list[list[float]], order: list[int]) -> tuple[int, int]:
+    """The best (gamma, C) index: ties to the smallest C, then the gamma factor closest to 1 (``order``)."""
+    return max(((g, c) for g in order for c in range(len(scores[g]))),
+               key=lambda gc: (round(scores[gc[0]][gc[1]], 9), -gc[1], -order.index(gc[0])))
+
+
 def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coef0: float, scale: str,
            folds: int = DEFAULT_FOLDS, seed: int = 0, n_jobs: int | None = None) -> dict:
     """Choose ``C`` (when ``"auto"``) and gamma (when ``"cv"``) on the training rows ``x``, ``y``.
 
-    Returns the record kept in metrics.json: grids, CV accuracy per point, the chosen values
-    (``C``; ``gamma``: a number, or the fixed option as given), folds, seed, seconds."""
+    Each gamma gets its own C grid, placed on that gamma's kernel scale (:func:`grid_decades`). When
+    the best C is at an end of its grid with the score still rising towards it, the grid is extended
+    that way by its own step (x4.64), one value at a time, until the best is inside it -- at most
+    :data:`MAX_EXTENSION` values; ``C_grid_extended`` says how far and whether that cap stopped it.
+
+    Returns the record kept in metrics.json: grids, CV accuracy per point (the mean of the folds'
+    accuracies, as scikit-learn's ``cross_val_score(...).mean()``; ``cv_std``: their std), the
+    chosen values (``C``; ``gamma``: a number, or the fixed option as given), folds, seed, seconds."""
     from cars_tl.svm import Scaler, gamma_value, parse_gamma
 
     started = time.perf_counter()
@@ -302,23 +337,62 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
     base = gamma_value("scale" if gamma == "cv" else parse_gamma(gamma) if isinstance(gamma, str) else gamma, z)
     factors = GAMMA_FACTORS if search_gamma else (1.0,)
     gamma_values = [base * f for f in factors]
-    decades = grid_decades(z, kernel, base, degree, coef0) if C == "auto" else 0
-    c_grid = [c * 10.0 ** decades for c in C_GRID] if C == "auto" else [float(C)]
-    cv = cross_validate(z, y, kernel, c_grid, gamma_values, degree, coef0, splits, n_jobs=n_jobs)
-    scores = cv.scores
+    auto = C == "auto"
+    decades = [grid_decades(z, kernel, g, degree, coef0) if auto else 0 for g in gamma_values]
+    c_grids = [[c * 10.0 ** d for c in C_GRID] if auto else [float(C)] for d in decades]
+    gram = _gram(z, kernel)
+    cv = cross_validate(z, y, kernel, c_grids, gamma_values, degree, coef0, splits, n_jobs=n_jobs, gram=gram)
+    scores, stds = cv.scores.tolist(), cv.std.tolist()
+    fits, points = cv.fits, cv.points
     # Ties: smallest C first (the grid ascends), then the gamma factor closest to 1.
     order = sorted(range(len(factors)), key=lambda i: abs(math.log(factors[i])))
-    best_g, best_c = max(((g, c) for g in order for c in range(len(c_grid))),
-                         key=lambda gc: (round(scores[gc], 9), -gc[1], -order.index(gc[0])))
+    best_g, best_c = _best(scores, order)
+    extended = {"up": 0, "down": 0, "capped": False}
+    while auto:
+        row = scores[best_g]
+        up = best_c == len(row) - 1 and len(row) > 1 and row[best_c] > row[best_c - 1]
+        down = best_c == 0 and len(row) > 1 and row[0] > row[1]
+        if not (up or down):
+            break
+        if extended["up"] + extended["down"] >= MAX_EXTENSION:
+            extended["capped"] = True
+            break
+        grid = c_grids[best_g]
+        new_c = grid[-1] * C_STEP if up else grid[0] / C_STEP
+        more = cross_validate(z, y, kernel, [new_c], [gamma_values[best_g]], degree, coef0, splits, n_jobs=n_jobs, gram=gram)
+        fits, points = fits + more.fits, points + more.points
+        at = len(grid) if up else 0
+        grid.insert(at, new_c)
+        scores[best_g].insert(at, float(more.scores[0, 0]))
+        stds[best_g].insert(at, float(more.std[0, 0]))
+        extended["up" if up else "down"] += 1
+        best_g, best_c = _best(scores, order)
     return {
         "folds": folds, "seed": seed, "train_rows": int(len(y)), "scale": scale,
-        "C_grid": c_grid if C == "auto" else None,
-        "C_grid_decades": decades if C == "auto" else None,  # C_GRID x 10**decades: the kernel's scale
+        "cv_score": "mean of the folds' accuracies (scikit-learn's cross_val_score(...).mean()); cv_std: their std",
+        "C_grid": c_grids[best_g] if auto else None,  # the chosen gamma's grid
+        "C_grid_decades": decades[best_g] if auto else None,  # C_GRID x 10**decades: the kernel's scale
+        "C_grids": c_grids if auto else None,  # [gamma][C], each on its gamma's scale, as cv_acc
+        "C_grid_extended": (extended if extended["up"] or extended["down"] or extended["capped"] else None) if auto else None,
         "gamma_grid": gamma_values if search_gamma else None,
         "gamma_factors": list(factors) if search_gamma else None,
         "cv_acc": [[round(float(v), 4) for v in row] for row in scores],  # [gamma][C]
-        "C": c_grid[best_c], "gamma": gamma_values[best_g] if search_gamma else gamma,
-        "gamma_value": gamma_values[best_g], "cv_acc_chosen": round(float(scores[best_g, best_c]), 4),
-        "cv_fits": cv.fits, "cv_points": cv.points,  # fits run / (gamma, C, fold) points: the rest were hard-margin repeats
+        "cv_std": [[round(float(v), 4) for v in row] for row in stds],  # [gamma][C]
+        "C": c_grids[best_g][best_c], "gamma": gamma_values[best_g] if search_gamma else gamma,
+        "gamma_value": gamma_values[best_g], "cv_acc_chosen": round(float(scores[best_g][best_c]), 4),
+        "cv_std_chosen": round(float(stds[best_g][best_c]), 4),
+        "cv_fits": fits, "cv_points": points,  # fits run / (gamma, C, fold) points: the rest were hard-margin repeats
         "seconds": round(time.perf_counter() - started, 4),
     }
+
+
+def extension_note(found: dict) -> str | None:
+    """One line on a grid extended past its end (None when it was not)."""
+    ext = (found or {}).get("C_grid_extended")
+    if not ext:
+        return None
+    moves = [f"{ext[d]} step(s) {d}" for d in ("up", "down") if ext[d]]
+    note = f"C grid extended {' and '.join(moves) or 'by 0 steps'} (x{C_STEP:.2f} each): the best C was at its end with the CV score still rising"
+    if ext["capped"]:
+        note += f"; stopped at the cap of {MAX_EXTENSION} extra values with the best C ({found['C']:.4g}) still at the end"
+    return note

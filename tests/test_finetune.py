@@ -73,6 +73,8 @@ def test_first_evaluation_matches_the_init_head(demo_finetune_run, demo_head_run
 def test_metrics_and_checkpoints(demo_finetune_run):
     m = runs.read_metrics(demo_finetune_run)
     assert m["status"] == "complete" and m["final"]["selected_by"].startswith("test accuracy")
+    assert m["final"]["selected_on"] == "test" and m["selection"]["chosen"] == {"best_epoch": m["final"]["best_epoch"]}
+    assert m["final"]["last_epoch"] == {k: m["history"][-1][k] for k in ("epoch", "test_loss", "test_acc", "test_top5")}
     row = m["history"][1]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "images_per_second", "seconds"):
         assert key in row

@@ -48,7 +48,9 @@ def test_saved_head_loads_straight_into_the_backbone_classifier(demo_head_run, d
 def test_tuned_preset_folds_standardization_into_the_saved_weights(demo_features, tmp_path):
     run_dir, metrics = heads.train_head(demo_features, preset="tuned", out=tmp_path / "tuned")
     assert metrics["selection"]["by"].startswith("cross-entropy on a validation split")
-    assert metrics["config"]["weight_decay"] in heads.WEIGHT_DECAY_GRID
+    assert metrics["selection"]["chosen"]["weight_decay"] in heads.WEIGHT_DECAY_GRID
+    assert metrics["config"]["weight_decay"] is None  # chosen, not an option: kept out of the configuration
+    assert metrics["final"]["selected_on"] == "validation"
     state = torch.load(run_dir / heads.HEAD_FILE, weights_only=True)
     test = features.load(demo_features).split("test")
     logits = torch.from_numpy(test.features) @ state["weight"].T + state["bias"]
@@ -76,3 +78,34 @@ def test_not_a_feature_file_is_refused(tmp_path):
     (tmp_path / "x.h5").write_text("hello")
     with pytest.raises(CarsTLError, match="not a readable HDF5"):
         heads.train_head(tmp_path / "x.h5", out=tmp_path / "run")
+
+
+def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path, monkeypatch):
+    """The weight decay each seed chose lives under selection, never in config: four tuned seeds, whose
+    validation splits pick different values, make one report group with n=4."""
+    from cars_tl import report
+
+    picks = iter([1e-4, 1e-1, 1e-2, 1e-4])  # a different choice per seed, as small validation splits give
+    original = heads._fit
+
+    def fit(train, evals, config, weight_decay, *args, **kwargs):
+        head, history = original(train, evals, config, weight_decay, *args, **kwargs)
+        if "val" in evals:  # make the seed's pick the lowest validation loss
+            history[-1]["val_loss"] = 0.0 if weight_decay == wanted[0] else 1.0 + weight_decay
+        return head, history
+
+    monkeypatch.setattr(heads, "_fit", fit)
+    artifacts = tmp_path / "artifacts"
+    chosen = []
+    for seed in range(4):
+        wanted = [next(picks)]
+        _, metrics = heads.train_head(demo_features, preset="tuned", seed=seed, epochs=2,
+                                      out=artifacts / "runs" / f"B-tuned-seed{seed}")
+        chosen.append(metrics["selection"]["chosen"]["weight_decay"])
+        assert metrics["config"]["weight_decay"] is None
+    assert len(set(chosen)) == 3  # the seeds chose differently
+    complete, problems = report.gather(artifacts)
+    groups = report.seed_groups(complete)
+    assert not problems and len(groups) == 1
+    assert groups[0]["n"] == 4 and sorted(groups[0]["seeds"]) == [0, 1, 2, 3]
+    assert groups[0]["selected_on"] == ["validation"] and not groups[0]["on_test"]

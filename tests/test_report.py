@@ -215,3 +215,65 @@ def test_top_predictions_map_svm_columns_and_keep_its_own_rank_1(tmp_path):
     p = runs.read_predictions(tmp_path)
     assert path.name == "predictions-test.npz" and p.ids.tolist() == [5, 6] and p.accuracy() == 50.0
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, demo_features, tmp_path, monkeypatch):
+    """A study finetune (best epoch by test accuracy) and a study `fit-svm --kernel all` (kernel by test
+    accuracy) are marked as selected on test -- hatched bars with a legend entry, a `selected on`
+    column -- beside a tuned head (chosen on validation); the finetune's last-epoch number is shown."""
+    import matplotlib.axes
+
+    from cars_tl.finetune import finetune
+    from cars_tl.heads import train_head
+    from cars_tl.svm import fit_svm
+    from tests.conftest import TINY
+
+    artifacts = tmp_path / "artifacts"
+    _, ft = finetune(demo_dir, unfreeze="layer4", epochs=2, batch_size=16, out=artifacts / "runs" / "D-study", **TINY)
+    _, svm_all = fit_svm(demo_features, kernel="all", out=artifacts / "runs" / "C-all")
+    _, head = train_head(demo_features, preset="tuned", epochs=2, out=artifacts / "runs" / "B-tuned")
+    assert ft["final"]["selected_on"] == "test" and ft["selection"]["chosen"]["best_epoch"] == ft["final"]["best_epoch"]
+    assert ft["final"]["last_epoch"]["epoch"] == 2 and ft["final"]["last_epoch"]["test_acc"] == ft["history"][-1]["test_acc"]
+    assert svm_all["final"]["selected_on"] == "test" and svm_all["selection"]["chosen"]["kernel"] == svm_all["final"]["kernel"]
+    assert head["final"]["selected_on"] == "validation"
+
+    bars = []
+    original_bar = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: bars.append((h, k.get("hatch"))) or original_bar(self, x, h, *a, **k))
+    legends = []
+    original_legend = matplotlib.axes.Axes.legend
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append([h.get_label() for h in k.get("handles", [])])
+                        or original_legend(self, *a, **k))
+    result = report.build_report(artifacts, data_dir=None)
+
+    groups = {g["runs"][0]: g for g in result["groups"]}
+    assert groups["D-study"]["on_test"] and groups["C-all"]["on_test"] and not groups["B-tuned"]["on_test"]
+    hatched = {round(h, 6) for h, hatch in bars if hatch}
+    assert hatched == {round(ft["final"]["test_acc"], 6), round(svm_all["final"]["test_acc"], 6)}
+    assert any(report.TEST_MARK in labels for labels in legends)
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["D-study"]["selected on"].startswith("test †") and rows["C-all"]["selected on"].startswith("test †")
+    assert rows["B-tuned"]["selected on"] == "validation"
+    assert rows["D-study"]["last-epoch test acc %"] == f"{ft['final']['last_epoch']['test_acc']:.2f}"
+    md = Path(result["files"]["md"]).read_text()
+    html = Path(result["files"]["html"]).read_text()
+    for text in (md, html):
+        assert report.TEST_MARK in text and "last-epoch test acc %" in text
+    assert md.count(report.md(f"test † ({report.TEST_MARK})")) == 4  # two runs, in the comparison and the seeds tables
+
+
+def test_runs_written_before_selection_had_chosen_still_group_their_seeds(tmp_path):
+    """Older tuned train-head runs wrote the weight decay they chose into config (selection had only
+    the grid): the report still groups their seeds, and an explicit --weight-decay stays a setting."""
+    artifacts = tmp_path / "artifacts"
+    for seed, wd in ((0, 1e-3), (1, 1e-2), (2, 1e-3)):
+        run_dir = _toy_run(artifacts, f"B-tuned-s{seed}", preset="tuned", seed=seed, weight_decay=wd)
+        metrics = runs.read_metrics(run_dir)
+        metrics["selection"] = {"by": "cross-entropy on a validation split of train", "grid": [{"weight_decay": wd}]}
+        runs.write_metrics(run_dir, metrics)
+    _toy_run(artifacts, "B-tuned-fixed", preset="tuned", weight_decay=1e-1)  # told, not chosen: another configuration
+    complete, _ = report.gather(artifacts)
+    groups = {tuple(sorted(g["runs"])): g for g in report.seed_groups(complete)}
+    assert set(groups) == {("B-tuned-s0", "B-tuned-s1", "B-tuned-s2"), ("B-tuned-fixed",)}
+    assert groups[("B-tuned-s0", "B-tuned-s1", "B-tuned-s2")]["selected_on"] == ["validation"]
+    assert groups[("B-tuned-fixed",)]["selected_on"] == ["none"]

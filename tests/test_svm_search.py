@@ -189,12 +189,12 @@ def brute_force_cv(x, y, kernel, folds):
 
     gram = svm_search._gram(x, kernel)
     k = svm_search._kernel_from_gram(gram, kernel, svm.gamma_value("scale", x), 3, 0.0)
-    correct = np.zeros(len(svm_search.C_GRID))
-    for fit, val in folds:
+    per_fold = np.zeros((len(folds), len(svm_search.C_GRID)))
+    for f, (fit, val) in enumerate(folds):
         for c, C in enumerate(svm_search.C_GRID):
             svc = SVC(kernel="precomputed", C=C).fit(k[np.ix_(fit, fit)], y[fit])
-            correct[c] += (svc.predict(k[np.ix_(val, fit)]) == y[val]).sum()
-    return 100.0 * correct / len(y)
+            per_fold[f, c] = 100.0 * (svc.predict(k[np.ix_(val, fit)]) == y[val]).sum() / len(val)
+    return per_fold.mean(0)
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
@@ -232,3 +232,86 @@ def test_folds_in_threads_give_the_one_thread_scores(demo_features):
     threaded = svm_search.cross_validate(z, train.labels, "rbf", svm_search.C_GRID, gammas, 3, 0.0, folds, n_jobs=3)
     assert np.array_equal(one.scores, threaded.scores) and one.fits == threaded.fits
     assert one.scores.shape == (2, len(svm_search.C_GRID))
+
+
+def test_cv_score_is_the_mean_of_the_folds_as_cross_val_score():
+    """Folds of unequal size (123 rows, 5 folds): the mean of the folds' accuracies is not all folds'
+    correct over all rows; the record's cv_acc and cv_std are cross_val_score's mean and std."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.svm import SVC
+
+    x, y = toy_where_c_matters(n=123)
+    found = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    splitter = StratifiedKFold(5, shuffle=True, random_state=0)
+    per_fold = {C: 100 * cross_val_score(SVC(kernel="linear", C=C), x, y, cv=splitter) for C in found["C_grid"]}
+    assert found["cv_acc"][0] == pytest.approx([per_fold[C].mean() for C in found["C_grid"]], abs=1e-3)
+    assert found["cv_std"][0] == pytest.approx([per_fold[C].std() for C in found["C_grid"]], abs=1e-3)
+    pooled = [100 * sum((SVC(kernel="linear", C=C).fit(x[f], y[f]).predict(x[v]) == y[v]).sum() for f, v in splitter.split(x, y)) / len(y)
+              for C in found["C_grid"]]
+    assert any(abs(p - m) > 1e-6 for p, m in zip(pooled, found["cv_acc"][0]))  # the two differ here: the test can tell
+    assert found["cv_std_chosen"] == pytest.approx(per_fold[found["C"]].std(), abs=1e-3)
+
+
+def test_best_C_at_the_top_end_extends_the_grid_until_it_is_inside(monkeypatch):
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.svm import SVC
+
+    x, y = toy_where_c_matters()
+    monkeypatch.setattr(svm_search, "C_GRID", svm_search.C_GRID[:3])  # 0.1 .. 2.15 here: far below the best C
+    found = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    grid, ext = found["C_grid"], found["C_grid_extended"]
+    assert ext["up"] >= 1 and ext["down"] == 0 and not ext["capped"]
+    assert len(grid) == 3 + ext["up"] and grid[-1] == pytest.approx(grid[2] * svm_search.C_STEP ** ext["up"])
+    assert grid[0] < found["C"] < grid[-1]  # the best is inside the extended grid
+    splitter = StratifiedKFold(5, shuffle=True, random_state=0)
+    reference = [100 * cross_val_score(SVC(kernel="linear", C=C), x, y, cv=splitter).mean() for C in grid]
+    assert found["cv_acc"][0] == pytest.approx(reference, abs=1e-3)
+    assert found["C"] == grid[int(np.argmax(np.round(reference, 6)))]
+    assert "extended" in svm_search.extension_note(found) and "cap" not in svm_search.extension_note(found)
+
+    monkeypatch.setattr(svm_search, "MAX_EXTENSION", 1)  # a cap that stops it: said so
+    capped = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    assert capped["C_grid_extended"] == {"up": 1, "down": 0, "capped": True} and capped["C"] == capped["C_grid"][-1]
+    assert "cap of 1" in svm_search.extension_note(capped)
+
+
+def test_best_C_at_the_bottom_end_extends_the_grid_downwards(monkeypatch):
+    x, y = toy_where_c_matters(flipped=0.15)
+    found = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    inside = found["C"]
+    monkeypatch.setattr(svm_search, "C_GRID", tuple(c for c in svm_search.C_GRID if c * 10 ** found["C_grid_decades"] > inside * 2))
+    low = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
+    assert low["C_grid_extended"]["down"] >= 1 and low["C_grid_extended"]["up"] == 0
+    assert low["C_grid"][0] < low["C"] < low["C_grid"][-1]
+
+
+def test_each_gamma_gets_its_own_C_grid_on_its_kernels_scale():
+    x, y = separable_blobs(4, 25, 30)
+    x = np.abs(x) + 0.2
+    found = svm_search.search(x, y, "poly", "auto", "cv", 3, 0.0, "l2", folds=5, seed=0)
+    z = svm.Scaler.fit("l2", x)(x)
+    decades = [svm_search.grid_decades(z, "poly", g, 3, 0.0) for g in found["gamma_grid"]]
+    assert len(set(decades)) > 1  # gamma from 1/4 to 4 times scale: the cubic kernel's scale spans 3.6 decades
+    for grid, d in zip(found["C_grids"], decades):  # the listed grid, moved to the gamma's scale (plus any extension)
+        base, extra = [c * 10.0 ** d for c in svm_search.C_GRID], len(grid) - len(svm_search.C_GRID)
+        assert any(np.allclose(grid[i:i + len(base)], base) for i in range(extra + 1))
+    g = found["gamma_grid"].index(found["gamma_value"])
+    assert found["C_grid"] == found["C_grids"][g] and found["C_grid_decades"] == decades[g]
+    assert len(found["cv_acc"]) == len(found["C_grids"]) and all(len(a) == len(c) for a, c in zip(found["cv_acc"], found["C_grids"]))
+
+
+def test_no_cross_validation_when_there_is_nothing_to_choose(demo_features, tmp_path, monkeypatch):
+    calls = []
+    original = svm_search.cross_validate
+    monkeypatch.setattr(svm_search, "cross_validate", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    # One kernel, one C, and --gamma cv means nothing for a linear kernel: no CV.
+    _, metrics = svm.fit_svm(demo_features, kernel="linear", C=1.0, gamma="cv", out=tmp_path / "one")
+    assert calls == [] and "search" not in metrics["kernels"]["linear"]
+    assert "nothing to choose" in metrics["kernels"]["linear"]["search_skipped"]
+    assert metrics["final"]["selected_on"] == "none"
+    # Something to choose: the CV runs.
+    _, metrics = svm.fit_svm(demo_features, kernel="rbf", C=1.0, gamma="cv", out=tmp_path / "gamma")
+    assert calls == ["rbf"] and metrics["final"]["selected_on"] == "train-cv"
+    assert metrics["selection"]["chosen"]["gamma_value"]["rbf"] == metrics["kernels"]["rbf"]["gamma_value"]
+    assert not svm_search.has_choice("linear", 1.0, "cv") and svm_search.has_choice("poly", 1.0, "cv")
+    assert svm_search.has_choice("linear", "auto", "scale")
