@@ -482,7 +482,11 @@ def build_manifest(
     }
 
     def shown(rel: str) -> str:
-        return (source_names or {}).get(rel, rel)
+        names = source_names or {}
+        if rel in names:
+            return names[rel]
+        folder = rel.split("/")[0] + "/"
+        return f"{rel} (not in {names[folder]})" if folder in names else rel
 
     records: list[Record] = []
     mtimes: list[int] = []

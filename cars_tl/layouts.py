@@ -129,7 +129,8 @@ def _sources_of(stage: Path, staged_dir: str, origin: Path, src: _Source) -> dic
     folder = stage / staged_dir
     if not folder.is_dir():
         return {}
-    return {f"{staged_dir}/{p.name}": src.name(origin / p.name) for p in folder.iterdir()}
+    # The folder itself too: an image missing from it is named as missing from the user's folder (or member).
+    return {f"{staged_dir}/": src.name(origin), **{f"{staged_dir}/{p.name}": src.name(origin / p.name) for p in folder.iterdir()}}
 
 
 # --------------------------------------------------------------------------- detection
@@ -296,7 +297,7 @@ def import_split_archives(folder: Path, stage: Path, work: Path, src: _Source | 
     sources = {}
     for archive, member in SPLIT_ARCHIVES.items():
         out = work / f"extract-{member}"
-        safe_extract(folder / archive, out, progress=progress)
+        safe_extract(folder / archive, out, progress=progress, shown=src.name(folder / archive))
         found = next((p for p in (out / member, *out.glob(f"*/{member}")) if p.is_dir()), None)
         if found is None:
             raise CarsTLError(
@@ -351,7 +352,7 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: _Source, prog
     owned = src.owned
     if (folder / "car_ims.tgz").is_file():
         base, owned = work / "extract-car_ims", True
-        safe_extract(folder / "car_ims.tgz", base, progress=progress)
+        safe_extract(folder / "car_ims.tgz", base, progress=progress, shown=src.name(folder / "car_ims.tgz"))
         show = lambda rel: f"{src.name(folder / 'car_ims.tgz')} (member {rel})"  # noqa: E731
     else:
         base = folder
