@@ -370,7 +370,7 @@ def prepare_dataset(
         with locks.writer_lock(root, "download"):
             return _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify, progress)
     except locks.LockedError as exc:
-        exc.hint = f"wait for that process to finish (or stop it), or download into another folder with --data-dir DIR"
+        exc.hint = "wait for that process to finish (or stop it), or download into another folder with --data-dir DIR"
         raise
     except OSError as exc:
         if exc.errno not in _DISK_FULL:

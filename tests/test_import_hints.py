@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import errno
 import os
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -35,7 +34,8 @@ def test_a_csv_class_disagreeing_with_its_folder_is_an_error_without_names_csv(d
     (source / "names.csv").unlink()
     manifest, _ = prepare_dataset(tmp_path / "ok", str(source))  # the rows agree with the folders: imported, with boxes
     assert manifest.has_boxes and manifest.counts() == {"train": 144, "test": 72}
-    rows = list(csv.reader(open(source / "anno_train.csv", newline="")))
+    with open(source / "anno_train.csv", newline="") as f:
+        rows = list(csv.reader(f))
     rows[0][5] = str(int(rows[0][5]) % 196 + 1)  # another class than its folder's
     with open(source / "anno_train.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)

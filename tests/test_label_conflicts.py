@@ -13,9 +13,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import json
-import os
 import shutil
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -185,7 +183,7 @@ def test_the_summary_says_it_in_one_line_and_inspect_lists_every_group(noisy, tm
         assert result.exit_code == 0, result.output
         assert "2 groups of identical images with different labels" in result.output
         for group in noisy["groups"]:
-            line = next(line for line in result.output.splitlines() if sorted(group)[0] in line)
+            line = next(line for line in result.output.splitlines() if min(group) in line)
             assert all(path in line for path in group)
     as_json = json.loads(CliRunner().invoke(app, ["inspect", str(tmp_path), "--json"]).output)
     assert as_json["type"] == "dataset" and as_json["label_conflicts"]["dropped"] == 4
