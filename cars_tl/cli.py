@@ -115,6 +115,9 @@ def download(
     splits: Annotated[str, typer.Option("--splits", help="train,test or train (a local copy without test labels: train only).")] = "train,test",
     test_labels: Annotated[Optional[Path], typer.Option(help="cars_test_annos_withlabels.mat for a copy without it (the Kaggle copy).")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Re-hash every image (SHA-256) instead of trusting sizes and mtimes; rebuild the manifest.")] = False,
+    label_conflicts: Annotated[str, typer.Option("--label-conflicts", help=(
+        "keep | drop: identical images carrying different labels (the official training split has 11 such pairs). "
+        "keep lists them in manifest.json (as published results include them); drop leaves every member out."))] = "keep",
     mirror: Annotated[Optional[List[str]], typer.Option(metavar="URL", help="Extra mirror base URL, tried first (repeatable).")] = None,
     mirror_list: Annotated[Optional[Path], typer.Option(help="JSON mirror list replacing the built-in one.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Instead of the dataset, fetch torchvision ImageNet weights into the torch cache: MODEL (its default) or MODEL:ENUM, e.g. resnet50:IMAGENET1K_V1.")] = None,
@@ -134,7 +137,7 @@ def download(
         return
     manifest, action = dl.prepare_dataset(
         data_dir, source, mirrors=mirror or [], mirror_list=mirror_list, splits=[s.strip() for s in splits.split(",") if s.strip()],
-        test_labels=test_labels, verify=verify, progress=progress(),
+        test_labels=test_labels, verify=verify, label_conflicts=label_conflicts, progress=progress(),
     )
     console.print(f"{action}: {data.summary(manifest)}", highlight=False, soft_wrap=True)
 
@@ -440,10 +443,10 @@ def knn(
 
 @command("inspect")
 def inspect(
-    paths: Annotated[List[Path], typer.Argument(help="A feature cache (.h5) or a run directory; two caches (or two runs) are compared.")],
+    paths: Annotated[List[Path], typer.Argument(help="A feature cache (.h5), a run directory or a data folder (its manifest); two caches (or two runs) are compared.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ):
-    """Look inside a feature cache or a run: provenance, splits, skipped images, feature statistics, final metrics."""
+    """Look inside a feature cache, a run or a data folder: provenance, splits, skipped images, feature statistics, final metrics, label conflicts."""
     import json
 
     from cars_tl.console import out as stdout

@@ -22,7 +22,14 @@ and writes, beside them, the manifest that every later stage reads instead of th
     class names, counts, the number of clipped boxes, the fingerprint (SHA-256 of manifest.csv)
     that every artifact records, the SHA-256 of the devkit files it was built from, where the data
     came from (``origin``: source, layout), whether it has boxes, its splits, duplicate images
-    (``duplicates``), and each image's mtime (``mtime_ns``, in manifest order).
+    (``duplicates``), identical images carrying different labels (``label_conflicts``), and each
+    image's mtime (``mtime_ns``, in manifest order).
+
+Identical images with different labels (byte-identical files, within a split or across splits) are
+a known flaw of the official data (11 such pairs in its training split). They are accepted and
+listed under ``label_conflicts`` (policy ``keep``, the default: numbers stay comparable with
+published ones), or every member of each such group is left out of the manifest (policy ``drop``,
+``cars-tl download --label-conflicts drop``: recorded in ``origin``; the fingerprint changes).
 
 :func:`load_manifest` checks, cheaply, that nothing changed since: the fingerprint, each image's
 size and mtime (a ``stat`` per image), and every row against the devkit annotations (so a hand
@@ -53,6 +60,7 @@ MANIFEST_CSV = "manifest.csv"
 MANIFEST_JSON = "manifest.json"
 MANIFEST_VERSION = 2
 ORIGIN_FILE = ".cars_tl_source.json"  # inside stanford_cars/: where the data came from (written by download)
+LABEL_CONFLICT_POLICIES = ("keep", "drop")  # identical images with different labels: listed, or left out
 SPLITS = ("train", "test")
 COLUMNS = ("index", "split", "path", "label", "class_name", "x1", "y1", "x2", "y2", "width", "height", "bytes", "sha256")
 DEVKIT_FILES = {
@@ -377,6 +385,8 @@ def download_command(data_dir: Path, origin: dict, splits: Sequence[str] | None 
         command += " --splits " + ",".join(splits)
     if origin.get("test_labels") and "test" in splits:
         command += f" --test-labels {shlex.quote(str(origin['test_labels']))}"
+    if origin.get("label_conflicts", "keep") != "keep":
+        command += f" --label-conflicts {origin['label_conflicts']}"
     return command
 
 
@@ -414,22 +424,36 @@ def _clip(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int,
     return (max(1, x1), max(1, y1), min(width, x2), min(height, y2))
 
 
+def check_label_conflicts(policy: str) -> str:
+    if policy not in LABEL_CONFLICT_POLICIES:
+        raise CarsTLError(
+            f"--label-conflicts {policy!r} is not a policy; valid: {', '.join(LABEL_CONFLICT_POLICIES)} "
+            "(keep lists identical images with different labels, drop leaves them out)",
+            "cars-tl download --label-conflicts keep   (or drop)",
+        )
+    return policy
+
+
 def build_manifest(
     data_dir: Path,
     *,
     source_names: dict[str, str] | None = None,
     shown_data_dir: Path | None = None,
+    label_conflicts: str | None = None,
     progress=None,
 ) -> Manifest:
     """Validate the dataset under ``data_dir`` once and write its manifest (atomically).
 
     Every problem is collected and reported in one error naming files and counts: missing or
-    duplicate images, unreadable .mat, labels out of range, empty boxes, identical images with
-    different labels within a split. Boxes overshooting the image edge are clipped and counted.
-    Every image is hashed (SHA-256): the fingerprint covers the pixels, and images identical
-    across splits are counted (a leak check). ``source_names`` maps a path of the dataset to the
-    file it was imported from, so that errors name what the user can fix; ``shown_data_dir`` is
-    the data folder named in hints when ``data_dir`` is a staging folder.
+    duplicate images, unreadable .mat, labels out of range, empty boxes. Boxes overshooting the
+    image edge are clipped and counted. Every image is hashed (SHA-256): the fingerprint covers
+    the pixels, images identical across splits with the same label are counted (a leak check),
+    and groups of identical images with different labels (within or across splits) are listed
+    under ``label_conflicts``, kept or, with policy ``drop``, left out whole. ``label_conflicts``
+    (keep or drop) overrides the policy recorded in the origin (and is recorded there).
+    ``source_names`` maps a path of the dataset to the file it was imported from, so that errors
+    name what the user can fix; ``shown_data_dir`` is the data folder named in hints when
+    ``data_dir`` is a staging folder.
     """
     from cars_tl.progress import NULL
 
@@ -442,17 +466,27 @@ def build_manifest(
             f"cars-tl download --data-dir {data_dir} (or --source demo for a generated one)",
         )
     origin = read_origin(root)
+    policy = check_label_conflicts(label_conflicts or origin.get("label_conflicts", "keep"))
+    if policy != origin.get("label_conflicts", "keep"):  # asked for another policy than recorded: record it
+        origin = {k: v for k, v in origin.items() if k != "label_conflicts"}
+        if policy != "keep":
+            origin["label_conflicts"] = policy
+        atomic_write_bytes(root / ORIGIN_FILE, json.dumps(origin).encode())
     splits = tuple(s for s in SPLITS if s in origin.get("splits", SPLITS))
     paths = _devkit_paths(root, splits)
     class_names = read_class_names(paths["meta"])
     annotations = _annotations(paths, splits)
     problems: dict[str, list[str]] = {
         "missing images": [], "duplicate images": [], "labels out of range": [],
-        "empty boxes": [], "unreadable images": [], "identical images with different labels": [],
+        "empty boxes": [], "unreadable images": [],
     }
 
     def shown(rel: str) -> str:
-        return (source_names or {}).get(rel, rel)
+        names = source_names or {}
+        if rel in names:
+            return names[rel]
+        folder = rel.split("/")[0] + "/"
+        return f"{rel} (not in {names[folder]})" if folder in names else rel
 
     records: list[Record] = []
     mtimes: list[int] = []
@@ -490,20 +524,6 @@ def build_manifest(
                     Record(len(records), split, rel, label, class_names[label], box, width, height, stat.st_size, file_sha256(image_path))
                 )
                 mtimes.append(stat.st_mtime_ns)
-    by_digest: dict[str, list[Record]] = {}
-    for r in records:
-        by_digest.setdefault(r.sha256, []).append(r)
-    within_splits, across = 0, []
-    for group in by_digest.values():
-        for split in splits:
-            same = [r for r in group if r.split == split]
-            if len({r.label for r in same}) > 1:
-                problems["identical images with different labels"].append(
-                    " = ".join(f"{shown(r.path)} ({r.class_name})" for r in same)
-                )
-            within_splits += max(0, len(same) - 1)
-        if "test" in splits and any(r.split == "train" for r in group):
-            across += [(next(r for r in group if r.split == "train"), r) for r in group if r.split == "test"]
     found = {k: v for k, v in problems.items() if v}
     if found:
         lines = [f"dataset under {STANFORD_DIR}/ failed validation ({', '.join(paths[s].name for s in splits)}; {describe_origin(origin)}):"]
@@ -515,6 +535,17 @@ def build_manifest(
             if origin.get("source") == "path" else f"re-run {download_command(shown_dir, origin)} to fetch a clean copy"
         )
         raise CarsTLError("\n".join(lines), fix)
+
+    conflicts = _label_conflicts(records, shown)
+    dropped = 0
+    if policy == "drop":
+        gone = {g["sha256"] for g in conflicts}
+        kept = [(r, m) for r, m in zip(records, mtimes) if r.sha256 not in gone]
+        dropped = len(records) - len(kept)
+        records = [dataclasses.replace(r, index=i) for i, (r, _) in enumerate(kept)]
+        mtimes = [m for _, m in kept]
+        origin = dict(origin, label_conflicts="drop", label_conflicts_dropped=dropped)
+    within_splits, across = _same_label_duplicates(records, splits)
 
     csv_bytes = _manifest_csv(records)
     has_boxes = bool(origin.get("boxes", True))
@@ -534,12 +565,85 @@ def build_manifest(
             "across_splits_examples": [[a.path, b.path] for a, b in across[:10]],
             "within_splits_same_label": within_splits,
         },
+        "label_conflicts": {
+            "policy": policy,
+            "groups": len(conflicts),
+            "within_split": sum(g["within_split"] for g in conflicts),
+            "across_splits": sum(g["across_splits"] for g in conflicts),
+            "images": sum(len(g["images"]) for g in conflicts),
+            "dropped": dropped,
+            "list": conflicts,
+        },
         "devkit_sha256": {str(p.relative_to(root)): file_sha256(p) for p in paths.values()},
         "mtime_ns": mtimes,
     }
     atomic_write_bytes(root / MANIFEST_CSV, csv_bytes)
     atomic_write_bytes(root / MANIFEST_JSON, json.dumps(meta, indent=1).encode())
     return manifest
+
+
+def _label_conflicts(records: Sequence[Record], shown: Callable[[str], str]) -> list[dict]:
+    """Groups of byte-identical images (same SHA-256) carrying more than one label, in manifest order.
+
+    ``within_split``: two labels inside one split; ``across_splits``: a test image whose label
+    differs from a train image's. ``source`` names the file the image was imported from.
+    """
+    by_digest: dict[str, list[Record]] = {}
+    for r in records:
+        by_digest.setdefault(r.sha256, []).append(r)
+    groups = []
+    for digest, group in by_digest.items():
+        if len({r.label for r in group}) < 2:
+            continue
+        train_labels = {r.label for r in group if r.split == "train"}
+        groups.append({
+            "sha256": digest,
+            "within_split": any(len({r.label for r in group if r.split == s}) > 1 for s in SPLITS),
+            "across_splits": any(r.split == "test" and train_labels - {r.label} for r in group),
+            "images": [
+                {"path": r.path, "split": r.split, "label": r.label, "class_name": r.class_name}
+                | ({"source": shown(r.path)} if shown(r.path) != r.path else {})
+                for r in group
+            ],
+        })
+    return groups
+
+
+def _same_label_duplicates(records: Sequence[Record], splits: Sequence[str]) -> tuple[int, list[tuple[Record, Record]]]:
+    """Identical images with the same label: extra copies within a split, and (train, test) pairs (a leak)."""
+    by_digest: dict[str, list[Record]] = {}
+    for r in records:
+        by_digest.setdefault(r.sha256, []).append(r)
+    within, across = 0, []
+    for group in by_digest.values():
+        for split in splits:
+            labels = [r.label for r in group if r.split == split]
+            within += len(labels) - len(set(labels))
+        if "test" in splits:
+            train: dict[int, Record] = {}
+            for r in group:
+                if r.split == "train":
+                    train.setdefault(r.label, r)
+            across += [(train[r.label], r) for r in group if r.split == "test" and r.label in train]
+    return within, across
+
+
+def describe_label_conflicts(info: dict | None, limit: int | None = 5) -> list[str]:
+    """Lines about the ``label_conflicts`` of a manifest.json: a count, then one line per group."""
+    if not isinstance(info, dict) or not info.get("groups"):
+        return []
+    groups = info.get("list") or []
+    fate = (f"dropped: {info.get('dropped', 0)} images left out of the manifest" if info.get("policy") == "drop"
+            else "kept, as in the official data and published results")
+    lines = [
+        f"{info['groups']} groups of identical images with different labels (label noise; "
+        f"{info.get('within_split', 0)} within a split, {info.get('across_splits', 0)} across splits; {fate})"
+    ]
+    for g in groups[:limit] if limit is not None else groups:
+        lines.append(" = ".join(f"{i['split']} {i['path']} ({i['class_name']})" for i in g.get("images", [])))
+    if limit is not None and len(groups) > limit:
+        lines.append(f"... {len(groups) - limit} more (manifest.json, label_conflicts)")
+    return lines
 
 
 def _manifest_csv(records: Iterable[Record]) -> bytes:
@@ -609,19 +713,23 @@ def load_manifest(data_dir: Path, *, check_files: bool = True) -> Manifest:
         splits, bool(meta.get("boxes", True)), origin,
     )
     if check_files:
-        _check_against_devkit(manifest, rebuild)
+        conflicts = meta.get("label_conflicts") if isinstance(meta.get("label_conflicts"), dict) else {}
+        dropped = {i["path"] for g in conflicts.get("list", []) for i in g["images"]} if origin.get("label_conflicts") == "drop" else set()
+        _check_against_devkit(manifest, rebuild, dropped)
         _check_images(manifest, meta.get("mtime_ns"), rebuild)
     return manifest
 
 
-def _check_against_devkit(manifest: Manifest, rebuild: str) -> None:
-    """Every manifest row as the devkit says: the same images, splits, labels, names and boxes."""
+def _check_against_devkit(manifest: Manifest, rebuild: str, dropped: set[str] = frozenset()) -> None:
+    """Every manifest row as the devkit says: the same images, splits, labels, names and boxes
+    (less the ``dropped`` images: identical images with different labels, left out on request)."""
     root = manifest.root
     paths = _devkit_paths(root, manifest.splits)
     class_names = read_class_names(paths["meta"])
     expected = {
         f"{IMAGE_DIRS[split]}/{row['fname']}": (split, row)
         for split, rows in _annotations(paths, manifest.splits).items() for row in rows
+        if f"{IMAGE_DIRS[split]}/{row['fname']}" not in dropped
     }
     wrong: list[str] = []
     if class_names != manifest.class_names:
@@ -708,4 +816,7 @@ def summary(manifest: Manifest) -> str:
     across = meta.get("duplicates", {}).get("across_splits", 0)
     if across:
         text += f", {across} test images identical to train images (listed in manifest.json)"
+    conflicts = describe_label_conflicts(meta.get("label_conflicts"), limit=0)
+    if conflicts:
+        text += f"\n{conflicts[0]}: listed in {manifest.root / MANIFEST_JSON} (label_conflicts) and by cars-tl inspect {manifest.root.parent}"
     return text

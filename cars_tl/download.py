@@ -18,6 +18,7 @@ Nothing here prints, and torch is imported only inside :func:`download_weights`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -48,6 +49,7 @@ USER_AGENT = "cars-tl/0.1 (python urllib)"
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's convention: resnet50-11ad3fa6.pth
 _WELL_KNOWN_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large", "regnet_y_800mf", "swin_t", "vit_b_16")
 RECONNECT_TRIES = 3  # a refused connection after bytes arrived: the server may be restarting
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # writing the data folder failed: not the network's fault
 
 
 class DownloadError(CarsTLError):
@@ -197,6 +199,8 @@ def _stream(url, part: Path, *, size, checks, progress, retries, timeout) -> dic
                     time.sleep(min(0.5 * 2 ** (refusals - 1), 8))
                     continue
             except (_Transient, OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                    raise  # our disk, not the network: retrying cannot help (prepare_dataset says where and how much)
                 reason = str(exc) or type(exc).__name__
             failures = 0 if offset > before else failures + 1
             if failures > retries:
@@ -295,12 +299,13 @@ def _fetch_split_files(bases: list[tuple[str, str]], files: dict, folder: Path, 
 # --------------------------------------------------------------------------- the dataset
 
 
-def _origin(source: str, splits: tuple[str, ...], test_labels: Path | None) -> dict:
+def _origin(source: str, splits: tuple[str, ...], test_labels: Path | None, label_conflicts: str = "keep") -> dict:
     """Where ``source`` takes the data from, as recorded in ``data.ORIGIN_FILE``; rejects bad sources."""
+    policy = {} if label_conflicts == "keep" else {"label_conflicts": label_conflicts}
     if source == "demo":
-        return {"source": "demo"}
+        return {"source": "demo", **policy}
     if source == "auto" or _is_http(source):
-        return {"source": "download"}
+        return {"source": "download", **policy}
     path = Path(source).expanduser() if source else None
     if path is None or not path.exists():
         raise CarsTLError(
@@ -310,10 +315,12 @@ def _origin(source: str, splits: tuple[str, ...], test_labels: Path | None) -> d
     origin = {"source": "path", "path": str(path.resolve()), "splits": list(splits)}
     if test_labels is not None:
         origin["test_labels"] = str(Path(test_labels).expanduser().resolve())
-    return origin
+    return {**origin, **policy}
 
 
 def _satisfied(installed: dict, wanted: dict) -> bool:
+    if installed.get("label_conflicts", "keep") != wanted.get("label_conflicts", "keep"):
+        return False
     if wanted["source"] == "download":  # any real copy will do; only demo data is not the real thing
         return installed.get("source") != "demo"
     keys = ("source", "path", "test_labels")
@@ -330,6 +337,7 @@ def prepare_dataset(
     splits: Sequence[str] = data.SPLITS,
     test_labels: Path | None = None,
     verify: bool = False,
+    label_conflicts: str = "keep",
     progress: Progress = NULL,
 ) -> tuple[data.Manifest, str]:
     """Put Stanford Cars into ``<data_dir>/stanford_cars`` and write its manifest.
@@ -341,6 +349,8 @@ def prepare_dataset(
     done: "already verified", "verified", "generated", "imported" or "downloaded". A dataset
     from the same source whose images' sizes and mtimes are as recorded makes this a fast
     no-op; ``verify`` re-hashes every image instead (SHA-256) and rebuilds the manifest.
+    ``label_conflicts``: ``keep`` (the default) lists identical images with different labels in
+    the manifest; ``drop`` leaves every member of such a group out (see :mod:`cars_tl.data`).
     Holds the writer lock of ``<data_dir>/stanford_cars`` throughout: a second download into
     the same folder fails at once, and what a killed one left behind is removed.
     """
@@ -353,11 +363,69 @@ def prepare_dataset(
                 f"--splits and --test-labels apply to a local copy (--source PATH), not to --source {source}",
                 "cars-tl download --source /path/to/your/copy --splits train",
             )
-    wanted = _origin(source, splits, test_labels)
+    wanted = _origin(source, splits, test_labels, data.check_label_conflicts(label_conflicts))
     _check_mirror_urls(mirrors)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with locks.writer_lock(root, "download"):
-        return _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify, progress)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with locks.writer_lock(root, "download"):
+            return _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify, progress)
+    except locks.LockedError as exc:
+        exc.hint = "wait for that process to finish (or stop it), or download into another folder with --data-dir DIR"
+        raise
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise _storage_failure(exc, data_dir, wanted) from None
+    except CarsTLError as exc:  # a full disk met while writing a manifest file (atomic_path's message)
+        cause = exc.__context__
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL and not isinstance(exc, DownloadError):
+            raise _storage_failure(cause, data_dir, wanted) from None
+        raise
+
+
+def _space_needed(wanted: dict) -> int | None:
+    """Roughly how many bytes a download from ``wanted`` writes into the data folder (None: unknown)."""
+    if wanted["source"] == "download":
+        try:
+            sizes = [entry.get("size") for entry in load_mirror_list()["files"].values()]
+        except CarsTLError:
+            return None
+        return 2 * sum(sizes) if all(sizes) else None  # the archives, then the images extracted from them
+    if wanted["source"] == "path":
+        path = Path(wanted["path"])
+        if path.is_file():
+            from cars_tl.archives import uncompressed_size
+
+            try:
+                return path.stat().st_size + uncompressed_size(path)
+            except (CarsTLError, OSError):
+                return None
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return None
+
+
+def _storage_failure(exc: OSError, data_dir: Path, wanted: dict) -> CarsTLError:
+    """A full disk (or quota, read-only folder) while preparing the dataset, said in the data folder's terms."""
+    where = data_dir.resolve()
+    try:
+        free = f"{shutil.disk_usage(where).free / 1e9:,.2f} GB free there"
+    except OSError:
+        free = "free space unknown"
+    needed = _space_needed(wanted)
+    need = f"about {needed / 1e9:,.2f} GB needed" if needed else "the dataset needs about 2 GB (4 GB while its archives are kept)"
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CarsTLError(
+            f"cannot write the dataset into {where}: {reason} ({need}, {free})",
+            f"free space on the disk holding {where}, or pass another --data-dir on a disk with room; "
+            "then rerun the same cars-tl download (verified archives are kept)",
+        )
+    if exc.errno == errno.EFBIG:
+        return CarsTLError(
+            f"cannot write the dataset into {where}: {reason} (a file is larger than this process may write)",
+            "raise the limit (ulimit -f unlimited), then rerun the same cars-tl download",
+        )
+    return CarsTLError(f"cannot write the dataset into {where}: {reason}", f"make {where} writable, or pass another --data-dir")
 
 
 def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify, progress) -> tuple[data.Manifest, str]:
@@ -365,9 +433,10 @@ def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify
     satisfied = root.is_dir() and _satisfied(installed, wanted)
     if satisfied and not verify and data.manifest_is_current(data_dir):
         return data.load_manifest(data_dir), "already verified"
+    policy = wanted.get("label_conflicts", "keep")
     if satisfied and verify and root.is_dir():
         try:  # the files are in place: hashing them all is the verification
-            return data.build_manifest(data_dir, progress=progress), "verified"
+            return data.build_manifest(data_dir, label_conflicts=policy, progress=progress), "verified"
         except CarsTLError:
             pass  # fetch or import a fresh copy below
     if wanted["source"] == "demo":
@@ -389,7 +458,7 @@ def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify
     invalid = None
     if layouts.devkit_parts(root) and installed["source"] != "demo":
         try:  # placed by hand: a valid copy needs only its manifest
-            return data.build_manifest(data_dir, progress=progress), "verified"
+            return data.build_manifest(data_dir, label_conflicts=policy, progress=progress), "verified"
         except CarsTLError as exc:
             invalid = exc
     bases = [("--mirror", m) for m in mirrors]

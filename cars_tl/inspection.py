@@ -4,6 +4,8 @@ For a cache: provenance (backbone, weights and their SHA-256, transform, dataset
 versions, options), splits and counts, skipped images, and per split the feature statistics
 (dimension, mean L2 norm, fraction of exact zeros, vectors and values that are NaN or Inf).
 For a run: what ``metrics.json`` says it is, its status and final metrics, and its saved predictions.
+For a data folder (or its ``stanford_cars/`` or ``manifest.json``): what the manifest records: counts,
+fingerprint, origin, duplicate images and every group of identical images with different labels.
 Two caches of the same images are compared image by image (cosine similarity over the ids they
 share, min and mean) along with the attributes and options that differ; two runs, by config and result.
 
@@ -136,8 +138,37 @@ def compare_runs(a: Path, b: Path) -> dict:
     }
 
 
+def _manifest_json(path: Path) -> Path | None:
+    """The manifest.json that a data folder, its stanford_cars/ or the file itself names."""
+    from cars_tl import data
+
+    for candidate in (path / data.STANFORD_DIR / data.MANIFEST_JSON, path / data.MANIFEST_JSON):
+        if path.is_dir() and candidate.is_file():
+            return candidate
+    return path if path.is_file() and path.name == data.MANIFEST_JSON else None
+
+
+def inspect_dataset(path: Path) -> dict:
+    """What a dataset's manifest.json records (read as it is: ``download --verify`` checks the images)."""
+    manifest_json = _manifest_json(Path(path))
+    try:
+        meta = json.loads(manifest_json.read_text())
+    except (OSError, ValueError) as exc:
+        raise CarsTLError(f"cannot read {manifest_json}: {exc}", "rebuild it: cars-tl download --data-dir DIR --verify") from None
+    if not isinstance(meta, dict):
+        raise CarsTLError(f"{manifest_json} is not a cars_tl manifest", "rebuild it: cars-tl download --data-dir DIR --verify")
+    return {
+        "type": "dataset", "path": str(manifest_json), "fingerprint": meta.get("fingerprint"), "counts": meta.get("counts"),
+        "classes": len(meta.get("class_names") or []), "origin": meta.get("origin"), "boxes": meta.get("boxes"),
+        "clipped_boxes": meta.get("clipped_boxes"), "duplicates": meta.get("duplicates"),
+        "label_conflicts": meta.get("label_conflicts"),
+    }
+
+
 def _kind_of(path: Path) -> str:
     path = Path(path)
+    if _manifest_json(path) is not None:
+        return "dataset"
     if path.is_dir():
         if (path / runs.METRICS).is_file():
             return "run"
@@ -155,7 +186,10 @@ def inspect_paths(paths: list[Path]) -> dict:
         raise CarsTLError(f"inspect takes one or two paths, got {len(paths)}", "cars-tl inspect A.h5 [B.h5]")
     kinds = [_kind_of(p) for p in paths]
     if len(paths) == 1:
-        return inspect_cache(paths[0]) if kinds[0] == "cache" else inspect_run(paths[0])
+        return {"cache": inspect_cache, "run": inspect_run, "dataset": inspect_dataset}[kinds[0]](paths[0])
+    if "dataset" in kinds:
+        raise CarsTLError(f"inspect compares two caches or two runs, not data folders: {paths[0]} vs {paths[1]}",
+                          f"inspect one data folder at a time: cars-tl inspect {paths[kinds.index('dataset')]}")
     if kinds[0] != kinds[1]:
         raise CarsTLError(f"cannot compare a {kinds[0]} with a {kinds[1]}: {paths[0]} vs {paths[1]}",
                           "compare two feature caches, or two run directories")
@@ -194,6 +228,14 @@ def render_text(result: dict) -> str:
             lines.append(f"  [{name}] {s['count']} images, {s['classes_present']} classes present, {len(s['skipped'])} skipped")
             lines += [f"      skipped {k['path']}: {k['reason']}" for k in s["skipped"][:10]]
             lines.append("      " + _stats_line(s["features"]))
+    elif kind == "dataset":
+        from cars_tl.data import describe_label_conflicts
+
+        for key in ("fingerprint", "counts", "classes", "origin", "boxes", "clipped_boxes", "duplicates"):
+            lines.append(f"  {key:<20} {_value(result.get(key))}")
+        conflicts = describe_label_conflicts(result.get("label_conflicts"), limit=None)
+        lines.append(f"  {'label conflicts':<20} " + (conflicts[0] if conflicts else "none (no identical images with different labels)"))
+        lines += [f"      {line}" for line in conflicts[1:]]
     elif kind == "run":
         for key in ("kind", "name", "status", "error", "created", "finished", "wall_time_s", "device", "model_file", "epochs_recorded"):
             if result.get(key) is not None:

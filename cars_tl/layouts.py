@@ -109,6 +109,10 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copyfile(src, dst)
 
 
+class _CopyFailed(Exception):
+    """The first failed copy of a folder copy, its OSError (a full disk) kept intact."""
+
+
 def _transfer(src: Path, dst: Path, owned: bool, progress: Progress) -> None:
     """Move what we extracted ourselves; link-or-copy the user's files (never move them)."""
     if owned:
@@ -117,10 +121,16 @@ def _transfer(src: Path, dst: Path, owned: bool, progress: Progress) -> None:
         with progress.task(f"copy {src.name}", total=sum(1 for _ in src.rglob("*")), unit="files") as task:
 
             def copy(s, d):
-                _link_or_copy(s, d)
+                try:
+                    _link_or_copy(s, d)
+                except OSError as exc:  # copytree would collect it into a shutil.Error without its errno
+                    raise _CopyFailed(exc) from None
                 task.advance(1)
 
-            shutil.copytree(src, dst, copy_function=copy)
+            try:
+                shutil.copytree(src, dst, copy_function=copy)
+            except _CopyFailed as failed:
+                raise failed.args[0] from None
     else:
         _link_or_copy(src, dst)
 
@@ -129,7 +139,8 @@ def _sources_of(stage: Path, staged_dir: str, origin: Path, src: _Source) -> dic
     folder = stage / staged_dir
     if not folder.is_dir():
         return {}
-    return {f"{staged_dir}/{p.name}": src.name(origin / p.name) for p in folder.iterdir()}
+    # The folder itself too: an image missing from it is named as missing from the user's folder (or member).
+    return {f"{staged_dir}/": src.name(origin), **{f"{staged_dir}/{p.name}": src.name(origin / p.name) for p in folder.iterdir()}}
 
 
 # --------------------------------------------------------------------------- detection
@@ -154,13 +165,17 @@ def devkit_parts(folder: Path) -> dict | None:
     return {"devkit": devkit, "images": images, "layout": "torchvision" if flat else "kaggle"}
 
 
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
 def _class_folder_parts(folder: Path) -> dict | None:
+    """train/<class>/ (and test/<class>/) when some class folder of train/ holds an image (every one is looked at)."""
     train = folder / "train"
     if not train.is_dir():
         return None
-    for sub in sorted(train.iterdir())[:5]:
-        if sub.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in sub.iterdir()):
-            return {"train": train, "test": folder / "test" if (folder / "test").is_dir() else None}
+    if any(sub.is_dir() and _has_images(sub) for sub in train.iterdir()):
+        return {"train": train, "test": folder / "test" if (folder / "test").is_dir() else None}
     return None
 
 
@@ -209,6 +224,14 @@ def _near_misses(folder: Path) -> list[str]:
         missing = [name for name, present in items.items() if not present]
         if 0 < len(missing) < len(items):
             misses.append(f"{folder} looks like the {layout} layout but lacks {', '.join(missing)}")
+    train = folder / "train"
+    if train.is_dir():  # class folders without a single image
+        classes = [d for d in train.iterdir() if d.is_dir()]
+        if classes and not any(_has_images(d) for d in classes):
+            misses.append(f"{train} holds {len(classes)} class folders, but all {len(classes)} are empty "
+                          f"(no {', '.join(IMAGE_SUFFIXES)} files in them)")
+        elif not classes and _has_images(train):
+            misses.append(f"{train} holds images directly: the class folders layout needs one folder per class (train/<class name>/*.jpg)")
     return misses
 
 
@@ -296,7 +319,7 @@ def import_split_archives(folder: Path, stage: Path, work: Path, src: _Source | 
     sources = {}
     for archive, member in SPLIT_ARCHIVES.items():
         out = work / f"extract-{member}"
-        safe_extract(folder / archive, out, progress=progress)
+        safe_extract(folder / archive, out, progress=progress, shown=src.name(folder / archive))
         found = next((p for p in (out / member, *out.glob(f"*/{member}")) if p.is_dir()), None)
         if found is None:
             raise CarsTLError(
@@ -351,7 +374,7 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: _Source, prog
     owned = src.owned
     if (folder / "car_ims.tgz").is_file():
         base, owned = work / "extract-car_ims", True
-        safe_extract(folder / "car_ims.tgz", base, progress=progress)
+        safe_extract(folder / "car_ims.tgz", base, progress=progress, shown=src.name(folder / "car_ims.tgz"))
         show = lambda rel: f"{src.name(folder / 'car_ims.tgz')} (member {rel})"  # noqa: E731
     else:
         base = folder
@@ -455,6 +478,7 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: _Source, p
     csv_labels = match_to_canonical(csv_names, src.name(names_csv)) if csv_names else {}
     boxes_from = {s: _ancestor_file(folder, f"anno_{s}.csv", src.root) for s in src.splits}
     has_boxes = all(boxes_from.values())
+    canonical = canonical_names()
     rows: dict[str, list[dict]] = {}
     sources: dict[str, str] = {}
     for split in src.splits:
@@ -481,6 +505,19 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: _Source, p
                         )
                     seen[path.name] = path
                     line, box, csv_class = entry
+                    if csv_class is not None and not csv_names:  # no names.csv: the devkit's 1-based classes (canonical order)
+                        if not 1 <= csv_class <= len(canonical):
+                            raise CarsTLError(
+                                f"{src.name(boxes_from[split])} line {line}: class {csv_class} is outside 1..{len(canonical)} "
+                                "(without names.csv, classes are the devkit's 1-based numbers)",
+                                "fix the row, or put the names.csv that numbers these classes beside the CSV files",
+                            )
+                        if csv_class - 1 != label:
+                            raise CarsTLError(
+                                f"{src.name(boxes_from[split])} line {line} gives {path.name} class {csv_class} "
+                                f"({canonical[csv_class - 1]!r} in the devkit's numbering; no names.csv) but it lies in the folder {class_name!r}",
+                                "move the image to its class folder or fix the row (or add the names.csv that numbers these classes)",
+                            )
                     if csv_names and csv_class is not None:
                         if not 1 <= csv_class <= len(csv_names):
                             raise CarsTLError(f"{src.name(boxes_from[split])} line {line}: class {csv_class} is outside 1..{len(csv_names)} of {src.name(names_csv)}")

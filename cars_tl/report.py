@@ -472,6 +472,24 @@ def plot_test_curves(complete: list[dict], path: Path) -> bool:
     return True
 
 
+NOISE_NOTE = ". Per-class results and confusions of these classes partly measure label noise, not the model."
+
+
+def label_noise(data_dir: Path | None, fingerprints: set[str]) -> list[str]:
+    """The runs' dataset's identical images with different labels (its manifest.json), as lines; [] when none or unknown."""
+    if data_dir is None:
+        return []
+    from cars_tl import data
+
+    try:
+        meta = json.loads((data.stanford_root(Path(data_dir)) / data.MANIFEST_JSON).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(meta, dict) or (fingerprints and meta.get("fingerprint") not in fingerprints):
+        return []
+    return data.describe_label_conflicts(meta.get("label_conflicts"), limit=5)
+
+
 class Thumbnails:
     """Small JPEG thumbnails of manifest images, as data URIs; empty when no matching manifest."""
 
@@ -648,6 +666,7 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
         confusions[m["slug"]] = confused_pairs(p)
     gallery = gallery_ids([predictions[m["slug"]] for m in analysed])
 
+    noise = label_noise(data_dir, {(m.get("inputs") or {}).get("dataset_fingerprint") for m in complete} - {None})
     note = ("Losses are mean cross-entropy per image; accuracies in %. `best epoch` is the epoch whose model was kept "
             "(see each run's metrics.json for how it was selected). `selected on` says what a run's number was chosen on: "
             f"`test †` ({TEST_MARK}: the best epoch or kernel by test accuracy, optimistic; hatched in the chart, with the "
@@ -658,6 +677,8 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
 
     # ---- Markdown
     text = ["# cars_tl report", "", note]
+    if noise:
+        text += ["", "## Dataset", "", md(noise[0] + NOISE_NOTE), "", *(f"- {md(line)}" for line in noise[1:])]
     legend = "; ".join(f"{k}: {v}" for k, v in GROUP_TITLES.items())
     if has_headline:
         text += ["", "## Test accuracy by model", "", f"![test accuracy by model]({headline.name})", "", md(legend)]
@@ -702,6 +723,9 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
 
     # ---- HTML
     parts = ["<h1>cars_tl report</h1>", f"<p>{esc(note)}</p>", _toc(has_headline, bool(make_rows), bool(gallery))]
+    if noise:
+        parts += ["<h2 id='dataset'>Dataset</h2>", f"<p>{esc(noise[0] + NOISE_NOTE)}</p>",
+                  "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in noise[1:]) + "</ul>"]
     if has_headline:
         parts += ["<h2 id='headline'>Test accuracy by model</h2>", _png(headline, "test accuracy by model"), f"<p>{esc(legend)}</p>"]
     parts += ["<h2 id='comparison'>Comparison</h2>", _html_table(COLUMNS, rows) if rows else "<p>No complete runs.</p>"]
@@ -739,6 +763,7 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
         "runs": rows, "seed_groups": [{k: v for k, v in g.items() if k != "key"} for g in groups], "kernels": kernels,
         "knn": knn_rows, "make_level": {m["name"]: m["make_level"] for m in analysed},
         "confusions": {m["name"]: confusions[m["slug"]] for m in analysed}, "gallery_ids": gallery, "incomplete": problems,
+        "label_noise": noise,
     }
     atomic_write_text(files["json"], json.dumps(summary, indent=2, default=str))
     return {"rows": rows, "columns": COLUMNS, "groups": groups, "kernels": kernels, "knn": knn_rows, "problems": problems,

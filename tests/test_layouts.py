@@ -271,7 +271,7 @@ def test_mixed_layouts_in_one_folder_are_an_error(tmp_path, demo_ref, occupied):
     assert "torchvision" in error.message and "class folders" in error.message
 
 
-def test_duplicates_across_splits_are_counted_and_within_a_split_checked(tmp_path, demo_ref, occupied):
+def test_duplicates_across_splits_are_counted_and_label_conflicts_listed(tmp_path, demo_ref, occupied):
     source = class_folders(demo_ref, tmp_path / "folders")
     test_image = next(r for r in demo_ref.records if r.split == "test")
     train_dir = source / "car_data" / "car_data" / "train"
@@ -284,11 +284,15 @@ def test_duplicates_across_splits_are_counted_and_within_a_split_checked(tmp_pat
     assert meta["duplicates"]["across_splits"] == 1 and len(meta["duplicates"]["across_splits_examples"]) == 1
     assert meta["duplicates"]["within_splits_same_label"] == 1
     assert "1 test images identical to train images" in data.summary(manifest)
-    # The same bytes twice in train with the same label: allowed; with another label: an error.
+    # The same bytes twice in train with the same label: allowed; with another label: listed (label noise), not an error.
     other = next(n for n in DEMO_CLASSES if n != test_image.class_name).replace("/", "-")
     shutil.copyfile(demo_ref.root / test_image.path, train_dir / other / "leak2.jpg")
-    error = fail_leaving_unchanged(occupied, source, "identical images with different labels")
-    assert "leak.jpg" in error.message and "leak2.jpg" in error.message  # the source files, not staged copies
+    manifest, _ = prepare_dataset(tmp_path / "noisy", str(source))
+    conflicts = json.loads((manifest.root / data.MANIFEST_JSON).read_text())["label_conflicts"]
+    assert conflicts["groups"] == 1 and conflicts["within_split"] == 1 and conflicts["across_splits"] == 1
+    sources = [i["source"] for i in conflicts["list"][0]["images"]]
+    assert any(s.endswith("leak.jpg") for s in sources) and any(s.endswith("leak2.jpg") for s in sources)  # the source files
+    assert not any(".tmp-" in s for s in sources)
 
 
 def test_a_bad_image_is_named_by_its_source_file(tmp_path, demo_ref, occupied):
