@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader, Subset
 from cars_tl import backbones, data, runtime
 from cars_tl.errors import CarsTLError
 
-
 DATA_PATH_ENV = "CARS_TL_DATA_PATH"  # internal: "accelerator" or "cpu" overrides the device's choice
 
 

@@ -17,9 +17,6 @@ from cars_tl import features, loaders, runs, runtime
 from cars_tl.errors import CarsTLError
 from conftest import TINY
 
-ACCEL = {loaders.DATA_PATH_ENV: "accelerator"}
-
-
 class CopyRecorder:
     """Wraps ``Tensor.to``: every copy that cars_tl code asks for, with its caller and whether it
     is non_blocking (a blocking copy to a GPU waits for the device: a host sync)."""
