@@ -29,6 +29,7 @@ import datetime
 import os
 from pathlib import Path
 
+from cars_tl import runtime
 from cars_tl.errors import CarsTLError
 
 TIMEOUT_ENV = "CARS_TL_DIST_TIMEOUT_S"
@@ -125,8 +126,7 @@ def init(device: str) -> Context:
 
     device = rank_device(device, local_rank)
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    runtime.use_device(device)
     if not dist.is_initialized():
         options = dict(device_id=torch.device(device)) if device.startswith("cuda") else {}
         dist.init_process_group(backend, timeout=timeout(), **options)

@@ -3,7 +3,8 @@
 Eval mode under ``torch.inference_mode()``, BatchNorm folded into the convolutions, channels_last,
 bf16 autocast where the hardware has it. On CUDA a DataLoader with worker processes and pinned
 memory feeds the model; on the CPU, where decoding and the model share the cores, decode threads
-fill the next batch while the model runs (:class:`cars_tl.loaders.ThreadedLoader`). Chunks are
+fill the next batch while the model runs (:class:`cars_tl.loaders.ThreadedLoader`); the choice is
+:func:`cars_tl.loaders.data_path`'s. Chunks are
 kept as they finish, so an interrupted run resumes; identical inputs and a complete file make it
 a no-op.
 """
@@ -52,9 +53,13 @@ def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224) -> t
 
 
 @torch.inference_mode()
-def embed(body, images: torch.Tensor, device: str, precision: str) -> torch.Tensor:
-    """Pooled features of a batch, as float32 on the CPU."""
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+def embed(body, images: torch.Tensor, device: str, precision: str, spec: dict | None = None) -> torch.Tensor:
+    """Pooled features of a batch, as float32 on the CPU. The batch reaches the device through
+    :func:`loaders.batch_to_device` (uint8 batches of the accelerator's data path are normalized
+    there with ``spec``'s mean and std)."""
+    if images.dtype == torch.uint8 and spec is None:
+        raise ValueError("a uint8 batch needs the transform spec to be normalized")
+    images = loaders.batch_to_device(images, device, spec or {})
     with runtime.autocast(device, precision):
         out = body(images)
     return out.float().flatten(1).cpu()
@@ -81,8 +86,8 @@ def extract_features(
     """Extract pooled features for ``splits`` (default: every split the dataset has) into an HDF5
     cache (see :mod:`cars_tl.features`).
 
-    ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default: the
-    number of cores, at most 4). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.backbones`).
+    ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default:
+    :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.backbones`).
     Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
 
     Under ``torchrun`` every process calls this: each extracts a contiguous, chunk-aligned shard of
@@ -103,7 +108,8 @@ def extract_features(
     ctx = distributed.init(runtime.resolve_device(device))
     device = ctx.device
     precision = runtime.resolve_precision(precision, device)
-    workers = loaders.default_workers() if workers is None else workers
+    runtime.prepare_device(device, precision)
+    workers = loaders.default_workers(device) if workers is None else workers
     runtime.tune_malloc()
     bb = backbones.build_backbone(backbone, weights, image_size, resize_mode)
     out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop, bb.transform, margin, precision)
@@ -206,7 +212,7 @@ def _extract_rows(body, dataset, split, rows, partial, batch_size, workers, devi
         # The dataset yields its own positions, so they are absolute whichever loader resumes mid-split.
         if len(positions):
             rel = positions.numpy() - chunk_start
-            buffer[rel] = embed(body, images, device, precision).numpy()
+            buffer[rel] = embed(body, images, device, precision, bb.transform).numpy()
             valid[rel] = True
         consumed = min(batch_size, total - cursor)
         cursor += consumed

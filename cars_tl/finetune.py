@@ -62,6 +62,9 @@ PRESETS = {
 # (seed, epoch, sample) only, so the worker count is free; so is the process count, and SyncBatchNorm
 # computes the global batch's statistics, as one process does).
 RESUME_FREE = ("workers", "resume", "force", "out", "artifacts", "data_dir", "sync_bn")
+# Compared by what they compute on, not by which one: the device by its type (a single process
+# records cuda:0 where torchrun's rank 0 records cuda:0 and a single --device cuda records cuda).
+RESUME_BY_TYPE = ("device",)
 LOG_EVERY = 20  # training steps between progress updates (each reads the running loss back from the device)
 
 
@@ -163,6 +166,7 @@ def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict
     for images, labels, _, bad in loader:
         data.raise_bad(bad)
         images = loaders.batch_to_device(images, device, spec)
+        labels = labels.to(device, non_blocking=True)
         with runtime.autocast(device, precision):
             logits = model(images)
         meter.add(logits, labels)
@@ -312,7 +316,7 @@ def _load_init_head(model, head_file: Path) -> None:
 
 def _resume_changes(state_config: dict, config: dict, force: bool, last_path: Path) -> list[str]:
     """The options that differ from the checkpoint's; refuses what cannot continue honestly."""
-    differing = sorted(k for k in set(config) | set(state_config) if k not in RESUME_FREE and config.get(k) != state_config.get(k))
+    differing = sorted(k for k in set(config) | set(state_config) if k not in RESUME_FREE and not _same_option(k, state_config.get(k), config.get(k)))
     listing = ", ".join(f"{k}: {state_config.get(k)!r} -> {config.get(k)!r}" for k in differing)
     if "epochs" in differing and (config["schedule"] != "none" or config["warmup_epochs"]):
         raise CarsTLError(
@@ -331,6 +335,12 @@ def _resume_changes(state_config: dict, config: dict, force: bool, last_path: Pa
     return differing
 
 
+def _same_option(key: str, recorded, asked) -> bool:
+    if key in RESUME_BY_TYPE and isinstance(recorded, str) and isinstance(asked, str):
+        return recorded.split(":")[0] == asked.split(":")[0]
+    return recorded == asked
+
+
 def _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
            ctx=distributed.SINGLE, synced: bool = False) -> dict:
     last_path, best_path = target / "checkpoints" / "last.pt", target / "checkpoints" / "best.pt"
@@ -338,7 +348,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     spec = bb.transform
     crop, margin = config["crop"], config["margin"]
     cuda = device.startswith("cuda")
-    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"], "uint8" if cuda else "float"),
+    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"], loaders.data_path(device).batch_dtype),
                                  crop, margin, mark_bad=True)
     eval_train = loaders.eval_dataset(manifest, "train", spec, device, crop, margin)
     test_set = loaders.eval_dataset(manifest, "test", spec, device, crop, margin)
@@ -453,7 +463,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         distributed.broadcast_module(model, ctx)  # ... on every rank, each scoring its shard
         model.eval()
         scored = score_batches(lambda x: model(x).float().softmax(1), eval_loaders["test"], test_set.records,
-                               device, precision, prepare=lambda b: loaders.batch_to_device(b, device, spec))
+                               device, precision, spec)
         scored = _gather_scores(scored, manifest.num_classes, ctx)
         if ctx.is_main:
             runs.write_predictions(target, *scored, "probability")

@@ -188,7 +188,11 @@ def feature_run_fields(cache: features.FeatureCache) -> dict:
         },
         "inputs": {
             "dataset_fingerprint": a["dataset_fingerprint"],
-            "features": {"path": str(cache.path), "sha256": file_sha256(cache.path), "created": a.get("created")},
+            "features": {"path": str(cache.path), "sha256": file_sha256(cache.path), "created": a.get("created"),
+                         # per split: what predict --split checks before scoring from the cache
+                         "splits": {name: {"features_sha256": features.content_digest(arrays.features),
+                                           "ids_sha256": features.content_digest(arrays.ids)}
+                                    for name, arrays in cache.splits.items()}},
         },
         "class_names": cache.class_names,
     }

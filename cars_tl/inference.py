@@ -43,6 +43,7 @@ class LoadedRun:
     margin: float = 0.0
     precision: str = "fp32"  # as recorded
     precision_used: str = "fp32"  # what the CPU runs it in (fp16 exists only on CUDA)
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # finetune runs: image batch -> scores, as its evaluation ran
 
     def tensor(self, image, box: tuple[int, int, int, int] | None = None, boxed: bool = False) -> torch.Tensor:
         """``image`` (PIL, the full picture) preprocessed as the run was trained: its box cut with
@@ -114,7 +115,8 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
             raise CarsTLError(f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}") from None
         model.eval()
         return LoadedRun(run_dir, metrics["name"], kind, names, model.body, backbones.eval_transform(spec),
-                         lambda f: model.head(f).softmax(1), "probability", **recorded)
+                         lambda f: model.head(f).softmax(1), "probability", **recorded,
+                         forward=lambda x: model(x).float().softmax(1))
     bb = _backbone_for(metrics, run_dir, cache)
     transform = backbones.eval_transform(bb.transform)
     if kind == "head":

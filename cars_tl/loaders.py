@@ -13,11 +13,15 @@ Two loaders yield the same batches, ``(images, labels, positions, bad_items)``, 
     them, no per-image ``ToTensor``. Measured on 2 cores, extraction ran 1.13-1.19x (lite0) and
     1.17-1.25x (resnet50) faster than with the DataLoader (benchmarks/README.md).
 
-:func:`eval_dataset` and :func:`eval_loader` pick between them by device.
+:func:`eval_dataset` and :func:`eval_loader` pick between them by the :class:`DataPath`, which
+:func:`data_path` decides in one place from the device (``CARS_TL_DATA_PATH=accelerator`` forces the
+accelerator's path on the CPU, so that the tests reach it). Every stage moves an image batch to the
+model through :func:`batch_to_device`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,14 +32,46 @@ from torch.utils.data import DataLoader, Subset
 from cars_tl import backbones, data, runtime
 from cars_tl.errors import CarsTLError
 
+DATA_PATH_ENV = "CARS_TL_DATA_PATH"  # internal: "accelerator" or "cpu" overrides the device's choice
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPath:
+    """How image batches reach the model, decided by :func:`data_path`.
+
+    ``accelerator``: worker processes (the DataLoader), uint8 batches normalized after the
+    transfer (:func:`batch_to_device`), non_blocking copies; ``pin_memory`` where the device is
+    CUDA. Otherwise decode threads fill float batches beside the model (:class:`ThreadedLoader`).
+    """
+
+    accelerator: bool
+    pin_memory: bool = False
+
+    @property
+    def batch_dtype(self) -> str:
+        """What the transforms yield: ``uint8`` tensors, or ``float`` (normalized) ones."""
+        return "uint8" if self.accelerator else "float"
+
+
+def data_path(device: str) -> DataPath:
+    """The data path for ``device``: the accelerator's anywhere but the CPU. ``CARS_TL_DATA_PATH``
+    (``accelerator`` | ``cpu``) overrides it, an internal switch for tests and benchmarks."""
+    forced = os.environ.get(DATA_PATH_ENV, "").strip().lower()
+    if forced not in ("", "accelerator", "cpu"):
+        raise CarsTLError(f"{DATA_PATH_ENV}={forced!r} is not a data path; valid: accelerator, cpu",
+                          f"unset {DATA_PATH_ENV} (the device decides)")
+    accelerator = forced == "accelerator" if forced else device != "cpu"
+    return DataPath(accelerator, pin_memory=accelerator and device.startswith("cuda"))
+
 
 def default_workers(device: str = "cpu") -> int:
-    """CPU: decode threads beside the model (at most 4 help on the cores the model also uses).
-    CUDA: every core this process may use decodes, since the GPU runs the model."""
+    """The CPU's data path: decode threads beside the model (at most 4 help on the cores the model
+    also uses). The accelerator's: every core this process may use decodes, since the device runs
+    the model."""
     cores = runtime.usable_cores()
     # Under torchrun the processes of a node share its cores.
     cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
-    return cores if device.startswith("cuda") else min(4, cores)
+    return cores if data_path(device).accelerator else min(4, cores)
 
 
 def _check_workers(workers: int) -> None:
@@ -43,8 +79,10 @@ def _check_workers(workers: int) -> None:
         raise CarsTLError(f"--workers must be >= 0, got {workers}", "use 0 to load in the main thread, or a positive count")
 
 
-def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None, sampler=None):
-    """The DataLoader: worker processes kept alive across epochs, pinned memory on CUDA.
+def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None, sampler=None,
+                persistent: bool = True):
+    """The DataLoader: worker processes (kept alive across epochs with ``persistent``), pinned
+    memory on CUDA.
 
     Unreadable images come back to the main process as bad items, which the caller skips or
     raises (``data.raise_bad``), so that the error names the file. ``generator`` (a private one
@@ -54,8 +92,8 @@ def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
         num_workers=workers, generator=generator if generator is not None else torch.Generator().manual_seed(0),
-        pin_memory=device.startswith("cuda"), collate_fn=data.collate_marking_bad,
-        prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+        pin_memory=data_path(device).pin_memory, collate_fn=data.collate_marking_bad,
+        prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0,
     )
 
 
@@ -111,31 +149,47 @@ class SeededAugmentation(torch.utils.data.Dataset):
             return self.dataset[position]
 
 
+_NORMALIZERS: dict = {}  # (device, mean, std) -> (mean * 255, 1 / (std * 255)) on that device
+
+
+def _normalizer(device: torch.device, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and scale tensors of ``spec`` on ``device``, built (and copied there) once."""
+    key = (str(device), tuple(map(float, spec["mean"])), tuple(map(float, spec["std"])))
+    if key not in _NORMALIZERS:
+        mean = torch.tensor(key[1], dtype=torch.float32).view(1, -1, 1, 1) * 255
+        scale = 1 / (torch.tensor(key[2], dtype=torch.float32).view(1, -1, 1, 1) * 255)
+        _NORMALIZERS[key] = (mean.to(device), scale.to(device))
+    return _NORMALIZERS[key]
+
+
 def batch_to_device(images: torch.Tensor, device: str, spec: dict) -> torch.Tensor:
-    """A batch on ``device`` as the model takes it (channels_last float). uint8 batches (the CUDA
-    loaders': 4x less to copy) are normalized there with the weights' mean and std."""
+    """A batch on ``device`` as the model takes it (channels_last float): the one way image batches
+    reach a model. uint8 batches (the accelerator's data path: 4x less to copy) are normalized
+    after the transfer with the weights' mean and std, whose tensors are built once per device."""
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
-        mean = torch.tensor(spec["mean"], device=images.device).view(1, -1, 1, 1) * 255
-        scale = 1 / (torch.tensor(spec["std"], device=images.device).view(1, -1, 1, 1) * 255)
+        mean, scale = _normalizer(images.device, spec)
         images = (images.float() - mean) * scale
     return images.contiguous(memory_format=torch.channels_last)
 
 
 def eval_dataset(manifest, split: str, spec: dict, device: str, crop: str = "full", margin: float = 0.0) -> data.CarsDataset:
-    """A ``mark_bad`` dataset of ``split`` for :func:`eval_loader` on ``device``: on the CPU it stops
-    at the resize and crop (the threaded loader normalizes into its batches), elsewhere it yields
-    uint8 tensors that :func:`batch_to_device` normalizes on the device."""
-    transform = backbones.eval_resize_crop(spec) if device == "cpu" else backbones.eval_transform(spec, output="uint8")
+    """A ``mark_bad`` dataset of ``split`` for :func:`eval_loader` on ``device``: on the CPU's data
+    path it stops at the resize and crop (the threaded loader normalizes into its batches), on the
+    accelerator's it yields uint8 tensors that :func:`batch_to_device` normalizes on the device."""
+    accelerator = data_path(device).accelerator
+    transform = backbones.eval_transform(spec, output="uint8") if accelerator else backbones.eval_resize_crop(spec)
     return data.CarsDataset(manifest, split, transform, crop, margin, mark_bad=True)
 
 
 def eval_loader(dataset: data.CarsDataset, positions, batch_size: int, workers: int, device: str, spec: dict):
     """Evaluation batches of ``dataset[positions]`` in order (``dataset`` from :func:`eval_dataset`):
-    the threaded loader on the CPU, the DataLoader elsewhere."""
-    if device == "cpu":
+    the threaded loader on the CPU's data path, the DataLoader on the accelerator's. Its worker
+    processes live for one pass (not persistent): an evaluation loader is idle most of a run, and
+    would hold a worker per core beside the training loader's."""
+    if not data_path(device).accelerator:
         return ThreadedLoader(dataset, positions, batch_size, workers, spec)
-    return make_loader(Subset(dataset, list(positions)), batch_size, workers, device)
+    return make_loader(Subset(dataset, list(positions)), batch_size, workers, device, persistent=False)
 
 
 class ThreadedLoader:

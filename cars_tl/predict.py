@@ -55,20 +55,19 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: boo
 
 
 @torch.no_grad()
-def score_batches(score, loader, records, device: str = "cpu", precision: str = "fp32", progress=None, prepare=None):
+def score_batches(score, loader, records, device: str = "cpu", precision: str = "fp32", spec: dict | None = None, progress=None):
     """(ids, labels, scores) of every image a loader yields; ``score`` maps an image batch to (n, classes).
 
     ``records`` are the loader's dataset records (positions index them); an unreadable image raises.
-    ``prepare`` puts a loader batch on ``device`` as the model wants it (default: channels_last there).
+    Batches reach ``device`` through :func:`loaders.batch_to_device` (``spec``: the transform, whose
+    mean and std normalize the accelerator path's uint8 batches there).
     """
-    from cars_tl import runtime
+    from cars_tl import loaders, runtime
 
-    if prepare is None:
-        prepare = lambda images: images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # noqa: E731
     ids, labels, scores = [], [], []
     for images, batch_labels, positions, bad in loader:
         data.raise_bad(bad)
-        images = prepare(images)
+        images = loaders.batch_to_device(images, device, spec or {})
         with runtime.autocast(device, precision):
             out = score(images)
         scores.append(out.double().cpu())
@@ -83,7 +82,12 @@ def score_batches(score, loader, records, device: str = "cpu", precision: str = 
 
 def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NULL, images=(), batch_size: int = 64,
                   workers: int | None = None) -> list[dict]:
-    """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.runs`)."""
+    """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.runs`).
+
+    The scores are the run's own: a train-head or fit-svm run is scored from the feature cache it
+    was trained on (checked against the checksums the run recorded), a finetune run from the images
+    with its own model, precision and evaluation batch size, as its evaluation ran.
+    """
     from cars_tl import loaders, locks, runs
 
     if images:
@@ -103,18 +107,64 @@ def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NUL
                 f"{run_dir} was trained on another dataset than {manifest.root} (fingerprint {str(recorded)[:12]} != {manifest.fingerprint[:12]})",
                 "pass the --data-dir the run was made from",
             )
-        b = metrics["backbone"]
-        spec = dict(b["transform"])
-        dataset = loaders.eval_dataset(manifest, split, spec, "cpu", b.get("crop", "full"), float(b.get("margin") or 0.0))
-        loader = loaders.eval_loader(dataset, range(len(dataset)), batch_size, workers, "cpu", spec)
-        m.body.eval()
-        with locks.writer_lock(run_dir, "predict"), progress.task(f"predict {m.name}", total=len(dataset), unit="img") as task:
-            with torch.inference_mode():
-                ids, labels, feats = score_batches(lambda x: m.body(x).float().flatten(1), loader, dataset.records, progress=task)
-                features = torch.from_numpy(feats).float()
-                scores = m.score(features).double().numpy()
+        with locks.writer_lock(run_dir, "predict"), progress.task(f"predict {m.name}", total=len(manifest.split(split)), unit="img") as task:
+            if m.forward is None:  # head, SVM: the features the run was trained on
+                arrays = cached_split(run_dir, metrics, split, data_dir)
+                ids, labels = arrays.ids, arrays.labels
+                with torch.inference_mode():
+                    scores = m.score(torch.from_numpy(arrays.features)).double().numpy()
+                task.advance(len(ids))
+            else:
+                ids, labels, scores = _score_images(m, metrics, manifest, split, workers, task)
             # An SVM's scores rank its own predict first (SVMModel.ranking_scores), as fit-svm saves them.
             path = runs.write_predictions(run_dir, ids, labels, scores, m.score_kind, split=split)
         accuracy = runs.read_predictions(run_dir, split).accuracy()
         saved.append({"run": str(run_dir), "file": str(path), "count": len(ids), "accuracy": accuracy if accuracy is not None else float("nan")})
     return saved
+
+
+def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
+    """A finetune run's (ids, labels, scores) on ``split``: its whole model (no BatchNorm folding),
+    its precision and its evaluation batch size, as finetune scored its test split."""
+    from cars_tl import loaders
+
+    per_rank = (metrics.get("distributed") or {}).get("per_rank_batch") or metrics["config"]["batch_size"]
+    dataset = loaders.eval_dataset(manifest, split, m.spec, "cpu", m.crop, m.margin)
+    loader = loaders.eval_loader(dataset, range(len(dataset)), per_rank * 2, workers, "cpu", m.spec)
+    return score_batches(m.forward, loader, dataset.records, "cpu", m.precision_used, m.spec, progress=task)
+
+
+def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path("data")):
+    """The ``split`` arrays of the feature cache a head or SVM run was trained on, checked against
+    what the run recorded: its per-split checksums, or the file's SHA-256 for runs that predate them."""
+    from cars_tl import backbones, features
+    from cars_tl.atomic import file_sha256
+
+    recorded = (metrics.get("inputs") or {}).get("features") or {}
+    path = Path(recorded.get("path") or "?")
+    b = metrics["backbone"]
+    extract = (f"cars-tl extract-features --data-dir {data_dir} --backbone {b['backbone']} --weights {b['weights']} "
+               f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {backbones.resize_mode(b['transform'])} "
+               f"--image-size {b['transform']['crop']} --precision {b.get('precision', 'fp32')} --out {path}")
+    if not path.is_file():
+        raise CarsTLError(
+            f"{run_dir} is scored from the feature cache it was trained on, {path}, and that file is gone",
+            f"put the cache back at {path}, or re-extract it (the same features on the same hardware): {extract}",
+        )
+    arrays = features.load(path, (split,)).split(split)
+    digests = (recorded.get("splits") or {}).get(split)
+    if digests:
+        same = (digests.get("features_sha256") == features.content_digest(arrays.features)
+                and digests.get("ids_sha256") == features.content_digest(arrays.ids))
+        what = f"its {split} features differ from the ones the run recorded (SHA-256)"
+    else:
+        same = file_sha256(path) == recorded.get("sha256")
+        what = "the file's SHA-256 differs from the one the run recorded"
+    if not same:
+        stage = "train-head" if metrics["kind"] == "head" else "fit-svm"
+        raise CarsTLError(
+            f"{path} is not the feature cache {run_dir} was trained on: {what}",
+            f"put the original cache back at {path} (or re-extract it: {extract}), "
+            f"or retrain the run on this one: cars-tl {stage} --features {path} --out {run_dir} --force (with the run's options)",
+        )
+    return arrays

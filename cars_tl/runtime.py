@@ -68,15 +68,26 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def use_device(device: str) -> None:
+    """``cuda:N`` becomes the process's current CUDA device (``torch.cuda.set_device``), so that
+    the pin-memory thread, the caching allocator and any context land on it, not on cuda:0. The
+    one place every stage (and every torchrun process) selects its GPU."""
+    import torch
+
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
+
+
 def prepare_device(device: str, precision: str) -> None:
-    """Backend settings for a run: cuDNN picks the fastest convolution algorithms for the fixed
-    input size, and fp32 means fp32 (TF32 matrix math off), so ``--precision fp32`` is what it says."""
+    """Backend settings for a run, called by every stage that runs a network on the device: the
+    device selected (:func:`use_device`), cuDNN picks the fastest convolution algorithms for the
+    fixed input size, and fp32 means fp32 (TF32 matrix math off), so ``--precision fp32`` is what
+    it says."""
     import torch
 
     if not device.startswith("cuda"):
         return
-    if torch.device(device).index is not None:
-        torch.cuda.set_device(torch.device(device))
+    use_device(device)
     torch.backends.cudnn.benchmark = True
     tf32 = precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = tf32

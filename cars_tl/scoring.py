@@ -20,7 +20,7 @@ class Meter:
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.float()
-        labels = labels.to(logits.device)
+        labels = labels.to(logits.device, non_blocking=True)  # already there on a device: a no-op, never a wait
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         batch = torch.stack([

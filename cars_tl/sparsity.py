@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from cars_tl import data, locks, runtime
+from cars_tl import data, loaders, locks, runtime
 from cars_tl.atomic import atomic_path, atomic_write_text
 from cars_tl.errors import CarsTLError
 from cars_tl.inference import load_run
@@ -79,21 +79,31 @@ def zero_fractions(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> "
     return counter.fractions()
 
 
-def _image_source(images: list[Path] | None, split: str | None, limit: int | None, data_dir: Path) -> tuple[list, str]:
-    """``[(full image, box or None)]`` and a description of them."""
+def _image_source(images: list[Path] | None, split: str | None, limit: int | None, data_dir: Path) -> tuple[list, object, int, str]:
+    """``([full image], None, 0, description)`` for image files, ``([], manifest, count, description)``
+    for the first ``count`` images of ``split`` (loaded per run, with its preprocessing)."""
     if images:
         missing = [str(p) for p in images if not Path(p).is_file()]
         if missing:
             raise CarsTLError(f"image(s) not found: {', '.join(missing)}")
-        return [(data.open_image(Path(p)), None) for p in images], f"{len(images)} image(s)"
+        return [data.open_image(Path(p)) for p in images], None, 0, f"{len(images)} image(s)"
     if not split:
         raise CarsTLError("give images with --image, or --split test --limit N")
     if limit is not None and limit < 1:
         raise CarsTLError(f"--limit must be positive, got {limit}")
     manifest = data.load_manifest(data_dir)
-    dataset = data.CarsDataset(manifest, split)
-    count = len(dataset) if not limit else min(limit, len(dataset))
-    return [(dataset.load(i), dataset.records[i].box) for i in range(count)], f"the first {count} {split} images"
+    total = len(manifest.split(split))
+    count = total if not limit else min(limit, total)
+    return [], manifest, count, f"the first {count} {split} images"
+
+
+def _split_batches(run, manifest, split: str, count: int, batch_size: int):
+    """The first ``count`` images of ``split`` as ``run`` sees them (its transform, crop and margin),
+    through the data path's loader and :func:`loaders.batch_to_device`, as every stage moves them."""
+    dataset = loaders.eval_dataset(manifest, split, run.spec, "cpu", run.crop, run.margin)
+    for images, _, _, bad in loaders.eval_loader(dataset, range(count), batch_size, 0, "cpu", run.spec):
+        data.raise_bad(bad)
+        yield loaders.batch_to_device(images, "cpu", run.spec)
 
 
 def measure(
@@ -109,14 +119,17 @@ def measure(
     """Measure every run, write ``sparsity.csv``, ``sparsity.json`` and ``sparsity.png`` under ``out``."""
     if not run_dirs:
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
-    pictures, described = _image_source(images, split, limit, data_dir)
+    pictures, manifest, count, described = _image_source(images, split, limit, data_dir)
     cache: dict = {}
     results: "OrderedDict[str, OrderedDict[str, float]]" = OrderedDict()
     with progress.task("sparsity", total=len(run_dirs), unit="model") as task:
         for run_dir in run_dirs:
             run = load_run(Path(run_dir), cache)
-            batches = (torch.stack([run.tensor(image, box) for image, box in pictures[i:i + batch_size]])
-                       for i in range(0, len(pictures), batch_size))
+            if manifest is not None:
+                batches = _split_batches(run, manifest, split, count, batch_size)
+            else:
+                batches = (torch.stack([run.tensor(image) for image in pictures[i:i + batch_size]])
+                           for i in range(0, len(pictures), batch_size))
             with runtime.autocast("cpu", run.precision_used):
                 results[run.name] = zero_fractions(run.body, batches)
             task.advance(1)

@@ -79,3 +79,74 @@ def test_errors_name_the_offender_and_exit_non_zero(case, demo_head_run, tmp_pat
     result = CliRunner().invoke(app, ["predict", str(image), "--model", str(run)])
     assert result.exit_code == 2
     assert offender in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def bf16_features(demo_dir, tmp_path_factory):
+    from cars_tl.extract import extract_features
+    from conftest import TINY
+
+    out = tmp_path_factory.mktemp("bf16") / "bf16.h5"
+    extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **dict(TINY, precision="bf16"))
+    return out
+
+
+def _rescored_equals_saved(run_dir, demo_dir):
+    from cars_tl import runs
+    from cars_tl.predict import predict_split
+
+    saved = runs.read_predictions(run_dir)
+    [result] = predict_split([run_dir], "test", demo_dir)
+    again = runs.read_predictions(run_dir)
+    assert (again.ids == saved.ids).all() and (again.labels == saved.labels).all()
+    assert (again.top_classes == saved.top_classes).all() and (again.top_scores == saved.top_scores).all()
+    assert result["accuracy"] == saved.accuracy()
+
+
+def test_predict_split_reproduces_a_bf16_head_run_exactly(demo_dir, bf16_features, tmp_path):
+    """Scored from the cache the head was trained on: not from fp32, unfolded features of the images."""
+    from cars_tl.heads import train_head
+
+    run_dir, _ = train_head(bf16_features, out=tmp_path / "head")
+    _rescored_equals_saved(run_dir, demo_dir)
+
+
+def test_predict_split_reproduces_an_svm_run_exactly(demo_dir, demo_svm_run, tmp_path):
+    import shutil
+
+    shutil.copytree(demo_svm_run, tmp_path / "svm")
+    _rescored_equals_saved(tmp_path / "svm", demo_dir)
+
+
+def test_predict_split_reproduces_a_bf16_finetune_run_exactly(demo_dir, tmp_path):
+    from cars_tl.finetune import finetune
+    from conftest import TINY
+
+    run_dir, _ = finetune(demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "ft", **dict(TINY, precision="bf16"))
+    _rescored_equals_saved(run_dir, demo_dir)
+
+
+@pytest.mark.parametrize("case", ["gone", "changed"])
+def test_predict_split_refuses_a_feature_cache_gone_or_changed(case, demo_dir, demo_head_run, bf16_features, tmp_path):
+    import shutil
+
+    from cars_tl import runs
+    from cars_tl.errors import CarsTLError
+    from cars_tl.predict import predict_split
+
+    run_dir = tmp_path / "head"
+    shutil.copytree(demo_head_run, run_dir)
+    metrics = runs.read_metrics(run_dir)
+    cache = tmp_path / "cache.h5"
+    if case == "changed":  # other features (bf16) at the recorded path
+        shutil.copy(bf16_features, cache)
+    metrics["inputs"]["features"]["path"] = str(cache)
+    runs.write_metrics(run_dir, metrics)
+    before = runs.predictions_path(run_dir).read_bytes()
+    with pytest.raises(CarsTLError) as err:
+        predict_split([run_dir], "test", demo_dir)
+    message = str(err.value)
+    assert str(cache) in message and ("gone" in message if case == "gone" else "test features differ" in message)
+    assert "cars-tl extract-features" in err.value.hint and f"--out {cache}" in err.value.hint
+    assert case == "gone" or f"cars-tl train-head --features {cache}" in err.value.hint
+    assert runs.predictions_path(run_dir).read_bytes() == before  # the run's own predictions stay
