@@ -305,9 +305,10 @@ def fit_svm(
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
     check_number("--coef0", coef0)
+    check_seed(seed)  # validated even when no search uses it: a wrong value is never silently ignored
     if degree < 0:
         raise CarsTLError(f"--degree must be >= 0, got {degree}")
-    cache = load_train_test(Path(features_path))
+    cache = load_train_test(Path(features_path), stage="fit-svm")  # also refuses NaN/Inf features and an empty test split
     if len(np.unique(cache.split("train").labels)) < 2:
         raise CarsTLError(f"{features_path}: the train split has fewer than two classes; an SVM needs two or more")
     if searching:
