@@ -61,3 +61,24 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 def check_seed(seed: int) -> int:
     return int(check_number("--seed", seed, minimum=0, maximum=SEED_MAX))
+
+
+def check_output_path(path, expect: str, option: str = "--out", example: str | None = None):
+    """``path`` (a Path) if something of kind ``expect`` ("file" or "folder") can be written there: refuses
+    an existing folder where a file is expected, an existing file where a folder is, and a path below a file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if expect == "file" and path.is_dir():
+        raise CarsTLError(f"{option} {path} is a folder; a file is expected there",
+                          f"name a file, e.g. {option} {example or path / 'features.h5'}")
+    if expect == "folder" and path.exists() and not path.is_dir():
+        raise CarsTLError(f"{option} {path} is an existing file; a folder is expected there",
+                          f"name a folder (a new one, or an existing run with --force), e.g. {option} {example or str(path) + '-run'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CarsTLError(f"{option} {path} lies below {parent}, which is a file, not a folder",
+                                  f"choose a path inside a folder, e.g. {option} {parent.parent / path.name}")
+            break
+    return path

@@ -67,7 +67,7 @@ import numpy as np
 
 from cars_tl import locks
 from cars_tl.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_output_path
 
 FORMAT_VERSION = 1
 METRICS = "metrics.json"
@@ -81,7 +81,7 @@ def now() -> str:
 
 
 def resolve_run_dir(out: Path | None, default_name: str, artifacts: Path) -> Path:
-    return Path(out) if out else Path(artifacts) / "runs" / default_name
+    return check_output_path(Path(out) if out else Path(artifacts) / "runs" / default_name, "folder")
 
 
 def _has_content(run_dir: Path) -> bool:
@@ -193,6 +193,9 @@ def read_metrics(run_dir: Path) -> dict:
         metrics = json.loads(path.read_text())
     except ValueError as exc:
         raise CarsTLError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(metrics, dict):
+        raise CarsTLError(f"{path} holds a JSON {type(metrics).__name__}, not the object a cars_tl run writes",
+                          "pass a directory made by train-head, fit-svm, knn or finetune (or rerun that stage with --force)")
     if metrics.get("kind") not in KINDS:
         raise CarsTLError(f"{path}: unknown run kind {metrics.get('kind')!r}; valid: {', '.join(KINDS)}")
     if metrics.get("format_version") != FORMAT_VERSION:
