@@ -60,7 +60,7 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 def check_seed(seed: int) -> int:
-    return int(check_number("--seed", seed, minimum=0, maximum=SEED_MAX))
+    return int(check_number("--seed", seed, minimum=0, maximum=SEED_MAX, hint=f"pass a whole number from 0 to {SEED_MAX}, e.g. --seed 0"))
 
 
 def check_output_path(path, expect: str, option: str = "--out", example: str | None = None):
