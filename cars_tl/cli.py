@@ -74,11 +74,11 @@ def command(name: str):
                                        f"(its own message says why) — {first}"), highlight=False, soft_wrap=True)
                 console.print(labelled(("next:", "bold"), " ", RESUME_HINTS.get(name, f"fix that and rerun cars-tl {name}")), highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 from cars_tl.console import console, labelled
 
-                console.print(labelled((f"{name} interrupted", "yellow"), ": ", RESUME_HINTS.get(name, f"rerun cars-tl {name} to start it again")),
-                              highlight=False, soft_wrap=True)
+                hint = getattr(exc, "hint", None) or RESUME_HINTS.get(name, f"rerun cars-tl {name} to start it again")  # runs.RerunInterrupted
+                console.print(labelled((f"{name} interrupted", "yellow"), ": ", hint), highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
 
         return app.command(name)(wrapper)
@@ -99,6 +99,9 @@ RESUME_HINTS = {
     "extract-features": "rerun the same cars-tl extract-features command to resume from the last complete chunk",
     "finetune": "rerun the same cars-tl finetune command with --resume to continue from the last complete epoch",
     "download": "rerun the same cars-tl download command: verified archives and partial downloads are kept",
+    # These stages start over: their interrupted run directory (kept to show what happened) is replaced with --force.
+    **{stage: f"rerun the same cars-tl {stage} command with --force: the interrupted run is replaced"
+       for stage in ("train-head", "fit-svm", "knn")},
 }
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder holding stanford_cars/ and its manifest.")]
@@ -125,7 +128,7 @@ def download(
     """
     from cars_tl import data
     from cars_tl import download as dl
-    from cars_tl.console import console, progress
+    from cars_tl.console import console, labelled, progress
 
     if weights:
         path = dl.download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
@@ -136,6 +139,16 @@ def download(
         test_labels=test_labels, verify=verify, progress=progress(),
     )
     console.print(f"{action}: {data.summary(manifest)}", highlight=False, soft_wrap=True)
+    if verify:
+        console.print(labelled(("note", "yellow"), ": " + VERIFY_NOTE), highlight=False, soft_wrap=True)
+
+
+VERIFY_NOTE = (
+    "--verify re-hashed every image. The everyday check (every stage, and download without --verify) compares only "
+    "each image's size and mtime, so it misses an image replaced by one of the same size whose mtime was restored "
+    "(cp -p, rsync -t, tar and zip extraction keep mtimes). Run --verify after copying, restoring or editing images "
+    "with such tools, and once before the runs you report."
+)
 
 
 Backbone = Annotated[str, typer.Option(help="torchvision model name (resnet50) or timm/<name> (needs the timm extra).")]

@@ -26,11 +26,11 @@ class BadImageError(CarsTLError):
         from pathlib import Path
 
         root = Path(path).parent.parent  # <data-dir>/stanford_cars/cars_train/00001.jpg
-        data_dir = str(root.parent) if root.name == "stanford_cars" else "DIR"
-        super().__init__(
-            f"cannot read image {path}: {reason}",
-            hint or f"replace the file with an intact copy, or fetch the dataset again: cars-tl download --data-dir {data_dir} --source SOURCE",
-        )
+        if hint is None and root.name == "stanford_cars":  # an image of the dataset
+            hint = f"replace the file with an intact copy, or fetch the dataset again: cars-tl download --data-dir {root.parent} --source SOURCE"
+        elif hint is None:  # a file of the user's own (predict IMAGE, sparsity --image): nothing to download
+            hint = f"check that {path} is an intact image file (JPEG, PNG, ...): open it in an image viewer, or re-save it as JPEG or PNG"
+        super().__init__(f"cannot read image {path}: {reason}", hint)
         self.path = str(path)
         self.reason = reason
 

@@ -284,3 +284,88 @@ def test_an_untampered_svm_file_loads(demo_svm_run):
     cache = features.load(m["config"]["features"])
     model = svm.load_model(demo_svm_run / m["model_file"], cache.feature_dim, cache.num_classes)
     assert (model.predict(cache.split("test").features) == cache.split("test").labels).mean() * 100 == pytest.approx(m["final"]["test_acc"])
+
+
+# --------------------------------------------------------------------------- finetune: forced reruns, resume, init-head
+
+
+def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(demo_dir, demo_head_run, demo_finetune_run, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "ft"
+    shutil.copytree(demo_finetune_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    args = ["finetune", "--data-dir", demo_dir, "--backbone", "resnet18", "--weights", "random", "--image-size", "64",
+            "--precision", "fp32", "--workers", "0", "--unfreeze", "layer4", "--init-head", demo_head_run, "--epochs", "1",
+            "--batch-size", "16", "--out", run, "--lr", "0.01"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
+    proc = subprocess.Popen([*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    staging = run.with_name(f".{run.name}.next")
+    deadline = time.time() + 120
+    while time.time() < deadline and not staging.is_dir() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "finetune interrupted" in output and "with --force" in output and "not --resume" in output, output
+    assert not staging.exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # the old run, untouched
+    # Following the old, wrong hint: --resume (with or without --force) of the complete run with a new --lr.
+    result = _cli(*args, "--resume", "--force")
+    _refused(result, "has trained all 1 of its epochs", "lr: 0.001 -> 0.01", "--force and without --resume")
+    result = _cli(*args, "--resume")
+    _refused(result, "lr: 0.001 -> 0.01")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert runs.read_metrics(run)["config"]["lr"] == 0.001
+
+
+def test_an_init_head_with_nan_is_refused_naming_the_file(demo_dir, demo_head_run, tmp_path):
+    from cars_tl import finetune as ft
+
+    head_copy = tmp_path / "head"
+    shutil.copytree(demo_head_run, head_copy)
+    state = torch.load(head_copy / heads.HEAD_FILE, weights_only=True)
+    state["weight"][0, 0] = float("nan")
+    torch.save(state, head_copy / heads.HEAD_FILE)
+    with pytest.raises(CarsTLError, match="holds NaN or Inf in its weight") as err:
+        ft.finetune(demo_dir, unfreeze="none", init_head=head_copy, epochs=1, out=tmp_path / "ft", **TINY)
+    assert str(head_copy / heads.HEAD_FILE) in err.value.message and "--lr" not in err.value.message
+    assert "cars-tl train-head" in err.value.hint and not (tmp_path / "ft").exists()
+
+
+# --------------------------------------------------------------------------- hints by stage and input
+
+
+def test_a_bad_image_of_ones_own_is_not_told_to_download(demo_head_run, tmp_path):
+    image = tmp_path / "mine.jpg"
+    image.write_bytes(b"not a jpeg at all")
+    result = _cli("predict", "--model", demo_head_run, image)
+    _refused(result, f"cannot read image {image}", "intact image file")
+    assert "download" not in result.stdout
+
+
+@pytest.mark.parametrize("fixture,stage", [("demo_svm_run", "fit-svm"), ("demo_head_run", "train-head")])
+def test_an_incomplete_svm_or_head_run_is_never_told_to_resume(fixture, stage, request, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(request.getfixturevalue(fixture), run)
+    metrics = json.loads((run / runs.METRICS).read_text())
+    metrics["status"] = "failed"
+    (run / runs.METRICS).write_text(json.dumps(metrics))
+    image = tmp_path / "car.png"
+    from PIL import Image
+
+    Image.new("RGB", (80, 60), (120, 30, 30)).save(image)
+    result = _cli("predict", "--model", run, image)
+    _refused(result, f"run {run} is not complete", f"cars-tl {stage} --features {metrics['config']['features']} --out {run} --force")
+    assert "--resume" not in result.stdout
+
+
+def test_download_verify_says_how_often_to_run_it(demo_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(demo_dir, copy)
+    result = _cli("download", "--data-dir", copy, "--source", "demo", "--verify")
+    assert result.returncode == 0, result.stdout
+    assert "size and mtime" in result.stdout and "Run --verify after copying" in result.stdout
