@@ -243,7 +243,7 @@ def check_image_options(image_size: int | None, resize_mode: str) -> None:
         raise CarsTLError(f"unknown --resize {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}",
                           "--resize crop (the weights' resize + center crop, the study's), squash or pad")
     if image_size is not None and not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise CarsTLError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {image_size}",
+        raise CarsTLError(f"--image-size must be at least {MIN_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE} pixels, got {image_size}",
                           "omit it for the weights' own size (224 for most), or pass e.g. --image-size 288")
 
 

@@ -167,9 +167,9 @@ def test_predict_without_images_or_split_and_with_a_folder(demo_head_run, tmp_pa
 def test_image_size_is_bounded(size, demo_dir, tmp_path):
     result = _cli("extract-features", "--data-dir", demo_dir, "--backbone", "resnet18", "--weights", "random",
                   "--image-size", size, "--out", tmp_path / "f.h5")
-    _refused(result, f"--image-size must be between 32 and 1024 pixels, got {size}")
+    _refused(result, f"--image-size must be at least 32 and at most 1024 pixels, got {size}")
     assert not list(tmp_path.iterdir())
-    with pytest.raises(CarsTLError, match="between 32 and 1024"):
+    with pytest.raises(CarsTLError, match="at least 32 and at most 1024"):
         from cars_tl import finetune as ft
 
         ft.finetune(demo_dir, epochs=1, out=tmp_path / "ft", **dict(TINY, image_size=size))
