@@ -199,7 +199,7 @@ def check_finite_features(cache: features.FeatureCache, split: str) -> None:
     bad = int((~np.isfinite(cache.split(split).features).all(axis=1)).sum())
     if bad:
         raise CarsTLError(
-            f"{cache.path}: {bad} {split} feature vectors (of {len(cache.split(split).labels)}) contain NaN or Inf; no model can use them",
+            f"{cache.path}: {bad} {split} feature vectors contain NaN or Inf (of {len(cache.split(split).labels)}); no model can use them",
             f"cars-tl inspect {cache.path}  (then re-extract it: delete the file and rerun cars-tl extract-features)",
         )
 

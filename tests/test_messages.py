@@ -149,7 +149,7 @@ def test_non_finite_features_are_refused_by_every_stage(split, value, demo_featu
     cache = _rewrite(demo_features, tmp_path / "bad.h5", **{split: lambda s: _poisoned(s, value)})
     for stage, extra in (("fit-svm", ()), ("knn", ()), ("train-head", ("--preset", "tuned", "--epochs", "1"))):
         result = _cli(stage, "--features", cache, *extra, "--out", tmp_path / stage)
-        _refused(result, f"1 {split} feature vectors (of", "contain NaN or Inf", f"cars-tl inspect {cache}")
+        _refused(result, f"1 {split} feature vectors contain NaN or Inf (of", f"cars-tl inspect {cache}")
         assert not (tmp_path / stage).exists()
     with pytest.raises(CarsTLError, match="contain NaN or Inf"):
         heads.train_head(cache, epochs=1, out=tmp_path / "study")
