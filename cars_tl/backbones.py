@@ -55,6 +55,9 @@ FUSED_PIPELINE = "resize-crop-in-one-v1"  # recorded in transform specs: see eva
 RANDOM_SEED = 0
 RESIZE_MODES = ("crop", "squash", "pad")
 MIN_IMAGE_SIZE = 32  # below this the backbones' strided stems leave (next to) nothing to pool
+# Above this one image tensor alone is over 12 MB and a batch's activations many GB (--image-size 100000 asked
+# for a 120 GB allocation): 4.5x the weights' own 224, past the resolution of most Stanford Cars photos.
+MAX_IMAGE_SIZE = 1024
 # Training crops for squash/pad (see train_transform): area fraction of the image kept, and the
 # crop's aspect ratio relative to the image's own (log-uniform), so a wide car stays wide.
 TRAIN_CROP_SCALE = (0.5, 1.0)
@@ -239,8 +242,8 @@ def check_image_options(image_size: int | None, resize_mode: str) -> None:
     if resize_mode not in RESIZE_MODES:
         raise CarsTLError(f"unknown --resize {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}",
                           "--resize crop (the weights' resize + center crop, the study's), squash or pad")
-    if image_size is not None and image_size < MIN_IMAGE_SIZE:
-        raise CarsTLError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {image_size}",
+    if image_size is not None and not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise CarsTLError(f"--image-size must be at least {MIN_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE} pixels, got {image_size}",
                           "omit it for the weights' own size (224 for most), or pass e.g. --image-size 288")
 
 

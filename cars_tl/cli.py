@@ -53,42 +53,32 @@ def command(name: str):
             try:
                 return fn(*args, **kwargs)
             except CarsTLError as exc:
-                from cars_tl.console import console, rank_prefix
-
-                console.print(f"{rank_prefix()}[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
-                if exc.hint:
-                    console.print(f"[bold]next:[/] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
+                _error(exc)
                 raise typer.Exit(2) from None
             except OSError as exc:
                 from cars_tl.atomic import STORAGE_ERRNOS, storage_error
 
                 if exc.errno not in STORAGE_ERRNOS:
                     raise
-                error = storage_error(exc, Path(exc.filename or "."))
-                from cars_tl.console import console
-
-                console.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False, soft_wrap=True)
-                console.print(f"[bold]next:[/] {error.hint}", markup=True, highlight=False, soft_wrap=True)
+                _error(storage_error(exc, Path(exc.filename or ".")))
                 raise typer.Exit(2) from None
             except RuntimeError as exc:
                 from cars_tl.distributed import peer_failure
 
                 if not peer_failure(exc):
                     raise
-                from cars_tl.console import console, rank_prefix
+                from cars_tl.console import console, labelled, rank_prefix
 
-                from rich.markup import escape
-
-                first = escape(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
-                console.print(f"{rank_prefix()}[bold red]stopped:[/] another process of this torchrun job failed or was lost "
-                              f"(its own message says why) — {first}", markup=True, highlight=False, soft_wrap=True)
-                console.print(f"[bold]next:[/] {RESUME_HINTS.get(name, f'fix that and rerun cars-tl {name}')}", markup=True, highlight=False, soft_wrap=True)
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                console.print(labelled(rank_prefix(), ("stopped:", "bold red"), " another process of this torchrun job failed or was lost "
+                                       f"(its own message says why) — {first}"), highlight=False, soft_wrap=True)
+                console.print(labelled(("next:", "bold"), " ", RESUME_HINTS.get(name, f"fix that and rerun cars-tl {name}")), highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
-            except KeyboardInterrupt:
-                from cars_tl.console import console
+            except KeyboardInterrupt as exc:
+                from cars_tl.console import console, labelled
 
-                console.print(f"[yellow]{name} interrupted[/]: {RESUME_HINTS.get(name, f'rerun cars-tl {name} to start it again')}",
-                              highlight=False, soft_wrap=True)
+                hint = getattr(exc, "hint", None) or RESUME_HINTS.get(name, f"rerun cars-tl {name} to start it again")  # runs.RerunInterrupted
+                console.print(labelled((f"{name} interrupted", "yellow"), ": ", hint), highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
 
         return app.command(name)(wrapper)
@@ -96,10 +86,22 @@ def command(name: str):
     return decorate
 
 
+def _error(exc: CarsTLError) -> None:
+    """``error: MESSAGE`` and ``next: HINT`` on stderr, both verbatim (paths and hints may hold brackets)."""
+    from cars_tl.console import console, labelled, rank_prefix
+
+    console.print(labelled(rank_prefix(), ("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
+    if exc.hint:
+        console.print(labelled(("next:", "bold"), " ", exc.hint), highlight=False, soft_wrap=True)
+
+
 RESUME_HINTS = {
     "extract-features": "rerun the same cars-tl extract-features command to resume from the last complete chunk",
     "finetune": "rerun the same cars-tl finetune command with --resume to continue from the last complete epoch",
     "download": "rerun the same cars-tl download command: verified archives and partial downloads are kept",
+    # These stages start over: their interrupted run directory (kept to show what happened) is replaced with --force.
+    **{stage: f"rerun the same cars-tl {stage} command with --force: the interrupted run is replaced"
+       for stage in ("train-head", "fit-svm", "knn")},
 }
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder holding stanford_cars/ and its manifest.")]
@@ -129,7 +131,7 @@ def download(
     """
     from cars_tl import data
     from cars_tl import download as dl
-    from cars_tl.console import console, progress
+    from cars_tl.console import console, labelled, progress
 
     if weights:
         path = dl.download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
@@ -140,6 +142,16 @@ def download(
         test_labels=test_labels, verify=verify, label_conflicts=label_conflicts, progress=progress(),
     )
     console.print(f"{action}: {data.summary(manifest)}", highlight=False, soft_wrap=True)
+    if verify:
+        console.print(labelled(("note", "yellow"), ": " + VERIFY_NOTE), highlight=False, soft_wrap=True)
+
+
+VERIFY_NOTE = (
+    "--verify re-hashed every image. The everyday check (every stage, and download without --verify) compares only "
+    "each image's size and mtime, so it misses an image replaced by one of the same size whose mtime was restored "
+    "(cp -p, rsync -t, tar and zip extraction keep mtimes). Run --verify after copying, restoring or editing images "
+    "with such tools, and once before the runs you report."
+)
 
 
 Backbone = Annotated[str, typer.Option(help="torchvision model name (resnet50) or timm/<name> (needs the timm extra).")]
@@ -163,7 +175,7 @@ def extract_features(
     split: Annotated[Optional[List[str]], typer.Option(metavar="SPLIT", help="Split to extract (repeatable): train, test (default: every split the dataset has).")] = None,
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop, e.g. 224; at least 32).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop, e.g. 224; 32 to 1024).")] = None,
     resize: Resize = "crop",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader worker processes on CUDA; 0 decodes in the main thread (default: min(4, cores)).")] = None,
@@ -177,7 +189,7 @@ def extract_features(
 
     Resumes an interrupted run; a no-op when an identical complete file exists.
     """
-    from cars_tl.console import console, progress
+    from cars_tl.console import console, labelled, progress
     from cars_tl.extract import extract_features as run
 
     result = run(
@@ -189,17 +201,17 @@ def extract_features(
     if not is_main_process():  # torchrun: rank 0 reports
         return
     if result.replaced_corrupt:
-        console.print(f"[yellow]the existing file could not be trusted and was extracted again[/]: {result.replaced_corrupt}",
+        console.print(labelled(("the existing file could not be trusted and was extracted again", "yellow"), f": {result.replaced_corrupt}"),
                       highlight=False, soft_wrap=True)
     if result.action == "up to date":
         console.print(f"up to date: {result.path} (same backbone, weights, transform and dataset)")
         return
     skipped = sum(result.skipped.values())
-    console.print(
+    console.print(labelled(
         f"{result.action}: {result.path} — " + ", ".join(f"{s} {n}" for s, n in result.counts.items())
-        + f" images, {result.images_per_second:,.1f} img/s ({result.precision} on {result.device})"
-        + (f", [yellow]{skipped} unreadable images skipped[/] (listed in the file)" if skipped else "")
-    )
+        + f" images, {result.images_per_second:,.1f} img/s ({result.precision} on {result.device})",
+        *([", ", (f"{skipped} unreadable images skipped", "yellow"), " (listed in the file)"] if skipped else []),
+    ))
 
 
 @command("train-head")
@@ -276,9 +288,11 @@ def _print_final(run_dir: Path, metrics: dict) -> None:
     from cars_tl.console import out as stdout
 
     f = metrics["final"]
+    measured = all(f.get(k) is not None for k in ("test_loss", "test_acc", "test_top5"))
+    test = (f"test loss {f['test_loss']:.4f} acc {f['test_acc']:.2f}% top-5 {f['test_top5']:.2f}%" if measured
+            else "no test split (train-only dataset): nothing measured on test")
     stdout.print(
-        f"{metrics['kind']} run {run_dir}: train loss {f['train_loss']:.4f} acc {f['train_acc']:.2f}% | "
-        f"test loss {f['test_loss']:.4f} acc {f['test_acc']:.2f}% top-5 {f['test_top5']:.2f}% | "
+        f"{metrics['kind']} run {run_dir}: train loss {f['train_loss']:.4f} acc {f['train_acc']:.2f}% | {test} | "
         f"trainable {metrics['params']['trainable']:,} of {metrics['params']['total']:,} params | {metrics['wall_time_s']:.1f} s"
     )
 
@@ -298,7 +312,7 @@ def finetune(
     augment: Annotated[Optional[str], typer.Option(help="none | standard (study: none; tuned: standard).")] = None,
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop; at least 32).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop; 32 to 1024).")] = None,
     resize: Resize = "crop",
     device: Device = "auto",
     precision: Precision = "auto",
@@ -311,7 +325,7 @@ def finetune(
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.", show_default=False)] = None,
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
-    from cars_tl.console import console, progress
+    from cars_tl.console import console, labelled, progress
     from cars_tl.distributed import is_main_process
     from cars_tl.finetune import finetune as run
 
@@ -326,7 +340,7 @@ def finetune(
     if metrics.get("resumed_with_changes"):
         changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in metrics["resumed_with_changes"].items())
         restarted = "; the optimizer and learning-rate schedule started afresh" if metrics.get("optimizer_restarted") else ""
-        console.print(f"[yellow]resumed with changed options[/] ({changes}){restarted}", highlight=False, soft_wrap=True)
+        console.print(labelled(("resumed with changed options", "yellow"), f" ({changes}){restarted}"), highlight=False, soft_wrap=True)
     _print_final(run_dir, metrics)
 
 
@@ -345,7 +359,7 @@ def predict(
 
     from rich.table import Table
 
-    from cars_tl.console import out as stdout
+    from cars_tl.console import labelled, out as stdout
     from cars_tl.predict import predict as run
 
     if split:
@@ -363,14 +377,14 @@ def predict(
         table = Table(title=result["image"], show_lines=False)
         table.add_column("#", justify="right")
         for name, p in result["predictions"].items():
-            table.add_column(f"{name}\n[dim]{p['kind']} · {p['score_kind']}[/]")
+            table.add_column(labelled(f"{name}\n", (f"{p['kind']} · {p['score_kind']}", "dim")))
         rows = max(len(p["top"]) for p in result["predictions"].values())
         for i in range(rows):
             cells = []
             for p in result["predictions"].values():
                 t = p["top"][i] if i < len(p["top"]) else None
                 value = f"{100 * t['score']:.1f}%" if t and p["score_kind"] == "probability" else (f"{t['score']:.3f}" if t else "")
-                cells.append(f"{t['class']} [bold]{value}[/]" if t else "")
+                cells.append(labelled(f"{t['class']} ", (value, "bold")) if t else "")
             table.add_row(str(i + 1), *cells)
         stdout.print(table)
 
@@ -404,7 +418,7 @@ def report(
     """Gather every run: headline chart, comparison, seeds, curves, per-class and make-level accuracy, confusions, gallery (report.md, report.html)."""
     from rich.table import Table
 
-    from cars_tl.console import console, out as stdout
+    from cars_tl.console import console, labelled, out as stdout
     from cars_tl.report import build_report
 
     result = build_report(artifacts, out, data_dir=data_dir)
@@ -416,9 +430,9 @@ def report(
         table.add_row(*(row[c] for c in shown))
     stdout.print(table)
     for problem in result["problems"]:
-        console.print(f"[yellow]{problem['status']}[/]: {problem['run']} ({problem['detail']})")
+        console.print(labelled((problem["status"], "yellow"), f": {problem['run']} ({problem['detail']})"))
     if result["thumbnails"]:
-        console.print(f"[yellow]note[/]: {result['thumbnails']}")
+        console.print(labelled(("note", "yellow"), f": {result['thumbnails']}"))
     console.print("wrote " + ", ".join(result["files"].values()))
 
 

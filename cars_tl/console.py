@@ -7,6 +7,7 @@ import sys
 from typing import Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (
     BarColumn, DownloadColumn, MofNCompleteColumn, Progress as RichProgress, TaskProgressColumn,
     TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn,
@@ -14,9 +15,17 @@ from rich.progress import (
 
 from cars_tl.progress import Progress, Task
 
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+# markup=False: messages carry paths, class names and hints such as `pip install 'cars_tl[parquet]'`, which
+# rich would otherwise parse as markup (a path holding `[/]` crashed the CLI). Styles come from `labelled`.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)
 # Piped output is read in files and logs: give wide tables room instead of 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
+
+
+def labelled(*parts) -> Text:
+    """One line of plain text with styled pieces: each part is a string (printed verbatim, never parsed as
+    markup) or a ``(text, style)`` pair, e.g. ``labelled(("error:", "bold red"), " ", message)``."""
+    return Text.assemble(*parts)
 
 
 class _RateColumn(TextColumn):
@@ -29,8 +38,6 @@ class _RateColumn(TextColumn):
         speed = task.finished_speed or task.speed
         unit = task.fields.get("unit", "it")
         text = f"{speed:,.1f} {unit}/s" if speed else f"-- {unit}/s"
-        from rich.text import Text
-
         return Text(text, style="progress.data.speed")
 
 
@@ -51,11 +58,11 @@ class RichProgressReporter(Progress):
     @contextlib.contextmanager
     def task(self, description: str, total: float | None = None, unit: str = "it") -> Iterator[Task]:
         if unit == "B":
-            columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+            columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
         else:
             columns = [
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                _RateColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                _RateColumn(), TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(),
             ]
         with RichProgress(*columns, console=console) as bar:
             task_id = bar.add_task(description, total=total, unit=unit, status="")

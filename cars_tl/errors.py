@@ -26,11 +26,11 @@ class BadImageError(CarsTLError):
         from pathlib import Path
 
         root = Path(path).parent.parent  # <data-dir>/stanford_cars/cars_train/00001.jpg
-        data_dir = str(root.parent) if root.name == "stanford_cars" else "DIR"
-        super().__init__(
-            f"cannot read image {path}: {reason}",
-            hint or f"replace the file with an intact copy, or fetch the dataset again: cars-tl download --data-dir {data_dir} --source SOURCE",
-        )
+        if hint is None and root.name == "stanford_cars":  # an image of the dataset
+            hint = f"replace the file with an intact copy, or fetch the dataset again: cars-tl download --data-dir {root.parent} --source SOURCE"
+        elif hint is None:  # a file of the user's own (predict IMAGE, sparsity --image): nothing to download
+            hint = f"check that {path} is an intact image file (JPEG, PNG, ...): open it in an image viewer, or re-save it as JPEG or PNG"
+        super().__init__(f"cannot read image {path}: {reason}", hint)
         self.path = str(path)
         self.reason = reason
 
@@ -60,4 +60,25 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 def check_seed(seed: int) -> int:
-    return int(check_number("--seed", seed, minimum=0, maximum=SEED_MAX))
+    return int(check_number("--seed", seed, minimum=0, maximum=SEED_MAX, hint=f"pass a whole number from 0 to {SEED_MAX}, e.g. --seed 0"))
+
+
+def check_output_path(path, expect: str, option: str = "--out", example: str | None = None):
+    """``path`` (a Path) if something of kind ``expect`` ("file" or "folder") can be written there: refuses
+    an existing folder where a file is expected, an existing file where a folder is, and a path below a file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if expect == "file" and path.is_dir():
+        raise CarsTLError(f"{option} {path} is a folder; a file is expected there",
+                          f"name a file, e.g. {option} {example or path / 'features.h5'}")
+    if expect == "folder" and path.exists() and not path.is_dir():
+        raise CarsTLError(f"{option} {path} is an existing file; a folder is expected there",
+                          f"name a folder (a new one, or an existing run with --force), e.g. {option} {example or str(path) + '-run'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CarsTLError(f"{option} {path} lies below {parent}, which is a file, not a folder",
+                                  f"choose a path inside a folder, e.g. {option} {parent.parent / path.name}")
+            break
+    return path

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cars_tl import backbones, data, distributed, features, loaders, locks, runtime
-from cars_tl.errors import BadImageError, CarsTLError, check_number
+from cars_tl.errors import BadImageError, CarsTLError, check_number, check_output_path
 from cars_tl.progress import NULL, Progress
 
 CHUNK_BATCHES = 4
@@ -113,6 +113,7 @@ def extract_features(
     runtime.tune_malloc()
     bb = backbones.build_backbone(backbone, weights, image_size, resize_mode)
     out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop, bb.transform, margin, precision)
+    check_output_path(out, "file")
     identity = {
         "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest,
         "transform": bb.transform, "crop": crop, "margin": float(margin), "precision": precision,

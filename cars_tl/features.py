@@ -138,6 +138,13 @@ def read_attrs(path: Path) -> dict:
     import h5py
 
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.h5"))[:3]
+        raise CarsTLError(
+            f"{path} is a folder; a feature file (.h5) is expected"
+            + (f" (it holds: {', '.join(p.name for p in found)})" if found else ""),
+            f"pass the file inside it, e.g. {found[0]}" if found else "cars-tl extract-features --out FILE.h5, then pass --features FILE.h5",
+        )
     if not path.is_file():
         partial = partial_dir(path)
         hint = (

@@ -311,6 +311,12 @@ def _load_init_head(model, head_file: Path) -> None:
             f"this model's head is weight {want} and bias {want[:1]}",
             "retrain the head on this backbone's features: cars-tl train-head --features F.h5 --force",
         )
+    bad = [k for k in ("weight", "bias") if not torch.isfinite(state[k]).all()]
+    if bad:
+        raise CarsTLError(
+            f"--init-head: {head_file} holds NaN or Inf in its {' and '.join(bad)}; fine-tuning from it would diverge at once",
+            f"retrain the head: cars-tl train-head --features F.h5 --out {head_file.parent} --force",
+        )
     model.head.load_state_dict(state)
 
 
@@ -385,6 +391,14 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     if resume and last_path.is_file():
         state = runs.load_checkpoint(last_path)
         differing = _resume_changes(state["config"], config, force, last_path)
+        if differing and state["epoch"] >= config["epochs"]:  # nothing would train under the changed options
+            raise CarsTLError(
+                f"--resume: {run_dir} has trained all {state['epoch']} of its epochs, so nothing would continue under the changed "
+                "options (" + ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in differing)
+                + "); the run is left as it is",
+                "to train with the new options, start a new run: the same command with --force and without --resume "
+                "(the old run stays until the new one completes), or --out NEW_RUN_DIR",
+            )
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:

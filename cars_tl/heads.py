@@ -198,14 +198,32 @@ def feature_run_fields(cache: features.FeatureCache) -> dict:
     }
 
 
-def load_train_test(path: Path, require_test: bool = True) -> features.FeatureCache:
-    """The cache's train and test splits; without ``require_test``, test may be absent when the
-    dataset itself has none (imported with ``--splits train``)."""
+def check_finite_features(cache: features.FeatureCache, split: str) -> None:
+    """Refuse a split whose feature vectors hold NaN or Inf (no model can use them; scikit-learn would
+    raise deep inside a fit): train-head, fit-svm and knn all check here, before any run is created."""
+    bad = int((~np.isfinite(cache.split(split).features).all(axis=1)).sum())
+    if bad:
+        raise CarsTLError(
+            f"{cache.path}: {bad} {split} feature vectors contain NaN or Inf (of {len(cache.split(split).labels)}); no model can use them",
+            f"cars-tl inspect {cache.path}  (then re-extract it: delete the file and rerun cars-tl extract-features)",
+        )
+
+
+def load_train_test(path: Path, require_test: bool = True, stage: str = "this stage") -> features.FeatureCache:
+    """The cache's train and test splits, checked finite; without ``require_test``, test may be absent
+    (or empty) when the dataset itself has none (imported with ``--splits train``)."""
     cache = features.load(path, ("train", "test"))
     for split in ("train", "test") if require_test or features.dataset_has_split(cache, "test") else ("train",):
         cache.split(split)
     if len(cache.split("train").labels) == 0:
         raise CarsTLError(f"{path}: the train split is empty", "extract features for a dataset with training images")
+    if require_test and len(cache.split("test").labels) == 0:
+        raise CarsTLError(
+            f"{path}: the test split is empty (0 images); {stage} measures accuracy on test",
+            f"cars-tl inspect {path} shows its splits; extract test features from a dataset that has test images: cars-tl extract-features --split test",
+        )
+    for split in cache.splits:
+        check_finite_features(cache, split)
     return cache
 
 
@@ -234,7 +252,8 @@ def train_head(
     backbone = cache.attrs["backbone"].replace("/", "-")
     run_dir = runs.resolve_run_dir(out, f"head-{backbone}-{features.weights_tag(cache.attrs['weights'])}-{preset}", artifacts)
     tr = cache.split("train")
-    te = cache.split("test") if "test" in cache.splits else None  # a train-only dataset: no test metrics
+    # A train-only dataset (or an empty test split): no test metrics, rather than "acc 0.00%" measured on nothing.
+    te = cache.split("test") if "test" in cache.splits and len(cache.split("test").labels) else None
     x_train, y_train = torch.from_numpy(tr.features), torch.from_numpy(tr.labels)
     x_test, y_test = (torch.from_numpy(te.features), torch.from_numpy(te.labels)) if te else (None, None)
 

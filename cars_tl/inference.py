@@ -133,7 +133,7 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability", **recorded)
     from cars_tl import svm
 
-    model = svm.load_model(model_path)
+    model = svm.load_model(model_path, bb.num_features, len(names))  # must match the cache the run claims
     classes = torch.as_tensor(model.classes)
 
     def svm_scores(f: torch.Tensor) -> torch.Tensor:

@@ -85,13 +85,6 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks:
     return out
 
 
-def _check_finite(cache: features.FeatureCache, split: str) -> None:
-    bad = int((~np.isfinite(cache.split(split).features).all(axis=1)).sum())
-    if bad:
-        raise CarsTLError(f"{cache.path}: {bad} {split} feature vectors contain NaN or Inf; kNN cannot compare them",
-                          f"cars-tl inspect {cache.path}  (then re-extract: cars-tl extract-features ...)")
-
-
 def _metrics_of(votes: np.ndarray, labels: np.ndarray) -> dict:
     if not len(labels):
         return {"test_acc": None, "test_top5": None}
@@ -115,15 +108,13 @@ def run_knn(
     started = time.perf_counter()
     ks = parse_ks(ks)
     check_number("--temperature", temperature, minimum=0, exclusive_minimum=True, hint=f"e.g. --temperature {DEFAULT_TEMPERATURE}")
-    cache = load_train_test(Path(features_path))
+    cache = load_train_test(Path(features_path), stage="knn")  # also refuses NaN/Inf features and an empty test split
     tr, te = cache.split("train"), cache.split("test")
     if max(ks) > len(tr.labels):
         raise CarsTLError(
             f"--k {max(ks)} is larger than the train split of {features_path} ({len(tr.labels)} images)",
             f"use --k {min(DEFAULT_K[0], len(tr.labels))} or any value up to {len(tr.labels)}",
         )
-    for split in ("train", "test"):
-        _check_finite(cache, split)
     weights = features.weights_tag(cache.attrs["weights"])
     run_dir = runs.resolve_run_dir(out, f"knn-{cache.attrs['backbone'].replace('/', '-')}-{weights}", artifacts)
     with runs.writing_run(run_dir, "knn", force=force) as target:

@@ -25,9 +25,16 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: boo
     """One entry per image: ``{"image", "predictions": {run name: {kind, score_kind, top: [...]}}}``."""
     if not run_dirs:
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
+    if not images:
+        run = run_dirs[0]
+        raise CarsTLError("predict needs image files or --split, and got neither",
+                          f"cars-tl predict --model {run} IMAGE [IMAGE ...]   or   cars-tl predict --model {run} --split test")
     if top_k < 1:
         raise CarsTLError(f"--top-k must be positive, got {top_k}")
     for image in images:
+        if Path(image).is_dir():
+            raise CarsTLError(f"image {image} is a folder; predict takes image files",
+                              f"pass the files inside it: cars-tl predict --model {run_dirs[0]} {Path(image) / '*.jpg'}")
         if not Path(image).is_file():
             raise CarsTLError(f"image {image} does not exist", "check the path")
     cache: dict = {}

@@ -38,7 +38,7 @@ import numpy as np
 
 from cars_tl import locks, runs
 from cars_tl.atomic import atomic_path, atomic_write_text
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_output_path
 
 COLUMNS = ("model", "kind", "backbone / weights / preset", "trainable params", "total params", "train time",
            "train loss", "train acc %", "test loss", "test acc %", "test top-5 %", "best epoch", "selected on",
@@ -595,7 +595,7 @@ def build_report(artifacts: Path = Path("artifacts"), out: Path | None = None, s
                  data_dir: Path | None = Path("data")) -> dict:
     """Write the report; returns the table rows, groups, kernel rows, problems and file paths."""
     artifacts = Path(artifacts)
-    out = Path(out) if out else artifacts / "report"
+    out = check_output_path(Path(out) if out else artifacts / "report", "folder")
     sparsity_dir = Path(sparsity_dir) if sparsity_dir else artifacts / "sparsity"
     complete, problems = gather(artifacts)
     if not complete and not problems:

@@ -73,7 +73,7 @@ import numpy as np
 
 from cars_tl import locks
 from cars_tl.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_output_path
 
 FORMAT_VERSION = 1
 METRICS = "metrics.json"
@@ -87,7 +87,7 @@ def now() -> str:
 
 
 def resolve_run_dir(out: Path | None, default_name: str, artifacts: Path) -> Path:
-    return Path(out) if out else Path(artifacts) / "runs" / default_name
+    return check_output_path(Path(out) if out else Path(artifacts) / "runs" / default_name, "folder")
 
 
 def _has_content(run_dir: Path) -> bool:
@@ -121,12 +121,24 @@ def writing_run(run_dir: Path, stage: str, *, force: bool = False, resume: bool 
         staging.mkdir(parents=True)
         try:
             yield staging
-        except BaseException:
+        except BaseException as exc:
             import shutil
 
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RerunInterrupted):
+                raise RerunInterrupted(run_dir, stage) from None
             raise
         swap_in(staging, run_dir)
+
+
+class RerunInterrupted(KeyboardInterrupt):
+    """Ctrl-C of a forced rerun: the staged new run is gone and the old run untouched, so ``--resume``
+    would continue the *old* run; ``hint`` says what to do instead."""
+
+    def __init__(self, run_dir: Path, stage: str):
+        super().__init__()
+        self.hint = (f"the new run was discarded and {run_dir} is unchanged; to start the new run again, rerun the same "
+                     f"cars-tl {stage} command with --force (not --resume: that would continue the old run)")
 
 
 def new_metrics(kind: str, name: str, config: dict, **fields) -> dict:
@@ -199,6 +211,9 @@ def read_metrics(run_dir: Path) -> dict:
         metrics = json.loads(path.read_text())
     except ValueError as exc:
         raise CarsTLError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(metrics, dict):
+        raise CarsTLError(f"{path} holds a JSON {type(metrics).__name__}, not the object a cars_tl run writes",
+                          "pass a directory made by train-head, fit-svm, knn or finetune (or rerun that stage with --force)")
     if metrics.get("kind") not in KINDS:
         raise CarsTLError(f"{path}: unknown run kind {metrics.get('kind')!r}; valid: {', '.join(KINDS)}")
     if metrics.get("format_version") != FORMAT_VERSION:
@@ -218,14 +233,20 @@ def model_file(run_dir: Path) -> Path:
     metrics = read_metrics(run_dir)
     name = metrics.get("model_file")
     if metrics.get("status") != "complete" or not name:
-        raise CarsTLError(
-            f"run {run_dir} is not complete (status {metrics.get('status')!r})",
-            "finish it first (finetune: rerun with --resume)",
-        )
+        raise CarsTLError(f"run {run_dir} is not complete (status {metrics.get('status')!r})", rerun_hint(run_dir, metrics))
     path = Path(run_dir) / name
     if not path.is_file():
         raise CarsTLError(f"run {run_dir} lists model file {name}, which is missing", "rerun the stage that made it")
     return path
+
+
+def rerun_hint(run_dir: Path, metrics: dict) -> str:
+    """How to finish or redo an incomplete run, by its kind: only a fine-tune resumes."""
+    if metrics.get("kind") == "finetune":
+        return f"continue it: rerun the cars-tl finetune command that made it, with --resume (--out {run_dir})"
+    stage = {"head": "train-head", "svm": "fit-svm", "knn": "knn"}.get(metrics.get("kind"), "STAGE")
+    features = (metrics.get("config") or {}).get("features") or "F.h5"
+    return f"fit it again: cars-tl {stage} --features {features} --out {run_dir} --force"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from cars_tl import data, loaders, locks, runtime
 from cars_tl.atomic import atomic_path, atomic_write_text
-from cars_tl.errors import CarsTLError
+from cars_tl.errors import CarsTLError, check_output_path
 from cars_tl.inference import load_run
 from cars_tl.progress import NULL, Progress
 
@@ -133,7 +133,7 @@ def measure(
             with runtime.autocast("cpu", run.precision_used):
                 results[run.name] = zero_fractions(run.body, batches)
             task.advance(1)
-    out = Path(out)
+    out = check_output_path(Path(out), "folder")
     summary = {"images": described, "models": {name: dict(v) for name, v in results.items()}, "layers": list(next(iter(results.values())))}
     with locks.writer_lock(out, "sparsity"):
         out.mkdir(parents=True, exist_ok=True)

@@ -206,8 +206,10 @@ def save_model(model: SVMModel, path: Path) -> None:
         sio.dump(model.to_state(), tmp)
 
 
-def load_model(path: Path) -> SVMModel:
-    """Load a skops file, refusing any type outside :data:`TRUSTED_TYPES`."""
+def load_model(path: Path, num_features: int | None = None, num_classes: int | None = None) -> SVMModel:
+    """Load a skops file, refusing any type outside :data:`TRUSTED_TYPES` and any content that is not a
+    consistent fitted model (see :func:`_state_problem`); ``num_features``/``num_classes``: those of the
+    feature cache the run claims, which the model must match."""
     import skops.io as sio
 
     path = Path(path)
@@ -226,6 +228,8 @@ def load_model(path: Path) -> SVMModel:
     except Exception as exc:  # noqa: BLE001 - skops raises many types for damaged files
         raise CarsTLError(f"{path} is not a readable skops file: {exc}", "refit it with cars-tl fit-svm") from None
     problem = _state_problem(state)
+    if problem is None:
+        problem = _fitted_problem(state, num_features, num_classes)
     if problem:
         raise CarsTLError(f"{path} is not a cars_tl fit-svm model: {problem}", "refit it with cars-tl fit-svm --features F.h5 --force")
     return SVMModel.from_state(state)
@@ -257,6 +261,93 @@ def _state_problem(state) -> str | None:
         sv = state["support_vectors"]
         if not isinstance(sv, np.ndarray) or sv.ndim != 2 or len(sv) != len(svc.support_):
             return "its support vectors do not match the SVC's support"
+    return None
+
+
+def _fitted_problem(state: dict, num_features: int | None, num_classes: int | None) -> str | None:
+    """Why the fitted attributes of a well-typed state cannot be a model fit-svm wrote (None when they can):
+    shapes that agree with each other and with the cache, finite numbers, parameters in their ranges.
+    A file of trusted types can still hold anything; this keeps a tampered or damaged one from crashing
+    inside libsvm or printing garbage."""
+    svc = state["svc"]
+
+    def array(value, name: str, ndim: int, kind: str = "f") -> np.ndarray | str:
+        if not isinstance(value, np.ndarray) or value.ndim != ndim or value.dtype.kind not in ("iu" if kind == "i" else "fiu"):
+            return f"{name} is not a {ndim}-d {'integer' if kind == 'i' else 'numeric'} array"
+        if kind == "f" and not np.isfinite(value).all():
+            return f"{name} holds NaN or Inf"
+        return value
+
+    for name, value in (("gamma", state["gamma"]), ("coef0", state["coef0"]), ("C", getattr(svc, "C", None))):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value):
+            return f"{name} is {value!r}, not a finite number"
+    if not (state["gamma"] > 0 and svc.C > 0):
+        return f"gamma {state['gamma']!r} and C {svc.C!r} must both be > 0"
+    degree = state["degree"]
+    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
+        return f"degree is {degree!r}, not a whole number >= 1"
+    n_train = state["n_train"]
+    if isinstance(n_train, bool) or not isinstance(n_train, (int, np.integer)) or n_train < 0:
+        return f"n_train is {n_train!r}, not a count"
+    classes = array(getattr(svc, "classes_", None), "classes_", 1, "i")
+    if isinstance(classes, str):
+        return classes
+    if len(classes) < 2 or len(np.unique(classes)) != len(classes) or not np.all(np.diff(classes) > 0):
+        return f"its classes ({len(classes)}) are not two or more distinct sorted labels"
+    if classes.min() < 0 or (num_classes is not None and classes.max() >= num_classes):
+        return f"its classes {classes.min()}..{classes.max()} lie outside the run's {num_classes} classes 0..{(num_classes or 0) - 1}"
+    n_cls, n_pairs = len(classes), len(classes) * (len(classes) - 1) // 2
+    support = array(getattr(svc, "support_", None), "support_", 1, "i")
+    if isinstance(support, str):
+        return support
+    n_sv = len(support)
+    n_support = array(getattr(svc, "_n_support", None), "_n_support", 1, "i")
+    if isinstance(n_support, str):
+        return n_support
+    if n_sv < 1 or n_support.shape != (n_cls,) or (n_support < 0).any() or int(n_support.sum()) != n_sv:
+        return f"its per-class support counts {n_support.tolist()} do not add up to its {n_sv} support vectors for {n_cls} classes"
+    for name, shape in (("_dual_coef_", (n_cls - 1, n_sv)), ("dual_coef_", (n_cls - 1, n_sv)),
+                        ("_intercept_", (n_pairs,)), ("intercept_", (n_pairs,))):
+        value = array(getattr(svc, name, None), name, len(shape))
+        if isinstance(value, str):
+            return value
+        if value.shape != shape:
+            return f"{name} has shape {value.shape}, expected {shape} for {n_cls} classes and {n_sv} support vectors"
+    shape_fit = getattr(svc, "shape_fit_", None)
+    if not isinstance(shape_fit, tuple) or len(shape_fit) != 2:
+        return "shape_fit_ is not a (rows, columns) pair"
+    d = num_features
+    if state["method"] == "precomputed":
+        if svc.kernel != "precomputed":
+            return f"method 'precomputed' with an SVC of kernel {svc.kernel!r}"
+        if support.min() < 0 or support.max() >= n_train or tuple(shape_fit) != (n_train, n_train):
+            return f"its support indices or fitted shape {tuple(shape_fit)} do not fit its {n_train} training rows"
+        sv = array(state["support_vectors"], "support_vectors", 2)
+        if isinstance(sv, str):
+            return sv
+        d = sv.shape[1] if d is None else d
+        if sv.shape != (n_sv, d):
+            return f"its support vectors have shape {sv.shape}, expected ({n_sv}, {d}) for the cache's {d}-d features"
+    else:
+        if svc.kernel != state["kernel"]:
+            return f"its SVC kernel {svc.kernel!r} is not the recorded {state['kernel']!r}"
+        sv = array(getattr(svc, "support_vectors_", None), "support_vectors_", 2)
+        if isinstance(sv, str):
+            return sv
+        d = sv.shape[1] if d is None else d
+        if sv.shape != (n_sv, d) or shape_fit[1] != d:
+            return f"its support vectors have shape {sv.shape}, expected ({n_sv}, {d}) for the cache's {d}-d features"
+        if not (np.isfinite(getattr(svc, "_gamma", np.nan)) and svc._gamma > 0 and int(svc.degree) >= 1):
+            return f"its SVC's gamma {getattr(svc, '_gamma', None)!r} or degree {svc.degree!r} is out of range"
+    if state["scale"] == "standard":
+        for name in ("scale_mean", "scale_std"):
+            value = array(state[name], name, 1)
+            if isinstance(value, str):
+                return value
+            if value.shape != (d,):
+                return f"{name} has shape {value.shape}, expected ({d},)"
+        if (state["scale_std"] <= 0).any():
+            return "scale_std holds values <= 0"
     return None
 
 
@@ -305,9 +396,10 @@ def fit_svm(
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
     check_number("--coef0", coef0)
-    if degree < 0:
-        raise CarsTLError(f"--degree must be >= 0, got {degree}")
-    cache = load_train_test(Path(features_path))
+    check_seed(seed)  # validated even when no search uses it: a wrong value is never silently ignored
+    if degree < 1:
+        raise CarsTLError(f"--degree must be a whole number >= 1, got {degree}", "e.g. --degree 3 (poly's degree; the other kernels ignore it)")
+    cache = load_train_test(Path(features_path), stage="fit-svm")  # also refuses NaN/Inf features and an empty test split
     if len(np.unique(cache.split("train").labels)) < 2:
         raise CarsTLError(f"{features_path}: the train split has fewer than two classes; an SVM needs two or more")
     if searching:
@@ -365,7 +457,7 @@ def fit_svm(
             primary = kernels[0] if len(kernels) == 1 else max(results, key=rank)
             best = results[primary]
             if primary != kernels[-1]:  # the saved predictions are the kept kernel's
-                model = load_model(target / best["model_file"])
+                model = load_model(target / best["model_file"], cache.feature_dim, cache.num_classes)
             # ranking_scores: rank 1 is SVC.predict, ranks 2.. follow the decision scores.
             runs.write_predictions(target, te.ids, te.labels, model.ranking_scores(te.features), "decision score",
                                    columns=model.classes)
