@@ -96,6 +96,7 @@ def _image_source(images: list[Path] | None, split: str | None, limit: int | Non
     return [(dataset.load(i), dataset.records[i].box) for i in range(count)], f"the first {count} {split} images"
 
 
+@locks.reads("sparsity", lambda a: data.dataset_roots(a["images"]) if a["images"] else [data.stanford_root(a["data_dir"])] if a["split"] else [])
 def measure(
     run_dirs: list[Path],
     images: list[Path] | None = None,
