@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cars_tl import data, features, locks
@@ -153,9 +152,8 @@ def test_a_symlink_or_hard_link_at_a_lock_name_is_refused_and_its_target_kept(de
     assert victim.read_text() == "precious" and not out.exists()
     locks.lock_path(out).unlink()
     os.link(victim, locks.lock_path(out))
-    with pytest.raises(locks.LockFileError, match="other hard links"):
-        with locks.writer_lock(out, "test"):
-            pass
+    with pytest.raises(locks.LockFileError, match="other hard links"), locks.writer_lock(out, "test"):
+        pass
     assert victim.read_text() == "precious"
 
 
