@@ -8,6 +8,8 @@
 #   make help   every variable
 # `make` reruns only what is stale: each stage depends on its inputs and on a stamp file of its
 # options, rewritten only when the options change (so SVM_KERNEL=rbf reruns just the SVM and the report).
+# make never touches a stage's output: a stage that finds it up to date leaves the file (and its
+# time) alone, and the image stages depend on the dataset's content, not on the manifest's time.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -54,6 +56,8 @@ DEMO_SEEDS ?= 0 1
 RUNS := $(ARTIFACTS)/runs
 OPTS := $(ARTIFACTS)/.options
 MANIFEST := $(DATA)/stanford_cars/manifest.json
+# The dataset's content (the manifest's fingerprint line): what the image stages depend on.
+DATASET := $(OPTS)/dataset
 FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))$(if $(filter-out crop,$(RESIZE)),-$(RESIZE))$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))
 FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
 SEED_LIST := $(or $(strip $(SEEDS)),0)
@@ -154,13 +158,20 @@ $(OPTS)/sparsity: FORCE ; $(call stamp,$(SPARSITY_IMAGES))
 # ----------------------------------------------------------------------------- the study
 
 $(MANIFEST): | $(VENV)/.installed
+# The manifest's time says when download last ran for this SOURCE (it skips work that is done);
+# nothing downstream depends on that time, only on the content below.
 $(MANIFEST): $(OPTS)/download
 	$(CARS) download --data-dir $(DATA) --source $(SOURCE)
 	@touch $@
 
-$(FEATURES): $(MANIFEST) $(OPTS)/features-$(FEATURES_TAG)
+# Rewritten only when the fingerprint changes: a manifest rewritten with the same content
+# (download --verify, a SOURCE switched back and forth) reruns nothing.
+$(DATASET): $(MANIFEST)
+	@mkdir -p $(dir $@)
+	@grep -m1 '"fingerprint"' $< | cmp -s - $@ || grep -m1 '"fingerprint"' $< > $@
+
+$(FEATURES): $(DATASET) $(OPTS)/features-$(FEATURES_TAG)
 	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) $(COMMON) --out $@
-	@touch $@
 
 # B, A and D for one seed ($(1)); D starts from that seed's B.
 define seeded_stages
@@ -171,10 +182,10 @@ $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp
 $(call head_run,$(1)): $$(FEATURES) $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1))
 	$$(CARS) train-head --features $$(FEATURES) $$(TRAIN)$(call seed_opt,$(1)) --force --out $$(@D)
 
-$(call a_run,$(1)): $$(MANIFEST) $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1))
+$(call a_run,$(1)): $$(DATASET) $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1))
 	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
 
-$(call d_run,$(1)): $$(MANIFEST) $(call head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1))
+$(call d_run,$(1)): $$(DATASET) $(call head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1))
 	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights $$(WEIGHTS) --unfreeze $$(UNFREEZE_D) \
 		--init-head $$(dir $(call head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
 endef

@@ -354,6 +354,17 @@ def stanford_root(data_dir: Path) -> Path:
     return Path(data_dir) / STANFORD_DIR
 
 
+def dataset_roots(paths) -> list[Path]:
+    """The data folders (``.../stanford_cars`` with a manifest) that hold any of ``paths``."""
+    roots = []
+    for p in paths or ():
+        for parent in Path(p).resolve().parents:
+            if parent.name == STANFORD_DIR and (parent / MANIFEST_JSON).is_file():
+                roots.append(parent)
+                break
+    return list(dict.fromkeys(roots))
+
+
 def read_origin(root: Path) -> dict:
     """Where the dataset under ``root`` came from (``ORIGIN_FILE``); a copy placed by hand counts as downloaded."""
     try:

@@ -65,6 +65,7 @@ def embed(body, images: torch.Tensor, device: str, precision: str, spec: dict | 
     return out.float().flatten(1).cpu()
 
 
+@locks.reads("extract-features", lambda a: [data.stanford_root(a["data_dir"])])  # download cannot swap it meanwhile
 def extract_features(
     data_dir: Path = Path("data"),
     backbone: str = "resnet50",

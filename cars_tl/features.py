@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -400,35 +401,42 @@ def write_split(f, split: str, features, labels, ids, paths, skipped) -> None:
     group.attrs["skipped"] = json.dumps(skipped)
 
 
-def estimated_size(splits: dict[str, SplitArrays]) -> int:
-    """An upper bound of a cache's size on disk (uncompressed arrays, names, HDF5 overhead)."""
-    total = 1 << 20
-    for s in splits.values():
-        total += s.features.nbytes + 16 * len(s.labels) + sum(len(p.encode()) + 32 for p in s.paths)
-    return total
+def _file_image(attrs: dict, splits: dict[str, SplitArrays]) -> bytes:
+    """The whole ``.h5`` built in memory (HDF5's core driver, no backing file): its bytes."""
+    import h5py
+
+    with h5py.File(f"cars-tl-cache-{os.getpid()}.h5", "w", driver="core", backing_store=False) as f:  # the name is never created
+        for key, value in dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION).items():
+            f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
+        for name, s in splits.items():
+            write_split(f, name, s.features, s.labels, s.ids, s.paths, s.skipped)
+        f.flush()
+        return f.id.get_file_image()
 
 
 def write(path: Path, attrs: dict, splits: dict[str, SplitArrays]) -> Path:
     """Write a whole cache: temporary name in the same folder, verified in full, then renamed.
 
-    Free space and the process's file-size limit are checked first; a cache that does not verify
-    (e.g. labels out of range) raises and leaves no file behind.
+    The file is built in memory first (HDF5 never touches the disk: a full disk cannot fail inside
+    it), so the free space and the process's file-size limit are checked against its exact size;
+    its bytes are then written with plain file I/O, where a disk that fills meanwhile is an ordinary
+    error: the same message, and no file left behind. A cache that does not verify (e.g. labels out
+    of range) raises and leaves no file behind.
     """
-    import h5py
-
     path = Path(path)
-    ensure_room(path, estimated_size(splits), "feature cache")
+    image = _file_image(attrs, splits)
+    ensure_room(path, len(image), "feature cache")
     with atomic_path(path) as tmp:
         try:
-            with h5py.File(tmp, "w") as f:
-                for key, value in dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION).items():
-                    f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
-                for name, s in splits.items():
-                    write_split(f, name, s.features, s.labels, s.ids, s.paths, s.skipped)
+            with open(tmp, "wb") as f:
+                f.write(image)
+                f.flush()
+                os.fsync(f.fileno())
         except OSError as exc:
             raise CarsTLError(
-                f"cannot write the feature cache {path}: {exc}",
-                f"free space or check permissions in {path.parent} (about {estimated_size(splits) / 1e6:,.0f} MB are needed), then rerun",
+                f"not enough room for the feature cache {path}: writing its {len(image) / 1e6:,.1f} MB failed "
+                f"({exc.strerror or exc})",
+                f"free space on the disk holding {path.parent} (or raise ulimit -f), or write elsewhere with --out, then rerun",
             ) from None
         try:
             load(tmp, tuple(splits))  # verify before anything appears under the final name

@@ -45,6 +45,7 @@ from torch.utils.data import Subset
 from cars_tl import backbones, data, distributed, features, loaders, runs, runtime
 from cars_tl.errors import CarsTLError, check_number, check_seed
 from cars_tl.heads import DivergedError, make_optimizer, stratified_split
+from cars_tl.locks import reads
 from cars_tl.predict import score_batches
 from cars_tl.progress import NULL, Progress
 from cars_tl.scoring import Meter
@@ -202,6 +203,7 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
     return runs.model_file(head_dir)
 
 
+@reads("finetune", lambda a: [data.stanford_root(a["data_dir"])])  # download cannot swap the data folder meanwhile
 def finetune(
     data_dir: Path = Path("data"),
     backbone: str = "resnet50",

@@ -3,7 +3,9 @@
 Every feature vector is scaled to unit length, so a matrix product gives cosine similarities. For
 each test image the ``k`` most similar training images vote for their class with weight
 ``exp(similarity / T)``; the class with the largest summed weight wins. (Wu et al. 2018, as used by
-DINO's ``eval_knn.py``: k = 20, T = 0.07 by default.) Nothing is trained, so the result is a
+DINO's ``eval_knn.py``: k = 20, T = 0.07 by default.) The weights are computed as
+``exp((similarity - top similarity) / T)``, the same up to one factor per test image (which cancels in
+the vote and in the shares), so any positive T works: at T = 0.01 the plain exponent overflows float32. Nothing is trained, so the result is a
 property of the features alone: a quick, hyperparameter-light check of a backbone's features.
 
 Several ``k`` cost one pass: the largest ``k`` neighbours are found once per chunk of test images
@@ -58,7 +60,11 @@ def _unit_rows(x: np.ndarray) -> torch.Tensor:
 
 def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks: tuple[int, ...], temperature: float,
                num_classes: int, chunk: int = CHUNK, progress: Progress = NULL) -> dict[int, np.ndarray]:
-    """Per k, the (n_test, num_classes) summed vote weights of the k nearest training images."""
+    """Per k, the (n_test, num_classes) summed vote weights of the k nearest training images.
+
+    Each row is scaled by ``exp(-top similarity / T)`` (the nearest neighbour weighs 1): the vote,
+    its ranking and its shares are those of ``exp(similarity / T)``, without overflow for any T > 0.
+    """
     if len(train_x) == 0:
         raise CarsTLError("the train split is empty: kNN needs training images to vote")
     largest = max(ks)
@@ -75,7 +81,9 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks:
         for start in range(0, len(test_x), chunk):
             query = _unit_rows(test_x[start:start + chunk])
             similarity, index = (query @ train.T).topk(largest, dim=1)  # sorted, most similar first
-            weight = (similarity / temperature).exp_()
+            # Shift by each row's largest similarity (the first: sorted) before the exponent, as a
+            # log-sum-exp does: exp(cos / T) overflows float32 for T below about 0.0113.
+            weight = ((similarity - similarity[:, :1]) / temperature).exp_()
             neighbour_labels = labels[index]
             for k in ks:
                 votes = torch.zeros(len(query), num_classes)

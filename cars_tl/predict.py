@@ -18,9 +18,11 @@ import torch
 from cars_tl import data
 from cars_tl.errors import CarsTLError
 from cars_tl.inference import load_run
+from cars_tl.locks import reads
 from cars_tl.progress import NULL
 
 
+@reads("predict", lambda a: data.dataset_roots(a["images"]))  # images of a data folder: no download meanwhile
 def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: bool = False) -> list[dict]:
     """One entry per image: ``{"image", "predictions": {run name: {kind, score_kind, top: [...]}}}``."""
     if not run_dirs:
@@ -87,6 +89,7 @@ def score_batches(score, loader, records, device: str = "cpu", precision: str = 
             torch.cat(scores).numpy() if scores else np.zeros((0, n_classes)))
 
 
+@reads("predict", lambda a: [data.stanford_root(a["data_dir"])])
 def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NULL, images=(), batch_size: int = 64,
                   workers: int | None = None) -> list[dict]:
     """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.runs`).

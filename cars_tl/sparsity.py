@@ -106,6 +106,7 @@ def _split_batches(run, manifest, split: str, count: int, batch_size: int):
         yield loaders.batch_to_device(images, "cpu", run.spec)
 
 
+@locks.reads("sparsity", lambda a: data.dataset_roots(a["images"]) if a["images"] else [data.stanford_root(a["data_dir"])] if a["split"] else [])
 def measure(
     run_dirs: list[Path],
     images: list[Path] | None = None,
