@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import LITE0, LITE0_WEIGHTS, banner, machine_info, real_subset, require_shared, save, target  # noqa: E402
-from cars_tl import extract, heads, svm, svm_search  # noqa: E402
+from cars_tl.stages import extract, train_head as heads, fit_svm as svm  # noqa: E402
+from cars_tl.models import svm_search
 
 NAME = "bench_accuracy"
 MODES = ("crop", "squash", "pad")

@@ -3,7 +3,7 @@
 For timm/efficientnet_lite0 (the shared ImageNet weights) and resnet50 (random weights: the
 ImageNet ones are not available offline; the speed is the same):
 
-1. ``cars_tl.extract.extract_features`` with its defaults (precision auto, workers default,
+1. ``cars_tl.stages.extract.extract_features`` with its defaults (precision auto, workers default,
    batch 64) into a temporary file, against the model-only ceiling: the same body (from
    ``build_backbone``, prepared with ``prepare_body``: BatchNorm folded, channels_last), the same
    precision and batch size, run with ``embed`` on random tensors already in memory, in a process
@@ -45,7 +45,12 @@ from _common import (  # noqa: E402
     LITE0, LITE0_WEIGHTS, banner, best_of, isolated, machine_info, measured, page_faults, real_subset,
     require_shared, save, target, wait_for_quiet,
 )
-from cars_tl import backbones, data, extract, features, loaders, runtime  # noqa: E402
+from cars_tl.models import backbones  # noqa: E402
+from cars_tl import data
+from cars_tl.stages import extract
+from cars_tl.artifacts import features
+from cars_tl.data import loaders
+from cars_tl.core import runtime
 
 NAME = "bench_extract"
 SPLITS = ("train", "test")

@@ -5,7 +5,7 @@ in-memory random tensors and through the real data loader (the real subset's tra
 warm-up steps, then a fixed number of timed training steps, all through finetune's own code:
 ``parse_unfreeze``, ``classifier_model``, ``set_trainable``, the model in channels_last, the
 optimizer over the trainable parameters only (head + unfrozen body, as ``finetune`` groups them),
-and ``cars_tl.finetune._train_epoch`` itself (``train_mode``, autocast, channels_last inputs,
+and ``cars_tl.stages.finetune._train_epoch`` itself (``train_mode``, autocast, channels_last inputs,
 cross-entropy, backward, step) fed with those batches. Reported: img/s per combination, and the
 ratios layer4/all and bf16/fp32. Also the in-memory figures again with glibc malloc tuned
 (``_common.tune_malloc``), which the bench_extract figures showed to matter.
@@ -30,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import banner, best_of, isolated, machine_info, measured, page_faults, real_subset, save  # noqa: E402
-from cars_tl import backbones, data, finetune, runtime  # noqa: E402
-from cars_tl.loaders import default_workers, make_loader  # noqa: E402
+from cars_tl.models import backbones  # noqa: E402
+from cars_tl import data
+from cars_tl.stages import finetune
+from cars_tl.core import runtime
+from cars_tl.data.loaders import default_workers, make_loader  # noqa: E402
 
 NAME = "bench_finetune"
 BACKBONE, WEIGHTS, CLASSES, BATCH = "resnet50", "random", 196, 32

@@ -23,11 +23,11 @@ UNFREEZE = "blocks.5,blocks.6,conv_head,bn2"
 
 
 def main() -> None:
-    from cars_tl import runtime
-    from cars_tl.download import prepare_dataset
-    from cars_tl.extract import extract_features
-    from cars_tl.finetune import finetune
-    from cars_tl.heads import train_head
+    from cars_tl.core import runtime
+    from cars_tl.sources.download import prepare_dataset
+    from cars_tl.stages.extract import extract_features
+    from cars_tl.stages.finetune import finetune
+    from cars_tl.stages.train_head import train_head
 
     if not (MINI.is_dir() and WEIGHTS.is_file()):
         sys.exit(f"needs {MINI} and {WEIGHTS}")

@@ -72,7 +72,7 @@ def _peak_growth(fn) -> tuple[dict, float]:
 
 
 def child_scores(ks: tuple[int, ...]) -> dict:
-    from cars_tl.knn import knn_scores
+    from cars_tl.stages.knn import knn_scores
 
     x_train, y_train, x_test, y_test = _arrays()
     knn_scores(x_train[:512], y_train[:512], x_test[:256], (10,), 0.07, CLASSES)  # warm-up
@@ -95,7 +95,7 @@ def child_scores(ks: tuple[int, ...]) -> dict:
 
 
 def child_stage(cache: str, out: str) -> dict:
-    from cars_tl.knn import run_knn
+    from cars_tl.stages.knn import run_knn
 
     import torch  # imported before the timing, as the CLI has it loaded by then
 
@@ -110,7 +110,7 @@ def child_stage(cache: str, out: str) -> dict:
 
 
 def write_cache(path: Path) -> None:
-    from cars_tl import features
+    from cars_tl.artifacts import features
 
     x_train, y_train, x_test, y_test = _arrays()
     attrs = {"backbone": "resnet50", "weights": "random", "weights_digest": "0" * 64, "weights_sha256": "",
@@ -125,7 +125,7 @@ def write_cache(path: Path) -> None:
 
 
 def main() -> None:
-    from cars_tl.knn import CHUNK
+    from cars_tl.stages.knn import CHUNK
 
     banner(f"knn: {N_TRAIN:,} train x {N_TEST:,} test, {DIM}-d, {CLASSES} classes, chunks of {CHUNK} test rows")
     results = {"shape": {"train": N_TRAIN, "test": N_TEST, "dim": DIM, "classes": CLASSES, "chunk": CHUNK}}

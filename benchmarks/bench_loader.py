@@ -1,7 +1,7 @@
 """Loader batches for a GPU: uint8 (normalized on the device) against float32 (normalized in workers).
 
 On CUDA, finetune and extract-features now send uint8 batches to the device and normalize them there
-(:func:`cars_tl.loaders.batch_to_device`); before, DataLoader workers built normalized float32
+(:func:`cars_tl.data.loaders.batch_to_device`); before, DataLoader workers built normalized float32
 batches. What that changes on the host side is measured here on the CPU, on the real 20-class subset:
 
 * the DataLoader alone (``--workers`` worker processes, collate, the batches handed to the main
@@ -31,7 +31,9 @@ SPEC = {"resize": 232, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229
 
 
 def _pass(data_dir: str, augment: str, output: str, epochs: int = 2) -> dict:
-    from cars_tl import backbones, data, loaders
+    from cars_tl.models import backbones
+    from cars_tl import data
+    from cars_tl.data import loaders
 
     manifest = data.load_manifest(Path(data_dir))
     dataset = data.CarsDataset(manifest, "train", backbones.train_transform(SPEC, augment, output), mark_bad=True)

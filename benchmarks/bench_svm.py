@@ -1,6 +1,6 @@
 """fit-svm: the fast path (``method="precomputed"``) vs a plain ``sklearn.svm.SVC`` (``method="plain"``).
 
-Same kernel and settings on both sides (``cars_tl.svm.fit_model``: l2 scaling, C=1, gamma
+Same kernel and settings on both sides (``cars_tl.stages.fit_svm.fit_model``: l2 scaling, C=1, gamma
 "scale", degree 3, coef0 0), kernels poly (the default) and rbf. Timed: fit + predict of the
 test set; checked: the two predict the same class on >= 99.9% of the test rows.
 
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from _common import LITE0, LITE0_WEIGHTS, banner, best_of, isolated, machine_info, measured, real_subset, require_shared, save, target  # noqa: E402
-from cars_tl import extract, features, svm  # noqa: E402
+from cars_tl.stages import extract, fit_svm as svm  # noqa: E402
+from cars_tl.artifacts import features
 
 NAME = "bench_svm"
 KERNELS = ("poly", "rbf")

@@ -43,7 +43,10 @@ import numpy as np  # noqa: E402
 
 from _common import LITE0, LITE0_WEIGHTS, RESULTS, banner, best_of, machine_info, real_subset, require_shared, save, target  # noqa: E402
 from bench_svm import synthetic  # noqa: E402
-from cars_tl import extract, features, runtime, svm, svm_search  # noqa: E402
+from cars_tl.stages import extract, fit_svm as svm  # noqa: E402
+from cars_tl.artifacts import features
+from cars_tl.core import runtime
+from cars_tl.models import svm_search
 
 NAME = "bench_svm_search"
 CELLS = (("crop", 224), ("squash", 288))

@@ -1,6 +1,6 @@
 """train-head on cached features vs the study's approach (the frozen backbone over the images every epoch).
 
-* cached: ``cars_tl.heads.train_head(..., preset="study")``, 15 epochs of Adam on the HDF5 feature
+* cached: ``cars_tl.stages.train_head.train_head(..., preset="study")``, 15 epochs of Adam on the HDF5 feature
   cache of the real subset (resnet50, random weights: the study's backbone; its ImageNet weights
   are not available offline, and speed does not depend on the weights). Timed as the whole call
   (read the cache, 15 epochs with the test evaluation after each, save the head and metrics), and
@@ -35,7 +35,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _common import banner, best_of, isolated, machine_info, measured, real_subset, save  # noqa: E402
-from cars_tl import backbones, data, extract, heads, loaders  # noqa: E402
+from cars_tl.models import backbones  # noqa: E402
+from cars_tl import data
+from cars_tl.stages import extract, train_head as heads
+from cars_tl.data import loaders
 
 NAME = "bench_train_head"
 BACKBONE, WEIGHTS = "resnet50", "random"

@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from cars_tl.errors import CarsTLError
+from cars_tl.core.errors import CarsTLError
 
 app = typer.Typer(
     name="cars-tl",
@@ -37,7 +37,7 @@ def _root(
     """Transfer-learning experiments on Stanford Cars. Stages exchange files: manifest -> HDF5 features -> run directories -> report."""
     import signal
 
-    from cars_tl.runtime import tune_malloc
+    from cars_tl.core.runtime import tune_malloc
 
     # Past `ulimit -f`, a write then fails with EFBIG (reported with the path) instead of killing the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -56,14 +56,14 @@ def command(name: str):
                 _error(exc)
                 raise typer.Exit(2) from None
             except OSError as exc:
-                from cars_tl.atomic import STORAGE_ERRNOS, storage_error
+                from cars_tl.core.atomic import STORAGE_ERRNOS, storage_error
 
                 if exc.errno not in STORAGE_ERRNOS:
                     raise
                 _error(storage_error(exc, Path(exc.filename or ".")))
                 raise typer.Exit(2) from None
             except RuntimeError as exc:
-                from cars_tl.distributed import peer_failure
+                from cars_tl.core.distributed import peer_failure
 
                 if not peer_failure(exc):
                     raise
@@ -130,7 +130,7 @@ def download(
     Rerunning on a verified dataset is a fast no-op. Stanford Cars is for non-commercial research only.
     """
     from cars_tl import data
-    from cars_tl import download as dl
+    from cars_tl.sources import download as dl
     from cars_tl.console import console, labelled, progress
 
     if weights:
@@ -190,13 +190,13 @@ def extract_features(
     Resumes an interrupted run; a no-op when an identical complete file exists.
     """
     from cars_tl.console import console, labelled, progress
-    from cars_tl.extract import extract_features as run
+    from cars_tl.stages.extract import extract_features as run
 
     result = run(
         data_dir, backbone, weights, tuple(split) if split else None, crop, margin, image_size, batch_size, workers,
         device, precision, skip_bad, out, artifacts, progress(), resize_mode=resize,
     )
-    from cars_tl.distributed import is_main_process
+    from cars_tl.core.distributed import is_main_process
 
     if not is_main_process():  # torchrun: rank 0 reports
         return
@@ -230,7 +230,7 @@ def train_head(
 ):
     """Train a Linear head (model B) on cached features; saves head.pt and metrics.json."""
     from cars_tl.console import progress
-    from cars_tl.heads import train_head as run
+    from cars_tl.stages.train_head import train_head as run
 
     run_dir, metrics = run(features, preset, epochs, lr, batch_size, optimizer, weight_decay, seed, out, artifacts, progress(), force)
     _print_final(run_dir, metrics)
@@ -257,7 +257,7 @@ def fit_svm(
     from rich.table import Table
 
     from cars_tl.console import out as stdout, progress
-    from cars_tl.svm import fit_svm as run
+    from cars_tl.stages.fit_svm import fit_svm as run
 
     run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress(),
                            preset=preset, cv_folds=cv_folds, seed=seed, force=force)
@@ -274,7 +274,7 @@ def fit_svm(
                       f"{r['predict_seconds']:.2f}", str(r["support_vectors"]))
     stdout.print(table)
     if searched:
-        from cars_tl.svm_search import extension_note
+        from cars_tl.models.svm_search import extension_note
 
         stdout.print("CV acc %: the mean ± std of the folds' accuracies (as scikit-learn's cross_val_score)")
         for r in metrics["kernels"].values():
@@ -326,8 +326,8 @@ def finetune(
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
     from cars_tl.console import console, labelled, progress
-    from cars_tl.distributed import is_main_process
-    from cars_tl.finetune import finetune as run
+    from cars_tl.core.distributed import is_main_process
+    from cars_tl.stages.finetune import finetune as run
 
     run_dir, metrics = run(
         data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
@@ -360,11 +360,11 @@ def predict(
     from rich.table import Table
 
     from cars_tl.console import labelled, out as stdout
-    from cars_tl.predict import predict as run
+    from cars_tl.stages.predict import predict as run
 
     if split:
         from cars_tl.console import progress
-        from cars_tl.predict import predict_split
+        from cars_tl.stages.predict import predict_split
 
         for saved in predict_split(model, split, data_dir, progress(), images=images or []):
             stdout.print(f"{saved['run']}: {saved['count']} {split} images, top-1 {saved['accuracy']:.2f}% -> {saved['file']}")
@@ -400,7 +400,7 @@ def sparsity(
 ):
     """Fraction of exactly-zero outputs of every ReLU call, per model; CSV, JSON and a bar chart."""
     from cars_tl.console import console, progress
-    from cars_tl.sparsity import measure
+    from cars_tl.stages.sparsity import measure
 
     summary = measure(model, image, split, limit, data_dir, out, progress=progress())
     for name, values in summary["models"].items():
@@ -419,7 +419,7 @@ def report(
     from rich.table import Table
 
     from cars_tl.console import console, labelled, out as stdout
-    from cars_tl.report import build_report
+    from cars_tl.report.build import build_report
 
     result = build_report(artifacts, out, data_dir=data_dir)
     table = Table(title="cars_tl runs")
@@ -447,7 +447,7 @@ def knn(
 ):
     """Weighted k-nearest-neighbour classification on cosine similarity of cached features (DINO protocol)."""
     from cars_tl.console import out as stdout, progress
-    from cars_tl.knn import run_knn
+    from cars_tl.stages.knn import run_knn
 
     run_dir, metrics = run_knn(features, tuple(k or ()), temperature, force, out, artifacts, progress())
     for r in metrics["k_results"].values():
@@ -464,7 +464,7 @@ def inspect(
     import json
 
     from cars_tl.console import out as stdout
-    from cars_tl.inspection import inspect_paths, render_text
+    from cars_tl.stages.inspect import inspect_paths, render_text
 
     result = inspect_paths(paths)
     if json_output:

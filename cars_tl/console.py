@@ -1,4 +1,4 @@
-"""Rich-backed progress for the CLI (library code takes a :class:`cars_tl.progress.Progress`)."""
+"""Rich-backed progress for the CLI (library code takes a :class:`cars_tl.core.progress.Progress`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.progress import (
     TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn,
 )
 
-from cars_tl.progress import Progress, Task
+from cars_tl.core.progress import Progress, Task
 
 # markup=False: messages carry paths, class names and hints such as `pip install 'cars_tl[parquet]'`, which
 # rich would otherwise parse as markup (a path holding `[/]` crashed the CLI). Styles come from `labelled`.
@@ -74,14 +74,14 @@ class RichProgressReporter(Progress):
 
 def progress() -> Progress:
     """Progress bars; none on the other ranks of a torchrun job (rank 0 shows the job's)."""
-    from cars_tl.distributed import is_main_process
+    from cars_tl.core.distributed import is_main_process
 
     return RichProgressReporter() if is_main_process() else Progress()
 
 
 def rank_prefix() -> str:
     """``rank N: `` in a torchrun job of several processes (whose messages share one terminal), else nothing."""
-    from cars_tl.distributed import launched
+    from cars_tl.core.distributed import launched
 
     world, rank, _ = launched()
     return f"rank {rank}: " if world > 1 else ""

@@ -34,7 +34,7 @@ TINY = dict(backbone="resnet18", weights="random", image_size=64, precision="fp3
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     from cars_tl import data
-    from cars_tl.demo import generate_demo
+    from cars_tl.sources.demo import generate_demo
 
     root = tmp_path_factory.mktemp("demo")
     generate_demo(root / data.STANFORD_DIR)
@@ -44,7 +44,7 @@ def demo_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_features(demo_dir, tmp_path_factory) -> Path:
-    from cars_tl.extract import extract_features
+    from cars_tl.stages.extract import extract_features
 
     out = tmp_path_factory.mktemp("features") / "tiny.h5"
     extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **TINY)
@@ -53,7 +53,7 @@ def demo_features(demo_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_head_run(demo_features, tmp_path_factory) -> Path:
-    from cars_tl.heads import train_head
+    from cars_tl.stages.train_head import train_head
 
     run_dir, _ = train_head(demo_features, out=tmp_path_factory.mktemp("runs") / "head")
     return run_dir
@@ -63,7 +63,7 @@ def demo_head_run(demo_features, tmp_path_factory) -> Path:
 def mini_dir(tmp_path_factory) -> Path:
     if not SHARED_MINI.is_dir():
         pytest.skip(f"real Stanford Cars subset absent ({SHARED_MINI})")
-    from cars_tl.download import prepare_dataset
+    from cars_tl.sources.download import prepare_dataset
 
     root = tmp_path_factory.mktemp("mini")
     prepare_dataset(root, str(SHARED_MINI))
@@ -72,7 +72,7 @@ def mini_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_finetune_run(demo_dir, demo_head_run, tmp_path_factory) -> Path:
-    from cars_tl.finetune import finetune
+    from cars_tl.stages.finetune import finetune
 
     run_dir, _ = finetune(demo_dir, unfreeze="layer4", init_head=demo_head_run, epochs=1, batch_size=16,
                           out=tmp_path_factory.mktemp("runs") / "ft", **TINY)
@@ -81,7 +81,7 @@ def demo_finetune_run(demo_dir, demo_head_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_svm_run(demo_features, tmp_path_factory) -> Path:
-    from cars_tl.svm import fit_svm
+    from cars_tl.stages.fit_svm import fit_svm
 
     run_dir, _ = fit_svm(demo_features, kernel="poly", out=tmp_path_factory.mktemp("runs") / "svm")
     return run_dir

@@ -1,4 +1,4 @@
-"""cars_tl.archives (issue 19 §5 and §7): zips written by ``zipfile.writestr``, archive bombs refused before
+"""cars_tl.sources.archives (issue 19 §5 and §7): zips written by ``zipfile.writestr``, archive bombs refused before
 anything is written (limits through CARS_TL_MAX_ARCHIVE_BYTES / CARS_TL_MAX_ARCHIVE_RATIO), errors naming
 the user's archive and member (never a deleted temporary folder), links inside an archive.
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from cars_tl import archives
-from cars_tl.archives import safe_extract
-from cars_tl.download import prepare_dataset
-from cars_tl.errors import CarsTLError
+from cars_tl.sources import archives
+from cars_tl.sources.archives import safe_extract
+from cars_tl.sources.download import prepare_dataset
+from cars_tl.core.errors import CarsTLError
 
 from test_download import tar_folder
 

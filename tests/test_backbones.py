@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cars_tl import backbones
-from cars_tl.errors import CarsTLError
-from cars_tl.finetune import set_trainable
-from cars_tl.runs import count_params
+from cars_tl.models import backbones
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages.finetune import set_trainable
+from cars_tl.artifacts.runs import count_params
 from conftest import HAS_TIMM, SHARED_EFFNET, needs_effnet
 
 

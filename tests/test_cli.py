@@ -63,7 +63,7 @@ def _chain(tmp_path: Path, backbone: str, weights: str, *extra: str) -> dict:
     head = json.loads((artifacts / "runs/head/metrics.json").read_text())
     svm = json.loads((artifacts / "runs/svm/metrics.json").read_text())
     assert head["backbone"]["backbone"] == backbone and len(head["class_names"]) == 196
-    from cars_tl.features import read_attrs
+    from cars_tl.artifacts.features import read_attrs
 
     return {"head": head, "svm": svm, "features": read_attrs(artifacts / "f.h5")}
 

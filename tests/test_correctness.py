@@ -15,9 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from cars_tl import backbones, features, finetune as ft, heads, loaders, runs, runtime, svm
-from cars_tl.errors import CarsTLError
-from cars_tl.scoring import Meter
+from cars_tl.models import backbones
+
+from cars_tl.artifacts import features, runs
+
+from cars_tl.stages import finetune as ft, train_head as heads, fit_svm as svm
+
+from cars_tl.data import loaders
+
+from cars_tl.core import runtime
+from cars_tl.core.errors import CarsTLError
+from cars_tl.models.scoring import Meter
 from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,13 +104,13 @@ def test_rank_one_is_what_the_svm_predicts_even_when_votes_tie():
 
 def test_predict_top1_equals_the_svm_on_real_images(demo_svm_run, demo_dir):
     from cars_tl import data
-    from cars_tl.predict import predict
+    from cars_tl.stages.predict import predict
 
     manifest = data.load_manifest(demo_dir)
     images = [manifest.root / r.path for r in manifest.split("test")[:24]]
     result = predict(images, [demo_svm_run], top_k=3)
     model = svm.load_model(runs.model_file(demo_svm_run))
-    loaded = __import__("cars_tl.inference", fromlist=["load_run"]).load_run(demo_svm_run)
+    loaded = __import__("cars_tl.models.inference", fromlist=["load_run"]).load_run(demo_svm_run)
     with torch.inference_mode():
         feats = loaded.body(torch.stack([loaded.transform(data.open_image(p)) for p in images])).double().numpy()
     want = model.predict(feats)

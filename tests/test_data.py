@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cars_tl import data
-from cars_tl.errors import BadImageError, CarsTLError
+from cars_tl.core.errors import BadImageError, CarsTLError
 from conftest import SHARED_DEVKIT, needs_devkit
 
 
@@ -167,7 +167,7 @@ def test_decompression_bomb_limit_stays_on():
 
 
 def test_dataset_yields_tensor_label_position(demo_dir):
-    from cars_tl.backbones import eval_transform
+    from cars_tl.models.backbones import eval_transform
 
     manifest = data.load_manifest(demo_dir)
     spec = {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
@@ -276,7 +276,7 @@ def test_a_replaced_image_is_caught_by_size_or_mtime(demo_dir, tmp_path):
 
 
 def test_verify_rehashes_and_the_fingerprint_follows_the_pixels(tmp_path):
-    from cars_tl.download import prepare_dataset
+    from cars_tl.sources.download import prepare_dataset
 
     manifest, _ = prepare_dataset(tmp_path, "demo")
     target = manifest.root / manifest.records[3].path
@@ -293,7 +293,7 @@ def test_verify_rehashes_and_the_fingerprint_follows_the_pixels(tmp_path):
 
 
 def test_modified_manifest_hint_reruns_the_recorded_origin(tmp_path):
-    from cars_tl.download import prepare_dataset
+    from cars_tl.sources.download import prepare_dataset
 
     manifest, _ = prepare_dataset(tmp_path, "demo")
     csv_path = manifest.root / data.MANIFEST_CSV

@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from cars_tl import features, loaders, runs, runtime
-from cars_tl.errors import CarsTLError
+from cars_tl.artifacts import features, runs
+
+from cars_tl.data import loaders
+
+from cars_tl.core import runtime
+from cars_tl.core.errors import CarsTLError
 from conftest import TINY
 
 class CopyRecorder:
@@ -49,7 +53,7 @@ class CopyRecorder:
 @pytest.fixture(scope="module")
 def accel_features(demo_dir, tmp_path_factory):
     """The demo's features extracted through the accelerator's path (one worker process)."""
-    from cars_tl.extract import extract_features
+    from cars_tl.stages.extract import extract_features
 
     out = tmp_path_factory.mktemp("accel") / "accel.h5"
     with pytest.MonkeyPatch.context() as mp:
@@ -86,7 +90,7 @@ def test_batch_to_device_normalizes_uint8_like_the_cpu_path(monkeypatch):
 
 def test_extract_features_through_the_accelerator_path_equals_the_cpu_path(demo_dir, demo_features, tmp_path, monkeypatch):
     """What crashed on CUDA: uint8 batches reached the network unnormalized."""
-    from cars_tl import extract
+    from cars_tl.stages import extract
 
     prepared = []
     monkeypatch.setattr(runtime, "prepare_device", lambda device, precision: prepared.append((device, precision)))
@@ -101,7 +105,7 @@ def test_extract_features_through_the_accelerator_path_equals_the_cpu_path(demo_
 
 
 def test_extraction_asks_the_device_s_worker_default(demo_dir, tmp_path, monkeypatch):
-    from cars_tl import extract
+    from cars_tl.stages import extract
 
     asked = []
     monkeypatch.setattr(loaders, "default_workers", lambda device="cpu": asked.append(device) or 0)
@@ -119,7 +123,7 @@ def test_worker_processes_uint8_batches_equal_the_cpu_path_for_both_splits(accel
 def test_knn_on_accelerator_path_features_equals_the_cpu_path(accel_features, demo_features, tmp_path):
     """knn never touches images and has no device branch (it runs on the CPU): it sees only the
     features, which the accelerator's path must make equal."""
-    from cars_tl.knn import run_knn
+    from cars_tl.stages.knn import run_knn
 
     _, got = run_knn(accel_features, ks=(1, 5), out=tmp_path / "a")
     _, want = run_knn(demo_features, ks=(1, 5), out=tmp_path / "c")
@@ -128,7 +132,7 @@ def test_knn_on_accelerator_path_features_equals_the_cpu_path(accel_features, de
 
 
 def _finetune(demo_dir, out, **options):
-    from cars_tl.finetune import finetune
+    from cars_tl.stages.finetune import finetune
 
     return finetune(demo_dir, epochs=1, batch_size=16, out=out, **{**TINY, "unfreeze": "layer4", **options})
 
@@ -176,8 +180,8 @@ def test_finetune_evaluation_loaders_do_not_persist(demo_dir, tmp_path, monkeypa
 
 
 def test_predict_and_sparsity_through_the_accelerator_path(demo_dir, demo_finetune_run, demo_head_run, tmp_path, monkeypatch):
-    from cars_tl.predict import predict_split
-    from cars_tl.sparsity import measure
+    from cars_tl.stages.predict import predict_split
+    from cars_tl.stages.sparsity import measure
 
     run = tmp_path / "ft"
     shutil.copytree(demo_finetune_run, run)
@@ -216,7 +220,7 @@ def test_a_single_process_cuda_n_selects_its_gpu(monkeypatch):
 
 def test_resume_compares_the_device_type_not_its_index(demo_dir, tmp_path):
     """A run recorded on 'cuda:0' (one process) resumes with '--device cuda' (another process count)."""
-    from cars_tl import finetune as ft
+    from cars_tl.stages import finetune as ft
 
     run = tmp_path / "r"
     ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, out=run, **TINY)

@@ -15,12 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from cars_tl import backbones, data, distributed, features, runs
-from cars_tl import finetune as ft
-from cars_tl.errors import CarsTLError
-from cars_tl.extract import extract_features
-from cars_tl.loaders import EpochSampler
-from cars_tl.progress import Progress, Task
+from cars_tl.models import backbones
+
+from cars_tl import data
+
+from cars_tl.core import distributed
+
+from cars_tl.artifacts import features, runs
+from cars_tl.stages import finetune as ft
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages.extract import extract_features
+from cars_tl.data.loaders import EpochSampler
+from cars_tl.core.progress import Progress, Task
 from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""cars_tl.download: every source layout, mirrors over loopback HTTP, resume, safe extraction, weights.
+"""cars_tl.sources.download: every source layout, mirrors over loopback HTTP, resume, safe extraction, weights.
 
 Nothing here touches the network: servers run on 127.0.0.1 and "unreachable" is a closed local port.
 """
@@ -21,12 +21,14 @@ import pytest
 import scipy.io
 from typer.testing import CliRunner
 
-from cars_tl import data, download
+from cars_tl import data
+
+from cars_tl.sources import download
 from cars_tl.cli import app
-from cars_tl.demo import DEMO_CLASSES
-from cars_tl.archives import safe_extract
-from cars_tl.download import DownloadError, download_file, download_weights, prepare_dataset
-from cars_tl.errors import CarsTLError
+from cars_tl.sources.demo import DEMO_CLASSES
+from cars_tl.sources.archives import safe_extract
+from cars_tl.sources.download import DownloadError, download_file, download_weights, prepare_dataset
+from cars_tl.core.errors import CarsTLError
 
 try:
     from tests.http_server import FileServer, closed_port_url
@@ -130,7 +132,7 @@ def assert_demo_dataset(manifest: data.Manifest, demo) -> None:
 
 
 def entries(folder: Path) -> list[str]:
-    """What a folder holds, less the writer-lock files (they stay by design, see cars_tl.locks)."""
+    """What a folder holds, less the writer-lock files (they stay by design, see cars_tl.core.locks)."""
     return sorted(n for n in os.listdir(folder) if not n.endswith(".lock"))
 
 
@@ -566,7 +568,7 @@ def test_importing_download_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, cars_tl.download; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+    code = "import sys, cars_tl.sources.download; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -575,14 +577,14 @@ def test_importing_download_does_not_import_torch():
 
 SLOW_DEMO = """
 import pathlib, sys, time
-import cars_tl.demo as demo
+import cars_tl.sources.demo as demo
 original = demo.generate_demo
 def slow(root):
     original(root)
     pathlib.Path(sys.argv[2]).write_text("ready")
     time.sleep(120)
 demo.generate_demo = slow
-from cars_tl.download import prepare_dataset
+from cars_tl.sources.download import prepare_dataset
 prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
 """
 
@@ -591,7 +593,7 @@ def test_a_second_download_fails_at_once_and_a_killed_ones_leftovers_go(tmp_path
     import subprocess
     import sys
 
-    from cars_tl.locks import LockedError
+    from cars_tl.core.locks import LockedError
 
     data_dir, ready = tmp_path / "data", tmp_path / "ready"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -615,7 +617,7 @@ def test_a_second_download_fails_at_once_and_a_killed_ones_leftovers_go(tmp_path
 
 
 def test_an_interrupted_swap_keeps_the_previous_dataset(sources, tmp_path, monkeypatch):
-    import cars_tl.atomic
+    import cars_tl.core.atomic
 
     previous, _ = prepare_dataset(tmp_path, "demo")
     real_replace = os.replace
@@ -625,7 +627,7 @@ def test_an_interrupted_swap_keeps_the_previous_dataset(sources, tmp_path, monke
             raise KeyboardInterrupt  # between the two renames
         return real_replace(src, dst)
 
-    monkeypatch.setattr(cars_tl.atomic.os, "replace", interrupted)
+    monkeypatch.setattr(cars_tl.core.atomic.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(tmp_path, str(sources["torchvision-folder"]))
     monkeypatch.undo()
@@ -641,7 +643,7 @@ def test_an_interrupted_swap_keeps_the_previous_dataset(sources, tmp_path, monke
 def test_weights_enum_is_fetched_exactly_and_the_missing_weights_hint_names_it(monkeypatch, tmp_path):
     import torchvision.models
 
-    from cars_tl import backbones
+    from cars_tl.models import backbones
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     enum = torchvision.models.get_model_weights("resnet50")

@@ -12,9 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cars_tl import features
-from cars_tl.errors import CarsTLError
-from cars_tl.extract import extract_features
+from cars_tl.artifacts import features
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages.extract import extract_features
 from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,9 @@ def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, 
     """Folded BatchNorm, threaded loading and channels_last change nothing but fp32 rounding."""
     import torch
 
-    from cars_tl import backbones, data
+    from cars_tl.models import backbones
+
+    from cars_tl import data
 
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], TINY["image_size"])
     manifest = data.load_manifest(demo_dir)

@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cars_tl import backbones, finetune as ft, runs
-from cars_tl.errors import CarsTLError
+from cars_tl.models import backbones
+
+from cars_tl.stages import finetune as ft
+
+from cars_tl.artifacts import runs
+from cars_tl.core.errors import CarsTLError
 from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +118,7 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, demo_finet
     run_copy = tmp_path / "run"
     shutil.copytree(demo_finetune_run, run_copy)
     shutil.copy(evil, run_copy / ft.MODEL_FILE)
-    from cars_tl.predict import predict
+    from cars_tl.stages.predict import predict
 
     image = next((run_copy.parent).glob("*.pt"))  # any existing file: the model fails first
     with pytest.raises(CarsTLError, match="refused"):

@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from cars_tl import features, heads, runs
-from cars_tl.errors import CarsTLError
+from cars_tl.artifacts import features, runs
+
+from cars_tl.stages import train_head as heads
+from cars_tl.core.errors import CarsTLError
 
 
 def test_study_preset_is_exactly_the_study():
@@ -83,7 +85,7 @@ def test_not_a_feature_file_is_refused(tmp_path):
 def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path, monkeypatch):
     """The weight decay each seed chose lives under selection, never in config: four tuned seeds, whose
     validation splits pick different values, make one report group with n=4."""
-    from cars_tl import report
+    from cars_tl.report import build as report
 
     picks = iter([1e-4, 1e-1, 1e-2, 1e-4])  # a different choice per seed, as small validation splits give
     original = heads._fit

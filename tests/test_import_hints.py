@@ -15,10 +15,14 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from cars_tl import data, layouts, locks
+from cars_tl import data
+
+from cars_tl.sources import layouts
+
+from cars_tl.core import locks
 from cars_tl.cli import app
-from cars_tl.download import prepare_dataset
-from cars_tl.errors import CarsTLError
+from cars_tl.sources.download import prepare_dataset
+from cars_tl.core.errors import CarsTLError
 
 from test_layouts import class_folders
 
@@ -89,7 +93,7 @@ def test_a_busy_data_folder_suggests_another_data_dir_not_out(tmp_path):
 
 
 def test_a_full_disk_while_streaming_is_not_retried_as_a_network_error(tmp_path, monkeypatch):
-    from cars_tl import download
+    from cars_tl.sources import download
 
     try:
         from tests.http_server import FileServer

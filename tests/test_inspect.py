@@ -7,9 +7,9 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from cars_tl import features
+from cars_tl.artifacts import features
 from cars_tl.cli import app
-from cars_tl.inspection import feature_stats, inspect_paths
+from cars_tl.stages.inspect import feature_stats, inspect_paths
 
 
 def _attrs(**extra):

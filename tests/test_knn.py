@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cars_tl import features, runs
+from cars_tl.artifacts import features, runs
 from cars_tl.cli import app
-from cars_tl.errors import CarsTLError
-from cars_tl.knn import knn_scores, run_knn
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages.knn import knn_scores, run_knn
 
 
 def _attrs(num_classes=3, dim=2):

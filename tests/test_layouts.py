@@ -1,4 +1,4 @@
-"""cars_tl.layouts: the Kaggle copy, class folders and Hugging Face parquet shards, built from the real
+"""cars_tl.sources.layouts: the Kaggle copy, class folders and Hugging Face parquet shards, built from the real
 subset in ../shared and from the demo, each compared with the torchvision layout image by image.
 
 The comparison is by content: (SHA-256 of the image bytes) -> (class name, split, box). Images are
@@ -21,12 +21,14 @@ import pytest
 import scipy.io
 from typer.testing import CliRunner
 
-from cars_tl import classnames, data
-from cars_tl.atomic import file_sha256
+from cars_tl.sources import classnames
+
+from cars_tl import data
+from cars_tl.core.atomic import file_sha256
 from cars_tl.cli import app
-from cars_tl.demo import DEMO_CLASSES
-from cars_tl.download import prepare_dataset
-from cars_tl.errors import CarsTLError
+from cars_tl.sources.demo import DEMO_CLASSES
+from cars_tl.sources.download import prepare_dataset
+from cars_tl.core.errors import CarsTLError
 
 from conftest import SHARED_DEVKIT, SHARED_MINI, needs_devkit, needs_mini
 
@@ -397,11 +399,11 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, demo_ref, monkeypatch
 def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, demo_ref):
     from conftest import TINY
 
-    from cars_tl import features
-    from cars_tl.extract import extract_features
-    from cars_tl.finetune import finetune
-    from cars_tl.heads import train_head
-    from cars_tl.svm import fit_svm
+    from cars_tl.artifacts import features
+    from cars_tl.stages.extract import extract_features
+    from cars_tl.stages.finetune import finetune
+    from cars_tl.stages.train_head import train_head
+    from cars_tl.stages.fit_svm import fit_svm
 
     source = class_folders(demo_ref, tmp_path / "folders")
     shutil.rmtree(source / "car_data" / "car_data" / "test")

@@ -9,8 +9,12 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from cars_tl import backbones, data, loaders
-from cars_tl.errors import CarsTLError
+from cars_tl.models import backbones
+
+from cars_tl import data
+
+from cars_tl.data import loaders
+from cars_tl.core.errors import CarsTLError
 
 SPEC = {"resize": 40, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
         "interpolation": "bilinear", "pipeline": backbones.FUSED_PIPELINE}

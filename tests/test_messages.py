@@ -13,7 +13,7 @@ train-only / empty test split
   * ``fit-svm`` and ``knn`` on a cache whose test split is empty: refused, no run directory.
 non-finite features
   * NaN / Inf rows in train or test: ``train-head`` (study and tuned), ``fit-svm`` and ``knn`` refuse with the
-    same message (one check, :func:`cars_tl.heads.check_finite_features`), no run directory.
+    same message (one check, :func:`cars_tl.stages.train_head.check_finite_features`), no run directory.
 arguments
   * ``predict --model R`` with neither images nor ``--split``; a folder given as an image;
   * ``--image-size 100000`` (and 31): refused before any allocation, valid range 32..1024;
@@ -22,7 +22,7 @@ arguments
   * a folder passed as ``--features``; ``inspect`` on a run whose ``metrics.json`` is a list;
   * ``fit-svm --seed -1`` without ``--C auto`` (was exit 0, seed ignored); ``--degree 0``.
 tampered SVM files (only trusted types, wrong contents): each refused on load (predict and
-  :func:`cars_tl.svm.load_model`): degree -5, C <= 0, gamma NaN, NaN dual coefficients, intercepts of the wrong
+  :func:`cars_tl.stages.fit_svm.load_model`): degree -5, C <= 0, gamma NaN, NaN dual coefficients, intercepts of the wrong
   shape, classes outside the run's, an empty class list, support indices beyond the training rows, support
   vectors of the wrong width (n_features of another cache), per-class support counts that do not add up,
   standard scaling with a zero scale.
@@ -49,8 +49,10 @@ import numpy as np
 import pytest
 import torch
 
-from cars_tl import features, heads, runs, svm
-from cars_tl.errors import CarsTLError
+from cars_tl.artifacts import features, runs
+
+from cars_tl.stages import train_head as heads, fit_svm as svm
+from cars_tl.core.errors import CarsTLError
 from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +172,7 @@ def test_image_size_is_bounded(size, demo_dir, tmp_path):
     _refused(result, f"--image-size must be at least 32 and at most 1024 pixels, got {size}")
     assert not list(tmp_path.iterdir())
     with pytest.raises(CarsTLError, match="at least 32 and at most 1024"):
-        from cars_tl import finetune as ft
+        from cars_tl.stages import finetune as ft
 
         ft.finetune(demo_dir, epochs=1, out=tmp_path / "ft", **dict(TINY, image_size=size))
 
@@ -321,7 +323,7 @@ def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
 
 
 def test_an_init_head_with_nan_is_refused_naming_the_file(demo_dir, demo_head_run, tmp_path):
-    from cars_tl import finetune as ft
+    from cars_tl.stages import finetune as ft
 
     head_copy = tmp_path / "head"
     shutil.copytree(demo_head_run, head_copy)

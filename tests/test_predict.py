@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
-from cars_tl.predict import predict
+from cars_tl.stages.predict import predict
 from conftest import SHARED_MINI, needs_mini
 
 REAL_IMAGE = SHARED_MINI / "stanford_cars" / "cars_test" / "00001.jpg"
@@ -45,7 +45,9 @@ def test_head_prediction_matches_the_cached_features(demo_dir, demo_head_run, de
     import numpy as np
     import torch
 
-    from cars_tl import data, features
+    from cars_tl import data
+
+    from cars_tl.artifacts import features
 
     cache = features.load(demo_features).split("test")
     image = data.load_manifest(demo_dir).root / cache.paths[0]
@@ -83,7 +85,7 @@ def test_errors_name_the_offender_and_exit_non_zero(case, demo_head_run, tmp_pat
 
 @pytest.fixture(scope="module")
 def bf16_features(demo_dir, tmp_path_factory):
-    from cars_tl.extract import extract_features
+    from cars_tl.stages.extract import extract_features
     from conftest import TINY
 
     out = tmp_path_factory.mktemp("bf16") / "bf16.h5"
@@ -92,8 +94,8 @@ def bf16_features(demo_dir, tmp_path_factory):
 
 
 def _rescored_equals_saved(run_dir, demo_dir):
-    from cars_tl import runs
-    from cars_tl.predict import predict_split
+    from cars_tl.artifacts import runs
+    from cars_tl.stages.predict import predict_split
 
     saved = runs.read_predictions(run_dir)
     [result] = predict_split([run_dir], "test", demo_dir)
@@ -105,7 +107,7 @@ def _rescored_equals_saved(run_dir, demo_dir):
 
 def test_predict_split_reproduces_a_bf16_head_run_exactly(demo_dir, bf16_features, tmp_path):
     """Scored from the cache the head was trained on: not from fp32, unfolded features of the images."""
-    from cars_tl.heads import train_head
+    from cars_tl.stages.train_head import train_head
 
     run_dir, _ = train_head(bf16_features, out=tmp_path / "head")
     _rescored_equals_saved(run_dir, demo_dir)
@@ -119,7 +121,7 @@ def test_predict_split_reproduces_an_svm_run_exactly(demo_dir, demo_svm_run, tmp
 
 
 def test_predict_split_reproduces_a_bf16_finetune_run_exactly(demo_dir, tmp_path):
-    from cars_tl.finetune import finetune
+    from cars_tl.stages.finetune import finetune
     from conftest import TINY
 
     run_dir, _ = finetune(demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "ft", **dict(TINY, precision="bf16"))
@@ -130,9 +132,9 @@ def test_predict_split_reproduces_a_bf16_finetune_run_exactly(demo_dir, tmp_path
 def test_predict_split_refuses_a_feature_cache_gone_or_changed(case, demo_dir, demo_head_run, bf16_features, tmp_path):
     import shutil
 
-    from cars_tl import runs
-    from cars_tl.errors import CarsTLError
-    from cars_tl.predict import predict_split
+    from cars_tl.artifacts import runs
+    from cars_tl.core.errors import CarsTLError
+    from cars_tl.stages.predict import predict_split
 
     run_dir = tmp_path / "head"
     shutil.copytree(demo_head_run, run_dir)

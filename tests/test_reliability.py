@@ -21,9 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from cars_tl import atomic, features, finetune as ft, heads, locks, runs, svm
-from cars_tl.errors import CarsTLError
-from cars_tl.extract import extract_features
+from cars_tl.core import atomic, locks
+
+from cars_tl.artifacts import features, runs
+
+from cars_tl.stages import finetune as ft, train_head as heads, fit_svm as svm
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages.extract import extract_features
 from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,7 +367,7 @@ def test_a_bad_init_head_is_a_message(content, demo_dir, demo_head_run, tmp_path
 
 def test_a_skops_file_of_trusted_types_that_is_no_svm_model_is_a_message(demo_svm_run, tmp_path):
     import skops.io as sio
-    from cars_tl.predict import predict
+    from cars_tl.stages.predict import predict
     from PIL import Image
 
     run_copy = tmp_path / "svm"

@@ -3,7 +3,7 @@ fills mid-write, make that reruns nothing when nothing changed. Real processes t
 
 Cases (for the next adversarial run):
 
-1. readers vs download (cars_tl.locks.reader_lock / writer_lock on ``<data>/.stanford_cars.lock``):
+1. readers vs download (cars_tl.core.locks.reader_lock / writer_lock on ``<data>/.stanford_cars.lock``):
    - extract-features stopped mid-extraction; ``download --source demo`` into its data folder -> exit 2,
      "being read by PID <extractor>"; the data folder untouched; the extraction then completes and its
      cache carries the folder's fingerprint; the reader's record is gone afterwards;
@@ -37,8 +37,12 @@ from pathlib import Path
 
 import pytest
 
-from cars_tl import data, features, locks
-from cars_tl.predict import predict
+from cars_tl import data
+
+from cars_tl.artifacts import features
+
+from cars_tl.core import locks
+from cars_tl.stages.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cars_tl"]
@@ -101,14 +105,14 @@ def test_download_is_refused_while_an_extraction_reads_the_folder(demo_dir, tmp_
 
 SLOW_DOWNLOAD = """
 import pathlib, sys, time
-import cars_tl.demo as demo
+import cars_tl.sources.demo as demo
 original = demo.generate_demo
 def slow(root):
     original(root)
     pathlib.Path(sys.argv[2]).write_text("ready")
     time.sleep(120)
 demo.generate_demo = slow
-from cars_tl.download import prepare_dataset
+from cars_tl.sources.download import prepare_dataset
 prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
 """
 
@@ -185,7 +189,7 @@ def test_a_refused_writer_leaves_the_holders_record(demo_features, tmp_path):
 FILL_AFTER_CHECK = """
 import os, sys
 from pathlib import Path
-from cars_tl import features
+from cars_tl.artifacts import features
 from cars_tl.cli import app
 real = features.ensure_room
 def check_then_fill(path, needed, what="output"):
@@ -200,7 +204,7 @@ app()
 
 LIMIT_WITHOUT_CHECK = """
 import resource, sys
-from cars_tl import features
+from cars_tl.artifacts import features
 from cars_tl.cli import app
 limit = int(sys.argv[1])
 def passed_then_limited(*args, **kwargs):  # the check passed; then the limit shrank (the chunks were written)

@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cars_tl import locks, report, runs
+from cars_tl.core import locks
+
+from cars_tl.report import build as report
+
+from cars_tl.artifacts import runs
 from cars_tl.cli import app
-from cars_tl.errors import CarsTLError
-from cars_tl.sparsity import measure
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages.sparsity import measure
 
 
 def test_report_mentions_every_run(demo_dir, demo_finetune_run, demo_head_run, demo_svm_run, tmp_path):
@@ -173,8 +177,9 @@ def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
 
 
 def test_saved_predictions_agree_with_each_stage_s_reported_accuracy(demo_head_run, demo_svm_run, demo_finetune_run, demo_features, tmp_path):
-    from cars_tl import features, svm
-    from cars_tl.knn import run_knn
+    from cars_tl.artifacts import features
+    from cars_tl.stages import fit_svm as svm
+    from cars_tl.stages.knn import run_knn
 
     knn_run, _ = run_knn(demo_features, ks=(5, 10), out=tmp_path / "knn")
     for run_dir in (demo_head_run, demo_svm_run, demo_finetune_run, knn_run):
@@ -190,7 +195,7 @@ def test_saved_predictions_agree_with_each_stage_s_reported_accuracy(demo_head_r
 
 
 def test_predict_split_rewrites_a_run_s_predictions(demo_dir, demo_head_run, tmp_path):
-    from cars_tl.predict import predict_split
+    from cars_tl.stages.predict import predict_split
 
     run_dir = tmp_path / "head"
     shutil.copytree(demo_head_run, run_dir)
@@ -223,9 +228,9 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
     column -- beside a tuned head (chosen on validation); the finetune's last-epoch number is shown."""
     import matplotlib.axes
 
-    from cars_tl.finetune import finetune
-    from cars_tl.heads import train_head
-    from cars_tl.svm import fit_svm
+    from cars_tl.stages.finetune import finetune
+    from cars_tl.stages.train_head import train_head
+    from cars_tl.stages.fit_svm import fit_svm
     from tests.conftest import TINY
 
     artifacts = tmp_path / "artifacts"

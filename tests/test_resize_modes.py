@@ -10,12 +10,16 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from cars_tl import backbones, data, features
-from cars_tl.errors import CarsTLError
-from cars_tl.extract import extract_features
-from cars_tl.heads import train_head
-from cars_tl.inference import load_run
-from cars_tl.predict import predict
+from cars_tl.models import backbones
+
+from cars_tl import data
+
+from cars_tl.artifacts import features
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages.extract import extract_features
+from cars_tl.stages.train_head import train_head
+from cars_tl.models.inference import load_run
+from cars_tl.stages.predict import predict
 from conftest import HAS_TIMM, TINY
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -206,7 +210,7 @@ def test_the_mode_travels_from_the_cache_through_a_run_into_predict(demo_dir, sq
 
 
 def test_finetune_init_head_with_another_resize_mode_is_refused(demo_dir, squash_cache, tmp_path):
-    from cars_tl.finetune import finetune
+    from cars_tl.stages.finetune import finetune
 
     run_dir, _ = train_head(squash_cache, out=tmp_path / "head")
     with pytest.raises(CarsTLError, match="--resize squash") as info:
@@ -250,7 +254,7 @@ def test_a_box_run_refuses_an_image_without_a_box_and_scores_a_boxed_one(demo_di
 
 
 def test_sparsity_gives_box_runs_their_boxes_and_refuses_loose_images(demo_dir, box_head_run, tmp_path, monkeypatch):
-    from cars_tl import sparsity
+    from cars_tl.stages import sparsity
 
     run_dir, _ = box_head_run
     seen = []
@@ -317,7 +321,7 @@ def test_cli_resize_option_names_the_cache_and_records_the_mode(demo_dir, tmp_pa
 
 
 def test_finetune_trains_and_records_a_resize_mode_with_its_augmentation(demo_dir, tmp_path):
-    from cars_tl.finetune import finetune
+    from cars_tl.stages.finetune import finetune
 
     run_dir, metrics = finetune(demo_dir, unfreeze="none", preset="tuned", epochs=1, batch_size=16,
                                 resize_mode="pad", out=tmp_path / "ft", **TINY)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from cars_tl import backbones
-from cars_tl.sparsity import measure, zero_fractions
+from cars_tl.models import backbones
+from cars_tl.stages.sparsity import measure, zero_fractions
 
 
 class TwoCalls(torch.nn.Module):
@@ -62,7 +62,7 @@ def test_measure_writes_csv_json_and_chart(demo_dir, demo_finetune_run, demo_hea
 
 
 def test_images_or_split_required(demo_head_run, tmp_path):
-    from cars_tl.errors import CarsTLError
+    from cars_tl.core.errors import CarsTLError
 
     with pytest.raises(CarsTLError, match="--split test --limit N"):
         measure([demo_head_run], out=tmp_path)

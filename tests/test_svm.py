@@ -7,8 +7,10 @@ import pytest
 from sklearn.metrics.pairwise import polynomial_kernel, rbf_kernel, sigmoid_kernel
 from sklearn.svm import SVC
 
-from cars_tl import runs, svm
-from cars_tl.errors import CarsTLError
+from cars_tl.artifacts import runs
+
+from cars_tl.stages import fit_svm as svm
+from cars_tl.core.errors import CarsTLError
 
 
 def _blobs(n_per_class=30, classes=8, dim=64, seed=0):

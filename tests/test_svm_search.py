@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cars_tl import features, svm, svm_search
+from cars_tl.artifacts import features
+
+from cars_tl.stages import fit_svm as svm
+
+from cars_tl.models import svm_search
 from cars_tl.cli import app
-from cars_tl.errors import CarsTLError
+from cars_tl.core.errors import CarsTLError
 
 
 def test_cv_never_sees_test_rows(demo_features, tmp_path, monkeypatch):

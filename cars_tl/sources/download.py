@@ -1,16 +1,16 @@
 """Getting Stanford Cars and torchvision weights onto disk over HTTP, and the dataset into place.
 
 :func:`prepare_dataset` puts the dataset into ``<data-dir>/stanford_cars/`` (torchvision's layout)
-from generated demo data, a local folder or archive in any layout of :mod:`cars_tl.layouts`, or
+from generated demo data, a local folder or archive in any layout of :mod:`cars_tl.sources.layouts`, or
 HTTP mirrors, and writes its manifest. It holds the data folder's writer lock throughout
-(:func:`cars_tl.locks.writer_lock`; leftovers of a killed run are removed on the next one). The
+(:func:`cars_tl.core.locks.writer_lock`; leftovers of a killed run are removed on the next one). The
 folder appears only complete: everything is built and validated in a temporary folder inside
-``<data-dir>`` and swapped into place at the end (:func:`cars_tl.atomic.swap_in`).
+``<data-dir>`` and swapped into place at the end (:func:`cars_tl.core.atomic.swap_in`).
 
 :func:`download_file` streams one URL to disk with resume (HTTP Range), retries with backoff,
 HTML-page detection and size/MD5/SHA-256 checks; :func:`download_weights` fetches torchvision
 ImageNet weights (any enum of a model) into the torch hub cache. Safe extraction lives in
-:mod:`cars_tl.archives`, local layouts in :mod:`cars_tl.layouts`.
+:mod:`cars_tl.sources.archives`, local layouts in :mod:`cars_tl.sources.layouts`.
 
 Nothing here prints, and torch is imported only inside :func:`download_weights`.
 """
@@ -35,11 +35,15 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cars_tl import data, layouts, locks
-from cars_tl.atomic import swap_in
-from cars_tl.errors import CarsTLError
-from cars_tl.layouts import SPLIT_FILES
-from cars_tl.progress import NULL, Progress
+from cars_tl import data
+
+from cars_tl.sources import layouts
+
+from cars_tl.core import locks
+from cars_tl.core.atomic import swap_in
+from cars_tl.core.errors import CarsTLError
+from cars_tl.sources.layouts import SPLIT_FILES
+from cars_tl.core.progress import NULL, Progress
 
 MIRRORS_JSON = Path(__file__).with_name("mirrors.json")
 DOWNLOADS_DIR = "stanford_cars_downloads"  # verified archives wait here between tries
@@ -394,7 +398,7 @@ def _space_needed(wanted: dict) -> int | None:
     if wanted["source"] == "path":
         path = Path(wanted["path"])
         if path.is_file():
-            from cars_tl.archives import uncompressed_size
+            from cars_tl.sources.archives import uncompressed_size
 
             try:
                 return path.stat().st_size + uncompressed_size(path)
@@ -440,7 +444,7 @@ def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify
         except CarsTLError:
             pass  # fetch or import a fresh copy below
     if wanted["source"] == "demo":
-        from cars_tl.demo import generate_demo
+        from cars_tl.sources.demo import generate_demo
 
         return _build(data_dir, wanted, lambda stage: generate_demo(stage), progress), "generated"
     if wanted["source"] == "path":
@@ -490,7 +494,7 @@ def _build(data_dir: Path, origin: dict, fill: Callable[[Path], "layouts.Importe
     """Fill a fresh ``stanford_cars`` in a temporary folder of ``data_dir``, validate, swap in.
 
     The temporary folder is ``.stanford_cars.tmp-*``: a killed run's is removed by the next
-    run's :func:`cars_tl.locks.clean_stale`. The previous dataset stays in place until the new one
+    run's :func:`cars_tl.core.locks.clean_stale`. The previous dataset stays in place until the new one
     has passed validation, and is kept as ``.stanford_cars.old-*`` during the swap.
     """
     target = data.stanford_root(data_dir)

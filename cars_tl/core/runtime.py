@@ -6,7 +6,7 @@ import contextlib
 import os
 import platform
 
-from cars_tl.errors import CarsTLError
+from cars_tl.core.errors import CarsTLError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -3,8 +3,8 @@
 Eval mode under ``torch.inference_mode()``, BatchNorm folded into the convolutions, channels_last,
 bf16 autocast where the hardware has it. On CUDA a DataLoader with worker processes and pinned
 memory feeds the model; on the CPU, where decoding and the model share the cores, decode threads
-fill the next batch while the model runs (:class:`cars_tl.loaders.ThreadedLoader`); the choice is
-:func:`cars_tl.loaders.data_path`'s. Chunks are
+fill the next batch while the model runs (:class:`cars_tl.data.loaders.ThreadedLoader`); the choice is
+:func:`cars_tl.data.loaders.data_path`'s. Chunks are
 kept as they finish, so an interrupted run resumes; identical inputs and a complete file make it
 a no-op.
 """
@@ -19,9 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars_tl import backbones, data, distributed, features, loaders, locks, runtime
-from cars_tl.errors import BadImageError, CarsTLError, check_number, check_output_path
-from cars_tl.progress import NULL, Progress
+from cars_tl.models import backbones
+
+from cars_tl import data
+
+from cars_tl.core import distributed, locks, runtime
+
+from cars_tl.artifacts import features
+
+from cars_tl.data import loaders
+from cars_tl.core.errors import BadImageError, CarsTLError, check_number, check_output_path
+from cars_tl.core.progress import NULL, Progress
 
 CHUNK_BATCHES = 4
 
@@ -85,10 +93,10 @@ def extract_features(
     resize_mode: str = "crop",
 ) -> ExtractResult:
     """Extract pooled features for ``splits`` (default: every split the dataset has) into an HDF5
-    cache (see :mod:`cars_tl.features`).
+    cache (see :mod:`cars_tl.artifacts.features`).
 
     ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default:
-    :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.backbones`).
+    :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.models.backbones`).
     Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
 
     Under ``torchrun`` every process calls this: each extracts a contiguous, chunk-aligned shard of

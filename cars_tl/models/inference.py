@@ -24,8 +24,14 @@ from typing import Callable
 
 import torch
 
-from cars_tl import backbones, data, runs, runtime
-from cars_tl.errors import CarsTLError
+from cars_tl.models import backbones
+
+from cars_tl import data
+
+from cars_tl.artifacts import runs
+
+from cars_tl.core import runtime
+from cars_tl.core.errors import CarsTLError
 
 
 @dataclasses.dataclass
@@ -131,7 +137,7 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         head.load_state_dict(state)
         head.eval()
         return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability", **recorded)
-    from cars_tl import svm
+    from cars_tl.stages import fit_svm as svm
 
     model = svm.load_model(model_path, bb.num_features, len(names))  # must match the cache the run claims
     classes = torch.as_tensor(model.classes)

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cars_tl import atomic
-from cars_tl.errors import CarsTLError
+from cars_tl.core import atomic
+from cars_tl.core.errors import CarsTLError
 
 TIMM_PREFIX = "timm/"
 FUSED_PIPELINE = "resize-crop-in-one-v1"  # recorded in transform specs: see eval_transform
@@ -212,7 +212,7 @@ def _load_state(name: str, weights: str) -> tuple[dict, dict | None, Path]:
 
 
 def _run_model_file(run_dir: Path) -> Path:
-    from cars_tl import runs
+    from cars_tl.artifacts import runs
 
     return runs.model_file(run_dir)
 
@@ -467,7 +467,7 @@ def eval_transform(spec: dict, output: str = "float"):
     """:func:`eval_resize_crop` (the spec's resize mode), to tensor, normalize: evaluation preprocessing.
 
     ``output="uint8"`` stops before normalizing (a uint8 CHW tensor): for loaders feeding a GPU,
-    where :func:`cars_tl.loaders.batch_to_device` normalizes on the device."""
+    where :func:`cars_tl.data.loaders.batch_to_device` normalizes on the device."""
     from torchvision import transforms as T
 
     return T.Compose([eval_resize_crop(spec), *_tensor_steps(spec, output)])

@@ -25,7 +25,7 @@ import unicodedata
 from pathlib import Path
 from typing import Iterable
 
-from cars_tl.errors import CarsTLError
+from cars_tl.core.errors import CarsTLError
 
 CANONICAL_FILE = Path(__file__).with_name("stanford_cars_classes.json")
 NUM_CLASSES = 196

@@ -3,7 +3,7 @@
 :func:`import_path` finds the layout of a folder or archive (at its top or up to three folder
 levels below), and fills a staging ``stanford_cars`` folder with ``cars_train/``, ``cars_test/``,
 the devkit ``.mat`` files and ``cars_test_annos_withlabels.mat``. The caller
-(:func:`cars_tl.download.prepare_dataset`) validates the result and swaps it into place, so a
+(:func:`cars_tl.sources.download.prepare_dataset`) validates the result and swaps it into place, so a
 failed import changes nothing. Recognised layouts (:data:`ACCEPTED_LAYOUTS`):
 
 ``torchvision``   ``cars_train/``, ``cars_test/``, ``devkit/`` and ``cars_test_annos_withlabels.mat``
@@ -20,7 +20,7 @@ failed import changes nothing. Recognised layouts (:data:`ACCEPTED_LAYOUTS`):
                   or the dataset card ``README.md``); needs the ``parquet`` extra (pyarrow)
 
 Class folders and parquet shards carry names, not the devkit: they are matched to the canonical
-196 names (:mod:`cars_tl.classnames`) and the devkit is written from them; the images are
+196 names (:mod:`cars_tl.sources.classnames`) and the devkit is written from them; the images are
 renumbered per split (``00001.jpg``...), parquet images written as their original bytes. Where a
 layout has no boxes, the devkit gets the full image as box and the import records ``boxes: false``.
 """
@@ -38,10 +38,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 from cars_tl import data
-from cars_tl.archives import safe_extract
-from cars_tl.classnames import canonical_names, match_to_canonical
-from cars_tl.errors import BadImageError, CarsTLError
-from cars_tl.progress import NULL, Progress
+from cars_tl.sources.archives import safe_extract
+from cars_tl.sources.classnames import canonical_names, match_to_canonical
+from cars_tl.core.errors import BadImageError, CarsTLError
+from cars_tl.core.progress import NULL, Progress
 
 SPLIT_FILES = ("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat")
 SPLIT_ARCHIVES = {"cars_train.tgz": "cars_train", "cars_test.tgz": "cars_test", "car_devkit.tgz": "devkit"}

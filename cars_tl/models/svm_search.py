@@ -51,8 +51,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cars_tl import runtime
-from cars_tl.errors import CarsTLError
+from cars_tl.core import runtime
+from cars_tl.core.errors import CarsTLError
 
 C_GRID = tuple(10.0 ** (e / 3) for e in range(-6, 9, 2))  # 0.01, 0.0464, 0.215, 1, 4.64, 21.5, 100, 464
 C_STEP = 10.0 ** (2 / 3)  # the grid's step: two thirds of a decade
@@ -117,7 +117,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> list[tupl
 
 def _gram(z: np.ndarray, kernel: str) -> np.ndarray:
     """The one matrix every gamma is computed from: dot products, or squared distances (rbf)."""
-    from cars_tl.svm import kernel_matrix
+    from cars_tl.stages.fit_svm import kernel_matrix
 
     dot = kernel_matrix(z, z, "linear", 1.0, 1, 0.0)
     if kernel != "rbf":
@@ -328,7 +328,7 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
     Returns the record kept in metrics.json: grids, CV accuracy per point (the mean of the folds'
     accuracies, as scikit-learn's ``cross_val_score(...).mean()``; ``cv_std``: their std), the
     chosen values (``C``; ``gamma``: a number, or the fixed option as given), folds, seed, seconds."""
-    from cars_tl.svm import Scaler, gamma_value, parse_gamma
+    from cars_tl.stages.fit_svm import Scaler, gamma_value, parse_gamma
 
     started = time.perf_counter()
     splits = stratified_folds(y, folds, seed)

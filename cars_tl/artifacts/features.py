@@ -3,7 +3,7 @@
 This module is the only one that touches h5py. Layout of a cache file (schema version 2)::
 
     /                                 file attributes
-        kind                = "cars_tl.features"
+        kind                = "cars_tl.artifacts.features"
         schema_version      = 2
         backbone            e.g. "resnet50", "timm/efficientnet_lite0"
         weights             "imagenet" | "random" | a path
@@ -47,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.atomic import atomic_path, atomic_write_text, ensure_room
-from cars_tl.errors import CarsTLError
+from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room
+from cars_tl.core.errors import CarsTLError
 
-KIND = "cars_tl.features"
+KIND = "cars_tl.artifacts.features"
 SCHEMA_VERSION = 2
 DATASETS = ("features", "labels", "ids", "paths")
 JSON_ATTRS = ("transform", "class_names", "versions", "options")
@@ -265,7 +265,7 @@ class PartialCache:
 
     A chunk file's name carries the layout it was cut with (``<split>-r<chunk_rows>-<start>.npz``)
     and its contents repeat it, so chunks of another layout are never mixed in. Call only while
-    holding the cache's :func:`cars_tl.locks.writer_lock`, or with ``join`` from the other ranks of a
+    holding the cache's :func:`cars_tl.core.locks.writer_lock`, or with ``join`` from the other ranks of a
     torchrun job whose rank 0 holds it and made the folder: they neither clear it nor rewrite its
     ``meta.json``, and write only their own chunks (a shard aligned to ``chunk_rows``).
     """

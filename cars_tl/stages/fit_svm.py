@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import features, runs, svm_search
-from cars_tl.errors import CarsTLError, check_number, check_seed
-from cars_tl.progress import NULL, Progress
+from cars_tl.artifacts import features, runs
+
+from cars_tl.models import svm_search
+from cars_tl.core.errors import CarsTLError, check_number, check_seed
+from cars_tl.core.progress import NULL, Progress
 
 KERNELS = ("linear", "poly", "rbf", "sigmoid")
 SCALES = ("none", "standard", "l2")
@@ -200,7 +202,7 @@ def fit_model(x: np.ndarray, y: np.ndarray, kernel: str, C: float, degree: int, 
 def save_model(model: SVMModel, path: Path) -> None:
     import skops.io as sio
 
-    from cars_tl.atomic import atomic_path
+    from cars_tl.core.atomic import atomic_path
 
     with atomic_path(Path(path)) as tmp:
         sio.dump(model.to_state(), tmp)
@@ -378,10 +380,10 @@ def fit_svm(
     """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics.
 
     ``preset`` gives C, gamma and scale unless passed (study: 1, scale, l2; tuned: see
-    :mod:`cars_tl.svm_search`); ``C="auto"`` / ``gamma="cv"`` choose them by ``cv_folds``-fold
+    :mod:`cars_tl.models.svm_search`); ``C="auto"`` / ``gamma="cv"`` choose them by ``cv_folds``-fold
     cross-validation on train (seeded by ``seed``), recorded per kernel under ``search``.
     An existing run is replaced only with ``force`` (and only once the new one completes)."""
-    from cars_tl.heads import feature_run_fields, load_train_test
+    from cars_tl.stages.train_head import feature_run_fields, load_train_test
 
     chosen = svm_search.resolve_preset(preset, C=C, gamma=gamma, scale=scale)
     C, gamma, scale = chosen["C"], chosen["gamma"], chosen["scale"]

@@ -9,7 +9,7 @@ fingerprint, origin, duplicate images and every group of identical images with d
 Two caches of the same images are compared image by image (cosine similarity over the ids they
 share, min and mean) along with the attributes and options that differ; two runs, by config and result.
 
-Caches are read only through :mod:`cars_tl.features` (the HDF5 owner). Results are plain dicts
+Caches are read only through :mod:`cars_tl.artifacts.features` (the HDF5 owner). Results are plain dicts
 (``--json``); :func:`render_text` lays them out for people.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import features, runs
-from cars_tl.errors import CarsTLError
+from cars_tl.artifacts import features, runs
+from cars_tl.core.errors import CarsTLError
 
 PROVENANCE = ("backbone", "weights", "weights_sha256", "weights_digest", "transform", "crop", "margin", "precision",
               "dataset_fingerprint", "num_classes", "feature_dim", "backbone_params", "created", "versions", "options")

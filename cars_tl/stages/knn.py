@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars_tl import features, runs, runtime
-from cars_tl.errors import CarsTLError, check_number
-from cars_tl.progress import NULL, Progress
+from cars_tl.artifacts import features, runs
+
+from cars_tl.core import runtime
+from cars_tl.core.errors import CarsTLError, check_number
+from cars_tl.core.progress import NULL, Progress
 
 DEFAULT_K = (20,)
 DEFAULT_TEMPERATURE = 0.07
@@ -111,7 +113,7 @@ def run_knn(
     progress: Progress = NULL,
 ) -> tuple[Path, dict]:
     """Classify the test split by its nearest training images; returns the run directory and metrics."""
-    from cars_tl.heads import feature_run_fields, load_train_test
+    from cars_tl.stages.train_head import feature_run_fields, load_train_test
 
     started = time.perf_counter()
     ks = parse_ks(ks)

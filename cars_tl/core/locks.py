@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from cars_tl.errors import CarsTLError
+from cars_tl.core.errors import CarsTLError
 
 
 class LockedError(CarsTLError):

@@ -29,8 +29,8 @@ import datetime
 import os
 from pathlib import Path
 
-from cars_tl import runtime
-from cars_tl.errors import CarsTLError
+from cars_tl.core import runtime
+from cars_tl.core.errors import CarsTLError
 
 TIMEOUT_ENV = "CARS_TL_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
@@ -196,7 +196,7 @@ def all_reduce_sum(values, ctx: Context):
 
 
 def reduce_meter(meter, ctx: Context):
-    """A :class:`cars_tl.scoring.Meter` holding the sums of every rank's meter (each image once)."""
+    """A :class:`cars_tl.models.scoring.Meter` holding the sums of every rank's meter (each image once)."""
     if not ctx.active:
         return meter
     import torch
@@ -266,7 +266,7 @@ def local_batch(batch_size: int, ctx: Context, option: str = "--batch-size") -> 
 @contextlib.contextmanager
 def rank0_output(ctx: Context, acquire):
     """Rank 0 enters ``acquire()`` (a context manager yielding the folder or file to write, e.g.
-    :func:`cars_tl.runs.writing_run`, which takes the writer lock) and sends its path to the other
+    :func:`cars_tl.artifacts.runs.writing_run`, which takes the writer lock) and sends its path to the other
     ranks, which never touch the lock. When rank 0 cannot acquire it, every rank fails with a message."""
     if not ctx.active:
         with acquire() as target:
@@ -301,17 +301,17 @@ def sync_batchnorm(model, device: str):
 
 
 class ShardedEpochSampler:
-    """This rank's part of :class:`cars_tl.loaders.EpochSampler`'s order: the global order (a
+    """This rank's part of :class:`cars_tl.data.loaders.EpochSampler`'s order: the global order (a
     permutation seeded by (seed, epoch)) cut into global batches of ``batch_size``, and of each the
     rank's slice (``batch_size / world_size`` images; the last, shorter batch split as evenly as
     possible). Keys are the same ``epoch * size + position`` that
-    :class:`cars_tl.loaders.SeededAugmentation` reads, so every sample gets the same augmentation as
+    :class:`cars_tl.data.loaders.SeededAugmentation` reads, so every sample gets the same augmentation as
     in one process. A rank whose slice of the last batch would be empty (fewer images than ranks)
     gets that batch's first image as a stand-in, so every rank runs the same number of steps;
     :meth:`share` says to count it with weight 0."""
 
     def __init__(self, size: int, seed: int, batch_size: int, ctx: Context, shuffle: bool = True):
-        from cars_tl.loaders import EpochSampler
+        from cars_tl.data.loaders import EpochSampler
 
         self.epoch_sampler = EpochSampler(size, seed, shuffle)
         self.size, self.batch_size, self.ctx = size, batch_size, ctx

@@ -29,8 +29,8 @@ import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable
 
-from cars_tl.errors import CarsTLError
-from cars_tl.progress import NULL, Progress
+from cars_tl.core.errors import CarsTLError
+from cars_tl.core.progress import NULL, Progress
 
 MAX_BYTES_ENV = "CARS_TL_MAX_ARCHIVE_BYTES"
 MAX_RATIO_ENV = "CARS_TL_MAX_ARCHIVE_RATIO"

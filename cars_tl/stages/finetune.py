@@ -42,13 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from cars_tl import backbones, data, distributed, features, loaders, runs, runtime
-from cars_tl.errors import CarsTLError, check_number, check_seed
-from cars_tl.heads import DivergedError, make_optimizer, stratified_split
-from cars_tl.locks import reads
-from cars_tl.predict import score_batches
-from cars_tl.progress import NULL, Progress
-from cars_tl.scoring import Meter
+from cars_tl.models import backbones
+
+from cars_tl import data
+
+from cars_tl.core import distributed, runtime
+
+from cars_tl.artifacts import features, runs
+
+from cars_tl.data import loaders
+from cars_tl.core.errors import CarsTLError, check_number, check_seed
+from cars_tl.stages.train_head import DivergedError, make_optimizer, stratified_split
+from cars_tl.core.locks import reads
+from cars_tl.stages.predict import score_batches
+from cars_tl.core.progress import NULL, Progress
+from cars_tl.models.scoring import Meter
 
 MODEL_FILE = "model.pt"
 PRESETS = {
@@ -231,7 +239,7 @@ def finetune(
     resize_mode: str = "crop",
     sync_bn: bool | None = None,
 ) -> tuple[Path, dict]:
-    """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.runs`).
+    """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.artifacts.runs`).
 
     ``seed`` seeds the head's initialisation, a random backbone's (``--weights random``, unless
     ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
@@ -239,7 +247,7 @@ def finetune(
     ``resize_mode``: crop | squash | pad, for training (with the augmentation that fits it) and evaluation.
 
     Under ``torchrun`` every process calls this; ``batch_size`` is the global batch (see
-    :mod:`cars_tl.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
+    :mod:`cars_tl.core.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
     BatchNorm into SyncBatchNorm where its statistics train in a job of several CUDA processes.
     """
     started = time.perf_counter()
@@ -540,7 +548,7 @@ def _best_weights(best: dict | None, last_path: Path, best_path: Path, model) ->
 def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, spec, progress, *,
                  forward=None, sampler=None, ctx=distributed.SINGLE) -> dict:
     """One epoch. Several processes: ``forward`` is the DDP-wrapped model and ``sampler`` the
-    :class:`~cars_tl.distributed.ShardedEpochSampler`; each rank's loss is its share's summed loss
+    :class:`~cars_tl.core.distributed.ShardedEpochSampler`; each rank's loss is its share's summed loss
     times world size / global batch size, so DDP's gradient average is the global batch's mean."""
     forward = forward or model
     train_mode(model, config["freeze_bn_stats"])

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from cars_tl.errors import CarsTLError
+from cars_tl.core.errors import CarsTLError
 
 # Failures of the place being written to, not of the program: reported as a message naming the path.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
@@ -93,7 +93,7 @@ def swap_in(staged: Path, target: Path) -> None:
 
     The previous ``target`` is renamed to ``.<name>.old-<pid>`` beside it, ``staged`` takes its
     name, and only then is the old one deleted. A kill between the two renames leaves the old
-    output under ``.old-*``, which :func:`cars_tl.locks.clean_stale` puts back on the next run.
+    output under ``.old-*``, which :func:`cars_tl.core.locks.clean_stale` puts back on the next run.
     """
     staged, target = Path(staged), Path(target)
     old = target.with_name(f".{target.name}.old-{os.getpid()}")

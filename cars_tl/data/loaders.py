@@ -29,8 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cars_tl import backbones, data, runtime
-from cars_tl.errors import CarsTLError
+from cars_tl.models import backbones
+
+from cars_tl import data
+
+from cars_tl.core import runtime
+from cars_tl.core.errors import CarsTLError
 
 DATA_PATH_ENV = "CARS_TL_DATA_PATH"  # internal: "accelerator" or "cpu" overrides the device's choice
 
@@ -196,9 +200,9 @@ class ThreadedLoader:
     """Evaluation batches of ``dataset[positions]`` in order, decoded by ``workers`` threads.
 
     ``dataset`` must yield PIL images of ``spec["crop"]`` square (its transform is
-    :func:`cars_tl.backbones.eval_resize_crop`); the loader normalizes them as
-    :func:`cars_tl.backbones.eval_transform` does. ``workers=0`` decodes in the calling thread.
-    Each batch is a fresh array (with :func:`cars_tl.runtime.tune_malloc`, reused heap memory).
+    :func:`cars_tl.models.backbones.eval_resize_crop`); the loader normalizes them as
+    :func:`cars_tl.models.backbones.eval_transform` does. ``workers=0`` decodes in the calling thread.
+    Each batch is a fresh array (with :func:`cars_tl.core.runtime.tune_malloc`, reused heap memory).
     """
 
     def __init__(self, dataset, positions, batch_size: int, workers: int, spec: dict):

@@ -4,7 +4,7 @@ Finetune and train-head runs give softmax probabilities; a fit-svm run gives its
 scores (one-vs-rest shaped), labelled as such: they are not probabilities.
 
 Each run sees the images preprocessed as it was trained (resize mode, size, crop, margin,
-precision: see :mod:`cars_tl.inference`). An image file has no box: a ``--crop box`` run refuses
+precision: see :mod:`cars_tl.models.inference`). An image file has no box: a ``--crop box`` run refuses
 it unless ``boxed`` says the files already are box crops.
 """
 
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from cars_tl import data
-from cars_tl.errors import CarsTLError
-from cars_tl.inference import load_run
-from cars_tl.locks import reads
-from cars_tl.progress import NULL
+from cars_tl.core.errors import CarsTLError
+from cars_tl.models.inference import load_run
+from cars_tl.core.locks import reads
+from cars_tl.core.progress import NULL
 
 
 @reads("predict", lambda a: data.dataset_roots(a["images"]))  # images of a data folder: no download meanwhile
@@ -71,7 +71,8 @@ def score_batches(score, loader, records, device: str = "cpu", precision: str = 
     Batches reach ``device`` through :func:`loaders.batch_to_device` (``spec``: the transform, whose
     mean and std normalize the accelerator path's uint8 batches there).
     """
-    from cars_tl import loaders, runtime
+    from cars_tl.data import loaders
+    from cars_tl.core import runtime
 
     ids, labels, scores = [], [], []
     for images, batch_labels, positions, bad in loader:
@@ -92,13 +93,15 @@ def score_batches(score, loader, records, device: str = "cpu", precision: str = 
 @reads("predict", lambda a: [data.stanford_root(a["data_dir"])])
 def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NULL, images=(), batch_size: int = 64,
                   workers: int | None = None) -> list[dict]:
-    """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.runs`).
+    """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.artifacts.runs`).
 
     The scores are the run's own: a train-head or fit-svm run is scored from the feature cache it
     was trained on (checked against the checksums the run recorded), a finetune run from the images
     with its own model, precision and evaluation batch size, as its evaluation ran.
     """
-    from cars_tl import loaders, locks, runs
+    from cars_tl.data import loaders
+    from cars_tl.core import locks
+    from cars_tl.artifacts import runs
 
     if images:
         raise CarsTLError("give either image files or --split, not both", f"cars-tl predict --split {split} --model RUN")
@@ -136,7 +139,7 @@ def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NUL
 def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
     """A finetune run's (ids, labels, scores) on ``split``: its whole model (no BatchNorm folding),
     its precision and its evaluation batch size, as finetune scored its test split."""
-    from cars_tl import loaders
+    from cars_tl.data import loaders
 
     per_rank = (metrics.get("distributed") or {}).get("per_rank_batch") or metrics["config"]["batch_size"]
     dataset = loaders.eval_dataset(manifest, split, m.spec, "cpu", m.crop, m.margin)
@@ -147,8 +150,9 @@ def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
 def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path("data")):
     """The ``split`` arrays of the feature cache a head or SVM run was trained on, checked against
     what the run recorded: its per-split checksums, or the file's SHA-256 for runs that predate them."""
-    from cars_tl import backbones, features
-    from cars_tl.atomic import file_sha256
+    from cars_tl.models import backbones
+    from cars_tl.artifacts import features
+    from cars_tl.core.atomic import file_sha256
 
     recorded = (metrics.get("inputs") or {}).get("features") or {}
     path = Path(recorded.get("path") or "?")

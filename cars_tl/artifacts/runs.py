@@ -9,7 +9,7 @@ Every training stage writes ``artifacts/runs/<name>/``::
     checkpoints/     last.pt and best.pt (finetune): model, optimizer, scheduler, epoch, RNG, config
     predictions-test.npz   the kept model's top-5 on every test image (below)
 
-One writer at a time: every stage holds the run's :func:`cars_tl.locks.writer_lock` while it writes
+One writer at a time: every stage holds the run's :func:`cars_tl.core.locks.writer_lock` while it writes
 (:func:`writing_run`). An existing run is replaced only with ``--force``, and then the new run is
 written into a sibling ``.<name>.next/`` and swapped in only when complete: until then, and if the
 new run fails, the previous run stays as it was. (A fine-tune that starts fresh, or resumes, writes in
@@ -71,9 +71,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import locks
-from cars_tl.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
-from cars_tl.errors import CarsTLError, check_output_path
+from cars_tl.core import locks
+from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
+from cars_tl.core.errors import CarsTLError, check_output_path
 
 FORMAT_VERSION = 1
 METRICS = "metrics.json"
@@ -142,7 +142,7 @@ class RerunInterrupted(KeyboardInterrupt):
 
 
 def new_metrics(kind: str, name: str, config: dict, **fields) -> dict:
-    from cars_tl import runtime
+    from cars_tl.core import runtime
 
     return {
         "format_version": FORMAT_VERSION, "kind": kind, "name": name, "status": "running",

@@ -5,7 +5,7 @@ Each *call* of a ReLU module is its own layer: torchvision's ResNet bottleneck c
 has 49 points (the stem plus 16 blocks x 3). ``nn.ReLU`` and ``nn.ReLU6`` are counted, in eval
 mode, pooled over all the images given (every image has the same size after preprocessing, so
 this equals the mean of per-image fractions). Head and SVM runs measure their frozen backbone.
-Each run sees the images preprocessed as it was trained (see :mod:`cars_tl.inference`): images
+Each run sees the images preprocessed as it was trained (see :mod:`cars_tl.models.inference`): images
 from ``--split`` carry their boxes for ``--crop box`` runs; ``--image`` files have none, so a box
 run refuses them.
 """
@@ -21,11 +21,15 @@ from typing import Iterable
 
 import torch
 
-from cars_tl import data, loaders, locks, runtime
-from cars_tl.atomic import atomic_path, atomic_write_text
-from cars_tl.errors import CarsTLError, check_output_path
-from cars_tl.inference import load_run
-from cars_tl.progress import NULL, Progress
+from cars_tl import data
+
+from cars_tl.data import loaders
+
+from cars_tl.core import locks, runtime
+from cars_tl.core.atomic import atomic_path, atomic_write_text
+from cars_tl.core.errors import CarsTLError, check_output_path
+from cars_tl.models.inference import load_run
+from cars_tl.core.progress import NULL, Progress
 
 RELU_TYPES = (torch.nn.ReLU, torch.nn.ReLU6)
 

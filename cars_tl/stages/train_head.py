@@ -30,11 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cars_tl import features, runs, runtime
-from cars_tl.atomic import file_sha256
-from cars_tl.errors import CarsTLError, check_number, check_seed
-from cars_tl.progress import NULL, Progress
-from cars_tl.scoring import Meter, evaluate_logits
+from cars_tl.artifacts import features, runs
+
+from cars_tl.core import runtime
+from cars_tl.core.atomic import file_sha256
+from cars_tl.core.errors import CarsTLError, check_number, check_seed
+from cars_tl.core.progress import NULL, Progress
+from cars_tl.models.scoring import Meter, evaluate_logits
 
 HEAD_FILE = "head.pt"
 OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs")

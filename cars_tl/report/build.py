@@ -10,7 +10,7 @@ thumbnails inlined; one file, readable offline) and ``report.json``. Sections:
 - the comparison table, runs grouped by seed (configurations that differ only by ``seed``, or by
   values the runs chose: ``selection``), SVM kernels and kNN k values; a ``selected on`` column;
 - all runs' test-accuracy curves in one chart (each run's loss/accuracy charts folded below it);
-- from each run's ``predictions-test.npz`` (see :mod:`cars_tl.runs`): make-level accuracy (the
+- from each run's ``predictions-test.npz`` (see :mod:`cars_tl.artifacts.runs`): make-level accuracy (the
   make is the first word of the class name: how often the prediction is at least the right make,
   and how many errors stay within the make), per-class accuracy (best and worst 10 per run, and
   a full sortable table), the most confused class pairs with a thumbnail of each class, and a
@@ -36,9 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import locks, runs
-from cars_tl.atomic import atomic_path, atomic_write_text
-from cars_tl.errors import CarsTLError, check_output_path
+from cars_tl.core import locks
+
+from cars_tl.artifacts import runs
+from cars_tl.core.atomic import atomic_path, atomic_write_text
+from cars_tl.core.errors import CarsTLError, check_output_path
 
 COLUMNS = ("model", "kind", "backbone / weights / preset", "trainable params", "total params", "train time",
            "train loss", "train acc %", "test loss", "test acc %", "test top-5 %", "best epoch", "selected on",

@@ -1,0 +1,1 @@
+"""The on-disk formats between stages, one owner each: feature caches, run directories, predictions."""

@@ -1,0 +1,1 @@
+"""Networks and classifiers: backbones, inference on saved runs, scoring, the SVM search."""

@@ -1,0 +1,1 @@
+"""The report: reads artifacts, writes Markdown and HTML."""

@@ -1,0 +1,1 @@
+"""Where datasets and weights come from: downloads, mirrors, archives, local layouts, the demo data."""
