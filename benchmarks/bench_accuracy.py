@@ -35,9 +35,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import LITE0, LITE0_WEIGHTS, banner, machine_info, real_subset, require_shared, save, target  # noqa: E402
-from cars_tl.stages import extract, train_head as heads, fit_svm as svm  # noqa: E402
-from cars_tl.models import svm_search
+from _common import (  # noqa: E402
+    LITE0,
+    LITE0_WEIGHTS,
+    banner,
+    machine_info,
+    real_subset,
+    require_shared,
+    save,
+    target,
+)
+
+from cars_tl.models.svm import model as svm
+from cars_tl.models.svm import search as svm_search
+from cars_tl.stages import extract  # noqa: E402
+from cars_tl.stages import train_head as heads
+from cars_tl.stages.fit_svm import fit_svm
 
 NAME = "bench_accuracy"
 MODES = ("crop", "squash", "pad")
@@ -67,9 +80,9 @@ def cell(path: Path, runs_dir: Path, tuned_svm: bool) -> dict:
             chosen = next(r for r in m["selection"]["grid"] if r["weight_decay"] == wd)
             row.update(weight_decay=wd, val_acc=chosen["val_acc"])
         out[f"head_{preset}"] = row
-    _, m = svm.fit_svm(path, kernel="all", preset="study", out=runs_dir / "svm-study", artifacts=runs_dir)
+    _, m = fit_svm(path, kernel="all", preset="study", out=runs_dir / "svm-study", artifacts=runs_dir)
     out["svm_c1"] = svm_rows(m)
-    _, m = svm.fit_svm(path, kernel="all", C="auto", out=runs_dir / "svm-cauto", artifacts=runs_dir)
+    _, m = fit_svm(path, kernel="all", C="auto", out=runs_dir / "svm-cauto", artifacts=runs_dir)
     out["svm_cauto"] = svm_rows(m)
     c1_best = max(out["svm_c1"], key=lambda k: out["svm_c1"][k]["test_acc"])
     auto_pick = by_cv(out["svm_cauto"])
@@ -81,7 +94,7 @@ def cell(path: Path, runs_dir: Path, tuned_svm: bool) -> dict:
         "cauto_minus_c1_per_kernel": {k: round(out["svm_cauto"][k]["test_acc"] - out["svm_c1"][k]["test_acc"], 2) for k in svm.KERNELS},
     }
     if tuned_svm:  # the tuned SVM (--preset tuned) and the pipeline's pick between it and the tuned head
-        _, m = svm.fit_svm(path, kernel="all", preset="tuned", out=runs_dir / "svm-tuned", artifacts=runs_dir)
+        _, m = fit_svm(path, kernel="all", preset="tuned", out=runs_dir / "svm-tuned", artifacts=runs_dir)
         out["svm_tuned"] = svm_rows(m)
         tuned_pick = by_cv(out["svm_tuned"])
         head_estimate, svm_estimate = out["head_tuned"]["val_acc"], out["svm_tuned"][tuned_pick]["cv_acc"]
@@ -100,7 +113,7 @@ def scalings(path: Path, runs_dir: Path, l2_rows: dict) -> dict:
         if scale == "l2":
             rows = l2_rows  # the cell's own --preset tuned run
         else:
-            _, m = svm.fit_svm(path, kernel="all", preset="tuned", scale=scale, out=runs_dir / f"svm-tuned-{scale}", artifacts=runs_dir)
+            _, m = fit_svm(path, kernel="all", preset="tuned", scale=scale, out=runs_dir / f"svm-tuned-{scale}", artifacts=runs_dir)
             rows = svm_rows(m)
         pick = by_cv(rows)
         out[scale] = {"kernels": rows, "kernel_by_cv": pick, "cv_acc": rows[pick]["cv_acc"], "test_acc": rows[pick]["test_acc"]}

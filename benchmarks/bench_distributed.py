@@ -40,7 +40,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, Contention, RESULTS, banner, claim_cpu, load_average, machine_info, real_subset, save, target  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    Contention,
+    banner,
+    claim_cpu,
+    load_average,
+    machine_info,
+    real_subset,
+    save,
+    target,
+)
 
 NAME = "bench_distributed"
 BACKBONE = "resnet18"

@@ -40,17 +40,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _common import (  # noqa: E402
-    LITE0, LITE0_WEIGHTS, banner, best_of, isolated, machine_info, measured, page_faults, real_subset,
-    require_shared, save, target, wait_for_quiet,
+    LITE0,
+    LITE0_WEIGHTS,
+    banner,
+    best_of,
+    isolated,
+    machine_info,
+    measured,
+    page_faults,
+    real_subset,
+    require_shared,
+    save,
+    target,
+    wait_for_quiet,
 )
-from cars_tl.models import backbones  # noqa: E402
+
 from cars_tl import data
-from cars_tl.stages import extract
 from cars_tl.artifacts import features
-from cars_tl.data import loaders
 from cars_tl.core import runtime
+from cars_tl.data import loaders, transforms
+from cars_tl.models import backbones  # noqa: E402
+from cars_tl.stages import extract
 
 NAME = "bench_extract"
 SPLITS = ("train", "test")
@@ -110,7 +121,7 @@ def child_extract(data_dir: str, name: str, weights: str, out_dir: str, **kwargs
 def child_loader_only(data_dir: str, spec: dict, batch_size: int, workers: int) -> dict:
     """The loader extract-features uses on the CPU (ThreadedLoader), no model: the data ceiling."""
     manifest = data.load_manifest(Path(data_dir))
-    sets = [data.CarsDataset(manifest, s, backbones.eval_resize_crop(spec), mark_bad=True) for s in SPLITS]
+    sets = [data.CarsDataset(manifest, s, transforms.eval_resize_crop(spec), mark_bad=True) for s in SPLITS]
 
     def run():
         n = 0
@@ -129,7 +140,7 @@ def child_dataloader_pipeline(data_dir: str, name: str, weights: str, precision:
     body, _ = _warm_body(name, weights, precision, batch_size)
     spec = backbones.build_backbone(name, weights).transform
     manifest = data.load_manifest(Path(data_dir))
-    sets = [data.CarsDataset(manifest, s, backbones.eval_transform(spec), mark_bad=True) for s in SPLITS]
+    sets = [data.CarsDataset(manifest, s, transforms.eval_transform(spec), mark_bad=True) for s in SPLITS]
 
     def run():
         n = 0
@@ -162,8 +173,8 @@ def child_preprocessing(data_dir: str, spec: dict) -> dict:
         return out, 1000 * (time.process_time() - c0) / len(paths)
 
     decoded, decode_ms = stage(data.open_image, paths)
-    cropped, crop_ms = stage(backbones.eval_resize_crop(spec), decoded)
-    normalize, row = backbones.PixelNormalizer(spec), np.empty((spec["crop"], spec["crop"], 3), np.float32)
+    cropped, crop_ms = stage(transforms.eval_resize_crop(spec), decoded)
+    normalize, row = transforms.PixelNormalizer(spec), np.empty((spec["crop"], spec["crop"], 3), np.float32)
     _, norm_ms = stage(lambda im: normalize(np.asarray(im), row), cropped)
     per_image = T.Compose([T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
     _, tensor_ms = stage(per_image, cropped)

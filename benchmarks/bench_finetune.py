@@ -28,13 +28,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import (  # noqa: E402
+    banner,
+    best_of,
+    isolated,
+    machine_info,
+    measured,
+    page_faults,
+    real_subset,
+    save,
+)
 
-from _common import banner, best_of, isolated, machine_info, measured, page_faults, real_subset, save  # noqa: E402
-from cars_tl.models import backbones  # noqa: E402
 from cars_tl import data
-from cars_tl.stages import finetune
 from cars_tl.core import runtime
+from cars_tl.data import transforms
 from cars_tl.data.loaders import default_workers, make_loader  # noqa: E402
+from cars_tl.models import backbones  # noqa: E402
+from cars_tl.stages import finetune
 
 NAME = "bench_finetune"
 BACKBONE, WEIGHTS, CLASSES, BATCH = "resnet50", "random", 196, 32
@@ -65,7 +75,7 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
         source = "in-memory random tensors"
     else:
         manifest = data.load_manifest(Path(data_dir))
-        train_set = data.CarsDataset(manifest, "train", backbones.train_transform(bb.transform, "none"), mark_bad=True)
+        train_set = data.CarsDataset(manifest, "train", transforms.train_transform(bb.transform, "none"), mark_bad=True)
         loader = make_loader(train_set, BATCH, default_workers(), "cpu", shuffle=True, generator=torch.Generator().manual_seed(0))
         it = iter(loader)
         warm_batches, timed_batches = itertools.islice(it, warmup), itertools.islice(it, steps)

@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from _common import banner, isolated, machine_info, measured, save, target  # noqa: E402
 
 NAME = "bench_knn"
@@ -95,9 +94,9 @@ def child_scores(ks: tuple[int, ...]) -> dict:
 
 
 def child_stage(cache: str, out: str) -> dict:
-    from cars_tl.stages.knn import run_knn
-
     import torch  # imported before the timing, as the CLI has it loaded by then
+
+    from cars_tl.stages.knn import run_knn
 
     res = {}
     torch.zeros(1)

@@ -31,12 +31,11 @@ SPEC = {"resize": 232, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229
 
 
 def _pass(data_dir: str, augment: str, output: str, epochs: int = 2) -> dict:
-    from cars_tl.models import backbones
     from cars_tl import data
-    from cars_tl.data import loaders
+    from cars_tl.data import loaders, transforms
 
     manifest = data.load_manifest(Path(data_dir))
-    dataset = data.CarsDataset(manifest, "train", backbones.train_transform(SPEC, augment, output), mark_bad=True)
+    dataset = data.CarsDataset(manifest, "train", transforms.train_transform(SPEC, augment, output), mark_bad=True)
     loader = loaders.make_loader(loaders.SeededAugmentation(dataset, 0), BATCH, WORKERS, "cpu",
                                  sampler=loaders.EpochSampler(len(dataset), 0))
     next(iter(loader))  # workers started (persistent): the timed epochs measure steady state

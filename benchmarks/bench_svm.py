@@ -26,10 +26,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from _common import (  # noqa: E402
+    LITE0,
+    LITE0_WEIGHTS,
+    banner,
+    best_of,
+    isolated,
+    machine_info,
+    measured,
+    real_subset,
+    require_shared,
+    save,
+    target,
+)
 
-from _common import LITE0, LITE0_WEIGHTS, banner, best_of, isolated, machine_info, measured, real_subset, require_shared, save, target  # noqa: E402
-from cars_tl.stages import extract, fit_svm as svm  # noqa: E402
 from cars_tl.artifacts import features
+from cars_tl.models.svm import model as svm
+from cars_tl.stages import extract  # noqa: E402
 
 NAME = "bench_svm"
 KERNELS = ("poly", "rbf")

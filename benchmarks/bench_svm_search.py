@@ -40,13 +40,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
-from _common import LITE0, LITE0_WEIGHTS, RESULTS, banner, best_of, machine_info, real_subset, require_shared, save, target  # noqa: E402
+from _common import (  # noqa: E402
+    LITE0,
+    LITE0_WEIGHTS,
+    RESULTS,
+    banner,
+    best_of,
+    machine_info,
+    real_subset,
+    require_shared,
+    save,
+    target,
+)
 from bench_svm import synthetic  # noqa: E402
-from cars_tl.stages import extract, fit_svm as svm  # noqa: E402
+
 from cars_tl.artifacts import features
 from cars_tl.core import runtime
-from cars_tl.models import svm_search
+from cars_tl.models.svm import model as svm
+from cars_tl.models.svm import search as svm_search
+from cars_tl.stages import extract  # noqa: E402
 
 NAME = "bench_svm_search"
 CELLS = (("crop", 224), ("squash", 288))

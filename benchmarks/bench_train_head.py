@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from _common import banner, best_of, isolated, machine_info, measured, real_subset, save  # noqa: E402
-from cars_tl.models import backbones  # noqa: E402
+
 from cars_tl import data
-from cars_tl.stages import extract, train_head as heads
-from cars_tl.data import loaders
+from cars_tl.data import loaders, transforms
+from cars_tl.models import backbones  # noqa: E402
+from cars_tl.stages import extract
+from cars_tl.stages import train_head as heads
 
 NAME = "bench_train_head"
 BACKBONE, WEIGHTS = "resnet50", "random"
@@ -70,7 +71,7 @@ def child_image_epoch(data_dir: str, batches: int | None) -> dict:
     torch.manual_seed(0)
     head = torch.nn.Linear(bb.num_features, manifest.num_classes)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
-    train_set = data.CarsDataset(manifest, "train", backbones.eval_transform(bb.transform))
+    train_set = data.CarsDataset(manifest, "train", transforms.eval_transform(bb.transform))
     workers = loaders.default_workers()
     loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))

@@ -130,8 +130,8 @@ def download(
     Rerunning on a verified dataset is a fast no-op. Stanford Cars is for non-commercial research only.
     """
     from cars_tl import data
-    from cars_tl.sources import download as dl
     from cars_tl.console import console, labelled, progress
+    from cars_tl.sources import download as dl
 
     if weights:
         path = dl.download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
@@ -256,7 +256,8 @@ def fit_svm(
     """Fit an SVM (model C) on cached features; --kernel all compares every kernel from one cache."""
     from rich.table import Table
 
-    from cars_tl.console import out as stdout, progress
+    from cars_tl.console import out as stdout
+    from cars_tl.console import progress
     from cars_tl.stages.fit_svm import fit_svm as run
 
     run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress(),
@@ -274,7 +275,7 @@ def fit_svm(
                       f"{r['predict_seconds']:.2f}", str(r["support_vectors"]))
     stdout.print(table)
     if searched:
-        from cars_tl.models.svm_search import extension_note
+        from cars_tl.models.svm.search import extension_note
 
         stdout.print("CV acc %: the mean ± std of the folds' accuracies (as scikit-learn's cross_val_score)")
         for r in metrics["kernels"].values():
@@ -359,7 +360,8 @@ def predict(
 
     from rich.table import Table
 
-    from cars_tl.console import labelled, out as stdout
+    from cars_tl.console import labelled
+    from cars_tl.console import out as stdout
     from cars_tl.stages.predict import predict as run
 
     if split:
@@ -418,7 +420,8 @@ def report(
     """Gather every run: headline chart, comparison, seeds, curves, per-class and make-level accuracy, confusions, gallery (report.md, report.html)."""
     from rich.table import Table
 
-    from cars_tl.console import console, labelled, out as stdout
+    from cars_tl.console import console, labelled
+    from cars_tl.console import out as stdout
     from cars_tl.report.build import build_report
 
     result = build_report(artifacts, out, data_dir=data_dir)
@@ -446,7 +449,8 @@ def knn(
     artifacts: Artifacts = Path("artifacts"),
 ):
     """Weighted k-nearest-neighbour classification on cosine similarity of cached features (DINO protocol)."""
-    from cars_tl.console import out as stdout, progress
+    from cars_tl.console import out as stdout
+    from cars_tl.console import progress
     from cars_tl.stages.knn import run_knn
 
     run_dir, metrics = run_knn(features, tuple(k or ()), temperature, force, out, artifacts, progress())

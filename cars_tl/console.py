@@ -7,11 +7,20 @@ import sys
 from typing import Iterator
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import (
-    BarColumn, DownloadColumn, MofNCompleteColumn, Progress as RichProgress, TaskProgressColumn,
-    TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
+from rich.progress import (
+    Progress as RichProgress,
+)
+from rich.text import Text
 
 from cars_tl.core.progress import Progress, Task
 

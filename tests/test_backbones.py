@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from cars_tl.models import backbones
-from cars_tl.core.errors import CarsTLError
-from cars_tl.stages.finetune import set_trainable
-from cars_tl.artifacts.runs import count_params
 from conftest import HAS_TIMM, SHARED_EFFNET, needs_effnet
+
+from cars_tl.artifacts.runs import count_params
+from cars_tl.core.errors import CarsTLError
+from cars_tl.data import transforms
+from cars_tl.models import backbones
+from cars_tl.stages.finetune import set_trainable
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +106,14 @@ def test_one_step_resize_crop_matches_the_two_step_transform(size, interpolation
     base = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
     image = Image.fromarray(base).resize(size, Image.BILINEAR)  # smooth, photo-like content
     spec = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": interpolation}
-    two_step = backbones.eval_transform(spec)(image)
-    one_step = backbones.eval_transform(dict(spec, pipeline=backbones.FUSED_PIPELINE))(image)
+    two_step = transforms.eval_transform(spec)(image)
+    one_step = transforms.eval_transform(dict(spec, pipeline=transforms.FUSED_PIPELINE))(image)
     assert one_step.shape == two_step.shape == (3, 224, 224)
     assert float((one_step - two_step).abs().max()) <= 2.5 / 255 / 0.25  # within ~2 grey levels
 
 
 def test_specs_from_weights_use_the_one_step_pipeline():
-    assert backbones.build_backbone("resnet18", "random").transform["pipeline"] == backbones.FUSED_PIPELINE
+    assert backbones.build_backbone("resnet18", "random").transform["pipeline"] == transforms.FUSED_PIPELINE
 
 
 @pytest.mark.parametrize("name", ["resnet18", "timm/efficientnet_lite0"])

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_EFFNET, needs_effnet, needs_mini
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
-from conftest import SHARED_EFFNET, needs_effnet, needs_mini
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "extract-features", "train-head", "fit-svm", "finetune", "predict", "sparsity", "report")

@@ -8,25 +8,23 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
-
-from cars_tl.models import backbones
+from conftest import TINY
 
 from cars_tl.artifacts import features, runs
-
-from cars_tl.stages import finetune as ft, train_head as heads, fit_svm as svm
-
-from cars_tl.data import loaders
-
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import loaders, transforms
+from cars_tl.models import backbones, training
 from cars_tl.models.scoring import Meter
-from conftest import TINY
+from cars_tl.models.svm import model as svm
+from cars_tl.stages import finetune as ft
+from cars_tl.stages import train_head as heads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +73,7 @@ def test_the_probe_standardizes_with_the_rows_it_trains_on(tmp_path, monkeypatch
     real = heads.standardization
     monkeypatch.setattr(heads, "standardization", lambda x: seen.append(len(x)) or real(x))
     heads.train_head(path, preset="tuned", out=tmp_path / "head")
-    fit_idx, val_idx = heads.stratified_split(data[1], 0.1, 0)
+    fit_idx, val_idx = training.stratified_split(data[1], 0.1, 0)
     assert seen == [len(fit_idx), len(data[1])]  # the selection fits without the validation rows
 
 
@@ -281,10 +279,10 @@ def test_uint8_batches_normalized_on_the_device_equal_the_float_transform(demo_d
     manifest = data.load_manifest(demo_dir)
     spec = backbones.build_backbone("resnet18", "random", 64).transform
     image = data.open_image(manifest.root / manifest.split("test")[0].path)
-    as_uint8 = backbones.eval_transform(spec, output="uint8")(image)
+    as_uint8 = transforms.eval_transform(spec, output="uint8")(image)
     assert as_uint8.dtype == torch.uint8
     on_device = loaders.batch_to_device(as_uint8[None], "cpu", spec)
-    torch.testing.assert_close(on_device, backbones.eval_transform(spec)(image)[None], atol=1e-5, rtol=0)
+    torch.testing.assert_close(on_device, transforms.eval_transform(spec)(image)[None], atol=1e-5, rtol=0)
     assert on_device.is_contiguous(memory_format=torch.channels_last)
 
 

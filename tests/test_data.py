@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DEVKIT, needs_devkit
 from PIL import Image
 
 from cars_tl import data
 from cars_tl.core.errors import BadImageError, CarsTLError
-from conftest import SHARED_DEVKIT, needs_devkit
 
 
 @needs_devkit
@@ -167,7 +167,7 @@ def test_decompression_bomb_limit_stays_on():
 
 
 def test_dataset_yields_tensor_label_position(demo_dir):
-    from cars_tl.models.backbones import eval_transform
+    from cars_tl.data.transforms import eval_transform
 
     manifest = data.load_manifest(demo_dir)
     spec = {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}

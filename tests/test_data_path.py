@@ -12,14 +12,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from cars_tl.artifacts import features, runs
-
-from cars_tl.data import loaders
-
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
-from conftest import TINY
+from cars_tl.data import loaders
+
 
 class CopyRecorder:
     """Wraps ``Tensor.to``: every copy that cars_tl code asks for, with its caller and whether it

@@ -14,20 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from cars_tl.models import backbones
+from conftest import TINY
 
 from cars_tl import data
-
-from cars_tl.core import distributed
-
 from cars_tl.artifacts import features, runs
-from cars_tl.stages import finetune as ft
+from cars_tl.core import distributed
 from cars_tl.core.errors import CarsTLError
-from cars_tl.stages.extract import extract_features
-from cars_tl.data.loaders import EpochSampler
 from cars_tl.core.progress import Progress, Task
-from conftest import TINY
+from cars_tl.data import loaders
+from cars_tl.data.loaders import EpochSampler
+from cars_tl.models import backbones
+from cars_tl.stages import finetune as ft
+from cars_tl.stages.extract import extract_features
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process, as torchrun sets it for several processes (and the one-process reference too).
@@ -82,7 +80,7 @@ def test_ranks_together_hold_exactly_the_global_batches(size, batch, world):
     global_batches = [keys[i:i + batch] for i in range(0, size, batch)]
     per_rank = []
     for rank in range(world):
-        sampler = distributed.ShardedEpochSampler(size, 3, batch, distributed.Context(world, rank))
+        sampler = loaders.ShardedEpochSampler(size, 3, batch, distributed.Context(world, rank))
         sampler.set_epoch(2)
         mine, local = list(sampler), batch // world
         assert len(mine) == len(sampler)

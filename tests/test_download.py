@@ -22,13 +22,17 @@ import scipy.io
 from typer.testing import CliRunner
 
 from cars_tl import data
-
-from cars_tl.sources import download
 from cars_tl.cli import app
-from cars_tl.sources.demo import DEMO_CLASSES
-from cars_tl.sources.archives import safe_extract
-from cars_tl.sources.download import DownloadError, download_file, download_weights, prepare_dataset
 from cars_tl.core.errors import CarsTLError
+from cars_tl.sources import download
+from cars_tl.sources.archives import safe_extract
+from cars_tl.sources.demo import DEMO_CLASSES
+from cars_tl.sources.download import (
+    DownloadError,
+    download_file,
+    download_weights,
+    prepare_dataset,
+)
 
 try:
     from tests.http_server import FileServer, closed_port_url

@@ -11,11 +11,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import TINY
 
 from cars_tl.artifacts import features
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import transforms
 from cars_tl.stages.extract import extract_features
-from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,13 +161,12 @@ def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, 
     """Folded BatchNorm, threaded loading and channels_last change nothing but fp32 rounding."""
     import torch
 
-    from cars_tl.models import backbones
-
     from cars_tl import data
+    from cars_tl.models import backbones
 
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], TINY["image_size"])
     manifest = data.load_manifest(demo_dir)
-    dataset = data.CarsDataset(manifest, "test", backbones.eval_transform(bb.transform))
+    dataset = data.CarsDataset(manifest, "test", transforms.eval_transform(bb.transform))
     positions = [0, 17, 71]
     with torch.inference_mode():
         want = bb.body(torch.stack([dataset[p][0] for p in positions])).numpy()

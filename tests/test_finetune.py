@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cars_tl.models import backbones
-
-from cars_tl.stages import finetune as ft
+from conftest import TINY
 
 from cars_tl.artifacts import runs
 from cars_tl.core.errors import CarsTLError
-from conftest import TINY
+from cars_tl.models import backbones
+from cars_tl.stages import finetune as ft
 
 REPO = Path(__file__).resolve().parents[1]
 

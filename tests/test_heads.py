@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cars_tl.artifacts import features, runs
-
-from cars_tl.stages import train_head as heads
 from cars_tl.core.errors import CarsTLError
+from cars_tl.models import training
+from cars_tl.stages import train_head as heads
 
 
 def test_study_preset_is_exactly_the_study():
@@ -64,7 +64,7 @@ def test_stratified_split_takes_from_every_class():
     import numpy as np
 
     labels = np.repeat(np.arange(5), 10)
-    train, val = heads.stratified_split(labels, 0.2, seed=0)
+    train, val = training.stratified_split(labels, 0.2, seed=0)
     assert len(val) == 10 and set(labels[val]) == set(range(5)) and not set(train) & set(val)
 
 

@@ -13,18 +13,15 @@ import errno
 import os
 
 import pytest
+from test_layouts import class_folders
 from typer.testing import CliRunner
 
 from cars_tl import data
-
-from cars_tl.sources import layouts
-
-from cars_tl.core import locks
 from cars_tl.cli import app
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
-
-from test_layouts import class_folders
+from cars_tl.sources import layouts
+from cars_tl.sources.download import prepare_dataset
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_download import _all_in_one, tar_folder
+from test_layouts import class_folders, kaggle_copy, parquet_shards
 from typer.testing import CliRunner
 
 from cars_tl import data
-
-from cars_tl.report import build as report
-from cars_tl.core.atomic import file_sha256
 from cars_tl.cli import app
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
-
-from test_download import _all_in_one, tar_folder
-from test_layouts import class_folders, kaggle_copy, parquet_shards
+from cars_tl.report import build as report
+from cars_tl.sources.download import prepare_dataset
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 

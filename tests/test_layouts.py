@@ -19,18 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from conftest import SHARED_DEVKIT, SHARED_MINI, needs_devkit, needs_mini
 from typer.testing import CliRunner
 
-from cars_tl.sources import classnames
-
 from cars_tl import data
-from cars_tl.core.atomic import file_sha256
 from cars_tl.cli import app
+from cars_tl.core.atomic import file_sha256
+from cars_tl.core.errors import CarsTLError
+from cars_tl.sources import classnames
 from cars_tl.sources.demo import DEMO_CLASSES
 from cars_tl.sources.download import prepare_dataset
-from cars_tl.core.errors import CarsTLError
-
-from conftest import SHARED_DEVKIT, SHARED_MINI, needs_devkit, needs_mini
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 needs_pyarrow = pytest.mark.skipif(not HAS_PYARROW, reason="needs pyarrow (pip install 'cars_tl[parquet]')")
@@ -402,8 +400,8 @@ def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, 
     from cars_tl.artifacts import features
     from cars_tl.stages.extract import extract_features
     from cars_tl.stages.finetune import finetune
-    from cars_tl.stages.train_head import train_head
     from cars_tl.stages.fit_svm import fit_svm
+    from cars_tl.stages.train_head import train_head
 
     source = class_folders(demo_ref, tmp_path / "folders")
     shutil.rmtree(source / "car_data" / "car_data" / "test")

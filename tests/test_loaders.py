@@ -9,19 +9,16 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from cars_tl.models import backbones
-
 from cars_tl import data
-
-from cars_tl.data import loaders
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import loaders, transforms
 
 SPEC = {"resize": 40, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear", "pipeline": backbones.FUSED_PIPELINE}
+        "interpolation": "bilinear", "pipeline": transforms.FUSED_PIPELINE}
 
 
 def _reference(manifest, positions, batch_size):
-    dataset = data.CarsDataset(manifest, "test", backbones.eval_transform(SPEC), mark_bad=True)
+    dataset = data.CarsDataset(manifest, "test", transforms.eval_transform(SPEC), mark_bad=True)
     return list(loaders.make_loader(Subset(dataset, positions), batch_size, 0, "cpu"))
 
 
@@ -29,7 +26,7 @@ def _reference(manifest, positions, batch_size):
 def test_threaded_batches_equal_the_dataloader_batches(demo_dir, workers):
     manifest = data.load_manifest(demo_dir)
     positions = range(5, 72)  # an offset (a resumed split) and a short last batch
-    dataset = data.CarsDataset(manifest, "test", backbones.eval_resize_crop(SPEC), mark_bad=True)
+    dataset = data.CarsDataset(manifest, "test", transforms.eval_resize_crop(SPEC), mark_bad=True)
     threaded = loaders.ThreadedLoader(dataset, positions, 16, workers, SPEC)
     got, want = list(threaded), _reference(manifest, positions, 16)
     assert len(got) == len(want) == len(threaded) == 5
@@ -43,7 +40,7 @@ def test_threaded_loader_marks_an_unreadable_image_and_keeps_the_others(demo_dir
     shutil.copytree(demo_dir / data.STANFORD_DIR, tmp_path / data.STANFORD_DIR)
     manifest = data.load_manifest(tmp_path)
     (manifest.root / manifest.split("test")[6].path).write_bytes(b"not a jpeg")
-    dataset = data.CarsDataset(manifest, "test", backbones.eval_resize_crop(SPEC), mark_bad=True)
+    dataset = data.CarsDataset(manifest, "test", transforms.eval_resize_crop(SPEC), mark_bad=True)
     images, labels, where, bad = next(iter(loaders.ThreadedLoader(dataset, range(0, 8), 8, 2, SPEC)))
     assert [item.position for item in bad] == [6] and manifest.split("test")[6].path in bad[0].path
     assert where.tolist() == [0, 1, 2, 3, 4, 5, 7] and images.shape == (7, 3, 32, 32)
@@ -52,7 +49,7 @@ def test_threaded_loader_marks_an_unreadable_image_and_keeps_the_others(demo_dir
 
 
 def test_threaded_loader_refuses_bad_settings(demo_dir):
-    dataset = data.CarsDataset(data.load_manifest(demo_dir), "test", backbones.eval_resize_crop(SPEC))
+    dataset = data.CarsDataset(data.load_manifest(demo_dir), "test", transforms.eval_resize_crop(SPEC))
     with pytest.raises(CarsTLError, match="--workers must be >= 0, got -1"):
         loaders.ThreadedLoader(dataset, range(4), 2, -1, SPEC)
     with pytest.raises(CarsTLError, match="--batch-size must be positive"):
@@ -64,7 +61,7 @@ def test_pixel_normalizer_matches_to_tensor_and_normalize():
 
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     out = np.empty((32, 32, 3), np.float32)
-    backbones.PixelNormalizer(SPEC)(pixels, out)
+    transforms.PixelNormalizer(SPEC)(pixels, out)
     want = T.Normalize(SPEC["mean"], SPEC["std"])(T.ToTensor()(pixels))
     torch.testing.assert_close(torch.from_numpy(out).permute(2, 0, 1), want, rtol=0, atol=1e-5)
 

@@ -13,7 +13,7 @@ train-only / empty test split
   * ``fit-svm`` and ``knn`` on a cache whose test split is empty: refused, no run directory.
 non-finite features
   * NaN / Inf rows in train or test: ``train-head`` (study and tuned), ``fit-svm`` and ``knn`` refuse with the
-    same message (one check, :func:`cars_tl.stages.train_head.check_finite_features`), no run directory.
+    same message (one check, :func:`cars_tl.artifacts.features.check_finite_features`), no run directory.
 arguments
   * ``predict --model R`` with neither images nor ``--split``; a folder given as an image;
   * ``--image-size 100000`` (and 31): refused before any allocation, valid range 32..1024;
@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from cars_tl.artifacts import features, runs
-
-from cars_tl.stages import train_head as heads, fit_svm as svm
 from cars_tl.core.errors import CarsTLError
-from conftest import TINY
+from cars_tl.models.svm import model as svm
+from cars_tl.stages import train_head as heads
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cars_tl"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SHARED_MINI, needs_mini
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
 from cars_tl.stages.predict import predict
-from conftest import SHARED_MINI, needs_mini
 
 REAL_IMAGE = SHARED_MINI / "stanford_cars" / "cars_test" / "00001.jpg"
 
@@ -46,7 +46,6 @@ def test_head_prediction_matches_the_cached_features(demo_dir, demo_head_run, de
     import torch
 
     from cars_tl import data
-
     from cars_tl.artifacts import features
 
     cache = features.load(demo_features).split("test")
@@ -85,8 +84,9 @@ def test_errors_name_the_offender_and_exit_non_zero(case, demo_head_run, tmp_pat
 
 @pytest.fixture(scope="module")
 def bf16_features(demo_dir, tmp_path_factory):
-    from cars_tl.stages.extract import extract_features
     from conftest import TINY
+
+    from cars_tl.stages.extract import extract_features
 
     out = tmp_path_factory.mktemp("bf16") / "bf16.h5"
     extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **dict(TINY, precision="bf16"))
@@ -121,8 +121,9 @@ def test_predict_split_reproduces_an_svm_run_exactly(demo_dir, demo_svm_run, tmp
 
 
 def test_predict_split_reproduces_a_bf16_finetune_run_exactly(demo_dir, tmp_path):
-    from cars_tl.stages.finetune import finetune
     from conftest import TINY
+
+    from cars_tl.stages.finetune import finetune
 
     run_dir, _ = finetune(demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "ft", **dict(TINY, precision="bf16"))
     _rescored_equals_saved(run_dir, demo_dir)

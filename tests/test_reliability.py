@@ -20,15 +20,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-from cars_tl.core import atomic, locks
+from conftest import TINY
 
 from cars_tl.artifacts import features, runs
-
-from cars_tl.stages import finetune as ft, train_head as heads, fit_svm as svm
+from cars_tl.core import atomic, locks
 from cars_tl.core.errors import CarsTLError
+from cars_tl.models import training
+from cars_tl.models.svm import model as svm
+from cars_tl.stages import finetune as ft
+from cars_tl.stages import train_head as heads
 from cars_tl.stages.extract import extract_features
-from conftest import TINY
+from cars_tl.stages.fit_svm import fit_svm
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cars_tl"]
@@ -47,7 +49,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
 def _hold_lock(path: Path) -> subprocess.Popen:
     """Another real process holding the writer lock of ``path`` until killed."""
     code = (
-        "import sys, time; from pathlib import Path; from cars_tl import locks\n"
+        "import sys, time; from pathlib import Path; from cars_tl.core import locks\n"
         f"with locks.writer_lock(Path({str(path)!r}), 'holder-test'):\n"
         "    print('held', flush=True); time.sleep(120)\n"
     )
@@ -199,18 +201,18 @@ def test_every_stage_refuses_to_overwrite_a_run_without_force(demo_features, dem
         heads.train_head(demo_features, out=demo_head_run)
     assert "--force" in err.value.hint
     with pytest.raises(CarsTLError, match="already exists"):
-        svm.fit_svm(demo_features, out=demo_svm_run)
+        fit_svm(demo_features, out=demo_svm_run)
 
 
 @pytest.mark.parametrize("stage", ["head", "svm"])
 def test_a_failing_forced_rerun_keeps_the_completed_run(stage, demo_features, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     fit = (lambda **kw: heads.train_head(demo_features, out=run_dir, **kw)) if stage == "head" else \
-        (lambda **kw: svm.fit_svm(demo_features, out=run_dir, **kw))
+        (lambda **kw: fit_svm(demo_features, out=run_dir, **kw))
     fit()
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    target = (heads, "_fit") if stage == "head" else (svm, "fit_model")
-    monkeypatch.setattr(*target, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    target = "cars_tl.stages.train_head._fit" if stage == "head" else "cars_tl.stages.fit_svm.fit_model"
+    monkeypatch.setattr(target, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         fit(force=True)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
@@ -329,7 +331,7 @@ def test_a_head_whose_loss_diverges_fails_at_that_epoch(tmp_path, demo_features)
     train = cache.split("train")
     train.features[5, :] = 3e38  # finite (NaN/Inf features are refused before training), but the logits overflow
     path = features.write(tmp_path / "inf.h5", cache.attrs, cache.splits)
-    with pytest.raises(heads.DivergedError, match="epoch 1"):
+    with pytest.raises(training.DivergedError, match="epoch 1"):
         heads.train_head(path, out=tmp_path / "run")
     m = runs.read_metrics(tmp_path / "run")
     assert m["status"] == "failed" and "diverged" in m["error"]
@@ -343,7 +345,7 @@ def test_a_finetune_that_diverges_keeps_the_last_good_checkpoint(demo_dir, tmp_p
         return dict(row, train_loss=float("nan")) if row["epoch"] == 2 else row
 
     monkeypatch.setattr(ft, "_train_epoch", diverging)
-    with pytest.raises(ft.DivergedError, match="epoch 2"):
+    with pytest.raises(training.DivergedError, match="epoch 2"):
         ft.finetune(demo_dir, unfreeze="none", epochs=3, batch_size=32, out=tmp_path / "r", **TINY)
     m = runs.read_metrics(tmp_path / "r")
     assert m["status"] == "failed" and "epoch 2" in m["error"]
@@ -367,8 +369,9 @@ def test_a_bad_init_head_is_a_message(content, demo_dir, demo_head_run, tmp_path
 
 def test_a_skops_file_of_trusted_types_that_is_no_svm_model_is_a_message(demo_svm_run, tmp_path):
     import skops.io as sio
-    from cars_tl.stages.predict import predict
     from PIL import Image
+
+    from cars_tl.stages.predict import predict
 
     run_copy = tmp_path / "svm"
     shutil.copytree(demo_svm_run, run_copy)

@@ -38,9 +38,7 @@ from pathlib import Path
 import pytest
 
 from cars_tl import data
-
 from cars_tl.artifacts import features
-
 from cars_tl.core import locks
 from cars_tl.stages.predict import predict
 
@@ -164,7 +162,7 @@ def test_a_symlink_or_hard_link_at_a_lock_name_is_refused_and_its_target_kept(de
 def test_a_refused_writer_leaves_the_holders_record(demo_features, tmp_path):
     run_dir = tmp_path / "run"
     code = (
-        "import sys, time; from pathlib import Path; from cars_tl import locks\n"
+        "import sys, time; from pathlib import Path; from cars_tl.core import locks\n"
         f"with locks.writer_lock(Path({str(run_dir)!r}), 'holder-test'):\n"
         "    print('held', flush=True); time.sleep(120)\n"
     )

@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cars_tl.core import locks
-
-from cars_tl.report import build as report
-
 from cars_tl.artifacts import runs
 from cars_tl.cli import app
+from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
+from cars_tl.report import build as report
 from cars_tl.stages.sparsity import measure
 
 
@@ -178,7 +176,7 @@ def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
 
 def test_saved_predictions_agree_with_each_stage_s_reported_accuracy(demo_head_run, demo_svm_run, demo_finetune_run, demo_features, tmp_path):
     from cars_tl.artifacts import features
-    from cars_tl.stages import fit_svm as svm
+    from cars_tl.models.svm import model as svm
     from cars_tl.stages.knn import run_knn
 
     knn_run, _ = run_knn(demo_features, ks=(5, 10), out=tmp_path / "knn")
@@ -229,8 +227,8 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
     import matplotlib.axes
 
     from cars_tl.stages.finetune import finetune
-    from cars_tl.stages.train_head import train_head
     from cars_tl.stages.fit_svm import fit_svm
+    from cars_tl.stages.train_head import train_head
     from tests.conftest import TINY
 
     artifacts = tmp_path / "artifacts"

@@ -8,19 +8,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import HAS_TIMM, TINY
 from PIL import Image, ImageOps
 
-from cars_tl.models import backbones
-
 from cars_tl import data
-
 from cars_tl.artifacts import features
 from cars_tl.core.errors import CarsTLError
-from cars_tl.stages.extract import extract_features
-from cars_tl.stages.train_head import train_head
+from cars_tl.data import transforms
+from cars_tl.models import backbones
 from cars_tl.models.inference import load_run
+from cars_tl.stages.extract import extract_features
 from cars_tl.stages.predict import predict
-from conftest import HAS_TIMM, TINY
+from cars_tl.stages.train_head import train_head
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -38,18 +37,18 @@ def spec_for(mode: str, size: int = 64) -> dict:
     return backbones.build_backbone("resnet18", "random", size, mode).transform
 
 
-@pytest.mark.parametrize("mode", backbones.RESIZE_MODES)
+@pytest.mark.parametrize("mode", transforms.RESIZE_MODES)
 def test_every_mode_gives_the_final_side_and_is_recorded(mode):
     spec = spec_for(mode, 96)
     assert spec["mode"] == mode and spec["crop"] == 96
-    out = backbones.eval_resize_crop(spec)(wide_image())
+    out = transforms.eval_resize_crop(spec)(wide_image())
     assert out.size == (96, 96) and out.mode == "RGB"
-    assert backbones.eval_transform(spec)(wide_image()).shape == (3, 96, 96)
+    assert transforms.eval_transform(spec)(wide_image()).shape == (3, 96, 96)
 
 
 def test_squash_keeps_both_ends_of_a_wide_image_and_crop_does_not():
-    squashed = np.asarray(backbones.eval_resize_crop(spec_for("squash"))(wide_image()))
-    cropped = np.asarray(backbones.eval_resize_crop(spec_for("crop"))(wide_image()))
+    squashed = np.asarray(transforms.eval_resize_crop(spec_for("squash"))(wide_image()))
+    cropped = np.asarray(transforms.eval_resize_crop(spec_for("crop"))(wide_image()))
     assert tuple(squashed[32, 0]) == RED and tuple(squashed[32, -1]) == GREEN
     assert tuple(cropped[32, 0]) == BLUE and tuple(cropped[32, -1]) == BLUE  # the ends are cut away
     assert (cropped == BLUE).all()
@@ -57,8 +56,8 @@ def test_squash_keeps_both_ends_of_a_wide_image_and_crop_does_not():
 
 def test_pad_letterboxes_on_the_mean_colour():
     spec = spec_for("pad")
-    out = np.asarray(backbones.eval_resize_crop(spec)(wide_image()))
-    mean = backbones.mean_colour(spec)
+    out = np.asarray(transforms.eval_resize_crop(spec)(wide_image()))
+    mean = transforms.mean_colour(spec)
     assert mean == (124, 116, 104)  # ImageNet's mean: zero after normalization
     # A 3:1 image in a 64 px square: 21 rows of picture in the middle, the mean colour above and below.
     rows_of_picture = [r for r in range(64) if tuple(out[r, 32]) == BLUE]
@@ -66,15 +65,15 @@ def test_pad_letterboxes_on_the_mean_colour():
     assert (out[:20] == mean).all() and (out[-20:] == mean).all()
     middle = rows_of_picture[len(rows_of_picture) // 2]
     assert tuple(out[middle, 0]) == RED and tuple(out[middle, -1]) == GREEN  # both ends kept
-    normalized = backbones.eval_transform(spec)(wide_image())
+    normalized = transforms.eval_transform(spec)(wide_image())
     assert normalized[:, :20].abs().max() < 0.01
 
 
 def test_pad_matches_pillow_letterboxing():
     spec = spec_for("pad", 80)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 300, 3), np.uint8))
-    ours = np.asarray(backbones.eval_resize_crop(spec)(image)).astype(int)
-    reference = np.asarray(ImageOps.pad(image, (80, 80), Image.Resampling.BILINEAR, color=backbones.mean_colour(spec))).astype(int)
+    ours = np.asarray(transforms.eval_resize_crop(spec)(image)).astype(int)
+    reference = np.asarray(ImageOps.pad(image, (80, 80), Image.Resampling.BILINEAR, color=transforms.mean_colour(spec))).astype(int)
     assert ours.shape == reference.shape
     assert np.mean(np.abs(ours - reference) > 2) < 0.03  # same placement; edge rows may round differently
 
@@ -83,7 +82,7 @@ def test_squash_of_a_box_crop_is_the_box_resized():
     image = wide_image()
     box = (40, 10, 200, 90)  # 1-based inclusive, as the devkit gives it
     spec = spec_for("squash")
-    ours = np.asarray(backbones.eval_resize_crop(spec)(data.crop_box(image, box)))
+    ours = np.asarray(transforms.eval_resize_crop(spec)(data.crop_box(image, box)))
     reference = np.asarray(image.crop((39, 9, 200, 90)).resize((64, 64), Image.Resampling.BILINEAR))
     assert np.array_equal(ours, reference)
 
@@ -91,10 +90,10 @@ def test_squash_of_a_box_crop_is_the_box_resized():
 def test_older_specs_without_a_mode_mean_crop():
     spec = spec_for("crop")
     old = {k: v for k, v in spec.items() if k != "mode"}
-    assert backbones.resize_mode(old) == "crop" and backbones.same_transform(old, spec)
-    assert not backbones.same_transform(old, spec_for("squash"))
+    assert transforms.resize_mode(old) == "crop" and transforms.same_transform(old, spec)
+    assert not transforms.same_transform(old, spec_for("squash"))
     image = wide_image()
-    assert np.array_equal(np.asarray(backbones.eval_resize_crop(old)(image)), np.asarray(backbones.eval_resize_crop(spec)(image)))
+    assert np.array_equal(np.asarray(transforms.eval_resize_crop(old)(image)), np.asarray(transforms.eval_resize_crop(spec)(image)))
 
 
 @pytest.mark.parametrize("mode, size, message", [("zoom", None, "unknown --resize 'zoom'"), ("squash", 16, "at least 32")])
@@ -109,32 +108,32 @@ def test_bad_resize_options_are_refused(mode, size, message, demo_dir, tmp_path)
 @pytest.mark.parametrize("mode", ["squash", "pad"])
 def test_training_crops_keep_the_image_aspect(mode):
     spec = spec_for(mode)
-    crop = backbones.RandomRegionSquare(spec)
+    crop = transforms.RandomRegionSquare(spec)
     torch.manual_seed(0)
     for _ in range(200):
         left, top, right, bottom = crop.region(300, 100)
         assert 0 <= left and right <= 300 + 1e-9 and 0 <= top and bottom <= 100 + 1e-9
         w, h = right - left, bottom - top
-        assert (w * h) / (300 * 100) >= backbones.TRAIN_CROP_SCALE[0] * 0.75 - 1e-9  # clipping can only shave a side
+        assert (w * h) / (300 * 100) >= transforms.TRAIN_CROP_SCALE[0] * 0.75 - 1e-9  # clipping can only shave a side
         relative = (w / h) / 3.0
         assert 0.74 <= relative <= 1.34 or w == 300 or h == 100
-    out = backbones.train_transform(spec, "standard")(wide_image())
+    out = transforms.train_transform(spec, "standard")(wide_image())
     assert out.shape == (3, 64, 64)
 
 
 def test_training_crop_mode_is_todays_random_resized_crop():
     from torchvision import transforms as T
 
-    steps = backbones.train_transform(spec_for("crop"), "standard").transforms
+    steps = transforms.train_transform(spec_for("crop"), "standard").transforms
     assert isinstance(steps[0], T.RandomResizedCrop) and steps[0].scale == (0.25, 1.0)
-    assert isinstance(backbones.train_transform(spec_for("squash"), "standard").transforms[0], backbones.RandomRegionSquare)
+    assert isinstance(transforms.train_transform(spec_for("squash"), "standard").transforms[0], transforms.RandomRegionSquare)
 
 
-@pytest.mark.parametrize("mode", backbones.RESIZE_MODES)
+@pytest.mark.parametrize("mode", transforms.RESIZE_MODES)
 def test_evaluation_is_deterministic(mode):
-    t = backbones.eval_transform(spec_for(mode))
+    t = transforms.eval_transform(spec_for(mode))
     assert torch.equal(t(wide_image()), t(wide_image()))
-    assert torch.equal(backbones.train_transform(spec_for(mode), "none")(wide_image()), t(wide_image()))
+    assert torch.equal(transforms.train_transform(spec_for(mode), "none")(wide_image()), t(wide_image()))
 
 
 # --------------------------------------------------------------------------- timm's own preprocessing
@@ -167,14 +166,14 @@ def test_timm_crop_modes_match_timms_transform(crop_mode):
     from timm.data import create_transform
 
     spec = {"resize": 248, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "interpolation": "bicubic", "pipeline": backbones.FUSED_PIPELINE, "mode": "crop"}
+            "interpolation": "bicubic", "pipeline": transforms.FUSED_PIPELINE, "mode": "crop"}
     if crop_mode != "center":
         spec["crop_mode"] = crop_mode
     reference = create_transform(224, crop_pct=224 / 248.5, interpolation="bicubic", crop_mode=crop_mode,
                                  mean=spec["mean"], std=spec["std"])
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 500, 3), np.uint8)).filter(
         __import__("PIL.ImageFilter", fromlist=["GaussianBlur"]).GaussianBlur(2))
-    ours = backbones.eval_transform(spec)(image)
+    ours = transforms.eval_transform(spec)(image)
     theirs = reference(image)
     assert ours.shape == theirs.shape == (3, 224, 224)
     # Same sample positions and filter; one resampling call instead of two: within 2 grey levels.
@@ -197,7 +196,7 @@ def test_the_mode_travels_from_the_cache_through_a_run_into_predict(demo_dir, sq
     run_dir, metrics = train_head(squash_cache, out=tmp_path / "head")
     assert metrics["backbone"]["transform"]["mode"] == "squash"
     loaded = load_run(run_dir)
-    assert backbones.resize_mode(loaded.spec) == "squash"
+    assert transforms.resize_mode(loaded.spec) == "squash"
     test = cache.split("test")
     image = data.load_manifest(demo_dir).root / test.paths[0]
     with torch.inference_mode():
@@ -327,4 +326,4 @@ def test_finetune_trains_and_records_a_resize_mode_with_its_augmentation(demo_di
                                 resize_mode="pad", out=tmp_path / "ft", **TINY)
     assert metrics["config"]["resize"] == "pad" and metrics["backbone"]["transform"]["mode"] == "pad"
     loaded = load_run(run_dir)
-    assert backbones.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image_size"]
+    assert transforms.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image_size"]

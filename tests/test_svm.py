@@ -8,9 +8,10 @@ from sklearn.metrics.pairwise import polynomial_kernel, rbf_kernel, sigmoid_kern
 from sklearn.svm import SVC
 
 from cars_tl.artifacts import runs
-
-from cars_tl.stages import fit_svm as svm
 from cars_tl.core.errors import CarsTLError
+from cars_tl.models.svm import kernels
+from cars_tl.models.svm import model as svm
+from cars_tl.stages.fit_svm import fit_svm
 
 
 def _blobs(n_per_class=30, classes=8, dim=64, seed=0):
@@ -26,7 +27,7 @@ def test_kernel_matrix_matches_sklearn(kernel):
     a, _ = _blobs(5, 4, 16, seed=1)
     b, _ = _blobs(3, 4, 16, seed=2)
     gamma, degree, coef0 = 0.05, 3, 0.5
-    ours = svm.kernel_matrix(a, b, kernel, gamma, degree, coef0)
+    ours = kernels.kernel_matrix(a, b, kernel, gamma, degree, coef0)
     reference = {
         "linear": lambda: a.astype(np.float64) @ b.T.astype(np.float64),
         "poly": lambda: polynomial_kernel(a.astype(np.float64), b.astype(np.float64), degree=degree, gamma=gamma, coef0=coef0),
@@ -79,7 +80,7 @@ def test_skops_file_with_an_untrusted_type_is_refused(tmp_path):
 
 
 def test_fit_svm_all_kernels_writes_a_comparison_run(demo_features, tmp_path):
-    run_dir, metrics = svm.fit_svm(demo_features, kernel="all", out=tmp_path / "svm")
+    run_dir, metrics = fit_svm(demo_features, kernel="all", out=tmp_path / "svm")
     assert set(metrics["kernels"]) == set(svm.KERNELS)
     for kernel, result in metrics["kernels"].items():
         assert (run_dir / result["model_file"]).is_file()
@@ -89,8 +90,8 @@ def test_fit_svm_all_kernels_writes_a_comparison_run(demo_features, tmp_path):
 
 def test_bad_options_name_the_valid_choices(demo_features, tmp_path):
     with pytest.raises(CarsTLError, match="linear, poly, rbf, sigmoid, all"):
-        svm.fit_svm(demo_features, kernel="cubic", out=tmp_path / "a")
+        fit_svm(demo_features, kernel="cubic", out=tmp_path / "a")
     with pytest.raises(CarsTLError, match="none, standard, l2"):
-        svm.fit_svm(demo_features, scale="minmax", out=tmp_path / "b")
+        fit_svm(demo_features, scale="minmax", out=tmp_path / "b")
     with pytest.raises(CarsTLError, match="scale, auto"):
-        svm.fit_svm(demo_features, gamma="big", out=tmp_path / "c")
+        fit_svm(demo_features, gamma="big", out=tmp_path / "c")

@@ -10,12 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cars_tl.artifacts import features
-
-from cars_tl.stages import fit_svm as svm
-
-from cars_tl.models import svm_search
 from cars_tl.cli import app
 from cars_tl.core.errors import CarsTLError
+from cars_tl.models.svm import kernels
+from cars_tl.models.svm import model as svm
+from cars_tl.models.svm import search as svm_search
+from cars_tl.stages.fit_svm import fit_svm
 
 
 def test_cv_never_sees_test_rows(demo_features, tmp_path, monkeypatch):
@@ -27,7 +27,7 @@ def test_cv_never_sees_test_rows(demo_features, tmp_path, monkeypatch):
         return original(z, y, kernel, c_grid, gamma_values, degree, coef0, folds, **options)
 
     monkeypatch.setattr(svm_search, "cross_validate", spy)
-    svm.fit_svm(demo_features, kernel="linear", C="auto", out=tmp_path / "run")
+    fit_svm(demo_features, kernel="linear", C="auto", out=tmp_path / "run")
     cache = features.load(demo_features)
     train, test = cache.split("train"), cache.split("test")
     [(z, y, folds)] = calls
@@ -43,9 +43,9 @@ def test_cv_never_sees_test_rows(demo_features, tmp_path, monkeypatch):
 
 def test_one_kernel_matrix_for_every_fold_and_grid_point(demo_features, tmp_path, monkeypatch):
     calls = []
-    original = svm.kernel_matrix
-    monkeypatch.setattr(svm, "kernel_matrix", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
-    svm.fit_svm(demo_features, kernel="rbf", C="auto", gamma="cv", out=tmp_path / "run")
+    original = kernels.kernel_matrix
+    monkeypatch.setattr(kernels, "kernel_matrix", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    fit_svm(demo_features, kernel="rbf", C="auto", gamma="cv", out=tmp_path / "run")
     # One Gram matrix for the whole search, then the refit's own, then scoring train and test.
     assert calls[0] == "linear" and calls.count("linear") == 1
 
@@ -119,7 +119,7 @@ def test_auto_records_the_search_and_cli_prints_it(demo_features, tmp_path):
 
 
 def test_gamma_cv_searches_gamma_for_kernels_that_have_one(demo_features, tmp_path):
-    _, metrics = svm.fit_svm(demo_features, kernel="all", preset="tuned", out=tmp_path / "run")
+    _, metrics = fit_svm(demo_features, kernel="all", preset="tuned", out=tmp_path / "run")
     assert metrics["config"]["C"] == "auto" and metrics["config"]["gamma"] == "cv"
     for kernel, row in metrics["kernels"].items():
         search = row["search"]
@@ -135,7 +135,7 @@ def test_gamma_cv_searches_gamma_for_kernels_that_have_one(demo_features, tmp_pa
 
 
 def test_study_preset_is_sklearns_defaults(demo_features, tmp_path):
-    _, metrics = svm.fit_svm(demo_features, kernel="rbf", out=tmp_path / "run")
+    _, metrics = fit_svm(demo_features, kernel="rbf", out=tmp_path / "run")
     assert (metrics["config"]["C"], metrics["config"]["gamma"], metrics["config"]["scale"]) == (1.0, "scale", "l2")
     assert metrics["kernels"]["rbf"]["C"] == 1.0 and "search" not in metrics["kernels"]["rbf"]
 
@@ -151,7 +151,7 @@ def test_study_preset_is_sklearns_defaults(demo_features, tmp_path):
 ])
 def test_bad_options_say_why_and_what_to_use(demo_features, tmp_path, options, message):
     with pytest.raises(CarsTLError, match=message) as info:
-        svm.fit_svm(demo_features, kernel="linear", out=tmp_path / "run", **options)
+        fit_svm(demo_features, kernel="linear", out=tmp_path / "run", **options)
     assert info.value.hint or "valid:" in info.value.message  # what to use instead
     if "folds" in message:
         assert "--cv-folds 24" in info.value.hint  # the demo's smallest class has 24 training images
@@ -309,12 +309,12 @@ def test_no_cross_validation_when_there_is_nothing_to_choose(demo_features, tmp_
     original = svm_search.cross_validate
     monkeypatch.setattr(svm_search, "cross_validate", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
     # One kernel, one C, and --gamma cv means nothing for a linear kernel: no CV.
-    _, metrics = svm.fit_svm(demo_features, kernel="linear", C=1.0, gamma="cv", out=tmp_path / "one")
+    _, metrics = fit_svm(demo_features, kernel="linear", C=1.0, gamma="cv", out=tmp_path / "one")
     assert calls == [] and "search" not in metrics["kernels"]["linear"]
     assert "nothing to choose" in metrics["kernels"]["linear"]["search_skipped"]
     assert metrics["final"]["selected_on"] == "none"
     # Something to choose: the CV runs.
-    _, metrics = svm.fit_svm(demo_features, kernel="rbf", C=1.0, gamma="cv", out=tmp_path / "gamma")
+    _, metrics = fit_svm(demo_features, kernel="rbf", C=1.0, gamma="cv", out=tmp_path / "gamma")
     assert calls == ["rbf"] and metrics["final"]["selected_on"] == "train-cv"
     assert metrics["selection"]["chosen"]["gamma_value"]["rbf"] == metrics["kernels"]["rbf"]["gamma_value"]
     assert not svm_search.has_choice("linear", 1.0, "cv") and svm_search.has_choice("poly", 1.0, "cv")

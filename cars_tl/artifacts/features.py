@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room
+from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, file_sha256
 from cars_tl.core.errors import CarsTLError
 
 KIND = "cars_tl.artifacts.features"
@@ -444,3 +444,54 @@ def write(path: Path, attrs: dict, splits: dict[str, SplitArrays]) -> Path:
             raise CarsTLError(f"refused to write {path}: the new cache does not verify ({exc.message.replace(str(tmp), 'it')})",
                               "this is a bug or a bad dataset: rerun cars-tl download to rebuild the manifest") from None
     return path
+
+
+def feature_run_fields(cache: FeatureCache) -> dict:
+    """The ``backbone``/``inputs``/``class_names`` sections shared by train-head and fit-svm runs."""
+    a = cache.attrs
+    return {
+        "backbone": {
+            "backbone": a["backbone"], "weights": a["weights"], "weights_digest": a["weights_digest"],
+            "weights_sha256": a.get("weights_sha256"),
+            "num_features": a["feature_dim"], "transform": a["transform"], "crop": a["crop"],
+            "margin": a["margin"], "precision": a["precision"], "params": a.get("backbone_params"),
+        },
+        "inputs": {
+            "dataset_fingerprint": a["dataset_fingerprint"],
+            "features": {"path": str(cache.path), "sha256": file_sha256(cache.path), "created": a.get("created"),
+                         # per split: what predict --split checks before scoring from the cache
+                         "splits": {name: {"features_sha256": content_digest(arrays.features),
+                                           "ids_sha256": content_digest(arrays.ids)}
+                                    for name, arrays in cache.splits.items()}},
+        },
+        "class_names": cache.class_names,
+    }
+
+
+def check_finite_features(cache: FeatureCache, split: str) -> None:
+    """Refuse a split whose feature vectors hold NaN or Inf (no model can use them; scikit-learn would
+    raise deep inside a fit): train-head, fit-svm and knn all check here, before any run is created."""
+    bad = int((~np.isfinite(cache.split(split).features).all(axis=1)).sum())
+    if bad:
+        raise CarsTLError(
+            f"{cache.path}: {bad} {split} feature vectors contain NaN or Inf (of {len(cache.split(split).labels)}); no model can use them",
+            f"cars-tl inspect {cache.path}  (then re-extract it: delete the file and rerun cars-tl extract-features)",
+        )
+
+
+def load_train_test(path: Path, require_test: bool = True, stage: str = "this stage") -> FeatureCache:
+    """The cache's train and test splits, checked finite; without ``require_test``, test may be absent
+    (or empty) when the dataset itself has none (imported with ``--splits train``)."""
+    cache = load(path, ("train", "test"))
+    for split in ("train", "test") if require_test or dataset_has_split(cache, "test") else ("train",):
+        cache.split(split)
+    if len(cache.split("train").labels) == 0:
+        raise CarsTLError(f"{path}: the train split is empty", "extract features for a dataset with training images")
+    if require_test and len(cache.split("test").labels) == 0:
+        raise CarsTLError(
+            f"{path}: the test split is empty (0 images); {stage} measures accuracy on test",
+            f"cars-tl inspect {path} shows its splits; extract test features from a dataset that has test images: cars-tl extract-features --split test",
+        )
+    for split in cache.splits:
+        check_finite_features(cache, split)
+    return cache

@@ -146,7 +146,7 @@ def writer_lock(path: Path, stage: str) -> Iterator[Path]:
                 ) from None
             raise LockedError(
                 f"{path} is being written by {_holder(target)}; a second {stage} into it would corrupt it",
-                f"wait for that process to finish (or stop it), or write elsewhere with --out",
+                "wait for that process to finish (or stop it), or write elsewhere with --out",
             ) from None
         held = True  # only now is the file ours to rewrite
         with contextlib.suppress(OSError):

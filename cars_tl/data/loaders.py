@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cars_tl.models import backbones
-
 from cars_tl import data
-
 from cars_tl.core import runtime
+from cars_tl.core.distributed import Context, local_batch
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import transforms
 
 DATA_PATH_ENV = "CARS_TL_DATA_PATH"  # internal: "accelerator" or "cpu" overrides the device's choice
 
@@ -182,7 +181,7 @@ def eval_dataset(manifest, split: str, spec: dict, device: str, crop: str = "ful
     path it stops at the resize and crop (the threaded loader normalizes into its batches), on the
     accelerator's it yields uint8 tensors that :func:`batch_to_device` normalizes on the device."""
     accelerator = data_path(device).accelerator
-    transform = backbones.eval_transform(spec, output="uint8") if accelerator else backbones.eval_resize_crop(spec)
+    transform = transforms.eval_transform(spec, output="uint8") if accelerator else transforms.eval_resize_crop(spec)
     return data.CarsDataset(manifest, split, transform, crop, margin, mark_bad=True)
 
 
@@ -200,8 +199,8 @@ class ThreadedLoader:
     """Evaluation batches of ``dataset[positions]`` in order, decoded by ``workers`` threads.
 
     ``dataset`` must yield PIL images of ``spec["crop"]`` square (its transform is
-    :func:`cars_tl.models.backbones.eval_resize_crop`); the loader normalizes them as
-    :func:`cars_tl.models.backbones.eval_transform` does. ``workers=0`` decodes in the calling thread.
+    :func:`cars_tl.models.transforms.eval_resize_crop`); the loader normalizes them as
+    :func:`cars_tl.models.transforms.eval_transform` does. ``workers=0`` decodes in the calling thread.
     Each batch is a fresh array (with :func:`cars_tl.core.runtime.tune_malloc`, reused heap memory).
     """
 
@@ -210,7 +209,7 @@ class ThreadedLoader:
         if batch_size < 1:
             raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
         self.dataset, self.positions, self.batch_size, self.workers = dataset, positions, batch_size, workers
-        self.normalize = backbones.PixelNormalizer(spec)
+        self.normalize = transforms.PixelNormalizer(spec)
         self.size = int(spec["crop"])
 
     def __len__(self) -> int:
@@ -260,3 +259,51 @@ class ThreadedLoader:
         labels = torch.tensor([results[s][0] for s in kept], dtype=torch.long)
         where = torch.tensor([results[s][1] for s in kept], dtype=torch.long)
         return images, labels, where, bad
+
+
+class ShardedEpochSampler:
+    """This rank's part of :class:`EpochSampler`'s order: the global order (a
+    permutation seeded by (seed, epoch)) cut into global batches of ``batch_size``, and of each the
+    rank's slice (``batch_size / world_size`` images; the last, shorter batch split as evenly as
+    possible). Keys are the same ``epoch * size + position`` that
+    :class:`cars_tl.data.loaders.SeededAugmentation` reads, so every sample gets the same augmentation as
+    in one process. A rank whose slice of the last batch would be empty (fewer images than ranks)
+    gets that batch's first image as a stand-in, so every rank runs the same number of steps;
+    :meth:`share` says to count it with weight 0."""
+
+    def __init__(self, size: int, seed: int, batch_size: int, ctx: Context, shuffle: bool = True):
+        from cars_tl.data.loaders import EpochSampler
+
+        self.epoch_sampler = EpochSampler(size, seed, shuffle)
+        self.size, self.batch_size, self.ctx = size, batch_size, ctx
+        self.local_batch = local_batch(batch_size, ctx)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch_sampler.set_epoch(epoch)
+
+    def steps(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def _bounds(self, step: int) -> tuple[int, int, int]:
+        """(start, stop) of this rank's slice of global batch ``step`` within it, and the batch's size."""
+        count = min(self.batch_size, self.size - step * self.batch_size)
+        if count == self.batch_size:
+            return self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch, count
+        return self.ctx.rank * count // self.ctx.world_size, (self.ctx.rank + 1) * count // self.ctx.world_size, count
+
+    def share(self, step: int) -> tuple[int, int]:
+        """(images this rank really holds in global batch ``step``, images in that global batch)."""
+        start, stop, count = self._bounds(step)
+        return stop - start, count
+
+    def __iter__(self):
+        keys = list(iter(self.epoch_sampler))
+        mine = []
+        for step in range(self.steps()):
+            batch = keys[step * self.batch_size:(step + 1) * self.batch_size]
+            start, stop, _ = self._bounds(step)
+            mine.extend(batch[start:stop] if stop > start else batch[:1])
+        return iter(mine)
+
+    def __len__(self) -> int:
+        return sum(max(1, self.share(s)[0]) for s in range(self.steps()))

@@ -24,14 +24,13 @@ from typing import Callable
 
 import torch
 
-from cars_tl.models import backbones
-
 from cars_tl import data
-
 from cars_tl.artifacts import runs
-
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import transforms
+from cars_tl.models import backbones
+from cars_tl.models.svm.model import load_model as load_svm
 
 
 @dataclasses.dataclass
@@ -73,7 +72,7 @@ class LoadedRun:
 
     def preprocessing_key(self) -> tuple:
         """Equal keys: the same body and the same tensors and features for the same image."""
-        return (id(self.body), backbones.transform_key(self.spec), self.crop, float(self.margin), self.precision_used)
+        return (id(self.body), transforms.transform_key(self.spec), self.crop, float(self.margin), self.precision_used)
 
 
 def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbone:
@@ -88,7 +87,7 @@ def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbo
             f"(digest {bb.weights_digest[:12]} != {b['weights_digest'][:12]})",
             "restore the original weights file, or re-run extract-features and this stage",
         )
-    bb.transform = backbones.normalized_spec(b["transform"])  # exactly the recorded preprocessing
+    bb.transform = transforms.normalized_spec(b["transform"])  # exactly the recorded preprocessing
     cache[key] = bb
     return bb
 
@@ -106,8 +105,8 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
     model_path = runs.model_file(run_dir)
     kind, names = metrics["kind"], metrics["class_names"]
     b = metrics["backbone"]
-    spec = backbones.normalized_spec(b["transform"])
-    backbones.eval_resize_crop(spec)  # refuses a spec this version cannot reproduce
+    spec = transforms.normalized_spec(b["transform"])
+    transforms.eval_resize_crop(spec)  # refuses a spec this version cannot reproduce
     precision = b.get("precision", "fp32")
     recorded = dict(spec=spec, crop=b.get("crop", "full"), margin=float(b.get("margin") or 0.0),
                     precision=precision, precision_used="fp32" if precision == "fp16" else precision)
@@ -120,11 +119,11 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         except RuntimeError as exc:
             raise CarsTLError(f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}") from None
         model.eval()
-        return LoadedRun(run_dir, metrics["name"], kind, names, model.body, backbones.eval_transform(spec),
+        return LoadedRun(run_dir, metrics["name"], kind, names, model.body, transforms.eval_transform(spec),
                          lambda f: model.head(f).softmax(1), "probability", **recorded,
                          forward=lambda x: model(x).float().softmax(1))
     bb = _backbone_for(metrics, run_dir, cache)
-    transform = backbones.eval_transform(bb.transform)
+    transform = transforms.eval_transform(bb.transform)
     if kind == "head":
         head = torch.nn.Linear(bb.num_features, len(names))
         state = runs.load_checkpoint(model_path)
@@ -137,9 +136,7 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         head.load_state_dict(state)
         head.eval()
         return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability", **recorded)
-    from cars_tl.stages import fit_svm as svm
-
-    model = svm.load_model(model_path, bb.num_features, len(names))  # must match the cache the run claims
+    model = load_svm(model_path, bb.num_features, len(names))  # must match the cache the run claims
     classes = torch.as_tensor(model.classes)
 
     def svm_scores(f: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.core import locks
-
 from cars_tl.artifacts import runs
+from cars_tl.core import locks
 from cars_tl.core.atomic import atomic_path, atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
 

@@ -36,14 +36,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cars_tl import data
-
-from cars_tl.sources import layouts
-
 from cars_tl.core import locks
 from cars_tl.core.atomic import swap_in
 from cars_tl.core.errors import CarsTLError
-from cars_tl.sources.layouts import SPLIT_FILES
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.sources import layouts
+from cars_tl.sources.layouts import SPLIT_FILES
 
 MIRRORS_JSON = Path(__file__).with_name("mirrors.json")
 DOWNLOADS_DIR = "stanford_cars_downloads"  # verified archives wait here between tries

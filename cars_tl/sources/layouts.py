@@ -38,10 +38,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 from cars_tl import data
-from cars_tl.sources.archives import safe_extract
-from cars_tl.sources.classnames import canonical_names, match_to_canonical
 from cars_tl.core.errors import BadImageError, CarsTLError
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.sources.archives import safe_extract
+from cars_tl.sources.classnames import canonical_names, match_to_canonical
 
 SPLIT_FILES = ("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat")
 SPLIT_ARCHIVES = {"cars_train.tgz": "cars_train", "cars_test.tgz": "cars_test", "car_devkit.tgz": "devkit"}

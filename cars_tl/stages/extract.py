@@ -19,17 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars_tl.models import backbones
-
 from cars_tl import data
-
-from cars_tl.core import distributed, locks, runtime
-
 from cars_tl.artifacts import features
-
-from cars_tl.data import loaders
-from cars_tl.core.errors import BadImageError, CarsTLError, check_number, check_output_path
+from cars_tl.core import distributed, locks, runtime
+from cars_tl.core.errors import (
+    BadImageError,
+    CarsTLError,
+    check_number,
+    check_output_path,
+)
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.data import loaders, transforms
+from cars_tl.models import backbones
 
 CHUNK_BATCHES = 4
 
@@ -111,7 +112,7 @@ def extract_features(
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
     check_number("--margin", margin, minimum=0)
-    backbones.check_image_options(image_size, resize_mode)
+    transforms.check_image_options(image_size, resize_mode)
     manifest = data.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
     ctx = distributed.init(runtime.resolve_device(device))
@@ -143,7 +144,7 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
         carry, distrusted = features.existing_splits(out, identity)
         todo = tuple(s for s in splits if s not in carry)
     datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
-    identity_meta = dict(identity, transform=backbones.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
+    identity_meta = dict(identity, transform=transforms.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
     partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES) if todo else None
     # The other ranks join once rank 0 has prepared the chunk folder (and learn which splits are to do).
     todo = tuple(json.loads(distributed.broadcast_text(json.dumps(todo), ctx) or "[]")) if ctx.active else todo

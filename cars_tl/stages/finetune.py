@@ -42,21 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from cars_tl.models import backbones
-
 from cars_tl import data
-
-from cars_tl.core import distributed, runtime
-
 from cars_tl.artifacts import features, runs
-
-from cars_tl.data import loaders
+from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
-from cars_tl.stages.train_head import DivergedError, make_optimizer, stratified_split
 from cars_tl.core.locks import reads
-from cars_tl.stages.predict import score_batches
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.data import loaders, transforms
+from cars_tl.models import backbones
 from cars_tl.models.scoring import Meter
+from cars_tl.models.training import (
+    DivergedError,
+    make_optimizer,
+    score_batches,
+    stratified_split,
+)
 
 MODEL_FILE = "model.pt"
 PRESETS = {
@@ -192,12 +192,12 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
         problems.append(f"backbone {b['backbone']} != {bb.name}")
     if b["weights_digest"] != bb.weights_digest:
         problems.append(f"its features came from other weights ({b['weights']}, digest {b['weights_digest'][:12]} != {bb.weights_digest[:12]})")
-    if not backbones.same_transform(b["transform"], bb.transform) or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
+    if not transforms.same_transform(b["transform"], bb.transform) or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
         problems.append(
             f"preprocessing differs: the head's features were made with --crop {b['crop']} --margin {b.get('margin')} "
-            f"--resize {backbones.resize_mode(b['transform'])} --image-size {b['transform']['crop']} "
-            f"({backbones.describe_transform(b['transform'])}), this fine-tune asks for --crop {crop} --margin {margin} "
-            f"--resize {backbones.resize_mode(bb.transform)} --image-size {bb.transform['crop']}"
+            f"--resize {transforms.resize_mode(b['transform'])} --image-size {b['transform']['crop']} "
+            f"({transforms.describe_transform(b['transform'])}), this fine-tune asks for --crop {crop} --margin {margin} "
+            f"--resize {transforms.resize_mode(bb.transform)} --image-size {bb.transform['crop']}"
         )
     if len(m["class_names"]) != manifest.num_classes:
         problems.append(f"{len(m['class_names'])} classes != {manifest.num_classes}")
@@ -251,7 +251,7 @@ def finetune(
     BatchNorm into SyncBatchNorm where its statistics train in a job of several CUDA processes.
     """
     started = time.perf_counter()
-    backbones.check_image_options(image_size, resize_mode)
+    transforms.check_image_options(image_size, resize_mode)
     config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
     check_number("--margin", margin, minimum=0)
     config.update(backbone=backbone, weights=str(weights), unfreeze=unfreeze, init_head=str(init_head) if init_head else None,
@@ -364,7 +364,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     spec = bb.transform
     crop, margin = config["crop"], config["margin"]
     cuda = device.startswith("cuda")
-    train_set = data.CarsDataset(manifest, "train", backbones.train_transform(spec, config["augment"], loaders.data_path(device).batch_dtype),
+    train_set = data.CarsDataset(manifest, "train", transforms.train_transform(spec, config["augment"], loaders.data_path(device).batch_dtype),
                                  crop, margin, mark_bad=True)
     eval_train = loaders.eval_dataset(manifest, "train", spec, device, crop, margin)
     test_set = loaders.eval_dataset(manifest, "test", spec, device, crop, margin)
@@ -373,7 +373,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     fit_set = Subset(train_set, fit_idx.tolist()) if len(val_idx) else train_set
     # Each rank takes its slice of every global batch, and a contiguous shard of the evaluation splits.
     local_batch = distributed.local_batch(config["batch_size"], ctx)
-    sampler = (distributed.ShardedEpochSampler(len(fit_set), seed, config["batch_size"], ctx) if ctx.active
+    sampler = (loaders.ShardedEpochSampler(len(fit_set), seed, config["batch_size"], ctx) if ctx.active
                else loaders.EpochSampler(len(fit_set), seed))
     train_loader = loaders.make_loader(loaders.SeededAugmentation(fit_set, seed), local_batch, workers, device, sampler=sampler)
     eval_batch = local_batch * 2
@@ -548,7 +548,7 @@ def _best_weights(best: dict | None, last_path: Path, best_path: Path, model) ->
 def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, spec, progress, *,
                  forward=None, sampler=None, ctx=distributed.SINGLE) -> dict:
     """One epoch. Several processes: ``forward`` is the DDP-wrapped model and ``sampler`` the
-    :class:`~cars_tl.core.distributed.ShardedEpochSampler`; each rank's loss is its share's summed loss
+    :class:`~cars_tl.core.loaders.ShardedEpochSampler`; each rank's loss is its share's summed loss
     times world size / global batch size, so DDP's gradient average is the global batch's mean."""
     forward = forward or model
     train_mode(model, config["freeze_bn_stats"])

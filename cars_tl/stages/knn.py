@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cars_tl.artifacts import features, runs
-
+from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError, check_number
 from cars_tl.core.progress import NULL, Progress
@@ -113,7 +113,6 @@ def run_knn(
     progress: Progress = NULL,
 ) -> tuple[Path, dict]:
     """Classify the test split by its nearest training images; returns the run directory and metrics."""
-    from cars_tl.stages.train_head import feature_run_fields, load_train_test
 
     started = time.perf_counter()
     ks = parse_ks(ks)

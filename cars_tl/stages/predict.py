@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cars_tl import data
 from cars_tl.core.errors import CarsTLError
-from cars_tl.models.inference import load_run
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL
+from cars_tl.data import transforms
+from cars_tl.models.inference import load_run
+from cars_tl.models.training import score_batches
 
 
 @reads("predict", lambda a: data.dataset_roots(a["images"]))  # images of a data folder: no download meanwhile
@@ -63,33 +64,6 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: boo
     return results
 
 
-@torch.no_grad()
-def score_batches(score, loader, records, device: str = "cpu", precision: str = "fp32", spec: dict | None = None, progress=None):
-    """(ids, labels, scores) of every image a loader yields; ``score`` maps an image batch to (n, classes).
-
-    ``records`` are the loader's dataset records (positions index them); an unreadable image raises.
-    Batches reach ``device`` through :func:`loaders.batch_to_device` (``spec``: the transform, whose
-    mean and std normalize the accelerator path's uint8 batches there).
-    """
-    from cars_tl.data import loaders
-    from cars_tl.core import runtime
-
-    ids, labels, scores = [], [], []
-    for images, batch_labels, positions, bad in loader:
-        data.raise_bad(bad)
-        images = loaders.batch_to_device(images, device, spec or {})
-        with runtime.autocast(device, precision):
-            out = score(images)
-        scores.append(out.double().cpu())
-        labels.append(torch.as_tensor(batch_labels))
-        ids.extend(records[int(p)].index for p in positions)
-        if progress is not None:
-            progress.advance(len(positions))
-    n_classes = scores[0].shape[1] if scores else 0
-    return (np.array(ids, dtype=np.int64), torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
-            torch.cat(scores).numpy() if scores else np.zeros((0, n_classes)))
-
-
 @reads("predict", lambda a: [data.stanford_root(a["data_dir"])])
 def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NULL, images=(), batch_size: int = 64,
                   workers: int | None = None) -> list[dict]:
@@ -99,9 +73,9 @@ def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NUL
     was trained on (checked against the checksums the run recorded), a finetune run from the images
     with its own model, precision and evaluation batch size, as its evaluation ran.
     """
-    from cars_tl.data import loaders
-    from cars_tl.core import locks
     from cars_tl.artifacts import runs
+    from cars_tl.core import locks
+    from cars_tl.data import loaders
 
     if images:
         raise CarsTLError("give either image files or --split, not both", f"cars-tl predict --split {split} --model RUN")
@@ -150,7 +124,6 @@ def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
 def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path("data")):
     """The ``split`` arrays of the feature cache a head or SVM run was trained on, checked against
     what the run recorded: its per-split checksums, or the file's SHA-256 for runs that predate them."""
-    from cars_tl.models import backbones
     from cars_tl.artifacts import features
     from cars_tl.core.atomic import file_sha256
 
@@ -158,7 +131,7 @@ def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path
     path = Path(recorded.get("path") or "?")
     b = metrics["backbone"]
     extract = (f"cars-tl extract-features --data-dir {data_dir} --backbone {b['backbone']} --weights {b['weights']} "
-               f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {backbones.resize_mode(b['transform'])} "
+               f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {transforms.resize_mode(b['transform'])} "
                f"--image-size {b['transform']['crop']} --precision {b.get('precision', 'fp32')} --out {path}")
     if not path.is_file():
         raise CarsTLError(

@@ -22,14 +22,12 @@ from typing import Iterable
 import torch
 
 from cars_tl import data
-
-from cars_tl.data import loaders
-
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
-from cars_tl.models.inference import load_run
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.data import loaders
+from cars_tl.models.inference import load_run
 
 RELU_TYPES = (torch.nn.ReLU, torch.nn.ReLU6)
 

@@ -22,21 +22,19 @@ and ``finetune --init-head`` starts from it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cars_tl.artifacts import features, runs
-
+from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
-from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.models.scoring import Meter, evaluate_logits
+from cars_tl.models.training import check_finite_loss, make_optimizer, stratified_split
 
 HEAD_FILE = "head.pt"
 OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs")
@@ -47,7 +45,6 @@ PRESETS = {
                   label_smoothing=0.0, standardize=True, schedule="none", val_fraction=0.1),
 }
 WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-LBFGS_ITERATIONS = 20
 
 
 def resolve_preset(preset: str, **overrides) -> dict:
@@ -66,29 +63,6 @@ def resolve_preset(preset: str, **overrides) -> dict:
         if config[key] < 1:
             raise CarsTLError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
     return config
-
-
-def make_optimizer(name: str, params, lr: float, weight_decay: float):
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "lbfgs":
-        return torch.optim.LBFGS(params, lr=lr, max_iter=LBFGS_ITERATIONS, history_size=20, line_search_fn="strong_wolfe")
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val): ``fraction`` of each class (at least one where a class has two or more)."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        k = int(round(fraction * len(idx)))
-        k = max(1, k) if len(idx) > 1 and fraction > 0 else k
-        val.extend(idx[:k])
-        train.extend(idx[k:])
-    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
 
 
 @dataclasses.dataclass
@@ -150,18 +124,6 @@ def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: floa
     return head, history
 
 
-class DivergedError(CarsTLError):
-    """Training produced a non-finite loss (train-head, finetune): the run is marked failed at that epoch."""
-
-
-def check_finite_loss(loss: float, epoch: int, what: str) -> None:
-    if not math.isfinite(loss):
-        raise DivergedError(
-            f"{what} diverged: the training loss became {loss} in epoch {epoch}",
-            "lower --lr (or check the features for NaN/Inf with cars-tl inspect) and rerun with --force",
-        )
-
-
 def standardization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and scale of each feature over the rows given, as scikit-learn's StandardScaler has them:
     a feature constant on those rows (a dead ReLU unit) gets scale 1, never a huge gain."""
@@ -176,57 +138,6 @@ def _fold_standardization(head: torch.nn.Linear, mean: torch.Tensor, std: torch.
     weight = head.weight.detach() / std
     bias = head.bias.detach() - weight @ mean
     return {"weight": weight.contiguous(), "bias": bias.contiguous()}
-
-
-def feature_run_fields(cache: features.FeatureCache) -> dict:
-    """The ``backbone``/``inputs``/``class_names`` sections shared by train-head and fit-svm runs."""
-    a = cache.attrs
-    return {
-        "backbone": {
-            "backbone": a["backbone"], "weights": a["weights"], "weights_digest": a["weights_digest"],
-            "weights_sha256": a.get("weights_sha256"),
-            "num_features": a["feature_dim"], "transform": a["transform"], "crop": a["crop"],
-            "margin": a["margin"], "precision": a["precision"], "params": a.get("backbone_params"),
-        },
-        "inputs": {
-            "dataset_fingerprint": a["dataset_fingerprint"],
-            "features": {"path": str(cache.path), "sha256": file_sha256(cache.path), "created": a.get("created"),
-                         # per split: what predict --split checks before scoring from the cache
-                         "splits": {name: {"features_sha256": features.content_digest(arrays.features),
-                                           "ids_sha256": features.content_digest(arrays.ids)}
-                                    for name, arrays in cache.splits.items()}},
-        },
-        "class_names": cache.class_names,
-    }
-
-
-def check_finite_features(cache: features.FeatureCache, split: str) -> None:
-    """Refuse a split whose feature vectors hold NaN or Inf (no model can use them; scikit-learn would
-    raise deep inside a fit): train-head, fit-svm and knn all check here, before any run is created."""
-    bad = int((~np.isfinite(cache.split(split).features).all(axis=1)).sum())
-    if bad:
-        raise CarsTLError(
-            f"{cache.path}: {bad} {split} feature vectors contain NaN or Inf (of {len(cache.split(split).labels)}); no model can use them",
-            f"cars-tl inspect {cache.path}  (then re-extract it: delete the file and rerun cars-tl extract-features)",
-        )
-
-
-def load_train_test(path: Path, require_test: bool = True, stage: str = "this stage") -> features.FeatureCache:
-    """The cache's train and test splits, checked finite; without ``require_test``, test may be absent
-    (or empty) when the dataset itself has none (imported with ``--splits train``)."""
-    cache = features.load(path, ("train", "test"))
-    for split in ("train", "test") if require_test or features.dataset_has_split(cache, "test") else ("train",):
-        cache.split(split)
-    if len(cache.split("train").labels) == 0:
-        raise CarsTLError(f"{path}: the train split is empty", "extract features for a dataset with training images")
-    if require_test and len(cache.split("test").labels) == 0:
-        raise CarsTLError(
-            f"{path}: the test split is empty (0 images); {stage} measures accuracy on test",
-            f"cars-tl inspect {path} shows its splits; extract test features from a dataset that has test images: cars-tl extract-features --split test",
-        )
-    for split in cache.splits:
-        check_finite_features(cache, split)
-    return cache
 
 
 def train_head(

@@ -53,6 +53,8 @@ import numpy as np
 
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
+from cars_tl.models.svm import kernels
+from cars_tl.models.svm.model import Scaler, gamma_value, parse_gamma
 
 C_GRID = tuple(10.0 ** (e / 3) for e in range(-6, 9, 2))  # 0.01, 0.0464, 0.215, 1, 4.64, 21.5, 100, 464
 C_STEP = 10.0 ** (2 / 3)  # the grid's step: two thirds of a decade
@@ -117,9 +119,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> list[tupl
 
 def _gram(z: np.ndarray, kernel: str) -> np.ndarray:
     """The one matrix every gamma is computed from: dot products, or squared distances (rbf)."""
-    from cars_tl.stages.fit_svm import kernel_matrix
-
-    dot = kernel_matrix(z, z, "linear", 1.0, 1, 0.0)
+    dot = kernels.kernel_matrix(z, z, "linear", 1.0, 1, 0.0)
     if kernel != "rbf":
         return dot
     sq = np.diag(dot)
@@ -127,13 +127,7 @@ def _gram(z: np.ndarray, kernel: str) -> np.ndarray:
 
 
 def _kernel_from_gram(gram: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> np.ndarray:
-    if kernel == "linear":
-        return gram
-    if kernel == "rbf":
-        return np.exp(-gamma * gram)
-    if kernel == "poly":
-        return (gamma * gram + coef0) ** degree
-    return np.tanh(gamma * gram + coef0)
+    return kernels.kernel_values(gram, kernel, gamma, degree, coef0)
 
 
 class CVResult(NamedTuple):
@@ -328,8 +322,6 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
     Returns the record kept in metrics.json: grids, CV accuracy per point (the mean of the folds'
     accuracies, as scikit-learn's ``cross_val_score(...).mean()``; ``cv_std``: their std), the
     chosen values (``C``; ``gamma``: a number, or the fixed option as given), folds, seed, seconds."""
-    from cars_tl.stages.fit_svm import Scaler, gamma_value, parse_gamma
-
     started = time.perf_counter()
     splits = stratified_folds(y, folds, seed)
     z = Scaler.fit(scale, x)(x)
