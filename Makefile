@@ -32,7 +32,8 @@ PRECISION ?= auto
 EPOCHS ?=
 BATCH ?=
 TUNED := $(filter tuned,$(PRESET))
-# PRESET=tuned: the resize mode and size measured best in benchmarks/bench_accuracy.py (README).
+# PRESET=tuned: the resize mode and size measured best in benchmarks/bench_accuracy.py (README); extract-features
+# --preset tuned adds flip averaging and the two-stage features (values: cars_tl/stages/extract.py PRESETS).
 RESIZE ?= $(if $(TUNED),squash,crop)
 IMAGE_SIZE ?= $(if $(TUNED),288,)
 CROP ?= full
@@ -58,7 +59,7 @@ OPTS := $(ARTIFACTS)/.options
 MANIFEST := $(DATA)/stanford_cars/manifest.json
 # The dataset's content (the manifest's fingerprint line): what the image stages depend on.
 DATASET := $(OPTS)/dataset
-FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))$(if $(filter-out crop,$(RESIZE)),-$(RESIZE))$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))
+FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))$(if $(filter-out crop,$(RESIZE)),-$(RESIZE))$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))$(if $(TUNED),-tuned)
 FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
 SEED_LIST := $(or $(strip $(SEEDS)),0)
 seed_sfx = $(if $(word 2,$(SEED_LIST)),-s$(1))
@@ -67,6 +68,10 @@ space := $(empty) $(empty)
 comma := ,
 seed_opt = $(if $(strip $(SEEDS)),$(space)--seed $(1))
 head_run = $(RUNS)/B-head-$(PRESET)$(call seed_sfx,$(1))/metrics.json
+# PRESET=tuned: B's head reads flip-averaged two-stage rows, which a fine-tuned model's head (it reads
+# the final pooled output alone) cannot start from: D starts from a head on flip-averaged final rows.
+INIT_FEATURES := $(if $(TUNED),$(ARTIFACTS)/features/$(FEATURES_TAG)-final.h5,$(FEATURES))
+init_head_run = $(if $(TUNED),$(RUNS)/B-head-final-$(PRESET)$(call seed_sfx,$(1))/metrics.json,$(call head_run,$(1)))
 a_run = $(RUNS)/A-scratch-$(PRESET)$(call seed_sfx,$(1))/metrics.json
 d_run = $(RUNS)/D-$(UNFREEZE_D)-$(PRESET)$(call seed_sfx,$(1))/metrics.json
 # predict and sparsity look at the first seed's runs.
@@ -149,7 +154,7 @@ endef
 # One stamp per output, holding only what changes it: switching PRESET or SVM_KERNEL back and
 # forth reuses the runs already made for each value.
 $(OPTS)/download: FORCE ; $(call stamp,$(SOURCE))
-$(OPTS)/features-$(FEATURES_TAG): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(SHAPE))
+$(OPTS)/features-$(FEATURES_TAG): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(SHAPE) --preset $(PRESET))
 $(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
 $(OPTS)/svm-all$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
 $(OPTS)/knn: FORCE ; $(call stamp,$(KNN_K) $(KNN_T))
@@ -171,7 +176,7 @@ $(DATASET): $(MANIFEST)
 	@grep -m1 '"fingerprint"' $< | cmp -s - $@ || grep -m1 '"fingerprint"' $< > $@
 
 $(FEATURES): $(DATASET) $(OPTS)/features-$(FEATURES_TAG)
-	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) $(COMMON) --out $@
+	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --preset $(PRESET) $(COMMON) --out $@
 
 # B, A and D for one seed ($(1)); D starts from that seed's B.
 define seeded_stages
@@ -185,11 +190,22 @@ $(call head_run,$(1)): $$(FEATURES) $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1)
 $(call a_run,$(1)): $$(DATASET) $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1))
 	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
 
-$(call d_run,$(1)): $$(DATASET) $(call head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1))
+$(call d_run,$(1)): $$(DATASET) $(call init_head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1))
 	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights $$(WEIGHTS) --unfreeze $$(UNFREEZE_D) \
-		--init-head $$(dir $(call head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
+		--init-head $$(dir $(call init_head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
 endef
 $(foreach s,$(SEED_LIST),$(eval $(call seeded_stages,$(s))))
+
+define init_head_stage
+$(call init_head_run,$(1)): $$(INIT_FEATURES) $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1))
+	$$(CARS) train-head --features $$(INIT_FEATURES) $$(TRAIN)$(call seed_opt,$(1)) --force --out $$(@D)
+endef
+ifneq ($(TUNED),)
+$(foreach s,$(SEED_LIST),$(eval $(call init_head_stage,$(s))))
+$(INIT_FEATURES): $(MANIFEST) $(OPTS)/features-$(FEATURES_TAG)
+	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --preset $(PRESET) --layers final $(COMMON) --out $@
+	@touch $@
+endif
 
 $(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG)
 	$(CARS) fit-svm --features $(FEATURES) --kernel $(SVM_KERNEL) $(SVM_OPTS) --force --out $(@D)

@@ -23,7 +23,17 @@ search costs is measured by bench_svm_search.py.
 Targets (the issue's): the tuned pipeline >= 65.06 + 10 points on test with selection on train
 only; --C auto never worse than C=1 by more than 1 point for any kernel (every cell).
 
-Run: ``.venv/bin/python benchmarks/bench_accuracy.py``; writes benchmarks/results/bench_accuracy.json.
+Then (issue 23, section ``views``), on the tuned cell (squash 288): what a feature row is made of --
+{today: one view, the final pooled output; flip: averaged with the mirror; two stages: the family's
+default stages, each block L2-normalised; both} x {tuned head, SVM ``--C auto`` (kernel by CV),
+kNN (k 20, T 0.07)}, plus the tuned SVM and the tuned pipeline's train-only pick, the extraction
+time of each and the classifiers' times (wider rows: the SVM's kernel matrix grows with the width);
+and the two-stage rows combined raw instead of L2-normalised, with and without flip. Target: the
+tuned pipeline with the tuned extraction >= today's tuned pipeline (80.24%) + 4 points.
+
+Run: ``.venv/bin/python benchmarks/bench_accuracy.py [--only views]``; writes
+benchmarks/results/bench_accuracy.json (``--only views`` reruns that section alone and keeps the
+rest of the file).
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from _common import (  # noqa: E402
 
 from cars_tl.models.svm import model as svm
 from cars_tl.models.svm import search as svm_search
-from cars_tl.stages import extract  # noqa: E402
+from cars_tl.stages import extract, knn  # noqa: E402
 from cars_tl.stages import train_head as heads
 from cars_tl.stages.fit_svm import fit_svm
 
@@ -121,8 +131,93 @@ def scalings(path: Path, runs_dir: Path, l2_rows: dict) -> dict:
     return out
 
 
+TODAYS_TUNED_PIPELINE = 80.24  # squash 288, tuned head vs tuned SVM by train-only estimates, before issue 23 (README)
+# What a row is made of (issue 23); the tuned extraction preset is "both" if it measures best.
+VIEWS = {
+    "today": dict(tta="none", layers="final"),
+    "flip": dict(tta="flip", layers="final"),
+    "stages": dict(tta="none", layers="default"),
+    "both": dict(tta="flip", layers="default"),
+    "stages-raw": dict(tta="none", layers="default", combine="raw"),
+    "both-raw": dict(tta="flip", layers="default", combine="raw"),
+}
+
+
+def timed(fn, *args, **kwargs):
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, round(time.perf_counter() - started, 2)
+
+
+def views_cell(path: Path, runs_dir: Path) -> dict:
+    """Tuned head, SVM --C auto, tuned SVM, kNN and the tuned pipeline's pick on one cache, timed."""
+    (_, m), head_s = timed(heads.train_head, path, preset="tuned", out=runs_dir / "head-tuned", artifacts=runs_dir)
+    chosen = next(r for r in m["selection"]["grid"] if r["weight_decay"] == m["config"]["weight_decay"])
+    out = {"head_tuned": {"test_acc": m["final"]["test_acc"], "val_acc": chosen["val_acc"], "weight_decay": m["config"]["weight_decay"],
+                          "seconds": head_s}}
+    for name, options in (("svm_cauto", dict(C="auto")), ("svm_tuned", dict(preset="tuned"))):
+        (_, m), svm_s = timed(fit_svm, path, kernel="all", out=runs_dir / name, artifacts=runs_dir, **options)
+        rows = svm_rows(m)
+        pick = by_cv(rows)
+        out[name] = {"kernels": rows, "kernel_by_cv": pick, "test_acc": rows[pick]["test_acc"], "cv_acc": rows[pick]["cv_acc"],
+                     "seconds": svm_s}
+    (_, m), knn_s = timed(knn.run_knn, path, out=runs_dir / "knn", artifacts=runs_dir)
+    out["knn"] = {"test_acc": m["final"]["test_acc"], "k": m["final"]["k"], "seconds": knn_s}
+    head_estimate, svm_estimate = out["head_tuned"]["val_acc"], out["svm_tuned"]["cv_acc"]
+    picked = "svm" if svm_estimate >= head_estimate else "head"
+    out["pipeline"] = {"pick": picked, "test_acc": out["svm_tuned" if picked == "svm" else "head_tuned"]["test_acc"],
+                       "head_val": head_estimate, "svm_cv": svm_estimate}
+    return out
+
+
+def views_section(tmp: Path, checkpoint=lambda partial: None) -> dict:
+    """The views section; ``checkpoint(partial results)`` after each variant (a long run on a shared
+    machine keeps what it measured)."""
+    results: dict = {"cell": f"{TUNED_MODE}-{TUNED_SIZE}", "variants": {}}
+    for name, options in VIEWS.items():
+        banner(f"views: {name} {options}")
+        path = tmp / f"lite0-views-{name}.h5"
+        r = extract.extract_features(tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=TUNED_SIZE, resize_mode=TUNED_MODE, out=path,
+                                     **options)
+        from cars_tl.artifacts import features
+
+        spec = features.read_attrs(path)["transform"]
+        row = {"options": options, "recorded": spec.get("features"), "feature_dim": features.read_attrs(path)["feature_dim"],
+               "extract": {"seconds": round(r.seconds, 2), "images_per_second": round(r.images_per_second, 1), "precision": r.precision}}
+        row.update(views_cell(path, tmp / "runs" / f"views-{name}"))
+        results["variants"][name] = row
+        checkpoint(results)
+        print(f"  {row['feature_dim']} columns, extract {r.seconds:.1f} s ({r.images_per_second:.1f} img/s) | head tuned "
+              f"{row['head_tuned']['test_acc']:.2f} (val {row['head_tuned']['val_acc']:.1f}, {row['head_tuned']['seconds']:.0f} s) | "
+              f"SVM C auto {row['svm_cauto']['test_acc']:.2f} ({row['svm_cauto']['kernel_by_cv']}, cv {row['svm_cauto']['cv_acc']:.1f}, "
+              f"{row['svm_cauto']['seconds']:.0f} s) | tuned SVM {row['svm_tuned']['test_acc']:.2f} ({row['svm_tuned']['kernel_by_cv']}, "
+              f"cv {row['svm_tuned']['cv_acc']:.1f}, {row['svm_tuned']['seconds']:.0f} s) | kNN {row['knn']['test_acc']:.2f} | "
+              f"pipeline {row['pipeline']['pick']} {row['pipeline']['test_acc']:.2f}", flush=True)
+    both = results["variants"]["both"]["pipeline"]["test_acc"]
+    results["target_tuned_pipeline_minus_todays"] = target(both - TODAYS_TUNED_PIPELINE, 4.0)
+    print(f"target tuned pipeline (both) - today's {TODAYS_TUNED_PIPELINE}: {results['target_tuned_pipeline_minus_todays']}")
+    return results
+
+
 def main() -> None:
     import torch
+
+    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1] == "views":
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+        require_shared(LITE0_WEIGHTS)
+        import json
+
+        from _common import RESULTS
+
+        previous = RESULTS / f"{NAME}.json"
+        results = json.loads(previous.read_text()) if previous.is_file() else {"benchmark": NAME}
+        started = time.perf_counter()
+        with real_subset() as (tmp, _):
+            results["views"] = views_section(tmp, lambda partial: save(NAME, dict(results, views=dict(partial, partial=True))))
+        results["views"]["seconds"] = round(time.perf_counter() - started, 1)
+        results["views"]["machine"] = machine_info()
+        save(NAME, results)
+        return
 
     # One intra-op thread: on this shared 2-core machine two threads spin against other jobs'
     # (the tuned head ran 12x slower that way); accuracy does not depend on it, img/s does (recorded).
@@ -154,6 +249,7 @@ def main() -> None:
                       f"({s['svm_cauto_kernel_by_cv']}) | C auto - C=1: {s['cauto_minus_c1_per_kernel']}"
                       + (f" | tuned SVM {s['svm_tuned']:.2f} ({s['svm_tuned_kernel_by_cv']}, cv {s['svm_tuned_cv']:.1f}) | pipeline "
                          f"{s['pipeline_pick']} {s['pipeline_test_acc']:.2f}" if "pipeline_pick" in s else ""), flush=True)
+        results["views"] = views_section(tmp)
         banner("scaling with the tuned SVM")
         results["scaling"] = {}
         for key in ("crop-224", f"{TUNED_MODE}-{TUNED_SIZE}"):

@@ -176,7 +176,15 @@ def extract_features(
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop, e.g. 224; 32 to 1024).")] = None,
-    resize: Resize = "crop",
+    resize: Annotated[Optional[str], typer.Option("--resize", help=(
+        "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS "
+        "on the mean colour). Default: the preset's (study: crop; tuned: squash)."))] = None,
+    tta: Annotated[Optional[str], typer.Option(help="none | flip: each row the mean of the image's and its mirror's features (study: none; tuned: flip).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help=(
+        "final (the pooled output) | default (the family's two stages: ResNet layer3,layer4; timm blocks.N,final) | "
+        "comma-separated stage names as --unfreeze knows them, pooled and concatenated in order (study: final; tuned: default)."))] = None,
+    combine: Annotated[str, typer.Option(help="With several --layers: l2 (each stage's block L2-normalised per image) | raw.")] = "l2",
+    preset: Annotated[Optional[str], typer.Option(help="study (the paper's setting) | tuned (squash 288 px, flip, two stages); explicit options win.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader worker processes on CUDA; 0 decodes in the main thread (default: min(4, cores)).")] = None,
     device: Device = "auto",
@@ -194,7 +202,8 @@ def extract_features(
 
     result = run(
         data_dir, backbone, weights, tuple(split) if split else None, crop, margin, image_size, batch_size, workers,
-        device, precision, skip_bad, out, artifacts, progress(), resize_mode=resize,
+        device, precision, skip_bad, out, artifacts, progress(), resize_mode=resize, tta=tta, layers=layers, combine=combine,
+        preset=preset,
     )
     from cars_tl.core.distributed import is_main_process
 
@@ -323,6 +332,7 @@ def finetune(
     force: Annotated[bool, typer.Option(help="Replace an existing run (kept until the new one completes), or resume with changed options.")] = False,
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
+    tta: Annotated[Optional[str], typer.Option(help="none | flip: evaluation and saved predictions average the logits of each image and its mirror (default: the preset's; study: none, tuned: none: not better on validation, benchmarks/README.md).")] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.", show_default=False)] = None,
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
@@ -333,6 +343,7 @@ def finetune(
     run_dir, metrics = run(
         data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
         image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize, sync_bn=sync_bn,
+        tta=tta,
     )
     if not is_main_process():  # torchrun: rank 0 reports
         return

@@ -9,7 +9,10 @@ This module is the only one that touches h5py. Layout of a cache file (schema ve
         weights             "imagenet" | "random" | a path
         weights_digest      SHA-256 of the backbone's state dict (names, shapes, bytes)
         weights_sha256      SHA-256 of the weights file ("" for seeded random weights)
-        transform           JSON: resize, crop, mean, std, interpolation
+        transform           JSON: resize, crop, mean, std, interpolation; optional "features":
+                            {"tta": "flip", "layers": [...], "combine": "l2"|"raw",
+                            "columns": {layer: [start, stop]}} -- what a row is made of
+                            (cars_tl.models.feature_views; absent: one view, the final pooled output)
         crop                "full" | "box";  margin (float, for box crops)
         precision           "fp32" | "bf16" | "fp16" (what the backbone ran in)
         class_names         JSON list, index = label
@@ -110,16 +113,18 @@ def weights_tag(weights: str) -> str:
     return f"file-{Path(weights).stem}" if "/" in weights or "\\" in weights or Path(weights).exists() else weights
 
 
-def default_path(artifacts: Path, backbone: str, weights: str, crop: str, transform: dict, margin: float, precision: str) -> Path:
-    """``<backbone>-<weights>-<crop>-[<resize mode>]<size>px-<precision>-<digest>.h5``: every option that changes the
-    arrays is in the name (the digest covers the whole transform spec and the margin), so
-    extracting with other options never overwrites a cache that runs point to."""
+def default_path(artifacts: Path, backbone: str, weights: str, crop: str, transform: dict, margin: float, precision: str,
+                 tag: str = "") -> Path:
+    """``<backbone>-<weights>-<crop>-[<resize mode>]<size>px[-<tag>]-<precision>-<digest>.h5``: every option that changes the
+    arrays is in the name (the digest covers the whole transform spec, feature views and stages
+    included, and the margin), so extracting with other options never overwrites a cache that runs
+    point to. ``tag``: a readable name for the spec's feature options (e.g. ``flip-blocks.6+final``)."""
     key = json.dumps({"transform": transform, "crop": crop, "margin": float(margin), "precision": precision}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     crop_part = crop if crop == "full" else f"box{float(margin):g}"
     mode = transform.get("mode", "crop")
     size = f"{transform['crop']}px" if mode == "crop" else f"{mode}{transform['crop']}px"
-    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}-{crop_part}-{size}-{precision}-{digest}"
+    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}-{crop_part}-{size}{'-' + tag if tag else ''}-{precision}-{digest}"
     return Path(artifacts) / "features" / f"{name}.h5"
 
 

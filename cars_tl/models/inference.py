@@ -29,7 +29,7 @@ from cars_tl.artifacts import runs
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import transforms
-from cars_tl.models import backbones
+from cars_tl.models import backbones, feature_views
 from cars_tl.models.svm.model import load_model as load_svm
 
 
@@ -49,6 +49,11 @@ class LoadedRun:
     precision: str = "fp32"  # as recorded
     precision_used: str = "fp32"  # what the CPU runs it in (fp16 exists only on CUDA)
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # finetune runs: image batch -> scores, as its evaluation ran
+    feature_body: torch.nn.Module | None = None  # image batch -> feature rows as recorded (views, stages); None: body
+
+    def __post_init__(self):
+        if self.feature_body is None:
+            self.feature_body = feature_views.for_spec(self.body, self.spec)
 
     def tensor(self, image, box: tuple[int, int, int, int] | None = None, boxed: bool = False) -> torch.Tensor:
         """``image`` (PIL, the full picture) preprocessed as the run was trained: its box cut with
@@ -65,10 +70,11 @@ class LoadedRun:
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """Pooled features in the recorded precision (see the module docstring), as float32."""
-        self.body.eval()
+        """Feature rows in the recorded precision (see the module docstring), as float32: the pooled
+        output, or the recorded views and stages (:mod:`cars_tl.models.feature_views`)."""
+        self.feature_body.eval()
         with runtime.autocast("cpu", self.precision_used):
-            return self.body(batch).float().flatten(1)
+            return self.feature_body(batch).float().flatten(1)
 
     def preprocessing_key(self) -> tuple:
         """Equal keys: the same body and the same tensors and features for the same image."""
@@ -121,22 +127,23 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         model.eval()
         return LoadedRun(run_dir, metrics["name"], kind, names, model.body, transforms.eval_transform(spec),
                          lambda f: model.head(f).softmax(1), "probability", **recorded,
-                         forward=lambda x: model(x).float().softmax(1))
+                         forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1))
     bb = _backbone_for(metrics, run_dir, cache)
     transform = transforms.eval_transform(bb.transform)
     if kind == "head":
-        head = torch.nn.Linear(bb.num_features, len(names))
+        head = torch.nn.Linear(feature_views.width(spec, bb.num_features), len(names))
         state = runs.load_checkpoint(model_path)
         shape = tuple(getattr(state.get("weight"), "shape", ())) if isinstance(state, dict) else ()
-        if shape != (len(names), bb.num_features):
+        width = feature_views.width(spec, bb.num_features)
+        if shape != (len(names), width):
             raise CarsTLError(
-                f"{model_path} holds a head of shape {shape}, but {bb.name} gives {bb.num_features} features "
+                f"{model_path} holds a head of shape {shape}, but {bb.name} gives {width} features "
                 f"and the run has {len(names)} classes", "retrain it: cars-tl train-head --features ...",
             )
         head.load_state_dict(state)
         head.eval()
         return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability", **recorded)
-    model = load_svm(model_path, bb.num_features, len(names))  # must match the cache the run claims
+    model = load_svm(model_path, feature_views.width(spec, bb.num_features), len(names))  # must match the cache the run claims
     classes = torch.as_tensor(model.classes)
 
     def svm_scores(f: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,20 @@ from cars_tl.core.errors import (
 )
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders, transforms
-from cars_tl.models import backbones
+from cars_tl.models import backbones, feature_views
 
 CHUNK_BATCHES = 4
+
+# --------------------------------------------------------------------------- extraction presets
+# The one place the extraction presets' values live (``extract-features --preset``; the Makefile's
+# PRESET=tuned passes ``--preset tuned``). An option given explicitly wins over its preset value.
+# study: the paper's exact setting (resize + center crop at the weights' size, one view, the final
+# pooled output). tuned: what measured best on the real subset (benchmarks/bench_accuracy.py,
+# README "Flip and two-stage features"): squash 288 px, flip-averaged, the family's two stages.
+PRESETS = {
+    "study": dict(resize_mode="crop", image_size=None, tta="none", layers="final"),
+    "tuned": dict(resize_mode="squash", image_size=288, tta="flip", layers="default"),
+}
 
 
 @dataclasses.dataclass
@@ -48,12 +59,13 @@ class ExtractResult:
     replaced_corrupt: str | None = None  # why an existing file at the path was not trusted
 
 
-def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224) -> torch.nn.Module:
+def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224, spec: dict | None = None) -> torch.nn.Module:
     """The frozen body as extraction runs it: eval mode, BatchNorm folded into the convolutions
     (a copy, checked on one random image of ``image_size``: ``body`` keeps its layers),
-    channels_last on ``device``, no gradients."""
+    channels_last on ``device``, no gradients; with ``spec``, wrapped to give the spec's feature
+    rows (views and stages: :mod:`cars_tl.models.feature_views`)."""
     example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    body = backbones.fold_batchnorm(body, example)  # puts body in eval mode
+    body = feature_views.prepare(body, spec or {}, example)  # puts body in eval mode
     body = body.to(device, memory_format=torch.channels_last)
     body.eval()
     for p in body.parameters():
@@ -91,13 +103,20 @@ def extract_features(
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
-    resize_mode: str = "crop",
+    resize_mode: str | None = None,
+    tta: str | None = None,
+    layers: str | None = None,
+    combine: str = feature_views.DEFAULT_COMBINE,
+    preset: str | None = None,
 ) -> ExtractResult:
     """Extract pooled features for ``splits`` (default: every split the dataset has) into an HDF5
     cache (see :mod:`cars_tl.artifacts.features`).
 
     ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default:
-    :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.models.backbones`).
+    :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.data.transforms`).
+    ``tta`` (none | flip), ``layers`` (final | default | A,B,...) and ``combine`` (l2 | raw): what a
+    row is made of (:mod:`cars_tl.models.feature_views`). ``preset`` (study | tuned, see
+    :data:`PRESETS`) gives resize_mode, image_size, tta and layers unless passed (None: study).
     Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
 
     Under ``torchrun`` every process calls this: each extracts a contiguous, chunk-aligned shard of
@@ -112,6 +131,14 @@ def extract_features(
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
     check_number("--margin", margin, minimum=0)
+    if preset is not None and preset not in PRESETS:
+        raise CarsTLError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}",
+                          "study (the paper's setting) or tuned (squash 288 px, flip-averaged, two stages)")
+    chosen = PRESETS[preset or "study"]
+    resize_mode = chosen["resize_mode"] if resize_mode is None else resize_mode
+    image_size = chosen["image_size"] if image_size is None and preset is not None else image_size
+    tta = feature_views.check_tta(chosen["tta"] if tta is None else tta)
+    layers = chosen["layers"] if layers is None else layers
     transforms.check_image_options(image_size, resize_mode)
     manifest = data.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
@@ -122,7 +149,9 @@ def extract_features(
     workers = loaders.default_workers(device) if workers is None else workers
     runtime.tune_malloc()
     bb = backbones.build_backbone(backbone, weights, image_size, resize_mode)
-    out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop, bb.transform, margin, precision)
+    bb = with_feature_options(bb, tta, feature_views.parse_layers(layers, bb), combine)
+    out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop, bb.transform, margin, precision,
+                                                                  feature_views.name_tag(bb.transform))
     check_output_path(out, "file")
     identity = {
         "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest,
@@ -133,6 +162,19 @@ def extract_features(
     with distributed.rank0_output(ctx, lambda: locks.writer_lock(out, "extract-features")):
         return _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device,
                                precision, skip_bad, data_dir, progress, ctx)
+
+
+def with_feature_options(bb: backbones.Backbone, tta: str, layers: list[str], combine: str) -> backbones.Backbone:
+    """``bb`` with the feature options in its transform spec and its row width (several layers:
+    the columns of each, measured on one image of the final size)."""
+    spec = feature_views.with_options(bb.transform, tta, layers, combine)
+    if layers == [feature_views.FINAL]:
+        return dataclasses.replace(bb, transform=spec)
+    probe = feature_views.FeatureBody(bb.body, layers, "none", combine)
+    columns = probe.columns(bb.transform["crop"])
+    probe.close()
+    spec = feature_views.with_options(bb.transform, tta, layers, combine, columns)
+    return dataclasses.replace(bb, transform=spec, num_features=max(stop for _, stop in columns.values()))
 
 
 def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device, precision,
@@ -155,7 +197,7 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
         identity_meta.update(splits=list(todo))
         partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES, join=True)
     resumed = partial.resumed_rows
-    body = prepare_body(bb.body, device, bb.transform["crop"])
+    body = prepare_body(bb.body, device, bb.transform["crop"], bb.transform)
     start_time, processed = time.perf_counter(), 0
     skipped: dict[str, int] = {}
     for index, (split, dataset) in enumerate(datasets.items()):

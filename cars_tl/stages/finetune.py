@@ -49,7 +49,7 @@ from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders, transforms
-from cars_tl.models import backbones
+from cars_tl.models import backbones, feature_views
 from cars_tl.models.scoring import Meter
 from cars_tl.models.training import (
     DivergedError,
@@ -67,6 +67,11 @@ PRESETS = {
                   augment="standard", schedule="cosine", warmup_epochs=1, backbone_lr_scale=0.1, val_fraction=0.1,
                   freeze_bn_stats=True),
 }
+# --tta per preset (evaluation and saved predictions average the logits of each image and its mirror).
+# Kept out of PRESETS so that configs of earlier runs stay comparable on --resume (absent means none).
+# tuned: off -- it did not measure better on the validation split (benchmarks/bench_finetune_tta.py:
+# 3 epochs on the real subset, kept epoch val 35.0% with flip vs 40.0% without, 40 images); study: never.
+PRESET_TTA = {"study": "none", "tuned": "none"}
 # Options that may differ on --resume without changing what is computed (augmentation depends on
 # (seed, epoch, sample) only, so the worker count is free; so is the process count, and SyncBatchNorm
 # computes the global batch's statistics, as one process does).
@@ -169,7 +174,9 @@ def _lr_lambda(config: dict, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict, ctx=distributed.SINGLE) -> dict:
-    """Metrics over the loader's images; with ``ctx`` active, over every rank's shard together."""
+    """Metrics over the loader's images; with ``ctx`` active, over every rank's shard together.
+    With ``tta`` flip in ``spec``'s feature options, the logits of each image and its mirror averaged."""
+    tta = feature_views.options(spec)["tta"]
     model.eval()
     meter = Meter()
     for images, labels, _, bad in loader:
@@ -177,7 +184,7 @@ def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict
         images = loaders.batch_to_device(images, device, spec)
         labels = labels.to(device, non_blocking=True)
         with runtime.autocast(device, precision):
-            logits = model(images)
+            logits = feature_views.view_mean(model, images, tta)
         meter.add(logits, labels)
     return distributed.reduce_meter(meter, ctx).result(prefix)
 
@@ -192,7 +199,12 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
         problems.append(f"backbone {b['backbone']} != {bb.name}")
     if b["weights_digest"] != bb.weights_digest:
         problems.append(f"its features came from other weights ({b['weights']}, digest {b['weights_digest'][:12]} != {bb.weights_digest[:12]})")
-    if not transforms.same_transform(b["transform"], bb.transform) or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
+    if feature_views.options(b["transform"])["layers"] != [feature_views.FINAL]:
+        problems.append(f"its features concatenate several stages ({feature_views.describe(b['transform'])}): "
+                        "a fine-tuned model's head reads the final pooled output alone")
+    # Views (--tta) do not change what a head reads: a head trained on flip-averaged rows starts a fine-tune as well.
+    plain = {k: v for k, v in b["transform"].items() if k != feature_views.SPEC_KEY}
+    if not transforms.same_transform(plain, {k: v for k, v in bb.transform.items() if k != feature_views.SPEC_KEY}) or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
         problems.append(
             f"preprocessing differs: the head's features were made with --crop {b['crop']} --margin {b.get('margin')} "
             f"--resize {transforms.resize_mode(b['transform'])} --image-size {b['transform']['crop']} "
@@ -238,6 +250,7 @@ def finetune(
     progress: Progress = NULL,
     resize_mode: str = "crop",
     sync_bn: bool | None = None,
+    tta: str | None = None,
 ) -> tuple[Path, dict]:
     """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.artifacts.runs`).
 
@@ -245,6 +258,9 @@ def finetune(
     ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
     validation split; the default (0) reproduces earlier runs.
     ``resize_mode``: crop | squash | pad, for training (with the augmentation that fits it) and evaluation.
+    ``tta``: none | flip (None: the preset's, :data:`PRESET_TTA`): evaluation and the saved
+    predictions average the logits of each image and its mirror; recorded in the config and in the
+    run's transform spec, so ``predict`` averages alike.
 
     Under ``torchrun`` every process calls this; ``batch_size`` is the global batch (see
     :mod:`cars_tl.core.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
@@ -258,6 +274,9 @@ def finetune(
                   crop=crop, margin=margin, image_size=image_size, seed=check_seed(seed))
     if resize_mode != "crop":  # absent means crop: configs of earlier runs stay comparable on --resume
         config["resize"] = resize_mode
+    tta = feature_views.check_tta(PRESET_TTA.get(preset, "none") if tta is None else tta)
+    if tta != "none":  # absent means none, likewise
+        config["tta"] = tta
     # Pretrained statistics are worth keeping; a random network's are not statistics at all.
     config["freeze_bn_stats"] = bool(config["freeze_bn_stats"]) and str(weights) != "random"
     manifest = data.load_manifest(data_dir)
@@ -275,6 +294,7 @@ def finetune(
     # D must start from that very backbone.
     backbone_seed = backbones.RANDOM_SEED if init_head else seed
     bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=backbone_seed)
+    bb.transform = feature_views.with_options(bb.transform, tta)  # recorded: predict averages the views alike
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
     model = backbones.classifier_model(bb, manifest.num_classes, seed=seed)
     if init_head:
@@ -486,7 +506,8 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
             model.load_state_dict(kept)  # the kept model's test predictions
         distributed.broadcast_module(model, ctx)  # ... on every rank, each scoring its shard
         model.eval()
-        scored = score_batches(lambda x: model(x).float().softmax(1), eval_loaders["test"], test_set.records,
+        tta = feature_views.options(spec)["tta"]
+        scored = score_batches(lambda x: feature_views.view_mean(model, x, tta).float().softmax(1), eval_loaders["test"], test_set.records,
                                device, precision, spec)
         scored = _gather_scores(scored, manifest.num_classes, ctx)
         if ctx.is_main:
