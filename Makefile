@@ -46,6 +46,9 @@ SVM_C ?= $(if $(TUNED),auto,1.0)
 SVM_GAMMA ?= $(if $(TUNED),cv,scale)
 SVM_SCALE ?= l2
 UNFREEZE_D ?= $(if $(findstring timm/,$(BACKBONE)),blocks.6,layer4)
+# D trains on the trunk cache (the frozen part's maps, built once for D and all its seeds) where that
+# is exact: not under PRESET=tuned, which augments. TRUNK_CACHE=off runs D on the images.
+TRUNK_CACHE ?= $(if $(TUNED),off,on)
 SPARSITY_IMAGES ?= 32
 KNN_K ?= 20
 KNN_T ?= 0.07
@@ -61,6 +64,8 @@ MANIFEST := $(DATA)/stanford_cars/manifest.json
 DATASET := $(OPTS)/dataset
 FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))$(if $(filter-out crop,$(RESIZE)),-$(RESIZE))$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))$(if $(TUNED),-tuned)
 FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
+USE_TRUNK := $(filter on,$(TRUNK_CACHE))
+TRUNK := $(ARTIFACTS)/trunks/$(FEATURES_TAG)-$(UNFREEZE_D).h5
 SEED_LIST := $(or $(strip $(SEEDS)),0)
 seed_sfx = $(if $(word 2,$(SEED_LIST)),-s$(1))
 empty :=
@@ -125,7 +130,7 @@ help:
 	@echo "  BACKBONE=$(BACKBONE)  WEIGHTS=$(WEIGHTS)  PRESET=$(PRESET)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
 	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  RESIZE=$(RESIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)  LAUNCH=$(LAUNCH)"
 	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_GAMMA=$(SVM_GAMMA)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
-	@echo "  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)"
+	@echo "  TRUNK_CACHE=$(TRUNK_CACHE)  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)"
 
 # ----------------------------------------------------------------------------- environment
 
@@ -157,6 +162,7 @@ $(OPTS)/download: FORCE ; $(call stamp,$(SOURCE))
 $(OPTS)/features-$(FEATURES_TAG): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(SHAPE) --preset $(PRESET))
 $(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
 $(OPTS)/svm-all$(SVM_TAG): FORCE ; $(call stamp,$(SVM_C) $(SVM_SCALE)$(if $(filter-out scale,$(SVM_GAMMA)), $(SVM_GAMMA)))
+$(OPTS)/trunk-$(FEATURES_TAG)-$(UNFREEZE_D): FORCE ; $(call stamp,$(BACKBONE) $(WEIGHTS) $(UNFREEZE_D) $(SHAPE))
 $(OPTS)/knn: FORCE ; $(call stamp,$(KNN_K) $(KNN_T))
 $(OPTS)/sparsity: FORCE ; $(call stamp,$(SPARSITY_IMAGES))
 
@@ -179,6 +185,10 @@ $(FEATURES): $(DATASET) $(OPTS)/features-$(FEATURES_TAG)
 	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --preset $(PRESET) $(COMMON) --out $@
 
 # B, A and D for one seed ($(1)); D starts from that seed's B.
+$(TRUNK): $(MANIFEST) $(OPTS)/trunk-$(FEATURES_TAG)-$(UNFREEZE_D)
+	$(LAUNCH) $(CARS) build-trunk --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --unfreeze $(UNFREEZE_D) $(COMMON) --out $@
+	@touch $@
+
 define seeded_stages
 $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(TRAIN)$(call seed_opt,$(1)))
 $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(BACKBONE) $$(TRAIN) $$(SHAPE)$(call seed_opt,$(1)))
@@ -190,9 +200,9 @@ $(call head_run,$(1)): $$(FEATURES) $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1)
 $(call a_run,$(1)): $$(DATASET) $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1))
 	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
 
-$(call d_run,$(1)): $$(DATASET) $(call init_head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1))
+$(call d_run,$(1)): $$(DATASET) $(call init_head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1)) $$(if $$(USE_TRUNK),$$(TRUNK))
 	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights $$(WEIGHTS) --unfreeze $$(UNFREEZE_D) \
-		--init-head $$(dir $(call init_head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
+		--init-head $$(dir $(call init_head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --trunk-cache $$(if $$(USE_TRUNK),$$(TRUNK),off) --force --out $$(@D)
 endef
 $(foreach s,$(SEED_LIST),$(eval $(call seeded_stages,$(s))))
 

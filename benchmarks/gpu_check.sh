@@ -43,4 +43,18 @@ done
 echo "== 3. resume with another worker count on CUDA"
 cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 1 --workers 2 --out "$work/runs/resume"
 cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 2 --workers 8 --resume --out "$work/runs/resume"
+echo "== 4. model D on the trunk cache (built once, held in GPU memory) vs on the images, 224 px"
+for cache in off "$work/trunk.h5"; do
+    cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 2 --batch-size 64 \
+        --trunk-cache "$cache" --out "$work/runs/D-cache-$(basename "$cache" .h5)"
+done
+"$python" - "$work/runs/D-cache-off/metrics.json" "$work/runs/D-cache-trunk/metrics.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+t = b["trunk_cache"]
+assert t["used"] and t["read"] == "device", t
+ea, eb = a["history"][-1], b["history"][-1]
+print(f"D epoch: images {ea['seconds']:.2f} s, cache {eb['seconds']:.2f} s ({ea['seconds'] / eb['seconds']:.1f}x), build {t['seconds']:.1f} s; "
+      f"test acc {ea['test_acc']} vs {eb['test_acc']}")
+PY
 echo "gpu_check done in $(( $(date +%s) - start ))s"

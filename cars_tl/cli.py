@@ -334,6 +334,8 @@ def finetune(
     artifacts: Artifacts = Path("artifacts"),
     tta: Annotated[Optional[str], typer.Option(help="none | flip: evaluation and saved predictions average the logits of each image and its mirror (default: the preset's; study: none, tuned: none: not better on validation, benchmarks/README.md).")] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.", show_default=False)] = None,
+    trunk_cache: Annotated[str, typer.Option(help="auto | off | PATH: run the frozen part below the first unfrozen module once into a trunk cache (built if missing) and train on its maps, when that is exact (no augmentation, frozen part in eval mode, same transform and precision); otherwise the images, saying why.")] = "auto",
+    trunk_dtype: Annotated[str, typer.Option(help="Trunk cache storage: auto (the precision's own: exact) | fp32 | fp16 | bf16 (half the size of fp32, rounded).")] = "auto",
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
     from cars_tl.console import console, labelled, progress
@@ -344,6 +346,7 @@ def finetune(
         data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
         image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize, sync_bn=sync_bn,
         tta=tta,
+        trunk_cache=trunk_cache, trunk_dtype=trunk_dtype,
     )
     if not is_main_process():  # torchrun: rank 0 reports
         return
@@ -354,6 +357,41 @@ def finetune(
         restarted = "; the optimizer and learning-rate schedule started afresh" if metrics.get("optimizer_restarted") else ""
         console.print(labelled(("resumed with changed options", "yellow"), f" ({changes}){restarted}"), highlight=False, soft_wrap=True)
     _print_final(run_dir, metrics)
+
+
+@command("build-trunk")
+def build_trunk(
+    data_dir: DataDir = Path("data"),
+    backbone: Backbone = "resnet50",
+    weights: Weights = "imagenet",
+    unfreeze: Annotated[str, typer.Option(help="The fine-tune's --unfreeze: the cache holds the maps below its first module.")] = "layer4",
+    crop: Annotated[str, typer.Option(help="full | box")] = "full",
+    margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
+    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop).")] = None,
+    resize: Resize = "crop",
+    device: Device = "auto",
+    precision: Precision = "auto",
+    trunk_dtype: Annotated[str, typer.Option(help="Storage: auto (the precision's own: exact) | fp32 | fp16 | bf16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader processes on CUDA.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of a random backbone (0: the one finetune --init-head uses).")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="Output .h5 (default: ARTIFACTS/trunks/<backbone>-<weights>-<cut>-<precision>-<storage>-<digest>.h5).")] = None,
+    artifacts: Artifacts = Path("artifacts"),
+):
+    """Run a fine-tune's frozen part over the images once, into a trunk cache (what finetune --trunk-cache reads)."""
+    from cars_tl.console import console, progress
+    from cars_tl.core.distributed import is_main_process
+    from cars_tl.stages.trunk_cache import build_trunk as run
+
+    path, result = run(data_dir=data_dir, backbone=backbone, weights=weights, unfreeze=unfreeze, crop=crop, margin=margin,
+                       image_size=image_size, resize_mode=resize, device=device, precision=precision, storage=trunk_dtype,
+                       batch_size=batch_size, workers=workers, seed=seed, out=out, artifacts=artifacts, progress=progress())
+    if not is_main_process():
+        return
+    if result.get("replaced"):
+        console.print(f"[yellow]the existing file was not used[/]: {result['replaced']}", highlight=False, soft_wrap=True)
+    console.print(f"{result['action']}: {path} (maps below {result['cut']}, {result['storage']} storage, "
+                  f"{result['precision']} compute) in {result['seconds']:.1f} s", highlight=False)
 
 
 @command("predict")

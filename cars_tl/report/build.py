@@ -282,7 +282,7 @@ def row_for(m: dict) -> dict:
     return {
         "model": m["name"], "kind": m["kind"], "backbone / weights / preset": f"{b.get('backbone')} / {b.get('weights')} / {label}",
         "trainable params": _fmt(params.get("trainable")), "total params": _fmt(params.get("total")),
-        "train time": _duration(m.get("wall_time_s")), "train loss": _fmt(f.get("train_loss"), 4), "train acc %": _fmt(f.get("train_acc")),
+        "train time": _duration(m.get("wall_time_s")) + (" (trunk cache)" if (m.get("trunk_cache") or {}).get("used") else ""), "train loss": _fmt(f.get("train_loss"), 4), "train acc %": _fmt(f.get("train_acc")),
         "test loss": _fmt(f.get("test_loss"), 4), "test acc %": _fmt(f.get("test_acc")), "test top-5 %": _fmt(f.get("test_top5")),
         "best epoch": _fmt(f.get("best_epoch")), "selected on": _selected_label(selected_on(m)),
         "last-epoch test acc %": _fmt((f.get("last_epoch") or {}).get("test_acc")),

@@ -49,7 +49,7 @@ from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders, transforms
-from cars_tl.models import backbones, feature_views
+from cars_tl.models import backbones, feature_views, trunk
 from cars_tl.models.scoring import Meter
 from cars_tl.models.training import (
     DivergedError,
@@ -251,6 +251,8 @@ def finetune(
     resize_mode: str = "crop",
     sync_bn: bool | None = None,
     tta: str | None = None,
+    trunk_cache: str = "off",
+    trunk_dtype: str = "auto",
 ) -> tuple[Path, dict]:
     """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.artifacts.runs`).
 
@@ -265,6 +267,7 @@ def finetune(
     Under ``torchrun`` every process calls this; ``batch_size`` is the global batch (see
     :mod:`cars_tl.core.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
     BatchNorm into SyncBatchNorm where its statistics train in a job of several CUDA processes.
+    ``trunk_cache``: auto | off | PATH, ``trunk_dtype``: its storage (see :mod:`cars_tl.models.trunk`).
     """
     started = time.perf_counter()
     transforms.check_image_options(image_size, resize_mode)
@@ -311,7 +314,7 @@ def finetune(
     # Rank 0 alone takes the run's lock and writes; the other ranks learn where (a staging folder with --force).
     with distributed.rank0_output(ctx, lambda: runs.writing_run(run_dir, "finetune", force=force, resume=resume)) as target:
         metrics = _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
-                         ctx, synced)
+                         ctx, synced, trunk_opts=dict(choice=str(trunk_cache), storage=trunk_dtype, artifacts=Path(artifacts)))
         return run_dir, runs.finish(target, metrics, started) if ctx.is_main else metrics
 
 
@@ -378,7 +381,7 @@ def _same_option(key: str, recorded, asked) -> bool:
 
 
 def _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
-           ctx=distributed.SINGLE, synced: bool = False) -> dict:
+           ctx=distributed.SINGLE, synced: bool = False, trunk_opts: dict | None = None) -> dict:
     last_path, best_path = target / "checkpoints" / "last.pt", target / "checkpoints" / "best.pt"
     opt = build_optimizer(model, config)
     spec = bb.transform
@@ -401,6 +404,13 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     if len(val_idx):
         val_shard = [val_idx.tolist()[i] for i in distributed.shard_range(len(val_idx), ctx)]
         eval_loaders["val"] = loaders.eval_loader(eval_train, val_shard, eval_batch, workers, device, spec)
+    # The data source: the images, or the trunk cache where it is exact (then ``net`` runs the top only).
+    source = trunk.data_source(**(trunk_opts or {"choice": "off"}), model=model, bb=bb, manifest=manifest, config=config, fit_idx=fit_idx,
+                               val_idx=val_idx, sampler=sampler, local_batch=local_batch, eval_batch=eval_batch, workers=workers,
+                               device=device, ctx=ctx, progress=progress, train_mode=lambda m: train_mode(m, config["freeze_bn_stats"]))
+    net = source.net
+    if source.cached:
+        train_loader, eval_loaders = source.train_loader, source.eval_loaders
     steps_per_epoch = -(-len(fit_set) // config["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
     select = "val" if "val" in eval_loaders else "test"
@@ -412,6 +422,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         backbone={**bb.describe(), "crop": crop, "margin": margin, "precision": precision, "params": params["total"] - sum(p.numel() for p in model.head.parameters())},
         inputs={"dataset_fingerprint": manifest.fingerprint, "init_head": config["init_head"]},
     )
+    metrics["trunk_cache"] = source.record
     if ctx.active:
         metrics["distributed"] = {
             "world_size": ctx.world_size, "backend": ctx.backend, "per_rank_batch": local_batch, "sync_bn": synced,
@@ -454,18 +465,18 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     if start_epoch == 1:  # the starting point, before any step (e.g. the init-head's accuracy)
         row = {"epoch": 0}
         for name, loader in eval_loaders.items():
-            row.update(evaluate(model, loader, device, precision, name, spec, ctx))
+            row.update(evaluate(net, loader, device, precision, name, spec, ctx))
         metrics["history"] = [row]
     if ctx.is_main:
         runs.write_metrics(target, metrics)
     # Frozen parameters have requires_grad False, so DDP leaves them out. Every trainable parameter
     # (head, unfrozen stages) takes part in every forward, so unused-parameter detection would only
     # add a walk over the autograd graph per step: off.
-    forward = model
+    forward = net
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None,
+        forward = DistributedDataParallel(net, device_ids=[ctx.local_rank] if device.startswith("cuda") else None,
                                           find_unused_parameters=False)
 
     with runs.recording(target, metrics) if ctx.is_main else contextlib.nullcontext():
@@ -482,7 +493,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
                     "lower --lr and start again with --force (or --resume --force from the last good epoch)",
                 )
             for name, loader in eval_loaders.items():
-                row.update(evaluate(model, loader, device, precision, name, spec, ctx))
+                row.update(evaluate(net, loader, device, precision, name, spec, ctx))
             metrics["history"].append(row)
             score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
             improved = best is None or score > (best["acc"], -best["loss"])
@@ -505,9 +516,9 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
             runs.save_checkpoint(target / MODEL_FILE, kept)
             model.load_state_dict(kept)  # the kept model's test predictions
         distributed.broadcast_module(model, ctx)  # ... on every rank, each scoring its shard
-        model.eval()
+        net.eval()
         tta = feature_views.options(spec)["tta"]
-        scored = score_batches(lambda x: feature_views.view_mean(model, x, tta).float().softmax(1), eval_loaders["test"], test_set.records,
+        scored = score_batches(lambda x: feature_views.view_mean(net, x, tta).float().softmax(1), eval_loaders["test"], test_set.records,
                                device, precision, spec)
         scored = _gather_scores(scored, manifest.num_classes, ctx)
         if ctx.is_main:

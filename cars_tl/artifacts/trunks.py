@@ -1,0 +1,362 @@
+"""The trunk cache: the output maps of a network's frozen part, its schema, writing and reading.
+
+Model D trains only the top of a network (``--unfreeze layer4``); the frozen part below it (the
+*trunk*: stem and ``layer1``-``layer3`` of a ResNet, ``conv_stem``-``blocks.5`` of a timm
+EfficientNet) gives the same maps at every epoch when no augmentation runs and it is in eval
+mode. This module owns the file those maps are kept in (written by
+:func:`cars_tl.models.trunk.build`). Layout of a cache file (HDF5, schema version 1)::
+
+    /                                 file attributes
+        kind                = "cars_tl.artifacts.trunks"
+        schema_version      = 1
+        backbone, weights, weights_digest, weights_sha256     as in a feature cache
+        transform           JSON: the preprocessing spec (resize mode, size, mean/std, ...)
+        crop, margin        "full" | "box", and the box margin
+        precision           "fp32" | "bf16" | "fp16": what the trunk ran in (autocast)
+        storage             "fp32" | "fp16" | "bf16": how the maps are stored (bf16 as uint16 bits)
+        cut                 the last module of the trunk (e.g. "layer3", "blocks.5")
+        top                 the first module above it (e.g. "layer4", "blocks.6")
+        map_shape           JSON [C, H, W] of one image's maps
+        dataset_fingerprint SHA-256 of the manifest the images came from
+        num_classes, class_names (JSON), versions (JSON), options (JSON), created
+    /<split>/                         "train", "test"
+        maps    (N, C, H, W) float32 | float16 | uint16 (bf16 bits), CONTIGUOUS and uncompressed,
+                so that it can be memory-mapped and read at random rows at disk speed
+        labels  int64 (N,), ids int64 (N,) (the image's row in the manifest), paths utf-8 (N,)
+        every dataset carries ``sha256`` (SHA-256 of its content, as in the feature cache);
+        attrs: count
+
+Sizes per image (16-bit storage): ResNet50 ``layer3`` at 224 px is 1024x14x14 values = 392 KiB
+(about 6.5 GB for the 16,185 images of both splits; fp32 doubles it); efficientnet_lite0
+``blocks.5`` at 224 px is 192x7x7 = 18.4 KiB.
+
+Guarantees, as for feature caches: while building, finished chunks live in ``<name>.partial/``
+(each written atomically, named by the chunk layout), so a killed build resumes; the ``.h5`` is
+written under a temporary name after a free-space check, read back and verified in full (schema,
+shapes, label range, every SHA-256), then renamed into place; one writer at a time
+(:func:`cars_tl.core.locks.writer_lock`, taken by the builder). :func:`verify` is what "up to
+date" means. Reading (:func:`open_split`) loads a split into memory when it fits in half the
+available memory (hashing it on the way), and otherwise memory-maps the contiguous dataset (after
+one sequential hashing pass): the epoch's random order then reads rows, never compressed chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cars_tl.artifacts.features import PartialCache, content_digest
+from cars_tl.core.atomic import atomic_path, ensure_room
+from cars_tl.core.errors import CarsTLError
+
+KIND = "cars_tl.artifacts.trunks"
+SCHEMA_VERSION = 1
+STORAGES = ("fp32", "fp16", "bf16")
+NUMPY_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
+JSON_ATTRS = ("transform", "class_names", "versions", "options", "map_shape")
+SMALL = ("labels", "ids", "paths")
+# What makes two builds the same: a verified file matching all of these is used as it is.
+IDENTITY_KEYS = ("backbone", "weights_digest", "transform", "crop", "margin", "precision", "storage", "cut", "top",
+                 "dataset_fingerprint")
+HASH_BLOCK = 64 << 20  # bytes hashed per read when verifying a memory-mapped split
+MEMORY_FRACTION = 0.5  # a split is loaded into memory when it takes at most this share of MemAvailable
+
+
+def _fix(path: Path) -> str:
+    return f"delete {path} and rerun (cars-tl build-trunk, or finetune with --trunk-cache, builds it again)"
+
+
+def default_path(artifacts: Path, identity: dict, tag: str) -> Path:
+    """``<artifacts>/trunks/<tag>-<cut>-<precision>-<storage>-<digest>.h5``; the digest covers the
+    whole identity (weights digest, transform, crop, margin, dataset), so other inputs never
+    overwrite a cache that a run points to."""
+    key = json.dumps({k: identity[k] for k in IDENTITY_KEYS}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    name = f"{tag}-{identity['cut']}-{identity['precision']}-{identity['storage']}-{digest}"
+    return Path(artifacts) / "trunks" / f"{name}.h5"
+
+
+def _decode(attrs) -> dict:
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        out[key] = json.loads(value) if key in JSON_ATTRS else value
+    return out
+
+
+def read_attrs(path: Path) -> dict:
+    """The file attributes, after checking this is a cars_tl trunk cache of a known schema."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise CarsTLError(f"trunk cache {path} does not exist", f"cars-tl build-trunk --out {path} ...")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = _decode(f.attrs)
+    except OSError as exc:
+        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", _fix(path)) from None
+    if attrs.get("kind") != KIND:
+        raise CarsTLError(f"{path} is not a cars_tl trunk cache (kind={attrs.get('kind')!r})", _fix(path))
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise CarsTLError(f"{path} has trunk-cache schema {attrs.get('schema_version')}, this cars_tl reads {SCHEMA_VERSION}", _fix(path))
+    if attrs.get("storage") not in STORAGES:
+        raise CarsTLError(f"{path}: unknown storage {attrs.get('storage')!r}; valid: {', '.join(STORAGES)}", _fix(path))
+    return attrs
+
+
+def _recorded(dataset) -> str | None:
+    value = dataset.attrs.get("sha256")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclasses.dataclass
+class TrunkSplit:
+    """One split's maps (an in-memory array or a memory map) and its rows' labels, ids and paths."""
+
+    maps: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    paths: list[str]
+    storage: str
+    mode: str  # "memory" | "mmap"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self, index) -> np.ndarray:
+        """Rows ``index`` (any order) as a contiguous array of the storage dtype."""
+        return np.ascontiguousarray(self.maps[np.asarray(index)])
+
+
+def to_float(rows: np.ndarray, storage: str, native: bool = False):
+    """Stored rows as a float32 torch tensor (16-bit values widened exactly); ``native``: in the
+    storage's own dtype (bf16/fp16: what the trunk computed under that autocast)."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(rows))
+    if storage == "bf16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor if native else tensor.float()
+
+
+def from_float(maps, storage: str) -> np.ndarray:
+    """A float torch tensor of maps as stored (fp16/bf16 round to nearest)."""
+    import torch
+
+    maps = maps.detach().cpu()
+    if storage == "bf16":
+        return maps.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return maps.to(torch.float16 if storage == "fp16" else torch.float32).numpy()
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def choose_mode(nbytes: int, mode: str = "auto", share: int = 1) -> str:
+    """``memory`` when ``nbytes`` takes at most half the available memory (split ``share`` ways,
+    e.g. between the processes of a node), else ``mmap``; ``mode`` other than auto is kept."""
+    if mode != "auto":
+        return mode
+    return "memory" if nbytes <= MEMORY_FRACTION * _available_memory() / max(1, share) else "mmap"
+
+
+def open_split(path: Path, split: str, mode: str = "auto", share: int = 1, verify: bool = True) -> TrunkSplit:
+    """Read and verify one split (every SHA-256, shapes, label range): into memory or memory-mapped
+    (see :func:`choose_mode`). ``verify=False`` skips the maps' SHA-256 (a file :func:`verify` just
+    passed; under torchrun the ranks then read only the rows they use)."""
+    import h5py
+
+    path = Path(path)
+    attrs = read_attrs(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", _fix(path)) from None
+    with f:
+        group = f.get(split)
+        if not isinstance(group, h5py.Group):
+            raise CarsTLError(f"{path} has no '{split}' split", _fix(path))
+        missing = [d for d in ("maps", *SMALL) if not isinstance(group.get(d), h5py.Dataset)]
+        if missing:
+            raise CarsTLError(f"{path}: split '{split}' lacks the dataset(s) {', '.join(missing)}", _fix(path))
+        try:
+            small = {d: group[d][:] for d in SMALL}
+        except OSError as exc:  # fletcher32 mismatch
+            raise CarsTLError(f"{path}: split '{split}' is corrupt ({exc})", _fix(path)) from None
+        for d in SMALL:
+            if _recorded(group[d]) != content_digest(small[d]):
+                raise CarsTLError(f"{path}: split '{split}' is corrupt ({split}/{d} does not match its recorded SHA-256)", _fix(path))
+        ds = group["maps"]
+        n = len(small["labels"])
+        shape = (n, *attrs["map_shape"])
+        if ds.shape != shape or ds.dtype != np.dtype(NUMPY_DTYPE[attrs["storage"]]) or len(small["ids"]) != n or len(small["paths"]) != n:
+            raise CarsTLError(f"{path}: split '{split}' has inconsistent shapes {ds.shape} {ds.dtype}, {n} labels", _fix(path))
+        if n and (small["labels"].min() < 0 or small["labels"].max() >= attrs["num_classes"]):
+            raise CarsTLError(f"{path}: split '{split}' has labels outside 0..{attrs['num_classes'] - 1}", _fix(path))
+        offset = ds.id.get_offset() if n else None
+        recorded = _recorded(ds)
+        nbytes = int(np.prod(shape)) * ds.dtype.itemsize
+        mode = choose_mode(nbytes, mode, share)
+        if mode not in ("memory", "mmap"):
+            raise CarsTLError(f"unknown trunk-cache read mode {mode!r}; valid: auto, memory, mmap")
+        if n and (offset is None or ds.chunks is not None or ds.compression):
+            raise CarsTLError(f"{path}: split '{split}' maps are not stored contiguously (a cars_tl trunk cache never is)", _fix(path))
+        if mode == "memory" or not n:
+            maps = np.empty(shape, ds.dtype)
+            if n:
+                ds.read_direct(maps)
+    if n and mode == "mmap":
+        maps = np.memmap(path, dtype=NUMPY_DTYPE[attrs["storage"]], mode="r", offset=offset, shape=shape)
+    if verify and _digest_rows(maps) != recorded:
+        raise CarsTLError(f"{path}: split '{split}' is corrupt ({split}/maps does not match its recorded SHA-256)", _fix(path))
+    paths = [p.decode() if isinstance(p, bytes) else str(p) for p in small["paths"]]
+    return TrunkSplit(maps, small["labels"].astype(np.int64), small["ids"], paths, attrs["storage"], mode)
+
+
+def _digest_rows(maps: np.ndarray) -> str:
+    """SHA-256 of an (N, ...) array's bytes in C order, read in blocks of rows (a memory map
+    streams through the page cache once)."""
+    digest = hashlib.sha256()
+    if len(maps):
+        per_row = max(1, maps[0].nbytes)
+        step = max(1, HASH_BLOCK // per_row)
+        for start in range(0, len(maps), step):
+            digest.update(memoryview(np.ascontiguousarray(maps[start:start + step])).cast("B"))
+    return digest.hexdigest()
+
+
+def split_names(path: Path) -> list[str]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+
+
+def verify(path: Path) -> dict:
+    """Every split read and checked (memory-mapped, so any size fits); returns the attributes."""
+    attrs = read_attrs(path)
+    try:
+        names = split_names(path)
+    except OSError as exc:
+        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", _fix(path)) from None
+    for name in names:
+        open_split(path, name, mode="mmap")
+    return attrs
+
+
+def check_existing(path: Path, identity: dict) -> tuple[bool, str | None]:
+    """(up to date, why an existing file was not trusted or does not fit): up to date means it
+    verifies and was made from these very inputs (:data:`IDENTITY_KEYS`)."""
+    if not Path(path).exists():
+        return False, None
+    try:
+        attrs = verify(path)
+    except CarsTLError as exc:
+        return False, exc.message
+    differing = [k for k in IDENTITY_KEYS if attrs.get(k) != identity.get(k)]
+    if differing:
+        return False, "made from other inputs (" + ", ".join(f"{k}: {attrs.get(k)!r} != {identity.get(k)!r}" for k in differing) + ")"
+    return True, None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class PartialTrunk(PartialCache):
+    """Chunks of a build in progress (see :class:`cars_tl.artifacts.features.PartialCache`: the
+    same naming, meta check, resume and ``join`` for torchrun ranks); a chunk holds maps as stored."""
+
+    def write_chunk(self, split: str, start: int, maps: np.ndarray) -> None:  # type: ignore[override]
+        if len(maps) != self._rows_in(split, start) or start % self.chunk_rows:
+            raise ValueError(f"chunk of {len(maps)} rows at {start} does not fit the layout of {self.chunk_rows} rows")
+        with atomic_path(self._chunk(split, start)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, maps=maps, start=start, chunk_rows=self.chunk_rows)
+
+    def read_chunk(self, split: str, start: int, shape: tuple, dtype) -> np.ndarray:
+        path = self._chunk(split, start)
+        try:
+            with np.load(path) as z:
+                maps, first, rows = z["maps"], int(z["start"]), int(z["chunk_rows"])
+        except (OSError, ValueError, KeyError) as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise CarsTLError(f"partial chunk {path} is unreadable ({exc}); the partial build was discarded",
+                              "rerun the same command to build the trunk cache again") from None
+        if (first, rows) != (start, self.chunk_rows) or maps.shape != (self._rows_in(split, start), *shape) or maps.dtype != dtype:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise CarsTLError(f"partial chunk {path} does not fit the layout it is named for; the partial build was discarded",
+                              "rerun the same command to build the trunk cache again")
+        return maps
+
+    def finalize(self, attrs: dict, rows: dict[str, dict]) -> Path:  # type: ignore[override]
+        """Stream the chunks into the ``.h5`` (temporary name, verified, renamed); drop the chunks."""
+        write(self.path, attrs, rows, self)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.path
+
+
+def estimated_size(attrs: dict, sizes: dict[str, int]) -> int:
+    per_image = int(np.prod(attrs["map_shape"])) * np.dtype(NUMPY_DTYPE[attrs["storage"]]).itemsize
+    return (1 << 20) + sum(n * (per_image + 300) for n in sizes.values())
+
+
+def write(path: Path, attrs: dict, rows: dict[str, dict], partial: PartialTrunk) -> Path:
+    """Write the cache from ``partial``'s chunks: free space checked, temporary name, every
+    dataset hashed as written, read back and verified, then renamed into place."""
+    import h5py
+
+    path = Path(path)
+    attrs = dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    shape, dtype = tuple(attrs["map_shape"]), np.dtype(NUMPY_DTYPE[attrs["storage"]])
+    sizes = {s: len(r["labels"]) for s, r in rows.items()}
+    ensure_room(path, estimated_size(attrs, sizes), "trunk cache")
+    with atomic_path(path) as tmp:
+        try:
+            with h5py.File(tmp, "w") as f:
+                for key, value in attrs.items():
+                    f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
+                for split, info in rows.items():
+                    n = sizes[split]
+                    group = f.create_group(split)
+                    ds = group.create_dataset("maps", shape=(n, *shape), dtype=dtype)  # contiguous, uncompressed
+                    digest = hashlib.sha256()
+                    for start in range(0, n, partial.chunk_rows):
+                        maps = partial.read_chunk(split, start, shape, dtype)
+                        ds[start:start + len(maps)] = maps
+                        digest.update(memoryview(np.ascontiguousarray(maps)).cast("B"))
+                    ds.attrs["sha256"] = digest.hexdigest()
+                    checked = dict(fletcher32=True) if n else {}
+                    small = {"labels": np.asarray(info["labels"], np.int64), "ids": np.asarray(info["ids"], np.int64)}
+                    for name, values in small.items():
+                        group.create_dataset(name, data=values, **checked)
+                    group.create_dataset("paths", data=np.array(info["paths"], dtype=object), dtype=h5py.string_dtype("utf-8"))
+                    for name, values in (*small.items(), ("paths", info["paths"])):
+                        group[name].attrs["sha256"] = content_digest(values)
+                    group.attrs["count"] = n
+        except OSError as exc:
+            raise CarsTLError(f"cannot write the trunk cache {path}: {exc}",
+                              f"free space or check permissions in {path.parent}, then rerun") from None
+        try:
+            verify(tmp)
+        except CarsTLError as exc:
+            raise CarsTLError(f"refused to write {path}: the new trunk cache does not verify ({exc.message.replace(str(tmp), 'it')})",
+                              "this is a bug or a bad dataset: rerun cars-tl download to rebuild the manifest") from None
+    return path
+

@@ -1,0 +1,68 @@
+"""``build-trunk``: run the frozen part of a fine-tune's network over the images once, into a trunk
+cache (:mod:`cars_tl.artifacts.trunks`; the split of the network: :mod:`cars_tl.models.trunk`).
+
+``finetune --trunk-cache auto|PATH`` builds the same file when it is missing; this stage exists so
+that ``make`` can build it once, as a file target, for model D and all its seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cars_tl import data
+from cars_tl.core import distributed, runtime
+from cars_tl.core.errors import CarsTLError, check_number
+from cars_tl.core.progress import NULL, Progress
+from cars_tl.data import loaders, transforms
+from cars_tl.models import backbones, trunk
+
+
+def build_trunk(
+    data_dir: Path = Path("data"),
+    backbone: str = "resnet50",
+    weights: str = "imagenet",
+    unfreeze: str = "layer4",
+    crop: str = "full",
+    margin: float = 0.0,
+    image_size: int | None = None,
+    resize_mode: str = "crop",
+    device: str = "auto",
+    precision: str = "auto",
+    storage: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    seed: int = backbones.RANDOM_SEED,
+    out: Path | None = None,
+    artifacts: Path = Path("artifacts"),
+    progress: Progress = NULL,
+) -> tuple[Path, dict]:
+    """Build (or find up to date) the trunk cache of ``--unfreeze unfreeze``; returns its path and
+    {action, seconds, ...}. ``seed``: a random backbone's (the default is what D under --init-head uses).
+    Under torchrun every process builds its shard of the chunks; rank 0 writes the file."""
+    if crop not in ("full", "box"):
+        raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
+    check_number("--margin", margin, minimum=0)
+    if batch_size < 1:
+        raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
+    transforms.check_image_options(image_size, resize_mode)
+    manifest = data.load_manifest(data_dir)
+    ctx = distributed.init(runtime.resolve_device(device))
+    device = ctx.device
+    precision = runtime.resolve_precision(precision, device)
+    workers = loaders.default_workers(device) if workers is None else workers
+    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=seed)
+    unfrozen = backbones.parse_unfreeze(unfreeze, bb)
+    model = backbones.classifier_model(bb, manifest.num_classes)
+    for p in model.body.parameters():
+        p.requires_grad_(unfreeze == "all")
+    for name in unfrozen:
+        for p in model.body.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.eval()
+    config = {"augment": "none", "preset": "build-trunk", "unfreeze": unfreeze, "precision": precision, "crop": crop, "margin": float(margin)}
+    p = trunk.plan(str(out) if out else "auto", model, bb, config, manifest, Path(artifacts), storage)
+    if p.path is None:
+        raise CarsTLError(p.reason.replace(": trunk cache not used", ""), "finetune then runs on the images: no trunk cache to build")
+    model.to(device)
+    result = trunk.ensure(p, model, bb, manifest, crop, float(margin), batch_size, workers, device, precision, progress, ctx)
+    return p.path, dict(result, cut=p.identity["cut"], storage=p.identity["storage"], precision=precision)

@@ -1,0 +1,216 @@
+"""The trunk cache (issue 21): exactness against the image path, refusals with their reasons,
+verification, resume across the two paths, torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cars_tl import data
+from cars_tl.artifacts import runs, trunks
+from cars_tl.models import backbones, trunk
+from cars_tl.stages import finetune as ft
+from cars_tl.stages.trunk_cache import build_trunk
+
+SMALL = dict(backbone="resnet18", weights="random", image_size=32, precision="fp32", workers=0)
+RUN = dict(SMALL, unfreeze="layer4", epochs=2, batch_size=16)
+WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # measured: bit-equal (0.0) on this machine
+
+
+def _model(unfreeze: str, name: str = "resnet18", weights: str = "random"):
+    bb = backbones.build_backbone(name, weights, 32)
+    model = backbones.classifier_model(bb, 5)
+    ft.set_trainable(model, backbones.parse_unfreeze(unfreeze, bb), everything=unfreeze == "all")
+    ft.train_mode(model)
+    return bb, model
+
+
+def _weights(run_dir: Path) -> dict:
+    return runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key].double(), wb[key].double(), **WEIGHT_TOLERANCE), key
+
+
+def test_trunk_and_top_compose_to_the_network():
+    for name, unfreeze in (("resnet18", "layer4"), ("resnet18", "layer3,layer4")):
+        bb, model = _model(unfreeze, name)
+        model.eval()
+        cut = trunk.cut_index(model.body)
+        assert trunk.units(model.body)[cut][0] == unfreeze.split(",")[0]
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(trunk.Top(model, cut)(trunk.Trunk(model.body, cut)(x)), model(x), atol=1e-5)
+
+
+def test_timm_efficientnet_splits_at_blocks_6():
+    pytest.importorskip("timm")
+    bb, model = _model("blocks.6", "timm/efficientnet_lite0")
+    model.eval()
+    cut = trunk.cut_index(model.body)
+    assert trunk.units(model.body)[cut - 1][0] == "blocks.5"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = trunk.Trunk(model.body, cut)(x)
+        assert maps.shape[1:] == (192, 2, 2)
+        assert torch.allclose(trunk.Top(model, cut)(maps), model(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cache(demo_dir, tmp_path_factory) -> Path:
+    path, result = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=tmp_path_factory.mktemp("trunks") / "t.h5", **SMALL)
+    assert result["action"] == "built" and result["cut"] == "layer3"
+    return path
+
+
+def test_cache_file_is_verified_contiguous_and_resumable(cache, demo_dir, tmp_path):
+    attrs = trunks.verify(cache)
+    assert attrs["cut"] == "layer3" and attrs["top"] == "layer4" and attrs["storage"] == "fp32" and attrs["map_shape"] == [256, 2, 2]
+    memory = trunks.open_split(cache, "train", mode="memory")
+    mapped = trunks.open_split(cache, "train", mode="mmap")
+    assert memory.mode == "memory" and isinstance(mapped.maps, np.memmap)
+    assert np.array_equal(memory.maps, mapped.maps)
+    # Up to date: a second build does nothing.
+    _, again = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=cache, **SMALL)
+    assert again["action"] == "up to date"
+    # A killed build resumes from its complete chunks.
+    out = tmp_path / "r.h5"
+    partial = trunks.PartialTrunk(out, {}, {"train": 1}, 1)  # another layout's leftovers: cleared
+    partial.write_chunk("train", 0, np.zeros((1, 256, 2, 2), np.float32))
+    _, first = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=out, **SMALL)
+    assert first["action"] == "built"
+    assert np.array_equal(trunks.open_split(out, "test").maps, trunks.open_split(cache, "test").maps)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_cache_is_never_trusted(cache, tmp_path, damage):
+    bad = tmp_path / "bad.h5"
+    raw = bytearray(cache.read_bytes())
+    if damage == "flip":
+        import h5py
+
+        with h5py.File(cache, "r") as f:
+            offset = f["train/maps"].id.get_offset()
+        raw[offset + 100] ^= 0xFF
+    else:
+        raw = raw[: len(raw) // 2]
+    bad.write_bytes(bytes(raw))
+    identity = {k: trunks.read_attrs(cache).get(k) for k in trunks.IDENTITY_KEYS}
+    fresh, why = trunks.check_existing(bad, identity)
+    assert not fresh and why and ("corrupt" in why or "readable" in why or "SHA-256" in why)
+
+
+def _config(**changes):
+    return {**ft.resolve_config("study"), "unfreeze": "layer4", "crop": "full", "margin": 0.0, "precision": "fp32", **changes}
+
+
+def test_inexact_settings_fall_back_with_their_reason(cache, demo_dir, tmp_path):
+    manifest = data.load_manifest(demo_dir)
+    bb, model = _model("layer4")
+    assert trunk.plan(str(cache), model, bb, _config(), manifest, tmp_path).path == cache  # exact: used
+    cases = {
+        "augments images": trunk.plan("auto", model, bb, _config(augment="standard", preset="tuned"), manifest, tmp_path),
+        "precision mismatch": trunk.plan(str(cache), model, bb, _config(precision="bf16"), manifest, tmp_path),
+        "other preprocessing": trunk.plan(str(cache), model, bb, _config(crop="box"), manifest, tmp_path),
+        "another dataset": trunk.plan(str(cache), model, bb, _config(), dataclasses.replace(manifest, fingerprint="x"), tmp_path),
+        "off": trunk.plan("off", model, bb, _config(), manifest, tmp_path),
+    }
+    bb3, model3 = _model("layer3,layer4")
+    cases["layer3 below that cut trains"] = trunk.plan(str(cache), model3, bb3, _config(unfreeze="layer3,layer4"), manifest, tmp_path)
+    bb_all, model_all = _model("all")
+    cases["first module, trains"] = trunk.plan("auto", model_all, bb_all, _config(unfreeze="all"), manifest, tmp_path)
+    other_bb, other = _model("layer4")
+    for p in other.body.layer2.parameters():  # a frozen BatchNorm in train mode would move its statistics
+        p.requires_grad_(False)
+    other.body.layer2.train()
+    cases["train mode"] = trunk.plan("auto", other, other_bb, _config(), manifest, tmp_path)
+    for words, p in cases.items():
+        assert p.path is None and words in p.reason and p.reason.endswith("trunk cache not used"), (words, p.reason)
+
+
+def test_cached_run_equals_the_image_path_and_resumes_across_paths(cache, demo_dir, tmp_path):
+    images, m_images = ft.finetune(demo_dir, out=tmp_path / "images", **RUN)
+    cached, m_cached = ft.finetune(demo_dir, out=tmp_path / "cached", trunk_cache=str(cache), **RUN)
+    assert m_images["trunk_cache"]["used"] is False and m_cached["trunk_cache"]["used"] is True
+    assert m_cached["trunk_cache"]["read"] == "memory" and m_cached["trunk_cache"]["bytes_per_image"] == 256 * 4 * 4
+    _assert_same_weights(images, cached)
+    assert [r["train_acc"] for r in m_images["history"][1:]] == [r["train_acc"] for r in m_cached["history"][1:]]
+    # One epoch on the images, resumed on the cache (and the other way round): the same run.
+    mixed, _ = ft.finetune(demo_dir, out=tmp_path / "mixed", **dict(RUN, epochs=1))
+    _, m_mixed = ft.finetune(demo_dir, out=mixed, resume=True, trunk_cache=str(cache), **RUN)
+    assert m_mixed["resumed_from_epoch"] == 1 and m_mixed["trunk_cache"]["used"]
+    _assert_same_weights(images, mixed)
+    back, _ = ft.finetune(demo_dir, out=tmp_path / "back", trunk_cache=str(cache), **dict(RUN, epochs=1))
+    _, m_back = ft.finetune(demo_dir, out=back, resume=True, **RUN)
+    assert m_back["trunk_cache"]["used"] is False
+    _assert_same_weights(images, back)
+    # predict and sparsity read the run as any other (the model file is the whole network).
+    from cars_tl.models.inference import load_run
+
+    loaded = load_run(cached)
+    assert loaded is not None
+
+
+def test_device_path_on_the_cpu_gives_the_same_batches(cache):
+    split = trunks.open_split(cache, "test")
+    on_device, _ = trunk.open_store(cache, "test", "cpu", on_device=True)
+    assert isinstance(on_device, torch.Tensor)
+    a = list(trunk.CachedBatches(split, split.labels, 8, positions=range(len(split))))
+    b = list(trunk.CachedBatches(on_device, split.labels, 8, positions=range(len(split))))
+    for (ma, la, pa, _), (mb, lb, pb, _) in zip(a, b):
+        assert torch.equal(ma, mb) and torch.equal(la, lb) and torch.equal(pa, pb)
+
+
+def test_sixteen_bit_storage_rounds_as_stated():
+    x = torch.randn(4, 8, 3, 3) * 10
+    for storage, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        stored = trunks.from_float(x, storage)
+        assert stored.nbytes == x.numel() * 2
+        assert torch.equal(trunks.to_float(stored, storage), x.to(dtype).float())
+
+
+@pytest.mark.slow
+def test_two_process_cached_finetune_equals_one_process(demo_dir, tmp_path):
+    from test_distributed import ENV, REPO, _assert_same_run, _torchrun
+
+    # tuned without augmentation: BatchNorm statistics kept (as in test_distributed), so that per-process
+    # batches compute what one process does; a validation split, read from the cache too.
+    weights = tmp_path / "pretrained.pth"
+    torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
+    args = ["finetune", "--data-dir", str(demo_dir), "--backbone", "resnet18", "--weights", str(weights), "--unfreeze", "layer4",
+            "--image-size", "32", "--precision", "fp32", "--workers", "0", "--epochs", "2", "--batch-size", "16",
+            "--preset", "tuned", "--augment", "none"]
+    one = subprocess.run([sys.executable, "-m", "cars_tl", *args, "--trunk-cache", str(tmp_path / "one.h5"), "--out", str(tmp_path / "one")],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_torchrun(2, *args, "--trunk-cache", str(tmp_path / "two.h5"), "--out", str(tmp_path / "two")), cwd=REPO,
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m = runs.read_metrics(tmp_path / "two")
+    assert m["trunk_cache"]["used"] and m["trunk_cache"]["action"] == "built" and m["distributed"]["world_size"] == 2
+    assert "val_acc" in m["history"][-1]
+    for split in ("train", "test"):  # the sharded build wrote the same maps
+        assert np.array_equal(trunks.open_split(tmp_path / "one.h5", split).maps, trunks.open_split(tmp_path / "two.h5", split).maps)
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_bf16_autocast_run_with_bf16_storage_equals_the_image_path(demo_dir, tmp_path):
+    # bf16 storage is exact under bf16 autocast: the trunk's output already is bf16 (measured: bit-equal).
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("bf16 autocast on the CPU needs oneDNN")
+    run = dict(RUN, precision="bf16")
+    images, _ = ft.finetune(demo_dir, out=tmp_path / "images", **run)
+    cached, m = ft.finetune(demo_dir, out=tmp_path / "cached", trunk_cache=str(tmp_path / "t.h5"), **run)
+    assert m["trunk_cache"]["storage"] == "bf16" and m["trunk_cache"]["bytes_per_image"] == 256 * 2 * 2 * 2
+    _assert_same_weights(images, cached)
