@@ -56,6 +56,9 @@ KNN_T ?= 0.07
 # fit-svm and knn are deterministic (nothing to seed): they run once.
 SEEDS ?=
 DEMO_SEEDS ?= 0 1
+# A folder: every training stage (train-head, finetune) also logs its epochs there for `tensorboard --logdir` (not a stamp option: it changes no output).
+TENSORBOARD ?=
+TB := $(if $(TENSORBOARD),--tensorboard $(TENSORBOARD))
 
 RUNS := $(ARTIFACTS)/runs
 OPTS := $(ARTIFACTS)/.options
@@ -130,7 +133,7 @@ help:
 	@echo "  BACKBONE=$(BACKBONE)  WEIGHTS=$(WEIGHTS)  PRESET=$(PRESET)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
 	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  RESIZE=$(RESIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)  LAUNCH=$(LAUNCH)"
 	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_GAMMA=$(SVM_GAMMA)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
-	@echo "  TRUNK_CACHE=$(TRUNK_CACHE)  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)"
+	@echo "  TRUNK_CACHE=$(TRUNK_CACHE)  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)  TENSORBOARD=$(TENSORBOARD) (a folder: live TensorBoard logs of train-head and finetune)"
 
 # ----------------------------------------------------------------------------- environment
 
@@ -195,14 +198,14 @@ $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(BACKBONE) $
 $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(BACKBONE) $$(WEIGHTS) $$(TRAIN) $$(SHAPE)$(call seed_opt,$(1)))
 
 $(call head_run,$(1)): $$(FEATURES) $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1))
-	$$(CARS) train-head --features $$(FEATURES) $$(TRAIN)$(call seed_opt,$(1)) --force --out $$(@D)
+	$$(CARS) train-head --features $$(FEATURES) $$(TRAIN)$(call seed_opt,$(1)) $$(TB) --force --out $$(@D)
 
 $(call a_run,$(1)): $$(DATASET) $$(OPTS)/A-$$(PRESET)$(call seed_sfx,$(1))
-	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --force --out $$(@D)
+	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights random --unfreeze all $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) $$(TB) --force --out $$(@D)
 
 $(call d_run,$(1)): $$(DATASET) $(call init_head_run,$(1)) $$(OPTS)/D-$$(UNFREEZE_D)-$$(PRESET)$(call seed_sfx,$(1)) $$(if $$(USE_TRUNK),$$(TRUNK))
 	$$(LAUNCH) $$(CARS) finetune --data-dir $$(DATA) --backbone $$(BACKBONE) --weights $$(WEIGHTS) --unfreeze $$(UNFREEZE_D) \
-		--init-head $$(dir $(call init_head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) --trunk-cache $$(if $$(USE_TRUNK),$$(TRUNK),off) --force --out $$(@D)
+		--init-head $$(dir $(call init_head_run,$(1))) $$(TRAIN) $$(COMMON)$(call seed_opt,$(1)) $$(TB) --trunk-cache $$(if $$(USE_TRUNK),$$(TRUNK),off) --force --out $$(@D)
 endef
 $(foreach s,$(SEED_LIST),$(eval $(call seeded_stages,$(s))))
 

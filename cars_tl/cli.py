@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, List, Optional, Tuple
 
 import typer
 
@@ -105,6 +105,7 @@ RESUME_HINTS = {
 }
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder holding stanford_cars/ and its manifest.")]
+TensorBoard = Annotated[Optional[Path], typer.Option("--tensorboard", metavar="DIR", help="Also log every epoch to TensorBoard event files in DIR/<run name> (needs cars_tl[tensorboard]; view: tensorboard --logdir DIR).")]
 
 
 @command("download")
@@ -236,12 +237,14 @@ def train_head(
     force: Force = False,
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
+    tensorboard: TensorBoard = None,
 ):
     """Train a Linear head (model B) on cached features; saves head.pt and metrics.json."""
     from cars_tl.console import progress
     from cars_tl.stages.train_head import train_head as run
 
-    run_dir, metrics = run(features, preset, epochs, lr, batch_size, optimizer, weight_decay, seed, out, artifacts, progress(), force)
+    run_dir, metrics = run(features, preset, epochs, lr, batch_size, optimizer, weight_decay, seed, out, artifacts, progress(), force,
+                           tensorboard=tensorboard)
     _print_final(run_dir, metrics)
 
 
@@ -336,6 +339,7 @@ def finetune(
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.", show_default=False)] = None,
     trunk_cache: Annotated[str, typer.Option(help="auto | off | PATH: run the frozen part below the first unfrozen module once into a trunk cache (built if missing) and train on its maps, when that is exact (no augmentation, frozen part in eval mode, same transform and precision); otherwise the images, saying why.")] = "auto",
     trunk_dtype: Annotated[str, typer.Option(help="Trunk cache storage: auto (the precision's own: exact) | fp32 | fp16 | bf16 (half the size of fp32, rounded).")] = "auto",
+    tensorboard: TensorBoard = None,
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
     from cars_tl.console import console, labelled, progress
@@ -347,6 +351,7 @@ def finetune(
         image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize, sync_bn=sync_bn,
         tta=tta,
         trunk_cache=trunk_cache, trunk_dtype=trunk_dtype,
+        tensorboard=tensorboard,
     )
     if not is_main_process():  # torchrun: rank 0 reports
         return
@@ -512,11 +517,24 @@ def knn(
 def inspect(
     paths: Annotated[List[Path], typer.Argument(help="A feature cache (.h5), a run directory or a data folder (its manifest); two caches (or two runs) are compared.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    embedding: Annotated[Optional[Path], typer.Option(metavar="OUT.png", help="Instead: draw the 2-D feature map (PCA 50 -> t-SNE, by make) of the cache's split, or of a fine-tuned run's test features.")] = None,
+    split: Annotated[str, typer.Option(help="With --embedding: the split to map.")] = "test",
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="With --embedding: the dataset, for thumbnails on the map.")] = Path("data"),
+    seed: Annotated[int, typer.Option(help="With --embedding: seed of PCA and t-SNE.")] = 0,
 ):
     """Look inside a feature cache, a run or a data folder: provenance, splits, skipped images, feature statistics, final metrics, label conflicts."""
     import json
 
     from cars_tl.console import out as stdout
+
+    if embedding is not None:
+        from cars_tl.stages.embedding import embedding_picture
+
+        r = embedding_picture(paths[0], embedding, split=split, data_dir=data_dir, seed=seed)
+        stdout.print(f"{r['png']}: {r['images']} images, {r['makes']} makes; make-level 10-NN accuracy {r['knn_map']:.1f}% "
+                     f"in the 2-D map, {r['knn_full']:.1f}% in the full space; map {'reused' if r['reused'] else 'computed'} "
+                     f"({r['map_file']}, {r['seconds']:.1f} s)", highlight=False, soft_wrap=True)
+        return
     from cars_tl.stages.inspect import inspect_paths, render_text
 
     result = inspect_paths(paths)
@@ -524,3 +542,23 @@ def inspect(
         print(json.dumps(result, indent=2))
         return
     stdout.print(render_text(result), markup=False, highlight=False, soft_wrap=True)
+
+
+@command("track")
+def track(
+    to: Annotated[Tuple[str, str], typer.Option("--to", metavar="KIND TARGET", help="tensorboard DIR (event files, one folder per run) | mlflow URI (sqlite:///mlflow.db or a tracking server's URL).")],
+    paths: Annotated[Optional[List[Path]], typer.Argument(metavar="RUN_DIR", help="Run directories, or folders of runs [default: ARTIFACTS/runs].", show_default=False)] = None,
+    artifacts: Artifacts = Path("artifacts"),
+    experiment: Annotated[str, typer.Option(help="MLflow experiment the runs go into.")] = "cars_tl",
+):
+    """Mirror finished runs into TensorBoard or MLflow (params, per-epoch metrics, tags, small files); rerunning adds nothing new."""
+    from cars_tl.console import console
+    from cars_tl.console import out as stdout
+    from cars_tl.report.track import track as run
+
+    results = run(paths or [artifacts / "runs"], to=to[0], target=to[1], experiment=experiment)
+    for r in results:
+        line = f"{r['action']:<9} {r['run']} -> {r['detail']}" if r["action"] != "skipped" else f"skipped   {r['run']}: {r['detail']}"
+        (console if r["action"] == "skipped" else stdout).print(line, markup=False, highlight=False, soft_wrap=True)
+    counts = {a: sum(r["action"] == a for r in results) for a in ("created", "replaced", "unchanged", "skipped")}
+    console.print(", ".join(f"{n} {a}" for a, n in counts.items()) + f" ({to[0]} {to[1]})", highlight=False)

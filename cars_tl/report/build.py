@@ -716,6 +716,11 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
         if gallery:
             text += ["", f"## Prediction gallery ({len(gallery)} test images, seed {GALLERY_SEED}; ✗ = wrong top-1)", ""]
             text += [_md_table(["image", "true class"] + [m["name"] for m in analysed], _gallery_md_rows(gallery, analysed, predictions))]
+    from cars_tl.report.feature_maps import section as feature_map_section
+
+    maps_md, maps_html = feature_map_section(complete, out, data_dir)
+    if maps_md:
+        text.append(maps_md)
     if sparsity_png.is_file():
         text += ["", "## Fraction of zero activations per ReLU call", "", f"![sparsity]({_relative(sparsity_png, out)})"]
     if problems:
@@ -754,6 +759,8 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
         parts += _html_confusions(analysed, confusions, predictions, thumbs)
     if gallery:
         parts += _html_gallery(gallery, analysed, predictions, thumbs)
+    if maps_html:
+        parts.append(maps_html)
     if sparsity_png.is_file():
         parts += ["<h2>Fraction of zero activations per ReLU call</h2>", _png(sparsity_png, "sparsity per ReLU call")]
     if problems:

@@ -43,11 +43,12 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from cars_tl import data
-from cars_tl.artifacts import features, runs
+from cars_tl.artifacts import embeddings, features, runs
 from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.core.tensorboard import EpochLog, check_available
 from cars_tl.data import loaders, transforms
 from cars_tl.models import backbones, feature_views, trunk
 from cars_tl.models.scoring import Meter
@@ -253,6 +254,7 @@ def finetune(
     tta: str | None = None,
     trunk_cache: str = "off",
     trunk_dtype: str = "auto",
+    tensorboard: Path | None = None,
 ) -> tuple[Path, dict]:
     """Fine-tune; returns the run directory and its metrics (see :mod:`cars_tl.artifacts.runs`).
 
@@ -268,8 +270,10 @@ def finetune(
     :mod:`cars_tl.core.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
     BatchNorm into SyncBatchNorm where its statistics train in a job of several CUDA processes.
     ``trunk_cache``: auto | off | PATH, ``trunk_dtype``: its storage (see :mod:`cars_tl.models.trunk`).
+    ``tensorboard``: also log every epoch there, live (:mod:`cars_tl.core.tensorboard`; rank 0 only).
     """
     started = time.perf_counter()
+    check_available(tensorboard)
     transforms.check_image_options(image_size, resize_mode)
     config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
     check_number("--margin", margin, minimum=0)
@@ -314,7 +318,8 @@ def finetune(
     # Rank 0 alone takes the run's lock and writes; the other ranks learn where (a staging folder with --force).
     with distributed.rank0_output(ctx, lambda: runs.writing_run(run_dir, "finetune", force=force, resume=resume)) as target:
         metrics = _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
-                         ctx, synced, trunk_opts=dict(choice=str(trunk_cache), storage=trunk_dtype, artifacts=Path(artifacts)))
+                         ctx, synced, trunk_opts=dict(choice=str(trunk_cache), storage=trunk_dtype, artifacts=Path(artifacts)),
+                         tensorboard=tensorboard)
         return run_dir, runs.finish(target, metrics, started) if ctx.is_main else metrics
 
 
@@ -381,7 +386,8 @@ def _same_option(key: str, recorded, asked) -> bool:
 
 
 def _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
-           ctx=distributed.SINGLE, synced: bool = False, trunk_opts: dict | None = None) -> dict:
+           ctx=distributed.SINGLE, synced: bool = False, trunk_opts: dict | None = None,
+           tensorboard: Path | None = None) -> dict:
     last_path, best_path = target / "checkpoints" / "last.pt", target / "checkpoints" / "best.pt"
     opt = build_optimizer(model, config)
     spec = bb.transform
@@ -462,11 +468,13 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         if ctx.is_main:
             _repair_best(state, best_path)
 
+    live = EpochLog(tensorboard, run_dir.name, start_epoch)
     if start_epoch == 1:  # the starting point, before any step (e.g. the init-head's accuracy)
         row = {"epoch": 0}
         for name, loader in eval_loaders.items():
             row.update(evaluate(net, loader, device, precision, name, spec, ctx))
         metrics["history"] = [row]
+        live.on_epoch(row)
     if ctx.is_main:
         runs.write_metrics(target, metrics)
     # Frozen parameters have requires_grad False, so DDP leaves them out. Every trainable parameter
@@ -495,6 +503,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
             for name, loader in eval_loaders.items():
                 row.update(evaluate(net, loader, device, precision, name, spec, ctx))
             metrics["history"].append(row)
+            live.on_epoch({**row, "lr": [g["lr"] for g in opt.param_groups]})
             score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
             improved = best is None or score > (best["acc"], -best["loss"])
             if improved:
@@ -518,11 +527,18 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         distributed.broadcast_module(model, ctx)  # ... on every rank, each scoring its shard
         net.eval()
         tta = feature_views.options(spec)["tta"]
+        penultimate = []  # the head's inputs while scoring: the test split's features, for the feature map
+        hook = model.head.register_forward_pre_hook(lambda _, args: penultimate.append(args[0].detach().float().cpu()))
         scored = score_batches(lambda x: feature_views.view_mean(net, x, tta).float().softmax(1), eval_loaders["test"], test_set.records,
                                device, precision, spec)
+        hook.remove()
+        if tta != "none":  # each batch ran as [images, mirrors]: one row per image, the mean of its two views
+            penultimate = [(rows[: len(rows) // 2] + rows[len(rows) // 2 :]) / 2 for rows in penultimate]
+        penultimate = distributed.gather_rows(torch.cat(penultimate) if penultimate else torch.zeros(0, model.head.in_features), ctx)
         scored = _gather_scores(scored, manifest.num_classes, ctx)
         if ctx.is_main:
             runs.write_predictions(target, *scored, "probability")
+            embeddings.save_penultimate(target, penultimate.numpy(), scored[1], scored[0])
     chosen = next((r for r in metrics["history"] if r["epoch"] == (best or {}).get("epoch")), metrics["history"][-1])
     last = metrics["history"][-1]
     selected_on = "validation" if select == "val" else "test"
@@ -537,6 +553,7 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     metrics["selection"] = {"selected_on": selected_on, "by": metrics["final"]["selected_by"], "chosen": {"best_epoch": chosen["epoch"]}}
     if select == "val" and config["init_head"]:
         metrics["final"]["note"] = "the --init-head run was trained on all of train, validation images included: val metrics are optimistic"
+    live.on_end(config, metrics["final"])
     return metrics
 
 

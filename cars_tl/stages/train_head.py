@@ -33,6 +33,7 @@ from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.core.tensorboard import EpochLog, check_available
 from cars_tl.models.scoring import Meter, evaluate_logits
 from cars_tl.models.training import check_finite_loss, make_optimizer, stratified_split
 
@@ -72,7 +73,7 @@ class _Data:
 
 
 def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: float, num_classes: int, seed: int,
-         progress: Progress, label: str) -> tuple[torch.nn.Linear, list[dict]]:
+         progress: Progress, label: str, on_epoch=None) -> tuple[torch.nn.Linear, list[dict]]:
     torch.manual_seed(seed)
     head = torch.nn.Linear(train.x.shape[1], num_classes)
     full_batch = config["optimizer"] == "lbfgs"
@@ -120,6 +121,8 @@ def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: floa
             row["seconds"] = round(time.perf_counter() - start, 4)
             row["images_per_second"] = round(len(train.y) / max(row["seconds"], 1e-9), 1)
             history.append(row)
+            if on_epoch is not None:
+                on_epoch({**row, "lr": [g["lr"] for g in optimizer.param_groups]})
             task.advance(1, status=f"loss {row['train_loss']:.3f} acc {row['train_acc']:.1f}%")
     return head, history
 
@@ -153,11 +156,14 @@ def train_head(
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
     force: bool = False,
+    tensorboard: Path | None = None,
 ) -> tuple[Path, dict]:
     """Train a Linear head on a feature cache; returns the run directory and its metrics.
 
-    An existing run is replaced only with ``force`` (and only once the new one completes)."""
+    An existing run is replaced only with ``force`` (and only once the new one completes).
+    ``tensorboard``: also log each epoch of the final fit there, live (:mod:`cars_tl.core.tensorboard`)."""
     started = time.perf_counter()
+    check_available(tensorboard)
     config = resolve_preset(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
     config["seed"] = check_seed(seed)
     config["features"] = str(features_path)
@@ -202,9 +208,10 @@ def train_head(
                                         "val_fraction": config["val_fraction"], "grid": search}
             weight_decay_used = metrics["selection"]["chosen"]["weight_decay"] if "selection" in metrics else config["weight_decay"]
             mean, std = scaling(x_train)
+            live = EpochLog(tensorboard, run_dir.name)
             head, history = _fit(
                 _Data((x_train - mean) / std, y_train), {"test": _Data((x_test - mean) / std, y_test)} if te else {}, config,
-                weight_decay_used, cache.num_classes, seed, progress, f"train head ({preset})",
+                weight_decay_used, cache.num_classes, seed, progress, f"train head ({preset})", on_epoch=live.on_epoch,
             )
             state = _fold_standardization(head, mean, std)
             runs.save_checkpoint(target / HEAD_FILE, state)
@@ -221,4 +228,5 @@ def train_head(
                        "selected_on": "validation" if "selection" in metrics else "none"},
             )
             metrics = runs.finish(target, metrics, started)
+            live.on_end(config, metrics["final"])
     return run_dir, metrics

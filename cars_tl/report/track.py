@@ -1,0 +1,294 @@
+"""``track``: mirror finished run directories into a tracker (TensorBoard event files, or MLflow).
+
+The run directories stay the source of truth; a tracker is a view of them. What one run becomes:
+
+params     the run's config (``config.*``), its backbone (``backbone.*``: name, weights and their digest,
+           transform, crop, precision), ``dataset_fingerprint``, ``features`` (path and SHA-256 of the
+           cache for feature runs), ``seed``
+metrics    per epoch with its step (``train_loss``, ``test_acc``, ... as in ``history``); kNN: per k
+           (step = k); SVM: each kernel's figures (``kernel.<k>.test_acc``...); the final figures as
+           ``final.<name>`` (the kept model's: best epoch, chosen kernel, first k)
+tags       ``cars_tl.kind``, ``cars_tl.preset``, ``cars_tl.model_group`` (A, B, C, D, kNN as the report
+           names them), ``cars_tl.setting``, ``cars_tl.run_dir``, ``cars_tl.path_id``, ``cars_tl.run_id``
+artifacts  the run's top-level files up to 10 MB (metrics.json, predictions, head.pt...), and the
+           SVM's cross-validation tables as ``cv-<kernel>.csv``; never the checkpoints
+
+Idempotent: each run directory has a stable id, ``run_id`` = SHA-256 of its resolved path and its
+metrics' ``created`` time (``path_id``: of the path alone). A run already mirrored with the same
+``run_id`` is left alone; one with the same ``path_id`` and another ``run_id`` (the run was rerun with
+``--force``) is replaced. Runs that failed or are still running are skipped, and said so.
+
+In TensorBoard each run is ``DIR/<run name>/`` (events, plus ``cars_tl_track.json`` naming its ids);
+in MLflow, a run of the experiment (default ``cars_tl``) named like the run directory. For a local
+``sqlite:///path/mlflow.db`` store the artifacts go to ``mlartifacts/`` beside the database.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+from cars_tl.artifacts import runs
+from cars_tl.core.errors import CarsTLError
+from cars_tl.report.build import model_group, setting
+
+TARGETS = ("tensorboard", "mlflow")
+ARTIFACT_MAX_BYTES = 10 << 20
+MARKER = "cars_tl_track.json"
+PARAM_MAX_CHARS = 6000  # MLflow's limit on a parameter value
+
+
+# --------------------------------------------------------------------------- what a run becomes
+
+def run_ids(run_dir: Path, metrics: dict) -> tuple[str, str]:
+    """(path_id, run_id): stable per run directory, and per run of it."""
+    path = str(Path(run_dir).resolve())
+    return (hashlib.sha256(path.encode()).hexdigest()[:16],
+            hashlib.sha256(f"{path}\0{metrics.get('created')}".encode()).hexdigest()[:16])
+
+
+def _flat(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict) and prefix.count(".") < 1:
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}", v, out)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        out[prefix] = text[:PARAM_MAX_CHARS]
+
+
+def params_of(m: dict) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in (m.get("config") or {}).items():
+        _flat(f"config.{k}", v, out)
+    b = m.get("backbone") or {}
+    for k in ("backbone", "weights", "weights_digest", "transform", "crop", "margin", "precision", "num_features"):
+        if k in b:
+            _flat(f"backbone.{k}", b[k], out)
+    inputs = m.get("inputs") or {}
+    out["dataset_fingerprint"] = str(inputs.get("dataset_fingerprint") or (m.get("config") or {}).get("dataset_fingerprint"))
+    if inputs.get("features"):
+        out["features.path"] = str(inputs["features"].get("path"))
+        out["features.sha256"] = str(inputs["features"].get("sha256"))
+    out["seed"] = str((m.get("config") or {}).get("seed", ""))
+    return out
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if value == value and abs(value) != float("inf") else None
+
+
+def histories_of(m: dict) -> dict[str, list[tuple[int, float]]]:
+    """Metric name -> [(step, value)]: epochs for trained runs, k for kNN, one point per SVM kernel figure."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in m.get("history") or []:
+        for k, v in row.items():
+            if k != "epoch" and _number(v) is not None:
+                out.setdefault(k, []).append((int(row["epoch"]), _number(v)))
+    for r in (m.get("k_results") or {}).values():
+        for k, v in r.items():
+            if k != "k" and _number(v) is not None:
+                out.setdefault(f"knn.{k}", []).append((int(r["k"]), _number(v)))
+    for kernel, r in (m.get("kernels") or {}).items():
+        for k, v in r.items():
+            if _number(v) is not None:
+                out.setdefault(f"kernel.{kernel}.{k}", []).append((0, _number(v)))
+    return out
+
+
+def final_of(m: dict) -> dict[str, float]:
+    return {k: _number(v) for k, v in (m.get("final") or {}).items() if _number(v) is not None}
+
+
+def tags_of(m: dict, run_dir: Path, path_id: str, run_id: str) -> dict[str, str]:
+    return {
+        "cars_tl.kind": str(m.get("kind")), "cars_tl.preset": str((m.get("config") or {}).get("preset", "")),
+        "cars_tl.model_group": model_group(m), "cars_tl.setting": setting(m), "cars_tl.run_dir": str(Path(run_dir).resolve()),
+        "cars_tl.path_id": path_id, "cars_tl.run_id": run_id, "cars_tl.created": str(m.get("created")),
+    }
+
+
+def cv_tables(m: dict) -> dict[str, str]:
+    """``cv-<kernel>.csv``: the SVM's cross-validation accuracy, one row per gamma, one column per C."""
+    tables = {}
+    for kernel, r in (m.get("kernels") or {}).items():
+        search = r.get("search") or {}
+        if not search.get("cv_acc"):
+            continue
+        c_grid = search.get("C_grid") or [search.get("C")]
+        gammas = search.get("gamma_grid") or [search.get("gamma_value")]
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["gamma \\ C"] + [f"{c:g}" if isinstance(c, (int, float)) else str(c) for c in c_grid])
+        for gamma, row in zip(gammas, search["cv_acc"]):
+            writer.writerow([f"{gamma:.6g}" if isinstance(gamma, (int, float)) else str(gamma)] + row)
+        tables[f"cv-{kernel}.csv"] = buf.getvalue()
+    return tables
+
+
+def small_files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(run_dir).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.stat().st_size <= ARTIFACT_MAX_BYTES)
+
+
+# --------------------------------------------------------------------------- the walk
+
+def _run_dirs(paths: list[Path]) -> list[Path]:
+    found = []
+    for p in paths:
+        p = Path(p)
+        if (p / runs.METRICS).is_file():
+            found.append(p)
+        elif (p / "runs").is_dir() or p.is_dir():
+            found.extend(runs.list_runs(p) if (p / "runs").is_dir() else
+                         sorted(d for d in p.iterdir() if d.is_dir() and (d / runs.METRICS).is_file() and not d.name.startswith(".")))
+        else:
+            raise CarsTLError(f"{p} is neither a run directory nor a folder of runs",
+                              "pass run directories (artifacts/runs/NAME) or an artifacts folder")
+    return found
+
+
+def track(paths: list[Path], to: str, target: str, experiment: str = "cars_tl") -> list[dict]:
+    """Mirror every run under ``paths`` into ``to`` (tensorboard: a folder; mlflow: a tracking URI).
+    Returns one ``{"run", "action", "detail"}`` per run: created, replaced, unchanged or skipped."""
+    if to not in TARGETS:
+        raise CarsTLError(f"unknown --to {to!r}; valid: {', '.join(TARGETS)}", "cars-tl track --to tensorboard DIR  or  --to mlflow sqlite:///mlflow.db")
+    sink = _TensorBoardSink(Path(target)) if to == "tensorboard" else _MlflowSink(target, experiment)
+    results = []
+    for run_dir in _run_dirs(paths):
+        try:
+            m = runs.read_metrics(run_dir)
+        except CarsTLError as exc:
+            results.append({"run": str(run_dir), "action": "skipped", "detail": exc.message})
+            continue
+        if m.get("status") != "complete":
+            results.append({"run": str(run_dir), "action": "skipped", "detail": f"status {m.get('status')}: only complete runs are mirrored"})
+            continue
+        path_id, run_id = run_ids(run_dir, m)
+        action, detail = sink.mirror(run_dir, m, path_id, run_id)
+        results.append({"run": str(run_dir), "action": action, "detail": detail})
+    return results
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+class _TensorBoardSink:
+    def __init__(self, root: Path):
+        from cars_tl.core.tensorboard import require_writer
+
+        require_writer()
+        self.root = root
+
+    def _folder(self, run_dir: Path, path_id: str) -> Path:
+        folder = self.root / Path(run_dir).name
+        marker = _read_json(folder / MARKER)
+        if marker and marker.get("path_id") != path_id:  # another run directory of the same name
+            folder = self.root / f"{Path(run_dir).name}-{path_id[:8]}"
+        return folder
+
+    def mirror(self, run_dir: Path, m: dict, path_id: str, run_id: str) -> tuple[str, str]:
+        from cars_tl.core.atomic import atomic_write_text
+        from cars_tl.core.tensorboard import EventLog, epoch_scalars
+
+        folder = self._folder(run_dir, path_id)
+        marker = _read_json(folder / MARKER)
+        if marker and marker.get("run_id") == run_id:
+            return "unchanged", str(folder)
+        log = EventLog(folder.parent, folder.name)  # a fresh log: earlier event files of this folder go
+        for row in m.get("history") or []:
+            log.scalars(int(row["epoch"]), epoch_scalars(row))
+        for name, points in histories_of(m).items():
+            if name.startswith(("knn.", "kernel.")):
+                for step, value in points:
+                    log.scalars(step, {name.replace(".", "/"): value})
+        for name, text in cv_tables(m).items():
+            rows = list(csv.reader(io.StringIO(text)))
+            table = "\n".join("| " + " | ".join(r) + " |" for r in rows[:1] + [["---"] * len(rows[0])] + rows[1:])
+            log.text(f"cv/{name[3:-4]}", table)
+        log.hparams({**{k: v for k, v in (m.get("config") or {}).items()}, **tags_of(m, run_dir, path_id, run_id)}, final_of(m))
+        log.close()
+        atomic_write_text(folder / MARKER, json.dumps({"path_id": path_id, "run_id": run_id, "run_dir": str(Path(run_dir).resolve())}))
+        return ("replaced" if marker else "created"), str(folder)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- MLflow
+
+def require_mlflow():
+    try:
+        import logging
+
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise CarsTLError(
+            "tracking to MLflow needs the optional package mlflow-skinny (with SQLAlchemy and Alembic for a sqlite store), "
+            "which is not installed",
+            "pip install 'cars_tl[mlflow]'",
+        ) from None
+    for name in ("mlflow", "alembic"):  # the store's table migrations log at INFO: library code stays quiet
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient
+
+
+def _artifact_location(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+class _MlflowSink:
+    def __init__(self, uri: str, experiment: str):
+        client_class = require_mlflow()
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
+        self.client = client_class(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=_artifact_location(uri))
+
+    def mirror(self, run_dir: Path, m: dict, path_id: str, run_id: str) -> tuple[str, str]:
+        from mlflow.entities import Metric, Param
+
+        earlier = self.client.search_runs([self.experiment_id], filter_string=f"tags.`cars_tl.path_id` = '{path_id}'")
+        done = [r for r in earlier if r.data.tags.get("cars_tl.run_id") == run_id and r.info.status == "FINISHED"]
+        if done:
+            return "unchanged", done[0].info.run_id
+        for r in earlier:  # an earlier run of this directory (before a --force rerun), or a half-mirrored one
+            self.client.delete_run(r.info.run_id)
+        start = _millis(m.get("created"))
+        run = self.client.create_run(self.experiment_id, start_time=start, run_name=Path(run_dir).name,
+                                     tags=tags_of(m, run_dir, path_id, run_id))
+        rid = run.info.run_id
+        params = [Param(k, v) for k, v in params_of(m).items()]
+        metrics = [Metric(name, value, start, step) for name, points in histories_of(m).items() for step, value in points]
+        metrics += [Metric(f"final.{k}", v, start, 0) for k, v in final_of(m).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(rid, params=params[i:i + 100])
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(rid, metrics=metrics[i:i + 1000])
+        for path in small_files(run_dir):
+            self.client.log_artifact(rid, str(path))
+        for name, text in cv_tables(m).items():
+            self.client.log_text(rid, text, name)
+        self.client.set_terminated(rid, "FINISHED", end_time=_millis(m.get("finished")) or None)
+        return ("replaced" if earlier else "created"), rid
+
+
+def _millis(stamp) -> int:
+    import datetime
+
+    try:
+        return int(datetime.datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%S%z").timestamp() * 1000)
+    except (ValueError, OverflowError):
+        return int(time.time() * 1000)

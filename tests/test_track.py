@@ -1,0 +1,143 @@
+"""``cars-tl track``: run directories mirrored into MLflow (read back with its client) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def run_set(demo_features, demo_head_run, demo_finetune_run, tmp_path_factory):
+    """An artifacts folder holding one run of every kind (copies: the tests rerun and break them)."""
+    from cars_tl.stages.fit_svm import fit_svm
+    from cars_tl.stages.knn import run_knn
+
+    root = tmp_path_factory.mktemp("tracked")
+    fit_svm(demo_features, kernel="linear", C="auto", cv_folds=2, out=root / "runs" / "svm")
+    run_knn(demo_features, ("3", "5"), out=root / "runs" / "knn")
+    shutil.copytree(demo_head_run, root / "runs" / "head")
+    shutil.copytree(demo_finetune_run, root / "runs" / "ft", ignore=shutil.ignore_patterns("checkpoints"))
+    return root
+
+
+def fresh_copy(run_set, tmp_path):
+    shutil.copytree(run_set, tmp_path / "a")
+    return tmp_path / "a"
+
+
+def _actions(results):
+    return {r["run"].rsplit("/", 1)[-1]: r["action"] for r in results}
+
+
+def test_mlflow_params_histories_tags_artifacts_and_idempotence(run_set, demo_features, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from cars_tl.report.track import track
+    from cars_tl.stages.train_head import train_head
+
+    artifacts = fresh_copy(run_set, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
+    first = track([artifacts], "mlflow", uri)
+    assert _actions(first) == {"ft": "created", "head": "created", "knn": "created", "svm": "created"}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cars_tl")
+    by_name = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(by_name) == {"ft", "head", "knn", "svm"}
+
+    head_metrics = json.loads((artifacts / "runs" / "head" / "metrics.json").read_text())
+    head = by_name["head"]
+    assert head.data.params["config.lr"] == str(head_metrics["config"]["lr"])
+    assert head.data.params["backbone.backbone"] == "resnet18"
+    assert head.data.params["dataset_fingerprint"] == head_metrics["inputs"]["dataset_fingerprint"]
+    assert head.data.params["seed"] == "0"
+    history = sorted(client.get_metric_history(head.info.run_id, "train_loss"), key=lambda h: h.step)
+    assert [h.step for h in history] == [r["epoch"] for r in head_metrics["history"]]
+    assert [h.value for h in history] == pytest.approx([r["train_loss"] for r in head_metrics["history"]])
+    assert head.data.metrics["final.test_acc"] == pytest.approx(head_metrics["final"]["test_acc"])
+    assert {r: by_name[r].data.tags["cars_tl.model_group"] for r in by_name} == {"ft": "D", "head": "B", "knn": "kNN", "svm": "C"}
+    assert by_name["head"].data.tags["cars_tl.kind"] == "head" and by_name["head"].data.tags["cars_tl.preset"] == "study"
+    assert sorted(h.step for h in client.get_metric_history(by_name["knn"].info.run_id, "knn.test_acc")) == [3, 5]
+    ft_steps = sorted(h.step for h in client.get_metric_history(by_name["ft"].info.run_id, "test_acc"))
+    assert ft_steps == [0, 1]
+    files = {f.path for f in client.list_artifacts(by_name["svm"].info.run_id)}
+    assert {"metrics.json", "predictions-test.npz", "cv-linear.csv"} <= files
+    assert "cv_acc_chosen" not in files and "kernel.linear.cv_acc" in by_name["svm"].data.metrics
+    assert "checkpoints" not in {f.path for f in client.list_artifacts(by_name["ft"].info.run_id)}
+
+    again = track([artifacts], "mlflow", uri)
+    assert set(_actions(again).values()) == {"unchanged"}
+    assert len(client.search_runs([exp.experiment_id])) == 4
+
+    train_head(demo_features, epochs=2, force=True, out=artifacts / "runs" / "head")  # a --force rerun
+    third = track([artifacts], "mlflow", uri)
+    assert _actions(third) == {"ft": "unchanged", "head": "replaced", "knn": "unchanged", "svm": "unchanged"}
+    active = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert len(active) == 4
+    assert sorted(h.step for h in client.get_metric_history(active["head"].info.run_id, "train_loss")) == [1, 2]
+
+
+def test_tensorboard_mirror_is_idempotent(run_set, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from cars_tl.report.track import track
+
+    artifacts = fresh_copy(run_set, tmp_path)
+    tb = tmp_path / "tb"
+    assert set(_actions(track([artifacts / "runs"], "tensorboard", str(tb))).values()) == {"created"}
+    files = sorted(p.name for p in tb.rglob("*"))
+    acc = event_accumulator.EventAccumulator(str(tb / "head"), size_guidance={"scalars": 0})
+    acc.Reload()
+    metrics = json.loads((artifacts / "runs" / "head" / "metrics.json").read_text())
+    assert [e.step for e in acc.Scalars("loss/train")] == [r["epoch"] for r in metrics["history"]]
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    knn = event_accumulator.EventAccumulator(str(tb / "knn"), size_guidance={"scalars": 0})
+    knn.Reload()
+    assert [e.step for e in knn.Scalars("knn/test_acc")] == [3, 5]
+    assert set(_actions(track([artifacts / "runs"], "tensorboard", str(tb))).values()) == {"unchanged"}
+    assert sorted(p.name for p in tb.rglob("*")) == files  # nothing new written
+
+
+def test_failed_and_running_runs_are_skipped(run_set, tmp_path):
+    pytest.importorskip("tensorboardX")
+    from cars_tl.report.track import track
+
+    artifacts = fresh_copy(run_set, tmp_path)
+    for name, status in (("knn", "failed"), ("svm", "running")):
+        path = artifacts / "runs" / name / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "status": status}))
+        (artifacts / "runs" / name / "status.json").unlink()
+    results = {r["run"].rsplit("/", 1)[-1]: r for r in track([artifacts], "tensorboard", str(tmp_path / "tb"))}
+    assert results["knn"]["action"] == "skipped" and "failed" in results["knn"]["detail"]
+    assert results["svm"]["action"] == "skipped" and "running" in results["svm"]["detail"]
+    assert not (tmp_path / "tb" / "knn").exists()
+
+
+def test_missing_extras_name_them(run_set, tmp_path, monkeypatch):
+    from cars_tl.core.errors import CarsTLError
+    from cars_tl.report.track import track
+
+    for module in ("mlflow", "mlflow.tracking"):  # import mlflow... -> ImportError, even after other tests imported it
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with pytest.raises(CarsTLError) as err:
+        track([run_set], "mlflow", f"sqlite:///{tmp_path / 'x.db'}")
+    assert "cars_tl[mlflow]" in err.value.hint
+    with pytest.raises(CarsTLError) as err:
+        track([run_set], "tensorboard", str(tmp_path / "tb"))
+    assert "cars_tl[tensorboard]" in err.value.hint
+
+
+def test_cli_track_prints_a_line_per_run(run_set, tmp_path):
+    pytest.importorskip("tensorboardX")
+    from typer.testing import CliRunner
+
+    from cars_tl.cli import app
+
+    result = CliRunner().invoke(app, ["track", "--to", "tensorboard", str(tmp_path / "tb"), str(run_set / "runs" / "head")])
+    assert result.exit_code == 0, result.output
+    assert "created" in result.output and "1 created" in result.output
+    bad = CliRunner().invoke(app, ["track", "--to", "wandb", "x", str(run_set / "runs" / "head")])
+    assert bad.exit_code == 2 and "valid: tensorboard, mlflow" in bad.output
