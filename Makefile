@@ -115,7 +115,7 @@ DEMO_IMAGE_SIZE := $(if $(filter command line,$(origin WEIGHTS)),,64)
 # A stage that fails leaves no target behind: the next make reruns it.
 .DELETE_ON_ERROR:
 
-.PHONY: help install test test-fast demo all study features B C C-all kNN A D predict sparsity report clean-demo FORCE
+.PHONY: help install lint test test-fast demo all study features B C C-all kNN A D predict sparsity report clean-demo FORCE
 
 help:
 	@echo "cars_tl make targets:"
@@ -148,6 +148,11 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"

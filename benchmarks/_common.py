@@ -160,7 +160,10 @@ def wait_for_quiet(label: str = "", threshold: float = 0.15, max_wait: float = 2
     waited = time.perf_counter() - start
     QUIET_LOG.append({"before": label, "busy": round(busy, 3), "waited_s": round(waited, 1)})
     if busy > threshold:
-        print(f"  [warning: machine still {busy:.0%} busy before {label!r} after {waited:.0f}s; figures may be contended]", flush=True)
+        print(
+            f"  [warning: machine still {busy:.0%} busy before {label!r} after {waited:.0f}s; figures may be contended]",
+            flush=True,
+        )
     return busy
 
 
@@ -213,7 +216,10 @@ def best_of(fn, label: str, runs: int = 2, max_tries: int | None = None, max_for
             result = dict(result, foreign_cpu_share=round(c.foreign, 3), own_cores=round(c.own_cores, 2))
         results.append(result)
         clean = [r for r in results if r["foreign_cpu_share"] <= max_foreign]
-        print(f"  {label}: try {attempt + 1}: {result['seconds']:.3f}s, foreign CPU {result['foreign_cpu_share']:.0%}", flush=True)
+        print(
+            f"  {label}: try {attempt + 1}: {result['seconds']:.3f}s, foreign CPU {result['foreign_cpu_share']:.0%}",
+            flush=True,
+        )
         if len(clean) >= runs:
             break
     clean = [r for r in results if r["foreign_cpu_share"] <= max_foreign]

@@ -71,9 +71,14 @@ TUNED_MODE, TUNED_SIZE = "squash", 288
 
 
 def svm_rows(metrics: dict) -> dict:
-    return {k: {key: r.get(key) for key in ("test_acc", "train_acc", "cv_acc", "C", "gamma_value", "support_vectors", "fit_seconds")}
-            | ({"search_seconds": r["search"]["seconds"], "cv_grid": r["search"]["cv_acc"]} if "search" in r else {})
-            for k, r in metrics["kernels"].items()}
+    return {
+        k: {
+            key: r.get(key)
+            for key in ("test_acc", "train_acc", "cv_acc", "C", "gamma_value", "support_vectors", "fit_seconds")
+        }
+        | ({"search_seconds": r["search"]["seconds"], "cv_grid": r["search"]["cv_acc"]} if "search" in r else {})
+        for k, r in metrics["kernels"].items()
+    }
 
 
 def by_cv(rows: dict) -> str:
@@ -97,23 +102,37 @@ def cell(path: Path, runs_dir: Path, tuned_svm: bool) -> dict:
     c1_best = max(out["svm_c1"], key=lambda k: out["svm_c1"][k]["test_acc"])
     auto_pick = by_cv(out["svm_cauto"])
     out["summary"] = {
-        "head_study": out["head_study"]["test_acc"], "head_tuned": out["head_tuned"]["test_acc"],
-        "svm_c1_best_kernel": c1_best, "svm_c1_best": out["svm_c1"][c1_best]["test_acc"],
-        "svm_cauto_kernel_by_cv": auto_pick, "svm_cauto": out["svm_cauto"][auto_pick]["test_acc"],
+        "head_study": out["head_study"]["test_acc"],
+        "head_tuned": out["head_tuned"]["test_acc"],
+        "svm_c1_best_kernel": c1_best,
+        "svm_c1_best": out["svm_c1"][c1_best]["test_acc"],
+        "svm_cauto_kernel_by_cv": auto_pick,
+        "svm_cauto": out["svm_cauto"][auto_pick]["test_acc"],
         "svm_cauto_best_by_test": max(r["test_acc"] for r in out["svm_cauto"].values()),
-        "cauto_minus_c1_per_kernel": {k: round(out["svm_cauto"][k]["test_acc"] - out["svm_c1"][k]["test_acc"], 2) for k in svm.KERNELS},
+        "cauto_minus_c1_per_kernel": {
+            k: round(out["svm_cauto"][k]["test_acc"] - out["svm_c1"][k]["test_acc"], 2) for k in svm.KERNELS
+        },
     }
     if tuned_svm:  # the tuned SVM (--preset tuned) and the pipeline's pick between it and the tuned head
         _, m = fit_svm(path, kernel="all", preset="tuned", out=runs_dir / "svm-tuned", artifacts=runs_dir)
         out["svm_tuned"] = svm_rows(m)
         tuned_pick = by_cv(out["svm_tuned"])
         head_estimate, svm_estimate = out["head_tuned"]["val_acc"], out["svm_tuned"][tuned_pick]["cv_acc"]
-        pipeline = ("svm", out["svm_tuned"][tuned_pick]["test_acc"]) if svm_estimate >= head_estimate else ("head", out["head_tuned"]["test_acc"])
-        out["summary"].update({
-            "svm_tuned_kernel_by_cv": tuned_pick, "svm_tuned": out["svm_tuned"][tuned_pick]["test_acc"],
-            "svm_tuned_cv": svm_estimate, "head_tuned_val": head_estimate,
-            "pipeline_pick": pipeline[0], "pipeline_test_acc": pipeline[1],
-        })
+        pipeline = (
+            ("svm", out["svm_tuned"][tuned_pick]["test_acc"])
+            if svm_estimate >= head_estimate
+            else ("head", out["head_tuned"]["test_acc"])
+        )
+        out["summary"].update(
+            {
+                "svm_tuned_kernel_by_cv": tuned_pick,
+                "svm_tuned": out["svm_tuned"][tuned_pick]["test_acc"],
+                "svm_tuned_cv": svm_estimate,
+                "head_tuned_val": head_estimate,
+                "pipeline_pick": pipeline[0],
+                "pipeline_test_acc": pipeline[1],
+            }
+        )
     return out
 
 
@@ -123,11 +142,22 @@ def scalings(path: Path, runs_dir: Path, l2_rows: dict) -> dict:
         if scale == "l2":
             rows = l2_rows  # the cell's own --preset tuned run
         else:
-            _, m = fit_svm(path, kernel="all", preset="tuned", scale=scale, out=runs_dir / f"svm-tuned-{scale}", artifacts=runs_dir)
+            _, m = fit_svm(
+                path, kernel="all", preset="tuned", scale=scale, out=runs_dir / f"svm-tuned-{scale}", artifacts=runs_dir
+            )
             rows = svm_rows(m)
         pick = by_cv(rows)
-        out[scale] = {"kernels": rows, "kernel_by_cv": pick, "cv_acc": rows[pick]["cv_acc"], "test_acc": rows[pick]["test_acc"]}
-        print(f"  tuned SVM, scale {scale:8s}: " + ", ".join(f"{k} {r['test_acc']:.2f}% (cv {r['cv_acc']:.1f})" for k, r in rows.items()), flush=True)
+        out[scale] = {
+            "kernels": rows,
+            "kernel_by_cv": pick,
+            "cv_acc": rows[pick]["cv_acc"],
+            "test_acc": rows[pick]["test_acc"],
+        }
+        print(
+            f"  tuned SVM, scale {scale:8s}: "
+            + ", ".join(f"{k} {r['test_acc']:.2f}% (cv {r['cv_acc']:.1f})" for k, r in rows.items()),
+            flush=True,
+        )
     return out
 
 
@@ -153,20 +183,35 @@ def views_cell(path: Path, runs_dir: Path) -> dict:
     """Tuned head, SVM --C auto, tuned SVM, kNN and the tuned pipeline's pick on one cache, timed."""
     (_, m), head_s = timed(heads.train_head, path, preset="tuned", out=runs_dir / "head-tuned", artifacts=runs_dir)
     chosen = next(r for r in m["selection"]["grid"] if r["weight_decay"] == m["config"]["weight_decay"])
-    out = {"head_tuned": {"test_acc": m["final"]["test_acc"], "val_acc": chosen["val_acc"], "weight_decay": m["config"]["weight_decay"],
-                          "seconds": head_s}}
+    out = {
+        "head_tuned": {
+            "test_acc": m["final"]["test_acc"],
+            "val_acc": chosen["val_acc"],
+            "weight_decay": m["config"]["weight_decay"],
+            "seconds": head_s,
+        }
+    }
     for name, options in (("svm_cauto", dict(C="auto")), ("svm_tuned", dict(preset="tuned"))):
         (_, m), svm_s = timed(fit_svm, path, kernel="all", out=runs_dir / name, artifacts=runs_dir, **options)
         rows = svm_rows(m)
         pick = by_cv(rows)
-        out[name] = {"kernels": rows, "kernel_by_cv": pick, "test_acc": rows[pick]["test_acc"], "cv_acc": rows[pick]["cv_acc"],
-                     "seconds": svm_s}
+        out[name] = {
+            "kernels": rows,
+            "kernel_by_cv": pick,
+            "test_acc": rows[pick]["test_acc"],
+            "cv_acc": rows[pick]["cv_acc"],
+            "seconds": svm_s,
+        }
     (_, m), knn_s = timed(knn.run_knn, path, out=runs_dir / "knn", artifacts=runs_dir)
     out["knn"] = {"test_acc": m["final"]["test_acc"], "k": m["final"]["k"], "seconds": knn_s}
     head_estimate, svm_estimate = out["head_tuned"]["val_acc"], out["svm_tuned"]["cv_acc"]
     picked = "svm" if svm_estimate >= head_estimate else "head"
-    out["pipeline"] = {"pick": picked, "test_acc": out["svm_tuned" if picked == "svm" else "head_tuned"]["test_acc"],
-                       "head_val": head_estimate, "svm_cv": svm_estimate}
+    out["pipeline"] = {
+        "pick": picked,
+        "test_acc": out["svm_tuned" if picked == "svm" else "head_tuned"]["test_acc"],
+        "head_val": head_estimate,
+        "svm_cv": svm_estimate,
+    }
     return out
 
 
@@ -177,25 +222,39 @@ def views_section(tmp: Path, checkpoint=lambda partial: None) -> dict:
     for name, options in VIEWS.items():
         banner(f"views: {name} {options}")
         path = tmp / f"lite0-views-{name}.h5"
-        r = extract.extract_features(tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=TUNED_SIZE, resize_mode=TUNED_MODE, out=path,
-                                     **options)
+        r = extract.extract_features(
+            tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=TUNED_SIZE, resize_mode=TUNED_MODE, out=path, **options
+        )
         from cars_tl.artifacts import features
 
         spec = features.read_attrs(path)["transform"]
-        row = {"options": options, "recorded": spec.get("features"), "feature_dim": features.read_attrs(path)["feature_dim"],
-               "extract": {"seconds": round(r.seconds, 2), "images_per_second": round(r.images_per_second, 1), "precision": r.precision}}
+        row = {
+            "options": options,
+            "recorded": spec.get("features"),
+            "feature_dim": features.read_attrs(path)["feature_dim"],
+            "extract": {
+                "seconds": round(r.seconds, 2),
+                "images_per_second": round(r.images_per_second, 1),
+                "precision": r.precision,
+            },
+        }
         row.update(views_cell(path, tmp / "runs" / f"views-{name}"))
         results["variants"][name] = row
         checkpoint(results)
-        print(f"  {row['feature_dim']} columns, extract {r.seconds:.1f} s ({r.images_per_second:.1f} img/s) | head tuned "
-              f"{row['head_tuned']['test_acc']:.2f} (val {row['head_tuned']['val_acc']:.1f}, {row['head_tuned']['seconds']:.0f} s) | "
-              f"SVM C auto {row['svm_cauto']['test_acc']:.2f} ({row['svm_cauto']['kernel_by_cv']}, cv {row['svm_cauto']['cv_acc']:.1f}, "
-              f"{row['svm_cauto']['seconds']:.0f} s) | tuned SVM {row['svm_tuned']['test_acc']:.2f} ({row['svm_tuned']['kernel_by_cv']}, "
-              f"cv {row['svm_tuned']['cv_acc']:.1f}, {row['svm_tuned']['seconds']:.0f} s) | kNN {row['knn']['test_acc']:.2f} | "
-              f"pipeline {row['pipeline']['pick']} {row['pipeline']['test_acc']:.2f}", flush=True)
+        print(
+            f"  {row['feature_dim']} columns, extract {r.seconds:.1f} s ({r.images_per_second:.1f} img/s) | head tuned "
+            f"{row['head_tuned']['test_acc']:.2f} (val {row['head_tuned']['val_acc']:.1f}, {row['head_tuned']['seconds']:.0f} s) | "
+            f"SVM C auto {row['svm_cauto']['test_acc']:.2f} ({row['svm_cauto']['kernel_by_cv']}, cv {row['svm_cauto']['cv_acc']:.1f}, "
+            f"{row['svm_cauto']['seconds']:.0f} s) | tuned SVM {row['svm_tuned']['test_acc']:.2f} ({row['svm_tuned']['kernel_by_cv']}, "
+            f"cv {row['svm_tuned']['cv_acc']:.1f}, {row['svm_tuned']['seconds']:.0f} s) | kNN {row['knn']['test_acc']:.2f} | "
+            f"pipeline {row['pipeline']['pick']} {row['pipeline']['test_acc']:.2f}",
+            flush=True,
+        )
     both = results["variants"]["both"]["pipeline"]["test_acc"]
     results["target_tuned_pipeline_minus_todays"] = target(both - TODAYS_TUNED_PIPELINE, 4.0)
-    print(f"target tuned pipeline (both) - today's {TODAYS_TUNED_PIPELINE}: {results['target_tuned_pipeline_minus_todays']}")
+    print(
+        f"target tuned pipeline (both) - today's {TODAYS_TUNED_PIPELINE}: {results['target_tuned_pipeline_minus_todays']}"
+    )
     return results
 
 
@@ -213,7 +272,9 @@ def main() -> None:
         results = json.loads(previous.read_text()) if previous.is_file() else {"benchmark": NAME}
         started = time.perf_counter()
         with real_subset() as (tmp, _):
-            results["views"] = views_section(tmp, lambda partial: save(NAME, dict(results, views=dict(partial, partial=True))))
+            results["views"] = views_section(
+                tmp, lambda partial: save(NAME, dict(results, views=dict(partial, partial=True)))
+            )
         results["views"]["seconds"] = round(time.perf_counter() - started, 1)
         results["views"]["machine"] = machine_info()
         save(NAME, results)
@@ -223,38 +284,71 @@ def main() -> None:
     # (the tuned head ran 12x slower that way); accuracy does not depend on it, img/s does (recorded).
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     require_shared(LITE0_WEIGHTS)
-    results = {"benchmark": NAME, "machine": machine_info(), "backbone": LITE0, "weights": LITE0_WEIGHTS.name,
-               "grid": {"modes": MODES, "sizes": SIZES, "C_grid": svm_search.C_GRID, "gamma_factors": svm_search.GAMMA_FACTORS,
-                        "folds": svm_search.DEFAULT_FOLDS}, "cells": {}, "extract": {}}
+    results = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "backbone": LITE0,
+        "weights": LITE0_WEIGHTS.name,
+        "grid": {
+            "modes": MODES,
+            "sizes": SIZES,
+            "C_grid": svm_search.C_GRID,
+            "gamma_factors": svm_search.GAMMA_FACTORS,
+            "folds": svm_search.DEFAULT_FOLDS,
+        },
+        "cells": {},
+        "extract": {},
+    }
     started = time.perf_counter()
     with real_subset() as (tmp, manifest):
-        results["dataset"] = {"counts": manifest.counts(), "classes_present": manifest.classes_present(),
-                              "label_space": manifest.num_classes, "chance_pct": round(100 / manifest.classes_present(), 2)}
+        results["dataset"] = {
+            "counts": manifest.counts(),
+            "classes_present": manifest.classes_present(),
+            "label_space": manifest.num_classes,
+            "chance_pct": round(100 / manifest.classes_present(), 2),
+        }
         paths = {}
         tuned_key = f"{TUNED_MODE}-{TUNED_SIZE}"
-        order = sorted(((m, z) for z in SIZES for m in MODES), key=lambda mz: f"{mz[0]}-{mz[1]}" not in ("crop-224", tuned_key))
+        order = sorted(
+            ((m, z) for z in SIZES for m in MODES), key=lambda mz: f"{mz[0]}-{mz[1]}" not in ("crop-224", tuned_key)
+        )
         for mode, size in order:
-                key = f"{mode}-{size}"
-                banner(key)
-                path = tmp / f"lite0-{key}.h5"
-                r = extract.extract_features(tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path)
-                results["extract"][key] = {"images_per_second": round(r.images_per_second, 1), "seconds": round(r.seconds, 2),
-                                           "precision": r.precision, "counts": r.counts}
-                paths[key] = path
-                c = cell(path, tmp / "runs" / key, key in ("crop-224", tuned_key))
-                results["cells"][key] = c
-                s = c["summary"]
-                print(f"  extract {r.images_per_second:.1f} img/s | head study {s['head_study']:.2f} tuned {s['head_tuned']:.2f} | "
-                      f"SVM C=1 best {s['svm_c1_best']:.2f} ({s['svm_c1_best_kernel']}) | C auto {s['svm_cauto']:.2f} "
-                      f"({s['svm_cauto_kernel_by_cv']}) | C auto - C=1: {s['cauto_minus_c1_per_kernel']}"
-                      + (f" | tuned SVM {s['svm_tuned']:.2f} ({s['svm_tuned_kernel_by_cv']}, cv {s['svm_tuned_cv']:.1f}) | pipeline "
-                         f"{s['pipeline_pick']} {s['pipeline_test_acc']:.2f}" if "pipeline_pick" in s else ""), flush=True)
+            key = f"{mode}-{size}"
+            banner(key)
+            path = tmp / f"lite0-{key}.h5"
+            r = extract.extract_features(
+                tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path
+            )
+            results["extract"][key] = {
+                "images_per_second": round(r.images_per_second, 1),
+                "seconds": round(r.seconds, 2),
+                "precision": r.precision,
+                "counts": r.counts,
+            }
+            paths[key] = path
+            c = cell(path, tmp / "runs" / key, key in ("crop-224", tuned_key))
+            results["cells"][key] = c
+            s = c["summary"]
+            print(
+                f"  extract {r.images_per_second:.1f} img/s | head study {s['head_study']:.2f} tuned {s['head_tuned']:.2f} | "
+                f"SVM C=1 best {s['svm_c1_best']:.2f} ({s['svm_c1_best_kernel']}) | C auto {s['svm_cauto']:.2f} "
+                f"({s['svm_cauto_kernel_by_cv']}) | C auto - C=1: {s['cauto_minus_c1_per_kernel']}"
+                + (
+                    f" | tuned SVM {s['svm_tuned']:.2f} ({s['svm_tuned_kernel_by_cv']}, cv {s['svm_tuned_cv']:.1f}) | pipeline "
+                    f"{s['pipeline_pick']} {s['pipeline_test_acc']:.2f}"
+                    if "pipeline_pick" in s
+                    else ""
+                ),
+                flush=True,
+            )
         results["views"] = views_section(tmp)
         banner("scaling with the tuned SVM")
         results["scaling"] = {}
         for key in ("crop-224", f"{TUNED_MODE}-{TUNED_SIZE}"):
             print(f" {key}:")
-            results["scaling"][key] = scalings(paths[key], tmp / "runs" / f"scaling-{key}", results["cells"][key]["svm_tuned"])
+            results["scaling"][key] = scalings(
+                paths[key], tmp / "runs" / f"scaling-{key}", results["cells"][key]["svm_tuned"]
+            )
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
     tuned_key = f"{TUNED_MODE}-{TUNED_SIZE}"
@@ -268,12 +362,16 @@ def main() -> None:
     print(f"{'cell':12s} {'img/s':>7s} {'head study':>10s} {'head tuned':>10s} {'SVM C=1':>14s} {'SVM C auto':>16s}")
     for key in (f"{m}-{z}" for z in SIZES for m in MODES):
         s = results["cells"][key]["summary"]
-        print(f"{key:12s} {results['extract'][key]['images_per_second']:7.1f} {s['head_study']:10.2f} {s['head_tuned']:10.2f} "
-              f"{s['svm_c1_best']:7.2f} {s['svm_c1_best_kernel']:>6s} {s['svm_cauto']:8.2f} {s['svm_cauto_kernel_by_cv']:>7s}")
+        print(
+            f"{key:12s} {results['extract'][key]['images_per_second']:7.1f} {s['head_study']:10.2f} {s['head_tuned']:10.2f} "
+            f"{s['svm_c1_best']:7.2f} {s['svm_c1_best_kernel']:>6s} {s['svm_cauto']:8.2f} {s['svm_cauto_kernel_by_cv']:>7s}"
+        )
     for key in ("crop-224", tuned_key):
         s = results["cells"][key]["summary"]
-        print(f"{key}: tuned SVM {s['svm_tuned']:.2f} ({s['svm_tuned_kernel_by_cv']}, CV {s['svm_tuned_cv']:.2f}), tuned head val "
-              f"{s['head_tuned_val']:.2f}: pipeline picks {s['pipeline_pick']} -> {s['pipeline_test_acc']:.2f}")
+        print(
+            f"{key}: tuned SVM {s['svm_tuned']:.2f} ({s['svm_tuned_kernel_by_cv']}, CV {s['svm_tuned_cv']:.2f}), tuned head val "
+            f"{s['head_tuned_val']:.2f}: pipeline picks {s['pipeline_pick']} -> {s['pipeline_test_acc']:.2f}"
+        )
     for name, t in results["targets"].items():
         print(f"target {name}: {t}")
     save(NAME, results)

@@ -61,25 +61,54 @@ CONFIGS = {"1x2": (1, 2), "1x1": (1, 1), "2x1": (2, 1)}
 def command(processes: int, *args: str) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "cars_tl", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "cars_tl", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "cars_tl",
+        *args,
+    ]
 
 
 def run(processes: int, threads: int, args: list[str]) -> tuple[dict, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
     with Contention() as c:
         t0 = time.perf_counter()
-        done = subprocess.run(command(processes, *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        done = subprocess.run(
+            command(processes, *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+        )
         wall = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"command failed ({done.returncode}): {' '.join(args)}\n{done.stderr[-3000:]}")
-    return {"wall_s": round(wall, 2), "foreign_cpu_share": round(c.foreign, 3), "own_cores": round(c.own_cores, 2)}, done.stdout + done.stderr
+    return {
+        "wall_s": round(wall, 2),
+        "foreign_cpu_share": round(c.foreign, 3),
+        "own_cores": round(c.own_cores, 2),
+    }, done.stdout + done.stderr
 
 
 def extract_once(data_dir: Path, work: Path, processes: int, threads: int) -> dict:
     out = work / f"f-{processes}x{threads}-{time.time_ns()}.h5"
     workers = 2 if processes == 1 and threads == 2 else 1
-    args = ["extract-features", "--data-dir", str(data_dir), "--backbone", BACKBONE, "--weights", "random",
-            "--batch-size", "64", "--workers", str(workers), "--out", str(out)]
+    args = [
+        "extract-features",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        BACKBONE,
+        "--weights",
+        "random",
+        "--batch-size",
+        "64",
+        "--workers",
+        str(workers),
+        "--out",
+        str(out),
+    ]
     result, text = run(processes, threads, args)
     match = re.search(r"([\d,.]+) img/s \((\w+) on", text)
     result.update(images_per_second=float(match.group(1).replace(",", "")), precision=match.group(2), workers=workers)
@@ -89,13 +118,33 @@ def extract_once(data_dir: Path, work: Path, processes: int, threads: int) -> di
 
 def finetune_once(data_dir: Path, work: Path, processes: int, threads: int) -> dict:
     out = work / f"r-{processes}x{threads}-{time.time_ns()}"
-    args = ["finetune", "--data-dir", str(data_dir), "--backbone", BACKBONE, "--weights", "random", "--unfreeze", "layer4",
-            "--epochs", "1", "--workers", "0", "--out", str(out)]
+    args = [
+        "finetune",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        BACKBONE,
+        "--weights",
+        "random",
+        "--unfreeze",
+        "layer4",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     result, _ = run(processes, threads, args)
     metrics = json.loads((out / "metrics.json").read_text())
     row = metrics["history"][-1]
-    result.update(images_per_second=row["images_per_second"], epoch_seconds=row["seconds"], precision=metrics["backbone"]["precision"],
-                  test_acc=row["test_acc"], train_loss=row["train_loss"])
+    result.update(
+        images_per_second=row["images_per_second"],
+        epoch_seconds=row["seconds"],
+        precision=metrics["backbone"]["precision"],
+        test_acc=row["test_acc"],
+        train_loss=row["train_loss"],
+    )
     return result
 
 
@@ -106,8 +155,11 @@ def main() -> None:
     args = parser.parse_args()
     info = machine_info()
     claim_cpu()
-    results: dict = {"description": __doc__, "configs": {k: {"processes": p, "threads": t} for k, (p, t) in CONFIGS.items()},
-                     "gpu": "not measured: no GPU device was lent to this task"}
+    results: dict = {
+        "description": __doc__,
+        "configs": {k: {"processes": p, "threads": t} for k, (p, t) in CONFIGS.items()},
+        "gpu": "not measured: no GPU device was lent to this task",
+    }
     stages = {"extract": extract_once, "finetune": finetune_once}
     if args.only:
         stages = {args.only: stages[args.only]}
@@ -121,17 +173,24 @@ def main() -> None:
                     r = fn(data_dir, Path(work), p, t)
                     r["load_average"] = load_average()
                     tries[key].append(r)
-                    print(f"  round {round_ + 1} {key}: {r['images_per_second']:.1f} img/s, wall {r['wall_s']:.1f}s, "
-                          f"foreign CPU {r['foreign_cpu_share']:.0%}, load {r['load_average']}", flush=True)
+                    print(
+                        f"  round {round_ + 1} {key}: {r['images_per_second']:.1f} img/s, wall {r['wall_s']:.1f}s, "
+                        f"foreign CPU {r['foreign_cpu_share']:.0%}, load {r['load_average']}",
+                        flush=True,
+                    )
             best = {k: max(v, key=lambda r: r["images_per_second"]) for k, v in tries.items()}
             ratio = best["2x1"]["images_per_second"] / best["1x2"]["images_per_second"]
             results[stage] = {
-                "best": best, "all": tries,
+                "best": best,
+                "all": tries,
                 "ratio_2x1_vs_1x2": target(ratio, 0.9),
                 "ratio_2x1_vs_1x1": round(best["2x1"]["images_per_second"] / best["1x1"]["images_per_second"], 3),
                 "wall_ratio_1x2_over_2x1": round(best["1x2"]["wall_s"] / best["2x1"]["wall_s"], 3),
             }
-            print(f"  {stage}: 2x1 / 1x2 = {ratio:.3f} (target >= 0.9), 2x1 / 1x1 = {results[stage]['ratio_2x1_vs_1x1']:.3f}", flush=True)
+            print(
+                f"  {stage}: 2x1 / 1x2 = {ratio:.3f} (target >= 0.9), 2x1 / 1x1 = {results[stage]['ratio_2x1_vs_1x1']:.3f}",
+                flush=True,
+            )
     results["machine"] = info
     if args.only:  # keep the other stage's figures from the last full run
         import json

@@ -95,7 +95,9 @@ def child_ceiling(name: str, weights: str, precision: str, batch_size: int, batc
 
     out = measured(run)
     n = batch_size * batches
-    return dict(out, images=n, images_per_second=n / out["seconds"], page_faults_per_image=round((page_faults() - faults) / n))
+    return dict(
+        out, images=n, images_per_second=n / out["seconds"], page_faults_per_image=round((page_faults() - faults) / n)
+    )
 
 
 def child_extract(data_dir: str, name: str, weights: str, out_dir: str, **kwargs) -> dict:
@@ -107,15 +109,25 @@ def child_extract(data_dir: str, name: str, weights: str, out_dir: str, **kwargs
     res = {}
 
     def run():
-        res["r"] = extract.extract_features(Path(data_dir), name, weights, out=out, artifacts=Path(out_dir) / "artifacts", **kwargs)
+        res["r"] = extract.extract_features(
+            Path(data_dir), name, weights, out=out, artifacts=Path(out_dir) / "artifacts", **kwargs
+        )
 
     m = measured(run)
     r = res["r"]
     assert r.action == "extracted", r.action
     n = sum(r.counts.values())
-    return dict(m, seconds=r.seconds, wall_seconds_incl_build_and_write=round(m["seconds"], 3), images=n,
-                images_per_second=r.images_per_second, precision=r.precision, path=str(out),
-                page_faults_per_image_main_process=round((page_faults() - faults) / n), **kwargs)
+    return dict(
+        m,
+        seconds=r.seconds,
+        wall_seconds_incl_build_and_write=round(m["seconds"], 3),
+        images=n,
+        images_per_second=r.images_per_second,
+        precision=r.precision,
+        path=str(out),
+        page_faults_per_image_main_process=round((page_faults() - faults) / n),
+        **kwargs,
+    )
 
 
 def child_loader_only(data_dir: str, spec: dict, batch_size: int, workers: int) -> dict:
@@ -134,7 +146,9 @@ def child_loader_only(data_dir: str, spec: dict, batch_size: int, workers: int) 
     return dict(out, images_per_second=out["images"] / out["seconds"])
 
 
-def child_dataloader_pipeline(data_dir: str, name: str, weights: str, precision: str, batch_size: int, workers: int) -> dict:
+def child_dataloader_pipeline(
+    data_dir: str, name: str, weights: str, precision: str, batch_size: int, workers: int
+) -> dict:
     """The previous design: the same prepared body and batch, fed by ``make_loader`` (worker
     processes, per-image ToTensor + Normalize). Loop only, no file writing."""
     body, _ = _warm_body(name, weights, precision, batch_size)
@@ -179,13 +193,20 @@ def child_preprocessing(data_dir: str, spec: dict) -> dict:
     per_image = T.Compose([T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
     _, tensor_ms = stage(per_image, cropped)
     sizes = np.array([(r.width, r.height) for r in records])
-    ms = {"decode (open_image)": decode_ms, "resize+center crop (one PIL call)": crop_ms, "PixelNormalizer into batch row": norm_ms}
+    ms = {
+        "decode (open_image)": decode_ms,
+        "resize+center crop (one PIL call)": crop_ms,
+        "PixelNormalizer into batch row": norm_ms,
+    }
     return {
         "ms_per_image_single_thread": {**{k: round(v, 3) for k, v in ms.items()}, "total": round(sum(ms.values()), 3)},
         "dataloader_path_ToTensor_Normalize_ms": round(tensor_ms, 3),
-        "image_sizes": {"max_side_px": int(sizes.max()), "median_width": float(np.median(sizes[:, 0])),
-                        "median_height": float(np.median(sizes[:, 1])),
-                        "mean_megapixels": round(float((sizes[:, 0] * sizes[:, 1]).mean() / 1e6), 3)},
+        "image_sizes": {
+            "max_side_px": int(sizes.max()),
+            "median_width": float(np.median(sizes[:, 0])),
+            "median_height": float(np.median(sizes[:, 1])),
+            "mean_megapixels": round(float((sizes[:, 0] * sizes[:, 1]).mean() / 1e6), 3),
+        },
     }
 
 
@@ -199,13 +220,18 @@ def child_naive(data_dir: str, name: str, weights: str) -> dict:
     model = bb.body  # NCHW, fp32
     model.eval()
     spec = bb.transform
-    transform = T.Compose([
-        T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
-        T.CenterCrop(spec["crop"]),
-        T.ToTensor(),
-        T.Normalize(spec["mean"], spec["std"]),
-    ])
-    loaders = {s: DataLoader(data.CarsDataset(manifest, s, transform), batch_size=32, shuffle=False, num_workers=0) for s in SPLITS}
+    transform = T.Compose(
+        [
+            T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
+            T.CenterCrop(spec["crop"]),
+            T.ToTensor(),
+            T.Normalize(spec["mean"], spec["std"]),
+        ]
+    )
+    loaders = {
+        s: DataLoader(data.CarsDataset(manifest, s, transform), batch_size=32, shuffle=False, num_workers=0)
+        for s in SPLITS
+    }
     with torch.no_grad():  # warm-up: one batch
         model(next(iter(loaders["train"]))[0])
     feats = {}
@@ -223,8 +249,12 @@ def child_naive(data_dir: str, name: str, weights: str) -> dict:
         return {"images": n}
 
     out = measured(run)
-    return dict(out, images_per_second=out["images"] / out["seconds"], features=feats,
-                page_faults_per_image=round((page_faults() - faults) / out["images"]))
+    return dict(
+        out,
+        images_per_second=out["images"] / out["seconds"],
+        features=feats,
+        page_faults_per_image=round((page_faults() - faults) / out["images"]),
+    )
 
 
 # --------------------------------------------------------------------------- parent
@@ -246,13 +276,20 @@ def bench_backbone(tmp: Path, name: str, weights: str, quick: bool) -> dict:
     spec = backbones.build_backbone(name, weights).transform
     batches = 3 if heavy else 10
     runs = 1 if quick else 2
-    res: dict = {"backbone": name, "weights": Path(weights).name if weights != "random" else "random",
-                 "defaults": {"batch_size": batch_size, "workers": workers, "precision": precision}}
+    res: dict = {
+        "backbone": name,
+        "weights": Path(weights).name if weights != "random" else "random",
+        "defaults": {"batch_size": batch_size, "workers": workers, "precision": precision},
+    }
 
     def ceiling(bs=batch_size, runs=runs):
         n = max(batches, (batches * batch_size) // bs)
         # malloc tuned: extract_features tunes its own process, so the ceiling gets the same.
-        return best_of(lambda: isolated(child_ceiling, name, weights, precision, bs, n, malloc=True), f"{name} ceiling bs{bs}", runs=runs)
+        return best_of(
+            lambda: isolated(child_ceiling, name, weights, precision, bs, n, malloc=True),
+            f"{name} ceiling bs{bs}",
+            runs=runs,
+        )
 
     def run_extract(label, runs=1, **kwargs):
         return best_of(lambda: isolated(child_extract, d, name, weights, o, **kwargs), label, runs=runs)
@@ -261,8 +298,11 @@ def bench_backbone(tmp: Path, name: str, weights: str, quick: bool) -> dict:
     res["extract_default"] = run_extract(f"{name} extract-features (defaults)", runs=runs)
     ratio = res["extract_default"]["images_per_second"] / res["ceiling"]["images_per_second"]
     res["ratio_extract_vs_ceiling"] = target(ratio, 0.85)
-    print(f"{name}: extract {res['extract_default']['images_per_second']:.1f} img/s, ceiling "
-          f"{res['ceiling']['images_per_second']:.1f} img/s -> ratio {ratio:.3f} (target >= 0.85)", flush=True)
+    print(
+        f"{name}: extract {res['extract_default']['images_per_second']:.1f} img/s, ceiling "
+        f"{res['ceiling']['images_per_second']:.1f} img/s -> ratio {ratio:.3f} (target >= 0.85)",
+        flush=True,
+    )
 
     # Why: what preprocessing costs, and the best overlap the cores allow.
     wait_for_quiet("preprocessing")
@@ -273,28 +313,42 @@ def bench_backbone(tmp: Path, name: str, weights: str, quick: bool) -> dict:
     ex = res["extract_default"]
     spent = 1000 * ex["own_cores"] * ex["wall_seconds_incl_build_and_write"] / ex["images"]
     res["overlap_analysis"] = {
-        "model_core_ms_per_image": round(model_ms, 2), "data_core_ms_per_image": data_ms, "cores": cores,
+        "model_core_ms_per_image": round(model_ms, 2),
+        "data_core_ms_per_image": data_ms,
+        "cores": cores,
         "max_ratio_with_perfect_overlap": round(model_ms / (model_ms + data_ms), 4),
         "core_ms_per_image_spent_by_extract (whole call, incl. build + write)": round(spent, 2),
         "note": "when the model alone keeps every core busy, decoding and resizing take CPU from it: a pipeline then "
-                "stays below model_ms / (model_ms + data_ms) of the ceiling; it can pass that bound only by using "
-                "core time the model leaves idle (lite0's small depthwise layers leave some)",
+        "stays below model_ms / (model_ms + data_ms) of the ceiling; it can pass that bound only by using "
+        "core time the model leaves idle (lite0's small depthwise layers leave some)",
     }
-    res["loader_only"] = best_of(lambda: isolated(child_loader_only, d, spec, batch_size, workers, malloc=True),
-                                 f"threaded loader only, workers {workers}", runs=1)
+    res["loader_only"] = best_of(
+        lambda: isolated(child_loader_only, d, spec, batch_size, workers, malloc=True),
+        f"threaded loader only, workers {workers}",
+        runs=1,
+    )
     res["previous_design_dataloader"] = best_of(
         lambda: isolated(child_dataloader_pipeline, d, name, weights, precision, batch_size, workers, malloc=True),
-        f"{name} DataLoader pipeline (previous design)", runs=1)
+        f"{name} DataLoader pipeline (previous design)",
+        runs=1,
+    )
     prev = res["previous_design_dataloader"]
     prev["ratio_vs_ceiling"] = round(prev["images_per_second"] / res["ceiling"]["images_per_second"], 4)
     res["threaded_vs_dataloader"] = round(ex["images_per_second"] / prev["images_per_second"], 3)
-    print(f"  previous design (DataLoader, {workers} worker processes): {prev['images_per_second']:.1f} img/s; "
-          f"threaded / DataLoader {res['threaded_vs_dataloader']:.2f}x", flush=True)
+    print(
+        f"  previous design (DataLoader, {workers} worker processes): {prev['images_per_second']:.1f} img/s; "
+        f"threaded / DataLoader {res['threaded_vs_dataloader']:.2f}x",
+        flush=True,
+    )
 
     # Settings through the function's own arguments.
     sweep = []
     if not quick:
-        settings = [dict(workers=1), dict(workers=3), dict(batch_size=32), dict(batch_size=128)] if not heavy else [dict(workers=1)]
+        settings = (
+            [dict(workers=1), dict(workers=3), dict(batch_size=32), dict(batch_size=128)]
+            if not heavy
+            else [dict(workers=1)]
+        )
         for setting in settings:
             r = run_extract(f"{name} extract {setting}", **setting)
             bs = setting.get("batch_size", batch_size)
@@ -310,7 +364,12 @@ def bench_backbone(tmp: Path, name: str, weights: str, quick: bool) -> dict:
     naive = best_of(lambda: isolated(child_naive, d, name, weights), f"{name} naive loop", runs=runs, max_tries=3)
     naive_feats = naive.pop("features")
     res["naive"] = naive
-    naive_mt = best_of(lambda: isolated(child_naive, d, name, weights, malloc=True), f"{name} naive loop (malloc tuned)", runs=1, max_tries=3)
+    naive_mt = best_of(
+        lambda: isolated(child_naive, d, name, weights, malloc=True),
+        f"{name} naive loop (malloc tuned)",
+        runs=1,
+        max_tries=3,
+    )
     naive_mt.pop("features")
     res["naive_malloc_tuned"] = naive_mt
     speedup = ex["images_per_second"] / naive["images_per_second"]
@@ -318,11 +377,18 @@ def bench_backbone(tmp: Path, name: str, weights: str, quick: bool) -> dict:
     res["speedup_vs_naive_malloc_tuned"] = round(ex["images_per_second"] / naive_mt["images_per_second"], 3)
     cache = features.load(Path(ex["path"]), SPLITS)
     cos = np.concatenate([cosine_rows(cache.split(s).features, naive_feats[s]) for s in SPLITS])
-    res["cosine_bf16_vs_naive_fp32"] = {"min": target(float(cos.min()), 0.995), "mean": round(float(cos.mean()), 6),
-                                        "p01": round(float(np.quantile(cos, 0.01)), 6), "images": int(len(cos))}
-    print(f"{name}: naive {naive['images_per_second']:.1f} img/s -> speedup {speedup:.2f}x (target >= 4; "
-          f"{res['speedup_vs_naive_malloc_tuned']:.2f}x over a naive loop with malloc tuned too); "
-          f"cosine min {cos.min():.5f} mean {cos.mean():.5f} (target min >= 0.995)", flush=True)
+    res["cosine_bf16_vs_naive_fp32"] = {
+        "min": target(float(cos.min()), 0.995),
+        "mean": round(float(cos.mean()), 6),
+        "p01": round(float(np.quantile(cos, 0.01)), 6),
+        "images": int(len(cos)),
+    }
+    print(
+        f"{name}: naive {naive['images_per_second']:.1f} img/s -> speedup {speedup:.2f}x (target >= 4; "
+        f"{res['speedup_vs_naive_malloc_tuned']:.2f}x over a naive loop with malloc tuned too); "
+        f"cosine min {cos.min():.5f} mean {cos.mean():.5f} (target min >= 0.995)",
+        flush=True,
+    )
     for entry in (ex, *sweep):
         Path(entry.pop("path")).unlink(missing_ok=True)
     return res
@@ -337,7 +403,11 @@ def main() -> None:
     results = {"benchmark": NAME, "machine": machine_info(), "backbones": {}}
     started = time.perf_counter()
     with real_subset() as (tmp, manifest):
-        results["dataset"] = {"images": len(manifest.records), "counts": manifest.counts(), "classes_present": manifest.classes_present()}
+        results["dataset"] = {
+            "images": len(manifest.records),
+            "counts": manifest.counts(),
+            "classes_present": manifest.classes_present(),
+        }
         plan = [(LITE0, str(LITE0_WEIGHTS)), ("resnet50", "random")]
         if args.only:
             plan = [p for p in plan if (args.only == "lite0") == (p[0] == LITE0)]
@@ -346,10 +416,12 @@ def main() -> None:
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     banner("summary")
     for name, r in results["backbones"].items():
-        print(f"{name:24s} extract {r['extract_default']['images_per_second']:.1f} img/s / ceiling {r['ceiling']['images_per_second']:.1f} "
-              f"= {r['ratio_extract_vs_ceiling']['value']:.3f} (>= 0.85: {r['ratio_extract_vs_ceiling']['met']}); "
-              f"vs naive {r['naive']['images_per_second']:.1f} img/s = {r['speedup_vs_naive']['value']:.2f}x (>= 4: {r['speedup_vs_naive']['met']}); "
-              f"cosine min {r['cosine_bf16_vs_naive_fp32']['min']['value']:.5f} (>= 0.995: {r['cosine_bf16_vs_naive_fp32']['min']['met']})")
+        print(
+            f"{name:24s} extract {r['extract_default']['images_per_second']:.1f} img/s / ceiling {r['ceiling']['images_per_second']:.1f} "
+            f"= {r['ratio_extract_vs_ceiling']['value']:.3f} (>= 0.85: {r['ratio_extract_vs_ceiling']['met']}); "
+            f"vs naive {r['naive']['images_per_second']:.1f} img/s = {r['speedup_vs_naive']['value']:.2f}x (>= 4: {r['speedup_vs_naive']['met']}); "
+            f"cosine min {r['cosine_bf16_vs_naive_fp32']['min']['value']:.5f} (>= 0.995: {r['cosine_bf16_vs_naive_fp32']['min']['met']})"
+        )
     save(NAME + ("_" + args.only if args.only else ""), results)
 
 

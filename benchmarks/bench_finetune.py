@@ -70,19 +70,28 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
 
     if data_dir is None:
         g = torch.Generator().manual_seed(0)
-        batch = (torch.randn(BATCH, 3, 224, 224, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g), torch.arange(BATCH), [])
+        batch = (
+            torch.randn(BATCH, 3, 224, 224, generator=g),
+            torch.randint(0, CLASSES, (BATCH,), generator=g),
+            torch.arange(BATCH),
+            [],
+        )
         warm_batches, timed_batches = [batch] * warmup, [batch] * steps
         source = "in-memory random tensors"
     else:
         manifest = data.load_manifest(Path(data_dir))
         train_set = data.CarsDataset(manifest, "train", transforms.train_transform(bb.transform, "none"), mark_bad=True)
-        loader = make_loader(train_set, BATCH, default_workers(), "cpu", shuffle=True, generator=torch.Generator().manual_seed(0))
+        loader = make_loader(
+            train_set, BATCH, default_workers(), "cpu", shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
         it = iter(loader)
         warm_batches, timed_batches = itertools.islice(it, warmup), itertools.islice(it, steps)
         source = f"real data loader (make_loader, workers {default_workers()}, train images, augment none)"
 
     def epoch(batches, n):
-        return finetune._train_epoch(model, batches, opt, scheduler, scaler, config, "cpu", precision, 1, n, finetune.NULL)
+        return finetune._train_epoch(
+            model, batches, opt, scheduler, scaler, config, "cpu", precision, 1, n, finetune.NULL
+        )
 
     epoch(warm_batches, BATCH * warmup)
     faults = page_faults()
@@ -90,10 +99,19 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
     out.pop("row")
     images = BATCH * steps
     trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    return dict(out, images=images, images_per_second=images / out["seconds"], source=source, unfreeze=unfreeze,
-                precision=precision, warmup_steps=warmup, timed_steps=steps, trainable_params=trainable,
-                total_params=sum(p.numel() for p in model.parameters()),
-                page_faults_per_image=round((page_faults() - faults) / images))
+    return dict(
+        out,
+        images=images,
+        images_per_second=images / out["seconds"],
+        source=source,
+        unfreeze=unfreeze,
+        precision=precision,
+        warmup_steps=warmup,
+        timed_steps=steps,
+        trainable_params=trainable,
+        total_params=sum(p.numel() for p in model.parameters()),
+        page_faults_per_image=round((page_faults() - faults) / images),
+    )
 
 
 def main() -> None:
@@ -104,8 +122,16 @@ def main() -> None:
     parser.add_argument("--loader-steps", type=int, default=3)
     parser.add_argument("--no-malloc", action="store_true", help="skip the malloc-tuned runs")
     args = parser.parse_args()
-    results = {"benchmark": NAME, "machine": machine_info(), "backbone": BACKBONE, "weights": WEIGHTS, "classes": CLASSES,
-               "batch_size": BATCH, "image_size": 224, "auto_precision_here": runtime.resolve_precision("auto", "cpu")}
+    results = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "backbone": BACKBONE,
+        "weights": WEIGHTS,
+        "classes": CLASSES,
+        "batch_size": BATCH,
+        "image_size": 224,
+        "auto_precision_here": runtime.resolve_precision("auto", "cpu"),
+    }
     started = time.perf_counter()
     with real_subset() as (tmp, manifest):
         d = str(tmp / "data")
@@ -119,11 +145,18 @@ def main() -> None:
             banner(key)
             rows = {}
             for unfreeze, precision in COMBOS:
-                r = best_of(lambda: isolated(child_train, source_dir, unfreeze, precision, warm, steps, malloc=malloc),
-                            f"{key} unfreeze={unfreeze} {precision}", runs=1, max_tries=3)
+                r = best_of(
+                    lambda: isolated(child_train, source_dir, unfreeze, precision, warm, steps, malloc=malloc),
+                    f"{key} unfreeze={unfreeze} {precision}",
+                    runs=1,
+                    max_tries=3,
+                )
                 rows[f"{unfreeze}/{precision}"] = r
-                print(f"  unfreeze {unfreeze:6s} {precision}: {r['images_per_second']:.2f} img/s "
-                      f"({r['trainable_params'] / 1e6:.1f}M trainable)", flush=True)
+                print(
+                    f"  unfreeze {unfreeze:6s} {precision}: {r['images_per_second']:.2f} img/s "
+                    f"({r['trainable_params'] / 1e6:.1f}M trainable)",
+                    flush=True,
+                )
             ips = {k: v["images_per_second"] for k, v in rows.items()}
             results[key] = {
                 "combinations": rows,
@@ -139,8 +172,11 @@ def main() -> None:
     for key in ("in_memory", "real_loader", "in_memory_malloc_tuned"):
         if key in results:
             r = results[key]
-            print(f"{key:24s} " + ", ".join(f"{k} {v:.2f}" for k, v in r["images_per_second"].items())
-                  + f" | layer4/all {r['ratio_layer4_over_all']} | bf16/fp32 {r['ratio_bf16_over_fp32']}")
+            print(
+                f"{key:24s} "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["images_per_second"].items())
+                + f" | layer4/all {r['ratio_layer4_over_all']} | bf16/fp32 {r['ratio_bf16_over_fp32']}"
+            )
     save(NAME, results)
 
 

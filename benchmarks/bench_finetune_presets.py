@@ -36,20 +36,37 @@ def main() -> None:
     backbone, weights = "timm/efficientnet_lite0", str(WEIGHTS)
     feats = extract_features(work / "data", backbone, weights, out=work / "f.h5").path
     head_dir, head = train_head(feats, preset="study", out=work / "runs" / "B")
-    results = {"backbone": backbone, "unfreeze": UNFREEZE, "epochs": EPOCHS, "head_test_acc": head["final"]["test_acc"],
-               "machine": {"cpu": runtime.device_name("cpu"), "cores": os.cpu_count(), "versions": runtime.versions()},
-               "date": time.strftime("%Y-%m-%d"), "presets": {}}
+    results = {
+        "backbone": backbone,
+        "unfreeze": UNFREEZE,
+        "epochs": EPOCHS,
+        "head_test_acc": head["final"]["test_acc"],
+        "machine": {"cpu": runtime.device_name("cpu"), "cores": os.cpu_count(), "versions": runtime.versions()},
+        "date": time.strftime("%Y-%m-%d"),
+        "presets": {},
+    }
     for preset in ("study", "tuned"):
         start = time.perf_counter()
-        _, m = finetune(work / "data", backbone, weights, UNFREEZE, head_dir, preset, epochs=EPOCHS, out=work / "runs" / preset)
+        _, m = finetune(
+            work / "data", backbone, weights, UNFREEZE, head_dir, preset, epochs=EPOCHS, out=work / "runs" / preset
+        )
         results["presets"][preset] = {
-            "seconds": round(time.perf_counter() - start, 1), "final": m["final"], "params": m["params"],
-            "history": [{k: h.get(k) for k in ("epoch", "train_acc", "test_acc", "val_acc", "test_loss", "images_per_second")} for h in m["history"]],
+            "seconds": round(time.perf_counter() - start, 1),
+            "final": m["final"],
+            "params": m["params"],
+            "history": [
+                {k: h.get(k) for k in ("epoch", "train_acc", "test_acc", "val_acc", "test_loss", "images_per_second")}
+                for h in m["history"]
+            ],
         }
         print(preset, results["presets"][preset]["seconds"], "s", m["final"], flush=True)
     out = REPO / "benchmarks" / "results" / "bench_finetune_presets.json"
     out.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v["final"]["test_acc"] for k, v in results["presets"].items()}), "head:", results["head_test_acc"])
+    print(
+        json.dumps({k: v["final"]["test_acc"] for k, v in results["presets"].items()}),
+        "head:",
+        results["head_test_acc"],
+    )
 
 
 if __name__ == "__main__":

@@ -39,19 +39,48 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     require_shared(LITE0_WEIGHTS)
-    results = {"benchmark": NAME, "machine": machine_info(), "backbone": LITE0, "unfreeze": UNFREEZE, "epochs": EPOCHS, "runs": {}}
+    results = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "backbone": LITE0,
+        "unfreeze": UNFREEZE,
+        "epochs": EPOCHS,
+        "runs": {},
+    }
     with real_subset() as (tmp, _):
         for tta in ("none", "flip"):
             banner(f"finetune --preset tuned --tta {tta}")
             started = time.perf_counter()
-            _, m = finetune(tmp / "data", LITE0, str(LITE0_WEIGHTS), UNFREEZE, None, "tuned", epochs=EPOCHS, image_size=288,
-                            resize_mode="squash", precision="fp32", workers=1, tta=tta, out=tmp / "runs" / tta)
+            _, m = finetune(
+                tmp / "data",
+                LITE0,
+                str(LITE0_WEIGHTS),
+                UNFREEZE,
+                None,
+                "tuned",
+                epochs=EPOCHS,
+                image_size=288,
+                resize_mode="squash",
+                precision="fp32",
+                workers=1,
+                tta=tta,
+                out=tmp / "runs" / tta,
+            )
             history = [{k: h.get(k) for k in ("epoch", "val_acc", "test_acc", "val_loss")} for h in m["history"]]
-            results["runs"][tta] = {"seconds": round(time.perf_counter() - started, 1), "final": m["final"], "history": history}
+            results["runs"][tta] = {
+                "seconds": round(time.perf_counter() - started, 1),
+                "final": m["final"],
+                "history": history,
+            }
             print(tta, results["runs"][tta]["seconds"], "s", history, flush=True)
     none, flip = (results["runs"][t]["final"] for t in ("none", "flip"))
-    results["summary"] = {"val_none": none["val_acc"], "val_flip": flip["val_acc"], "test_none": none["test_acc"], "test_flip": flip["test_acc"],
-                          "flip_better_on_val": (flip["val_acc"] or 0) > (none["val_acc"] or 0)}
+    results["summary"] = {
+        "val_none": none["val_acc"],
+        "val_flip": flip["val_acc"],
+        "test_none": none["test_acc"],
+        "test_flip": flip["test_acc"],
+        "flip_better_on_val": (flip["val_acc"] or 0) > (none["val_acc"] or 0),
+    }
     print(results["summary"])
     save(NAME, results)
 

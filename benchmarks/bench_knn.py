@@ -89,8 +89,14 @@ def child_scores(ks: tuple[int, ...]) -> dict:
     t0 = time.perf_counter()
     (a @ b.T).max()
     matmul_s = time.perf_counter() - t0
-    return dict(out, ks=list(ks), accuracy=accuracy, rss_growth_mib=growth, full_matmul_seconds=round(matmul_s, 3),
-                ratio_to_matmul=round(out["seconds"] / matmul_s, 2))
+    return dict(
+        out,
+        ks=list(ks),
+        accuracy=accuracy,
+        rss_growth_mib=growth,
+        full_matmul_seconds=round(matmul_s, 3),
+        ratio_to_matmul=round(out["seconds"] / matmul_s, 2),
+    )
 
 
 def child_stage(cache: str, out: str) -> dict:
@@ -112,10 +118,23 @@ def write_cache(path: Path) -> None:
     from cars_tl.artifacts import features
 
     x_train, y_train, x_test, y_test = _arrays()
-    attrs = {"backbone": "resnet50", "weights": "random", "weights_digest": "0" * 64, "weights_sha256": "",
-             "transform": {"crop": 224}, "crop": "full", "margin": 0.0, "precision": "fp32",
-             "class_names": [f"Make{i // 4} Model{i}" for i in range(CLASSES)], "num_classes": CLASSES, "feature_dim": DIM,
-             "dataset_fingerprint": "0" * 64, "versions": {}, "options": {}, "skip_bad": False}
+    attrs = {
+        "backbone": "resnet50",
+        "weights": "random",
+        "weights_digest": "0" * 64,
+        "weights_sha256": "",
+        "transform": {"crop": 224},
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        "class_names": [f"Make{i // 4} Model{i}" for i in range(CLASSES)],
+        "num_classes": CLASSES,
+        "feature_dim": DIM,
+        "dataset_fingerprint": "0" * 64,
+        "versions": {},
+        "options": {},
+        "skip_bad": False,
+    }
 
     def split(x, y, offset):
         return features.SplitArrays(x, y, np.arange(offset, offset + len(y)), [f"{i}.jpg" for i in range(len(y))], [])
@@ -131,9 +150,12 @@ def main() -> None:
     for label, ks in (("k20", (20,)), ("k10-200", (10, 20, 50, 100, 200))):
         r = isolated(child_scores, ks, malloc=True)
         results[label] = r
-        print(f"knn_scores k={','.join(map(str, ks))}: {r['seconds']:.2f} s, {r['own_cores']:.1f} cores, "
-              f"peak RSS +{r['rss_growth_mib']:.0f} MiB; the bare full product test @ train.T: {r['full_matmul_seconds']:.2f} s "
-              f"-> {r['ratio_to_matmul']:.2f}x the floor (foreign CPU {r['foreign_cpu_share']:.0%})", flush=True)
+        print(
+            f"knn_scores k={','.join(map(str, ks))}: {r['seconds']:.2f} s, {r['own_cores']:.1f} cores, "
+            f"peak RSS +{r['rss_growth_mib']:.0f} MiB; the bare full product test @ train.T: {r['full_matmul_seconds']:.2f} s "
+            f"-> {r['ratio_to_matmul']:.2f}x the floor (foreign CPU {r['foreign_cpu_share']:.0%})",
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="bench_knn_") as tmp:
         cache = Path(tmp) / "random.h5"
         t0 = time.perf_counter()
@@ -141,19 +163,29 @@ def main() -> None:
         print(f"(cache written in {time.perf_counter() - t0:.1f} s, {cache.stat().st_size / MiB:.0f} MiB)", flush=True)
         stage = isolated(child_stage, str(cache), str(Path(tmp) / "run"), malloc=True)
     results["stage"] = stage
-    print(f"run_knn (whole stage on the HDF5 cache): {stage['seconds']:.2f} s, peak RSS +{stage['rss_growth_mib']:.0f} MiB "
-          "(the features read from the cache included)", flush=True)
+    print(
+        f"run_knn (whole stage on the HDF5 cache): {stage['seconds']:.2f} s, peak RSS +{stage['rss_growth_mib']:.0f} MiB "
+        "(the features read from the cache included)",
+        flush=True,
+    )
     features_mib = (N_TRAIN + N_TEST) * DIM * 4 / MiB
     chunk_mib = (N_TRAIN * DIM * 4 + CHUNK * DIM * 4 + 2 * CHUNK * N_TRAIN * 4 + 2 * CHUNK * 200 * 8) / MiB
     full_sim_mib = N_TEST * N_TRAIN * 4 / MiB
-    results["memory"] = {"features_mib": round(features_mib, 1), "chunked_working_set_bound_mib": round(chunk_mib, 1),
-                         "one_full_similarity_matrix_mib": round(full_sim_mib, 1)}
-    print(f"memory: the features themselves {features_mib:.0f} MiB; chunked working set <= {chunk_mib:.0f} MiB "
-          f"(one full similarity matrix alone would be {full_sim_mib:.0f} MiB)")
+    results["memory"] = {
+        "features_mib": round(features_mib, 1),
+        "chunked_working_set_bound_mib": round(chunk_mib, 1),
+        "one_full_similarity_matrix_mib": round(full_sim_mib, 1),
+    }
+    print(
+        f"memory: the features themselves {features_mib:.0f} MiB; chunked working set <= {chunk_mib:.0f} MiB "
+        f"(one full similarity matrix alone would be {full_sim_mib:.0f} MiB)"
+    )
     results["target_stage_seconds"] = target(stage["seconds"], 10.0, "<=")
     results["target_ratio_to_matmul"] = target(results["k20"]["ratio_to_matmul"], 2.0, "<=")
     print(f"target: knn_scores k=20 within 2x of the bare product: {results['k20']['ratio_to_matmul']:.2f}x")
-    print(f"target: whole stage <= 10 s: {stage['seconds']:.2f} s -> {'met' if results['target_stage_seconds']['met'] else 'NOT met'}")
+    print(
+        f"target: whole stage <= 10 s: {stage['seconds']:.2f} s -> {'met' if results['target_stage_seconds']['met'] else 'NOT met'}"
+    )
     results["machine"] = machine_info()
     save(NAME, results)
 

@@ -26,8 +26,14 @@ from _common import banner, best_of, isolated, machine_info, measured, real_subs
 NAME = "bench_loader"
 WORKERS = 2
 BATCH = 32
-SPEC = {"resize": 232, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear", "pipeline": "resize-crop-in-one-v1"}  # resnet50 IMAGENET1K_V2
+SPEC = {
+    "resize": 232,
+    "crop": 224,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+    "pipeline": "resize-crop-in-one-v1",
+}  # resnet50 IMAGENET1K_V2
 
 
 def _pass(data_dir: str, augment: str, output: str, epochs: int = 2) -> dict:
@@ -36,8 +42,9 @@ def _pass(data_dir: str, augment: str, output: str, epochs: int = 2) -> dict:
 
     manifest = data.load_manifest(Path(data_dir))
     dataset = data.CarsDataset(manifest, "train", transforms.train_transform(SPEC, augment, output), mark_bad=True)
-    loader = loaders.make_loader(loaders.SeededAugmentation(dataset, 0), BATCH, WORKERS, "cpu",
-                                 sampler=loaders.EpochSampler(len(dataset), 0))
+    loader = loaders.make_loader(
+        loaders.SeededAugmentation(dataset, 0), BATCH, WORKERS, "cpu", sampler=loaders.EpochSampler(len(dataset), 0)
+    )
     next(iter(loader))  # workers started (persistent): the timed epochs measure steady state
 
     def epochs_of_batches():
@@ -62,19 +69,27 @@ def main() -> None:
                 label = f"{augment} augmentation, {output} batches"
                 banner(label)
                 r = best_of(lambda: isolated(_pass, str(tmp / "data"), augment, output), label, runs=2, max_tries=3)
-                print(f"  {r['images_per_second']:.1f} img/s, {r['batch_bytes'] / 2**20:.1f} MiB per batch of {BATCH} ({r['dtype']})")
+                print(
+                    f"  {r['images_per_second']:.1f} img/s, {r['batch_bytes'] / 2**20:.1f} MiB per batch of {BATCH} ({r['dtype']})"
+                )
                 results[f"{augment}-{output}"] = r
     summary = {
         augment: {
-            "uint8_over_float_throughput": round(results[f"{augment}-uint8"]["images_per_second"] / results[f"{augment}-float"]["images_per_second"], 3),
-            "float_over_uint8_bytes": round(results[f"{augment}-float"]["batch_bytes"] / results[f"{augment}-uint8"]["batch_bytes"], 2),
+            "uint8_over_float_throughput": round(
+                results[f"{augment}-uint8"]["images_per_second"] / results[f"{augment}-float"]["images_per_second"], 3
+            ),
+            "float_over_uint8_bytes": round(
+                results[f"{augment}-float"]["batch_bytes"] / results[f"{augment}-uint8"]["batch_bytes"], 2
+            ),
         }
         for augment in ("none", "standard")
     }
     banner("summary (same machine, same run)")
     for augment, s in summary.items():
-        print(f"  {augment:8s} augmentation: uint8 / float32 loader throughput {s['uint8_over_float_throughput']:.2f}x, "
-              f"{s['float_over_uint8_bytes']:.0f}x fewer bytes to the device per batch")
+        print(
+            f"  {augment:8s} augmentation: uint8 / float32 loader throughput {s['uint8_over_float_throughput']:.2f}x, "
+            f"{s['float_over_uint8_bytes']:.0f}x fewer bytes to the device per batch"
+        )
     save(NAME, {"machine": info, "workers": WORKERS, "batch_size": BATCH, "results": results, "summary": summary})
 
 

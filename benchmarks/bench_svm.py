@@ -67,8 +67,17 @@ def _fit_predict(x, y, xt, kernel, method, repeats: int = 1):
     def run():
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model = svm.fit_model(x, y, kernel, SETTINGS["C"], SETTINGS["degree"], svm.parse_gamma(SETTINGS["gamma"]),
-                                  SETTINGS["coef0"], SETTINGS["scale"], method)
+            model = svm.fit_model(
+                x,
+                y,
+                kernel,
+                SETTINGS["C"],
+                SETTINGS["degree"],
+                svm.parse_gamma(SETTINGS["gamma"]),
+                SETTINGS["coef0"],
+                SETTINGS["scale"],
+                method,
+            )
             times["fit_seconds"] += (time.perf_counter() - t0) / repeats
             t1 = time.perf_counter()
             times["pred"] = model.predict(xt)
@@ -108,15 +117,19 @@ def compare(label: str, call, runs_fast: int, runs_plain: int) -> dict:
     agreement = float((fast.pop("pred") == plain.pop("pred")).mean())
     speedup = plain["seconds"] / fast["seconds"]
     out = {
-        "precomputed": fast, "plain": plain,
+        "precomputed": fast,
+        "plain": plain,
         "speedup_fit_plus_predict": target(speedup, 3.0),
         "speedup_fit": round(plain["fit_seconds"] / fast["fit_seconds"], 2),
         "speedup_predict": round(plain["predict_seconds"] / fast["predict_seconds"], 2),
         "prediction_agreement_pct": target(100 * agreement, 99.9),
     }
-    print(f"{label}: plain {plain['seconds']:.2f}s (fit {plain['fit_seconds']:.2f} + predict {plain['predict_seconds']:.2f}), "
-          f"fast {fast['seconds']:.2f}s (fit {fast['fit_seconds']:.2f} + predict {fast['predict_seconds']:.2f}) -> {speedup:.2f}x "
-          f"(target >= 3); agreement {100 * agreement:.2f}% (target >= 99.9); test acc {fast['test_acc']}% / {plain['test_acc']}%", flush=True)
+    print(
+        f"{label}: plain {plain['seconds']:.2f}s (fit {plain['fit_seconds']:.2f} + predict {plain['predict_seconds']:.2f}), "
+        f"fast {fast['seconds']:.2f}s (fit {fast['fit_seconds']:.2f} + predict {fast['predict_seconds']:.2f}) -> {speedup:.2f}x "
+        f"(target >= 3); agreement {100 * agreement:.2f}% (target >= 99.9); test acc {fast['test_acc']}% / {plain['test_acc']}%",
+        flush=True,
+    )
     return out
 
 
@@ -133,21 +146,32 @@ def main() -> None:
         path = tmp / "lite0.h5"
         r = extract.extract_features(tmp / "data", LITE0, str(LITE0_WEIGHTS), out=path)
         print(f"  features extracted: {r.counts}", flush=True)
-        results["real"] = {k: compare(f"real {k}", lambda m, k=k: isolated(child_real, str(path), k, m), 3, 3) for k in KERNELS}
+        results["real"] = {
+            k: compare(f"real {k}", lambda m, k=k: isolated(child_real, str(path), k, m), 3, 3) for k in KERNELS
+        }
 
     banner(f"(b) synthetic: {args.n} x 2048 float32, 196 classes, {args.n_test} test rows")
-    results["synthetic"] = {"train_rows": args.n, "test_rows": args.n_test, "features": 2048, "classes": 196,
-                            "reduced_from_8144": args.n != 8144,
-                            "generator": "relu(|N(0,1)| shared + 0.15 N(0,1) class mean + N(0,1) noise), seeded"}
+    results["synthetic"] = {
+        "train_rows": args.n,
+        "test_rows": args.n_test,
+        "features": 2048,
+        "classes": 196,
+        "reduced_from_8144": args.n != 8144,
+        "generator": "relu(|N(0,1)| shared + 0.15 N(0,1) class mean + N(0,1) noise), seeded",
+    }
     for k in KERNELS:
-        results["synthetic"][k] = compare(f"synthetic {k}", lambda m, k=k: isolated(child_synthetic, args.n, args.n_test, k, m), 2, 1)
+        results["synthetic"][k] = compare(
+            f"synthetic {k}", lambda m, k=k: isolated(child_synthetic, args.n, args.n_test, k, m), 2, 1
+        )
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     banner("summary")
     for part in ("real", "synthetic"):
         for k in KERNELS:
             c = results[part][k]
-            print(f"{part:9s} {k:4s}: speedup {c['speedup_fit_plus_predict']['value']:.2f}x (>= 3: {c['speedup_fit_plus_predict']['met']}), "
-                  f"agreement {c['prediction_agreement_pct']['value']:.2f}% (>= 99.9: {c['prediction_agreement_pct']['met']})")
+            print(
+                f"{part:9s} {k:4s}: speedup {c['speedup_fit_plus_predict']['value']:.2f}x (>= 3: {c['speedup_fit_plus_predict']['met']}), "
+                f"agreement {c['prediction_agreement_pct']['value']:.2f}% (>= 99.9: {c['prediction_agreement_pct']['met']})"
+            )
     save(NAME, results)
 
 

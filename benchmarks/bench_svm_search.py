@@ -74,8 +74,14 @@ def exhaustive(x, y, kernel: str, grid) -> list[float]:
     per_fold = []
     for fit, val in svm_search.stratified_folds(y, svm_search.DEFAULT_FOLDS, 0):
         k_fit, k_val = k[np.ix_(fit, fit)], k[np.ix_(val, fit)]
-        per_fold.append([100.0 * np.count_nonzero(SVC(kernel="precomputed", C=C).fit(k_fit, y[fit]).predict(k_val) == y[val]) / len(val)
-                         for C in grid])
+        per_fold.append(
+            [
+                100.0
+                * np.count_nonzero(SVC(kernel="precomputed", C=C).fit(k_fit, y[fit]).predict(k_val) == y[val])
+                / len(val)
+                for C in grid
+            ]
+        )
     return [round(float(v), 4) for v in np.mean(per_fold, axis=0)]
 
 
@@ -85,6 +91,7 @@ def timed(fn, calls: int = 1):
         for _ in range(calls):
             result = fn()
         return {"seconds": (time.perf_counter() - t0) / calls, "result": result}
+
     return run
 
 
@@ -93,8 +100,8 @@ def kernel_costs(x, y, kernel: str, repeats: int, calls: int, with_exhaustive: b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # 196 classes in 200 rows: sklearn asks if it is a regression
             svm.fit_model(x[:200], y[:200], kernel, 1.0, 3, "scale", 0.0, "l2", method)
-    fit = lambda method: (lambda: svm.fit_model(x, y, kernel, 1.0, 3, "scale", 0.0, "l2", method))  # noqa: E731
-    search = lambda jobs: (lambda: svm_search.search(x, y, kernel, "auto", "scale", 3, 0.0, "l2", n_jobs=jobs))  # noqa: E731
+    fit = lambda method: lambda: svm.fit_model(x, y, kernel, 1.0, 3, "scale", 0.0, "l2", method)  # noqa: E731
+    search = lambda jobs: lambda: svm_search.search(x, y, kernel, "auto", "scale", 3, 0.0, "l2", n_jobs=jobs)  # noqa: E731
     runs = {
         "plain_fit": best_of(timed(fit("plain"), calls), f"{label} {kernel} plain fit", runs=repeats),
         "fast_fit": best_of(timed(fit("precomputed"), calls), f"{label} {kernel} fast fit", runs=repeats),
@@ -103,13 +110,19 @@ def kernel_costs(x, y, kernel: str, repeats: int, calls: int, with_exhaustive: b
     }
     if with_exhaustive:
         grid = runs["search"]["result"]["C_grid"]  # the search's own grid, extensions included
-        runs["exhaustive"] = best_of(timed(lambda: exhaustive(x, y, kernel, grid), calls), f"{label} {kernel} exhaustive", runs=repeats)
+        runs["exhaustive"] = best_of(
+            timed(lambda: exhaustive(x, y, kernel, grid), calls), f"{label} {kernel} exhaustive", runs=repeats
+        )
     found = runs["search"]["result"]
     row = {name: round(r["seconds"], 4) for name, r in runs.items()}
     row.update(
         foreign_cpu_share={name: r["foreign_cpu_share"] for name, r in runs.items()},
-        C=found["C"], cv_acc=found["cv_acc"][0], cv_fits=found["cv_fits"], cv_points=found["cv_points"],
-        grid=len(found["C_grid"]), folds=svm_search.DEFAULT_FOLDS,
+        C=found["C"],
+        cv_acc=found["cv_acc"][0],
+        cv_fits=found["cv_fits"],
+        cv_points=found["cv_points"],
+        grid=len(found["C_grid"]),
+        folds=svm_search.DEFAULT_FOLDS,
         search_over_plain=round(row["search"] / row["plain_fit"], 3),
         search_over_fast=round(row["search"] / row["fast_fit"], 3),
         search_1_thread_over_plain=round(row["search_1_thread"] / row["plain_fit"], 3),
@@ -117,27 +130,49 @@ def kernel_costs(x, y, kernel: str, repeats: int, calls: int, with_exhaustive: b
     if with_exhaustive:
         row["exhaustive_over_search"] = round(row["exhaustive"] / row["search"], 3)
         row["same_cv_acc_as_exhaustive"] = runs["exhaustive"]["result"] == row["cv_acc"]
-    print(f"  {label} {kernel:7s}: plain {row['plain_fit']:.3f}s, fast {row['fast_fit']:.3f}s, search {row['search']:.3f}s "
-          f"({row['search_over_plain']:.2f}x plain, {row['search_over_fast']:.1f}x fast; 1 thread {row['search_1_thread_over_plain']:.2f}x plain), "
-          f"fits {row['cv_fits']}/{row['cv_points']}, C {row['C']:.3g}"
-          + (f", exhaustive {row['exhaustive']:.3f}s = {row['exhaustive_over_search']:.2f}x search, same CV: {row['same_cv_acc_as_exhaustive']}"
-             if with_exhaustive else ""), flush=True)
+    print(
+        f"  {label} {kernel:7s}: plain {row['plain_fit']:.3f}s, fast {row['fast_fit']:.3f}s, search {row['search']:.3f}s "
+        f"({row['search_over_plain']:.2f}x plain, {row['search_over_fast']:.1f}x fast; 1 thread {row['search_1_thread_over_plain']:.2f}x plain), "
+        f"fits {row['cv_fits']}/{row['cv_points']}, C {row['C']:.3g}"
+        + (
+            f", exhaustive {row['exhaustive']:.3f}s = {row['exhaustive_over_search']:.2f}x search, same CV: {row['same_cv_acc_as_exhaustive']}"
+            if with_exhaustive
+            else ""
+        ),
+        flush=True,
+    )
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("real", "synthetic"), help="measure one part; keep the other's figures from the last run")
+    parser.add_argument(
+        "--only", choices=("real", "synthetic"), help="measure one part; keep the other's figures from the last run"
+    )
     parser.add_argument("--n", type=int, default=8144, help="synthetic training rows")
     parser.add_argument("--repeats", type=int, default=5, help="clean timings kept per figure on the real subset")
-    parser.add_argument("--kernels", default=",".join(svm.KERNELS), help="comma-separated kernels to measure (with --only, merged into the last run's)")
-    parser.add_argument("--exhaustive-kernels", default="linear", help="comma-separated kernels for the (slow) exhaustive search at full shape")
+    parser.add_argument(
+        "--kernels",
+        default=",".join(svm.KERNELS),
+        help="comma-separated kernels to measure (with --only, merged into the last run's)",
+    )
+    parser.add_argument(
+        "--exhaustive-kernels",
+        default="linear",
+        help="comma-separated kernels for the (slow) exhaustive search at full shape",
+    )
     args = parser.parse_args()
     require_shared(LITE0_WEIGHTS)
     kernels = [k for k in svm.KERNELS if k in args.kernels.split(",")]
     info = machine_info()
-    results = {"benchmark": NAME, "machine": info, "grid": {"C": svm_search.C_GRID, "folds": svm_search.DEFAULT_FOLDS},
-               "cores_used_by_search": min(runtime.usable_cores(), svm_search.DEFAULT_FOLDS), "real": {}, "synthetic": {}}
+    results = {
+        "benchmark": NAME,
+        "machine": info,
+        "grid": {"C": svm_search.C_GRID, "folds": svm_search.DEFAULT_FOLDS},
+        "cores_used_by_search": min(runtime.usable_cores(), svm_search.DEFAULT_FOLDS),
+        "real": {},
+        "synthetic": {},
+    }
     if args.only:
         previous = RESULTS / f"{NAME}.json"
         if previous.is_file():
@@ -150,10 +185,13 @@ def main() -> None:
                 key = f"{mode}-{size}"
                 banner(f"(a) real subset, lite0 {key}")
                 path = tmp / f"lite0-{key}.h5"
-                extract.extract_features(tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path)
+                extract.extract_features(
+                    tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path
+                )
                 train = features.load(path, ("train",)).split("train")
                 results["real"].setdefault(key, {}).update(
-                    {k: kernel_costs(train.features, train.labels, k, args.repeats, 5, True, key) for k in kernels})
+                    {k: kernel_costs(train.features, train.labels, k, args.repeats, 5, True, key) for k in kernels}
+                )
     if args.only != "real":
         banner(f"(b) synthetic, {args.n} x 2048, 196 classes")
         x, y = synthetic(args.n)
@@ -163,7 +201,10 @@ def main() -> None:
     results["targets"] = {
         "worst_search_over_one_plain_fit": target(max(r["search_over_plain"] for r in rows), 3.0, "<="),
         "worst_search_over_one_fast_fit": {"value": max(r["search_over_fast"] for r in rows), "target": "(report)"},
-        "stop_changes_no_cv_accuracy": {"value": all(r["same_cv_acc_as_exhaustive"] for r in rows if "exhaustive" in r), "target": True},
+        "stop_changes_no_cv_accuracy": {
+            "value": all(r["same_cv_acc_as_exhaustive"] for r in rows if "exhaustive" in r),
+            "target": True,
+        },
     }
     banner("summary")
     for name, t in results["targets"].items():

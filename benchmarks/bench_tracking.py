@@ -44,8 +44,11 @@ def bench_train_head(tmp: Path, reps: int = 3) -> dict:
             _fit(_Data(x, y), {"test": _Data(xt, yt)}, config, 0.0, 196, 0, NULL, "bench", on_epoch=live.on_epoch)
             live.on_end(config, {"test_acc": 1.0})
             (logged if with_tb else plain).append(time.perf_counter() - start)
-    return {"epoch_s_plain": plain, "epoch_s_tensorboard": logged,
-            "overhead_pct_median": round(100 * (np.median(logged) / np.median(plain) - 1), 2)}
+    return {
+        "epoch_s_plain": plain,
+        "epoch_s_tensorboard": logged,
+        "overhead_pct_median": round(100 * (np.median(logged) / np.median(plain) - 1), 2),
+    }
 
 
 def bench_hook(tmp: Path, rows: list[dict], repeats: int = 20) -> float:
@@ -68,13 +71,28 @@ def bench_finetune(tmp: Path) -> dict:
     root = tmp / "demo"
     generate_demo(root / data.STANFORD_DIR)
     data.build_manifest(root)
-    _, metrics = finetune(root, backbone="resnet18", weights="random", image_size=64, precision="fp32", workers=0,
-                          unfreeze="layer4", epochs=2, batch_size=16, out=tmp / "ft", tensorboard=tmp / "tb")
+    _, metrics = finetune(
+        root,
+        backbone="resnet18",
+        weights="random",
+        image_size=64,
+        precision="fp32",
+        workers=0,
+        unfreeze="layer4",
+        epochs=2,
+        batch_size=16,
+        out=tmp / "ft",
+        tensorboard=tmp / "tb",
+    )
     epochs = [r for r in metrics["history"] if r["epoch"] > 0]
     hook = bench_hook(tmp, epochs)
     epoch_s = float(np.median([r["seconds"] for r in epochs]))
-    return {"epoch_s": epoch_s, "on_epoch_s": hook, "overhead_pct": round(100 * hook / epoch_s, 3),
-            "demo_train_images": len(data.load_manifest(root).split("train"))}
+    return {
+        "epoch_s": epoch_s,
+        "on_epoch_s": hook,
+        "overhead_pct": round(100 * hook / epoch_s, 3),
+        "demo_train_images": len(data.load_manifest(root).split("train")),
+    }
 
 
 def bench_feature_map() -> dict:
@@ -87,8 +105,14 @@ def bench_feature_map() -> dict:
     x = centres[labels] * 0.5 + rng.normal(size=(8041, 2048)).astype(np.float32)
     start = time.perf_counter()
     result = compute(x, makes, seed=0)
-    return {"rows": 8041, "dims": 2048, "seconds": round(time.perf_counter() - start, 1),
-            "knn_map": round(result["knn_map"], 2), "knn_full": round(result["knn_full"], 2), "cores": os.cpu_count()}
+    return {
+        "rows": 8041,
+        "dims": 2048,
+        "seconds": round(time.perf_counter() - start, 1),
+        "knn_map": round(result["knn_map"], 2),
+        "knn_full": round(result["knn_full"], 2),
+        "cores": os.cpu_count(),
+    }
 
 
 def main() -> None:
@@ -97,8 +121,20 @@ def main() -> None:
         tmp = Path(tmp)
         out["train_head"] = bench_train_head(tmp)
         print("train-head", out["train_head"], flush=True)
-        out["train_head"]["on_epoch_s"] = bench_hook(tmp, [{"epoch": 1, "train_loss": 1.0, "train_acc": 2.0, "test_loss": 1.0,
-                                                             "test_acc": 2.0, "test_top5": 3.0, "images_per_second": 9.0}])
+        out["train_head"]["on_epoch_s"] = bench_hook(
+            tmp,
+            [
+                {
+                    "epoch": 1,
+                    "train_loss": 1.0,
+                    "train_acc": 2.0,
+                    "test_loss": 1.0,
+                    "test_acc": 2.0,
+                    "test_top5": 3.0,
+                    "images_per_second": 9.0,
+                }
+            ],
+        )
         out["finetune"] = bench_finetune(tmp)
         print("finetune", out["finetune"], flush=True)
     out["feature_map"] = bench_feature_map()

@@ -47,17 +47,26 @@ BACKBONE, WEIGHTS = "resnet50", "random"
 
 def child_cached(features_path: str, out_dir: str) -> dict:
     """train-head --preset study on the cache: a warm-up call, then the timed one."""
-    heads.train_head(Path(features_path), preset="study", epochs=1, out=Path(out_dir) / "warmup", artifacts=Path(out_dir))
+    heads.train_head(
+        Path(features_path), preset="study", epochs=1, out=Path(out_dir) / "warmup", artifacts=Path(out_dir)
+    )
     res = {}
 
     def run():
-        res["run_dir"], res["metrics"] = heads.train_head(Path(features_path), preset="study", out=Path(out_dir) / "timed", artifacts=Path(out_dir))
+        res["run_dir"], res["metrics"] = heads.train_head(
+            Path(features_path), preset="study", out=Path(out_dir) / "timed", artifacts=Path(out_dir)
+        )
 
     out = measured(run)
     m = res["metrics"]
     epochs = [row["seconds"] for row in m["history"]]
-    return dict(out, epochs=len(epochs), epoch_seconds_sum=round(sum(epochs), 4),
-                test_acc=m["final"]["test_acc"], test_loss=m["final"]["test_loss"])
+    return dict(
+        out,
+        epochs=len(epochs),
+        epoch_seconds_sum=round(sum(epochs), 4),
+        test_acc=m["final"]["test_acc"],
+        test_loss=m["final"]["test_loss"],
+    )
 
 
 def child_image_epoch(data_dir: str, batches: int | None) -> dict:
@@ -73,8 +82,9 @@ def child_image_epoch(data_dir: str, batches: int | None) -> dict:
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     train_set = data.CarsDataset(manifest, "train", transforms.eval_transform(bb.transform))
     workers = loaders.default_workers()
-    loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, num_workers=workers,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=32, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(0)
+    )
 
     def step(images, labels):
         with torch.no_grad():
@@ -99,38 +109,69 @@ def child_image_epoch(data_dir: str, batches: int | None) -> dict:
     images = counts["images"]
     full = len(train_set)
     extrapolated = n_timed < total_batches
-    return dict(out, timed_batches=n_timed, epoch_batches=total_batches, timed_images=images, epoch_images=full,
-                extrapolated=extrapolated,
-                epoch_seconds=out["seconds"] * full / images if extrapolated else out["seconds"],
-                images_per_second=images / out["seconds"], workers=workers)
+    return dict(
+        out,
+        timed_batches=n_timed,
+        epoch_batches=total_batches,
+        timed_images=images,
+        epoch_images=full,
+        extrapolated=extrapolated,
+        epoch_seconds=out["seconds"] * full / images if extrapolated else out["seconds"],
+        images_per_second=images / out["seconds"],
+        workers=workers,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, default=None, help="time only this many batches of the image epoch, extrapolate")
+    parser.add_argument(
+        "--batches", type=int, default=None, help="time only this many batches of the image epoch, extrapolate"
+    )
     args = parser.parse_args()
-    results = {"benchmark": NAME, "machine": machine_info(), "backbone": BACKBONE, "weights": WEIGHTS, "image_size": 224}
+    results = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "backbone": BACKBONE,
+        "weights": WEIGHTS,
+        "image_size": 224,
+    }
     started = time.perf_counter()
     with real_subset() as (tmp, manifest):
         banner("setup: the feature cache (resnet50, random weights, real subset)")
         t0 = time.perf_counter()
         r = extract.extract_features(tmp / "data", BACKBONE, WEIGHTS, out=tmp / "features.h5")
         results["setup_extract_seconds"] = round(time.perf_counter() - t0, 1)
-        results["setup_extract"] = {"images": sum(r.counts.values()), "counts": r.counts, "precision": r.precision,
-                                    "images_per_second": round(r.images_per_second, 2),
-                                    "note": "one-time cost of the cached approach (train + test); timed once, in this process"}
-        print(f"  extracted {r.counts} in {r.seconds:.1f}s ({r.images_per_second:.1f} img/s, {r.precision})", flush=True)
+        results["setup_extract"] = {
+            "images": sum(r.counts.values()),
+            "counts": r.counts,
+            "precision": r.precision,
+            "images_per_second": round(r.images_per_second, 2),
+            "note": "one-time cost of the cached approach (train + test); timed once, in this process",
+        }
+        print(
+            f"  extracted {r.counts} in {r.seconds:.1f}s ({r.images_per_second:.1f} img/s, {r.precision})", flush=True
+        )
 
         banner("train-head --preset study (15 epochs on the cache)")
-        cached = best_of(lambda: isolated(child_cached, str(tmp / "features.h5"), str(tmp / "runs")), "train-head study, 15 epochs", runs=3, max_tries=5)
+        cached = best_of(
+            lambda: isolated(child_cached, str(tmp / "features.h5"), str(tmp / "runs")),
+            "train-head study, 15 epochs",
+            runs=3,
+            max_tries=5,
+        )
         results["cached_15_epochs"] = cached
         print(f"  whole call {cached['seconds']:.3f}s, sum of epochs {cached['epoch_seconds_sum']:.3f}s", flush=True)
 
         banner("the study's approach: one epoch over the images (frozen fp32 body + Linear head)")
-        image = best_of(lambda: isolated(child_image_epoch, str(tmp / "data"), args.batches), "one image-epoch", runs=1, max_tries=3)
+        image = best_of(
+            lambda: isolated(child_image_epoch, str(tmp / "data"), args.batches), "one image-epoch", runs=1, max_tries=3
+        )
         results["one_image_epoch"] = image
-        print(f"  {image['epoch_seconds']:.2f}s per epoch ({image['images_per_second']:.1f} img/s"
-              f"{', extrapolated from ' + str(image['timed_batches']) + ' batches' if image['extrapolated'] else ''})", flush=True)
+        print(
+            f"  {image['epoch_seconds']:.2f}s per epoch ({image['images_per_second']:.1f} img/s"
+            f"{', extrapolated from ' + str(image['timed_batches']) + ' batches' if image['extrapolated'] else ''})",
+            flush=True,
+        )
 
     epoch_s = image["epoch_seconds"]
     results["ratio_one_image_epoch_over_15_cached_epochs"] = {
@@ -144,19 +185,30 @@ def main() -> None:
     }
     once = results["setup_extract_seconds"] + cached["seconds"]
     results["end_to_end_15_image_epochs_over_extract_plus_15_cached_epochs"] = {
-        "value": round(15 * epoch_s / once, 1), "study_seconds": round(15 * epoch_s, 1), "cached_seconds": round(once, 2),
+        "value": round(15 * epoch_s / once, 1),
+        "study_seconds": round(15 * epoch_s, 1),
+        "cached_seconds": round(once, 2),
         "note": "the cached side pays the one-time extraction of train AND test; the study side is 15 train epochs and "
-                "leaves out the per-epoch test evaluation it also ran, so this ratio favours the study",
+        "leaves out the per-epoch test evaluation it also ran, so this ratio favours the study",
     }
     results["image_epoch_extrapolated_from_batches"] = image["extrapolated"]
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     banner("summary")
-    r1, r15 = results["ratio_one_image_epoch_over_15_cached_epochs"], results["extrapolated_15_image_epochs_over_15_cached_epochs"]
-    print(f"one image-epoch {epoch_s:.2f}s vs 15 cached epochs {cached['seconds']:.3f}s (whole call) / {cached['epoch_seconds_sum']:.3f}s (epochs)")
+    r1, r15 = (
+        results["ratio_one_image_epoch_over_15_cached_epochs"],
+        results["extrapolated_15_image_epochs_over_15_cached_epochs"],
+    )
+    print(
+        f"one image-epoch {epoch_s:.2f}s vs 15 cached epochs {cached['seconds']:.3f}s (whole call) / {cached['epoch_seconds_sum']:.3f}s (epochs)"
+    )
     print(f"ratio: {r1['whole_train_head_call']}x (whole call), {r1['epochs_only']}x (epochs only)")
-    print(f"15 image-epochs vs 15 cached epochs: {r15['whole_train_head_call']}x (whole call), {r15['epochs_only']}x (epochs only)")
+    print(
+        f"15 image-epochs vs 15 cached epochs: {r15['whole_train_head_call']}x (whole call), {r15['epochs_only']}x (epochs only)"
+    )
     e2e = results["end_to_end_15_image_epochs_over_extract_plus_15_cached_epochs"]
-    print(f"end to end, with the one-time extraction: {e2e['study_seconds']}s vs {e2e['cached_seconds']}s = {e2e['value']}x")
+    print(
+        f"end to end, with the one-time extraction: {e2e['study_seconds']}s vs {e2e['cached_seconds']}s = {e2e['value']}x"
+    )
     if not math.isfinite(epoch_s):
         raise SystemExit("image epoch time is not finite")
     save(NAME, results)

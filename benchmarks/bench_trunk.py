@@ -43,9 +43,16 @@ def _run(data_dir: Path, tmp: Path, name: str, **options) -> dict:
     cache = metrics.get("trunk_cache") or {}
     train = [r["seconds"] for r in metrics["history"] if r["epoch"] >= 1]
     epoch = train[-1] + evals[-1]
-    return {"wall_s": round(wall, 2), "epoch_s": round(epoch, 2), "train_s": train[-1], "eval_s": round(evals[-1], 2),
-            "build_s": cache.get("seconds") if cache.get("action") in ("built", "resumed") else 0.0, "trunk_cache": cache,
-            "final": metrics["final"], "history": metrics["history"]}
+    return {
+        "wall_s": round(wall, 2),
+        "epoch_s": round(epoch, 2),
+        "train_s": train[-1],
+        "eval_s": round(evals[-1], 2),
+        "build_s": cache.get("seconds") if cache.get("action") in ("built", "resumed") else 0.0,
+        "trunk_cache": cache,
+        "final": metrics["final"],
+        "history": metrics["history"],
+    }
 
 
 def speed(data_dir: Path, tmp: Path, backbone: str, weights: str, unfreeze: str) -> dict:
@@ -58,19 +65,39 @@ def speed(data_dir: Path, tmp: Path, backbone: str, weights: str, unfreeze: str)
     print(cached["epoch_s"], "s/epoch; build", cached["build_s"], "s", cached["trunk_cache"])
     ratio = images["epoch_s"] / cached["epoch_s"]
     saved = images["epoch_s"] - cached["epoch_s"]
-    return {"images": images, "cached": cached, "speedup": round(ratio, 2),
-            "break_even_epochs": round(cached["build_s"] / saved, 2) if saved > 0 else None,
-            "bytes_per_image": cached["trunk_cache"].get("bytes_per_image")}
+    return {
+        "images": images,
+        "cached": cached,
+        "speedup": round(ratio, 2),
+        "break_even_epochs": round(cached["build_s"] / saved, 2) if saved > 0 else None,
+        "bytes_per_image": cached["trunk_cache"].get("bytes_per_image"),
+    }
 
 
 def accuracy(data_dir: Path, tmp: Path, epochs: int) -> dict:
     out = {}
     for storage in ("fp32", "fp16", "bf16"):
         banner(f"lite0 blocks.6 study preset, fp32 compute, {storage} storage, {epochs} epochs")
-        r = _run(data_dir, tmp, f"acc-{storage}", backbone=LITE0, weights=str(LITE0_WEIGHTS), unfreeze="blocks.6", preset="study",
-                 epochs=epochs, precision="fp32", trunk_cache="auto", trunk_dtype=storage, workers=2)
-        out[storage] = {"test_acc": r["final"]["test_acc"], "best_epoch": r["final"]["best_epoch"],
-                        "last_test_acc": r["history"][-1]["test_acc"], "wall_s": r["wall_s"]}
+        r = _run(
+            data_dir,
+            tmp,
+            f"acc-{storage}",
+            backbone=LITE0,
+            weights=str(LITE0_WEIGHTS),
+            unfreeze="blocks.6",
+            preset="study",
+            epochs=epochs,
+            precision="fp32",
+            trunk_cache="auto",
+            trunk_dtype=storage,
+            workers=2,
+        )
+        out[storage] = {
+            "test_acc": r["final"]["test_acc"],
+            "best_epoch": r["final"]["best_epoch"],
+            "last_test_acc": r["history"][-1]["test_acc"],
+            "wall_s": r["wall_s"],
+        }
         print(out[storage])
     for s in ("fp16", "bf16"):
         out[f"{s}_minus_fp32_points"] = round(out[s]["test_acc"] - out["fp32"]["test_acc"], 4)
@@ -100,7 +127,7 @@ def reading(tmp: Path, rows: int = 1000, batch: int = 32) -> dict:
     for name, store in (("memory", data), ("mmap", mapped)):
         t0 = time.perf_counter()
         for start in range(0, rows, batch):
-            trunks.to_float(np.ascontiguousarray(store[order[start:start + batch]]), "fp16")
+            trunks.to_float(np.ascontiguousarray(store[order[start : start + batch]]), "fp16")
         out[f"{name}_ms_per_batch"] = round((time.perf_counter() - t0) * 1000 / -(-rows // batch), 2)
     net = torchvision.models.resnet50()
     top = torch.nn.Sequential(net.layer4, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2048, 196))

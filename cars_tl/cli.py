@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, List, Optional, Tuple
+from typing import Annotated
 
 import typer
 
@@ -32,7 +32,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
 ):
     """Transfer-learning experiments on Stanford Cars. Stages exchange files: manifest -> HDF5 features -> run directories -> report."""
     import signal
@@ -70,14 +72,28 @@ def command(name: str):
                 from cars_tl.console import console, labelled, rank_prefix
 
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                console.print(labelled(rank_prefix(), ("stopped:", "bold red"), " another process of this torchrun job failed or was lost "
-                                       f"(its own message says why) — {first}"), highlight=False, soft_wrap=True)
-                console.print(labelled(("next:", "bold"), " ", RESUME_HINTS.get(name, f"fix that and rerun cars-tl {name}")), highlight=False, soft_wrap=True)
+                console.print(
+                    labelled(
+                        rank_prefix(),
+                        ("stopped:", "bold red"),
+                        " another process of this torchrun job failed or was lost "
+                        f"(its own message says why) — {first}",
+                    ),
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                console.print(
+                    labelled(("next:", "bold"), " ", RESUME_HINTS.get(name, f"fix that and rerun cars-tl {name}")),
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 raise typer.Exit(1) from None
             except KeyboardInterrupt as exc:
                 from cars_tl.console import console, labelled
 
-                hint = getattr(exc, "hint", None) or RESUME_HINTS.get(name, f"rerun cars-tl {name} to start it again")  # runs.RerunInterrupted
+                hint = getattr(exc, "hint", None) or RESUME_HINTS.get(
+                    name, f"rerun cars-tl {name} to start it again"
+                )  # runs.RerunInterrupted
                 console.print(labelled((f"{name} interrupted", "yellow"), ": ", hint), highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
 
@@ -100,31 +116,71 @@ RESUME_HINTS = {
     "finetune": "rerun the same cars-tl finetune command with --resume to continue from the last complete epoch",
     "download": "rerun the same cars-tl download command: verified archives and partial downloads are kept",
     # These stages start over: their interrupted run directory (kept to show what happened) is replaced with --force.
-    **{stage: f"rerun the same cars-tl {stage} command with --force: the interrupted run is replaced"
-       for stage in ("train-head", "fit-svm", "knn")},
+    **{
+        stage: f"rerun the same cars-tl {stage} command with --force: the interrupted run is replaced"
+        for stage in ("train-head", "fit-svm", "knn")
+    },
 }
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder holding stanford_cars/ and its manifest.")]
-TensorBoard = Annotated[Optional[Path], typer.Option("--tensorboard", metavar="DIR", help="Also log every epoch to TensorBoard event files in DIR/<run name> (needs cars_tl[tensorboard]; view: tensorboard --logdir DIR).")]
+TensorBoard = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        metavar="DIR",
+        help="Also log every epoch to TensorBoard event files in DIR/<run name> (needs cars_tl[tensorboard]; view: tensorboard --logdir DIR).",
+    ),
+]
 
 
 @command("download")
 def download(
     data_dir: DataDir = Path("data"),
-    source: Annotated[str, typer.Option(help=(
-        "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive in any layout: torchvision's, "
-        "the Kaggle copy (cars_train/cars_train, car_devkit/devkit), the split archives, car_ims.tgz + cars_annos.mat, "
-        "class folders train/<class>/ test/<class>/ (+ anno_*.csv), or Hugging Face data/train-*.parquet shards."))] = "auto",
-    splits: Annotated[str, typer.Option("--splits", help="train,test or train (a local copy without test labels: train only).")] = "train,test",
-    test_labels: Annotated[Optional[Path], typer.Option(help="cars_test_annos_withlabels.mat for a copy without it (the Kaggle copy).")] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every image (SHA-256) instead of trusting sizes and mtimes; rebuild the manifest.")] = False,
-    label_conflicts: Annotated[str, typer.Option("--label-conflicts", help=(
-        "keep | drop: identical images carrying different labels (the official training split has 11 such pairs). "
-        "keep lists them in manifest.json (as published results include them); drop leaves every member out."))] = "keep",
-    mirror: Annotated[Optional[List[str]], typer.Option(metavar="URL", help="Extra mirror base URL, tried first (repeatable).")] = None,
-    mirror_list: Annotated[Optional[Path], typer.Option(help="JSON mirror list replacing the built-in one.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Instead of the dataset, fetch torchvision ImageNet weights into the torch cache: MODEL (its default) or MODEL:ENUM, e.g. resnet50:IMAGENET1K_V1.")] = None,
-    variant: Annotated[Optional[str], typer.Option(help="With --weights MODEL: the torchvision weights enum (e.g. IMAGENET1K_V1).")] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive in any layout: torchvision's, "
+                "the Kaggle copy (cars_train/cars_train, car_devkit/devkit), the split archives, car_ims.tgz + cars_annos.mat, "
+                "class folders train/<class>/ test/<class>/ (+ anno_*.csv), or Hugging Face data/train-*.parquet shards."
+            )
+        ),
+    ] = "auto",
+    splits: Annotated[
+        str, typer.Option("--splits", help="train,test or train (a local copy without test labels: train only).")
+    ] = "train,test",
+    test_labels: Annotated[
+        Path | None, typer.Option(help="cars_test_annos_withlabels.mat for a copy without it (the Kaggle copy).")
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Re-hash every image (SHA-256) instead of trusting sizes and mtimes; rebuild the manifest."
+        ),
+    ] = False,
+    label_conflicts: Annotated[
+        str,
+        typer.Option(
+            "--label-conflicts",
+            help=(
+                "keep | drop: identical images carrying different labels (the official training split has 11 such pairs). "
+                "keep lists them in manifest.json (as published results include them); drop leaves every member out."
+            ),
+        ),
+    ] = "keep",
+    mirror: Annotated[
+        list[str] | None, typer.Option(metavar="URL", help="Extra mirror base URL, tried first (repeatable).")
+    ] = None,
+    mirror_list: Annotated[Path | None, typer.Option(help="JSON mirror list replacing the built-in one.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of the dataset, fetch torchvision ImageNet weights into the torch cache: MODEL (its default) or MODEL:ENUM, e.g. resnet50:IMAGENET1K_V1."
+        ),
+    ] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="With --weights MODEL: the torchvision weights enum (e.g. IMAGENET1K_V1).")
+    ] = None,
 ):
     """Put Stanford Cars into DATA_DIR/stanford_cars (torchvision's layout) and write its manifest.
 
@@ -139,8 +195,15 @@ def download(
         console.print(f"weights for {weights}{':' + variant if variant else ''}: {path}")
         return
     manifest, action = dl.prepare_dataset(
-        data_dir, source, mirrors=mirror or [], mirror_list=mirror_list, splits=[s.strip() for s in splits.split(",") if s.strip()],
-        test_labels=test_labels, verify=verify, label_conflicts=label_conflicts, progress=progress(),
+        data_dir,
+        source,
+        mirrors=mirror or [],
+        mirror_list=mirror_list,
+        splits=[s.strip() for s in splits.split(",") if s.strip()],
+        test_labels=test_labels,
+        verify=verify,
+        label_conflicts=label_conflicts,
+        progress=progress(),
     )
     console.print(f"{action}: {data.summary(manifest)}", highlight=False, soft_wrap=True)
     if verify:
@@ -156,15 +219,37 @@ VERIFY_NOTE = (
 
 
 Backbone = Annotated[str, typer.Option(help="torchvision model name (resnet50) or timm/<name> (needs the timm extra).")]
-Weights = Annotated[str, typer.Option(help="imagenet (torch cache) | random (seeded) | a torchvision weights name | PATH (state dict or run dir).")]
+Weights = Annotated[
+    str,
+    typer.Option(
+        help="imagenet (torch cache) | random (seeded) | a torchvision weights name | PATH (state dict or run dir)."
+    ),
+]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16")]
 Artifacts = Annotated[Path, typer.Option(help="Root of generated files (features/, runs/, report/).")]
-Out = Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="Output .h5 file (default: ARTIFACTS/features/<backbone>-<weights>-<options>.h5).")]
-RunOut = Annotated[Optional[Path], typer.Option("--out", metavar="RUN_DIR", help="Run directory (default: ARTIFACTS/runs/<stage>-<backbone>-<weights>-...).")]
+Out = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", metavar="FILE", help="Output .h5 file (default: ARTIFACTS/features/<backbone>-<weights>-<options>.h5)."
+    ),
+]
+RunOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", metavar="RUN_DIR", help="Run directory (default: ARTIFACTS/runs/<stage>-<backbone>-<weights>-...)."
+    ),
+]
 Force = Annotated[bool, typer.Option(help="Replace an existing run; the old one stays until the new one completes.")]
-Resize = Annotated[str, typer.Option("--resize", help=(
-    "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS on the mean colour)."))]
+Resize = Annotated[
+    str,
+    typer.Option(
+        "--resize",
+        help=(
+            "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS on the mean colour)."
+        ),
+    ),
+]
 FeaturesFile = Annotated[Path, typer.Option("--features", help="HDF5 feature cache from extract-features.")]
 
 
@@ -173,24 +258,63 @@ def extract_features(
     data_dir: DataDir = Path("data"),
     backbone: Backbone = "resnet50",
     weights: Weights = "imagenet",
-    split: Annotated[Optional[List[str]], typer.Option(metavar="SPLIT", help="Split to extract (repeatable): train, test (default: every split the dataset has).")] = None,
+    split: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SPLIT", help="Split to extract (repeatable): train, test (default: every split the dataset has)."
+        ),
+    ] = None,
     crop: Annotated[str, typer.Option(help="full image, or the annotated box.")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop, e.g. 224; 32 to 1024).")] = None,
-    resize: Annotated[Optional[str], typer.Option("--resize", help=(
-        "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS "
-        "on the mean colour). Default: the preset's (study: crop; tuned: squash)."))] = None,
-    tta: Annotated[Optional[str], typer.Option(help="none | flip: each row the mean of the image's and its mirror's features (study: none; tuned: flip).")] = None,
-    layers: Annotated[Optional[str], typer.Option(help=(
-        "final (the pooled output) | default (the family's two stages: ResNet layer3,layer4; timm blocks.N,final) | "
-        "comma-separated stage names as --unfreeze knows them, pooled and concatenated in order (study: final; tuned: default)."))] = None,
-    combine: Annotated[str, typer.Option(help="With several --layers: l2 (each stage's block L2-normalised per image) | raw.")] = "l2",
-    preset: Annotated[Optional[str], typer.Option(help="study (the paper's setting) | tuned (squash 288 px, flip, two stages); explicit options win.")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Final side S in pixels (default: the weights' crop, e.g. 224; 32 to 1024).")
+    ] = None,
+    resize: Annotated[
+        str | None,
+        typer.Option(
+            "--resize",
+            help=(
+                "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS "
+                "on the mean colour). Default: the preset's (study: crop; tuned: squash)."
+            ),
+        ),
+    ] = None,
+    tta: Annotated[
+        str | None,
+        typer.Option(
+            help="none | flip: each row the mean of the image's and its mirror's features (study: none; tuned: flip)."
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "final (the pooled output) | default (the family's two stages: ResNet layer3,layer4; timm blocks.N,final) | "
+                "comma-separated stage names as --unfreeze knows them, pooled and concatenated in order (study: final; tuned: default)."
+            )
+        ),
+    ] = None,
+    combine: Annotated[
+        str, typer.Option(help="With several --layers: l2 (each stage's block L2-normalised per image) | raw.")
+    ] = "l2",
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="study (the paper's setting) | tuned (squash 288 px, flip, two stages); explicit options win."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader worker processes on CUDA; 0 decodes in the main thread (default: min(4, cores)).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Decode threads on the CPU, DataLoader worker processes on CUDA; 0 decodes in the main thread (default: min(4, cores))."
+        ),
+    ] = None,
     device: Device = "auto",
     precision: Precision = "auto",
-    skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images (listed in the file) instead of stopping.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave out unreadable images (listed in the file) instead of stopping.")
+    ] = False,
     out: Out = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
@@ -202,8 +326,25 @@ def extract_features(
     from cars_tl.stages.extract import extract_features as run
 
     result = run(
-        data_dir, backbone, weights, tuple(split) if split else None, crop, margin, image_size, batch_size, workers,
-        device, precision, skip_bad, out, artifacts, progress(), resize_mode=resize, tta=tta, layers=layers, combine=combine,
+        data_dir,
+        backbone,
+        weights,
+        tuple(split) if split else None,
+        crop,
+        margin,
+        image_size,
+        batch_size,
+        workers,
+        device,
+        precision,
+        skip_bad,
+        out,
+        artifacts,
+        progress(),
+        resize_mode=resize,
+        tta=tta,
+        layers=layers,
+        combine=combine,
         preset=preset,
     )
     from cars_tl.core.distributed import is_main_process
@@ -211,29 +352,46 @@ def extract_features(
     if not is_main_process():  # torchrun: rank 0 reports
         return
     if result.replaced_corrupt:
-        console.print(labelled(("the existing file could not be trusted and was extracted again", "yellow"), f": {result.replaced_corrupt}"),
-                      highlight=False, soft_wrap=True)
+        console.print(
+            labelled(
+                ("the existing file could not be trusted and was extracted again", "yellow"),
+                f": {result.replaced_corrupt}",
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.action == "up to date":
         console.print(f"up to date: {result.path} (same backbone, weights, transform and dataset)")
         return
     skipped = sum(result.skipped.values())
-    console.print(labelled(
-        f"{result.action}: {result.path} — " + ", ".join(f"{s} {n}" for s, n in result.counts.items())
-        + f" images, {result.images_per_second:,.1f} img/s ({result.precision} on {result.device})",
-        *([", ", (f"{skipped} unreadable images skipped", "yellow"), " (listed in the file)"] if skipped else []),
-    ))
+    console.print(
+        labelled(
+            f"{result.action}: {result.path} — "
+            + ", ".join(f"{s} {n}" for s, n in result.counts.items())
+            + f" images, {result.images_per_second:,.1f} img/s ({result.precision} on {result.device})",
+            *([", ", (f"{skipped} unreadable images skipped", "yellow"), " (listed in the file)"] if skipped else []),
+        )
+    )
 
 
 @command("train-head")
 def train_head(
     features: FeaturesFile,
-    preset: Annotated[str, typer.Option(help="study (the paper's exact setting) | tuned (validated linear probe).")] = "study",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (study: 15; tuned: 15 L-BFGS epochs).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (study: 1e-3; tuned: 1 for L-BFGS).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (study: 32; tuned: full batch).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd | lbfgs (study: adam; tuned: lbfgs).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (study: 0; tuned: chosen on a validation split).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the head's initialisation, shuffling and the validation split.")] = 0,
+    preset: Annotated[
+        str, typer.Option(help="study (the paper's exact setting) | tuned (validated linear probe).")
+    ] = "study",
+    epochs: Annotated[int | None, typer.Option(help="Epochs (study: 15; tuned: 15 L-BFGS epochs).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (study: 1e-3; tuned: 1 for L-BFGS).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (study: 32; tuned: full batch).")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adam | adamw | sgd | lbfgs (study: adam; tuned: lbfgs).")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="Weight decay (study: 0; tuned: chosen on a validation split).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the head's initialisation, shuffling and the validation split.")
+    ] = 0,
     force: Force = False,
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
@@ -243,8 +401,21 @@ def train_head(
     from cars_tl.console import progress
     from cars_tl.stages.train_head import train_head as run
 
-    run_dir, metrics = run(features, preset, epochs, lr, batch_size, optimizer, weight_decay, seed, out, artifacts, progress(), force,
-                           tensorboard=tensorboard)
+    run_dir, metrics = run(
+        features,
+        preset,
+        epochs,
+        lr,
+        batch_size,
+        optimizer,
+        weight_decay,
+        seed,
+        out,
+        artifacts,
+        progress(),
+        force,
+        tensorboard=tensorboard,
+    )
     _print_final(run_dir, metrics)
 
 
@@ -252,14 +423,31 @@ def train_head(
 def fit_svm(
     features: FeaturesFile,
     kernel: Annotated[str, typer.Option(help="linear | poly | rbf | sigmoid | all (fit each, compare).")] = "poly",
-    c: Annotated[Optional[str], typer.Option("--C", help="SVC regularization C: a positive number, or auto (chosen by stratified k-fold CV on train) [study: 1; tuned: auto].")] = None,
+    c: Annotated[
+        str | None,
+        typer.Option(
+            "--C",
+            help="SVC regularization C: a positive number, or auto (chosen by stratified k-fold CV on train) [study: 1; tuned: auto].",
+        ),
+    ] = None,
     degree: Annotated[int, typer.Option(help="poly degree.")] = 3,
-    gamma: Annotated[Optional[str], typer.Option(help="scale | auto (1/n_features) | a number (sklearn's meaning) | cv (chosen by CV around scale) [study: scale; tuned: cv].")] = None,
+    gamma: Annotated[
+        str | None,
+        typer.Option(
+            help="scale | auto (1/n_features) | a number (sklearn's meaning) | cv (chosen by CV around scale) [study: scale; tuned: cv]."
+        ),
+    ] = None,
     coef0: Annotated[float, typer.Option(help="poly/sigmoid coef0.")] = 0.0,
-    scale: Annotated[Optional[str], typer.Option(help="Feature scaling: l2 (see README) | standard | none [both presets: l2].")] = None,
+    scale: Annotated[
+        str | None, typer.Option(help="Feature scaling: l2 (see README) | standard | none [both presets: l2].")
+    ] = None,
     method: Annotated[str, typer.Option(help="precomputed (fast torch kernel) | plain (sklearn SVC).")] = "precomputed",
-    preset: Annotated[str, typer.Option(help="study (sklearn defaults C=1, gamma=scale: the study) | tuned (--C auto --gamma cv).")] = "study",
-    cv_folds: Annotated[int, typer.Option(help="Folds of the stratified cross-validation for --C auto / --gamma cv.")] = 5,
+    preset: Annotated[
+        str, typer.Option(help="study (sklearn defaults C=1, gamma=scale: the study) | tuned (--C auto --gamma cv).")
+    ] = "study",
+    cv_folds: Annotated[
+        int, typer.Option(help="Folds of the stratified cross-validation for --C auto / --gamma cv.")
+    ] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the cross-validation folds.")] = 0,
     force: Force = False,
     out: RunOut = None,
@@ -272,19 +460,52 @@ def fit_svm(
     from cars_tl.console import progress
     from cars_tl.stages.fit_svm import fit_svm as run
 
-    run_dir, metrics = run(features, kernel, c, degree, gamma, coef0, scale, method, out, artifacts, progress(),
-                           preset=preset, cv_folds=cv_folds, seed=seed, force=force)
+    run_dir, metrics = run(
+        features,
+        kernel,
+        c,
+        degree,
+        gamma,
+        coef0,
+        scale,
+        method,
+        out,
+        artifacts,
+        progress(),
+        preset=preset,
+        cv_folds=cv_folds,
+        seed=seed,
+        force=force,
+    )
     config = metrics["config"]
     searched = any("search" in r for r in metrics["kernels"].values())
     table = Table(title=f"SVM on {features.name} ({config['scale']} scaling, C={config['C']}, gamma={config['gamma']})")
-    columns = ["kernel"] + (["C", "gamma", "CV acc %"] if searched else []) + ["train acc %", "test acc %", "fit s", "predict s", "support vectors"]
+    columns = (
+        ["kernel"]
+        + (["C", "gamma", "CV acc %"] if searched else [])
+        + ["train acc %", "test acc %", "fit s", "predict s", "support vectors"]
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for r in metrics["kernels"].values():
-        chosen = [f"{r['C']:g}", f"{r['gamma_value']:.4g}" if r["kernel"] != "linear" else "-",
-                  f"{r['cv_acc']:.2f} ± {r['cv_std']:.2f}"] if searched else []
-        table.add_row(r["kernel"], *chosen, f"{r['train_acc']:.2f}", f"{r['test_acc']:.2f}", f"{r['fit_seconds']:.2f}",
-                      f"{r['predict_seconds']:.2f}", str(r["support_vectors"]))
+        chosen = (
+            [
+                f"{r['C']:g}",
+                f"{r['gamma_value']:.4g}" if r["kernel"] != "linear" else "-",
+                f"{r['cv_acc']:.2f} ± {r['cv_std']:.2f}",
+            ]
+            if searched
+            else []
+        )
+        table.add_row(
+            r["kernel"],
+            *chosen,
+            f"{r['train_acc']:.2f}",
+            f"{r['test_acc']:.2f}",
+            f"{r['fit_seconds']:.2f}",
+            f"{r['predict_seconds']:.2f}",
+            str(r["support_vectors"]),
+        )
     stdout.print(table)
     if searched:
         from cars_tl.models.svm.search import extension_note
@@ -302,8 +523,11 @@ def _print_final(run_dir: Path, metrics: dict) -> None:
 
     f = metrics["final"]
     measured = all(f.get(k) is not None for k in ("test_loss", "test_acc", "test_top5"))
-    test = (f"test loss {f['test_loss']:.4f} acc {f['test_acc']:.2f}% top-5 {f['test_top5']:.2f}%" if measured
-            else "no test split (train-only dataset): nothing measured on test")
+    test = (
+        f"test loss {f['test_loss']:.4f} acc {f['test_acc']:.2f}% top-5 {f['test_top5']:.2f}%"
+        if measured
+        else "no test split (train-only dataset): nothing measured on test"
+    )
     stdout.print(
         f"{metrics['kind']} run {run_dir}: train loss {f['train_loss']:.4f} acc {f['train_acc']:.2f}% | {test} | "
         f"trainable {metrics['params']['trainable']:,} of {metrics['params']['total']:,} params | {metrics['wall_time_s']:.1f} s"
@@ -315,30 +539,77 @@ def finetune(
     data_dir: DataDir = Path("data"),
     backbone: Backbone = "resnet50",
     weights: Weights = "imagenet",
-    unfreeze: Annotated[str, typer.Option(help="none | all | comma-separated backbone modules (resnet: layer4 or layer3,layer4).")] = "layer4",
-    init_head: Annotated[Optional[Path], typer.Option(help="Start the head from this train-head run (model D from model B).")] = None,
-    preset: Annotated[str, typer.Option(help="study (the paper's setting) | tuned (augmentation, AdamW, cosine, smoothing).")] = "study",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (study: 15; tuned: 30).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Head learning rate (1e-3); tuned uses 0.1x for the backbone.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (32).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd (study: adam; tuned: adamw).")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="none | standard (study: none; tuned: standard).")] = None,
+    unfreeze: Annotated[
+        str, typer.Option(help="none | all | comma-separated backbone modules (resnet: layer4 or layer3,layer4).")
+    ] = "layer4",
+    init_head: Annotated[
+        Path | None, typer.Option(help="Start the head from this train-head run (model D from model B).")
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="study (the paper's setting) | tuned (augmentation, AdamW, cosine, smoothing).")
+    ] = "study",
+    epochs: Annotated[int | None, typer.Option(help="Epochs (study: 15; tuned: 30).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Head learning rate (1e-3); tuned uses 0.1x for the backbone.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (32).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | sgd (study: adam; tuned: adamw).")] = None,
+    augment: Annotated[str | None, typer.Option(help="none | standard (study: none; tuned: standard).")] = None,
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop; 32 to 1024).")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Final side S in pixels (default: the weights' crop; 32 to 1024).")
+    ] = None,
     resize: Resize = "crop",
     device: Device = "auto",
     precision: Precision = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Loader workers: decode threads for evaluation on the CPU, DataLoader processes otherwise (default: min(4, cores) on the CPU, every core on CUDA).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed: the head's and a random backbone's initialisation, shuffling, augmentation, validation split.")] = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Loader workers: decode threads for evaluation on the CPU, DataLoader processes otherwise (default: min(4, cores) on the CPU, every core on CUDA)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed: the head's and a random backbone's initialisation, shuffling, augmentation, validation split."
+        ),
+    ] = 0,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its last checkpoint.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing run (kept until the new one completes), or resume with changed options.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing run (kept until the new one completes), or resume with changed options."
+        ),
+    ] = False,
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
-    tta: Annotated[Optional[str], typer.Option(help="none | flip: evaluation and saved predictions average the logits of each image and its mirror (default: the preset's; study: none, tuned: none: not better on validation, benchmarks/README.md).")] = None,
-    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.", show_default=False)] = None,
-    trunk_cache: Annotated[str, typer.Option(help="auto | off | PATH: run the frozen part below the first unfrozen module once into a trunk cache (built if missing) and train on its maps, when that is exact (no augmentation, frozen part in eval mode, same transform and precision); otherwise the images, saying why.")] = "auto",
-    trunk_dtype: Annotated[str, typer.Option(help="Trunk cache storage: auto (the precision's own: exact) | fp32 | fp16 | bf16 (half the size of fp32, rounded).")] = "auto",
+    tta: Annotated[
+        str | None,
+        typer.Option(
+            help="none | flip: evaluation and saved predictions average the logits of each image and its mirror (default: the preset's; study: none, tuned: none: not better on validation, benchmarks/README.md)."
+        ),
+    ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="Under torchrun: SyncBatchNorm where BatchNorm statistics train (CUDA only). Default: on for CUDA jobs of several processes, so BN sees the global batch.",
+            show_default=False,
+        ),
+    ] = None,
+    trunk_cache: Annotated[
+        str,
+        typer.Option(
+            help="auto | off | PATH: run the frozen part below the first unfrozen module once into a trunk cache (built if missing) and train on its maps, when that is exact (no augmentation, frozen part in eval mode, same transform and precision); otherwise the images, saying why."
+        ),
+    ] = "auto",
+    trunk_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Trunk cache storage: auto (the precision's own: exact) | fp32 | fp16 | bf16 (half the size of fp32, rounded)."
+        ),
+    ] = "auto",
     tensorboard: TensorBoard = None,
 ):
     """Fine-tune a backbone + head on the images (model A: --weights random --unfreeze all; model D: --unfreeze layer4 --init-head B)."""
@@ -347,10 +618,34 @@ def finetune(
     from cars_tl.stages.finetune import finetune as run
 
     run_dir, metrics = run(
-        data_dir, backbone, weights, unfreeze, init_head, preset, epochs, lr, batch_size, optimizer, augment, crop, margin,
-        image_size, device, precision, workers, seed, resume, force, out, artifacts, progress(), resize_mode=resize, sync_bn=sync_bn,
+        data_dir,
+        backbone,
+        weights,
+        unfreeze,
+        init_head,
+        preset,
+        epochs,
+        lr,
+        batch_size,
+        optimizer,
+        augment,
+        crop,
+        margin,
+        image_size,
+        device,
+        precision,
+        workers,
+        seed,
+        resume,
+        force,
+        out,
+        artifacts,
+        progress(),
+        resize_mode=resize,
+        sync_bn=sync_bn,
         tta=tta,
-        trunk_cache=trunk_cache, trunk_dtype=trunk_dtype,
+        trunk_cache=trunk_cache,
+        trunk_dtype=trunk_dtype,
         tensorboard=tensorboard,
     )
     if not is_main_process():  # torchrun: rank 0 reports
@@ -359,8 +654,14 @@ def finetune(
     console.print(f"parameters: total {p['total']:,}, trainable {p['trainable']:,}")
     if metrics.get("resumed_with_changes"):
         changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in metrics["resumed_with_changes"].items())
-        restarted = "; the optimizer and learning-rate schedule started afresh" if metrics.get("optimizer_restarted") else ""
-        console.print(labelled(("resumed with changed options", "yellow"), f" ({changes}){restarted}"), highlight=False, soft_wrap=True)
+        restarted = (
+            "; the optimizer and learning-rate schedule started afresh" if metrics.get("optimizer_restarted") else ""
+        )
+        console.print(
+            labelled(("resumed with changed options", "yellow"), f" ({changes}){restarted}"),
+            highlight=False,
+            soft_wrap=True,
+        )
     _print_final(run_dir, metrics)
 
 
@@ -369,18 +670,31 @@ def build_trunk(
     data_dir: DataDir = Path("data"),
     backbone: Backbone = "resnet50",
     weights: Weights = "imagenet",
-    unfreeze: Annotated[str, typer.Option(help="The fine-tune's --unfreeze: the cache holds the maps below its first module.")] = "layer4",
+    unfreeze: Annotated[
+        str, typer.Option(help="The fine-tune's --unfreeze: the cache holds the maps below its first module.")
+    ] = "layer4",
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[Optional[int], typer.Option(help="Final side S in pixels (default: the weights' crop).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Final side S in pixels (default: the weights' crop).")] = None,
     resize: Resize = "crop",
     device: Device = "auto",
     precision: Precision = "auto",
-    trunk_dtype: Annotated[str, typer.Option(help="Storage: auto (the precision's own: exact) | fp32 | fp16 | bf16.")] = "auto",
+    trunk_dtype: Annotated[
+        str, typer.Option(help="Storage: auto (the precision's own: exact) | fp32 | fp16 | bf16.")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="Decode threads on the CPU, DataLoader processes on CUDA.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode threads on the CPU, DataLoader processes on CUDA.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of a random backbone (0: the one finetune --init-head uses).")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="Output .h5 (default: ARTIFACTS/trunks/<backbone>-<weights>-<cut>-<precision>-<storage>-<digest>.h5).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="FILE",
+            help="Output .h5 (default: ARTIFACTS/trunks/<backbone>-<weights>-<cut>-<precision>-<storage>-<digest>.h5).",
+        ),
+    ] = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
     """Run a fine-tune's frozen part over the images once, into a trunk cache (what finetune --trunk-cache reads)."""
@@ -388,26 +702,62 @@ def build_trunk(
     from cars_tl.core.distributed import is_main_process
     from cars_tl.stages.trunk_cache import build_trunk as run
 
-    path, result = run(data_dir=data_dir, backbone=backbone, weights=weights, unfreeze=unfreeze, crop=crop, margin=margin,
-                       image_size=image_size, resize_mode=resize, device=device, precision=precision, storage=trunk_dtype,
-                       batch_size=batch_size, workers=workers, seed=seed, out=out, artifacts=artifacts, progress=progress())
+    path, result = run(
+        data_dir=data_dir,
+        backbone=backbone,
+        weights=weights,
+        unfreeze=unfreeze,
+        crop=crop,
+        margin=margin,
+        image_size=image_size,
+        resize_mode=resize,
+        device=device,
+        precision=precision,
+        storage=trunk_dtype,
+        batch_size=batch_size,
+        workers=workers,
+        seed=seed,
+        out=out,
+        artifacts=artifacts,
+        progress=progress(),
+    )
     if not is_main_process():
         return
     if result.get("replaced"):
-        console.print(f"[yellow]the existing file was not used[/]: {result['replaced']}", highlight=False, soft_wrap=True)
-    console.print(f"{result['action']}: {path} (maps below {result['cut']}, {result['storage']} storage, "
-                  f"{result['precision']} compute) in {result['seconds']:.1f} s", highlight=False)
+        console.print(
+            f"[yellow]the existing file was not used[/]: {result['replaced']}", highlight=False, soft_wrap=True
+        )
+    console.print(
+        f"{result['action']}: {path} (maps below {result['cut']}, {result['storage']} storage, "
+        f"{result['precision']} compute) in {result['seconds']:.1f} s",
+        highlight=False,
+    )
 
 
 @command("predict")
 def predict(
-    model: Annotated[List[Path], typer.Option("--model", metavar="RUN_DIR", help="Run directory (finetune, train-head or fit-svm); repeatable.")],
-    images: Annotated[Optional[List[Path]], typer.Argument(metavar="IMAGE", help="Image files.", show_default=False)] = None,
+    model: Annotated[
+        list[Path],
+        typer.Option("--model", metavar="RUN_DIR", help="Run directory (finetune, train-head or fit-svm); repeatable."),
+    ],
+    images: Annotated[
+        list[Path] | None, typer.Argument(metavar="IMAGE", help="Image files.", show_default=False)
+    ] = None,
     top_k: Annotated[int, typer.Option(help="Classes shown per model.")] = 5,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    split: Annotated[Optional[str], typer.Option(help="Instead of images: score this whole split of the manifest and save each run's predictions-<split>.npz.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of images: score this whole split of the manifest and save each run's predictions-<split>.npz."
+        ),
+    ] = None,
     data_dir: DataDir = Path("data"),
-    boxed: Annotated[bool, typer.Option("--boxed", help="The images already are box crops (for --crop box runs, cut with the run's margin).")] = False,
+    boxed: Annotated[
+        bool,
+        typer.Option(
+            "--boxed", help="The images already are box crops (for --crop box runs, cut with the run's margin)."
+        ),
+    ] = False,
 ):
     """Top-k classes per image, the given models side by side (softmax probability, or SVM decision score)."""
     import json
@@ -423,7 +773,9 @@ def predict(
         from cars_tl.stages.predict import predict_split
 
         for saved in predict_split(model, split, data_dir, progress(), images=images or []):
-            stdout.print(f"{saved['run']}: {saved['count']} {split} images, top-1 {saved['accuracy']:.2f}% -> {saved['file']}")
+            stdout.print(
+                f"{saved['run']}: {saved['count']} {split} images, top-1 {saved['accuracy']:.2f}% -> {saved['file']}"
+            )
         return
     results = run(images or [], model, top_k, boxed)
     if json_output:
@@ -439,7 +791,11 @@ def predict(
             cells = []
             for p in result["predictions"].values():
                 t = p["top"][i] if i < len(p["top"]) else None
-                value = f"{100 * t['score']:.1f}%" if t and p["score_kind"] == "probability" else (f"{t['score']:.3f}" if t else "")
+                value = (
+                    f"{100 * t['score']:.1f}%"
+                    if t and p["score_kind"] == "probability"
+                    else (f"{t['score']:.3f}" if t else "")
+                )
                 cells.append(labelled(f"{t['class']} ", (value, "bold")) if t else "")
             table.add_row(str(i + 1), *cells)
         stdout.print(table)
@@ -447,9 +803,11 @@ def predict(
 
 @command("sparsity")
 def sparsity(
-    model: Annotated[List[Path], typer.Option("--model", metavar="RUN_DIR", help="Run directory (repeatable).")],
-    image: Annotated[Optional[List[Path]], typer.Option("--image", metavar="IMAGE", help="Image file (repeatable).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Or take images from this split of the manifest.")] = None,
+    model: Annotated[list[Path], typer.Option("--model", metavar="RUN_DIR", help="Run directory (repeatable).")],
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", metavar="IMAGE", help="Image file (repeatable).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Or take images from this split of the manifest.")] = None,
     limit: Annotated[int, typer.Option(help="With --split: how many images.")] = 32,
     data_dir: DataDir = Path("data"),
     out: Annotated[Path, typer.Option(help="Folder for sparsity.csv/.json/.png.")] = Path("artifacts/sparsity"),
@@ -468,8 +826,10 @@ def sparsity(
 @command("report")
 def report(
     artifacts: Artifacts = Path("artifacts"),
-    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: ARTIFACTS/report).")] = None,
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="Dataset the runs used: thumbnails in the report come from its images.")] = Path("data"),
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: ARTIFACTS/report).")] = None,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Dataset the runs used: thumbnails in the report come from its images.")
+    ] = Path("data"),
 ):
     """Gather every run: headline chart, comparison, seeds, curves, per-class and make-level accuracy, confusions, gallery (report.md, report.html)."""
     from rich.table import Table
@@ -482,7 +842,9 @@ def report(
     table = Table(title="cars_tl runs")
     shown = [c for c in result["columns"] if c not in ("kind", "total params", "best epoch")]
     for column in shown:
-        table.add_column(column, justify="left" if column in ("model", "kind", "backbone / weights / preset") else "right")
+        table.add_column(
+            column, justify="left" if column in ("model", "kind", "backbone / weights / preset") else "right"
+        )
     for row in result["rows"]:
         table.add_row(*(row[c] for c in shown))
     stdout.print(table)
@@ -496,10 +858,16 @@ def report(
 @command("knn")
 def knn(
     features: FeaturesFile,
-    k: Annotated[Optional[List[str]], typer.Option("--k", help="Neighbours that vote; repeatable or comma-separated (10,20,50), each reported; the first is the run's result. [20]")] = None,
+    k: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--k",
+            help="Neighbours that vote; repeatable or comma-separated (10,20,50), each reported; the first is the run's result. [20]",
+        ),
+    ] = None,
     temperature: Annotated[float, typer.Option(help="Vote weight exp(cosine / T).")] = 0.07,
     force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default under --artifacts/runs).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default under --artifacts/runs).")] = None,
     artifacts: Artifacts = Path("artifacts"),
 ):
     """Weighted k-nearest-neighbour classification on cosine similarity of cached features (DINO protocol)."""
@@ -515,11 +883,24 @@ def knn(
 
 @command("inspect")
 def inspect(
-    paths: Annotated[List[Path], typer.Argument(help="A feature cache (.h5), a run directory or a data folder (its manifest); two caches (or two runs) are compared.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A feature cache (.h5), a run directory or a data folder (its manifest); two caches (or two runs) are compared."
+        ),
+    ],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    embedding: Annotated[Optional[Path], typer.Option(metavar="OUT.png", help="Instead: draw the 2-D feature map (PCA 50 -> t-SNE, by make) of the cache's split, or of a fine-tuned run's test features.")] = None,
+    embedding: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="OUT.png",
+            help="Instead: draw the 2-D feature map (PCA 50 -> t-SNE, by make) of the cache's split, or of a fine-tuned run's test features.",
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="With --embedding: the split to map.")] = "test",
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="With --embedding: the dataset, for thumbnails on the map.")] = Path("data"),
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="With --embedding: the dataset, for thumbnails on the map.")
+    ] = Path("data"),
     seed: Annotated[int, typer.Option(help="With --embedding: seed of PCA and t-SNE.")] = 0,
 ):
     """Look inside a feature cache, a run or a data folder: provenance, splits, skipped images, feature statistics, final metrics, label conflicts."""
@@ -531,9 +912,13 @@ def inspect(
         from cars_tl.stages.embedding import embedding_picture
 
         r = embedding_picture(paths[0], embedding, split=split, data_dir=data_dir, seed=seed)
-        stdout.print(f"{r['png']}: {r['images']} images, {r['makes']} makes; make-level 10-NN accuracy {r['knn_map']:.1f}% "
-                     f"in the 2-D map, {r['knn_full']:.1f}% in the full space; map {'reused' if r['reused'] else 'computed'} "
-                     f"({r['map_file']}, {r['seconds']:.1f} s)", highlight=False, soft_wrap=True)
+        stdout.print(
+            f"{r['png']}: {r['images']} images, {r['makes']} makes; make-level 10-NN accuracy {r['knn_map']:.1f}% "
+            f"in the 2-D map, {r['knn_full']:.1f}% in the full space; map {'reused' if r['reused'] else 'computed'} "
+            f"({r['map_file']}, {r['seconds']:.1f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     from cars_tl.stages.inspect import inspect_paths, render_text
 
@@ -546,8 +931,20 @@ def inspect(
 
 @command("track")
 def track(
-    to: Annotated[Tuple[str, str], typer.Option("--to", metavar="KIND TARGET", help="tensorboard DIR (event files, one folder per run) | mlflow URI (sqlite:///mlflow.db or a tracking server's URL).")],
-    paths: Annotated[Optional[List[Path]], typer.Argument(metavar="RUN_DIR", help="Run directories, or folders of runs [default: ARTIFACTS/runs].", show_default=False)] = None,
+    to: Annotated[
+        tuple[str, str],
+        typer.Option(
+            "--to",
+            metavar="KIND TARGET",
+            help="tensorboard DIR (event files, one folder per run) | mlflow URI (sqlite:///mlflow.db or a tracking server's URL).",
+        ),
+    ],
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="RUN_DIR", help="Run directories, or folders of runs [default: ARTIFACTS/runs].", show_default=False
+        ),
+    ] = None,
     artifacts: Artifacts = Path("artifacts"),
     experiment: Annotated[str, typer.Option(help="MLflow experiment the runs go into.")] = "cars_tl",
 ):
@@ -558,7 +955,11 @@ def track(
 
     results = run(paths or [artifacts / "runs"], to=to[0], target=to[1], experiment=experiment)
     for r in results:
-        line = f"{r['action']:<9} {r['run']} -> {r['detail']}" if r["action"] != "skipped" else f"skipped   {r['run']}: {r['detail']}"
+        line = (
+            f"{r['action']:<9} {r['run']} -> {r['detail']}"
+            if r["action"] != "skipped"
+            else f"skipped   {r['run']}: {r['detail']}"
+        )
         (console if r["action"] == "skipped" else stdout).print(line, markup=False, highlight=False, soft_wrap=True)
     counts = {a: sum(r["action"] == a for r in results) for a in ("created", "replaced", "unchanged", "skipped")}
     console.print(", ".join(f"{n} {a}" for a, n in counts.items()) + f" ({to[0]} {to[1]})", highlight=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -67,11 +67,22 @@ class RichProgressReporter(Progress):
     @contextlib.contextmanager
     def task(self, description: str, total: float | None = None, unit: str = "it") -> Iterator[Task]:
         if unit == "B":
-            columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+            columns = [
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            ]
         else:
             columns = [
-                TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                _RateColumn(), TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(),
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                _RateColumn(),
+                TextColumn("{task.fields[status]}", markup=False),
+                TimeElapsedColumn(),
             ]
         with RichProgress(*columns, console=console) as bar:
             task_id = bar.add_task(description, total=total, unit=unit, status="")

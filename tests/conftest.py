@@ -74,8 +74,15 @@ def mini_dir(tmp_path_factory) -> Path:
 def demo_finetune_run(demo_dir, demo_head_run, tmp_path_factory) -> Path:
     from cars_tl.stages.finetune import finetune
 
-    run_dir, _ = finetune(demo_dir, unfreeze="layer4", init_head=demo_head_run, epochs=1, batch_size=16,
-                          out=tmp_path_factory.mktemp("runs") / "ft", **TINY)
+    run_dir, _ = finetune(
+        demo_dir,
+        unfreeze="layer4",
+        init_head=demo_head_run,
+        epochs=1,
+        batch_size=16,
+        out=tmp_path_factory.mktemp("runs") / "ft",
+        **TINY,
+    )
     return run_dir
 
 

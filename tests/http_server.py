@@ -48,7 +48,7 @@ class FileServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> "FileServer":
+    def __enter__(self) -> FileServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]

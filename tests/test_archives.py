@@ -114,7 +114,9 @@ def test_a_lying_central_directory_stops_at_the_cap_while_writing(tmp_path, monk
 @pytest.mark.parametrize("value", ["lots", "0", "-5"])
 def test_a_bad_limit_names_the_variable(value, tmp_path, monkeypatch):
     monkeypatch.setenv(archives.MAX_BYTES_ENV, value)
-    refused_leaving_nothing(zeros_zip(tmp_path / "a.zip", 10), tmp_path / "out", f"{archives.MAX_BYTES_ENV}=.* is not a positive number")
+    refused_leaving_nothing(
+        zeros_zip(tmp_path / "a.zip", 10), tmp_path / "out", f"{archives.MAX_BYTES_ENV}=.* is not a positive number"
+    )
 
 
 def test_errors_inside_an_inner_archive_name_the_users_archive(demo, tmp_path):
@@ -161,7 +163,11 @@ def _zip_keeping_links(root: Path, archive: Path) -> Path:
 @pytest.mark.parametrize("kind", ["tgz", "zip"])
 def test_a_symlink_inside_the_archive_is_the_image_it_points_to(kind, demo, tmp_path):
     root = _linked_tree(demo, tmp_path / "src", "../originals/00001.jpg")
-    archive = tar_folder(tmp_path / "sc.tgz", {"stanford_cars": root}) if kind == "tgz" else _zip_keeping_links(root, tmp_path / "sc.zip")
+    archive = (
+        tar_folder(tmp_path / "sc.tgz", {"stanford_cars": root})
+        if kind == "tgz"
+        else _zip_keeping_links(root, tmp_path / "sc.zip")
+    )
     manifest, _ = prepare_dataset(tmp_path / "data", str(archive))
     assert manifest.fingerprint == demo.fingerprint
     image = manifest.root / "cars_train" / "00001.jpg"
@@ -171,7 +177,11 @@ def test_a_symlink_inside_the_archive_is_the_image_it_points_to(kind, demo, tmp_
 @pytest.mark.parametrize("kind", ["tgz", "zip"])
 def test_a_dangling_symlink_is_a_missing_image_named_by_its_member(kind, demo, tmp_path):
     root = _linked_tree(demo, tmp_path / "src", "../originals/nothing.jpg")
-    archive = tar_folder(tmp_path / "sc.tgz", {"stanford_cars": root}) if kind == "tgz" else _zip_keeping_links(root, tmp_path / "sc.zip")
+    archive = (
+        tar_folder(tmp_path / "sc.tgz", {"stanford_cars": root})
+        if kind == "tgz"
+        else _zip_keeping_links(root, tmp_path / "sc.zip")
+    )
     with pytest.raises(CarsTLError, match="1 missing images") as info:
         prepare_dataset(tmp_path / "data", str(archive))
     assert f"cars_train/00001.jpg (not in {archive} (member stanford_cars/cars_train))" in info.value.message

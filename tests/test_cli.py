@@ -51,9 +51,27 @@ def _chain(tmp_path: Path, backbone: str, weights: str, *extra: str) -> dict:
     runner = CliRunner()
     data_dir, artifacts = tmp_path / "data", tmp_path / "artifacts"
     steps = [
-        ["download", "--source", str(Path(__file__).resolve().parents[2] / "shared/data/stanford_cars_mini"), "--data-dir", str(data_dir)],
-        ["extract-features", "--data-dir", str(data_dir), "--backbone", backbone, "--weights", weights,
-         "--out", str(artifacts / "f.h5"), "--workers", "2", *extra],
+        [
+            "download",
+            "--source",
+            str(Path(__file__).resolve().parents[2] / "shared/data/stanford_cars_mini"),
+            "--data-dir",
+            str(data_dir),
+        ],
+        [
+            "extract-features",
+            "--data-dir",
+            str(data_dir),
+            "--backbone",
+            backbone,
+            "--weights",
+            weights,
+            "--out",
+            str(artifacts / "f.h5"),
+            "--workers",
+            "2",
+            *extra,
+        ],
         ["train-head", "--features", str(artifacts / "f.h5"), "--out", str(artifacts / "runs/head")],
         ["fit-svm", "--features", str(artifacts / "f.h5"), "--kernel", "all", "--out", str(artifacts / "runs/svm")],
     ]
@@ -90,10 +108,24 @@ def test_chain_on_the_real_subset_with_the_pretrained_backbone(tmp_path):
 
 
 def test_init_head_from_another_dataset_is_refused(demo_head_run, mini_dir):
-    result = CliRunner().invoke(app, [
-        "finetune", "--data-dir", str(mini_dir), "--backbone", "resnet18", "--weights", "random",
-        "--image-size", "64", "--init-head", str(demo_head_run), "--epochs", "1",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "--data-dir",
+            str(mini_dir),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random",
+            "--image-size",
+            "64",
+            "--init-head",
+            str(demo_head_run),
+            "--epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 2
     text = result.output.replace("\n", " ")
     assert str(demo_head_run) in text.replace(" ", "") or demo_head_run.name in text

@@ -36,10 +36,12 @@ def _relu_features_with_a_dead_unit(seed=0, n_per_class=40, classes=4, dim=16):
     """Separable ReLU features; unit 0 is dead (exactly 0) on train but fires on test."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(0, 3, (classes, dim))
+
     def draw(n):
         y = np.repeat(np.arange(classes), n)
         x = np.maximum(centers[y] + rng.normal(0, 1, (len(y), dim)), 0).astype(np.float32)
         return x, y
+
     x_train, y_train = draw(n_per_class)
     x_test, y_test = draw(n_per_class // 2)
     x_train[:, 0] = 0.0
@@ -49,9 +51,22 @@ def _relu_features_with_a_dead_unit(seed=0, n_per_class=40, classes=4, dim=16):
 
 def _cache(tmp_path, x_train, y_train, x_test, y_test):
     classes = int(y_train.max()) + 1
-    attrs = {"backbone": "toy", "weights": "random", "weights_digest": "0", "transform": {"crop": 8}, "crop": "full",
-             "margin": 0.0, "precision": "fp32", "class_names": [f"c{i}" for i in range(classes)], "num_classes": classes,
-             "feature_dim": x_train.shape[1], "dataset_fingerprint": "f", "versions": {}, "options": {}, "skip_bad": False}
+    attrs = {
+        "backbone": "toy",
+        "weights": "random",
+        "weights_digest": "0",
+        "transform": {"crop": 8},
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        "class_names": [f"c{i}" for i in range(classes)],
+        "num_classes": classes,
+        "feature_dim": x_train.shape[1],
+        "dataset_fingerprint": "f",
+        "versions": {},
+        "options": {},
+        "skip_bad": False,
+    }
     split = lambda x, y: features.SplitArrays(x, y, np.arange(len(y)), [f"{i}.jpg" for i in range(len(y))], [])  # noqa: E731
     return features.write(tmp_path / "toy.h5", attrs, {"train": split(x_train, y_train), "test": split(x_test, y_test)})
 
@@ -331,13 +346,23 @@ def test_default_cache_names_differ_for_every_array_changing_option(tmp_path):
         features.default_path(tmp_path, "resnet18", "random", "box", spec, 0.1, "fp32"),
     }
     assert len(names) == 5
-    assert features.default_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32").name.startswith("resnet18-random-full-64px-fp32-")
+    assert features.default_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32").name.startswith(
+        "resnet18-random-full-64px-fp32-"
+    )
 
 
 def test_a_seeded_fine_tune_from_a_head_keeps_the_backbone_of_its_features(demo_dir, demo_head_run, tmp_path):
     # Model D on random weights (the demo): seed 1 must not rebuild another random backbone than the
     # one the head's features came from; the head's own accuracy is epoch 0's.
-    _, m = ft.finetune(demo_dir, unfreeze="layer4", init_head=demo_head_run, epochs=1, batch_size=32, seed=1,
-                       out=tmp_path / "d", **TINY)
+    _, m = ft.finetune(
+        demo_dir,
+        unfreeze="layer4",
+        init_head=demo_head_run,
+        epochs=1,
+        batch_size=32,
+        seed=1,
+        out=tmp_path / "d",
+        **TINY,
+    )
     assert m["backbone"]["weights_digest"] == runs.read_metrics(demo_head_run)["backbone"]["weights_digest"]
     assert m["history"][0]["test_acc"] == pytest.approx(runs.read_metrics(demo_head_run)["final"]["test_acc"], abs=1e-6)

@@ -238,7 +238,10 @@ def _set_label(line: str, label: int) -> str:
     [
         pytest.param(lambda lines: lines[:5] + lines[6:], id="row-removed"),
         pytest.param(lambda lines: [lines[0], _set_label(lines[1], 9), *lines[2:]], id="label-out-of-range"),
-        pytest.param(lambda lines: [lines[0], _set_label(lines[1], (int(lines[1].split(",")[3]) + 1) % 6), *lines[2:]], id="label-changed"),
+        pytest.param(
+            lambda lines: [lines[0], _set_label(lines[1], (int(lines[1].split(",")[3]) + 1) % 6), *lines[2:]],
+            id="label-changed",
+        ),
     ],
 )
 def test_hand_edits_with_a_recomputed_fingerprint_fail_against_the_devkit(edit, demo_dir, tmp_path):

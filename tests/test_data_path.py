@@ -32,8 +32,14 @@ class CopyRecorder:
         def to(tensor, *args, **kwargs):
             caller = sys._getframe(1).f_code
             if marker in caller.co_filename:
-                self.calls.append({"caller": caller.co_name, "dtype": tensor.dtype, "shape": tuple(tensor.shape),
-                                   "non_blocking": bool(kwargs.get("non_blocking") or (len(args) > 2 and args[2] is True))})
+                self.calls.append(
+                    {
+                        "caller": caller.co_name,
+                        "dtype": tensor.dtype,
+                        "shape": tuple(tensor.shape),
+                        "non_blocking": bool(kwargs.get("non_blocking") or (len(args) > 2 and args[2] is True)),
+                    }
+                )
             return original(tensor, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, "to", to)
@@ -63,8 +69,12 @@ def accel_features(demo_dir, tmp_path_factory):
 
 def test_the_data_path_is_decided_in_one_place(monkeypatch):
     monkeypatch.delenv(loaders.DATA_PATH_ENV, raising=False)
-    assert loaders.data_path("cpu") == loaders.DataPath(False, False) and loaders.data_path("cpu").batch_dtype == "float"
-    assert loaders.data_path("cuda:1") == loaders.DataPath(True, True) and loaders.data_path("cuda").batch_dtype == "uint8"
+    assert (
+        loaders.data_path("cpu") == loaders.DataPath(False, False) and loaders.data_path("cpu").batch_dtype == "float"
+    )
+    assert (
+        loaders.data_path("cuda:1") == loaders.DataPath(True, True) and loaders.data_path("cuda").batch_dtype == "uint8"
+    )
     monkeypatch.setenv(loaders.DATA_PATH_ENV, "accelerator")
     assert loaders.data_path("cpu") == loaders.DataPath(True, False)  # no pinned memory without CUDA
     assert loaders.default_workers("cpu") == runtime.usable_cores()  # the accelerator's worker rule
@@ -81,13 +91,17 @@ def test_batch_to_device_normalizes_uint8_like_the_cpu_path(monkeypatch):
     pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         out = loaders.batch_to_device(pixels, "cpu", spec)
-    want = (pixels.float() / 255 - torch.tensor(spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(spec["std"]).view(1, 3, 1, 1)
+    want = (pixels.float() / 255 - torch.tensor(spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(spec["std"]).view(
+        1, 3, 1, 1
+    )
     torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
     recorder.assert_no_per_batch_sync(min_batches=3)
 
 
-def test_extract_features_through_the_accelerator_path_equals_the_cpu_path(demo_dir, demo_features, tmp_path, monkeypatch):
+def test_extract_features_through_the_accelerator_path_equals_the_cpu_path(
+    demo_dir, demo_features, tmp_path, monkeypatch
+):
     """What crashed on CUDA: uint8 batches reached the network unnormalized."""
     from cars_tl.stages import extract
 
@@ -108,7 +122,9 @@ def test_extraction_asks_the_device_s_worker_default(demo_dir, tmp_path, monkeyp
 
     asked = []
     monkeypatch.setattr(loaders, "default_workers", lambda device="cpu": asked.append(device) or 0)
-    extract.extract_features(demo_dir, splits=("test",), batch_size=72, out=tmp_path / "f.h5", **dict(TINY, workers=None))
+    extract.extract_features(
+        demo_dir, splits=("test",), batch_size=72, out=tmp_path / "f.h5", **dict(TINY, workers=None)
+    )
     assert asked == ["cpu"]
 
 
@@ -127,7 +143,9 @@ def test_knn_on_accelerator_path_features_equals_the_cpu_path(accel_features, de
     _, got = run_knn(accel_features, ks=(1, 5), out=tmp_path / "a")
     _, want = run_knn(demo_features, ks=(1, 5), out=tmp_path / "c")
     assert got["k_results"] == want["k_results"]
-    assert (runs.read_predictions(tmp_path / "a").top_classes == runs.read_predictions(tmp_path / "c").top_classes).all()
+    assert (
+        runs.read_predictions(tmp_path / "a").top_classes == runs.read_predictions(tmp_path / "c").top_classes
+    ).all()
 
 
 def _finetune(demo_dir, out, **options):
@@ -178,7 +196,9 @@ def test_finetune_evaluation_loaders_do_not_persist(demo_dir, tmp_path, monkeypa
     assert made[persistent.index(True)].sampler.__class__ is loaders.EpochSampler
 
 
-def test_predict_and_sparsity_through_the_accelerator_path(demo_dir, demo_finetune_run, demo_head_run, tmp_path, monkeypatch):
+def test_predict_and_sparsity_through_the_accelerator_path(
+    demo_dir, demo_finetune_run, demo_head_run, tmp_path, monkeypatch
+):
     from cars_tl.stages.predict import predict_split
     from cars_tl.stages.sparsity import measure
 
@@ -206,11 +226,19 @@ def test_a_single_process_cuda_n_selects_its_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:  # torch's backend flags are properties: saved and restored by hand
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True, True
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = (
+            False,
+            True,
+            True,
+        )
         assert runtime.resolve_device("cuda:1") == "cuda:1"
         runtime.prepare_device("cuda:1", "fp32")
         assert chosen == ["cuda:1"]
-        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert (
+            torch.backends.cudnn.benchmark
+            and not torch.backends.cudnn.allow_tf32
+            and not torch.backends.cuda.matmul.allow_tf32
+        )
         runtime.prepare_device("cuda", "bf16")  # the current device stays as it is; TF32 allowed
         assert chosen == ["cuda:1"] and torch.backends.cudnn.allow_tf32
     finally:

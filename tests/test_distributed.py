@@ -35,8 +35,17 @@ WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: 2 epochs of AdamW dif
 
 
 def _torchrun(nproc: int, *args: str, **kwargs) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "cars_tl", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "cars_tl",
+        *args,
+    ]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -77,7 +86,7 @@ def test_ranks_together_hold_exactly_the_global_batches(size, batch, world):
     single = EpochSampler(size, seed=3)
     single.set_epoch(2)
     keys = list(single)
-    global_batches = [keys[i:i + batch] for i in range(0, size, batch)]
+    global_batches = [keys[i : i + batch] for i in range(0, size, batch)]
     per_rank = []
     for rank in range(world):
         sampler = loaders.ShardedEpochSampler(size, 3, batch, distributed.Context(world, rank))
@@ -90,7 +99,7 @@ def test_ranks_together_hold_exactly_the_global_batches(size, batch, world):
             held, count = sampler.share(step)
             take = max(held, 1)
             assert take <= local
-            steps.append((mine[at:at + take], held, count))
+            steps.append((mine[at : at + take], held, count))
             at += take
         assert at == len(mine)
         per_rank.append(steps)
@@ -157,9 +166,25 @@ class _StopAfter(Progress):
 
 
 def _extract_args(data_dir: Path, out: Path) -> list[str]:
-    return ["extract-features", "--data-dir", str(data_dir), "--backbone", TINY["backbone"], "--weights", TINY["weights"],
-            "--image-size", str(TINY["image_size"]), "--precision", TINY["precision"], "--workers", "0", "--batch-size", "16",
-            "--out", str(out)]
+    return [
+        "extract-features",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        TINY["backbone"],
+        "--weights",
+        TINY["weights"],
+        "--image-size",
+        str(TINY["image_size"]),
+        "--precision",
+        TINY["precision"],
+        "--workers",
+        "0",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.slow
@@ -177,7 +202,9 @@ def test_two_process_extraction_equals_one_process_and_resumes_with_another_coun
     assert not out.exists() and len(list(features.partial_dir(out).glob("train-*.npz"))) == 1
     done = _run(_torchrun(2, *_extract_args(demo_dir, out)))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed:" in done.stderr + done.stdout and done.stderr.count("resumed:") + done.stdout.count("resumed:") == 1
+    assert (
+        "resumed:" in done.stderr + done.stdout and done.stderr.count("resumed:") + done.stdout.count("resumed:") == 1
+    )
     one, two = features.load(reference.path), features.load(out)
     for split in ("train", "test"):
         a, b = one.split(split), two.split(split)
@@ -185,8 +212,9 @@ def test_two_process_extraction_equals_one_process_and_resumes_with_another_coun
         assert np.array_equal(a.labels, b.labels) and np.array_equal(a.ids, b.ids) and a.paths == b.paths
     differing = {k for k in one.attrs if one.attrs[k] != two.attrs.get(k)}
     assert differing <= {"created", "options"}
-    assert {k: v for k, v in one.attrs["options"].items() if k != "world_size"} == \
-        {k: v for k, v in two.attrs["options"].items() if k != "world_size"}
+    assert {k: v for k, v in one.attrs["options"].items() if k != "world_size"} == {
+        k: v for k, v in two.attrs["options"].items() if k != "world_size"
+    }
     assert (one.attrs["options"]["world_size"], two.attrs["options"]["world_size"]) == (1, 2)
     assert not features.partial_dir(out).exists()
 
@@ -197,7 +225,9 @@ def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
     shutil.copytree(demo_dir, bad)
     last = sorted((bad / "stanford_cars" / "cars_train").iterdir())[-1]  # in rank 1's shard
     last.write_bytes(last.read_bytes()[:-600])  # the header reads, the pixels do not
-    data.build_manifest(bad)  # the manifest accepts it (a changed file is refused at load): only decoding finds the damage
+    data.build_manifest(
+        bad
+    )  # the manifest accepts it (a changed file is refused at load): only decoding finds the damage
     out = tmp_path / "f.h5"
     started = time.monotonic()
     result = _run(_torchrun(2, *_extract_args(bad, out)), timeout=240)
@@ -214,9 +244,32 @@ def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
 def _finetune_args(data_dir: Path, weights: Path, out: Path, *extra: str) -> list[str]:
     # tuned: seeded augmentation, a validation split, warmup + cosine, label smoothing, AdamW, and
     # BatchNorm statistics kept (frozen) with pretrained-like weights from a file.
-    return ["finetune", "--data-dir", str(data_dir), "--backbone", "resnet18", "--weights", str(weights), "--unfreeze", "layer4",
-            "--image-size", "32", "--precision", "fp32", "--workers", "0", "--epochs", "2", "--batch-size", "16",
-            "--preset", "tuned", "--out", str(out), *extra]
+    return [
+        "finetune",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--unfreeze",
+        "layer4",
+        "--image-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--preset",
+        "tuned",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
@@ -254,8 +307,13 @@ def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tm
 
     # Two processes killed outright in epoch 2; one process resumes and finishes the same run.
     killed = tmp_path / "killed"
-    job = subprocess.Popen(_torchrun(2, *_finetune_args(demo_dir, weights, killed)), cwd=REPO, env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        _torchrun(2, *_finetune_args(demo_dir, weights, killed)),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = killed / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while time.time() < deadline and not last.exists() and job.poll() is None:
@@ -281,8 +339,29 @@ def test_a_failing_rank_fails_the_finetune_job(demo_dir, tmp_path):
     image.write_bytes(image.read_bytes()[:-600])  # the header reads, the pixels do not
     data.build_manifest(bad)  # so that only decoding, on one rank, finds the damage
     out = tmp_path / "run"
-    args = ["finetune", "--data-dir", str(bad), "--backbone", "resnet18", "--weights", "random", "--unfreeze", "none",
-            "--image-size", "32", "--precision", "fp32", "--workers", "0", "--epochs", "1", "--batch-size", "16", "--out", str(out)]
+    args = [
+        "finetune",
+        "--data-dir",
+        str(bad),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--unfreeze",
+        "none",
+        "--image-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
     started = time.monotonic()
     result = _run(_torchrun(2, *args), timeout=240)
     assert result.returncode != 0 and time.monotonic() - started < 240
@@ -293,8 +372,29 @@ def test_a_failing_rank_fails_the_finetune_job(demo_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_batch_that_does_not_divide_is_refused(demo_dir, tmp_path):
-    result = _run(_torchrun(2, "finetune", "--data-dir", str(demo_dir), "--backbone", "resnet18", "--weights", "random",
-                            "--image-size", "32", "--batch-size", "15", "--epochs", "1", "--out", str(tmp_path / "r")), timeout=240)
+    result = _run(
+        _torchrun(
+            2,
+            "finetune",
+            "--data-dir",
+            str(demo_dir),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "15",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+        ),
+        timeout=240,
+    )
     assert result.returncode != 0
-    assert "--batch-size 15 is the global batch and must divide evenly over the 2 processes" in result.stderr.replace("\n", " ")
+    assert "--batch-size 15 is the global batch and must divide evenly over the 2 processes" in result.stderr.replace(
+        "\n", " "
+    )
     assert not (tmp_path / "r").exists()

@@ -77,7 +77,7 @@ def _all_in_one(root: Path, out: Path, *, pack: bool) -> Path:
     train = data.read_annotations(root / data.DEVKIT_FILES["train"], with_class=True)
     test = data.read_annotations(root / data.TEST_LABELS_NAMES[0], with_class=True)
     entries = [(split, row) for pair in zip(train, test) for split, row in zip(data.SPLITS, pair)]
-    entries += [("train", row) for row in train[len(test):]]
+    entries += [("train", row) for row in train[len(test) :]]
     fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
     annotations = np.zeros((1, len(entries)), dtype=[(f, "O") for f in fields])
     (out / "car_ims").mkdir(parents=True)
@@ -109,7 +109,10 @@ def sources(demo, tmp_path_factory):
 
     labels_in_devkit = base / "labels-in-devkit" / "stanford_cars"
     shutil.copytree(root, labels_in_devkit)
-    os.replace(labels_in_devkit / "cars_test_annos_withlabels.mat", labels_in_devkit / "devkit" / "cars_test_annos_withlabels.mat")
+    os.replace(
+        labels_in_devkit / "cars_test_annos_withlabels.mat",
+        labels_in_devkit / "devkit" / "cars_test_annos_withlabels.mat",
+    )
 
     zipped = base / "torchvision.zip"
     with zipfile.ZipFile(zipped, "w") as zf:
@@ -151,8 +154,15 @@ def assert_only_dataset(data_dir: Path) -> None:
 @pytest.mark.parametrize(
     "layout",
     [
-        "torchvision-parent", "torchvision-folder", "torchvision-labels-in-devkit", "torchvision-tgz",
-        "torchvision-zip", "split-folder", "split-tgz", "all-in-one", "all-in-one-extracted",
+        "torchvision-parent",
+        "torchvision-folder",
+        "torchvision-labels-in-devkit",
+        "torchvision-tgz",
+        "torchvision-zip",
+        "split-folder",
+        "split-tgz",
+        "all-in-one",
+        "all-in-one-extracted",
     ],
 )
 def test_every_layout_imports_to_the_same_dataset(layout, sources, demo, tmp_path):
@@ -194,7 +204,9 @@ def test_all_in_one_paths_outside_car_ims_are_refused(tmp_path):
     fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
     annotations = np.zeros((1, 1), dtype=[(f, "O") for f in fields])
     annotations[0, 0] = (np.array(["car_ims/../../secret.jpg"]), *[np.array([[1]], dtype=np.uint8)] * 6)
-    scipy.io.savemat(source / "cars_annos.mat", {"annotations": annotations, "class_names": np.array(["A"], dtype=object)})
+    scipy.io.savemat(
+        source / "cars_annos.mat", {"annotations": annotations, "class_names": np.array(["A"], dtype=object)}
+    )
     with pytest.raises(CarsTLError, match="outside its folder"):
         prepare_dataset(tmp_path / "data", str(source))
     assert (tmp_path / "secret.jpg").read_bytes() == b"not yours"
@@ -249,7 +261,10 @@ def test_real_mini_dataset_through_the_cli(tmp_path):
         dataset = data.CarsDataset(manifest, split)
         for i in range(len(dataset)):
             image = dataset.load(i)
-            assert image.mode == "RGB" and image.size == (manifest.split(split)[i].width, manifest.split(split)[i].height)
+            assert image.mode == "RGB" and image.size == (
+                manifest.split(split)[i].width,
+                manifest.split(split)[i].height,
+            )
     assert listing(SHARED_MINI) == before
 
 
@@ -258,7 +273,10 @@ def test_real_mini_dataset_through_the_cli(tmp_path):
 
 def mirror_list(path: Path, split_folder: Path, mirrors: list[str]) -> Path:
     spec = {
-        "files": {name: {"size": (split_folder / name).stat().st_size, "md5": md5(split_folder / name)} for name in download.SPLIT_FILES},
+        "files": {
+            name: {"size": (split_folder / name).stat().st_size, "md5": md5(split_folder / name)}
+            for name in download.SPLIT_FILES
+        },
         "mirrors": [{"name": f"mirror{i}", "base_url": url, "note": "test"} for i, url in enumerate(mirrors)],
     }
     path.write_text(json.dumps(spec))
@@ -270,7 +288,15 @@ def test_url_source_end_to_end_through_the_cli(sources, demo, tmp_path):
         listed = mirror_list(tmp_path / "mirrors.json", sources["split-folder"], [])
         result = CliRunner().invoke(
             app,
-            ["download", "--source", server.url("/split"), "--mirror-list", str(listed), "--data-dir", str(tmp_path / "data")],
+            [
+                "download",
+                "--source",
+                server.url("/split"),
+                "--mirror-list",
+                str(listed),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
         )
     assert result.exit_code == 0, result.output
     assert "downloaded" in result.output
@@ -529,7 +555,9 @@ def resnet18(monkeypatch, tmp_path):
     weights = torchvision.models.get_model_weights("resnet18").DEFAULT
     filename = weights.url.rsplit("/", 1)[1]
     monkeypatch.setattr(weights.value, "url", closed_port_url(f"/models/{filename}"))
-    return types.SimpleNamespace(weights=weights, filename=filename, dest=tmp_path / "torch" / "hub" / "checkpoints" / filename)
+    return types.SimpleNamespace(
+        weights=weights, filename=filename, dest=tmp_path / "torch" / "hub" / "checkpoints" / filename
+    )
 
 
 def test_weights_already_in_place_are_returned(resnet18):
@@ -572,7 +600,9 @@ def test_importing_download_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, cars_tl.sources.download; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+    code = (
+        "import sys, cars_tl.sources.download; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -85,13 +85,27 @@ def _broken_images(html_path, tmp_path) -> tuple[int, int]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:
         pytest.skip("headless Chromium absent (apt-get install -y chromium)")
-    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-             "document.body.setAttribute('data-probe', imgs.length + ':' + imgs.filter(i => !i.complete || i.naturalWidth === 0).length); });"
-             "</script>")
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+        "document.body.setAttribute('data-probe', imgs.length + ':' + imgs.filter(i => !i.complete || i.naturalWidth === 0).length); });"
+        "</script>"
+    )
     page = tmp_path / "probe.html"
     page.write_text(html_path.read_text().replace("</body>", probe + "</body>"))
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     found = re.search(r'data-probe="(\d+):(\d+)"', dom)
     assert found, dom[-500:]
     return int(found.group(1)), int(found.group(2))

@@ -69,8 +69,10 @@ def test_stage_columns_are_the_hooked_pooled_outputs_in_the_recorded_order(demo_
     rows = [0, 1, 2]
     images = _tensors(demo_dir, cache, bb.transform, rows)
     pooled = {}
-    handles = [bb.body.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: pooled.__setitem__(n, o.mean((2, 3))))
-               for n in ("layer2", "layer3")]
+    handles = [
+        bb.body.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: pooled.__setitem__(n, o.mean((2, 3))))
+        for n in ("layer2", "layer3")
+    ]
     with torch.inference_mode():
         pooled["final"] = bb.body.eval()(images)
     for h in handles:
@@ -108,8 +110,15 @@ def test_prediction_reproduces_the_cached_row_of_a_flip_multi_stage_cache(demo_d
     from cars_tl.stages.predict import predict, predict_split
     from cars_tl.stages.train_head import train_head
 
-    extract.extract_features(demo_dir, splits=("train",), batch_size=16, out=both_cache.path, tta="flip",
-                             layers="layer3,layer2,final", **TINY)  # add train to the same file
+    extract.extract_features(
+        demo_dir,
+        splits=("train",),
+        batch_size=16,
+        out=both_cache.path,
+        tta="flip",
+        layers="layer3,layer2,final",
+        **TINY,
+    )  # add train to the same file
     head_dir, _ = train_head(both_cache.path, out=tmp_path / "head")
     svm_dir, _ = fit_svm(both_cache.path, kernel="linear", out=tmp_path / "svm")
     cache = features.load(both_cache.path, ("test",)).split("test")
@@ -141,9 +150,18 @@ def test_the_cache_name_changes_with_each_option(demo_dir, tmp_path):
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], **BUILD)
     names = set()
     for tta in ("none", "flip"):
-        for layers, combine in ((["final"], "l2"), (["layer3", "layer4"], "l2"), (["layer3", "layer4"], "raw"), (["layer4", "layer3"], "l2")):
+        for layers, combine in (
+            (["final"], "l2"),
+            (["layer3", "layer4"], "l2"),
+            (["layer3", "layer4"], "raw"),
+            (["layer4", "layer3"], "l2"),
+        ):
             spec = feature_views.with_options(bb.transform, tta, layers, combine)
-            names.add(features.default_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32", feature_views.name_tag(spec)).name)
+            names.add(
+                features.default_path(
+                    tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32", feature_views.name_tag(spec)
+                ).name
+            )
     assert len(names) == 8
     plain = feature_views.with_options(bb.transform)
     assert plain == bb.transform  # the study's spec is untouched: its cache keeps its name
@@ -155,8 +173,13 @@ def test_presets_and_bad_options(demo_dir, tmp_path):
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], **BUILD)
     assert feature_views.parse_layers("default", bb) == ["layer3", "layer4"]
     assert feature_views.parse_layers(None, bb) == ["final"]
-    for bad, message in (({"tta": "mirror"}, "--tta"), ({"layers": "layer9"}, "layer9"), ({"layers": "layer3,layer3"}, "once"),
-                         ({"preset": "best"}, "--preset"), ({"combine": "max", "layers": "layer3,final"}, "--combine")):
+    for bad, message in (
+        ({"tta": "mirror"}, "--tta"),
+        ({"layers": "layer9"}, "layer9"),
+        ({"layers": "layer3,layer3"}, "once"),
+        ({"preset": "best"}, "--preset"),
+        ({"combine": "max", "layers": "layer3,final"}, "--combine"),
+    ):
         with pytest.raises(CarsTLError, match=message):
             extract.extract_features(demo_dir, splits=("test",), out=tmp_path / "x.h5", **TINY, **bad)
 
@@ -204,8 +227,25 @@ def test_cli_options_reach_the_cache_and_mistakes_are_messages(demo_dir, tmp_pat
 
     from cars_tl.cli import app
 
-    common = ["extract-features", "--data-dir", str(demo_dir), "--backbone", "resnet18", "--weights", "random", "--image-size", "64",
-              "--precision", "fp32", "--workers", "0", "--split", "test", "--artifacts", str(tmp_path)]
+    common = [
+        "extract-features",
+        "--data-dir",
+        str(demo_dir),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        "64",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--split",
+        "test",
+        "--artifacts",
+        str(tmp_path),
+    ]
     bad = CliRunner().invoke(app, [*common, "--layers", "layer3,head"])
     assert bad.exit_code != 0 and "head" in bad.output and "Traceback" not in bad.output
     good = CliRunner().invoke(app, [*common, "--tta", "flip", "--layers", "default"])

@@ -23,9 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _attrs(**extra):
     return {
-        "backbone": "resnet18", "weights": "random", "weights_digest": "ab" * 32, "transform": {"crop": 8},
-        "crop": "full", "margin": 0.0, "precision": "fp32", "class_names": ["a", "b", "c"], "num_classes": 3,
-        "feature_dim": 4, "dataset_fingerprint": "cd" * 32, "versions": {"torch": "x"}, "options": {}, "skip_bad": False,
+        "backbone": "resnet18",
+        "weights": "random",
+        "weights_digest": "ab" * 32,
+        "transform": {"crop": 8},
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        "class_names": ["a", "b", "c"],
+        "num_classes": 3,
+        "feature_dim": 4,
+        "dataset_fingerprint": "cd" * 32,
+        "versions": {"torch": "x"},
+        "options": {},
+        "skip_bad": False,
         **extra,
     }
 
@@ -33,7 +44,11 @@ def _attrs(**extra):
 def _split(n, seed=0):
     rng = np.random.default_rng(seed)
     return features.SplitArrays(
-        rng.random((n, 4), dtype=np.float32), rng.integers(0, 3, n), np.arange(n), [f"img/{i}.jpg" for i in range(n)], []
+        rng.random((n, 4), dtype=np.float32),
+        rng.integers(0, 3, n),
+        np.arange(n),
+        [f"img/{i}.jpg" for i in range(n)],
+        [],
     )
 
 
@@ -59,8 +74,19 @@ def test_wrong_schema_version_is_refused(tmp_path):
 
 
 def test_a_flipped_byte_in_a_chunk_is_detected(tmp_path):
-    path = features.write(tmp_path / "f.h5", _attrs(feature_dim=64), {"train": features.SplitArrays(
-        np.random.default_rng(0).random((300, 64), dtype=np.float32), np.zeros(300, int), np.arange(300), ["x"] * 300, [])})
+    path = features.write(
+        tmp_path / "f.h5",
+        _attrs(feature_dim=64),
+        {
+            "train": features.SplitArrays(
+                np.random.default_rng(0).random((300, 64), dtype=np.float32),
+                np.zeros(300, int),
+                np.arange(300),
+                ["x"] * 300,
+                [],
+            )
+        },
+    )
     with h5py.File(path) as f:
         info = f["train/features"].id.get_chunk_info(0)
     blob = bytearray(path.read_bytes())
@@ -82,8 +108,19 @@ def test_missing_file_and_missing_split(tmp_path):
 
 def test_extraction_writes_the_documented_attributes(demo_features):
     attrs = features.read_attrs(demo_features)
-    for key in ("backbone", "weights", "weights_digest", "transform", "crop", "precision", "class_names",
-                "dataset_fingerprint", "versions", "created", "options"):
+    for key in (
+        "backbone",
+        "weights",
+        "weights_digest",
+        "transform",
+        "crop",
+        "precision",
+        "class_names",
+        "dataset_fingerprint",
+        "versions",
+        "created",
+        "options",
+    ):
         assert key in attrs
     cache = features.load(demo_features)
     assert cache.split("train").features.shape == (144, 512)
@@ -97,15 +134,36 @@ def test_rerun_with_identical_inputs_is_a_no_op(demo_dir, demo_features):
 
 
 def _extract_command(data_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "cars_tl", "extract-features", "--data-dir", str(data_dir), "--backbone", "resnet18",
-            "--weights", "random", "--image-size", "64", "--precision", "fp32", "--workers", "0",
-            "--batch-size", "2", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "cars_tl",
+        "extract-features",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        "64",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
 
 
 def test_killed_extraction_resumes_to_identical_arrays(demo_dir, demo_features, tmp_path):
     out = tmp_path / "resumed.h5"
     partial = features.partial_dir(out)
-    process = subprocess.Popen(_extract_command(demo_dir, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _extract_command(demo_dir, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(partial.glob("train-*.npz"))) < 3:
         time.sleep(0.02)
@@ -136,7 +194,9 @@ def test_skip_bad_lists_the_skipped_images(demo_dir, tmp_path):
     manifest = data.build_manifest(tmp_path)  # download accepts it: only decoding finds the damage
     for workers in (0, 2):  # the error names the file, also when a worker process hit it
         with pytest.raises(CarsTLError, match="truncated") as err:
-            extract_features(tmp_path, splits=("test",), batch_size=8, out=tmp_path / "strict.h5", **dict(TINY, workers=workers))
+            extract_features(
+                tmp_path, splits=("test",), batch_size=8, out=tmp_path / "strict.h5", **dict(TINY, workers=workers)
+            )
         assert manifest.split("test")[4].path in err.value.message and "--skip-bad" in err.value.hint
     result = extract_features(tmp_path, splits=("test",), batch_size=8, out=tmp_path / "f.h5", skip_bad=True, **TINY)
     test = features.load(tmp_path / "f.h5").split("test")

@@ -23,7 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_study_preset_is_exactly_the_study():
     c = ft.resolve_config("study")
-    assert (c["epochs"], c["lr"], c["batch_size"], c["optimizer"], c["schedule"], c["augment"]) == (15, 1e-3, 32, "adam", "none", "none")
+    assert (c["epochs"], c["lr"], c["batch_size"], c["optimizer"], c["schedule"], c["augment"]) == (
+        15,
+        1e-3,
+        32,
+        "adam",
+        "none",
+        "none",
+    )
     assert c["weight_decay"] == 0 and c["label_smoothing"] == 0 and c["backbone_lr_scale"] == 1.0
 
 
@@ -94,7 +101,9 @@ def test_existing_run_needs_resume_or_force(demo_dir, demo_finetune_run):
 def test_resume_with_other_options_is_refused(demo_dir, tmp_path):
     ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, out=tmp_path / "r", **TINY)
     with pytest.raises(CarsTLError, match="lr: 0.001 -> 0.01"):
-        ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, lr=0.01, resume=True, out=tmp_path / "r", **TINY)
+        ft.finetune(
+            demo_dir, unfreeze="none", epochs=1, batch_size=32, lr=0.01, resume=True, out=tmp_path / "r", **TINY
+        )
 
 
 class _Exploit:
@@ -125,17 +134,47 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, demo_finet
 
 
 def _finetune_command(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cars_tl", "finetune", "--data-dir", str(data_dir), "--backbone", "resnet18",
-            "--weights", "random", "--unfreeze", "layer4", "--image-size", "32", "--precision", "fp32",
-            "--workers", "0", "--epochs", "4", "--batch-size", "16", "--preset", "tuned", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cars_tl",
+        "finetune",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--unfreeze",
+        "layer4",
+        "--image-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--preset",
+        "tuned",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(demo_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    reference = subprocess.run(_finetune_command(demo_dir, tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    reference = subprocess.run(
+        _finetune_command(demo_dir, tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
-    process = subprocess.Popen(_finetune_command(demo_dir, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _finetune_command(demo_dir, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = out / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and not last.exists():
@@ -144,7 +183,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(demo_dir, tmp_path):
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert runs.load_checkpoint(last)["epoch"] < 4
-    resumed = subprocess.run(_finetune_command(demo_dir, out, "--resume"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _finetune_command(demo_dir, out, "--resume"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     a = runs.load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["model"]
     b = runs.load_checkpoint(last)["model"]
@@ -157,21 +198,27 @@ def test_tuned_keeps_pretrained_batchnorm_statistics(demo_dir, tmp_path):
     weights = tmp_path / "pretrained.pth"
     torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
     settings = dict(TINY, weights=str(weights))
-    run_dir, metrics = ft.finetune(demo_dir, unfreeze="layer4", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "r", **settings)
+    run_dir, metrics = ft.finetune(
+        demo_dir, unfreeze="layer4", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "r", **settings
+    )
     assert metrics["config"]["freeze_bn_stats"] is True
     fresh = torch.load(weights, weights_only=True)
     trained = runs.load_checkpoint(run_dir / ft.MODEL_FILE)
     assert torch.equal(fresh["layer4.0.bn1.running_mean"], trained["body.layer4.0.bn1.running_mean"])
     assert not torch.equal(fresh["layer4.0.bn1.weight"], trained["body.layer4.0.bn1.weight"])  # affine still trains
     # From random weights there are no statistics worth keeping.
-    _, scratch = ft.finetune(demo_dir, unfreeze="all", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "s", **TINY)
+    _, scratch = ft.finetune(
+        demo_dir, unfreeze="all", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "s", **TINY
+    )
     assert scratch["config"]["freeze_bn_stats"] is False
 
 
 def test_dropout_follows_the_part_it_sits_in():
     from torch import nn
 
-    body = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))
+    body = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    )
     model = backbones.ClassifierModel(body, nn.Linear(4, 2))
     ft.set_trainable(model, ["1"])
     ft.train_mode(model)

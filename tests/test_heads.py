@@ -101,8 +101,9 @@ def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path
     chosen = []
     for seed in range(4):
         wanted = [next(picks)]
-        _, metrics = heads.train_head(demo_features, preset="tuned", seed=seed, epochs=2,
-                                      out=artifacts / "runs" / f"B-tuned-seed{seed}")
+        _, metrics = heads.train_head(
+            demo_features, preset="tuned", seed=seed, epochs=2, out=artifacts / "runs" / f"B-tuned-seed{seed}"
+        )
         chosen.append(metrics["selection"]["chosen"]["weight_decay"])
         assert metrics["config"]["weight_decay"] is None
     assert len(set(chosen)) == 3  # the seeds chose differently

@@ -14,18 +14,35 @@ from cars_tl.stages.inspect import feature_stats, inspect_paths
 
 def _attrs(**extra):
     return {
-        "backbone": "resnet18", "weights": "random", "weights_digest": "ab" * 32, "weights_sha256": "",
-        "transform": {"crop": 8}, "crop": "full", "margin": 0.0, "precision": "fp32", "class_names": ["A x", "B y"],
-        "num_classes": 2, "feature_dim": 3, "dataset_fingerprint": "cd" * 32, "versions": {"torch": "x"},
-        "options": {"batch_size": 8}, "skip_bad": False, **extra,
+        "backbone": "resnet18",
+        "weights": "random",
+        "weights_digest": "ab" * 32,
+        "weights_sha256": "",
+        "transform": {"crop": 8},
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        "class_names": ["A x", "B y"],
+        "num_classes": 2,
+        "feature_dim": 3,
+        "dataset_fingerprint": "cd" * 32,
+        "versions": {"torch": "x"},
+        "options": {"batch_size": 8},
+        "skip_bad": False,
+        **extra,
     }
 
 
 def _cache(path, train_x, test_x, attrs=None, skipped=()):
     def split(x, offset):
         x = np.asarray(x, np.float32)
-        return features.SplitArrays(x, np.arange(len(x)) % 2, np.arange(offset, offset + len(x)),
-                                    [f"i/{offset + i}.jpg" for i in range(len(x))], list(skipped))
+        return features.SplitArrays(
+            x,
+            np.arange(len(x)) % 2,
+            np.arange(offset, offset + len(x)),
+            [f"i/{offset + i}.jpg" for i in range(len(x))],
+            list(skipped),
+        )
 
     return features.write(path, attrs or _attrs(), {"train": split(train_x, 0), "test": split(test_x, 100)})
 

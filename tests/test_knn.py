@@ -16,9 +16,19 @@ from cars_tl.stages.knn import knn_scores, run_knn
 
 def _attrs(num_classes=3, dim=2):
     return {
-        "backbone": "resnet18", "weights": "random", "weights_digest": "ab" * 32, "transform": {"crop": 8},
-        "crop": "full", "margin": 0.0, "precision": "fp32", "class_names": [f"Make{i} Model" for i in range(num_classes)],
-        "num_classes": num_classes, "feature_dim": dim, "dataset_fingerprint": "cd" * 32, "versions": {}, "options": {},
+        "backbone": "resnet18",
+        "weights": "random",
+        "weights_digest": "ab" * 32,
+        "transform": {"crop": 8},
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        "class_names": [f"Make{i} Model" for i in range(num_classes)],
+        "num_classes": num_classes,
+        "feature_dim": dim,
+        "dataset_fingerprint": "cd" * 32,
+        "versions": {},
+        "options": {},
         "skip_bad": False,
     }
 
@@ -26,11 +36,16 @@ def _attrs(num_classes=3, dim=2):
 def _toy_cache(path, train_x, train_y, test_x, test_y):
     def split(x, y, offset):
         x = np.asarray(x, np.float32)
-        return features.SplitArrays(x, np.asarray(y), np.arange(offset, offset + len(x)), [f"i/{offset + i}.jpg" for i in range(len(x))], [])
+        return features.SplitArrays(
+            x, np.asarray(y), np.arange(offset, offset + len(x)), [f"i/{offset + i}.jpg" for i in range(len(x))], []
+        )
 
     num_classes = int(max(max(train_y), max(test_y))) + 1
-    return features.write(path, _attrs(num_classes, len(train_x[0])),
-                          {"train": split(train_x, train_y, 0), "test": split(test_x, test_y, len(train_x))})
+    return features.write(
+        path,
+        _attrs(num_classes, len(train_x[0])),
+        {"train": split(train_x, train_y, 0), "test": split(test_x, test_y, len(train_x))},
+    )
 
 
 # Three classes on three directions of the plane (lengths vary: only the direction counts).

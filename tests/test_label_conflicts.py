@@ -53,12 +53,17 @@ def noisy(tmp_path_factory):
     # What the manifest must say, from the devkit and the files themselves (not from cars_tl's grouping).
     rows = [(r.split, r.path, r.label, r.class_name, file_sha256(root / r.path)) for r in ref.records]
     labels = collections.defaultdict(set)
-    for split, path, label, name, sha in rows:
+    for _split, _path, label, _name, sha in rows:
         labels[sha].add(label)
     noisy_shas = {sha for sha, ls in labels.items() if len(ls) > 1}
     assert len(noisy_shas) == 2
-    return {"root": root, "rows": rows, "noisy": noisy_shas, "groups": [{a.path, b.path}, {c.path, d.path}],
-            "group_splits": [("train", "train"), ("test", "train")]}
+    return {
+        "root": root,
+        "rows": rows,
+        "noisy": noisy_shas,
+        "groups": [{a.path, b.path}, {c.path, d.path}],
+        "group_splits": [("train", "train"), ("test", "train")],
+    }
 
 
 def expected_rows(noisy, policy: str) -> list[tuple]:
@@ -103,9 +108,17 @@ def make_source(layout: str, noisy, out: Path) -> tuple[Path, dict]:
     return parquet_shards(keep, out / "hf"), {}
 
 
-LAYOUTS = ["torchvision", "torchvision-tgz", "torchvision-zip", "kaggle", "split archives", "all-in-one",
-           "class folders", "class folders + csv",
-           pytest.param("parquet", marks=pytest.mark.skipif(not HAS_PYARROW, reason="needs pyarrow"))]
+LAYOUTS = [
+    "torchvision",
+    "torchvision-tgz",
+    "torchvision-zip",
+    "kaggle",
+    "split archives",
+    "all-in-one",
+    "class folders",
+    "class folders + csv",
+    pytest.param("parquet", marks=pytest.mark.skipif(not HAS_PYARROW, reason="needs pyarrow")),
+]
 
 
 @pytest.mark.parametrize("policy", ["keep", "drop"])
@@ -115,13 +128,21 @@ def test_every_layout_keeps_or_drops_identical_images_with_different_labels(layo
     manifest, _ = prepare_dataset(tmp_path / "data", str(source), label_conflicts=policy, **extra)
     want = expected_rows(noisy, policy)
     assert by_content(manifest) == collections.Counter((s, name, sha) for s, _, _, name, sha in want)
-    if layout.startswith("torchvision") or layout == "kaggle" or layout == "split archives":  # file names kept: exact rows
+    if (
+        layout.startswith("torchvision") or layout == "kaggle" or layout == "split archives"
+    ):  # file names kept: exact rows
         assert [(r.index, r.split, r.path, r.label, r.class_name, r.sha256) for r in manifest.records] == [
-            (i, *row) for i, row in enumerate(want)]
+            (i, *row) for i, row in enumerate(want)
+        ]
     meta = json.loads((manifest.root / data.MANIFEST_JSON).read_text())
     conflicts = meta["label_conflicts"]
-    assert (conflicts["policy"], conflicts["groups"], conflicts["within_split"], conflicts["across_splits"], conflicts["images"]) == (
-        policy, 2, 1, 1, 4)
+    assert (
+        conflicts["policy"],
+        conflicts["groups"],
+        conflicts["within_split"],
+        conflicts["across_splits"],
+        conflicts["images"],
+    ) == (policy, 2, 1, 1, 4)
     assert [tuple(sorted(i["split"] for i in g["images"])) for g in conflicts["list"]] == noisy["group_splits"]
     assert {g["sha256"] for g in conflicts["list"]} == noisy["noisy"]
     if layout.startswith("torchvision"):
@@ -174,8 +195,10 @@ def test_the_summary_says_it_in_one_line_and_inspect_lists_every_group(noisy, tm
     assert len(lines) == 1
     assert "2 groups" in lines[0] and "1 within a split, 1 across splits" in lines[0] and "kept" in lines[0]
     assert f"cars-tl inspect {tmp_path}" in lines[0] and "manifest.json" in lines[0]
-    result = CliRunner().invoke(app, ["download", "--data-dir", str(tmp_path), "--source", str(noisy["root"].parent),
-                                      "--label-conflicts", "drop"])
+    result = CliRunner().invoke(
+        app,
+        ["download", "--data-dir", str(tmp_path), "--source", str(noisy["root"].parent), "--label-conflicts", "drop"],
+    )
     assert result.exit_code == 0, result.output
     assert "dropped: 4 images left out of the manifest" in result.output and "train 141, test 71" in result.output
     for target in (tmp_path, tmp_path / "stanford_cars", tmp_path / "stanford_cars" / "manifest.json"):
@@ -200,8 +223,14 @@ def test_real_errors_stay_errors_beside_label_conflicts(noisy, tmp_path):
         assert "identical images" not in info.value.message
     shutil.copyfile(noisy["root"] / victim[1], source / victim[1])
     names = data.read_class_names(source / data.DEVKIT_FILES["meta"])
-    train = [dict(row, label=row["class"] - 1) for row in data.read_annotations(source / data.DEVKIT_FILES["train"], with_class=True)]
-    test = [dict(row, label=row["class"] - 1) for row in data.read_annotations(source / data.TEST_LABELS_NAMES[0], with_class=True)]
+    train = [
+        dict(row, label=row["class"] - 1)
+        for row in data.read_annotations(source / data.DEVKIT_FILES["train"], with_class=True)
+    ]
+    test = [
+        dict(row, label=row["class"] - 1)
+        for row in data.read_annotations(source / data.TEST_LABELS_NAMES[0], with_class=True)
+    ]
     train[5]["label"] = len(names)  # class len+1: out of range
     data.write_devkit(source, names, train, test)
     with pytest.raises(CarsTLError, match="1 labels out of range"):
@@ -222,7 +251,9 @@ def test_the_report_lists_the_label_noise_of_the_runs_dataset(noisy, tmp_path):
     md = Path(result["files"]["md"]).read_text()
     html = Path(result["files"]["html"]).read_text()
     assert "## Dataset" in md and "2 groups of identical images with different labels" in md
-    assert all(path in md.replace("\\", "") and path in html for group in noisy["groups"] for path in group)  # md escapes _
+    assert all(
+        path in md.replace("\\", "") and path in html for group in noisy["groups"] for path in group
+    )  # md escapes _
     assert json.loads(Path(result["files"]["json"]).read_text())["label_noise"][0].startswith("2 groups")
     # Another dataset than the runs': nothing said about it.
     result = report.build_report(artifacts, data_dir=tmp_path / "data")

@@ -48,7 +48,11 @@ def content(manifest: data.Manifest, boxes: bool = True) -> dict[str, tuple]:
 
 def snapshot(data_dir: Path) -> dict[str, bytes]:
     """Everything under a data folder (less lock files), to prove a failed import changed nothing."""
-    return {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        str(p.relative_to(data_dir)): p.read_bytes()
+        for p in sorted(data_dir.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def link_tree(src: Path, dst: Path) -> Path:
@@ -101,17 +105,27 @@ def test_canonical_names_normalise_apart_and_mangled_slashes_match():
     keys = [classnames.normalise(n) for n in classnames.canonical_names()]
     assert len(set(keys)) == 196
     ram = classnames.canonical_names().index(RAM)
-    variants = ["Ram C-V Cargo Van Minivan 2012", "Ram CV Cargo Van Minivan 2012", "ram c_v cargo van minivan 2012", RAM]
+    variants = [
+        "Ram C-V Cargo Van Minivan 2012",
+        "Ram CV Cargo Van Minivan 2012",
+        "ram c_v cargo van minivan 2012",
+        RAM,
+    ]
     for name in variants:
         assert classnames.match_to_canonical([name], "test") == {name: ram}
 
 
 def test_unknown_and_merged_names_are_errors_naming_them():
     with pytest.raises(CarsTLError) as info:
-        classnames.match_to_canonical(["Flying Car 2030", "Ram C-V Cargo Van Minivan 2012", "Ram CV Cargo Van Minivan 2012"], "folder X")
+        classnames.match_to_canonical(
+            ["Flying Car 2030", "Ram C-V Cargo Van Minivan 2012", "Ram CV Cargo Van Minivan 2012"], "folder X"
+        )
     message = info.value.message
     assert "'Flying Car 2030' matches no class; nearest:" in message and "folder X" in message
-    assert "'Ram C-V Cargo Van Minivan 2012', 'Ram CV Cargo Van Minivan 2012' all match 'Ram C/V Cargo Van Minivan 2012'" in message
+    assert (
+        "'Ram C-V Cargo Van Minivan 2012', 'Ram CV Cargo Van Minivan 2012' all match 'Ram C/V Cargo Van Minivan 2012'"
+        in message
+    )
 
 
 # --------------------------------------------------------------------------- the Kaggle copy
@@ -128,8 +142,13 @@ def kaggle_copy(mini: Path, out: Path) -> tuple[Path, Path]:
     # The all-in-one release's annotations, whose car_ims/ paths match nothing here.
     fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
     annotations = np.zeros((1, 1), dtype=[(f, "O") for f in fields])
-    annotations[0, 0] = (np.array(["car_ims/000001.jpg"]), *[np.array([[v]], dtype=np.uint16) for v in (1, 1, 9, 9, 1, 0)])
-    scipy.io.savemat(out / "cars_annos.mat", {"annotations": annotations, "class_names": np.array([["a"]], dtype=object)})
+    annotations[0, 0] = (
+        np.array(["car_ims/000001.jpg"]),
+        *[np.array([[v]], dtype=np.uint16) for v in (1, 1, 9, 9, 1, 0)],
+    )
+    scipy.io.savemat(
+        out / "cars_annos.mat", {"annotations": annotations, "class_names": np.array([["a"]], dtype=object)}
+    )
     labels = out.parent / f"{out.name}-labels" / "cars_test_annos_withlabels.mat"
     labels.parent.mkdir()
     shutil.copyfile(root / "cars_test_annos_withlabels.mat", labels)
@@ -184,7 +203,9 @@ def test_kaggle_train_split_alone(tmp_path, mini_ref):
 @needs_mini
 def test_cli_prints_the_recognised_layout(tmp_path):
     source, labels = kaggle_copy(SHARED_MINI, tmp_path / "kaggle")
-    result = CliRunner().invoke(app, ["download", "--data-dir", str(tmp_path / "data"), "--source", str(source), "--test-labels", str(labels)])
+    result = CliRunner().invoke(
+        app, ["download", "--data-dir", str(tmp_path / "data"), "--source", str(source), "--test-labels", str(labels)]
+    )
     assert result.exit_code == 0, result.output
     assert "imported:" in result.output and "kaggle layout imported from" in result.output
     result = CliRunner().invoke(app, ["download", "--data-dir", str(tmp_path / "d2"), "--source", str(source)])
@@ -194,7 +215,9 @@ def test_cli_prints_the_recognised_layout(tmp_path):
 # --------------------------------------------------------------------------- class folders
 
 
-def class_folders(manifest: data.Manifest, out: Path, *, rename: dict[str, str] | None = None, with_csv: bool = False) -> Path:
+def class_folders(
+    manifest: data.Manifest, out: Path, *, rename: dict[str, str] | None = None, with_csv: bool = False
+) -> Path:
     """train/<class>/ test/<class>/ below car_data/car_data/, CSVs and names.csv at the top."""
     images = out / "car_data" / "car_data"
     canonical = list(classnames.canonical_names())
@@ -222,7 +245,9 @@ def test_class_folders_with_csv_equal_the_torchvision_layout(tmp_path, mini_ref)
     assert content(manifest) == content(mini_ref)
 
 
-@pytest.mark.parametrize("ram_folder", ["Ram C-V Cargo Van Minivan 2012", "Ram CV Cargo Van Minivan 2012", "ram c_v cargo van minivan 2012"])
+@pytest.mark.parametrize(
+    "ram_folder", ["Ram C-V Cargo Van Minivan 2012", "Ram CV Cargo Van Minivan 2012", "ram c_v cargo van minivan 2012"]
+)
 def test_class_folders_without_boxes_from_the_demo(ram_folder, tmp_path, demo_ref):
     source = class_folders(demo_ref, tmp_path / "folders", rename={RAM: ram_folder})
     manifest, _ = prepare_dataset(tmp_path / "data", str(source))
@@ -291,7 +316,9 @@ def test_duplicates_across_splits_are_counted_and_label_conflicts_listed(tmp_pat
     conflicts = json.loads((manifest.root / data.MANIFEST_JSON).read_text())["label_conflicts"]
     assert conflicts["groups"] == 1 and conflicts["within_split"] == 1 and conflicts["across_splits"] == 1
     sources = [i["source"] for i in conflicts["list"][0]["images"]]
-    assert any(s.endswith("leak.jpg") for s in sources) and any(s.endswith("leak2.jpg") for s in sources)  # the source files
+    assert any(s.endswith("leak.jpg") for s in sources) and any(
+        s.endswith("leak2.jpg") for s in sources
+    )  # the source files
     assert not any(".tmp-" in s for s in sources)
 
 
@@ -314,7 +341,9 @@ def test_a_decompression_bomb_is_a_clean_error(layout, tmp_path, demo_ref, occup
         source = class_folders(demo_ref, tmp_path / "folders")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every demo image is now over twice the limit
     error = fail_leaving_unchanged(occupied, source, "cannot read image|unreadable images")
-    assert str(source) in error.message and "decompression bomb" in error.message.lower() and ".tmp-" not in error.message
+    assert (
+        str(source) in error.message and "decompression bomb" in error.message.lower() and ".tmp-" not in error.message
+    )
 
 
 # --------------------------------------------------------------------------- parquet
@@ -331,12 +360,16 @@ def parquet_shards(manifest: data.Manifest, out: Path, *, names_in: str = "metad
     names = sorted(manifest.class_names, key=lambda n: n[::-1])
     (out / "data").mkdir(parents=True)
     features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
-    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()} if names_in == "metadata" else None
+    metadata = (
+        {b"huggingface": json.dumps({"info": {"features": features}}).encode()} if names_in == "metadata" else None
+    )
     for split, count in (("train", 2), ("test", 1)):
         records = manifest.split(split)
         for n in range(count):
             part = records[n::count]
-            columns = {"image": [{"bytes": (manifest.root / r.path).read_bytes(), "path": Path(r.path).name} for r in part]}
+            columns = {
+                "image": [{"bytes": (manifest.root / r.path).read_bytes(), "path": Path(r.path).name} for r in part]
+            }
             if not drop_label:
                 columns["label"] = pa.array([names.index(r.class_name) for r in part], pa.int64())
             table = pa.table(columns)
@@ -344,8 +377,17 @@ def parquet_shards(manifest: data.Manifest, out: Path, *, names_in: str = "metad
                 table = table.replace_schema_metadata(metadata)
             pq.write_table(table, out / "data" / f"{split}-{n:05d}-of-{count:05d}.parquet")
     if names_in == "card":
-        lines = ["---", "dataset_info:", "  features:", "  - name: image", "    dtype: image", "  - name: label", "    dtype:",
-                 "      class_label:", "        names:"]
+        lines = [
+            "---",
+            "dataset_info:",
+            "  features:",
+            "  - name: image",
+            "    dtype: image",
+            "  - name: label",
+            "    dtype:",
+            "      class_label:",
+            "        names:",
+        ]
         lines += [f"          '{i}': {json.dumps(n)}" for i, n in enumerate(names)]
         lines += ["---", "# Stanford Cars"]
         (out / "README.md").write_text("\n".join(lines) + "\n")
@@ -369,7 +411,9 @@ def test_parquet_shards_of_the_real_subset(tmp_path, mini_ref):
     manifest, _ = prepare_dataset(tmp_path / "data", str(source))
     assert manifest.counts() == {"train": 422, "test": 415}
     assert content(manifest, boxes=False) == content(mini_ref, boxes=False)
-    assert {r.sha256: (r.width, r.height) for r in manifest.records} == {r.sha256: (r.width, r.height) for r in mini_ref.records}
+    assert {r.sha256: (r.width, r.height) for r in manifest.records} == {
+        r.sha256: (r.width, r.height) for r in mini_ref.records
+    }
 
 
 @needs_pyarrow

@@ -13,8 +13,14 @@ from cars_tl import data
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import loaders, transforms
 
-SPEC = {"resize": 40, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear", "pipeline": transforms.FUSED_PIPELINE}
+SPEC = {
+    "resize": 40,
+    "crop": 32,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+    "pipeline": transforms.FUSED_PIPELINE,
+}
 
 
 def _reference(manifest, positions, batch_size):

@@ -61,8 +61,15 @@ CLI = [sys.executable, "-m", "cars_tl"]
 
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
-    return subprocess.run([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          timeout=300, cwd=cwd)
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def _refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -90,7 +97,9 @@ def _rewrite(src: Path, dst: Path, *, test=None, train=None, dataset_splits=None
 
 
 def _rows(s: features.SplitArrays, keep) -> features.SplitArrays:
-    return features.SplitArrays(s.features[keep], s.labels[keep], s.ids[keep], [s.paths[i] for i in np.arange(len(s.labels))[keep]], [])
+    return features.SplitArrays(
+        s.features[keep], s.labels[keep], s.ids[keep], [s.paths[i] for i in np.arange(len(s.labels))[keep]], []
+    )
 
 
 def _poisoned(s: features.SplitArrays, value=np.nan) -> features.SplitArrays:
@@ -161,14 +170,29 @@ def test_non_finite_features_are_refused_by_every_stage(split, value, demo_featu
 
 
 def test_predict_without_images_or_split_and_with_a_folder(demo_head_run, tmp_path):
-    _refused(_cli("predict", "--model", demo_head_run), "needs image files or --split", f"--model {demo_head_run} --split test")
+    _refused(
+        _cli("predict", "--model", demo_head_run),
+        "needs image files or --split",
+        f"--model {demo_head_run} --split test",
+    )
     _refused(_cli("predict", "--model", demo_head_run, tmp_path), f"image {tmp_path} is a folder")
 
 
 @pytest.mark.parametrize("size", [100000, 31])
 def test_image_size_is_bounded(size, demo_dir, tmp_path):
-    result = _cli("extract-features", "--data-dir", demo_dir, "--backbone", "resnet18", "--weights", "random",
-                  "--image-size", size, "--out", tmp_path / "f.h5")
+    result = _cli(
+        "extract-features",
+        "--data-dir",
+        demo_dir,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        size,
+        "--out",
+        tmp_path / "f.h5",
+    )
     _refused(result, f"--image-size must be at least 32 and at most 1024 pixels, got {size}")
     assert not list(tmp_path.iterdir())
     with pytest.raises(CarsTLError, match="at least 32 and at most 1024"):
@@ -185,14 +209,31 @@ def test_out_of_the_wrong_kind(demo_dir, demo_features, tmp_path):
     assert a_file.read_text() == "keep me"
     folder = tmp_path / "folder"
     folder.mkdir()
-    result = _cli("extract-features", "--data-dir", demo_dir, "--backbone", "resnet18", "--weights", "random",
-                  "--image-size", "64", "--workers", "0", "--out", folder)
+    result = _cli(
+        "extract-features",
+        "--data-dir",
+        demo_dir,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--out",
+        folder,
+    )
     _refused(result, f"--out {folder} is a folder; a file is expected", f"--out {folder / 'features.h5'}")
     assert list(folder.iterdir()) == [] and not features.partial_dir(folder).exists()
 
 
 def test_a_folder_as_features_and_a_list_as_metrics(demo_features, demo_head_run, tmp_path):
-    _refused(_cli("train-head", "--features", demo_features.parent), f"{demo_features.parent} is a folder", demo_features.name)
+    _refused(
+        _cli("train-head", "--features", demo_features.parent),
+        f"{demo_features.parent} is a folder",
+        demo_features.name,
+    )
     run_copy = tmp_path / "run"
     shutil.copytree(demo_head_run, run_copy)
     (run_copy / runs.METRICS).write_text("[1, 2]")
@@ -201,7 +242,9 @@ def test_a_folder_as_features_and_a_list_as_metrics(demo_features, demo_head_run
 
 def test_svm_seed_and_degree_are_validated_even_without_a_search(demo_features, tmp_path):
     _refused(_cli("fit-svm", "--features", demo_features, "--seed", "-1", "--out", tmp_path / "a"), "--seed", "got -1")
-    _refused(_cli("fit-svm", "--features", demo_features, "--degree", "0", "--out", tmp_path / "b"), "--degree", "got 0")
+    _refused(
+        _cli("fit-svm", "--features", demo_features, "--degree", "0", "--out", tmp_path / "b"), "--degree", "got 0"
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -217,12 +260,14 @@ def _state(model_file: Path) -> dict:
 def _set(attr, value):
     def edit(state):
         setattr(state["svc"], attr, value(getattr(state["svc"], attr)) if callable(value) else value)
+
     return edit
 
 
 def _key(key, value):
     def edit(state):
         state[key] = value(state[key]) if callable(value) else value
+
     return edit
 
 
@@ -244,8 +289,13 @@ TAMPERED = {
     "support vectors of another width": (_key("support_vectors", lambda a: a[:, :-1]), "support vectors have shape"),
     "support counts that do not add up": (_set("_n_support", lambda a: a + 1), "do not add up"),
     "standard scaling with a zero scale": (
-        lambda s: s.update(scale="standard", scale_mean=np.zeros(s["support_vectors"].shape[1]),
-                           scale_std=np.zeros(s["support_vectors"].shape[1])), "scale_std"),
+        lambda s: s.update(
+            scale="standard",
+            scale_mean=np.zeros(s["support_vectors"].shape[1]),
+            scale_std=np.zeros(s["support_vectors"].shape[1]),
+        ),
+        "scale_std",
+    ),
 }
 
 
@@ -285,24 +335,54 @@ def test_an_untampered_svm_file_loads(demo_svm_run):
     m = runs.read_metrics(demo_svm_run)
     cache = features.load(m["config"]["features"])
     model = svm.load_model(demo_svm_run / m["model_file"], cache.feature_dim, cache.num_classes)
-    assert (model.predict(cache.split("test").features) == cache.split("test").labels).mean() * 100 == pytest.approx(m["final"]["test_acc"])
+    assert (model.predict(cache.split("test").features) == cache.split("test").labels).mean() * 100 == pytest.approx(
+        m["final"]["test_acc"]
+    )
 
 
 # --------------------------------------------------------------------------- finetune: forced reruns, resume, init-head
 
 
-def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(demo_dir, demo_head_run, demo_finetune_run, tmp_path):
+def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
+    demo_dir, demo_head_run, demo_finetune_run, tmp_path
+):
     import signal
     import time
 
     run = tmp_path / "ft"
     shutil.copytree(demo_finetune_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    args = ["finetune", "--data-dir", demo_dir, "--backbone", "resnet18", "--weights", "random", "--image-size", "64",
-            "--precision", "fp32", "--workers", "0", "--unfreeze", "layer4", "--init-head", demo_head_run, "--epochs", "1",
-            "--batch-size", "16", "--out", run, "--lr", "0.01"]
+    args = [
+        "finetune",
+        "--data-dir",
+        demo_dir,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        "64",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--unfreeze",
+        "layer4",
+        "--init-head",
+        demo_head_run,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        run,
+        "--lr",
+        "0.01",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
-    proc = subprocess.Popen([*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     staging = run.with_name(f".{run.name}.next")
     deadline = time.time() + 120
     while time.time() < deadline and not staging.is_dir() and proc.poll() is None:
@@ -361,7 +441,11 @@ def test_an_incomplete_svm_or_head_run_is_never_told_to_resume(fixture, stage, r
 
     Image.new("RGB", (80, 60), (120, 30, 30)).save(image)
     result = _cli("predict", "--model", run, image)
-    _refused(result, f"run {run} is not complete", f"cars-tl {stage} --features {metrics['config']['features']} --out {run} --force")
+    _refused(
+        result,
+        f"run {run} is not complete",
+        f"cars-tl {stage} --features {metrics['config']['features']} --out {run} --force",
+    )
     assert "--resume" not in result.stdout
 
 

@@ -32,7 +32,9 @@ def test_predict_with_every_kind_of_run_on_a_real_image(demo_finetune_run, demo_
 @needs_mini
 def test_cli_table_and_json(demo_head_run, demo_svm_run):
     runner = CliRunner()
-    table = runner.invoke(app, ["predict", str(REAL_IMAGE), "--model", str(demo_head_run), "--model", str(demo_svm_run)])
+    table = runner.invoke(
+        app, ["predict", str(REAL_IMAGE), "--model", str(demo_head_run), "--model", str(demo_svm_run)]
+    )
     assert table.exit_code == 0, table.output
     assert "probability" in table.output and "decision score" in table.output
     as_json = runner.invoke(app, ["predict", str(REAL_IMAGE), "--model", str(demo_head_run), "--json", "--top-k", "2"])
@@ -125,7 +127,9 @@ def test_predict_split_reproduces_a_bf16_finetune_run_exactly(demo_dir, tmp_path
 
     from cars_tl.stages.finetune import finetune
 
-    run_dir, _ = finetune(demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "ft", **dict(TINY, precision="bf16"))
+    run_dir, _ = finetune(
+        demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "ft", **dict(TINY, precision="bf16")
+    )
     _rescored_equals_saved(run_dir, demo_dir)
 
 

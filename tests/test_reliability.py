@@ -43,7 +43,9 @@ def _env():
 
 def _cli(*args) -> subprocess.CompletedProcess:
     """Run the CLI; stdout holds everything it printed (messages go to stderr), stderr stays empty."""
-    return subprocess.run([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300)
+    return subprocess.run(
+        [*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300
+    )
 
 
 def _hold_lock(path: Path) -> subprocess.Popen:
@@ -64,8 +66,13 @@ def _hold_lock(path: Path) -> subprocess.Popen:
 def test_two_extractions_into_one_file_never_interleave(demo_dir, tmp_path):
     out = tmp_path / "f.h5"
     common = ["extract-features", "--data-dir", demo_dir, *TINY_CLI, "--workers", "0", "--out", out]
-    first = subprocess.Popen([*CLI, *map(str, common), "--batch-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=_env())
+    first = subprocess.Popen(
+        [*CLI, *map(str, common), "--batch-size", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
     partial = features.partial_dir(out)
     deadline = time.time() + 120
     while time.time() < deadline and not list(partial.glob("train-*.npz")):
@@ -117,15 +124,24 @@ def test_partial_chunks_of_another_layout_are_never_mixed(tmp_path):
     meta = {"feature_dim": 4}
     partial = features.PartialCache(tmp_path / "f.h5", meta, {"train": 20}, 8)
     partial.write_chunk("train", 0, np.ones((8, 4), np.float32), np.ones(8, bool), {})
-    assert partial.done_rows("train") == 8 and (features.partial_dir(tmp_path / "f.h5") / "train-r8-000000000.npz").is_file()
+    assert (
+        partial.done_rows("train") == 8
+        and (features.partial_dir(tmp_path / "f.h5") / "train-r8-000000000.npz").is_file()
+    )
     with pytest.raises(ValueError, match="layout"):
         partial.write_chunk("train", 4, np.ones((8, 4), np.float32), np.ones(8, bool), {})
     other = features.PartialCache(tmp_path / "f.h5", meta, {"train": 20}, 16)  # another layout: starts over
     assert other.done_rows("train") == 0 and not list(other.dir.glob("*-r8-*"))
     # A chunk whose contents disagree with its name (written under another layout) is refused.
     other.write_chunk("train", 0, np.ones((16, 4), np.float32), np.ones(16, bool), {})
-    np.savez(other.dir / "train-r16-000000016.npz", features=np.ones((8, 4), np.float32), valid=np.ones(8, bool),
-             start=8, chunk_rows=8, bad="{}")
+    np.savez(
+        other.dir / "train-r16-000000016.npz",
+        features=np.ones((8, 4), np.float32),
+        valid=np.ones(8, bool),
+        start=8,
+        chunk_rows=8,
+        bad="{}",
+    )
     with pytest.raises(CarsTLError, match="does not fit the layout"):
         other._gather("train")
 
@@ -160,8 +176,9 @@ def test_flipped_feature_bytes_are_re_extracted_not_up_to_date(demo_dir, demo_fe
         features.verify(cache_copy)
     result = _extract(demo_dir, cache_copy)
     assert result.action == "extracted" and "corrupt" in result.replaced_corrupt
-    np.testing.assert_array_equal(features.verify(cache_copy).split("train").features,
-                                  features.load(demo_features).split("train").features)
+    np.testing.assert_array_equal(
+        features.verify(cache_copy).split("train").features, features.load(demo_features).split("train").features
+    )
 
 
 def test_a_renamed_dataset_is_a_clear_error_and_re_extracted(demo_dir, demo_features, cache_copy, tmp_path):
@@ -185,9 +202,22 @@ def test_a_flipped_label_is_detected(cache_copy):
 
 def test_a_cache_that_does_not_verify_leaves_no_file(tmp_path):
     bad = features.SplitArrays(np.zeros((4, 4), np.float32), np.array([0, 1, 2, 7]), np.arange(4), list("abcd"), [])
-    attrs = {"backbone": "x", "weights": "random", "weights_digest": "0", "transform": {}, "crop": "full", "margin": 0.0,
-             "precision": "fp32", "class_names": ["a", "b", "c"], "num_classes": 3, "feature_dim": 4,
-             "dataset_fingerprint": "f", "versions": {}, "options": {}, "skip_bad": False}
+    attrs = {
+        "backbone": "x",
+        "weights": "random",
+        "weights_digest": "0",
+        "transform": {},
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        "class_names": ["a", "b", "c"],
+        "num_classes": 3,
+        "feature_dim": 4,
+        "dataset_fingerprint": "f",
+        "versions": {},
+        "options": {},
+        "skip_bad": False,
+    }
     with pytest.raises(CarsTLError, match="labels outside"):
         features.write(tmp_path / "f.h5", attrs, {"train": bad})
     assert os.listdir(tmp_path) == []
@@ -207,8 +237,11 @@ def test_every_stage_refuses_to_overwrite_a_run_without_force(demo_features, dem
 @pytest.mark.parametrize("stage", ["head", "svm"])
 def test_a_failing_forced_rerun_keeps_the_completed_run(stage, demo_features, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    fit = (lambda **kw: heads.train_head(demo_features, out=run_dir, **kw)) if stage == "head" else \
-        (lambda **kw: fit_svm(demo_features, out=run_dir, **kw))
+    fit = (
+        (lambda **kw: heads.train_head(demo_features, out=run_dir, **kw))
+        if stage == "head"
+        else (lambda **kw: fit_svm(demo_features, out=run_dir, **kw))
+    )
     fit()
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     target = "cars_tl.stages.train_head._fit" if stage == "head" else "cars_tl.stages.fit_svm.fit_model"
@@ -244,7 +277,14 @@ def _limited(args, limit_bytes: int) -> subprocess.CompletedProcess:
         f"sys.argv = ['cars-tl', *{[str(a) for a in args]!r}]\n"
         "app()\n"
     )
-    return subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
 
 
 def test_a_file_size_limit_is_a_message_and_leaves_no_temporary(demo_dir, tmp_path):
@@ -257,7 +297,20 @@ def test_a_file_size_limit_is_a_message_and_leaves_no_temporary(demo_dir, tmp_pa
 
 def test_finetune_that_cannot_write_its_checkpoint_is_marked_failed(demo_dir, tmp_path):
     run_dir = tmp_path / "ft"
-    args = ["finetune", "--data-dir", demo_dir, *TINY_CLI, "--workers", "0", "--unfreeze", "none", "--epochs", "1", "--out", run_dir]
+    args = [
+        "finetune",
+        "--data-dir",
+        demo_dir,
+        *TINY_CLI,
+        "--workers",
+        "0",
+        "--unfreeze",
+        "none",
+        "--epochs",
+        "1",
+        "--out",
+        run_dir,
+    ]
     result = _limited(args, 2_000_000)  # metrics fit, a resnet18 checkpoint (45 MB) does not
     assert result.returncode == 2, result.stdout
     assert "checkpoint" in result.stdout and "ulimit -f" in result.stdout and "Traceback" not in result.stdout
@@ -312,14 +365,26 @@ def test_read_only_folder_through_the_cli(demo_features, tmp_path):
 # --------------------------------------------------------------------------- 7. options
 
 
-@pytest.mark.parametrize("stage, option, value", [
-    ("train-head", "--lr", "nan"), ("train-head", "--lr", "inf"), ("train-head", "--weight-decay", "nan"),
-    ("train-head", "--seed", "-1"), ("fit-svm", "--C", "nan"), ("fit-svm", "--gamma", "inf"), ("fit-svm", "--coef0", "nan"),
-    ("finetune", "--lr", "inf"), ("finetune", "--margin", "nan"), ("finetune", "--seed", "-1"),
-    ("extract-features", "--margin", "inf"),
-])
+@pytest.mark.parametrize(
+    "stage, option, value",
+    [
+        ("train-head", "--lr", "nan"),
+        ("train-head", "--lr", "inf"),
+        ("train-head", "--weight-decay", "nan"),
+        ("train-head", "--seed", "-1"),
+        ("fit-svm", "--C", "nan"),
+        ("fit-svm", "--gamma", "inf"),
+        ("fit-svm", "--coef0", "nan"),
+        ("finetune", "--lr", "inf"),
+        ("finetune", "--margin", "nan"),
+        ("finetune", "--seed", "-1"),
+        ("extract-features", "--margin", "inf"),
+    ],
+)
 def test_non_finite_or_out_of_range_numbers_exit_2(stage, option, value, demo_dir, demo_features, tmp_path):
-    source = ["--features", demo_features] if stage in ("train-head", "fit-svm") else ["--data-dir", demo_dir, *TINY_CLI]
+    source = (
+        ["--features", demo_features] if stage in ("train-head", "fit-svm") else ["--data-dir", demo_dir, *TINY_CLI]
+    )
     result = _cli(stage, *source, option, value, "--out", tmp_path / "out")
     assert result.returncode == 2, result.stdout
     assert option in result.stdout and value.lstrip("-") in result.stdout and "Traceback" not in result.stdout

@@ -44,7 +44,18 @@ from cars_tl.stages.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cars_tl"]
-TINY_CLI = ["--backbone", "resnet18", "--weights", "random", "--image-size", "64", "--precision", "fp32", "--workers", "0"]
+TINY_CLI = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "random",
+    "--image-size",
+    "64",
+    "--precision",
+    "fp32",
+    "--workers",
+    "0",
+]
 
 
 def _env():
@@ -52,13 +63,25 @@ def _env():
 
 
 def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                          timeout=timeout)
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        timeout=timeout,
+    )
 
 
 def _python(code: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
 
 
 def _copy_data(demo_dir: Path, tmp_path: Path) -> Path:
@@ -75,8 +98,13 @@ def test_download_is_refused_while_an_extraction_reads_the_folder(demo_dir, tmp_
     root = data.stanford_root(data_dir)
     manifest_before = (root / data.MANIFEST_JSON).read_bytes()
     out = tmp_path / "f.h5"
-    reader = subprocess.Popen([*CLI, "extract-features", "--data-dir", str(data_dir), *TINY_CLI, "--batch-size", "8", "--out", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    reader = subprocess.Popen(
+        [*CLI, "extract-features", "--data-dir", str(data_dir), *TINY_CLI, "--batch-size", "8", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(features.partial_dir(out).glob("train-*.npz")):
         assert reader.poll() is None, reader.stdout.read()
@@ -90,7 +118,11 @@ def test_download_is_refused_while_an_extraction_reads_the_folder(demo_dir, tmp_
         reader.send_signal(signal.SIGCONT)
     assert reader.wait(timeout=300) == 0, reader.stdout.read()
     assert refused.returncode == 2, refused.stdout
-    assert "being read by" in refused.stdout and f"PID {reader.pid}" in refused.stdout and "extract-features" in refused.stdout
+    assert (
+        "being read by" in refused.stdout
+        and f"PID {reader.pid}" in refused.stdout
+        and "extract-features" in refused.stdout
+    )
     assert "Traceback" not in refused.stdout
     # The folder was not replaced, and the cache describes the folder it read.
     assert (root / data.MANIFEST_JSON).read_bytes() == manifest_before
@@ -134,7 +166,9 @@ def test_an_extraction_is_refused_while_a_download_replaces_the_folder(demo_dir,
         writer.kill()
         writer.wait()
     assert refused.returncode == 2, refused.stdout
-    assert "being replaced by" in refused.stdout and f"PID {writer.pid}" in refused.stdout and "download" in refused.stdout
+    assert (
+        "being replaced by" in refused.stdout and f"PID {writer.pid}" in refused.stdout and "download" in refused.stdout
+    )
     assert "Traceback" not in refused.stdout
     assert not out.exists() and not features.partial_dir(out).exists()
 
@@ -150,7 +184,11 @@ def test_a_symlink_or_hard_link_at_a_lock_name_is_refused_and_its_target_kept(de
     locks.lock_path(out).symlink_to(victim)
     result = _cli("extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out)
     assert result.returncode == 2, result.stdout
-    assert "symbolic link" in result.stdout and str(locks.lock_path(out)) in result.stdout and "Traceback" not in result.stdout
+    assert (
+        "symbolic link" in result.stdout
+        and str(locks.lock_path(out)) in result.stdout
+        and "Traceback" not in result.stdout
+    )
     assert victim.read_text() == "precious" and not out.exists()
     locks.lock_path(out).unlink()
     os.link(victim, locks.lock_path(out))
@@ -299,8 +337,18 @@ def test_make_reruns_nothing_after_the_manifest_is_rewritten_with_the_same_conte
     venv = tmp_path / "venv"
     venv.mkdir()
     (venv / ".installed").touch()
-    make = ["make", "--no-print-directory", "-C", str(REPO), "all", f"VENV={venv}", f"CARS={fake}", f"DATA={data_dir}",
-            f"ARTIFACTS={tmp_path / 'artifacts'}", "SOURCE=demo"]
+    make = [
+        "make",
+        "--no-print-directory",
+        "-C",
+        str(REPO),
+        "all",
+        f"VENV={venv}",
+        f"CARS={fake}",
+        f"DATA={data_dir}",
+        f"ARTIFACTS={tmp_path / 'artifacts'}",
+        "SOURCE=demo",
+    ]
 
     def stages() -> list[str]:
         log.write_text("")

@@ -89,17 +89,38 @@ def test_the_gallery_is_a_fixed_sample_of_images_every_run_scored():
     assert report.gallery_ids([a, b], size=8, seed=1) != first
 
 
-def _toy_run(artifacts: Path, name: str, kind: str = "head", seed: int = 0, preset: str = "study", test_acc: float = 50.0,
-             labels=(0, 1, 2, 3), first=(0, 1, 2, 3), history=(), **config) -> Path:
+def _toy_run(
+    artifacts: Path,
+    name: str,
+    kind: str = "head",
+    seed: int = 0,
+    preset: str = "study",
+    test_acc: float = 50.0,
+    labels=(0, 1, 2, 3),
+    first=(0, 1, 2, 3),
+    history=(),
+    **config,
+) -> Path:
     run_dir = artifacts / "runs" / name
     run_dir.mkdir(parents=True)
     metrics = runs.new_metrics(
-        kind, config.pop("display_name", name), {"preset": preset, "seed": seed, "features": f"/x/{name}.h5", **config},
+        kind,
+        config.pop("display_name", name),
+        {"preset": preset, "seed": seed, "features": f"/x/{name}.h5", **config},
         history=list(history),
-        backbone={"backbone": "resnet18", "weights": "random", "weights_digest": "ab" * 32, "transform": {"crop": 8},
-                  "crop": "full", "margin": 0.0},
-        inputs={"dataset_fingerprint": "cd" * 32}, class_names=TOY_CLASSES, params={"total": 10, "trainable": 5},
-        model_file="head.pt", final={"test_acc": test_acc, "train_acc": 90.0},
+        backbone={
+            "backbone": "resnet18",
+            "weights": "random",
+            "weights_digest": "ab" * 32,
+            "transform": {"crop": 8},
+            "crop": "full",
+            "margin": 0.0,
+        },
+        inputs={"dataset_fingerprint": "cd" * 32},
+        class_names=TOY_CLASSES,
+        params={"total": 10, "trainable": 5},
+        model_file="head.pt",
+        final={"test_acc": test_acc, "train_acc": 90.0},
     )
     metrics["status"] = "complete"
     runs.write_metrics(run_dir, metrics)
@@ -127,7 +148,11 @@ def test_runs_that_differ_only_by_seed_are_one_group(tmp_path):
 
 
 def test_model_groups_follow_what_the_run_did():
-    ft = lambda weights, unfreeze: {"kind": "finetune", "backbone": {"weights": weights}, "config": {"unfreeze": unfreeze}}  # noqa: E731
+    ft = lambda weights, unfreeze: {
+        "kind": "finetune",
+        "backbone": {"weights": weights},
+        "config": {"unfreeze": unfreeze},
+    }  # noqa: E731
     assert report.model_group(ft("random", "all")) == "A"
     assert report.model_group(ft("imagenet", "layer4")) == "D"
     assert report.model_group(ft("imagenet", "all")).startswith("finetune (pretrained")
@@ -142,13 +167,18 @@ def test_report_with_a_broken_run_still_renders(tmp_path):
     (truncated / runs.METRICS).write_text('{"kind": "head", "format_')
     wrong_shape = artifacts / "runs" / "wrong-shape"
     wrong_shape.mkdir()
-    (wrong_shape / runs.METRICS).write_text(json.dumps({"kind": "head", "format_version": 1, "status": "complete", "final": [1, 2]}))
+    (wrong_shape / runs.METRICS).write_text(
+        json.dumps({"kind": "head", "format_version": 1, "status": "complete", "final": [1, 2]})
+    )
     garbage = _toy_run(artifacts, "garbage-predictions")
     runs.predictions_path(garbage).write_bytes(b"not a zip file")
     result = CliRunner().invoke(app, ["report", "--artifacts", str(artifacts), "--data-dir", str(tmp_path / "nowhere")])
     assert result.exit_code == 0, result.output
     html = (artifacts / "report" / "report.html").read_text()
-    statuses = {Path(p["run"]).name: p["status"] for p in json.loads((artifacts / "report" / "report.json").read_text())["incomplete"]}
+    statuses = {
+        Path(p["run"]).name: p["status"]
+        for p in json.loads((artifacts / "report" / "report.json").read_text())["incomplete"]
+    }
     assert statuses == {"truncated": "unreadable", "wrong-shape": "unreadable", "garbage-predictions": "no predictions"}
     assert "Make-level accuracy" in html and "Prediction gallery" in html and "garbage-predictions" in html
     assert "Ford" not in html and "no thumbnails" in html  # no manifest: sections without pictures, said so
@@ -157,7 +187,10 @@ def test_report_with_a_broken_run_still_renders(tmp_path):
 
 def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
     artifacts = tmp_path / "a" / "b" / "artifacts"
-    epochs = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 50.0 + e, "test_loss": 1.2 / e, "test_acc": 40.0 + e} for e in (1, 2)]
+    epochs = [
+        {"epoch": e, "train_loss": 1.0 / e, "train_acc": 50.0 + e, "test_loss": 1.2 / e, "test_acc": 40.0 + e}
+        for e in (1, 2)
+    ]
     _toy_run(artifacts, "evil", display_name="../../../x", test_acc=60.0, history=epochs)
     _toy_run(artifacts, "pipes", display_name="a | b <script>alert(1)</script> [x](y)")
     before = {p for p in tmp_path.rglob("*")}
@@ -174,7 +207,9 @@ def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
     assert report.slug("../../../x") == "x" and report.slug("..") == "run" and report.slug(".hidden") == "hidden"
 
 
-def test_saved_predictions_agree_with_each_stage_s_reported_accuracy(demo_head_run, demo_svm_run, demo_finetune_run, demo_features, tmp_path):
+def test_saved_predictions_agree_with_each_stage_s_reported_accuracy(
+    demo_head_run, demo_svm_run, demo_finetune_run, demo_features, tmp_path
+):
     from cars_tl.artifacts import features
     from cars_tl.models.svm import model as svm
     from cars_tl.stages.knn import run_knn
@@ -199,7 +234,9 @@ def test_predict_split_rewrites_a_run_s_predictions(demo_dir, demo_head_run, tmp
     shutil.copytree(demo_head_run, run_dir)
     saved = runs.read_predictions(run_dir)
     runs.predictions_path(run_dir).unlink()
-    result = CliRunner().invoke(app, ["predict", "--split", "test", "--model", str(run_dir), "--data-dir", str(demo_dir)])
+    result = CliRunner().invoke(
+        app, ["predict", "--split", "test", "--model", str(run_dir), "--data-dir", str(demo_dir)]
+    )
     assert result.exit_code == 0, result.output
     again = runs.read_predictions(run_dir)
     assert (again.ids == saved.ids).all() and (again.top_classes[:, 0] == saved.top_classes[:, 0]).all()
@@ -236,17 +273,32 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
     _, svm_all = fit_svm(demo_features, kernel="all", out=artifacts / "runs" / "C-all")
     _, head = train_head(demo_features, preset="tuned", epochs=2, out=artifacts / "runs" / "B-tuned")
     assert ft["final"]["selected_on"] == "test" and ft["selection"]["chosen"]["best_epoch"] == ft["final"]["best_epoch"]
-    assert ft["final"]["last_epoch"]["epoch"] == 2 and ft["final"]["last_epoch"]["test_acc"] == ft["history"][-1]["test_acc"]
-    assert svm_all["final"]["selected_on"] == "test" and svm_all["selection"]["chosen"]["kernel"] == svm_all["final"]["kernel"]
+    assert (
+        ft["final"]["last_epoch"]["epoch"] == 2
+        and ft["final"]["last_epoch"]["test_acc"] == ft["history"][-1]["test_acc"]
+    )
+    assert (
+        svm_all["final"]["selected_on"] == "test"
+        and svm_all["selection"]["chosen"]["kernel"] == svm_all["final"]["kernel"]
+    )
     assert head["final"]["selected_on"] == "validation"
 
     bars = []
     original_bar = matplotlib.axes.Axes.bar
-    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: bars.append((h, k.get("hatch"))) or original_bar(self, x, h, *a, **k))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "bar",
+        lambda self, x, h, *a, **k: bars.append((h, k.get("hatch"))) or original_bar(self, x, h, *a, **k),
+    )
     legends = []
     original_legend = matplotlib.axes.Axes.legend
-    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append([h.get_label() for h in k.get("handles", [])])
-                        or original_legend(self, *a, **k))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "legend",
+        lambda self, *a, **k: (
+            legends.append([h.get_label() for h in k.get("handles", [])]) or original_legend(self, *a, **k)
+        ),
+    )
     result = report.build_report(artifacts, data_dir=None)
 
     groups = {g["runs"][0]: g for g in result["groups"]}

@@ -73,7 +73,9 @@ def test_pad_matches_pillow_letterboxing():
     spec = spec_for("pad", 80)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 300, 3), np.uint8))
     ours = np.asarray(transforms.eval_resize_crop(spec)(image)).astype(int)
-    reference = np.asarray(ImageOps.pad(image, (80, 80), Image.Resampling.BILINEAR, color=transforms.mean_colour(spec))).astype(int)
+    reference = np.asarray(
+        ImageOps.pad(image, (80, 80), Image.Resampling.BILINEAR, color=transforms.mean_colour(spec))
+    ).astype(int)
     assert ours.shape == reference.shape
     assert np.mean(np.abs(ours - reference) > 2) < 0.03  # same placement; edge rows may round differently
 
@@ -93,10 +95,14 @@ def test_older_specs_without_a_mode_mean_crop():
     assert transforms.resize_mode(old) == "crop" and transforms.same_transform(old, spec)
     assert not transforms.same_transform(old, spec_for("squash"))
     image = wide_image()
-    assert np.array_equal(np.asarray(transforms.eval_resize_crop(old)(image)), np.asarray(transforms.eval_resize_crop(spec)(image)))
+    assert np.array_equal(
+        np.asarray(transforms.eval_resize_crop(old)(image)), np.asarray(transforms.eval_resize_crop(spec)(image))
+    )
 
 
-@pytest.mark.parametrize("mode, size, message", [("zoom", None, "unknown --resize 'zoom'"), ("squash", 16, "at least 32")])
+@pytest.mark.parametrize(
+    "mode, size, message", [("zoom", None, "unknown --resize 'zoom'"), ("squash", 16, "at least 32")]
+)
 def test_bad_resize_options_are_refused(mode, size, message, demo_dir, tmp_path):
     with pytest.raises(CarsTLError, match=message):
         backbones.build_backbone("resnet18", "random", size, mode)
@@ -126,7 +132,9 @@ def test_training_crop_mode_is_todays_random_resized_crop():
 
     steps = transforms.train_transform(spec_for("crop"), "standard").transforms
     assert isinstance(steps[0], T.RandomResizedCrop) and steps[0].scale == (0.25, 1.0)
-    assert isinstance(transforms.train_transform(spec_for("squash"), "standard").transforms[0], transforms.RandomRegionSquare)
+    assert isinstance(
+        transforms.train_transform(spec_for("squash"), "standard").transforms[0], transforms.RandomRegionSquare
+    )
 
 
 @pytest.mark.parametrize("mode", transforms.RESIZE_MODES)
@@ -165,14 +173,23 @@ def test_timm_specs_equal_timms_own_values(arch):
 def test_timm_crop_modes_match_timms_transform(crop_mode):
     from timm.data import create_transform
 
-    spec = {"resize": 248, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "interpolation": "bicubic", "pipeline": transforms.FUSED_PIPELINE, "mode": "crop"}
+    spec = {
+        "resize": 248,
+        "crop": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bicubic",
+        "pipeline": transforms.FUSED_PIPELINE,
+        "mode": "crop",
+    }
     if crop_mode != "center":
         spec["crop_mode"] = crop_mode
-    reference = create_transform(224, crop_pct=224 / 248.5, interpolation="bicubic", crop_mode=crop_mode,
-                                 mean=spec["mean"], std=spec["std"])
+    reference = create_transform(
+        224, crop_pct=224 / 248.5, interpolation="bicubic", crop_mode=crop_mode, mean=spec["mean"], std=spec["std"]
+    )
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 500, 3), np.uint8)).filter(
-        __import__("PIL.ImageFilter", fromlist=["GaussianBlur"]).GaussianBlur(2))
+        __import__("PIL.ImageFilter", fromlist=["GaussianBlur"]).GaussianBlur(2)
+    )
     ours = transforms.eval_transform(spec)(image)
     theirs = reference(image)
     assert ours.shape == theirs.shape == (3, 224, 224)
@@ -269,7 +286,9 @@ def test_sparsity_gives_box_runs_their_boxes_and_refuses_loose_images(demo_dir, 
     manifest = data.load_manifest(demo_dir)
     loaded = load_run(run_dir)
     records = manifest.split("test")[:2]
-    expected = torch.stack([loaded.transform(data.crop_box(data.open_image(manifest.root / r.path), r.box, 0.1)) for r in records])
+    expected = torch.stack(
+        [loaded.transform(data.crop_box(data.open_image(manifest.root / r.path), r.box, 0.1)) for r in records]
+    )
     # --split images come through the data path's loader, which normalizes as the transform does (to 1e-5)
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-5)
     with pytest.raises(CarsTLError, match="box crops"):
@@ -306,11 +325,30 @@ def test_cli_resize_option_names_the_cache_and_records_the_mode(demo_dir, tmp_pa
 
     from cars_tl.cli import app
 
-    result = CliRunner().invoke(app, [
-        "extract-features", "--data-dir", str(demo_dir), "--backbone", "resnet18", "--weights", "random",
-        "--image-size", "64", "--resize", "pad", "--precision", "fp32", "--workers", "0", "--split", "test",
-        "--artifacts", str(tmp_path),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract-features",
+            "--data-dir",
+            str(demo_dir),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random",
+            "--image-size",
+            "64",
+            "--resize",
+            "pad",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--split",
+            "test",
+            "--artifacts",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     [path] = (tmp_path / "features").glob("*.h5")
     assert path.name.startswith("resnet18-random-full-pad64px-fp32-")  # beside, not over, the crop-mode cache
@@ -322,8 +360,16 @@ def test_cli_resize_option_names_the_cache_and_records_the_mode(demo_dir, tmp_pa
 def test_finetune_trains_and_records_a_resize_mode_with_its_augmentation(demo_dir, tmp_path):
     from cars_tl.stages.finetune import finetune
 
-    run_dir, metrics = finetune(demo_dir, unfreeze="none", preset="tuned", epochs=1, batch_size=16,
-                                resize_mode="pad", out=tmp_path / "ft", **TINY)
+    run_dir, metrics = finetune(
+        demo_dir,
+        unfreeze="none",
+        preset="tuned",
+        epochs=1,
+        batch_size=16,
+        resize_mode="pad",
+        out=tmp_path / "ft",
+        **TINY,
+    )
     assert metrics["config"]["resize"] == "pad" and metrics["backbone"]["transform"]["mode"] == "pad"
     loaded = load_run(run_dir)
     assert transforms.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image_size"]

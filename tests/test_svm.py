@@ -30,7 +30,9 @@ def test_kernel_matrix_matches_sklearn(kernel):
     ours = kernels.kernel_matrix(a, b, kernel, gamma, degree, coef0)
     reference = {
         "linear": lambda: a.astype(np.float64) @ b.T.astype(np.float64),
-        "poly": lambda: polynomial_kernel(a.astype(np.float64), b.astype(np.float64), degree=degree, gamma=gamma, coef0=coef0),
+        "poly": lambda: polynomial_kernel(
+            a.astype(np.float64), b.astype(np.float64), degree=degree, gamma=gamma, coef0=coef0
+        ),
         "rbf": lambda: rbf_kernel(a.astype(np.float64), b.astype(np.float64), gamma=gamma),
         "sigmoid": lambda: sigmoid_kernel(a.astype(np.float64), b.astype(np.float64), gamma=gamma, coef0=coef0),
     }[kernel]()
@@ -82,7 +84,7 @@ def test_skops_file_with_an_untrusted_type_is_refused(tmp_path):
 def test_fit_svm_all_kernels_writes_a_comparison_run(demo_features, tmp_path):
     run_dir, metrics = fit_svm(demo_features, kernel="all", out=tmp_path / "svm")
     assert set(metrics["kernels"]) == set(svm.KERNELS)
-    for kernel, result in metrics["kernels"].items():
+    for _kernel, result in metrics["kernels"].items():
         assert (run_dir / result["model_file"]).is_file()
         assert result["fit_seconds"] >= 0 and 0 <= result["test_acc"] <= 100
     assert runs.model_file(run_dir).name == metrics["model_file"]

@@ -80,7 +80,10 @@ def test_auto_picks_the_known_best_C_on_a_toy_set_where_C_matters():
     assert grid[0] < found["C"] < grid[-1]  # inside the grid, not at its edge
     assert cv_acc(1.0) < best - 10  # C matters here
     x_new, y_new = toy_where_c_matters(seed=1)
-    scores = {C: (svm.fit_model(x, y, "linear", C, 3, "scale", 0.0, "none").predict(x_new) == y_new).mean() for C in (1.0, found["C"])}
+    scores = {
+        C: (svm.fit_model(x, y, "linear", C, 3, "scale", 0.0, "none").predict(x_new) == y_new).mean()
+        for C in (1.0, found["C"])
+    }
     assert scores[found["C"]] > scores[1.0] + 0.2
 
 
@@ -103,13 +106,15 @@ def test_the_grid_follows_the_kernels_scale():
 
 
 def test_auto_records_the_search_and_cli_prints_it(demo_features, tmp_path):
-    result = CliRunner().invoke(app, ["fit-svm", "--features", str(demo_features), "--kernel", "all", "--C", "auto",
-                                      "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        ["fit-svm", "--features", str(demo_features), "--kernel", "all", "--C", "auto", "--out", str(tmp_path / "run")],
+    )
     assert result.exit_code == 0, result.output
     assert "CV acc %" in result.output and "C=auto" in result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["config"]["C"] == "auto" and metrics["config"]["cv_folds"] == 5
-    for kernel, row in metrics["kernels"].items():
+    for _kernel, row in metrics["kernels"].items():
         search = row["search"]
         assert len(search["C_grid"]) >= 8 and search["C_grid"] == sorted(search["C_grid"])
         assert len(search["cv_acc"]) == 1 and len(search["cv_acc"][0]) == len(search["C_grid"])
@@ -140,15 +145,18 @@ def test_study_preset_is_sklearns_defaults(demo_features, tmp_path):
     assert metrics["kernels"]["rbf"]["C"] == 1.0 and "search" not in metrics["kernels"]["rbf"]
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(C=0), "--C must be positive"),
-    (dict(C=-1.0), "--C must be positive"),
-    (dict(C="big"), "--C 'big' is not valid"),
-    (dict(gamma="often"), "valid: scale, auto, cv"),
-    (dict(preset="best"), "unknown --preset"),
-    (dict(C="auto", cv_folds=1), "at least 2"),
-    (dict(C="auto", cv_folds=30), "cannot cross-validate with 30 folds"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(C=0), "--C must be positive"),
+        (dict(C=-1.0), "--C must be positive"),
+        (dict(C="big"), "--C 'big' is not valid"),
+        (dict(gamma="often"), "valid: scale, auto, cv"),
+        (dict(preset="best"), "unknown --preset"),
+        (dict(C="auto", cv_folds=1), "at least 2"),
+        (dict(C="auto", cv_folds=30), "cannot cross-validate with 30 folds"),
+    ],
+)
 def test_bad_options_say_why_and_what_to_use(demo_features, tmp_path, options, message):
     with pytest.raises(CarsTLError, match=message) as info:
         fit_svm(demo_features, kernel="linear", out=tmp_path / "run", **options)
@@ -250,8 +258,12 @@ def test_cv_score_is_the_mean_of_the_folds_as_cross_val_score():
     per_fold = {C: 100 * cross_val_score(SVC(kernel="linear", C=C), x, y, cv=splitter) for C in found["C_grid"]}
     assert found["cv_acc"][0] == pytest.approx([per_fold[C].mean() for C in found["C_grid"]], abs=1e-3)
     assert found["cv_std"][0] == pytest.approx([per_fold[C].std() for C in found["C_grid"]], abs=1e-3)
-    pooled = [100 * sum((SVC(kernel="linear", C=C).fit(x[f], y[f]).predict(x[v]) == y[v]).sum() for f, v in splitter.split(x, y)) / len(y)
-              for C in found["C_grid"]]
+    pooled = [
+        100
+        * sum((SVC(kernel="linear", C=C).fit(x[f], y[f]).predict(x[v]) == y[v]).sum() for f, v in splitter.split(x, y))
+        / len(y)
+        for C in found["C_grid"]
+    ]
     assert any(abs(p - m) > 1e-6 for p, m in zip(pooled, found["cv_acc"][0]))  # the two differ here: the test can tell
     assert found["cv_std_chosen"] == pytest.approx(per_fold[found["C"]].std(), abs=1e-3)
 
@@ -283,7 +295,9 @@ def test_best_C_at_the_bottom_end_extends_the_grid_downwards(monkeypatch):
     x, y = toy_where_c_matters(flipped=0.15)
     found = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
     inside = found["C"]
-    monkeypatch.setattr(svm_search, "C_GRID", tuple(c for c in svm_search.C_GRID if c * 10 ** found["C_grid_decades"] > inside * 2))
+    monkeypatch.setattr(
+        svm_search, "C_GRID", tuple(c for c in svm_search.C_GRID if c * 10 ** found["C_grid_decades"] > inside * 2)
+    )
     low = svm_search.search(x, y, "linear", "auto", "scale", 3, 0.0, "none", folds=5, seed=0)
     assert low["C_grid_extended"]["down"] >= 1 and low["C_grid_extended"]["up"] == 0
     assert low["C_grid"][0] < low["C"] < low["C_grid"][-1]
@@ -297,11 +311,13 @@ def test_each_gamma_gets_its_own_C_grid_on_its_kernels_scale():
     decades = [svm_search.grid_decades(z, "poly", g, 3, 0.0) for g in found["gamma_grid"]]
     assert len(set(decades)) > 1  # gamma from 1/4 to 4 times scale: the cubic kernel's scale spans 3.6 decades
     for grid, d in zip(found["C_grids"], decades):  # the listed grid, moved to the gamma's scale (plus any extension)
-        base, extra = [c * 10.0 ** d for c in svm_search.C_GRID], len(grid) - len(svm_search.C_GRID)
-        assert any(np.allclose(grid[i:i + len(base)], base) for i in range(extra + 1))
+        base, extra = [c * 10.0**d for c in svm_search.C_GRID], len(grid) - len(svm_search.C_GRID)
+        assert any(np.allclose(grid[i : i + len(base)], base) for i in range(extra + 1))
     g = found["gamma_grid"].index(found["gamma_value"])
     assert found["C_grid"] == found["C_grids"][g] and found["C_grid_decades"] == decades[g]
-    assert len(found["cv_acc"]) == len(found["C_grids"]) and all(len(a) == len(c) for a, c in zip(found["cv_acc"], found["C_grids"]))
+    assert len(found["cv_acc"]) == len(found["C_grids"]) and all(
+        len(a) == len(c) for a, c in zip(found["cv_acc"], found["C_grids"])
+    )
 
 
 def test_no_cross_validation_when_there_is_nothing_to_choose(demo_features, tmp_path, monkeypatch):

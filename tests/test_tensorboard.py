@@ -28,18 +28,30 @@ def test_train_head_logs_epochs_and_hparams(demo_features, tmp_path):
     run_dir, metrics = train_head(demo_features, epochs=3, out=tmp_path / "head", tensorboard=tb)
     acc = read_events(tb / run_dir.name)
     tags = set(acc.Tags()["scalars"])
-    assert {"loss/train", "accuracy/train", "loss/test", "accuracy/test", "top5/test", "lr/group0",
-            "speed/images_per_second"} <= tags
+    assert {
+        "loss/train",
+        "accuracy/train",
+        "loss/test",
+        "accuracy/test",
+        "top5/test",
+        "lr/group0",
+        "speed/images_per_second",
+    } <= tags
     assert steps(acc, "loss/train") == [1, 2, 3]
     logged = [e.value for e in acc.Scalars("accuracy/test")]
     assert logged == pytest.approx([r["test_acc"] for r in metrics["history"]], abs=1e-4)
     assert acc.Scalars("lr/group0")[0].value == pytest.approx(metrics["config"]["lr"])
     # The hparams view: the plugin's experiment, session start (with the config) and end records.
-    assert set(acc.PluginTagToContent("hparams")) == {"_hparams_/experiment", "_hparams_/session_start_info",
-                                                       "_hparams_/session_end_info"}
+    assert set(acc.PluginTagToContent("hparams")) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    start = plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
     assert start.session_start_info.hparams["optimizer"].string_value == "adam"
     assert start.session_start_info.hparams["epochs"].number_value == 3
     assert acc.Scalars("hparam/test_acc")[0].value == pytest.approx(metrics["final"]["test_acc"], abs=1e-4)
@@ -56,7 +68,9 @@ def test_finetune_resume_continues_without_duplicate_steps(demo_dir, tmp_path):
     assert steps(acc, "loss/test") == [0, 1, 2]  # epoch 0: the starting point
     assert steps(acc, "loss/train") == [1, 2]
     assert {"lr/group0", "lr/group1"} <= set(acc.Tags()["scalars"])  # head and unfrozen layer4
-    assert [e.value for e in acc.Scalars("accuracy/test")] == pytest.approx([r["test_acc"] for r in metrics["history"]], abs=1e-4)
+    assert [e.value for e in acc.Scalars("accuracy/test")] == pytest.approx(
+        [r["test_acc"] for r in metrics["history"]], abs=1e-4
+    )
 
 
 def test_killed_run_resumed_drops_the_lost_steps(tmp_path):

@@ -58,8 +58,15 @@ def test_mlflow_params_histories_tags_artifacts_and_idempotence(run_set, demo_fe
     assert [h.step for h in history] == [r["epoch"] for r in head_metrics["history"]]
     assert [h.value for h in history] == pytest.approx([r["train_loss"] for r in head_metrics["history"]])
     assert head.data.metrics["final.test_acc"] == pytest.approx(head_metrics["final"]["test_acc"])
-    assert {r: by_name[r].data.tags["cars_tl.model_group"] for r in by_name} == {"ft": "D", "head": "B", "knn": "kNN", "svm": "C"}
-    assert by_name["head"].data.tags["cars_tl.kind"] == "head" and by_name["head"].data.tags["cars_tl.preset"] == "study"
+    assert {r: by_name[r].data.tags["cars_tl.model_group"] for r in by_name} == {
+        "ft": "D",
+        "head": "B",
+        "knn": "kNN",
+        "svm": "C",
+    }
+    assert (
+        by_name["head"].data.tags["cars_tl.kind"] == "head" and by_name["head"].data.tags["cars_tl.preset"] == "study"
+    )
     assert sorted(h.step for h in client.get_metric_history(by_name["knn"].info.run_id, "knn.test_acc")) == [3, 5]
     ft_steps = sorted(h.step for h in client.get_metric_history(by_name["ft"].info.run_id, "test_acc"))
     assert ft_steps == [0, 1]
@@ -136,7 +143,9 @@ def test_cli_track_prints_a_line_per_run(run_set, tmp_path):
 
     from cars_tl.cli import app
 
-    result = CliRunner().invoke(app, ["track", "--to", "tensorboard", str(tmp_path / "tb"), str(run_set / "runs" / "head")])
+    result = CliRunner().invoke(
+        app, ["track", "--to", "tensorboard", str(tmp_path / "tb"), str(run_set / "runs" / "head")]
+    )
     assert result.exit_code == 0, result.output
     assert "created" in result.output and "1 created" in result.output
     bad = CliRunner().invoke(app, ["track", "--to", "wandb", "x", str(run_set / "runs" / "head")])

@@ -68,14 +68,21 @@ def test_timm_efficientnet_splits_at_blocks_6():
 
 @pytest.fixture(scope="module")
 def cache(demo_dir, tmp_path_factory) -> Path:
-    path, result = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=tmp_path_factory.mktemp("trunks") / "t.h5", **SMALL)
+    path, result = build_trunk(
+        demo_dir, unfreeze="layer4", batch_size=16, out=tmp_path_factory.mktemp("trunks") / "t.h5", **SMALL
+    )
     assert result["action"] == "built" and result["cut"] == "layer3"
     return path
 
 
 def test_cache_file_is_verified_contiguous_and_resumable(cache, demo_dir, tmp_path):
     attrs = trunks.verify(cache)
-    assert attrs["cut"] == "layer3" and attrs["top"] == "layer4" and attrs["storage"] == "fp32" and attrs["map_shape"] == [256, 2, 2]
+    assert (
+        attrs["cut"] == "layer3"
+        and attrs["top"] == "layer4"
+        and attrs["storage"] == "fp32"
+        and attrs["map_shape"] == [256, 2, 2]
+    )
     memory = trunks.open_split(cache, "train", mode="memory")
     mapped = trunks.open_split(cache, "train", mode="mmap")
     assert memory.mode == "memory" and isinstance(mapped.maps, np.memmap)
@@ -111,7 +118,14 @@ def test_a_damaged_cache_is_never_trusted(cache, tmp_path, damage):
 
 
 def _config(**changes):
-    return {**ft.resolve_config("study"), "unfreeze": "layer4", "crop": "full", "margin": 0.0, "precision": "fp32", **changes}
+    return {
+        **ft.resolve_config("study"),
+        "unfreeze": "layer4",
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        **changes,
+    }
 
 
 def test_inexact_settings_fall_back_with_their_reason(cache, demo_dir, tmp_path):
@@ -119,14 +133,20 @@ def test_inexact_settings_fall_back_with_their_reason(cache, demo_dir, tmp_path)
     bb, model = _model("layer4")
     assert trunk.plan(str(cache), model, bb, _config(), manifest, tmp_path).path == cache  # exact: used
     cases = {
-        "augments images": trunk.plan("auto", model, bb, _config(augment="standard", preset="tuned"), manifest, tmp_path),
+        "augments images": trunk.plan(
+            "auto", model, bb, _config(augment="standard", preset="tuned"), manifest, tmp_path
+        ),
         "precision mismatch": trunk.plan(str(cache), model, bb, _config(precision="bf16"), manifest, tmp_path),
         "other preprocessing": trunk.plan(str(cache), model, bb, _config(crop="box"), manifest, tmp_path),
-        "another dataset": trunk.plan(str(cache), model, bb, _config(), dataclasses.replace(manifest, fingerprint="x"), tmp_path),
+        "another dataset": trunk.plan(
+            str(cache), model, bb, _config(), dataclasses.replace(manifest, fingerprint="x"), tmp_path
+        ),
         "off": trunk.plan("off", model, bb, _config(), manifest, tmp_path),
     }
     bb3, model3 = _model("layer3,layer4")
-    cases["layer3 below that cut trains"] = trunk.plan(str(cache), model3, bb3, _config(unfreeze="layer3,layer4"), manifest, tmp_path)
+    cases["layer3 below that cut trains"] = trunk.plan(
+        str(cache), model3, bb3, _config(unfreeze="layer3,layer4"), manifest, tmp_path
+    )
     bb_all, model_all = _model("all")
     cases["first module, trains"] = trunk.plan("auto", model_all, bb_all, _config(unfreeze="all"), manifest, tmp_path)
     other_bb, other = _model("layer4")
@@ -187,20 +207,65 @@ def test_two_process_cached_finetune_equals_one_process(demo_dir, tmp_path):
     # batches compute what one process does; a validation split, read from the cache too.
     weights = tmp_path / "pretrained.pth"
     torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
-    args = ["finetune", "--data-dir", str(demo_dir), "--backbone", "resnet18", "--weights", str(weights), "--unfreeze", "layer4",
-            "--image-size", "32", "--precision", "fp32", "--workers", "0", "--epochs", "2", "--batch-size", "16",
-            "--preset", "tuned", "--augment", "none"]
-    one = subprocess.run([sys.executable, "-m", "cars_tl", *args, "--trunk-cache", str(tmp_path / "one.h5"), "--out", str(tmp_path / "one")],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    args = [
+        "finetune",
+        "--data-dir",
+        str(demo_dir),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--unfreeze",
+        "layer4",
+        "--image-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--preset",
+        "tuned",
+        "--augment",
+        "none",
+    ]
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cars_tl",
+            *args,
+            "--trunk-cache",
+            str(tmp_path / "one.h5"),
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(_torchrun(2, *args, "--trunk-cache", str(tmp_path / "two.h5"), "--out", str(tmp_path / "two")), cwd=REPO,
-                         env=ENV, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        _torchrun(2, *args, "--trunk-cache", str(tmp_path / "two.h5"), "--out", str(tmp_path / "two")),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     m = runs.read_metrics(tmp_path / "two")
     assert m["trunk_cache"]["used"] and m["trunk_cache"]["action"] == "built" and m["distributed"]["world_size"] == 2
     assert "val_acc" in m["history"][-1]
     for split in ("train", "test"):  # the sharded build wrote the same maps
-        assert np.array_equal(trunks.open_split(tmp_path / "one.h5", split).maps, trunks.open_split(tmp_path / "two.h5", split).maps)
+        assert np.array_equal(
+            trunks.open_split(tmp_path / "one.h5", split).maps, trunks.open_split(tmp_path / "two.h5", split).maps
+        )
     _assert_same_run(tmp_path / "one", tmp_path / "two")
 
 

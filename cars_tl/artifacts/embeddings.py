@@ -57,8 +57,14 @@ def save_penultimate(run_dir: Path, features, labels, ids, split: str = "test") 
     labels, ids = np.asarray(labels, dtype=np.int64), np.asarray(ids, dtype=np.int64)
     if features.ndim != 2 or len(features) != len(labels) or len(ids) != len(labels):
         raise ValueError(f"penultimate features {features.shape} for {len(labels)} labels and {len(ids)} ids")
-    return _save_npz(penultimate_path(run_dir, split), features=features, labels=labels, ids=ids,
-                     split=np.array(split), format_version=np.array(FORMAT_VERSION))
+    return _save_npz(
+        penultimate_path(run_dir, split),
+        features=features,
+        labels=labels,
+        ids=ids,
+        split=np.array(split),
+        format_version=np.array(FORMAT_VERSION),
+    )
 
 
 def _load_npz(path: Path, keys: tuple[str, ...], what: str) -> dict:
@@ -72,8 +78,11 @@ def _load_npz(path: Path, keys: tuple[str, ...], what: str) -> dict:
         raise CarsTLError(f"{path} is not a readable .npz file: {exc}", f"delete it and rerun {what}") from None
     missing = [k for k in keys if k not in out]
     if missing or int(out.get("format_version", -1)) != FORMAT_VERSION:
-        raise CarsTLError(f"{path}: not a format-{FORMAT_VERSION} file (missing {missing or 'nothing'}, "
-                          f"format {out.get('format_version')})", f"delete it and rerun {what}")
+        raise CarsTLError(
+            f"{path}: not a format-{FORMAT_VERSION} file (missing {missing or 'nothing'}, "
+            f"format {out.get('format_version')})",
+            f"delete it and rerun {what}",
+        )
     return out
 
 
@@ -82,7 +91,9 @@ def load_penultimate(path: Path) -> dict:
     z = _load_npz(path, _PENULTIMATE_KEYS, "finetune (at the end of training)")
     n = len(z["labels"])
     if z["features"].ndim != 2 or len(z["features"]) != n or len(z["ids"]) != n:
-        raise CarsTLError(f"{path}: features {z['features'].shape} do not match {n} labels", "rerun the finetune with --force")
+        raise CarsTLError(
+            f"{path}: features {z['features'].shape} do not match {n} labels", "rerun the finetune with --force"
+        )
     return {"features": z["features"], "labels": z["labels"], "ids": z["ids"], "split": str(z["split"])}
 
 
@@ -91,13 +102,21 @@ def map_path(source: Path, split: str) -> Path:
     return source.with_name(f"{source.name}.map-{split}.npz")
 
 
-def save_map(path: Path, coords, labels, ids, source_sha256: str, settings: dict, knn_map: float, knn_full: float,
-             seconds: float) -> Path:
-    return _save_npz(path, coords=np.asarray(coords, np.float32), labels=np.asarray(labels, np.int64),
-                     ids=np.asarray(ids, np.int64), source_sha256=np.array(source_sha256),
-                     settings=np.array(json.dumps(settings, sort_keys=True)), knn_map=np.array(float(knn_map)),
-                     knn_full=np.array(float(knn_full)), seconds=np.array(float(seconds)),
-                     format_version=np.array(FORMAT_VERSION))
+def save_map(
+    path: Path, coords, labels, ids, source_sha256: str, settings: dict, knn_map: float, knn_full: float, seconds: float
+) -> Path:
+    return _save_npz(
+        path,
+        coords=np.asarray(coords, np.float32),
+        labels=np.asarray(labels, np.int64),
+        ids=np.asarray(ids, np.int64),
+        source_sha256=np.array(source_sha256),
+        settings=np.array(json.dumps(settings, sort_keys=True)),
+        knn_map=np.array(float(knn_map)),
+        knn_full=np.array(float(knn_full)),
+        seconds=np.array(float(seconds)),
+        format_version=np.array(FORMAT_VERSION),
+    )
 
 
 def load_map(path: Path) -> dict | None:
@@ -108,6 +127,13 @@ def load_map(path: Path) -> dict | None:
         return None
     if z["coords"].shape != (len(z["labels"]), 2):
         return None
-    return {"coords": z["coords"], "labels": z["labels"], "ids": z["ids"], "source_sha256": str(z["source_sha256"]),
-            "settings": json.loads(str(z["settings"])), "knn_map": float(z["knn_map"]), "knn_full": float(z["knn_full"]),
-            "seconds": float(z["seconds"])}
+    return {
+        "coords": z["coords"],
+        "labels": z["labels"],
+        "ids": z["ids"],
+        "source_sha256": str(z["source_sha256"]),
+        "settings": json.loads(str(z["settings"])),
+        "knn_map": float(z["knn_map"]),
+        "knn_full": float(z["knn_full"]),
+        "seconds": float(z["seconds"]),
+    }

@@ -58,7 +58,16 @@ SCHEMA_VERSION = 2
 DATASETS = ("features", "labels", "ids", "paths")
 JSON_ATTRS = ("transform", "class_names", "versions", "options")
 # What makes two extractions the same: a complete file matching these is reused as it is.
-IDENTITY_KEYS = ("backbone", "weights_digest", "transform", "crop", "margin", "precision", "dataset_fingerprint", "skip_bad")
+IDENTITY_KEYS = (
+    "backbone",
+    "weights_digest",
+    "transform",
+    "crop",
+    "margin",
+    "precision",
+    "dataset_fingerprint",
+    "skip_bad",
+)
 
 
 @dataclasses.dataclass
@@ -113,13 +122,23 @@ def weights_tag(weights: str) -> str:
     return f"file-{Path(weights).stem}" if "/" in weights or "\\" in weights or Path(weights).exists() else weights
 
 
-def default_path(artifacts: Path, backbone: str, weights: str, crop: str, transform: dict, margin: float, precision: str,
-                 tag: str = "") -> Path:
+def default_path(
+    artifacts: Path,
+    backbone: str,
+    weights: str,
+    crop: str,
+    transform: dict,
+    margin: float,
+    precision: str,
+    tag: str = "",
+) -> Path:
     """``<backbone>-<weights>-<crop>-[<resize mode>]<size>px[-<tag>]-<precision>-<digest>.h5``: every option that changes the
     arrays is in the name (the digest covers the whole transform spec, feature views and stages
     included, and the margin), so extracting with other options never overwrites a cache that runs
     point to. ``tag``: a readable name for the spec's feature options (e.g. ``flip-blocks.6+final``)."""
-    key = json.dumps({"transform": transform, "crop": crop, "margin": float(margin), "precision": precision}, sort_keys=True)
+    key = json.dumps(
+        {"transform": transform, "crop": crop, "margin": float(margin), "precision": precision}, sort_keys=True
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     crop_part = crop if crop == "full" else f"box{float(margin):g}"
     mode = transform.get("mode", "crop")
@@ -149,20 +168,25 @@ def read_attrs(path: Path) -> dict:
         raise CarsTLError(
             f"{path} is a folder; a feature file (.h5) is expected"
             + (f" (it holds: {', '.join(p.name for p in found)})" if found else ""),
-            f"pass the file inside it, e.g. {found[0]}" if found else "cars-tl extract-features --out FILE.h5, then pass --features FILE.h5",
+            f"pass the file inside it, e.g. {found[0]}"
+            if found
+            else "cars-tl extract-features --out FILE.h5, then pass --features FILE.h5",
         )
     if not path.is_file():
         partial = partial_dir(path)
         hint = (
             "an extraction was interrupted: rerun the same cars-tl extract-features command to resume"
-            if partial.exists() else "cars-tl extract-features --out " + str(path)
+            if partial.exists()
+            else "cars-tl extract-features --out " + str(path)
         )
         raise CarsTLError(f"feature file {path} does not exist", hint)
     try:
         with h5py.File(path, "r") as f:
             attrs = _decode(f.attrs)
     except OSError as exc:
-        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", "delete it and rerun cars-tl extract-features") from None
+        raise CarsTLError(
+            f"{path} is not a readable HDF5 file: {exc}", "delete it and rerun cars-tl extract-features"
+        ) from None
     if attrs.get("kind") != KIND:
         raise CarsTLError(f"{path} is not a cars_tl feature cache (kind={attrs.get('kind')!r})")
     if attrs.get("schema_version") != SCHEMA_VERSION:
@@ -200,7 +224,8 @@ def load(path: Path, splits: tuple[str, ...] = ("train", "test")) -> FeatureCach
             if missing:
                 raise CarsTLError(
                     f"{path}: split '{name}' lacks the dataset(s) {', '.join(missing)} (it has: {', '.join(sorted(group)) or 'none'}); "
-                    f"a cars_tl cache holds {', '.join(DATASETS)} per split", fix,
+                    f"a cars_tl cache holds {', '.join(DATASETS)} per split",
+                    fix,
                 )
             arrays = {}
             try:
@@ -213,7 +238,9 @@ def load(path: Path, splits: tuple[str, ...] = ("train", "test")) -> FeatureCach
                 if isinstance(recorded, bytes):
                     recorded = recorded.decode()
                 if recorded != content_digest(arrays[d]):
-                    raise CarsTLError(f"{path}: split '{name}' is corrupt ({name}/{d} does not match its recorded SHA-256)", fix)
+                    raise CarsTLError(
+                        f"{path}: split '{name}' is corrupt ({name}/{d} does not match its recorded SHA-256)", fix
+                    )
             features, labels, ids = arrays["features"], arrays["labels"], arrays["ids"]
             paths = [p.decode() if isinstance(p, bytes) else str(p) for p in arrays["paths"]]
             skipped = json.loads(group.attrs.get("skipped", "[]"))
@@ -240,7 +267,9 @@ def verify(path: Path) -> FeatureCache:
     try:
         names = split_names(path)
     except OSError as exc:
-        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", "delete it and rerun cars-tl extract-features") from None
+        raise CarsTLError(
+            f"{path} is not a readable HDF5 file: {exc}", "delete it and rerun cars-tl extract-features"
+        ) from None
     return load(path, tuple(names))
 
 
@@ -288,8 +317,10 @@ class PartialCache:
             except (OSError, ValueError):
                 joined = None
             if joined != json.loads(json.dumps(self.meta)):
-                raise CarsTLError(f"{self.dir} does not hold the extraction rank 0 prepared (meta.json differs or is missing)",
-                                  "every rank must see the same --out folder: put it on a filesystem shared by the nodes")
+                raise CarsTLError(
+                    f"{self.dir} does not hold the extraction rank 0 prepared (meta.json differs or is missing)",
+                    "every rank must see the same --out folder: put it on a filesystem shared by the nodes",
+                )
             self.resumed_rows = 0
             return
         if self.dir.exists():
@@ -323,16 +354,28 @@ class PartialCache:
             if self._chunk(split, start).is_file():
                 continue
             stop = start + self._rows_in(split, start)
-            out[-1:] = [range(out[-1].start, stop)] if out and out[-1].stop == start else out[-1:] + [range(start, stop)]
+            out[-1:] = (
+                [range(out[-1].start, stop)] if out and out[-1].stop == start else out[-1:] + [range(start, stop)]
+            )
         return out
 
-    def write_chunk(self, split: str, start: int, features: np.ndarray, valid: np.ndarray, reasons: dict[int, str]) -> None:
+    def write_chunk(
+        self, split: str, start: int, features: np.ndarray, valid: np.ndarray, reasons: dict[int, str]
+    ) -> None:
         if len(features) != self._rows_in(split, start) or start % self.chunk_rows:
-            raise ValueError(f"chunk of {len(features)} rows at {start} does not fit the layout of {self.chunk_rows} rows")
+            raise ValueError(
+                f"chunk of {len(features)} rows at {start} does not fit the layout of {self.chunk_rows} rows"
+            )
         with atomic_path(self._chunk(split, start)) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, features=features.astype(np.float32), valid=valid, start=start, chunk_rows=self.chunk_rows,
-                         bad=json.dumps({str(k): v for k, v in reasons.items()}))
+                np.savez(
+                    f,
+                    features=features.astype(np.float32),
+                    valid=valid,
+                    start=start,
+                    chunk_rows=self.chunk_rows,
+                    bad=json.dumps({str(k): v for k, v in reasons.items()}),
+                )
 
     def _gather(self, split: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         feats, valid, bad = [], [], {}
@@ -349,8 +392,11 @@ class PartialCache:
                     "rerun the same cars-tl extract-features command to extract again",
                 ) from None
             rows = self._rows_in(split, start)
-            if (int(chunk["start"]), int(chunk["chunk_rows"])) != (start, self.chunk_rows) or chunk["features"].shape != (rows, dim) \
-                    or chunk["valid"].shape != (rows,):
+            if (
+                (int(chunk["start"]), int(chunk["chunk_rows"])) != (start, self.chunk_rows)
+                or chunk["features"].shape != (rows, dim)
+                or chunk["valid"].shape != (rows,)
+            ):
                 shutil.rmtree(self.dir, ignore_errors=True)
                 raise CarsTLError(
                     f"partial chunk {path} does not fit the layout it is named for; the partial extraction was discarded",
@@ -359,9 +405,15 @@ class PartialCache:
             feats.append(chunk["features"])
             valid.append(chunk["valid"])
             bad.update({int(k): v for k, v in json.loads(str(chunk["bad"])).items()})
-        return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), (np.concatenate(valid) if valid else np.zeros(0, bool)), bad
+        return (
+            (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)),
+            (np.concatenate(valid) if valid else np.zeros(0, bool)),
+            bad,
+        )
 
-    def finalize(self, attrs: dict, rows: dict[str, dict], carry: dict[str, SplitArrays] | None = None) -> dict[str, SplitArrays]:
+    def finalize(
+        self, attrs: dict, rows: dict[str, dict], carry: dict[str, SplitArrays] | None = None
+    ) -> dict[str, SplitArrays]:
         """Write the complete ``.h5`` (temporary name, verified, then renamed) and drop the chunks.
 
         ``rows[split]`` holds ``labels``, ``ids`` and ``paths`` for every image of the split, in order;
@@ -373,8 +425,11 @@ class PartialCache:
             features, valid, bad = self._gather(split)
             keep = np.flatnonzero(valid)
             splits[split] = SplitArrays(
-                features[keep], np.asarray(info["labels"], dtype=np.int64)[keep], np.asarray(info["ids"], dtype=np.int64)[keep],
-                [info["paths"][i] for i in keep], [{"path": info["paths"][i], "reason": r} for i, r in sorted(bad.items())],
+                features[keep],
+                np.asarray(info["labels"], dtype=np.int64)[keep],
+                np.asarray(info["ids"], dtype=np.int64)[keep],
+                [info["paths"][i] for i in keep],
+                [{"path": info["paths"][i], "reason": r} for i, r in sorted(bad.items())],
             )
         write(self.path, dict(attrs, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")), splits)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -394,7 +449,9 @@ def write_split(f, split: str, features, labels, ids, paths, skipped) -> None:
         "ids": np.asarray(ids, dtype=np.int64),
     }
     group.create_dataset(
-        "features", data=arrays["features"], chunks=(max(1, min(n, 256)), dim) if n else None,
+        "features",
+        data=arrays["features"],
+        chunks=(max(1, min(n, 256)), dim) if n else None,
         **(dict(compression="gzip", compression_opts=4, shuffle=True, **checked) if n else {}),
     )
     group.create_dataset("labels", data=arrays["labels"], **checked)
@@ -410,7 +467,9 @@ def _file_image(attrs: dict, splits: dict[str, SplitArrays]) -> bytes:
     """The whole ``.h5`` built in memory (HDF5's core driver, no backing file): its bytes."""
     import h5py
 
-    with h5py.File(f"cars-tl-cache-{os.getpid()}.h5", "w", driver="core", backing_store=False) as f:  # the name is never created
+    with h5py.File(
+        f"cars-tl-cache-{os.getpid()}.h5", "w", driver="core", backing_store=False
+    ) as f:  # the name is never created
         for key, value in dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION).items():
             f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
         for name, s in splits.items():
@@ -446,8 +505,10 @@ def write(path: Path, attrs: dict, splits: dict[str, SplitArrays]) -> Path:
         try:
             load(tmp, tuple(splits))  # verify before anything appears under the final name
         except CarsTLError as exc:
-            raise CarsTLError(f"refused to write {path}: the new cache does not verify ({exc.message.replace(str(tmp), 'it')})",
-                              "this is a bug or a bad dataset: rerun cars-tl download to rebuild the manifest") from None
+            raise CarsTLError(
+                f"refused to write {path}: the new cache does not verify ({exc.message.replace(str(tmp), 'it')})",
+                "this is a bug or a bad dataset: rerun cars-tl download to rebuild the manifest",
+            ) from None
     return path
 
 
@@ -456,18 +517,29 @@ def feature_run_fields(cache: FeatureCache) -> dict:
     a = cache.attrs
     return {
         "backbone": {
-            "backbone": a["backbone"], "weights": a["weights"], "weights_digest": a["weights_digest"],
+            "backbone": a["backbone"],
+            "weights": a["weights"],
+            "weights_digest": a["weights_digest"],
             "weights_sha256": a.get("weights_sha256"),
-            "num_features": a["feature_dim"], "transform": a["transform"], "crop": a["crop"],
-            "margin": a["margin"], "precision": a["precision"], "params": a.get("backbone_params"),
+            "num_features": a["feature_dim"],
+            "transform": a["transform"],
+            "crop": a["crop"],
+            "margin": a["margin"],
+            "precision": a["precision"],
+            "params": a.get("backbone_params"),
         },
         "inputs": {
             "dataset_fingerprint": a["dataset_fingerprint"],
-            "features": {"path": str(cache.path), "sha256": file_sha256(cache.path), "created": a.get("created"),
-                         # per split: what predict --split checks before scoring from the cache
-                         "splits": {name: {"features_sha256": content_digest(arrays.features),
-                                           "ids_sha256": content_digest(arrays.ids)}
-                                    for name, arrays in cache.splits.items()}},
+            "features": {
+                "path": str(cache.path),
+                "sha256": file_sha256(cache.path),
+                "created": a.get("created"),
+                # per split: what predict --split checks before scoring from the cache
+                "splits": {
+                    name: {"features_sha256": content_digest(arrays.features), "ids_sha256": content_digest(arrays.ids)}
+                    for name, arrays in cache.splits.items()
+                },
+            },
         },
         "class_names": cache.class_names,
     }

@@ -137,16 +137,25 @@ class RerunInterrupted(KeyboardInterrupt):
 
     def __init__(self, run_dir: Path, stage: str):
         super().__init__()
-        self.hint = (f"the new run was discarded and {run_dir} is unchanged; to start the new run again, rerun the same "
-                     f"cars-tl {stage} command with --force (not --resume: that would continue the old run)")
+        self.hint = (
+            f"the new run was discarded and {run_dir} is unchanged; to start the new run again, rerun the same "
+            f"cars-tl {stage} command with --force (not --resume: that would continue the old run)"
+        )
 
 
 def new_metrics(kind: str, name: str, config: dict, **fields) -> dict:
     from cars_tl.core import runtime
 
     return {
-        "format_version": FORMAT_VERSION, "kind": kind, "name": name, "status": "running",
-        "created": now(), "config": config, "history": [], "versions": runtime.versions(), **fields,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "name": name,
+        "status": "running",
+        "created": now(),
+        "config": config,
+        "history": [],
+        "versions": runtime.versions(),
+        **fields,
     }
 
 
@@ -159,7 +168,7 @@ def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
     """Rewrite status.json in place (created padded to STATUS_BYTES), so it works on a full disk."""
     path = Path(run_dir) / STATUS
     text = json.dumps({"status": status, "error": (error or "")[:600]}, ensure_ascii=True).encode()
-    text = text[:STATUS_BYTES - 1] if len(text) >= STATUS_BYTES else text
+    text = text[: STATUS_BYTES - 1] if len(text) >= STATUS_BYTES else text
     if not path.is_file() or path.stat().st_size < STATUS_BYTES:
         atomic_write_text(path, " " * STATUS_BYTES)
     with open(path, "r+b") as f:
@@ -206,14 +215,19 @@ def read_metrics(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise CarsTLError(f"run directory {run_dir} does not exist", "list runs with: ls artifacts/runs")
     if not path.is_file():
-        raise CarsTLError(f"{run_dir} is not a cars_tl run: no {METRICS} in it", "pass a directory made by train-head, fit-svm or finetune")
+        raise CarsTLError(
+            f"{run_dir} is not a cars_tl run: no {METRICS} in it",
+            "pass a directory made by train-head, fit-svm or finetune",
+        )
     try:
         metrics = json.loads(path.read_text())
     except ValueError as exc:
         raise CarsTLError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(metrics, dict):
-        raise CarsTLError(f"{path} holds a JSON {type(metrics).__name__}, not the object a cars_tl run writes",
-                          "pass a directory made by train-head, fit-svm, knn or finetune (or rerun that stage with --force)")
+        raise CarsTLError(
+            f"{path} holds a JSON {type(metrics).__name__}, not the object a cars_tl run writes",
+            "pass a directory made by train-head, fit-svm, knn or finetune (or rerun that stage with --force)",
+        )
     if metrics.get("kind") not in KINDS:
         raise CarsTLError(f"{path}: unknown run kind {metrics.get('kind')!r}; valid: {', '.join(KINDS)}")
     if metrics.get("format_version") != FORMAT_VERSION:
@@ -233,7 +247,9 @@ def model_file(run_dir: Path) -> Path:
     metrics = read_metrics(run_dir)
     name = metrics.get("model_file")
     if metrics.get("status") != "complete" or not name:
-        raise CarsTLError(f"run {run_dir} is not complete (status {metrics.get('status')!r})", rerun_hint(run_dir, metrics))
+        raise CarsTLError(
+            f"run {run_dir} is not complete (status {metrics.get('status')!r})", rerun_hint(run_dir, metrics)
+        )
     path = Path(run_dir) / name
     if not path.is_file():
         raise CarsTLError(f"run {run_dir} lists model file {name}, which is missing", "rerun the stage that made it")
@@ -289,7 +305,9 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__)[:300]
+        first = next(
+            (line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__
+        )[:300]
         raise CarsTLError(
             f"refused to load {path}: it is not a weights-only checkpoint ({first})",
             "only load checkpoints made by cars_tl or plain state dicts; never unpickle files from others",
@@ -363,8 +381,9 @@ def top_predictions(scores, k: int = PREDICTION_TOP_K, columns=None, first=None)
     return columns[order], np.take_along_axis(scores, order, axis=1)
 
 
-def write_predictions(run_dir: Path, ids, labels, scores, score_kind: str, *, split: str = "test",
-                      columns=None, first=None) -> Path:
+def write_predictions(
+    run_dir: Path, ids, labels, scores, score_kind: str, *, split: str = "test", columns=None, first=None
+) -> Path:
     """Save a run's top-k on ``split`` from its (N, classes) scores, atomically; returns the file."""
     if score_kind not in SCORE_KINDS:
         raise ValueError(f"score_kind {score_kind!r} not in {SCORE_KINDS}")
@@ -376,8 +395,13 @@ def write_predictions(run_dir: Path, ids, labels, scores, score_kind: str, *, sp
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(
-                f, ids=ids, labels=labels, top_classes=top_classes.astype(np.int64),
-                top_scores=top_scores.astype(np.float32), score_kind=np.array(score_kind), split=np.array(split),
+                f,
+                ids=ids,
+                labels=labels,
+                top_classes=top_classes.astype(np.int64),
+                top_scores=top_scores.astype(np.float32),
+                score_kind=np.array(score_kind),
+                split=np.array(split),
                 format_version=np.array(PREDICTIONS_FORMAT),
             )
     return path
@@ -387,23 +411,39 @@ def read_predictions(run_dir: Path, split: str = "test") -> Predictions:
     """A run's saved predictions, checked: arrays present, shapes consistent, no pickled objects."""
     path = predictions_path(run_dir, split)
     if not path.is_file():
-        raise CarsTLError(f"{run_dir} has no saved {split} predictions ({path.name})",
-                          f"cars-tl predict --split {split} --model {run_dir}")
+        raise CarsTLError(
+            f"{run_dir} has no saved {split} predictions ({path.name})",
+            f"cars-tl predict --split {split} --model {run_dir}",
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {key: z[key] for key in z.files}
     except Exception as exc:  # zip, header or dtype errors of a damaged file
-        raise CarsTLError(f"{path} is not a readable predictions file: {exc}",
-                          f"rewrite it: cars-tl predict --split {split} --model {run_dir}") from None
+        raise CarsTLError(
+            f"{path} is not a readable predictions file: {exc}",
+            f"rewrite it: cars-tl predict --split {split} --model {run_dir}",
+        ) from None
     missing = [key for key in ("ids", "labels", "top_classes", "top_scores", "score_kind") if key not in arrays]
     if missing:
-        raise CarsTLError(f"{path} lacks {', '.join(missing)}", f"rewrite it: cars-tl predict --split {split} --model {run_dir}")
+        raise CarsTLError(
+            f"{path} lacks {', '.join(missing)}", f"rewrite it: cars-tl predict --split {split} --model {run_dir}"
+        )
     if int(arrays.get("format_version", PREDICTIONS_FORMAT)) != PREDICTIONS_FORMAT:
-        raise CarsTLError(f"{path}: predictions format {int(arrays['format_version'])}, this cars_tl reads {PREDICTIONS_FORMAT}")
+        raise CarsTLError(
+            f"{path}: predictions format {int(arrays['format_version'])}, this cars_tl reads {PREDICTIONS_FORMAT}"
+        )
     n = len(arrays["ids"])
     top, scores = arrays["top_classes"], arrays["top_scores"]
     if len(arrays["labels"]) != n or top.ndim != 2 or len(top) != n or scores.shape != top.shape:
-        raise CarsTLError(f"{path}: inconsistent shapes (ids {arrays['ids'].shape}, labels {arrays['labels'].shape}, "
-                          f"top_classes {top.shape}, top_scores {scores.shape})")
-    return Predictions(arrays["ids"].astype(np.int64), arrays["labels"].astype(np.int64), top.astype(np.int64),
-                       scores.astype(np.float32), str(arrays["score_kind"]), str(arrays.get("split", split)))
+        raise CarsTLError(
+            f"{path}: inconsistent shapes (ids {arrays['ids'].shape}, labels {arrays['labels'].shape}, "
+            f"top_classes {top.shape}, top_scores {scores.shape})"
+        )
+    return Predictions(
+        arrays["ids"].astype(np.int64),
+        arrays["labels"].astype(np.int64),
+        top.astype(np.int64),
+        scores.astype(np.float32),
+        str(arrays["score_kind"]),
+        str(arrays.get("split", split)),
+    )

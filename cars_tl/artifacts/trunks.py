@@ -62,8 +62,18 @@ NUMPY_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 JSON_ATTRS = ("transform", "class_names", "versions", "options", "map_shape")
 SMALL = ("labels", "ids", "paths")
 # What makes two builds the same: a verified file matching all of these is used as it is.
-IDENTITY_KEYS = ("backbone", "weights_digest", "transform", "crop", "margin", "precision", "storage", "cut", "top",
-                 "dataset_fingerprint")
+IDENTITY_KEYS = (
+    "backbone",
+    "weights_digest",
+    "transform",
+    "crop",
+    "margin",
+    "precision",
+    "storage",
+    "cut",
+    "top",
+    "dataset_fingerprint",
+)
 HASH_BLOCK = 64 << 20  # bytes hashed per read when verifying a memory-mapped split
 MEMORY_FRACTION = 0.5  # a split is loaded into memory when it takes at most this share of MemAvailable
 
@@ -108,7 +118,10 @@ def read_attrs(path: Path) -> dict:
     if attrs.get("kind") != KIND:
         raise CarsTLError(f"{path} is not a cars_tl trunk cache (kind={attrs.get('kind')!r})", _fix(path))
     if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise CarsTLError(f"{path} has trunk-cache schema {attrs.get('schema_version')}, this cars_tl reads {SCHEMA_VERSION}", _fix(path))
+        raise CarsTLError(
+            f"{path} has trunk-cache schema {attrs.get('schema_version')}, this cars_tl reads {SCHEMA_VERSION}",
+            _fix(path),
+        )
     if attrs.get("storage") not in STORAGES:
         raise CarsTLError(f"{path}: unknown storage {attrs.get('storage')!r}; valid: {', '.join(STORAGES)}", _fix(path))
     return attrs
@@ -202,12 +215,21 @@ def open_split(path: Path, split: str, mode: str = "auto", share: int = 1, verif
             raise CarsTLError(f"{path}: split '{split}' is corrupt ({exc})", _fix(path)) from None
         for d in SMALL:
             if _recorded(group[d]) != content_digest(small[d]):
-                raise CarsTLError(f"{path}: split '{split}' is corrupt ({split}/{d} does not match its recorded SHA-256)", _fix(path))
+                raise CarsTLError(
+                    f"{path}: split '{split}' is corrupt ({split}/{d} does not match its recorded SHA-256)", _fix(path)
+                )
         ds = group["maps"]
         n = len(small["labels"])
         shape = (n, *attrs["map_shape"])
-        if ds.shape != shape or ds.dtype != np.dtype(NUMPY_DTYPE[attrs["storage"]]) or len(small["ids"]) != n or len(small["paths"]) != n:
-            raise CarsTLError(f"{path}: split '{split}' has inconsistent shapes {ds.shape} {ds.dtype}, {n} labels", _fix(path))
+        if (
+            ds.shape != shape
+            or ds.dtype != np.dtype(NUMPY_DTYPE[attrs["storage"]])
+            or len(small["ids"]) != n
+            or len(small["paths"]) != n
+        ):
+            raise CarsTLError(
+                f"{path}: split '{split}' has inconsistent shapes {ds.shape} {ds.dtype}, {n} labels", _fix(path)
+            )
         if n and (small["labels"].min() < 0 or small["labels"].max() >= attrs["num_classes"]):
             raise CarsTLError(f"{path}: split '{split}' has labels outside 0..{attrs['num_classes'] - 1}", _fix(path))
         offset = ds.id.get_offset() if n else None
@@ -217,7 +239,9 @@ def open_split(path: Path, split: str, mode: str = "auto", share: int = 1, verif
         if mode not in ("memory", "mmap"):
             raise CarsTLError(f"unknown trunk-cache read mode {mode!r}; valid: auto, memory, mmap")
         if n and (offset is None or ds.chunks is not None or ds.compression):
-            raise CarsTLError(f"{path}: split '{split}' maps are not stored contiguously (a cars_tl trunk cache never is)", _fix(path))
+            raise CarsTLError(
+                f"{path}: split '{split}' maps are not stored contiguously (a cars_tl trunk cache never is)", _fix(path)
+            )
         if mode == "memory" or not n:
             maps = np.empty(shape, ds.dtype)
             if n:
@@ -225,7 +249,9 @@ def open_split(path: Path, split: str, mode: str = "auto", share: int = 1, verif
     if n and mode == "mmap":
         maps = np.memmap(path, dtype=NUMPY_DTYPE[attrs["storage"]], mode="r", offset=offset, shape=shape)
     if verify and _digest_rows(maps) != recorded:
-        raise CarsTLError(f"{path}: split '{split}' is corrupt ({split}/maps does not match its recorded SHA-256)", _fix(path))
+        raise CarsTLError(
+            f"{path}: split '{split}' is corrupt ({split}/maps does not match its recorded SHA-256)", _fix(path)
+        )
     paths = [p.decode() if isinstance(p, bytes) else str(p) for p in small["paths"]]
     return TrunkSplit(maps, small["labels"].astype(np.int64), small["ids"], paths, attrs["storage"], mode)
 
@@ -238,7 +264,7 @@ def _digest_rows(maps: np.ndarray) -> str:
         per_row = max(1, maps[0].nbytes)
         step = max(1, HASH_BLOCK // per_row)
         for start in range(0, len(maps), step):
-            digest.update(memoryview(np.ascontiguousarray(maps[start:start + step])).cast("B"))
+            digest.update(memoryview(np.ascontiguousarray(maps[start : start + step])).cast("B"))
     return digest.hexdigest()
 
 
@@ -272,7 +298,9 @@ def check_existing(path: Path, identity: dict) -> tuple[bool, str | None]:
         return False, exc.message
     differing = [k for k in IDENTITY_KEYS if attrs.get(k) != identity.get(k)]
     if differing:
-        return False, "made from other inputs (" + ", ".join(f"{k}: {attrs.get(k)!r} != {identity.get(k)!r}" for k in differing) + ")"
+        return False, "made from other inputs (" + ", ".join(
+            f"{k}: {attrs.get(k)!r} != {identity.get(k)!r}" for k in differing
+        ) + ")"
     return True, None
 
 
@@ -297,12 +325,20 @@ class PartialTrunk(PartialCache):
                 maps, first, rows = z["maps"], int(z["start"]), int(z["chunk_rows"])
         except (OSError, ValueError, KeyError) as exc:
             shutil.rmtree(self.dir, ignore_errors=True)
-            raise CarsTLError(f"partial chunk {path} is unreadable ({exc}); the partial build was discarded",
-                              "rerun the same command to build the trunk cache again") from None
-        if (first, rows) != (start, self.chunk_rows) or maps.shape != (self._rows_in(split, start), *shape) or maps.dtype != dtype:
+            raise CarsTLError(
+                f"partial chunk {path} is unreadable ({exc}); the partial build was discarded",
+                "rerun the same command to build the trunk cache again",
+            ) from None
+        if (
+            (first, rows) != (start, self.chunk_rows)
+            or maps.shape != (self._rows_in(split, start), *shape)
+            or maps.dtype != dtype
+        ):
             shutil.rmtree(self.dir, ignore_errors=True)
-            raise CarsTLError(f"partial chunk {path} does not fit the layout it is named for; the partial build was discarded",
-                              "rerun the same command to build the trunk cache again")
+            raise CarsTLError(
+                f"partial chunk {path} does not fit the layout it is named for; the partial build was discarded",
+                "rerun the same command to build the trunk cache again",
+            )
         return maps
 
     def finalize(self, attrs: dict, rows: dict[str, dict]) -> Path:  # type: ignore[override]
@@ -339,24 +375,29 @@ def write(path: Path, attrs: dict, rows: dict[str, dict], partial: PartialTrunk)
                     digest = hashlib.sha256()
                     for start in range(0, n, partial.chunk_rows):
                         maps = partial.read_chunk(split, start, shape, dtype)
-                        ds[start:start + len(maps)] = maps
+                        ds[start : start + len(maps)] = maps
                         digest.update(memoryview(np.ascontiguousarray(maps)).cast("B"))
                     ds.attrs["sha256"] = digest.hexdigest()
                     checked = dict(fletcher32=True) if n else {}
                     small = {"labels": np.asarray(info["labels"], np.int64), "ids": np.asarray(info["ids"], np.int64)}
                     for name, values in small.items():
                         group.create_dataset(name, data=values, **checked)
-                    group.create_dataset("paths", data=np.array(info["paths"], dtype=object), dtype=h5py.string_dtype("utf-8"))
+                    group.create_dataset(
+                        "paths", data=np.array(info["paths"], dtype=object), dtype=h5py.string_dtype("utf-8")
+                    )
                     for name, values in (*small.items(), ("paths", info["paths"])):
                         group[name].attrs["sha256"] = content_digest(values)
                     group.attrs["count"] = n
         except OSError as exc:
-            raise CarsTLError(f"cannot write the trunk cache {path}: {exc}",
-                              f"free space or check permissions in {path.parent}, then rerun") from None
+            raise CarsTLError(
+                f"cannot write the trunk cache {path}: {exc}",
+                f"free space or check permissions in {path.parent}, then rerun",
+            ) from None
         try:
             verify(tmp)
         except CarsTLError as exc:
-            raise CarsTLError(f"refused to write {path}: the new trunk cache does not verify ({exc.message.replace(str(tmp), 'it')})",
-                              "this is a bug or a bad dataset: rerun cars-tl download to rebuild the manifest") from None
+            raise CarsTLError(
+                f"refused to write {path}: the new trunk cache does not verify ({exc.message.replace(str(tmp), 'it')})",
+                "this is a bug or a bad dataset: rerun cars-tl download to rebuild the manifest",
+            ) from None
     return path
-

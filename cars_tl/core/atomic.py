@@ -8,8 +8,8 @@ import hashlib
 import os
 import resource
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cars_tl.core.errors import CarsTLError
 

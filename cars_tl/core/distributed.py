@@ -63,7 +63,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value not in (None, "") else default
     except ValueError:
-        raise CarsTLError(f"environment variable {name}={value!r} is not an integer", "launch with torchrun, which sets it") from None
+        raise CarsTLError(
+            f"environment variable {name}={value!r} is not an integer", "launch with torchrun, which sets it"
+        ) from None
 
 
 def launched() -> tuple[int, int, int]:
@@ -84,7 +86,15 @@ def peer_failure(exc: BaseException) -> bool:
 
     text = str(exc)
     return isinstance(exc, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "NCCL communicator was aborted"))
+        s in text
+        for s in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "timed out",
+            "Timed out",
+            "NCCL communicator was aborted",
+        )
+    )
 
 
 def timeout() -> datetime.timedelta:
@@ -203,7 +213,12 @@ def reduce_meter(meter, ctx: Context):
     import torch.distributed as dist
 
     sums = meter.sums if meter.sums is not None else torch.zeros(3, dtype=torch.float64)
-    tensor = torch.cat([sums.double().to(_tensor_device(ctx)), torch.tensor([float(meter.count)], dtype=torch.float64, device=_tensor_device(ctx))])
+    tensor = torch.cat(
+        [
+            sums.double().to(_tensor_device(ctx)),
+            torch.tensor([float(meter.count)], dtype=torch.float64, device=_tensor_device(ctx)),
+        ]
+    )
     dist.all_reduce(tensor)
     meter.sums, meter.count = tensor[:3], int(round(tensor[3].item()))
     return meter
@@ -222,7 +237,7 @@ def gather_rows(tensor, ctx: Context):
     dist.all_gather(counts, torch.tensor([len(local)], dtype=torch.int64, device=where))
     counts = [int(c.item()) for c in counts]
     padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=where)
-    padded[:len(local)] = local
+    padded[: len(local)] = local
     pieces = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     dist.all_gather(pieces, padded)
     if not ctx.is_main:
@@ -254,7 +269,14 @@ def shard_range(size: int, ctx: Context, align: int = 1) -> range:
 def local_batch(batch_size: int, ctx: Context, option: str = "--batch-size") -> int:
     """The per-rank batch of a global ``batch_size``; refuses one that does not divide evenly."""
     if batch_size % ctx.world_size:
-        fits = [b for b in (batch_size - batch_size % ctx.world_size, batch_size + ctx.world_size - batch_size % ctx.world_size) if b > 0]
+        fits = [
+            b
+            for b in (
+                batch_size - batch_size % ctx.world_size,
+                batch_size + ctx.world_size - batch_size % ctx.world_size,
+            )
+            if b > 0
+        ]
         raise CarsTLError(
             f"{option} {batch_size} is the global batch and must divide evenly over the {ctx.world_size} processes "
             f"(each takes batch / {ctx.world_size})",
@@ -298,5 +320,3 @@ def sync_batchnorm(model, device: str):
             "drop --sync-bn (each process then keeps statistics of its own share of the batch), or run on GPUs",
         )
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-

@@ -35,7 +35,9 @@ class BadImageError(CarsTLError):
         self.reason = reason
 
 
-def check_number(option: str, value, *, minimum=None, maximum=None, exclusive_minimum: bool = False, hint: str | None = None):
+def check_number(
+    option: str, value, *, minimum=None, maximum=None, exclusive_minimum: bool = False, hint: str | None = None
+):
     """``value`` if it is finite and in range; else a :class:`CarsTLError` naming ``option``,
     the offending value and the valid range. ``None`` (option not given) passes through."""
     import math
@@ -60,7 +62,11 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 def check_seed(seed: int) -> int:
-    return int(check_number("--seed", seed, minimum=0, maximum=SEED_MAX, hint=f"pass a whole number from 0 to {SEED_MAX}, e.g. --seed 0"))
+    return int(
+        check_number(
+            "--seed", seed, minimum=0, maximum=SEED_MAX, hint=f"pass a whole number from 0 to {SEED_MAX}, e.g. --seed 0"
+        )
+    )
 
 
 def check_output_path(path, expect: str, option: str = "--out", example: str | None = None):
@@ -70,15 +76,21 @@ def check_output_path(path, expect: str, option: str = "--out", example: str | N
 
     path = Path(path)
     if expect == "file" and path.is_dir():
-        raise CarsTLError(f"{option} {path} is a folder; a file is expected there",
-                          f"name a file, e.g. {option} {example or path / 'features.h5'}")
+        raise CarsTLError(
+            f"{option} {path} is a folder; a file is expected there",
+            f"name a file, e.g. {option} {example or path / 'features.h5'}",
+        )
     if expect == "folder" and path.exists() and not path.is_dir():
-        raise CarsTLError(f"{option} {path} is an existing file; a folder is expected there",
-                          f"name a folder (a new one, or an existing run with --force), e.g. {option} {example or str(path) + '-run'}")
+        raise CarsTLError(
+            f"{option} {path} is an existing file; a folder is expected there",
+            f"name a folder (a new one, or an existing run with --force), e.g. {option} {example or str(path) + '-run'}",
+        )
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise CarsTLError(f"{option} {path} lies below {parent}, which is a file, not a folder",
-                                  f"choose a path inside a folder, e.g. {option} {parent.parent / path.name}")
+                raise CarsTLError(
+                    f"{option} {path} lies below {parent}, which is a file, not a folder",
+                    f"choose a path inside a folder, e.g. {option} {parent.parent / path.name}",
+                )
             break
     return path

@@ -37,8 +37,8 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from cars_tl.core.errors import CarsTLError
 
@@ -78,16 +78,24 @@ def _holder(lock_file: Path) -> str:
 
 def _my_info(stage: str) -> dict:
     return {
-        "pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500],
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "stage": stage,
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv)[:500],
     }
 
 
 def _refuse_odd_file(target: Path, st: os.stat_result) -> None:
     if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
         return
-    what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else \
-        "a regular file with other hard links" if stat.S_ISREG(st.st_mode) else "not a regular file"
+    what = (
+        "a symbolic link"
+        if stat.S_ISLNK(st.st_mode)
+        else "a regular file with other hard links"
+        if stat.S_ISREG(st.st_mode)
+        else "not a regular file"
+    )
     raise LockFileError(
         f"the lock file {target} is {what}; refusing to use it (locking would write through it)",
         f"remove it (rm {target}) if no cars-tl process made it, then rerun",

@@ -7,7 +7,7 @@ The CLI passes a rich-backed implementation. This keeps the core quiet and testa
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class Task:

@@ -25,13 +25,17 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CarsTLError(f"--device {device} asked for, but no CUDA device is available here", "use --device cpu (or auto)")
+        raise CarsTLError(
+            f"--device {device} asked for, but no CUDA device is available here", "use --device cpu (or auto)"
+        )
     if device.startswith("cuda:"):
-        index, count = device[len("cuda:"):], torch.cuda.device_count()
+        index, count = device[len("cuda:") :], torch.cuda.device_count()
         if not index.isdigit() or int(index) >= count:
             valid = ", ".join(f"cuda:{i}" for i in range(count))
-            raise CarsTLError(f"--device {device}: this machine has {count} CUDA device(s); valid: cuda, {valid}",
-                              "use --device cuda (the first) or one of the indices listed (nvidia-smi shows them)")
+            raise CarsTLError(
+                f"--device {device}: this machine has {count} CUDA device(s); valid: cuda, {valid}",
+                "use --device cuda (the first) or one of the indices listed (nvidia-smi shows them)",
+            )
     return device
 
 
@@ -63,8 +67,10 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "fp16" and not cuda:
         raise CarsTLError("--precision fp16 needs a CUDA device", "use --precision bf16 or fp32 on the CPU")
     if precision == "bf16" and cuda and not cuda_has_native_bf16(device):
-        raise CarsTLError(f"--precision bf16: {device} has no native bf16 (compute capability below 8.0)",
-                          "use --precision fp16 (or auto) on this GPU")
+        raise CarsTLError(
+            f"--precision bf16: {device} has no native bf16 (compute capability below 8.0)",
+            "use --precision fp16 (or auto) on this GPU",
+        )
     return precision
 
 

@@ -90,8 +90,9 @@ class EventLog:
         self.path.mkdir(parents=True, exist_ok=True)
         # The file name's own timestamp has whole seconds: the suffix keeps a second writer within the
         # same second (a quick resume) from overwriting the first's file, and the files in order.
-        self._writer = writer_class(logdir=str(self.path), purge_step=purge_step, flush_secs=30,
-                                    filename_suffix=f".{time.time_ns()}")
+        self._writer = writer_class(
+            logdir=str(self.path), purge_step=purge_step, flush_secs=30, filename_suffix=f".{time.time_ns()}"
+        )
         self.last_step = None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -105,8 +106,11 @@ class EventLog:
     def hparams(self, params: dict, final: dict, step: int | None = None) -> None:
         from tensorboardX.summary import hparams
 
-        metrics = {f"hparam/{k}": float(v) for k, v in final.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        metrics = {
+            f"hparam/{k}": float(v)
+            for k, v in final.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         file_writer = self._writer._get_file_writer()
         for summary in hparams(hparam_values(params), metrics):
             file_writer.add_summary(summary)

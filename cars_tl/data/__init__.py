@@ -47,8 +47,8 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -62,7 +62,21 @@ MANIFEST_VERSION = 2
 ORIGIN_FILE = ".cars_tl_source.json"  # inside stanford_cars/: where the data came from (written by download)
 LABEL_CONFLICT_POLICIES = ("keep", "drop")  # identical images with different labels: listed, or left out
 SPLITS = ("train", "test")
-COLUMNS = ("index", "split", "path", "label", "class_name", "x1", "y1", "x2", "y2", "width", "height", "bytes", "sha256")
+COLUMNS = (
+    "index",
+    "split",
+    "path",
+    "label",
+    "class_name",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "width",
+    "height",
+    "bytes",
+    "sha256",
+)
 DEVKIT_FILES = {
     "meta": "devkit/cars_meta.mat",
     "train": "devkit/cars_train_annos.mat",
@@ -141,7 +155,9 @@ def read_class_names(meta_path: Path) -> list[str]:
     """Class names from ``cars_meta.mat`` (never from folder names: one contains a slash)."""
     mat = _loadmat(meta_path)
     if "class_names" not in mat:
-        raise CarsTLError(f"{meta_path} has no 'class_names' variable (found: {sorted(k for k in mat if not k.startswith('__'))})")
+        raise CarsTLError(
+            f"{meta_path} has no 'class_names' variable (found: {sorted(k for k in mat if not k.startswith('__'))})"
+        )
     return [str(n) for n in np.atleast_1d(mat["class_names"])]
 
 
@@ -488,8 +504,11 @@ def build_manifest(
     class_names = read_class_names(paths["meta"])
     annotations = _annotations(paths, splits)
     problems: dict[str, list[str]] = {
-        "missing images": [], "duplicate images": [], "labels out of range": [],
-        "empty boxes": [], "unreadable images": [],
+        "missing images": [],
+        "duplicate images": [],
+        "labels out of range": [],
+        "empty boxes": [],
+        "unreadable images": [],
     }
 
     def shown(rel: str) -> str:
@@ -513,7 +532,9 @@ def build_manifest(
                     continue
                 seen.add(rel)
                 if not 1 <= row["class"] <= len(class_names):
-                    problems["labels out of range"].append(f"{shown(rel)} (class {row['class']}, valid 1..{len(class_names)})")
+                    problems["labels out of range"].append(
+                        f"{shown(rel)} (class {row['class']}, valid 1..{len(class_names)})"
+                    )
                     continue
                 image_path = root / rel
                 if not image_path.is_file():
@@ -522,7 +543,9 @@ def build_manifest(
                 try:
                     width, height = image_size(image_path)
                 except BadImageError as exc:  # Pillow's reason may quote the staged path: name the source
-                    problems["unreadable images"].append(f"{shown(rel)} ({exc.reason.replace(str(image_path), shown(rel))})")
+                    problems["unreadable images"].append(
+                        f"{shown(rel)} ({exc.reason.replace(str(image_path), shown(rel))})"
+                    )
                     continue
                 box = _clip(row["box"], width, height)
                 if box[2] < box[0] or box[3] < box[1]:
@@ -532,18 +555,32 @@ def build_manifest(
                 label = row["class"] - 1
                 stat = image_path.stat()
                 records.append(
-                    Record(len(records), split, rel, label, class_names[label], box, width, height, stat.st_size, file_sha256(image_path))
+                    Record(
+                        len(records),
+                        split,
+                        rel,
+                        label,
+                        class_names[label],
+                        box,
+                        width,
+                        height,
+                        stat.st_size,
+                        file_sha256(image_path),
+                    )
                 )
                 mtimes.append(stat.st_mtime_ns)
     found = {k: v for k, v in problems.items() if v}
     if found:
-        lines = [f"dataset under {STANFORD_DIR}/ failed validation ({', '.join(paths[s].name for s in splits)}; {describe_origin(origin)}):"]
+        lines = [
+            f"dataset under {STANFORD_DIR}/ failed validation ({', '.join(paths[s].name for s in splits)}; {describe_origin(origin)}):"
+        ]
         for kind, items in found.items():
             shown_items = ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
             lines.append(f"  {len(items)} {kind}: {shown_items}")
         fix = (
             f"fix or remove the files named above in the source, then rerun {download_command(shown_dir, origin)}"
-            if origin.get("source") == "path" else f"re-run {download_command(shown_dir, origin)} to fetch a clean copy"
+            if origin.get("source") == "path"
+            else f"re-run {download_command(shown_dir, origin)} to fetch a clean copy"
         )
         raise CarsTLError("\n".join(lines), fix)
 
@@ -560,7 +597,9 @@ def build_manifest(
 
     csv_bytes = _manifest_csv(records)
     has_boxes = bool(origin.get("boxes", True))
-    manifest = Manifest(root, records, class_names, hashlib.sha256(csv_bytes).hexdigest(), clipped, splits, has_boxes, origin)
+    manifest = Manifest(
+        root, records, class_names, hashlib.sha256(csv_bytes).hexdigest(), clipped, splits, has_boxes, origin
+    )
     meta = {
         "manifest_version": MANIFEST_VERSION,
         "fingerprint": manifest.fingerprint,
@@ -607,16 +646,18 @@ def _label_conflicts(records: Sequence[Record], shown: Callable[[str], str]) -> 
         if len({r.label for r in group}) < 2:
             continue
         train_labels = {r.label for r in group if r.split == "train"}
-        groups.append({
-            "sha256": digest,
-            "within_split": any(len({r.label for r in group if r.split == s}) > 1 for s in SPLITS),
-            "across_splits": any(r.split == "test" and train_labels - {r.label} for r in group),
-            "images": [
-                {"path": r.path, "split": r.split, "label": r.label, "class_name": r.class_name}
-                | ({"source": shown(r.path)} if shown(r.path) != r.path else {})
-                for r in group
-            ],
-        })
+        groups.append(
+            {
+                "sha256": digest,
+                "within_split": any(len({r.label for r in group if r.split == s}) > 1 for s in SPLITS),
+                "across_splits": any(r.split == "test" and train_labels - {r.label} for r in group),
+                "images": [
+                    {"path": r.path, "split": r.split, "label": r.label, "class_name": r.class_name}
+                    | ({"source": shown(r.path)} if shown(r.path) != r.path else {})
+                    for r in group
+                ],
+            }
+        )
     return groups
 
 
@@ -644,8 +685,11 @@ def describe_label_conflicts(info: dict | None, limit: int | None = 5) -> list[s
     if not isinstance(info, dict) or not info.get("groups"):
         return []
     groups = info.get("list") or []
-    fate = (f"dropped: {info.get('dropped', 0)} images left out of the manifest" if info.get("policy") == "drop"
-            else "kept, as in the official data and published results")
+    fate = (
+        f"dropped: {info.get('dropped', 0)} images left out of the manifest"
+        if info.get("policy") == "drop"
+        else "kept, as in the official data and published results"
+    )
     lines = [
         f"{info['groups']} groups of identical images with different labels (label noise; "
         f"{info.get('within_split', 0)} within a split, {info.get('across_splits', 0)} across splits; {fate})"
@@ -711,21 +755,38 @@ def load_manifest(data_dir: Path, *, check_files: bool = True) -> Manifest:
         for row in csv.DictReader(io.StringIO(csv_bytes.decode())):
             records.append(
                 Record(
-                    int(row["index"]), row["split"], row["path"], int(row["label"]), row["class_name"],
+                    int(row["index"]),
+                    row["split"],
+                    row["path"],
+                    int(row["label"]),
+                    row["class_name"],
                     (int(row["x1"]), int(row["y1"]), int(row["x2"]), int(row["y2"])),
-                    int(row["width"]), int(row["height"]), int(row["bytes"]), row["sha256"],
+                    int(row["width"]),
+                    int(row["height"]),
+                    int(row["bytes"]),
+                    row["sha256"],
                 )
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise CarsTLError(f"{csv_path} has a malformed row ({exc!r})", f"{rebuild} rebuilds it") from None
     splits = tuple(s for s in SPLITS if s in meta.get("splits", SPLITS))
     manifest = Manifest(
-        root, records, list(meta["class_names"]), fingerprint, int(meta.get("clipped_boxes", 0)),
-        splits, bool(meta.get("boxes", True)), origin,
+        root,
+        records,
+        list(meta["class_names"]),
+        fingerprint,
+        int(meta.get("clipped_boxes", 0)),
+        splits,
+        bool(meta.get("boxes", True)),
+        origin,
     )
     if check_files:
         conflicts = meta.get("label_conflicts") if isinstance(meta.get("label_conflicts"), dict) else {}
-        dropped = {i["path"] for g in conflicts.get("list", []) for i in g["images"]} if origin.get("label_conflicts") == "drop" else set()
+        dropped = (
+            {i["path"] for g in conflicts.get("list", []) for i in g["images"]}
+            if origin.get("label_conflicts") == "drop"
+            else set()
+        )
         _check_against_devkit(manifest, rebuild, dropped)
         _check_images(manifest, meta.get("mtime_ns"), rebuild)
     return manifest
@@ -739,7 +800,8 @@ def _check_against_devkit(manifest: Manifest, rebuild: str, dropped: set[str] = 
     class_names = read_class_names(paths["meta"])
     expected = {
         f"{IMAGE_DIRS[split]}/{row['fname']}": (split, row)
-        for split, rows in _annotations(paths, manifest.splits).items() for row in rows
+        for split, rows in _annotations(paths, manifest.splits).items()
+        for row in rows
         if f"{IMAGE_DIRS[split]}/{row['fname']}" not in dropped
     }
     wrong: list[str] = []
@@ -755,7 +817,9 @@ def _check_against_devkit(manifest: Manifest, rebuild: str, dropped: set[str] = 
         split, row = split_row
         label = row["class"] - 1
         if r.index != position or r.split != split or r.label != label:
-            wrong.append(f"{r.path}: row {r.index}, split {r.split}, label {r.label} (devkit: row {position}, {split}, label {label})")
+            wrong.append(
+                f"{r.path}: row {r.index}, split {r.split}, label {r.label} (devkit: row {position}, {split}, label {label})"
+            )
         elif not 0 <= label < len(class_names) or r.class_name != class_names[label]:
             wrong.append(f"{r.path}: class name {r.class_name!r} (devkit: label {label})")
         elif r.box != _clip(row["box"], r.width, r.height):

@@ -61,8 +61,10 @@ def data_path(device: str) -> DataPath:
     (``accelerator`` | ``cpu``) overrides it, an internal switch for tests and benchmarks."""
     forced = os.environ.get(DATA_PATH_ENV, "").strip().lower()
     if forced not in ("", "accelerator", "cpu"):
-        raise CarsTLError(f"{DATA_PATH_ENV}={forced!r} is not a data path; valid: accelerator, cpu",
-                          f"unset {DATA_PATH_ENV} (the device decides)")
+        raise CarsTLError(
+            f"{DATA_PATH_ENV}={forced!r} is not a data path; valid: accelerator, cpu",
+            f"unset {DATA_PATH_ENV} (the device decides)",
+        )
     accelerator = forced == "accelerator" if forced else device != "cpu"
     return DataPath(accelerator, pin_memory=accelerator and device.startswith("cuda"))
 
@@ -79,11 +81,22 @@ def default_workers(device: str = "cpu") -> int:
 
 def _check_workers(workers: int) -> None:
     if workers < 0:
-        raise CarsTLError(f"--workers must be >= 0, got {workers}", "use 0 to load in the main thread, or a positive count")
+        raise CarsTLError(
+            f"--workers must be >= 0, got {workers}", "use 0 to load in the main thread, or a positive count"
+        )
 
 
-def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle: bool = False, generator=None, sampler=None,
-                persistent: bool = True):
+def make_loader(
+    dataset,
+    batch_size: int,
+    workers: int,
+    device: str,
+    *,
+    shuffle: bool = False,
+    generator=None,
+    sampler=None,
+    persistent: bool = True,
+):
     """The DataLoader: worker processes (kept alive across epochs with ``persistent``), pinned
     memory on CUDA.
 
@@ -93,10 +106,16 @@ def make_loader(dataset, batch_size: int, workers: int, device: str, *, shuffle:
     """
     _check_workers(workers)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=workers, generator=generator if generator is not None else torch.Generator().manual_seed(0),
-        pin_memory=data_path(device).pin_memory, collate_fn=data.collate_marking_bad,
-        prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0),
+        pin_memory=data_path(device).pin_memory,
+        collate_fn=data.collate_marking_bad,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=persistent and workers > 0,
     )
 
 
@@ -176,7 +195,9 @@ def batch_to_device(images: torch.Tensor, device: str, spec: dict) -> torch.Tens
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def eval_dataset(manifest, split: str, spec: dict, device: str, crop: str = "full", margin: float = 0.0) -> data.CarsDataset:
+def eval_dataset(
+    manifest, split: str, spec: dict, device: str, crop: str = "full", margin: float = 0.0
+) -> data.CarsDataset:
     """A ``mark_bad`` dataset of ``split`` for :func:`eval_loader` on ``device``: on the CPU's data
     path it stops at the resize and crop (the threaded loader normalizes into its batches), on the
     accelerator's it yields uint8 tensors that :func:`batch_to_device` normalizes on the device."""
@@ -216,7 +237,7 @@ class ThreadedLoader:
         return (len(self.positions) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        batches = [self.positions[i:i + self.batch_size] for i in range(0, len(self.positions), self.batch_size)]
+        batches = [self.positions[i : i + self.batch_size] for i in range(0, len(self.positions), self.batch_size)]
         if not self.workers:
             for positions in batches:
                 yield self._assemble(None, positions)
@@ -247,11 +268,15 @@ class ThreadedLoader:
             image, label, position = item
             pixels = np.asarray(image)
             if pixels.shape != (self.size, self.size, 3):
-                raise CarsTLError(f"internal: a {pixels.shape} image where the transform promises {self.size}x{self.size} RGB")
+                raise CarsTLError(
+                    f"internal: a {pixels.shape} image where the transform promises {self.size}x{self.size} RGB"
+                )
             self.normalize(pixels, buffer[slot])
             return label, position
 
-        results = list(decoders.map(fill, range(len(positions)))) if decoders else [fill(s) for s in range(len(positions))]
+        results = (
+            list(decoders.map(fill, range(len(positions)))) if decoders else [fill(s) for s in range(len(positions))]
+        )
         bad = [r for r in results if isinstance(r, data.BadItem)]
         kept = [s for s, r in enumerate(results) if not isinstance(r, data.BadItem)]
         rows = buffer if len(kept) == len(positions) else buffer[kept]
@@ -300,7 +325,7 @@ class ShardedEpochSampler:
         keys = list(iter(self.epoch_sampler))
         mine = []
         for step in range(self.steps()):
-            batch = keys[step * self.batch_size:(step + 1) * self.batch_size]
+            batch = keys[step * self.batch_size : (step + 1) * self.batch_size]
             start, stop, _ = self._bounds(step)
             mine.extend(batch[start:stop] if stop > start else batch[:1])
         return iter(mine)

@@ -29,11 +29,15 @@ TRAIN_CROP_RELATIVE_RATIO = (3 / 4, 4 / 3)
 
 def check_image_options(image_size: int | None, resize_mode: str) -> None:
     if resize_mode not in RESIZE_MODES:
-        raise CarsTLError(f"unknown --resize {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}",
-                          "--resize crop (the weights' resize + center crop, the study's), squash or pad")
+        raise CarsTLError(
+            f"unknown --resize {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}",
+            "--resize crop (the weights' resize + center crop, the study's), squash or pad",
+        )
     if image_size is not None and not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise CarsTLError(f"--image-size must be at least {MIN_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE} pixels, got {image_size}",
-                          "omit it for the weights' own size (224 for most), or pass e.g. --image-size 288")
+        raise CarsTLError(
+            f"--image-size must be at least {MIN_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE} pixels, got {image_size}",
+            "omit it for the weights' own size (224 for most), or pass e.g. --image-size 288",
+        )
 
 
 def with_image_options(spec: dict, image_size: int | None, resize_mode: str, crop_pct: float | None = None) -> dict:
@@ -41,7 +45,9 @@ def with_image_options(spec: dict, image_size: int | None, resize_mode: str, cro
     check_image_options(image_size, resize_mode)
     spec = dict(spec)
     if image_size:
-        resize = math.floor(image_size / crop_pct) if crop_pct else int(round(image_size * spec["resize"] / spec["crop"]))
+        resize = (
+            math.floor(image_size / crop_pct) if crop_pct else int(round(image_size * spec["resize"] / spec["crop"]))
+        )
         spec.update(resize=int(resize), crop=int(image_size))
     if resize_mode != "crop":
         spec.pop("crop_mode", None)  # timm's center-crop variants belong to the crop mode
@@ -102,15 +108,14 @@ class SquareResize:
         scale = self.longest / max(w, h)
         nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
         # torchvision's conventions (timm's CenterCropOrPad): pad floor((S - n) / 2) before, crop round((n - S) / 2).
-        ox, oy = (
-            (self.size - n) // 2 if n <= self.size else -int(round((n - self.size) / 2.0)) for n in (nw, nh)
-        )
+        ox, oy = ((self.size - n) // 2 if n <= self.size else -int(round((n - self.size) / 2.0)) for n in (nw, nh))
         # The part of the scaled region that lands on the canvas, and where it comes from.
         vx0, vy0 = max(0, -ox), max(0, -oy)
         vx1, vy1 = min(nw, self.size - ox), min(nh, self.size - oy)
         sx, sy = w / nw, h / nh
-        visible = image.resize((vx1 - vx0, vy1 - vy0), resample,
-                               box=(left + vx0 * sx, top + vy0 * sy, left + vx1 * sx, top + vy1 * sy))
+        visible = image.resize(
+            (vx1 - vx0, vy1 - vy0), resample, box=(left + vx0 * sx, top + vy0 * sy, left + vx1 * sx, top + vy1 * sy)
+        )
         if (vx1 - vx0, vy1 - vy0) == (self.size, self.size):
             return visible
         canvas = Image.new("RGB", (self.size, self.size), self.fill)
@@ -161,8 +166,10 @@ def eval_resize_crop(spec: dict):
 
     mode = resize_mode(spec)
     if mode not in RESIZE_MODES:
-        raise CarsTLError(f"transform spec has an unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}",
-                          "re-extract the features (or rerun the stage) with this version of cars_tl")
+        raise CarsTLError(
+            f"transform spec has an unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}",
+            "re-extract the features (or rerun the stage) with this version of cars_tl",
+        )
     if mode != "crop":
         return square_resize(spec)
     crop_mode = spec.get("crop_mode", "center")
@@ -172,10 +179,12 @@ def eval_resize_crop(spec: dict):
         return SquareResize(spec["crop"], spec["interpolation"], "pad", mean_colour(spec), longest=spec["resize"])
     if spec.get("pipeline") == FUSED_PIPELINE:
         return ResizeCenterCrop(spec["resize"], spec["crop"], spec["interpolation"])
-    return T.Compose([
-        T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
-        T.CenterCrop(spec["crop"]),
-    ])
+    return T.Compose(
+        [
+            T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
+            T.CenterCrop(spec["crop"]),
+        ]
+    )
 
 
 def eval_transform(spec: dict, output: str = "float"):
@@ -263,15 +272,19 @@ def train_transform(spec: dict, augment: str, output: str = "float"):
     if augment != "standard":
         raise CarsTLError(f"unknown --augment {augment!r}; valid: none, standard")
     if resize_mode(spec) == "crop":
-        crop = T.RandomResizedCrop(spec["crop"], scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True)
+        crop = T.RandomResizedCrop(
+            spec["crop"], scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True
+        )
     else:
         crop = RandomRegionSquare(spec)
-    return T.Compose([
-        crop,
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(0.2, 0.2, 0.2),
-        *_tensor_steps(spec, output),
-    ])
+    return T.Compose(
+        [
+            crop,
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.2, 0.2, 0.2),
+            *_tensor_steps(spec, output),
+        ]
+    )
 
 
 def normalized_spec(spec: dict) -> dict:

@@ -73,8 +73,11 @@ class Backbone:
 
     def describe(self) -> dict:
         return {
-            "backbone": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
-            "weights_file_sha256": self.weights_file_sha256, "num_features": self.num_features,
+            "backbone": self.name,
+            "weights": self.weights,
+            "weights_digest": self.weights_digest,
+            "weights_file_sha256": self.weights_file_sha256,
+            "num_features": self.num_features,
             "transform": self.transform,
         }
 
@@ -113,9 +116,11 @@ def _create(name: str, seed: int = RANDOM_SEED):
             raise CarsTLError(
                 f"backbone {name!r} needs timm, which is not installed", "pip install 'cars_tl[timm]'"
             ) from None
-        arch = name[len(TIMM_PREFIX):]
+        arch = name[len(TIMM_PREFIX) :]
         if arch not in timm.list_models():
-            raise CarsTLError(f"unknown timm model {arch!r}", "see timm.list_models() for valid names, e.g. timm/efficientnet_lite0")
+            raise CarsTLError(
+                f"unknown timm model {arch!r}", "see timm.list_models() for valid names, e.g. timm/efficientnet_lite0"
+            )
         model = timm.create_model(arch, pretrained=False)
         return model, timm_spec(model)
     import torchvision
@@ -139,8 +144,12 @@ def timm_spec(model) -> dict:
     cfg = resolve_data_config({}, model=model)
     crop, crop_pct = int(cfg["input_size"][-1]), float(cfg["crop_pct"])
     spec = {
-        "resize": int(math.floor(crop / crop_pct)), "crop": crop, "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]], "interpolation": cfg["interpolation"], "pipeline": FUSED_PIPELINE,
+        "resize": int(math.floor(crop / crop_pct)),
+        "crop": crop,
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": cfg["interpolation"],
+        "pipeline": FUSED_PIPELINE,
         "mode": "crop",
     }
     if cfg.get("crop_mode", "center") != "center":
@@ -151,8 +160,12 @@ def timm_spec(model) -> dict:
 def _transform_from_weights(weights) -> dict:
     t = weights.transforms()
     return {
-        "resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": [float(v) for v in t.mean],
-        "std": [float(v) for v in t.std], "interpolation": t.interpolation.value, "pipeline": FUSED_PIPELINE,
+        "resize": int(t.resize_size[0]),
+        "crop": int(t.crop_size[0]),
+        "mean": [float(v) for v in t.mean],
+        "std": [float(v) for v in t.std],
+        "interpolation": t.interpolation.value,
+        "pipeline": FUSED_PIPELINE,
         "mode": "crop",
     }
 
@@ -194,7 +207,9 @@ def _load_state(name: str, weights: str) -> tuple[dict, dict | None, Path]:
         chosen = enum[key] if key != "DEFAULT" else enum.DEFAULT
     except KeyError:
         valid = ["imagenet", "random", *[w.name for w in enum], "PATH"]
-        raise CarsTLError(f"unknown weights {weights!r} for {name} (and no such file)", f"valid: {', '.join(valid)}") from None
+        raise CarsTLError(
+            f"unknown weights {weights!r} for {name} (and no such file)", f"valid: {', '.join(valid)}"
+        ) from None
     path = _cache_file_for(chosen)
     if not path.is_file():
         raise CarsTLError(
@@ -227,12 +242,18 @@ def load_weights_file(path: Path) -> dict:
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
         raise CarsTLError(f"{path} is not a state dict (a mapping of names to tensors)")
     if any(k.startswith("body.") for k in obj):  # a cars_tl ClassifierModel: keep the body
-        obj = {k[len("body."):]: v for k, v in obj.items() if k.startswith("body.")}
+        obj = {k[len("body.") :]: v for k, v in obj.items() if k.startswith("body.")}
     return obj
 
 
-def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size: int | None = None,
-                   resize_mode: str = "crop", *, seed: int = RANDOM_SEED) -> Backbone:
+def build_backbone(
+    name: str = "resnet50",
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    resize_mode: str = "crop",
+    *,
+    seed: int = RANDOM_SEED,
+) -> Backbone:
     """Build ``name`` with ``weights`` and its classifier removed; see the module docstring.
 
     ``seed`` sets the random initialisation (what ``--weights random`` keeps; pretrained weights
@@ -271,7 +292,9 @@ def build_backbone(name: str = "resnet50", weights: str = "imagenet", image_size
 def _load_into(model, state: dict, classifier: str, name: str, weights: str) -> None:
     own = model.state_dict()
     # A classifier of another class count is not part of the backbone: keep ours.
-    state = {k: v for k, v in state.items() if not (k.startswith(classifier + ".") and k in own and own[k].shape != v.shape)}
+    state = {
+        k: v for k, v in state.items() if not (k.startswith(classifier + ".") and k in own and own[k].shape != v.shape)
+    }
     missing = [k for k in own if k not in state and not k.startswith(classifier + ".")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and own[k].shape != state[k].shape]

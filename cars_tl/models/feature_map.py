@@ -36,8 +36,14 @@ def make_of(class_name: str) -> str:
 
 
 def settings(seed: int) -> dict:
-    return {"method": "pca+tsne", "version": SETTINGS_VERSION, "seed": int(seed), "pca_dims": PCA_DIMS,
-            "perplexity": PERPLEXITY, "knn_k": KNN_K}
+    return {
+        "method": "pca+tsne",
+        "version": SETTINGS_VERSION,
+        "seed": int(seed),
+        "pca_dims": PCA_DIMS,
+        "perplexity": PERPLEXITY,
+        "knn_k": KNN_K,
+    }
 
 
 def knn_accuracy(x: np.ndarray, groups: np.ndarray, k: int = KNN_K) -> float:
@@ -70,9 +76,15 @@ def compute(x: np.ndarray, makes: np.ndarray, seed: int = 0) -> dict:
     dims = min(PCA_DIMS, x.shape[1], len(x) - 1)
     reduced = PCA(n_components=dims, random_state=seed).fit_transform(x)
     perplexity = min(PERPLEXITY, (len(x) - 1) / 3)
-    coords = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed).fit_transform(reduced)
-    return {"coords": coords.astype(np.float32), "knn_map": knn_accuracy(coords, makes), "knn_full": knn_accuracy(x, makes),
-            "seconds": round(time.perf_counter() - started, 2)}
+    coords = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed
+    ).fit_transform(reduced)
+    return {
+        "coords": coords.astype(np.float32),
+        "knn_map": knn_accuracy(coords, makes),
+        "knn_full": knn_accuracy(x, makes),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def _make_ids(labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -92,10 +104,14 @@ def source_of(path: Path, split: str = "test") -> dict:
         if m["kind"] == "finetune":
             file = embeddings.penultimate_path(path, "test")
             if not file.is_file():
-                raise CarsTLError(f"{path} has no {file.name}: it was fine-tuned before penultimate features were saved",
-                                  f"rerun it: cars-tl finetune ... --force --out {path}")
+                raise CarsTLError(
+                    f"{path} has no {file.name}: it was fine-tuned before penultimate features were saved",
+                    f"rerun it: cars-tl finetune ... --force --out {path}",
+                )
             if split != "test":
-                raise CarsTLError(f"a fine-tuned run keeps its test split's features only, not {split!r}", "use --split test")
+                raise CarsTLError(
+                    f"a fine-tuned run keeps its test split's features only, not {split!r}", "use --split test"
+                )
             return {"file": file, "kind": "penultimate", "class_names": m["class_names"]}
         cache = ((m.get("inputs") or {}).get("features") or {}).get("path")
         if not cache or not Path(cache).is_file():
@@ -140,12 +156,29 @@ def load_map(path: Path, split: str = "test", seed: int = 0, class_names: list[s
             x, labels, ids = z["features"], z["labels"], z["ids"]
         makes, _ = _make_ids(labels, names)
         result = compute(x, makes, seed)
-        embeddings.save_map(map_file, result["coords"], labels, ids, digest, wanted, result["knn_map"], result["knn_full"],
-                            result["seconds"])
+        embeddings.save_map(
+            map_file,
+            result["coords"],
+            labels,
+            ids,
+            digest,
+            wanted,
+            result["knn_map"],
+            result["knn_full"],
+            result["seconds"],
+        )
         stored = embeddings.load_map(map_file)
     makes, make_names = _make_ids(stored["labels"], names)
-    return {**stored, "class_names": names, "makes": makes, "make_names": make_names, "reused": reused,
-            "map_file": str(map_file), "source": str(file), "split": split}
+    return {
+        **stored,
+        "class_names": names,
+        "makes": makes,
+        "make_names": make_names,
+        "reused": reused,
+        "map_file": str(map_file),
+        "source": str(file),
+        "split": split,
+    }
 
 
 def _spread(coords: np.ndarray, count: int, seed: int) -> list[int]:
@@ -162,7 +195,9 @@ def _spread(coords: np.ndarray, count: int, seed: int) -> list[int]:
     return chosen
 
 
-def plot(result: dict, out: Path, title: str = "", images: dict[int, Path] | None = None, thumbnails: int = THUMBNAILS) -> Path:
+def plot(
+    result: dict, out: Path, title: str = "", images: dict[int, Path] | None = None, thumbnails: int = THUMBNAILS
+) -> Path:
     """The map as a PNG: one colour per make, a legend, ``thumbnails`` images placed on their points
     (from ``images``: manifest id -> image file), the kNN figures in the corner."""
     import matplotlib
@@ -178,7 +213,15 @@ def plot(result: dict, out: Path, title: str = "", images: dict[int, Path] | Non
     for i, name in enumerate(names):
         rows = makes == i
         if rows.any():
-            ax.scatter(coords[rows, 0], coords[rows, 1], s=size, color=palette[i % len(palette)], label=name, alpha=0.8, linewidths=0)
+            ax.scatter(
+                coords[rows, 0],
+                coords[rows, 1],
+                s=size,
+                color=palette[i % len(palette)],
+                label=name,
+                alpha=0.8,
+                linewidths=0,
+            )
     placed = 0
     for row in _spread(coords, thumbnails, result.get("settings", {}).get("seed", 0)) if images else []:
         path = images.get(int(result["ids"][row]))
@@ -190,18 +233,38 @@ def plot(result: dict, out: Path, title: str = "", images: dict[int, Path] | Non
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 im.thumbnail((64, 64))
-                ax.add_artist(AnnotationBbox(OffsetImage(np.asarray(im), zoom=0.8), coords[row], frameon=True, pad=0.15))
+                ax.add_artist(
+                    AnnotationBbox(OffsetImage(np.asarray(im), zoom=0.8), coords[row], frameon=True, pad=0.15)
+                )
                 placed += 1
         except OSError:
             continue
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"{Path(result['source']).name}: {result['split']} features by make (PCA {PCA_DIMS} → t-SNE)", fontsize=10)
-    ax.text(0.01, 0.01, f"make-level {KNN_K}-NN accuracy (leave-one-out): 2-D map {result['knn_map']:.1f}% · "
-            f"full space {result['knn_full']:.1f}%   ({len(coords)} images, seed {result['settings']['seed']})",
-            transform=ax.transAxes, fontsize=8, va="bottom", bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6, markerscale=2, ncol=2 if len(names) > 25 else 1,
-              frameon=False, title="make", title_fontsize=7)
+    ax.set_title(
+        title or f"{Path(result['source']).name}: {result['split']} features by make (PCA {PCA_DIMS} → t-SNE)",
+        fontsize=10,
+    )
+    ax.text(
+        0.01,
+        0.01,
+        f"make-level {KNN_K}-NN accuracy (leave-one-out): 2-D map {result['knn_map']:.1f}% · "
+        f"full space {result['knn_full']:.1f}%   ({len(coords)} images, seed {result['settings']['seed']})",
+        transform=ax.transAxes,
+        fontsize=8,
+        va="bottom",
+        bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"),
+    )
+    ax.legend(
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=6,
+        markerscale=2,
+        ncol=2 if len(names) > 25 else 1,
+        frameon=False,
+        title="make",
+        title_fontsize=7,
+    )
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

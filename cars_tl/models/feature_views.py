@@ -79,15 +79,21 @@ def parse_layers(value: str | None, backbone: backbones.Backbone) -> list[str]:
 
 def check_tta(tta: str) -> str:
     if tta not in TTA_MODES:
-        raise CarsTLError(f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}",
-                          "--tta flip averages each image with its mirror; --tta none (the study's) uses the image alone")
+        raise CarsTLError(
+            f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}",
+            "--tta flip averages each image with its mirror; --tta none (the study's) uses the image alone",
+        )
     return tta
 
 
 def options(spec: dict) -> dict:
     """The spec's feature options with defaults made explicit: tta, layers, combine."""
     f = spec.get(SPEC_KEY) or {}
-    return {"tta": f.get("tta", "none"), "layers": list(f.get("layers", [FINAL])), "combine": f.get("combine", DEFAULT_COMBINE)}
+    return {
+        "tta": f.get("tta", "none"),
+        "layers": list(f.get("layers", [FINAL])),
+        "combine": f.get("combine", DEFAULT_COMBINE),
+    }
 
 
 def is_default(spec: dict) -> bool:
@@ -95,8 +101,13 @@ def is_default(spec: dict) -> bool:
     return o["tta"] == "none" and o["layers"] == [FINAL]
 
 
-def with_options(spec: dict, tta: str = "none", layers: list[str] | None = None, combine: str = DEFAULT_COMBINE,
-                 columns: dict[str, list[int]] | None = None) -> dict:
+def with_options(
+    spec: dict,
+    tta: str = "none",
+    layers: list[str] | None = None,
+    combine: str = DEFAULT_COMBINE,
+    columns: dict[str, list[int]] | None = None,
+) -> dict:
     """``spec`` with the feature options recorded (nothing added for the defaults: the study's spec
     stays byte-identical, and so does its cache's name)."""
     check_tta(tta)
@@ -167,7 +178,9 @@ class FeatureBody(nn.Module):
         super().__init__()
         self.body, self.layers, self.tta, self.combine = body, list(layers), check_tta(tta), combine
         self._taps: dict[str, torch.Tensor] = {}
-        self._handles = [body.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.layers if name != FINAL]
+        self._handles = [
+            body.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.layers if name != FINAL
+        ]
 
     def close(self) -> None:
         """Remove the hooks from the body."""

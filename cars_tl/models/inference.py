@@ -19,8 +19,8 @@ interpolation, mean/std), the crop (``full`` or ``box``) and margin -- and its p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -48,7 +48,9 @@ class LoadedRun:
     margin: float = 0.0
     precision: str = "fp32"  # as recorded
     precision_used: str = "fp32"  # what the CPU runs it in (fp16 exists only on CUDA)
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # finetune runs: image batch -> scores, as its evaluation ran
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = (
+        None  # finetune runs: image batch -> scores, as its evaluation ran
+    )
     feature_body: torch.nn.Module | None = None  # image batch -> feature rows as recorded (views, stages); None: body
 
     def __post_init__(self):
@@ -114,8 +116,13 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
     spec = transforms.normalized_spec(b["transform"])
     transforms.eval_resize_crop(spec)  # refuses a spec this version cannot reproduce
     precision = b.get("precision", "fp32")
-    recorded = dict(spec=spec, crop=b.get("crop", "full"), margin=float(b.get("margin") or 0.0),
-                    precision=precision, precision_used="fp32" if precision == "fp16" else precision)
+    recorded = dict(
+        spec=spec,
+        crop=b.get("crop", "full"),
+        margin=float(b.get("margin") or 0.0),
+        precision=precision,
+        precision_used="fp32" if precision == "fp16" else precision,
+    )
     if kind == "finetune":
         bb = backbones.build_backbone(b["backbone"], "random")
         model = backbones.classifier_model(bb, len(names))
@@ -123,11 +130,22 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise CarsTLError(f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}") from None
+            raise CarsTLError(
+                f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}"
+            ) from None
         model.eval()
-        return LoadedRun(run_dir, metrics["name"], kind, names, model.body, transforms.eval_transform(spec),
-                         lambda f: model.head(f).softmax(1), "probability", **recorded,
-                         forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1))
+        return LoadedRun(
+            run_dir,
+            metrics["name"],
+            kind,
+            names,
+            model.body,
+            transforms.eval_transform(spec),
+            lambda f: model.head(f).softmax(1),
+            "probability",
+            **recorded,
+            forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1),
+        )
     bb = _backbone_for(metrics, run_dir, cache)
     transform = transforms.eval_transform(bb.transform)
     if kind == "head":
@@ -138,12 +156,25 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         if shape != (len(names), width):
             raise CarsTLError(
                 f"{model_path} holds a head of shape {shape}, but {bb.name} gives {width} features "
-                f"and the run has {len(names)} classes", "retrain it: cars-tl train-head --features ...",
+                f"and the run has {len(names)} classes",
+                "retrain it: cars-tl train-head --features ...",
             )
         head.load_state_dict(state)
         head.eval()
-        return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, lambda f: head(f).softmax(1), "probability", **recorded)
-    model = load_svm(model_path, feature_views.width(spec, bb.num_features), len(names))  # must match the cache the run claims
+        return LoadedRun(
+            run_dir,
+            metrics["name"],
+            kind,
+            names,
+            bb.body,
+            transform,
+            lambda f: head(f).softmax(1),
+            "probability",
+            **recorded,
+        )
+    model = load_svm(
+        model_path, feature_views.width(spec, bb.num_features), len(names)
+    )  # must match the cache the run claims
     classes = torch.as_tensor(model.classes)
 
     def svm_scores(f: torch.Tensor) -> torch.Tensor:
@@ -153,4 +184,6 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         out[:, classes] = raw
         return out
 
-    return LoadedRun(run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score", **recorded)
+    return LoadedRun(
+        run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score", **recorded
+    )

@@ -23,11 +23,13 @@ class Meter:
         labels = labels.to(logits.device, non_blocking=True)  # already there on a device: a no-op, never a wait
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
-        batch = torch.stack([
-            F.cross_entropy(logits, labels, reduction="sum").double(),
-            (top[:, 0] == labels).sum().double(),
-            (top == labels[:, None]).any(dim=1).sum().double(),
-        ])
+        batch = torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                (top[:, 0] == labels).sum().double(),
+                (top == labels[:, None]).any(dim=1).sum().double(),
+            ]
+        )
         self.sums = batch if self.sums is None else self.sums + batch
         self.count += len(labels)
 

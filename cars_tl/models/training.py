@@ -20,7 +20,9 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "lbfgs":
-        return torch.optim.LBFGS(params, lr=lr, max_iter=LBFGS_ITERATIONS, history_size=20, line_search_fn="strong_wolfe")
+        return torch.optim.LBFGS(
+            params, lr=lr, max_iter=LBFGS_ITERATIONS, history_size=20, line_search_fn="strong_wolfe"
+        )
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
@@ -52,7 +54,9 @@ def check_finite_loss(loss: float, epoch: int, what: str) -> None:
 
 
 @torch.no_grad()
-def score_batches(score, loader, records, device: str = "cpu", precision: str = "fp32", spec: dict | None = None, progress=None):
+def score_batches(
+    score, loader, records, device: str = "cpu", precision: str = "fp32", spec: dict | None = None, progress=None
+):
     """(ids, labels, scores) of every image a loader yields; ``score`` maps an image batch to (n, classes).
 
     ``records`` are the loader's dataset records (positions index them); an unreadable image raises.
@@ -72,5 +76,8 @@ def score_batches(score, loader, records, device: str = "cpu", precision: str = 
         if progress is not None:
             progress.advance(len(positions))
     n_classes = scores[0].shape[1] if scores else 0
-    return (np.array(ids, dtype=np.int64), torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
-            torch.cat(scores).numpy() if scores else np.zeros((0, n_classes)))
+    return (
+        np.array(ids, dtype=np.int64),
+        torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
+        torch.cat(scores).numpy() if scores else np.zeros((0, n_classes)),
+    )

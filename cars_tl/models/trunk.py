@@ -45,11 +45,18 @@ DEVICE_FRACTION = 0.5  # the cache goes to accelerator memory when it takes at m
 def units(body: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The body's modules in execution order up to the pooling, or None for an unknown family."""
     if all(hasattr(body, n) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer4", "avgpool", "fc")):
-        names = ["conv1", "bn1", "relu", "maxpool"] + [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(body, n)]
+        names = ["conv1", "bn1", "relu", "maxpool"] + [
+            n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(body, n)
+        ]
         return [(n, getattr(body, n)) for n in names]
-    if all(hasattr(body, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")) and isinstance(body.blocks, nn.Sequential):
-        return ([("conv_stem", body.conv_stem), ("bn1", body.bn1)]
-                + [(f"blocks.{i}", b) for i, b in enumerate(body.blocks)] + [("conv_head", body.conv_head), ("bn2", body.bn2)])
+    if all(hasattr(body, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")) and isinstance(
+        body.blocks, nn.Sequential
+    ):
+        return (
+            [("conv_stem", body.conv_stem), ("bn1", body.bn1)]
+            + [(f"blocks.{i}", b) for i, b in enumerate(body.blocks)]
+            + [("conv_head", body.conv_head), ("bn2", body.bn2)]
+        )
     return None
 
 
@@ -98,7 +105,7 @@ class Top(nn.Module):
     def forward(self, maps):
         body = self.model.body
         x = maps
-        for _, m in units(body)[self.cut:]:
+        for _, m in units(body)[self.cut :]:
             x = m(x)
         return self.model.head(finish(body, x))
 
@@ -116,9 +123,21 @@ class Plan:
     cut: int | None = None
 
     def record(self) -> dict:
-        return {"used": self.path is not None, "path": str(self.path) if self.path else None, "reason": self.reason,
-                **({"cut": self.identity["cut"], "top": self.identity["top"], "storage": self.identity["storage"],
-                    "precision": self.identity["precision"]} if self.identity else {})}
+        return {
+            "used": self.path is not None,
+            "path": str(self.path) if self.path else None,
+            "reason": self.reason,
+            **(
+                {
+                    "cut": self.identity["cut"],
+                    "top": self.identity["top"],
+                    "storage": self.identity["storage"],
+                    "precision": self.identity["precision"],
+                }
+                if self.identity
+                else {}
+            ),
+        }
 
 
 def storage_for(precision: str, storage: str = "auto") -> str:
@@ -135,8 +154,16 @@ def storage_for(precision: str, storage: str = "auto") -> str:
 def identity_for(bb, model, cut: int, crop: str, margin: float, precision: str, storage: str, manifest) -> dict:
     seq = units(model.body)
     return {
-        "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest, "transform": transforms.transform_key(bb.transform),
-        "crop": crop, "margin": float(margin), "precision": precision, "storage": storage, "cut": seq[cut - 1][0], "top": seq[cut][0],
+        "backbone": bb.name,
+        "weights": bb.weights,
+        "weights_digest": bb.weights_digest,
+        "transform": transforms.transform_key(bb.transform),
+        "crop": crop,
+        "margin": float(margin),
+        "precision": precision,
+        "storage": storage,
+        "cut": seq[cut - 1][0],
+        "top": seq[cut][0],
         "dataset_fingerprint": manifest.fingerprint,
     }
 
@@ -148,22 +175,44 @@ def plan(choice: str, model, bb, config: dict, manifest, artifacts: Path, storag
     if choice == "off":
         return Plan(None, "--trunk-cache off: trunk cache not used")
     if config.get("tta", "none") not in (None, "none"):
-        return Plan(None, f"--tta {config['tta']} evaluates mirrored images, and a mirrored image's maps are not the mirrored maps: trunk cache not used")
+        return Plan(
+            None,
+            f"--tta {config['tta']} evaluates mirrored images, and a mirrored image's maps are not the mirrored maps: trunk cache not used",
+        )
     if config.get("augment", "none") != "none":
-        return Plan(None, f"{config.get('preset')} preset augments images (--augment {config['augment']}): trunk cache not used")
+        return Plan(
+            None, f"{config.get('preset')} preset augments images (--augment {config['augment']}): trunk cache not used"
+        )
     body = model.body
     seq = units(body)
     if seq is None:
-        return Plan(None, f"no known cut point for backbone {bb.name} (torchvision ResNets and timm EfficientNets have one): trunk cache not used")
+        return Plan(
+            None,
+            f"no known cut point for backbone {bb.name} (torchvision ResNets and timm EfficientNets have one): trunk cache not used",
+        )
     cut = cut_index(body)
     if cut is None:
-        return Plan(None, "nothing in the backbone trains: trunk cache not used (extract-features + train-head is the cached path)")
+        return Plan(
+            None,
+            "nothing in the backbone trains: trunk cache not used (extract-features + train-head is the cached path)",
+        )
     if cut == 0:
-        return Plan(None, f"{seq[0][0]}, the network's first module, trains (--unfreeze {config.get('unfreeze')}): no frozen part to cache: trunk cache not used")
-    moving = [n for n, m in body.named_modules() if m.training and any(True for _ in m.parameters(recurse=False))
-              and any(m is x or any(m is y for y in x.modules()) for _, x in seq[:cut])]
+        return Plan(
+            None,
+            f"{seq[0][0]}, the network's first module, trains (--unfreeze {config.get('unfreeze')}): no frozen part to cache: trunk cache not used",
+        )
+    moving = [
+        n
+        for n, m in body.named_modules()
+        if m.training
+        and any(True for _ in m.parameters(recurse=False))
+        and any(m is x or any(m is y for y in x.modules()) for _, x in seq[:cut])
+    ]
     if moving:
-        return Plan(None, f"the frozen part would run in train mode ({moving[0]}): its output changes per batch: trunk cache not used")
+        return Plan(
+            None,
+            f"the frozen part would run in train mode ({moving[0]}): its output changes per batch: trunk cache not used",
+        )
     storage = storage_for(config["precision"], storage)
     identity = identity_for(bb, model, cut, config["crop"], config["margin"], config["precision"], storage, manifest)
     if choice == "auto":
@@ -192,12 +241,19 @@ def mismatch(attrs: dict, identity: dict, seq) -> str | None:
         if attrs.get("cut") in names and names.index(attrs["cut"]) >= names.index(identity["cut"]):
             return f"cuts after {attrs['cut']}, but {identity['top']} below that cut trains in this run"
         return f"cuts after {attrs.get('cut')}, this run's frozen part ends at {identity['cut']}"
-    if not transforms.same_transform(json.loads(attrs["transform"]) if isinstance(attrs.get("transform"), str) else attrs.get("transform", {}),
-                                    json.loads(identity["transform"])) or attrs.get("crop") != identity["crop"] \
-            or float(attrs.get("margin", 0.0)) != identity["margin"]:
+    if (
+        not transforms.same_transform(
+            json.loads(attrs["transform"]) if isinstance(attrs.get("transform"), str) else attrs.get("transform", {}),
+            json.loads(identity["transform"]),
+        )
+        or attrs.get("crop") != identity["crop"]
+        or float(attrs.get("margin", 0.0)) != identity["margin"]
+    ):
         return "was built with other preprocessing (transform, crop or margin differ)"
     if attrs.get("precision") != identity["precision"]:
-        return f"was built in {attrs.get('precision')}, this run computes in {identity['precision']} (precision mismatch)"
+        return (
+            f"was built in {attrs.get('precision')}, this run computes in {identity['precision']} (precision mismatch)"
+        )
     if attrs.get("storage") != identity["storage"]:
         return f"stores {attrs.get('storage')} maps, this run asks for {identity['storage']}"
     return None
@@ -206,15 +262,56 @@ def mismatch(attrs: dict, identity: dict, seq) -> str | None:
 # --------------------------------------------------------------------------- building
 
 
-def ensure(p: Plan, model, bb, manifest, crop: str, margin: float, batch_size: int, workers: int, device: str, precision: str,
-           progress=None, ctx=distributed.SINGLE) -> dict:
+def ensure(
+    p: Plan,
+    model,
+    bb,
+    manifest,
+    crop: str,
+    margin: float,
+    batch_size: int,
+    workers: int,
+    device: str,
+    precision: str,
+    progress=None,
+    ctx=distributed.SINGLE,
+) -> dict:
     """Build the cache of plan ``p`` unless a verified file of the same inputs is there; returns
     {action, seconds, why a file was replaced}. Every torchrun rank calls it."""
-    return build(p.path, p.identity, p.cut, model, bb, manifest, crop, margin, batch_size, workers, device, precision, progress, ctx)
+    return build(
+        p.path,
+        p.identity,
+        p.cut,
+        model,
+        bb,
+        manifest,
+        crop,
+        margin,
+        batch_size,
+        workers,
+        device,
+        precision,
+        progress,
+        ctx,
+    )
 
 
-def build(path: Path, identity: dict, cut: int, model, bb, manifest, crop: str, margin: float, batch_size: int, workers: int,
-          device: str, precision: str, progress=None, ctx=distributed.SINGLE) -> dict:
+def build(
+    path: Path,
+    identity: dict,
+    cut: int,
+    model,
+    bb,
+    manifest,
+    crop: str,
+    margin: float,
+    batch_size: int,
+    workers: int,
+    device: str,
+    precision: str,
+    progress=None,
+    ctx=distributed.SINGLE,
+) -> dict:
     started = time.perf_counter()
     # Rank 0 holds the lock and decides; the other ranks build their shards of the chunks only.
     with distributed.rank0_output(ctx, lambda: locks.writer_lock(path, "trunk-cache")):
@@ -226,7 +323,11 @@ def build(path: Path, identity: dict, cut: int, model, bb, manifest, crop: str, 
         # The training path's own preprocessing (not the evaluation loaders' fused one, which rounds
         # differently in the last bit), so that cached maps are those training would compute.
         transform = transforms.train_transform(bb.transform, "none", "uint8" if device.startswith("cuda") else "float")
-        datasets = {s: data.CarsDataset(manifest, s, transform, crop, margin, mark_bad=True) for s in ("train", "test") if s in manifest.splits}
+        datasets = {
+            s: data.CarsDataset(manifest, s, transform, crop, margin, mark_bad=True)
+            for s in ("train", "test")
+            if s in manifest.splits
+        }
         size = bb.transform["crop"]
         with torch.inference_mode():
             probe = trunk(torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last))
@@ -243,27 +344,65 @@ def build(path: Path, identity: dict, cut: int, model, bb, manifest, crop: str, 
             order = ctx if index % 2 == 0 else dataclasses.replace(ctx, rank=ctx.world_size - 1 - ctx.rank)
             shard = distributed.shard_range(len(dataset), order, align=chunk_rows)
             for rows in partial.missing_runs(split, shard):
-                _build_rows(trunk, dataset, split, rows, partial, batch_size, workers, device, precision, identity["storage"], bb, progress)
+                _build_rows(
+                    trunk,
+                    dataset,
+                    split,
+                    rows,
+                    partial,
+                    batch_size,
+                    workers,
+                    device,
+                    precision,
+                    identity["storage"],
+                    bb,
+                    progress,
+                )
         distributed.barrier(ctx)
         if ctx.is_main:
-            attrs = dict(identity, weights_sha256=bb.weights_file_sha256 or "", class_names=manifest.class_names,
-                         num_classes=manifest.num_classes, map_shape=list(shape), versions=runtime.versions(),
-                         options={"batch_size": batch_size, "device": device, "world_size": ctx.world_size, "splits": list(datasets)})
-            rows = {s: {"labels": [r.label for r in d.records], "ids": [r.index for r in d.records], "paths": [r.path for r in d.records]}
-                    for s, d in datasets.items()}
+            attrs = dict(
+                identity,
+                weights_sha256=bb.weights_file_sha256 or "",
+                class_names=manifest.class_names,
+                num_classes=manifest.num_classes,
+                map_shape=list(shape),
+                versions=runtime.versions(),
+                options={
+                    "batch_size": batch_size,
+                    "device": device,
+                    "world_size": ctx.world_size,
+                    "splits": list(datasets),
+                },
+            )
+            rows = {
+                s: {
+                    "labels": [r.label for r in d.records],
+                    "ids": [r.index for r in d.records],
+                    "paths": [r.path for r in d.records],
+                }
+                for s, d in datasets.items()
+            }
             partial.finalize(attrs, rows)
         distributed.barrier(ctx)  # the file is in place before any rank reads it
-    return {"action": "resumed" if resumed else "built", "seconds": round(time.perf_counter() - started, 3), "replaced": why}
+    return {
+        "action": "resumed" if resumed else "built",
+        "seconds": round(time.perf_counter() - started, 3),
+        "replaced": why,
+    }
 
 
-def _build_rows(trunk, dataset, split, rows, partial, batch_size, workers, device, precision, storage, bb, progress) -> None:
+def _build_rows(
+    trunk, dataset, split, rows, partial, batch_size, workers, device, precision, storage, bb, progress
+) -> None:
     loader = loaders.make_loader(dataset, batch_size, workers, device, sampler=list(rows))
     chunk_start, pending = rows.start, []
     with (progress or NULL).task(f"trunk cache {split}", total=len(rows), unit="img") as t:
         for images, _, positions, bad in loader:
             if bad:
                 first = bad[0].error()
-                raise BadImageError(first.path, first.reason, "a trunk cache needs every image: replace the file, then rerun to resume")
+                raise BadImageError(
+                    first.path, first.reason, "a trunk cache needs every image: replace the file, then rerun to resume"
+                )
             images = loaders.batch_to_device(images, device, bb.transform)
             with torch.inference_mode(), runtime.autocast(device, precision):
                 maps = trunk(images)
@@ -273,8 +412,8 @@ def _build_rows(trunk, dataset, split, rows, partial, batch_size, workers, devic
             end = min(chunk_start + partial.chunk_rows, rows.stop)
             if chunk_start + done >= end:
                 block = np.concatenate(pending)
-                partial.write_chunk(split, chunk_start, block[:end - chunk_start])
-                pending = [block[end - chunk_start:]] if len(block) > end - chunk_start else []
+                partial.write_chunk(split, chunk_start, block[: end - chunk_start])
+                pending = [block[end - chunk_start :]] if len(block) > end - chunk_start else []
                 chunk_start = end
 
 
@@ -289,8 +428,18 @@ class CachedBatches:
     or, on an accelerator, a device tensor of float maps (see :func:`to_device`); it holds the
     rows from ``base`` on, and ``labels`` are its rows' labels."""
 
-    def __init__(self, store, labels: np.ndarray, batch_size: int, *, sampler=None, positions=None, index=None, base: int = 0,
-                 native: bool = False):
+    def __init__(
+        self,
+        store,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        sampler=None,
+        positions=None,
+        index=None,
+        base: int = 0,
+        native: bool = False,
+    ):
         self.store, self.labels, self.batch_size = store, np.asarray(labels), batch_size
         self.sampler, self.positions = sampler, None if positions is None else np.asarray(list(positions), np.int64)
         self.index = None if index is None else np.asarray(index, np.int64)
@@ -316,7 +465,7 @@ class CachedBatches:
         else:
             order = self.positions
         for start in range(0, len(order), self.batch_size):
-            yield self._batch(order[start:start + self.batch_size])
+            yield self._batch(order[start : start + self.batch_size])
 
 
 def to_device(split: trunks.TrunkSplit, device: str, force: bool = False, native: bool = False):
@@ -329,16 +478,27 @@ def to_device(split: trunks.TrunkSplit, device: str, force: bool = False, native
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         if len(split) * per_row > DEVICE_FRACTION * free:
             return split
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(split.storage, torch.float32) if native else torch.float32
+    dtype = (
+        {"fp16": torch.float16, "bf16": torch.bfloat16}.get(split.storage, torch.float32) if native else torch.float32
+    )
     out = torch.empty((len(split), *split.maps.shape[1:]), dtype=dtype, device=device)
     step = max(1, (256 << 20) // per_row)
     for start in range(0, len(split), step):
-        out[start:start + step] = trunks.to_float(split.rows(np.arange(start, min(len(split), start + step))), split.storage, native).to(device)
+        out[start : start + step] = trunks.to_float(
+            split.rows(np.arange(start, min(len(split), start + step))), split.storage, native
+        ).to(device)
     return out
 
 
-def open_store(path: Path, split: str, device: str, rows: range | None = None, mode: str = "auto", on_device: bool = False,
-               native: bool = False):
+def open_store(
+    path: Path,
+    split: str,
+    device: str,
+    rows: range | None = None,
+    mode: str = "auto",
+    on_device: bool = False,
+    native: bool = False,
+):
     """One split (or this rank's ``rows`` of it) for fine-tuning, after :func:`ensure` verified the
     file: loaded into memory when it fits in half the available memory (shared by the processes of
     a node), else memory-mapped; then moved to accelerator memory when it fits there (``on_device``:
@@ -348,8 +508,13 @@ def open_store(path: Path, split: str, device: str, rows: range | None = None, m
     share = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     s = trunks.open_split(path, split, mode="mmap", verify=False)
     if rows is not None:
-        s = dataclasses.replace(s, maps=s.maps[rows.start:rows.stop], labels=s.labels[rows.start:rows.stop],
-                                ids=s.ids[rows.start:rows.stop], paths=s.paths[rows.start:rows.stop])
+        s = dataclasses.replace(
+            s,
+            maps=s.maps[rows.start : rows.stop],
+            labels=s.labels[rows.start : rows.stop],
+            ids=s.ids[rows.start : rows.stop],
+            paths=s.paths[rows.start : rows.stop],
+        )
     if trunks.choose_mode(s.maps.nbytes, mode, share) == "memory":
         s = dataclasses.replace(s, maps=np.array(s.maps), mode="memory")
     store = to_device(s, device, force=on_device, native=native)
@@ -374,9 +539,28 @@ class Source:
         return self.train_loader is not None
 
 
-def data_source(choice: str, model, bb, manifest, config: dict, *, artifacts: Path = Path("artifacts"), storage: str = "auto",
-                fit_idx=None, val_idx=None, sampler=None, local_batch: int, eval_batch: int, workers: int, device: str,
-                ctx=distributed.SINGLE, progress=NULL, read_mode: str = "auto", on_device: bool = False, train_mode=None) -> Source:
+def data_source(
+    choice: str,
+    model,
+    bb,
+    manifest,
+    config: dict,
+    *,
+    artifacts: Path = Path("artifacts"),
+    storage: str = "auto",
+    fit_idx=None,
+    val_idx=None,
+    sampler=None,
+    local_batch: int,
+    eval_batch: int,
+    workers: int,
+    device: str,
+    ctx=distributed.SINGLE,
+    progress=NULL,
+    read_mode: str = "auto",
+    on_device: bool = False,
+    train_mode=None,
+) -> Source:
     """Plan (after ``train_mode(model)``: the modes the epochs run in), build if missing, open the
     cache and make the loaders; or say in ``record["reason"]`` (and once on ``progress``) why the
     image path runs. ``fit_idx``/``val_idx``: the train rows trained on and validated on (with a
@@ -390,7 +574,20 @@ def data_source(choice: str, model, bb, manifest, config: dict, *, artifacts: Pa
             progress.log(p.reason)
         return Source(model, p.record())
     # Built in batches of the global training batch on every rank: the maps do not depend on the process count.
-    built = ensure(p, model, bb, manifest, config["crop"], config["margin"], config["batch_size"], workers, device, config["precision"], progress, ctx)
+    built = ensure(
+        p,
+        model,
+        bb,
+        manifest,
+        config["crop"],
+        config["margin"],
+        config["batch_size"],
+        workers,
+        device,
+        config["precision"],
+        progress,
+        ctx,
+    )
     train_labels, test_labels = _labels(p.path, "train"), _labels(p.path, "test")
     # 16-bit maps of a 16-bit autocast run go in as they are (what the trunk handed on); others as float32.
     native = p.identity["storage"] == p.identity["precision"] != "fp32"
@@ -399,22 +596,38 @@ def data_source(choice: str, model, bb, manifest, config: dict, *, artifacts: Pa
     train_mode_read = "mmap" if ctx.active and read_mode == "auto" and not device.startswith("cuda") else read_mode
     train, _ = open_store(p.path, "train", device, mode=train_mode_read, on_device=on_device, native=native)
     has_val = val_idx is not None and len(val_idx) > 0
-    train_loader = CachedBatches(train, train_labels, local_batch, sampler=sampler, index=np.asarray(fit_idx) if has_val else None,
-                                 native=native)
+    train_loader = CachedBatches(
+        train, train_labels, local_batch, sampler=sampler, index=np.asarray(fit_idx) if has_val else None, native=native
+    )
     test_rows = distributed.shard_range(len(test_labels), ctx)
-    test, base = open_store(p.path, "test", device, rows=test_rows if ctx.active else None, mode=read_mode, on_device=on_device,
-                            native=native)
-    eval_loaders = {"test": CachedBatches(test, test_labels[base:base + len(test)], eval_batch, positions=test_rows, base=base,
-                                          native=native)}
+    test, base = open_store(
+        p.path,
+        "test",
+        device,
+        rows=test_rows if ctx.active else None,
+        mode=read_mode,
+        on_device=on_device,
+        native=native,
+    )
+    eval_loaders = {
+        "test": CachedBatches(
+            test, test_labels[base : base + len(test)], eval_batch, positions=test_rows, base=base, native=native
+        )
+    }
     if has_val:
         val_rows = [val_idx.tolist()[i] for i in distributed.shard_range(len(val_idx), ctx)]
         eval_loaders["val"] = CachedBatches(train, train_labels, eval_batch, positions=val_rows, native=native)
     mode = "device" if isinstance(train, torch.Tensor) else train.mode
-    per_image = int(np.prod(trunks.read_attrs(p.path)["map_shape"])) * np.dtype(trunks.NUMPY_DTYPE[p.identity["storage"]]).itemsize
+    per_image = (
+        int(np.prod(trunks.read_attrs(p.path)["map_shape"]))
+        * np.dtype(trunks.NUMPY_DTYPE[p.identity["storage"]]).itemsize
+    )
     record = dict(p.record(), **built, read=mode, bytes_per_image=per_image)
     if ctx.is_main:
-        progress.log(f"trunk cache {p.path} ({built['action']}; frozen part up to {p.identity['cut']}, read from {mode}): "
-                     f"each epoch runs {p.identity['top']} and above only")
+        progress.log(
+            f"trunk cache {p.path} ({built['action']}; frozen part up to {p.identity['cut']}, read from {mode}): "
+            f"each epoch runs {p.identity['top']} and above only"
+        )
     return Source(Top(model, p.cut), record, train_loader, eval_loaders)
 
 

@@ -41,22 +41,52 @@ from cars_tl.core import locks
 from cars_tl.core.atomic import atomic_path, atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
 
-COLUMNS = ("model", "kind", "backbone / weights / preset", "trainable params", "total params", "train time",
-           "train loss", "train acc %", "test loss", "test acc %", "test top-5 %", "best epoch", "selected on",
-           "last-epoch test acc %")
+COLUMNS = (
+    "model",
+    "kind",
+    "backbone / weights / preset",
+    "trainable params",
+    "total params",
+    "train time",
+    "train loss",
+    "train acc %",
+    "test loss",
+    "test acc %",
+    "test top-5 %",
+    "best epoch",
+    "selected on",
+    "last-epoch test acc %",
+)
 # How a run's reported number was selected (metrics ``final.selected_on``); "test" is the study's
 # protocol (best epoch or kernel by test accuracy): optimistic, marked in the chart and tables.
 SELECTED_ON_TEST = "test"
 TEST_MARK = "selected on test, as the study did"
 GROUP_ORDER = ("A", "B", "C", "D", "kNN")
-GROUP_TITLES = {"A": "from scratch (random weights, all trained)", "B": "frozen features + Linear head",
-                "C": "frozen features + SVM", "D": "part of the backbone fine-tuned", "kNN": "k nearest neighbours on frozen features"}
+GROUP_TITLES = {
+    "A": "from scratch (random weights, all trained)",
+    "B": "frozen features + Linear head",
+    "C": "frozen features + SVM",
+    "D": "part of the backbone fine-tuned",
+    "kNN": "k nearest neighbours on frozen features",
+}
 PRESET_COLOURS = {"study": "#4C72B0", "tuned": "#DD8452"}
 OTHER_COLOUR = "#8C8C8C"
 GROUP_COLOURS = {"A": "#C44E52", "B": "#4C72B0", "C": "#55A868", "D": "#8172B3", "kNN": "#937860"}
 # Config entries that say where or how fast a run ran, not what it computed.
-NOT_CONFIGURATION = ("seed", "features", "init_head", "device", "workers", "data_dir", "out", "artifacts", "resume",
-                     "force", "dataset_fingerprint", "chunk")
+NOT_CONFIGURATION = (
+    "seed",
+    "features",
+    "init_head",
+    "device",
+    "workers",
+    "data_dir",
+    "out",
+    "artifacts",
+    "resume",
+    "force",
+    "dataset_fingerprint",
+    "chunk",
+)
 TOP_CLASSES = 10
 TOP_CONFUSIONS = 5
 GALLERY_SIZE = 8
@@ -159,9 +189,14 @@ def configuration_key(m: dict) -> str:
     config = {k: v for k, v in c.items() if k not in skip}
     config["init_head"] = bool(c.get("init_head"))
     identity = {
-        "kind": m.get("kind"), "backbone": b.get("backbone"), "weights_digest": b.get("weights_digest", b.get("weights")),
-        "transform": b.get("transform"), "crop": b.get("crop"), "margin": b.get("margin"),
-        "dataset": (m.get("inputs") or {}).get("dataset_fingerprint"), "config": config,
+        "kind": m.get("kind"),
+        "backbone": b.get("backbone"),
+        "weights_digest": b.get("weights_digest", b.get("weights")),
+        "transform": b.get("transform"),
+        "crop": b.get("crop"),
+        "margin": b.get("margin"),
+        "dataset": (m.get("inputs") or {}).get("dataset_fingerprint"),
+        "config": config,
     }
     return json.dumps(identity, sort_keys=True, default=str)
 
@@ -171,10 +206,22 @@ def seed_groups(complete: list[dict]) -> list[dict]:
     groups: dict[str, dict] = {}
     for m in complete:
         key = configuration_key(m)
-        g = groups.setdefault(key, {"key": key, "group": model_group(m), "setting": setting(m),
-                                    "preset": (m.get("config") or {}).get("preset"), "kind": m.get("kind"),
-                                    "backbone": f"{(m.get('backbone') or {}).get('backbone')} / {(m.get('backbone') or {}).get('weights')}",
-                                    "runs": [], "seeds": [], "test_accs": [], "selected_on": [], "last_epoch_accs": []})
+        g = groups.setdefault(
+            key,
+            {
+                "key": key,
+                "group": model_group(m),
+                "setting": setting(m),
+                "preset": (m.get("config") or {}).get("preset"),
+                "kind": m.get("kind"),
+                "backbone": f"{(m.get('backbone') or {}).get('backbone')} / {(m.get('backbone') or {}).get('weights')}",
+                "runs": [],
+                "seeds": [],
+                "test_accs": [],
+                "selected_on": [],
+                "last_epoch_accs": [],
+            },
+        )
         g["runs"].append(m["name"])
         g["seeds"].append((m.get("config") or {}).get("seed"))
         acc = (m.get("final") or {}).get("test_acc")
@@ -210,8 +257,10 @@ def per_class_accuracy(predictions: runs.Predictions, num_classes: int) -> list[
     """Per label: test images, correct top-1, accuracy in % (None for a class without test images)."""
     n = np.bincount(predictions.labels, minlength=num_classes)[:num_classes]
     correct = np.bincount(predictions.labels[predictions.correct], minlength=num_classes)[:num_classes]
-    return [{"label": i, "n": int(n[i]), "correct": int(correct[i]), "acc": 100.0 * correct[i] / n[i] if n[i] else None}
-            for i in range(num_classes)]
+    return [
+        {"label": i, "n": int(n[i]), "correct": int(correct[i]), "acc": 100.0 * correct[i] / n[i] if n[i] else None}
+        for i in range(num_classes)
+    ]
 
 
 def make_accuracy(predictions: runs.Predictions, class_names: list[str]) -> dict:
@@ -223,9 +272,11 @@ def make_accuracy(predictions: runs.Predictions, class_names: list[str]) -> dict
     n, errors = len(predictions.labels), int(wrong.sum())
     within = int((wrong & right_make).sum())
     return {
-        "images": n, "top1_acc": 100.0 * float(predictions.correct.mean()) if n else None,
+        "images": n,
+        "top1_acc": 100.0 * float(predictions.correct.mean()) if n else None,
         "make_acc": 100.0 * float(right_make.mean()) if n else None,
-        "errors": errors, "errors_within_make": within,
+        "errors": errors,
+        "errors_within_make": within,
         "errors_within_make_pct": 100.0 * within / errors if errors else None,
         "makes": int(len(set(makes.tolist()))),
     }
@@ -244,12 +295,21 @@ def confused_pairs(predictions: runs.Predictions, top: int = TOP_CONFUSIONS) -> 
         true, predicted = int(unique[i, 0]), int(unique[i, 1])
         of_true = predictions.labels == true
         example = predictions.ids[of_true & (predictions.top_classes[:, 0] == predicted)][0]
-        out.append({"true": true, "predicted": predicted, "count": int(counts[i]), "of": int(of_true.sum()),
-                    "example_id": int(example)})
+        out.append(
+            {
+                "true": true,
+                "predicted": predicted,
+                "count": int(counts[i]),
+                "of": int(of_true.sum()),
+                "example_id": int(example),
+            }
+        )
     return out
 
 
-def gallery_ids(prediction_sets: list[runs.Predictions], size: int = GALLERY_SIZE, seed: int = GALLERY_SEED) -> list[int]:
+def gallery_ids(
+    prediction_sets: list[runs.Predictions], size: int = GALLERY_SIZE, seed: int = GALLERY_SEED
+) -> list[int]:
     """A fixed sample of test images every run scored: the same ids for the same test set and seed."""
     if not prediction_sets:
         return []
@@ -280,11 +340,20 @@ def row_for(m: dict) -> dict:
         label += f", unfreeze {c.get('unfreeze')}"
     params = m.get("params") or {}
     return {
-        "model": m["name"], "kind": m["kind"], "backbone / weights / preset": f"{b.get('backbone')} / {b.get('weights')} / {label}",
-        "trainable params": _fmt(params.get("trainable")), "total params": _fmt(params.get("total")),
-        "train time": _duration(m.get("wall_time_s")) + (" (trunk cache)" if (m.get("trunk_cache") or {}).get("used") else ""), "train loss": _fmt(f.get("train_loss"), 4), "train acc %": _fmt(f.get("train_acc")),
-        "test loss": _fmt(f.get("test_loss"), 4), "test acc %": _fmt(f.get("test_acc")), "test top-5 %": _fmt(f.get("test_top5")),
-        "best epoch": _fmt(f.get("best_epoch")), "selected on": _selected_label(selected_on(m)),
+        "model": m["name"],
+        "kind": m["kind"],
+        "backbone / weights / preset": f"{b.get('backbone')} / {b.get('weights')} / {label}",
+        "trainable params": _fmt(params.get("trainable")),
+        "total params": _fmt(params.get("total")),
+        "train time": _duration(m.get("wall_time_s"))
+        + (" (trunk cache)" if (m.get("trunk_cache") or {}).get("used") else ""),
+        "train loss": _fmt(f.get("train_loss"), 4),
+        "train acc %": _fmt(f.get("train_acc")),
+        "test loss": _fmt(f.get("test_loss"), 4),
+        "test acc %": _fmt(f.get("test_acc")),
+        "test top-5 %": _fmt(f.get("test_top5")),
+        "best epoch": _fmt(f.get("best_epoch")),
+        "selected on": _selected_label(selected_on(m)),
         "last-epoch test acc %": _fmt((f.get("last_epoch") or {}).get("test_acc")),
     }
 
@@ -302,9 +371,14 @@ def gather(artifacts: Path) -> tuple[list[dict], list[dict]]:
             m = runs.read_metrics(run_dir)
             if m.get("status") != "complete":
                 epochs = len([h for h in m.get("history", []) if h.get("epoch", 0) > 0])
-                problems.append({"run": str(run_dir), "status": str(m.get("status", "?")),
-                                 "detail": f"{epochs} of {(m.get('config') or {}).get('epochs', '?')} epochs done"
-                                 + (f"; {m['error']}" if m.get("error") else "")})
+                problems.append(
+                    {
+                        "run": str(run_dir),
+                        "status": str(m.get("status", "?")),
+                        "detail": f"{epochs} of {(m.get('config') or {}).get('epochs', '?')} epochs done"
+                        + (f"; {m['error']}" if m.get("error") else ""),
+                    }
+                )
                 continue
             m["name"] = str(m.get("name") or run_dir.name)
             row_for(m)  # a run whose metrics cannot fill a row is a broken run, not a crash
@@ -312,7 +386,9 @@ def gather(artifacts: Path) -> tuple[list[dict], list[dict]]:
             problems.append({"run": str(run_dir), "status": "unreadable", "detail": exc.message})
             continue
         except Exception as exc:  # valid JSON of the wrong shape
-            problems.append({"run": str(run_dir), "status": "unreadable", "detail": f"{type(exc).__name__}: {exc}"[:300]})
+            problems.append(
+                {"run": str(run_dir), "status": "unreadable", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+            )
             continue
         base = slug(run_dir.name)
         unique, i = base, 2
@@ -329,13 +405,25 @@ def _load_predictions(complete: list[dict], problems: list[dict]) -> dict[str, r
     for m in complete:
         try:
             p = runs.read_predictions(Path(m["run_dir"]))
-            if len(p.labels) and (p.top_classes.max() >= len(m["class_names"]) or p.labels.max() >= len(m["class_names"])):
-                raise CarsTLError(f"{m['run_dir']}: predictions name labels beyond the run's {len(m['class_names'])} classes")
+            if len(p.labels) and (
+                p.top_classes.max() >= len(m["class_names"]) or p.labels.max() >= len(m["class_names"])
+            ):
+                raise CarsTLError(
+                    f"{m['run_dir']}: predictions name labels beyond the run's {len(m['class_names'])} classes"
+                )
         except CarsTLError as exc:
-            problems.append({"run": m["run_dir"], "status": "no predictions", "detail": exc.message + (f" (next: {exc.hint})" if exc.hint else "")})
+            problems.append(
+                {
+                    "run": m["run_dir"],
+                    "status": "no predictions",
+                    "detail": exc.message + (f" (next: {exc.hint})" if exc.hint else ""),
+                }
+            )
             continue
         except Exception as exc:
-            problems.append({"run": m["run_dir"], "status": "no predictions", "detail": f"{type(exc).__name__}: {exc}"[:300]})
+            problems.append(
+                {"run": m["run_dir"], "status": "no predictions", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+            )
             continue
         out[m["slug"]] = p
     return out
@@ -394,7 +482,9 @@ def plot_headline(groups: list[dict], complete: list[dict], path: Path) -> bool:
     from matplotlib.patches import Patch
 
     by_name = {m["name"]: m for m in complete}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.75 * len(shown) + 0.4 * len({g["group"] for g in shown})), 4.2), dpi=110)
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, 1.0 + 0.75 * len(shown) + 0.4 * len({g["group"] for g in shown})), 4.2), dpi=110
+    )
     x, positions, labels, previous = 0.0, [], [], None
     group_spans: dict[str, list[float]] = {}
     for g in shown:
@@ -402,8 +492,18 @@ def plot_headline(groups: list[dict], complete: list[dict], path: Path) -> bool:
             x += 0.6  # a gap between model groups
         previous = g["group"]
         colour = PRESET_COLOURS.get(str(g["preset"]), OTHER_COLOUR)
-        ax.bar(x, g["mean"], width=0.7, color=colour, alpha=0.85, hatch="///" if g["on_test"] else None, edgecolor="#222" if g["on_test"] else None,
-               yerr=g["std"] if g["std"] is not None else None, capsize=4, ecolor="#222")
+        ax.bar(
+            x,
+            g["mean"],
+            width=0.7,
+            color=colour,
+            alpha=0.85,
+            hatch="///" if g["on_test"] else None,
+            edgecolor="#222" if g["on_test"] else None,
+            yerr=g["std"] if g["std"] is not None else None,
+            capsize=4,
+            ecolor="#222",
+        )
         if g["on_test"] and g["last_epoch_mean"] is not None:  # the same runs' last epoch, not chosen on test
             ax.plot([x - 0.35, x + 0.35], [g["last_epoch_mean"]] * 2, color="#222", lw=2, ls="--", zorder=4)
         accs = [(by_name[r].get("final") or {}).get("test_acc") for r in g["runs"] if r in by_name]
@@ -421,19 +521,32 @@ def plot_headline(groups: list[dict], complete: list[dict], path: Path) -> bool:
     ceiling = max(10.0, top * 1.1 + 18)  # room for the value labels and the group names above the bars
     ax.set_ylim(0, ceiling)
     for name, xs in group_spans.items():
-        ax.text(sum(xs) / len(xs), ceiling * 0.985, name if len(name) <= 6 else name[:6] + "…",
-                ha="center", va="top", fontsize=11, fontweight="bold", color=GROUP_COLOURS.get(name, "#444"))
+        ax.text(
+            sum(xs) / len(xs),
+            ceiling * 0.985,
+            name if len(name) <= 6 else name[:6] + "…",
+            ha="center",
+            va="top",
+            fontsize=11,
+            fontweight="bold",
+            color=GROUP_COLOURS.get(name, "#444"),
+        )
     ax.set_ylabel("test accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
     presets = sorted({str(g["preset"]) for g in shown})
-    handles = [Patch(color=PRESET_COLOURS.get(p, OTHER_COLOUR), label=p if p in PRESET_COLOURS else "no preset") for p in presets]
+    handles = [
+        Patch(color=PRESET_COLOURS.get(p, OTHER_COLOUR), label=p if p in PRESET_COLOURS else "no preset")
+        for p in presets
+    ]
     if any(g["on_test"] for g in shown):
         from matplotlib.lines import Line2D
 
         handles.append(Patch(facecolor="white", edgecolor="#222", hatch="///", label=TEST_MARK))
         if any(g["on_test"] and g["last_epoch_mean"] is not None for g in shown):
             handles.append(Line2D([], [], color="#222", lw=2, ls="--", label="its last epoch (not chosen on test)"))
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="preset", title_fontsize=8)
+    ax.legend(
+        handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="preset", title_fontsize=8
+    )
     ax.set_title("Test accuracy by model (bar: mean over seeds, whisker: ± sample std, dots: single seeds)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
@@ -442,7 +555,11 @@ def plot_headline(groups: list[dict], complete: list[dict], path: Path) -> bool:
 
 def plot_test_curves(complete: list[dict], path: Path) -> bool:
     """Every run's test accuracy per epoch in one chart; runs without epochs are horizontal lines."""
-    with_history = [m for m in complete if any(h.get("test_acc") is not None and h.get("epoch", 0) > 0 for h in m.get("history", []))]
+    with_history = [
+        m
+        for m in complete
+        if any(h.get("test_acc") is not None and h.get("epoch", 0) > 0 for h in m.get("history", []))
+    ]
     if not with_history:
         return False
     plt = _pyplot()
@@ -456,12 +573,25 @@ def plot_test_curves(complete: list[dict], path: Path) -> bool:
         style = styles[seen.get(group, 0) % len(styles)]
         seen[group] = seen.get(group, 0) + 1
         points = [(h["epoch"], h["test_acc"]) for h in m["history"] if h.get("test_acc") is not None]
-        ax.plot(*zip(*points), style, marker="o", markersize=3, color=GROUP_COLOURS.get(group, OTHER_COLOUR), label=m["name"][:40])
+        ax.plot(
+            *zip(*points),
+            style,
+            marker="o",
+            markersize=3,
+            color=GROUP_COLOURS.get(group, OTHER_COLOUR),
+            label=m["name"][:40],
+        )
     for m in complete:
         if m in with_history or (m.get("final") or {}).get("test_acc") is None:
             continue
-        ax.axhline(m["final"]["test_acc"], color=GROUP_COLOURS.get(model_group(m), OTHER_COLOUR), alpha=0.5, lw=1,
-                   ls=":", label=f"{m['name'][:40]} (no epochs)")
+        ax.axhline(
+            m["final"]["test_acc"],
+            color=GROUP_COLOURS.get(model_group(m), OTHER_COLOUR),
+            alpha=0.5,
+            lw=1,
+            ls=":",
+            label=f"{m['name'][:40]} (no epochs)",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
@@ -507,7 +637,9 @@ class Thumbnails:
             self.note = f"no thumbnails: {exc.message}"
             return
         if fingerprints and manifest.fingerprint not in fingerprints:
-            self.note = f"no thumbnails: the manifest in {data_dir} is not the dataset the runs used (fingerprint differs)"
+            self.note = (
+                f"no thumbnails: the manifest in {data_dir} is not the dataset the runs used (fingerprint differs)"
+            )
             return
         self.manifest = manifest
         self.records = {r.index: r for r in manifest.records}
@@ -563,7 +695,9 @@ def _md_table(columns, rows) -> str:
 def _html_table(columns, rows, cls: str = "", raw: tuple = ()) -> str:
     """``raw`` columns hold HTML already made safe (images, marks); everything else is escaped."""
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{r[c] if c in raw else esc(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{r[c] if c in raw else esc(r[c])}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -572,7 +706,9 @@ def _grid_note(search: dict | None) -> str:
     ext = (search or {}).get("C_grid_extended")
     if not ext:
         return ""
-    return " ".join(f"extended {d} ×{ext[d]}" for d in ("up", "down") if ext[d]) + (" (cap hit)" if ext.get("capped") else "")
+    return " ".join(f"extended {d} ×{ext[d]}" for d in ("up", "down") if ext[d]) + (
+        " (cap hit)" if ext.get("capped") else ""
+    )
 
 
 def _pct(value) -> str:
@@ -592,15 +728,21 @@ def _img(uri: str | None, alt: str, cls: str = "thumb") -> str:
 # --------------------------------------------------------------------------- the report
 
 
-def build_report(artifacts: Path = Path("artifacts"), out: Path | None = None, sparsity_dir: Path | None = None,
-                 data_dir: Path | None = Path("data")) -> dict:
+def build_report(
+    artifacts: Path = Path("artifacts"),
+    out: Path | None = None,
+    sparsity_dir: Path | None = None,
+    data_dir: Path | None = Path("data"),
+) -> dict:
     """Write the report; returns the table rows, groups, kernel rows, problems and file paths."""
     artifacts = Path(artifacts)
     out = check_output_path(Path(out) if out else artifacts / "report", "folder")
     sparsity_dir = Path(sparsity_dir) if sparsity_dir else artifacts / "sparsity"
     complete, problems = gather(artifacts)
     if not complete and not problems:
-        raise CarsTLError(f"no runs under {artifacts / 'runs'}", "run train-head, fit-svm or finetune first (or make demo)")
+        raise CarsTLError(
+            f"no runs under {artifacts / 'runs'}", "run train-head, fit-svm or finetune first (or make demo)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with locks.writer_lock(out, "report"):
         return _write_report(complete, problems, out, sparsity_dir, data_dir)
@@ -613,33 +755,83 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     groups = seed_groups(complete)
     predictions = _load_predictions(complete, problems)
     analysed = [m for m in complete if m["slug"] in predictions]
-    thumbs = Thumbnails(data_dir, {(m.get("inputs") or {}).get("dataset_fingerprint") for m in analysed} - {None}) if analysed else None
+    thumbs = (
+        Thumbnails(data_dir, {(m.get("inputs") or {}).get("dataset_fingerprint") for m in analysed} - {None})
+        if analysed
+        else None
+    )
 
     short = lambda v: f"{v:.4g}" if isinstance(v, float) else _fmt(v)  # noqa: E731 - C and gamma span decades
-    kernel_cols = ("run", "kernel", "C", "gamma", "CV acc % (mean ± std of folds)", "C grid", "train acc %", "test acc %", "fit s",
-                   "predict s", "support vectors")
+    kernel_cols = (
+        "run",
+        "kernel",
+        "C",
+        "gamma",
+        "CV acc % (mean ± std of folds)",
+        "C grid",
+        "train acc %",
+        "test acc %",
+        "fit s",
+        "predict s",
+        "support vectors",
+    )
     kernels = [
-        {"run": m["name"], "kernel": k.get("kernel"), "C": short(k.get("C", (m.get("config") or {}).get("C"))),  # chosen by CV with --C auto
-         "gamma": short(k.get("gamma_value")) if k.get("kernel") != "linear" else "", "CV acc % (mean ± std of folds)": _fmt(k.get("cv_acc")) + (f" ± {k['cv_std']:.2f}" if k.get("cv_std") is not None else ""),
-         "C grid": _grid_note(k.get("search")),
-         "train acc %": _fmt(k.get("train_acc")), "test acc %": _fmt(k.get("test_acc")),
-         "fit s": _fmt(k.get("fit_seconds")), "predict s": _fmt(k.get("predict_seconds")), "support vectors": _fmt(k.get("support_vectors"))}
-        for m in complete if m["kind"] == "svm" for k in (m.get("kernels") or {}).values()
+        {
+            "run": m["name"],
+            "kernel": k.get("kernel"),
+            "C": short(k.get("C", (m.get("config") or {}).get("C"))),  # chosen by CV with --C auto
+            "gamma": short(k.get("gamma_value")) if k.get("kernel") != "linear" else "",
+            "CV acc % (mean ± std of folds)": _fmt(k.get("cv_acc"))
+            + (f" ± {k['cv_std']:.2f}" if k.get("cv_std") is not None else ""),
+            "C grid": _grid_note(k.get("search")),
+            "train acc %": _fmt(k.get("train_acc")),
+            "test acc %": _fmt(k.get("test_acc")),
+            "fit s": _fmt(k.get("fit_seconds")),
+            "predict s": _fmt(k.get("predict_seconds")),
+            "support vectors": _fmt(k.get("support_vectors")),
+        }
+        for m in complete
+        if m["kind"] == "svm"
+        for k in (m.get("kernels") or {}).values()
     ]
     knn_cols = ("run", "k", "temperature", "test acc %", "test top-5 %")
     knn_rows = [
-        {"run": m["name"], "k": _fmt(r.get("k")), "temperature": _fmt((m.get("config") or {}).get("temperature"), 3),
-         "test acc %": _fmt(r.get("test_acc")), "test top-5 %": _fmt(r.get("test_top5"))}
-        for m in complete if m["kind"] == "knn" for r in (m.get("k_results") or {}).values()
+        {
+            "run": m["name"],
+            "k": _fmt(r.get("k")),
+            "temperature": _fmt((m.get("config") or {}).get("temperature"), 3),
+            "test acc %": _fmt(r.get("test_acc")),
+            "test top-5 %": _fmt(r.get("test_top5")),
+        }
+        for m in complete
+        if m["kind"] == "knn"
+        for r in (m.get("k_results") or {}).values()
     ]
-    group_cols = ("model", "setting", "backbone / weights", "n", "seeds", "test acc % (mean ± std)", "selected on",
-                  "last-epoch test acc % (mean)", "runs")
+    group_cols = (
+        "model",
+        "setting",
+        "backbone / weights",
+        "n",
+        "seeds",
+        "test acc % (mean ± std)",
+        "selected on",
+        "last-epoch test acc % (mean)",
+        "runs",
+    )
     group_rows = [
-        {"model": g["group"], "setting": g["setting"], "backbone / weights": g["backbone"], "n": str(g["n"]),
-         "seeds": ", ".join("–" if s is None else str(s) for s in g["seeds"]),
-         "test acc % (mean ± std)": "–" if g["mean"] is None else f"{g['mean']:.2f}" + (f" ± {g['std']:.2f}" if g["std"] is not None else ""),
-         "selected on": ", ".join(_selected_label(on) for on in g["selected_on"]),
-         "last-epoch test acc % (mean)": _fmt(g["last_epoch_mean"]), "runs": ", ".join(g["runs"])}
+        {
+            "model": g["group"],
+            "setting": g["setting"],
+            "backbone / weights": g["backbone"],
+            "n": str(g["n"]),
+            "seeds": ", ".join("–" if s is None else str(s) for s in g["seeds"]),
+            "test acc % (mean ± std)": "–"
+            if g["mean"] is None
+            else f"{g['mean']:.2f}" + (f" ± {g['std']:.2f}" if g["std"] is not None else ""),
+            "selected on": ", ".join(_selected_label(on) for on in g["selected_on"]),
+            "last-epoch test acc % (mean)": _fmt(g["last_epoch_mean"]),
+            "runs": ", ".join(g["runs"]),
+        }
         for g in groups
     ]
 
@@ -654,26 +846,46 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
             curves.append((m["name"], path))
     sparsity_png = sparsity_dir / "sparsity.png"
 
-    make_cols = ("run", "model", "test images", "top-1 %", "right make %", "errors", "errors within the make", "within make %")
+    make_cols = (
+        "run",
+        "model",
+        "test images",
+        "top-1 %",
+        "right make %",
+        "errors",
+        "errors within the make",
+        "within make %",
+    )
     make_rows, class_tables, confusions = [], {}, {}
     for m in analysed:
         p, names = predictions[m["slug"]], m["class_names"]
         mk = make_accuracy(p, names)
-        make_rows.append({"run": m["name"], "model": model_group(m), "test images": str(mk["images"]), "top-1 %": _pct(mk["top1_acc"]),
-                          "right make %": _pct(mk["make_acc"]), "errors": str(mk["errors"]),
-                          "errors within the make": str(mk["errors_within_make"]), "within make %": _pct(mk["errors_within_make_pct"])})
+        make_rows.append(
+            {
+                "run": m["name"],
+                "model": model_group(m),
+                "test images": str(mk["images"]),
+                "top-1 %": _pct(mk["top1_acc"]),
+                "right make %": _pct(mk["make_acc"]),
+                "errors": str(mk["errors"]),
+                "errors within the make": str(mk["errors_within_make"]),
+                "within make %": _pct(mk["errors_within_make_pct"]),
+            }
+        )
         m["make_level"] = mk
         class_tables[m["slug"]] = per_class_accuracy(p, len(names))
         confusions[m["slug"]] = confused_pairs(p)
     gallery = gallery_ids([predictions[m["slug"]] for m in analysed])
 
     noise = label_noise(data_dir, {(m.get("inputs") or {}).get("dataset_fingerprint") for m in complete} - {None})
-    note = ("Losses are mean cross-entropy per image; accuracies in %. `best epoch` is the epoch whose model was kept "
-            "(see each run's metrics.json for how it was selected). `selected on` says what a run's number was chosen on: "
-            f"`test †` ({TEST_MARK}: the best epoch or kernel by test accuracy, optimistic; hatched in the chart, with the "
-            "last epoch's number beside it), `validation` (a split of train), `train-cv` (cross-validation on train) or "
-            "`none` (nothing chosen). Runs that differ only by seed (and by the values they chose) are one configuration: "
-            "mean ± sample standard deviation over its n runs.")
+    note = (
+        "Losses are mean cross-entropy per image; accuracies in %. `best epoch` is the epoch whose model was kept "
+        "(see each run's metrics.json for how it was selected). `selected on` says what a run's number was chosen on: "
+        f"`test †` ({TEST_MARK}: the best epoch or kernel by test accuracy, optimistic; hatched in the chart, with the "
+        "last epoch's number beside it), `validation` (a split of train), `train-cv` (cross-validation on train) or "
+        "`none` (nothing chosen). Runs that differ only by seed (and by the values they chose) are one configuration: "
+        "mean ± sample standard deviation over its n runs."
+    )
     files = {"md": out / "report.md", "html": out / "report.html", "json": out / "report.json"}
 
     # ---- Markdown
@@ -695,34 +907,78 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     for name, path in curves:
         text += ["", f"### Training curves: {md(name)}", "", f"![training curves]({path.name})"]
     if make_rows:
-        text += ["", "## Make-level accuracy", "", "The make is the first word of the class name. `right make`: the top-1 "
-                 "prediction is at least the right make; `errors within the make`: wrong model, right make.", "",
-                 _md_table(make_cols, make_rows)]
+        text += [
+            "",
+            "## Make-level accuracy",
+            "",
+            "The make is the first word of the class name. `right make`: the top-1 "
+            "prediction is at least the right make; `errors within the make`: wrong model, right make.",
+            "",
+            _md_table(make_cols, make_rows),
+        ]
         text += ["", "## Per-class accuracy (worst and best 10)"]
         for m in analysed:
             table = [r for r in class_tables[m["slug"]] if r["n"]]
             ranked = sorted(table, key=lambda r: (r["acc"], -r["n"], r["label"]))
             cols = ("class", "test images", "acc %")
-            cells = lambda rs: [{"class": m["class_names"][r["label"]], "test images": str(r["n"]), "acc %": _pct(r["acc"])} for r in rs]  # noqa: E731
-            text += ["", f"### {md(m['name'])}", "", "Worst:", "", _md_table(cols, cells(ranked[:TOP_CLASSES])), "",
-                     "Best:", "", _md_table(cols, cells(list(reversed(ranked))[:TOP_CLASSES]))]
+            cells = lambda rs: [
+                {"class": m["class_names"][r["label"]], "test images": str(r["n"]), "acc %": _pct(r["acc"])} for r in rs
+            ]  # noqa: E731
+            text += [
+                "",
+                f"### {md(m['name'])}",
+                "",
+                "Worst:",
+                "",
+                _md_table(cols, cells(ranked[:TOP_CLASSES])),
+                "",
+                "Best:",
+                "",
+                _md_table(cols, cells(list(reversed(ranked))[:TOP_CLASSES])),
+            ]
         text += ["", "## Most confused class pairs"]
         for m in analysed:
             pairs = confusions[m["slug"]]
             text += ["", f"### {md(m['name'])}", ""]
-            text += [_md_table(("true class", "predicted as", "images"), [
-                {"true class": m["class_names"][c["true"]], "predicted as": m["class_names"][c["predicted"]],
-                 "images": f"{c['count']} of {c['of']}"} for c in pairs]) if pairs else "_no errors_"]
+            text += [
+                _md_table(
+                    ("true class", "predicted as", "images"),
+                    [
+                        {
+                            "true class": m["class_names"][c["true"]],
+                            "predicted as": m["class_names"][c["predicted"]],
+                            "images": f"{c['count']} of {c['of']}",
+                        }
+                        for c in pairs
+                    ],
+                )
+                if pairs
+                else "_no errors_"
+            ]
         if gallery:
-            text += ["", f"## Prediction gallery ({len(gallery)} test images, seed {GALLERY_SEED}; ✗ = wrong top-1)", ""]
-            text += [_md_table(["image", "true class"] + [m["name"] for m in analysed], _gallery_md_rows(gallery, analysed, predictions))]
+            text += [
+                "",
+                f"## Prediction gallery ({len(gallery)} test images, seed {GALLERY_SEED}; ✗ = wrong top-1)",
+                "",
+            ]
+            text += [
+                _md_table(
+                    ["image", "true class"] + [m["name"] for m in analysed],
+                    _gallery_md_rows(gallery, analysed, predictions),
+                )
+            ]
     from cars_tl.report.feature_maps import section as feature_map_section
 
     maps_md, maps_html = feature_map_section(complete, out, data_dir)
     if maps_md:
         text.append(maps_md)
     if sparsity_png.is_file():
-        text += ["", "## Fraction of zero activations per ReLU call", "", f"![sparsity]({_relative(sparsity_png, out)})"]
+        text += [
+            "",
+            "## Fraction of zero activations per ReLU call",
+            "",
+            f"![sparsity]({_relative(sparsity_png, out)})",
+        ]
     if problems:
         text += ["", "## Incomplete runs and missing predictions", "", _md_table(("run", "status", "detail"), problems)]
     atomic_write_text(files["md"], "\n".join(text) + "\n")
@@ -730,31 +986,48 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     # ---- HTML
     parts = ["<h1>cars_tl report</h1>", f"<p>{esc(note)}</p>", _toc(has_headline, bool(make_rows), bool(gallery))]
     if noise:
-        parts += ["<h2 id='dataset'>Dataset</h2>", f"<p>{esc(noise[0] + NOISE_NOTE)}</p>",
-                  "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in noise[1:]) + "</ul>"]
+        parts += [
+            "<h2 id='dataset'>Dataset</h2>",
+            f"<p>{esc(noise[0] + NOISE_NOTE)}</p>",
+            "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in noise[1:]) + "</ul>",
+        ]
     if has_headline:
-        parts += ["<h2 id='headline'>Test accuracy by model</h2>", _png(headline, "test accuracy by model"), f"<p>{esc(legend)}</p>"]
+        parts += [
+            "<h2 id='headline'>Test accuracy by model</h2>",
+            _png(headline, "test accuracy by model"),
+            f"<p>{esc(legend)}</p>",
+        ]
     parts += ["<h2 id='comparison'>Comparison</h2>", _html_table(COLUMNS, rows) if rows else "<p>No complete runs.</p>"]
     if group_rows:
-        parts += ["<h2 id='seeds'>Seeds: configurations and their runs</h2>",
-                  "<p>Runs whose configuration differs only by <code>seed</code>; std is the sample standard deviation (n − 1).</p>",
-                  _html_table(group_cols, group_rows)]
+        parts += [
+            "<h2 id='seeds'>Seeds: configurations and their runs</h2>",
+            "<p>Runs whose configuration differs only by <code>seed</code>; std is the sample standard deviation (n − 1).</p>",
+            _html_table(group_cols, group_rows),
+        ]
     if kernels:
         parts += ["<h2>SVM kernels</h2>", _html_table(kernel_cols, kernels)]
     if knn_rows:
-        parts += ["<h2>kNN</h2>", "<p>Weighted vote of the k most cosine-similar training images, weight exp(cos / T); "
-                  "the run's result is its first k.</p>", _html_table(knn_cols, knn_rows)]
+        parts += [
+            "<h2>kNN</h2>",
+            "<p>Weighted vote of the k most cosine-similar training images, weight exp(cos / T); "
+            "the run's result is its first k.</p>",
+            _html_table(knn_cols, knn_rows),
+        ]
     if has_overlay or curves:
         parts.append("<h2 id='curves'>Test accuracy per epoch, all runs</h2>")
         if has_overlay:
             parts.append(_png(overlay, "test accuracy per epoch, all runs"))
         for name, path in curves:
-            parts.append(f"<details><summary>Training curves: {esc(name)}</summary>{_png(path, 'training curves: ' + name)}</details>")
+            parts.append(
+                f"<details><summary>Training curves: {esc(name)}</summary>{_png(path, 'training curves: ' + name)}</details>"
+            )
     if make_rows:
-        parts += ["<h2 id='make'>Make-level accuracy</h2>",
-                  "<p>The make is the first word of the class name. <b>right make</b>: the top-1 prediction is at least the right "
-                  "make; <b>errors within the make</b>: wrong model, right make — a fine-grained error.</p>",
-                  _html_table(make_cols, make_rows)]
+        parts += [
+            "<h2 id='make'>Make-level accuracy</h2>",
+            "<p>The make is the first word of the class name. <b>right make</b>: the top-1 prediction is at least the right "
+            "make; <b>errors within the make</b>: wrong model, right make — a fine-grained error.</p>",
+            _html_table(make_cols, make_rows),
+        ]
         parts += _html_per_class(analysed, class_tables)
         parts += _html_confusions(analysed, confusions, predictions, thumbs)
     if gallery:
@@ -764,19 +1037,35 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
     if sparsity_png.is_file():
         parts += ["<h2>Fraction of zero activations per ReLU call</h2>", _png(sparsity_png, "sparsity per ReLU call")]
     if problems:
-        parts += ["<h2 id='problems'>Incomplete runs and missing predictions</h2>", _html_table(("run", "status", "detail"), problems)]
+        parts += [
+            "<h2 id='problems'>Incomplete runs and missing predictions</h2>",
+            _html_table(("run", "status", "detail"), problems),
+        ]
     atomic_write_text(files["html"], _HTML.format(body="\n".join(parts)))
 
     summary = {
-        "runs": rows, "seed_groups": [{k: v for k, v in g.items() if k != "key"} for g in groups], "kernels": kernels,
-        "knn": knn_rows, "make_level": {m["name"]: m["make_level"] for m in analysed},
-        "confusions": {m["name"]: confusions[m["slug"]] for m in analysed}, "gallery_ids": gallery, "incomplete": problems,
+        "runs": rows,
+        "seed_groups": [{k: v for k, v in g.items() if k != "key"} for g in groups],
+        "kernels": kernels,
+        "knn": knn_rows,
+        "make_level": {m["name"]: m["make_level"] for m in analysed},
+        "confusions": {m["name"]: confusions[m["slug"]] for m in analysed},
+        "gallery_ids": gallery,
+        "incomplete": problems,
         "label_noise": noise,
     }
     atomic_write_text(files["json"], json.dumps(summary, indent=2, default=str))
-    return {"rows": rows, "columns": COLUMNS, "groups": groups, "kernels": kernels, "knn": knn_rows, "problems": problems,
-            "make_level": summary["make_level"], "files": {k: str(v) for k, v in files.items()},
-            "thumbnails": thumbs.note if thumbs is not None and thumbs.note else None}
+    return {
+        "rows": rows,
+        "columns": COLUMNS,
+        "groups": groups,
+        "kernels": kernels,
+        "knn": knn_rows,
+        "problems": problems,
+        "make_level": summary["make_level"],
+        "files": {k: str(v) for k, v in files.items()},
+        "thumbnails": thumbs.note if thumbs is not None and thumbs.note else None,
+    }
 
 
 def _toc(headline: bool, analysis: bool, gallery: bool) -> str:
@@ -795,16 +1084,23 @@ def _png(path: Path, alt: str) -> str:
 
 
 def _html_per_class(analysed: list[dict], tables: dict) -> list[str]:
-    parts = ["<h2 id='per-class'>Per-class accuracy</h2>", "<p>Worst and best 10 classes per run (ties: more test images first). "
-             "The full table below sorts by any column (click its header).</p>"]
+    parts = [
+        "<h2 id='per-class'>Per-class accuracy</h2>",
+        "<p>Worst and best 10 classes per run (ties: more test images first). "
+        "The full table below sorts by any column (click its header).</p>",
+    ]
     for i, m in enumerate(analysed):
         table = [r for r in tables[m["slug"]] if r["n"]]
         ranked = sorted(table, key=lambda r: (r["acc"], -r["n"], r["label"]))
         cols = ("class", "test images", "acc %")
-        cells = lambda rs: [{"class": m["class_names"][r["label"]], "test images": str(r["n"]), "acc %": _pct(r["acc"])} for r in rs]  # noqa: E731
-        parts.append(f"<details{' open' if i == 0 else ''}><summary>{esc(m['name'])}</summary><div class='pair'>"
-                     f"<div><h4>worst {TOP_CLASSES}</h4>{_html_table(cols, cells(ranked[:TOP_CLASSES]))}</div>"
-                     f"<div><h4>best {TOP_CLASSES}</h4>{_html_table(cols, cells(list(reversed(ranked))[:TOP_CLASSES]))}</div></div></details>")
+        cells = lambda rs: [
+            {"class": m["class_names"][r["label"]], "test images": str(r["n"]), "acc %": _pct(r["acc"])} for r in rs
+        ]  # noqa: E731
+        parts.append(
+            f"<details{' open' if i == 0 else ''}><summary>{esc(m['name'])}</summary><div class='pair'>"
+            f"<div><h4>worst {TOP_CLASSES}</h4>{_html_table(cols, cells(ranked[:TOP_CLASSES]))}</div>"
+            f"<div><h4>best {TOP_CLASSES}</h4>{_html_table(cols, cells(list(reversed(ranked))[:TOP_CLASSES]))}</div></div></details>"
+        )
     names = analysed[0]["class_names"]
     same_classes = all(m["class_names"] == names for m in analysed)
     if same_classes:
@@ -815,26 +1111,38 @@ def _html_per_class(analysed: list[dict], tables: dict) -> list[str]:
             row = {"class": name, "make": make_of(name), "test images": str(n)}
             row.update({m["name"]: _pct(tables[m["slug"]][label]["acc"]) for m in analysed})
             rows.append(row)
-        parts.append(f"<details><summary>All {len(names)} classes × {len(analysed)} runs (sortable)</summary>"
-                     f"{_html_table(columns, rows, cls='sortable')}</details>")
+        parts.append(
+            f"<details><summary>All {len(names)} classes × {len(analysed)} runs (sortable)</summary>"
+            f"{_html_table(columns, rows, cls='sortable')}</details>"
+        )
     return parts
 
 
 def _html_confusions(analysed, confusions, predictions, thumbs) -> list[str]:
-    parts = ["<h2 id='confusions'>Most confused class pairs</h2>",
-             "<p>Per run, the most frequent (true class → predicted class) errors; left: a test image of the true class that "
-             "was predicted as the other, right: a training image of the predicted class.</p>"]
+    parts = [
+        "<h2 id='confusions'>Most confused class pairs</h2>",
+        "<p>Per run, the most frequent (true class → predicted class) errors; left: a test image of the true class that "
+        "was predicted as the other, right: a training image of the predicted class.</p>",
+    ]
     if thumbs is not None and thumbs.note:
         parts.append(f"<p class='note'>{esc(thumbs.note)}</p>")
     for i, m in enumerate(analysed):
         pairs = confusions[m["slug"]]
-        body = "<p>No errors.</p>" if not pairs else "<div class='pairs'>" + "".join(
-            "<figure class='confusion'>"
-            f"{_img(thumbs.of(c['example_id']) if thumbs else None, m['class_names'][c['true']])}"
-            "<span class='arrow'>→</span>"
-            f"{_img(thumbs.of_class(c['predicted']) if thumbs else None, m['class_names'][c['predicted']])}"
-            f"<figcaption><b>{esc(m['class_names'][c['true']])}</b> → {esc(m['class_names'][c['predicted']])}"
-            f"<br>{c['count']} of {c['of']} test images</figcaption></figure>" for c in pairs) + "</div>"
+        body = (
+            "<p>No errors.</p>"
+            if not pairs
+            else "<div class='pairs'>"
+            + "".join(
+                "<figure class='confusion'>"
+                f"{_img(thumbs.of(c['example_id']) if thumbs else None, m['class_names'][c['true']])}"
+                "<span class='arrow'>→</span>"
+                f"{_img(thumbs.of_class(c['predicted']) if thumbs else None, m['class_names'][c['predicted']])}"
+                f"<figcaption><b>{esc(m['class_names'][c['true']])}</b> → {esc(m['class_names'][c['predicted']])}"
+                f"<br>{c['count']} of {c['of']} test images</figcaption></figure>"
+                for c in pairs
+            )
+            + "</div>"
+        )
         parts.append(f"<details{' open' if i < 2 else ''}><summary>{esc(m['name'])}</summary>{body}</details>")
     return parts
 
@@ -845,7 +1153,10 @@ def _top3(p: runs.Predictions, image_id: int, names: list[str]) -> tuple[list[tu
         return None
     i = int(where[0])
     true = int(p.labels[i])
-    top = [(names[int(c)], _score(float(s), p.score_kind), int(c) == true) for c, s in zip(p.top_classes[i, :3], p.top_scores[i, :3])]
+    top = [
+        (names[int(c)], _score(float(s), p.score_kind), int(c) == true)
+        for c, s in zip(p.top_classes[i, :3], p.top_scores[i, :3])
+    ]
     return top, int(p.top_classes[i, 0]) == true
 
 
@@ -863,10 +1174,12 @@ def _gallery_md_rows(gallery, analysed, predictions) -> list[dict]:
 
 
 def _html_gallery(gallery, analysed, predictions, thumbs) -> list[str]:
-    parts = [f"<h2 id='gallery'>Prediction gallery</h2><p>{len(gallery)} test images drawn with seed {GALLERY_SEED} from those "
-             "every run scored (the same images for every report of the same test set); each run's top-3 with its score "
-             "(probability, SVM decision score or kNN vote share). <span class='wrong'>✗</span> marks a wrong top-1; "
-             "the true class is in bold where it appears.</p><div class='gallery'>"]
+    parts = [
+        f"<h2 id='gallery'>Prediction gallery</h2><p>{len(gallery)} test images drawn with seed {GALLERY_SEED} from those "
+        "every run scored (the same images for every report of the same test set); each run's top-3 with its score "
+        "(probability, SVM decision score or kNN vote share). <span class='wrong'>✗</span> marks a wrong top-1; "
+        "the true class is in bold where it appears.</p><div class='gallery'>"
+    ]
     if thumbs is not None and thumbs.note:
         parts.insert(0, f"<p class='note'>{esc(thumbs.note)}</p>")
     for image_id in gallery:
@@ -881,10 +1194,14 @@ def _html_gallery(gallery, analysed, predictions, thumbs) -> list[str]:
             top, right = got
             items = ", ".join((f"<b>{esc(n)}</b>" if ok else esc(n)) + f" <small>{esc(s)}</small>" for n, s, ok in top)
             mark = "<span class='right'>✓</span>" if right else "<span class='wrong'>✗</span>"
-            lines.append(f"<tr class='{'ok' if right else 'bad'}'><td>{mark}</td><td class='run'>{esc(m['name'])}</td><td>{items}</td></tr>")
+            lines.append(
+                f"<tr class='{'ok' if right else 'bad'}'><td>{mark}</td><td class='run'>{esc(m['name'])}</td><td>{items}</td></tr>"
+            )
         picture = _img(thumbs.of(image_id, GALLERY_PX, box=False) if thumbs else None, true_name, "photo")
-        parts.append(f"<div class='card'>{picture}<div class='truth'>{esc(true_name)}<small> · manifest row {image_id}</small></div>"
-                     f"<table class='preds'>{''.join(lines)}</table></div>")
+        parts.append(
+            f"<div class='card'>{picture}<div class='truth'>{esc(true_name)}<small> · manifest row {image_id}</small></div>"
+            f"<table class='preds'>{''.join(lines)}</table></div>"
+        )
     parts.append("</div>")
     return parts
 

@@ -17,10 +17,12 @@ from cars_tl.models import feature_map
 from cars_tl.report.build import GROUP_ORDER, model_group
 
 TITLE = "Feature space by make"
-INTRO = ("Test-split features of each model group, PCA to 50 dimensions then t-SNE (seed 0), one colour per make. "
-         "B, C and kNN share their frozen features; A and D show the features a fine-tune made (the head's input). "
-         "t-SNE keeps neighbourhoods, not distances: the make-level 10-NN accuracy in the map and in the full space "
-         "say how much of the structure the picture shows.")
+INTRO = (
+    "Test-split features of each model group, PCA to 50 dimensions then t-SNE (seed 0), one colour per make. "
+    "B, C and kNN share their frozen features; A and D show the features a fine-tune made (the head's input). "
+    "t-SNE keeps neighbourhoods, not distances: the make-level 10-NN accuracy in the map and in the full space "
+    "say how much of the structure the picture shows."
+)
 
 
 def _sources(complete: list[dict]) -> list[tuple[str, str, Path]]:
@@ -66,6 +68,8 @@ def section(complete: list[dict], out: Path, data_dir: Path | None) -> tuple[str
         figures = f"make-level 10-NN accuracy: 2-D map {r['knn_map']:.1f}%, full space {r['knn_full']:.1f}% ({len(r['coords'])} images)"
         md += ["", f"### {group}: {name}", "", f"![feature map {group}]({png.name})", "", figures]
         data = base64.b64encode(png.read_bytes()).decode()
-        parts.append(f"<h3>{html.escape(group)}: {html.escape(name)}</h3><img alt='feature map {html.escape(group)}' "
-                     f"src='data:image/png;base64,{data}'><p>{html.escape(figures)}</p>")
+        parts.append(
+            f"<h3>{html.escape(group)}: {html.escape(name)}</h3><img alt='feature map {html.escape(group)}' "
+            f"src='data:image/png;base64,{data}'><p>{html.escape(figures)}</p>"
+        )
     return "\n".join(md), "\n".join(parts)

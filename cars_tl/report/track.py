@@ -44,11 +44,14 @@ PARAM_MAX_CHARS = 6000  # MLflow's limit on a parameter value
 
 # --------------------------------------------------------------------------- what a run becomes
 
+
 def run_ids(run_dir: Path, metrics: dict) -> tuple[str, str]:
     """(path_id, run_id): stable per run directory, and per run of it."""
     path = str(Path(run_dir).resolve())
-    return (hashlib.sha256(path.encode()).hexdigest()[:16],
-            hashlib.sha256(f"{path}\0{metrics.get('created')}".encode()).hexdigest()[:16])
+    return (
+        hashlib.sha256(path.encode()).hexdigest()[:16],
+        hashlib.sha256(f"{path}\0{metrics.get('created')}".encode()).hexdigest()[:16],
+    )
 
 
 def _flat(prefix: str, value, out: dict) -> None:
@@ -69,7 +72,9 @@ def params_of(m: dict) -> dict[str, str]:
         if k in b:
             _flat(f"backbone.{k}", b[k], out)
     inputs = m.get("inputs") or {}
-    out["dataset_fingerprint"] = str(inputs.get("dataset_fingerprint") or (m.get("config") or {}).get("dataset_fingerprint"))
+    out["dataset_fingerprint"] = str(
+        inputs.get("dataset_fingerprint") or (m.get("config") or {}).get("dataset_fingerprint")
+    )
     if inputs.get("features"):
         out["features.path"] = str(inputs["features"].get("path"))
         out["features.sha256"] = str(inputs["features"].get("sha256"))
@@ -107,9 +112,14 @@ def final_of(m: dict) -> dict[str, float]:
 
 def tags_of(m: dict, run_dir: Path, path_id: str, run_id: str) -> dict[str, str]:
     return {
-        "cars_tl.kind": str(m.get("kind")), "cars_tl.preset": str((m.get("config") or {}).get("preset", "")),
-        "cars_tl.model_group": model_group(m), "cars_tl.setting": setting(m), "cars_tl.run_dir": str(Path(run_dir).resolve()),
-        "cars_tl.path_id": path_id, "cars_tl.run_id": run_id, "cars_tl.created": str(m.get("created")),
+        "cars_tl.kind": str(m.get("kind")),
+        "cars_tl.preset": str((m.get("config") or {}).get("preset", "")),
+        "cars_tl.model_group": model_group(m),
+        "cars_tl.setting": setting(m),
+        "cars_tl.run_dir": str(Path(run_dir).resolve()),
+        "cars_tl.path_id": path_id,
+        "cars_tl.run_id": run_id,
+        "cars_tl.created": str(m.get("created")),
     }
 
 
@@ -132,11 +142,15 @@ def cv_tables(m: dict) -> dict[str, str]:
 
 
 def small_files(run_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(run_dir).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.stat().st_size <= ARTIFACT_MAX_BYTES)
+    return sorted(
+        p
+        for p in Path(run_dir).iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.stat().st_size <= ARTIFACT_MAX_BYTES
+    )
 
 
 # --------------------------------------------------------------------------- the walk
+
 
 def _run_dirs(paths: list[Path]) -> list[Path]:
     found = []
@@ -145,11 +159,18 @@ def _run_dirs(paths: list[Path]) -> list[Path]:
         if (p / runs.METRICS).is_file():
             found.append(p)
         elif (p / "runs").is_dir() or p.is_dir():
-            found.extend(runs.list_runs(p) if (p / "runs").is_dir() else
-                         sorted(d for d in p.iterdir() if d.is_dir() and (d / runs.METRICS).is_file() and not d.name.startswith(".")))
+            found.extend(
+                runs.list_runs(p)
+                if (p / "runs").is_dir()
+                else sorted(
+                    d for d in p.iterdir() if d.is_dir() and (d / runs.METRICS).is_file() and not d.name.startswith(".")
+                )
+            )
         else:
-            raise CarsTLError(f"{p} is neither a run directory nor a folder of runs",
-                              "pass run directories (artifacts/runs/NAME) or an artifacts folder")
+            raise CarsTLError(
+                f"{p} is neither a run directory nor a folder of runs",
+                "pass run directories (artifacts/runs/NAME) or an artifacts folder",
+            )
     return found
 
 
@@ -157,7 +178,10 @@ def track(paths: list[Path], to: str, target: str, experiment: str = "cars_tl") 
     """Mirror every run under ``paths`` into ``to`` (tensorboard: a folder; mlflow: a tracking URI).
     Returns one ``{"run", "action", "detail"}`` per run: created, replaced, unchanged or skipped."""
     if to not in TARGETS:
-        raise CarsTLError(f"unknown --to {to!r}; valid: {', '.join(TARGETS)}", "cars-tl track --to tensorboard DIR  or  --to mlflow sqlite:///mlflow.db")
+        raise CarsTLError(
+            f"unknown --to {to!r}; valid: {', '.join(TARGETS)}",
+            "cars-tl track --to tensorboard DIR  or  --to mlflow sqlite:///mlflow.db",
+        )
     sink = _TensorBoardSink(Path(target)) if to == "tensorboard" else _MlflowSink(target, experiment)
     results = []
     for run_dir in _run_dirs(paths):
@@ -167,7 +191,13 @@ def track(paths: list[Path], to: str, target: str, experiment: str = "cars_tl") 
             results.append({"run": str(run_dir), "action": "skipped", "detail": exc.message})
             continue
         if m.get("status") != "complete":
-            results.append({"run": str(run_dir), "action": "skipped", "detail": f"status {m.get('status')}: only complete runs are mirrored"})
+            results.append(
+                {
+                    "run": str(run_dir),
+                    "action": "skipped",
+                    "detail": f"status {m.get('status')}: only complete runs are mirrored",
+                }
+            )
             continue
         path_id, run_id = run_ids(run_dir, m)
         action, detail = sink.mirror(run_dir, m, path_id, run_id)
@@ -176,6 +206,7 @@ def track(paths: list[Path], to: str, target: str, experiment: str = "cars_tl") 
 
 
 # --------------------------------------------------------------------------- TensorBoard
+
 
 class _TensorBoardSink:
     def __init__(self, root: Path):
@@ -210,9 +241,13 @@ class _TensorBoardSink:
             rows = list(csv.reader(io.StringIO(text)))
             table = "\n".join("| " + " | ".join(r) + " |" for r in rows[:1] + [["---"] * len(rows[0])] + rows[1:])
             log.text(f"cv/{name[3:-4]}", table)
-        log.hparams({**{k: v for k, v in (m.get("config") or {}).items()}, **tags_of(m, run_dir, path_id, run_id)}, final_of(m))
+        log.hparams(
+            {**{k: v for k, v in (m.get("config") or {}).items()}, **tags_of(m, run_dir, path_id, run_id)}, final_of(m)
+        )
         log.close()
-        atomic_write_text(folder / MARKER, json.dumps({"path_id": path_id, "run_id": run_id, "run_dir": str(Path(run_dir).resolve())}))
+        atomic_write_text(
+            folder / MARKER, json.dumps({"path_id": path_id, "run_id": run_id, "run_dir": str(Path(run_dir).resolve())})
+        )
         return ("replaced" if marker else "created"), str(folder)
 
 
@@ -224,6 +259,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 # --------------------------------------------------------------------------- MLflow
+
 
 def require_mlflow():
     try:
@@ -243,7 +279,7 @@ def require_mlflow():
 
 def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     return None
 
 
@@ -251,11 +287,14 @@ class _MlflowSink:
     def __init__(self, uri: str, experiment: str):
         client_class = require_mlflow()
         if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
+            Path(uri[len("sqlite:///") :]).resolve().parent.mkdir(parents=True, exist_ok=True)
         self.client = client_class(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=_artifact_location(uri))
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+        )
 
     def mirror(self, run_dir: Path, m: dict, path_id: str, run_id: str) -> tuple[str, str]:
         from mlflow.entities import Metric, Param
@@ -267,16 +306,19 @@ class _MlflowSink:
         for r in earlier:  # an earlier run of this directory (before a --force rerun), or a half-mirrored one
             self.client.delete_run(r.info.run_id)
         start = _millis(m.get("created"))
-        run = self.client.create_run(self.experiment_id, start_time=start, run_name=Path(run_dir).name,
-                                     tags=tags_of(m, run_dir, path_id, run_id))
+        run = self.client.create_run(
+            self.experiment_id, start_time=start, run_name=Path(run_dir).name, tags=tags_of(m, run_dir, path_id, run_id)
+        )
         rid = run.info.run_id
         params = [Param(k, v) for k, v in params_of(m).items()]
-        metrics = [Metric(name, value, start, step) for name, points in histories_of(m).items() for step, value in points]
+        metrics = [
+            Metric(name, value, start, step) for name, points in histories_of(m).items() for step, value in points
+        ]
         metrics += [Metric(f"final.{k}", v, start, 0) for k, v in final_of(m).items()]
         for i in range(0, len(params), 100):
-            self.client.log_batch(rid, params=params[i:i + 100])
+            self.client.log_batch(rid, params=params[i : i + 100])
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(rid, metrics=metrics[i:i + 1000])
+            self.client.log_batch(rid, metrics=metrics[i : i + 1000])
         for path in small_files(run_dir):
             self.client.log_artifact(rid, str(path))
         for name, text in cv_tables(m).items():

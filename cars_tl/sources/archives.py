@@ -26,8 +26,8 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterable
 
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
@@ -74,14 +74,26 @@ def _check_sizes(shown: str, archive: Path, sizes: Iterable[tuple[str, int, int 
     for name, size, packed in sizes:
         total += size
         if total > max_bytes:
-            raise _too_big(shown, f"it expands to more than {_gib(max_bytes)} (at member {name!r})", MAX_BYTES_ENV, 2 * max_bytes)
+            raise _too_big(
+                shown, f"it expands to more than {_gib(max_bytes)} (at member {name!r})", MAX_BYTES_ENV, 2 * max_bytes
+            )
         if packed is not None and size > _RATIO_FLOOR and size > max_ratio * max(packed, 1):
-            raise _too_big(shown, f"member {name!r} expands {size / max(packed, 1):,.0f} times ({_gib(size)} from {packed:,} bytes; "
-                           f"the limit is {max_ratio:g})", MAX_RATIO_ENV, int(10 * max_ratio))
+            raise _too_big(
+                shown,
+                f"member {name!r} expands {size / max(packed, 1):,.0f} times ({_gib(size)} from {packed:,} bytes; "
+                f"the limit is {max_ratio:g})",
+                MAX_RATIO_ENV,
+                int(10 * max_ratio),
+            )
     packed_total = archive.stat().st_size
     if total > _RATIO_FLOOR and total > max_ratio * max(packed_total, 1):
-        raise _too_big(shown, f"it expands {total / max(packed_total, 1):,.0f} times ({_gib(total)} from {packed_total:,} bytes; "
-                       f"the limit is {max_ratio:g})", MAX_RATIO_ENV, int(10 * max_ratio))
+        raise _too_big(
+            shown,
+            f"it expands {total / max(packed_total, 1):,.0f} times ({_gib(total)} from {packed_total:,} bytes; "
+            f"the limit is {max_ratio:g})",
+            MAX_RATIO_ENV,
+            int(10 * max_ratio),
+        )
     return total
 
 
@@ -136,7 +148,9 @@ def safe_extract(archive: Path, dest: Path, *, progress: Progress = NULL, shown:
         _materialise_links(tmp)
         _merge_into(tmp, dest)
     except _CORRUPT as exc:
-        raise CarsTLError(f"cannot extract {shown}: {exc}", "the archive is damaged or truncated; download it again") from None
+        raise CarsTLError(
+            f"cannot extract {shown}: {exc}", "the archive is damaged or truncated; download it again"
+        ) from None
     except OSError as exc:
         raise CarsTLError(
             f"cannot extract {shown}: {exc.strerror or exc}",
@@ -175,7 +189,9 @@ def _merge_into(tmp: Path, dest: Path) -> None:
     entries = list(tmp.iterdir())
     clashes = [e.name for e in entries if (dest / e.name).exists()]
     if clashes:
-        raise CarsTLError(f"extracting into {dest} would overwrite {', '.join(clashes[:5])}", f"remove them from {dest} first")
+        raise CarsTLError(
+            f"extracting into {dest} would overwrite {', '.join(clashes[:5])}", f"remove them from {dest} first"
+        )
     for entry in entries:
         os.replace(entry, dest / entry.name)
 
@@ -279,7 +295,9 @@ def _extract_zip(archive: Path, into: Path, progress: Progress, shown: str) -> N
             return info.filename, "dir" if info.is_dir() else "file", ""
 
         _check_members(shown, (kind(i) for i in infos))
-        _check_sizes(shown, archive, ((i.filename, i.file_size, i.compress_size) for i in infos if i.filename not in links))
+        _check_sizes(
+            shown, archive, ((i.filename, i.file_size, i.compress_size) for i in infos if i.filename not in links)
+        )
         max_bytes, _ = limits()
         written = 0
         with progress.task(f"extract {archive.name}", total=len(infos), unit="files") as task:
@@ -297,7 +315,11 @@ def _extract_zip(archive: Path, into: Path, progress: Progress, shown: str) -> N
                         while block := src.read(1 << 20):
                             written += len(block)
                             if written > max_bytes:  # the central directory said less
-                                raise _too_big(shown, f"it expands to more than {_gib(max_bytes)} (at member {info.filename!r})",
-                                               MAX_BYTES_ENV, 2 * max_bytes)
+                                raise _too_big(
+                                    shown,
+                                    f"it expands to more than {_gib(max_bytes)} (at member {info.filename!r})",
+                                    MAX_BYTES_ENV,
+                                    2 * max_bytes,
+                                )
                             out.write(block)
                 task.advance(1)

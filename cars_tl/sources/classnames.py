@@ -22,8 +22,8 @@ import difflib
 import functools
 import json
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cars_tl.core.errors import CarsTLError
 

@@ -32,8 +32,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cars_tl import data
 from cars_tl.core import locks
@@ -49,9 +49,23 @@ SOURCE_CHOICES = "auto, demo, an http(s):// mirror URL, or an existing folder or
 CHUNK = 1 << 20
 USER_AGENT = "cars-tl/0.1 (python urllib)"
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's convention: resnet50-11ad3fa6.pth
-_WELL_KNOWN_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large", "regnet_y_800mf", "swin_t", "vit_b_16")
+_WELL_KNOWN_MODELS = (
+    "resnet18",
+    "resnet50",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "mobilenet_v3_large",
+    "regnet_y_800mf",
+    "swin_t",
+    "vit_b_16",
+)
 RECONNECT_TRIES = 3  # a refused connection after bytes arrived: the server may be restarting
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # writing the data folder failed: not the network's fault
+_DISK_FULL = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+}  # writing the data folder failed: not the network's fault
 
 
 class DownloadError(CarsTLError):
@@ -100,7 +114,8 @@ def download_file(
         if problem:
             part.unlink(missing_ok=True)  # the only failure that makes the bytes useless
             raise DownloadError(
-                url, problem,
+                url,
+                problem,
                 f"the server sent a different file; try another mirror (--mirror URL) or download {dest.name} by hand",
             )
         os.replace(part, dest)
@@ -161,7 +176,9 @@ def _stream(url, part: Path, *, size, checks, progress, retries, timeout) -> dic
                     length = response.headers.get("Content-Length")
                     expected = offset + int(length) if length and length.isdigit() else None
                     if task is None:
-                        task = stack.enter_context(progress.task(f"download {part.name[:-5]}", total=size or expected, unit="B"))
+                        task = stack.enter_context(
+                            progress.task(f"download {part.name[:-5]}", total=size or expected, unit="B")
+                        )
                         task.advance(offset)
                     with open(part, "ab" if offset else "wb") as f:
                         while chunk := response.read(CHUNK):
@@ -186,7 +203,11 @@ def _stream(url, part: Path, *, size, checks, progress, retries, timeout) -> dic
                     raise DownloadError(url, f"HTTP {exc.code} {exc.reason}") from None
             except urllib.error.URLError as exc:
                 refused = isinstance(exc.reason, ConnectionRefusedError)
-                if isinstance(exc.reason, socket.gaierror) or not isinstance(exc.reason, OSError) or (refused and not offset):
+                if (
+                    isinstance(exc.reason, socket.gaierror)
+                    or not isinstance(exc.reason, OSError)
+                    or (refused and not offset)
+                ):
                     # Unknown hosts and servers that never answered do not heal in seconds: fail fast.
                     raise DownloadError(url, f"cannot connect ({exc.reason})") from None
                 reason = str(exc.reason)
@@ -194,7 +215,8 @@ def _stream(url, part: Path, *, size, checks, progress, retries, timeout) -> dic
                     refusals += 1
                     if refusals > RECONNECT_TRIES:
                         raise DownloadError(
-                            url, f"connection refused after {offset} bytes ({RECONNECT_TRIES} retries); "
+                            url,
+                            f"connection refused after {offset} bytes ({RECONNECT_TRIES} retries); "
                             f"{part} is kept and the next run resumes from it",
                             "rerun the same command when the server is back (or pass another --mirror)",
                         ) from None
@@ -275,7 +297,10 @@ def _mirror_label(mirror: dict) -> str:
 def _check_mirror_urls(mirrors: Sequence[str]) -> None:
     bad = [m for m in mirrors if not _is_http(m)]
     if bad:
-        raise CarsTLError(f"--mirror {bad[0]!r} is not an http(s):// URL", "pass --mirror https://host/folder (the folder holding the files)")
+        raise CarsTLError(
+            f"--mirror {bad[0]!r} is not an http(s):// URL",
+            "pass --mirror https://host/folder (the folder holding the files)",
+        )
 
 
 def _fetch_split_files(bases: list[tuple[str, str]], files: dict, folder: Path, progress: Progress) -> None:
@@ -285,7 +310,9 @@ def _fetch_split_files(bases: list[tuple[str, str]], files: dict, folder: Path, 
         for label, base in bases:
             url = f"{base.rstrip('/')}/{name}"
             try:
-                download_file(url, folder / name, size=files[name].get("size"), md5=files[name]["md5"], progress=progress)
+                download_file(
+                    url, folder / name, size=files[name].get("size"), md5=files[name]["md5"], progress=progress
+                )
                 break
             except DownloadError as exc:
                 failures.append(f"  {label}: {url}: {exc.reason}")
@@ -414,7 +441,11 @@ def _storage_failure(exc: OSError, data_dir: Path, wanted: dict) -> CarsTLError:
     except OSError:
         free = "free space unknown"
     needed = _space_needed(wanted)
-    need = f"about {needed / 1e9:,.2f} GB needed" if needed else "the dataset needs about 2 GB (4 GB while its archives are kept)"
+    need = (
+        f"about {needed / 1e9:,.2f} GB needed"
+        if needed
+        else "the dataset needs about 2 GB (4 GB while its archives are kept)"
+    )
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CarsTLError(
@@ -427,10 +458,14 @@ def _storage_failure(exc: OSError, data_dir: Path, wanted: dict) -> CarsTLError:
             f"cannot write the dataset into {where}: {reason} (a file is larger than this process may write)",
             "raise the limit (ulimit -f unlimited), then rerun the same cars-tl download",
         )
-    return CarsTLError(f"cannot write the dataset into {where}: {reason}", f"make {where} writable, or pass another --data-dir")
+    return CarsTLError(
+        f"cannot write the dataset into {where}: {reason}", f"make {where} writable, or pass another --data-dir"
+    )
 
 
-def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify, progress) -> tuple[data.Manifest, str]:
+def _prepare_locked(
+    data_dir, root, source, wanted, mirrors, mirror_list, verify, progress
+) -> tuple[data.Manifest, str]:
     installed = data.read_origin(root)
     satisfied = root.is_dir() and _satisfied(installed, wanted)
     if satisfied and not verify and data.manifest_is_current(data_dir):
@@ -451,7 +486,13 @@ def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify
             test_labels = Path(wanted["test_labels"]) if wanted.get("test_labels") else None
             command = f"cars-tl download --data-dir {shlex.quote(str(data_dir))} --source {shlex.quote(wanted['path'])}"
             return layouts.import_path(
-                Path(wanted["path"]), stage, stage.parent, test_labels=test_labels, splits=wanted["splits"], command=command, progress=progress
+                Path(wanted["path"]),
+                stage,
+                stage.parent,
+                test_labels=test_labels,
+                splits=wanted["splits"],
+                command=command,
+                progress=progress,
             )
 
         return _build(data_dir, wanted, fill, progress), "imported"
@@ -488,7 +529,9 @@ def _prepare_locked(data_dir, root, source, wanted, mirrors, mirror_list, verify
     return manifest, "downloaded"
 
 
-def _build(data_dir: Path, origin: dict, fill: Callable[[Path], "layouts.Imported | None"], progress: Progress) -> data.Manifest:
+def _build(
+    data_dir: Path, origin: dict, fill: Callable[[Path], layouts.Imported | None], progress: Progress
+) -> data.Manifest:
     """Fill a fresh ``stanford_cars`` in a temporary folder of ``data_dir``, validate, swap in.
 
     The temporary folder is ``.stanford_cars.tmp-*``: a killed run's is removed by the next
@@ -512,7 +555,9 @@ def _build(data_dir: Path, origin: dict, fill: Callable[[Path], "layouts.Importe
 # --------------------------------------------------------------------------- weights
 
 
-def download_weights(model_name: str, *, variant: str | None = None, mirrors: Sequence[str] = (), progress: Progress = NULL) -> Path:
+def download_weights(
+    model_name: str, *, variant: str | None = None, mirrors: Sequence[str] = (), progress: Progress = NULL
+) -> Path:
     """Fetch ImageNet weights of a torchvision classification model into the hub cache.
 
     ``model_name`` may name the weights enum too (``resnet50:IMAGENET1K_V1``), or ``variant`` does;
@@ -527,7 +572,10 @@ def download_weights(model_name: str, *, variant: str | None = None, mirrors: Se
     if ":" in model_name:
         model_name, named = model_name.split(":", 1)
         if variant and variant != named:
-            raise CarsTLError(f"--weights {model_name}:{named} and --variant {variant} disagree", f"cars-tl download --weights {model_name}:{named}")
+            raise CarsTLError(
+                f"--weights {model_name}:{named} and --variant {variant} disagree",
+                f"cars-tl download --weights {model_name}:{named}",
+            )
         variant = named
     valid = torchvision.models.list_models(module=torchvision.models)
     if model_name.lower() not in valid:

@@ -34,8 +34,8 @@ import os
 import re
 import shlex
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Callable, Sequence
 
 from cars_tl import data
 from cars_tl.core.errors import BadImageError, CarsTLError
@@ -140,7 +140,10 @@ def _sources_of(stage: Path, staged_dir: str, origin: Path, src: _Source) -> dic
     if not folder.is_dir():
         return {}
     # The folder itself too: an image missing from it is named as missing from the user's folder (or member).
-    return {f"{staged_dir}/": src.name(origin), **{f"{staged_dir}/{p.name}": src.name(origin / p.name) for p in folder.iterdir()}}
+    return {
+        f"{staged_dir}/": src.name(origin),
+        **{f"{staged_dir}/{p.name}": src.name(origin / p.name) for p in folder.iterdir()},
+    }
 
 
 # --------------------------------------------------------------------------- detection
@@ -149,8 +152,11 @@ def _sources_of(stage: Path, staged_dir: str, origin: Path, src: _Source) -> dic
 def devkit_parts(folder: Path) -> dict | None:
     """The devkit folder and image folders of the torchvision or Kaggle layout at ``folder``."""
     devkit = next(
-        (d for d in (folder / "devkit", folder / "car_devkit" / "devkit", folder / "car_devkit")
-         if (d / "cars_meta.mat").is_file() and (d / "cars_train_annos.mat").is_file()),
+        (
+            d
+            for d in (folder / "devkit", folder / "car_devkit" / "devkit", folder / "car_devkit")
+            if (d / "cars_meta.mat").is_file() and (d / "cars_train_annos.mat").is_file()
+        ),
         None,
     )
     if devkit is None:
@@ -212,11 +218,15 @@ def _near_misses(folder: Path) -> list[str]:
 
     wanted = {
         "torchvision": {
-            "cars_train/": has("cars_train"), "cars_test/": has("cars_test"),
+            "cars_train/": has("cars_train"),
+            "cars_test/": has("cars_test"),
             **{f: has(f) for f in data.DEVKIT_FILES.values()},
         },
         "split archives": {f: has(f) for f in SPLIT_FILES[:3]},
-        "all-in-one": {"car_ims.tgz (or car_ims/)": has("car_ims.tgz", "car_ims"), "cars_annos.mat": has("cars_annos.mat")},
+        "all-in-one": {
+            "car_ims.tgz (or car_ims/)": has("car_ims.tgz", "car_ims"),
+            "cars_annos.mat": has("cars_annos.mat"),
+        },
         "class folders": {"train/<class>/": has("train"), "test/<class>/": has("test")},
     }
     misses = []
@@ -228,10 +238,14 @@ def _near_misses(folder: Path) -> list[str]:
     if train.is_dir():  # class folders without a single image
         classes = [d for d in train.iterdir() if d.is_dir()]
         if classes and not any(_has_images(d) for d in classes):
-            misses.append(f"{train} holds {len(classes)} class folders, but all {len(classes)} are empty "
-                          f"(no {', '.join(IMAGE_SUFFIXES)} files in them)")
+            misses.append(
+                f"{train} holds {len(classes)} class folders, but all {len(classes)} are empty "
+                f"(no {', '.join(IMAGE_SUFFIXES)} files in them)"
+            )
         elif not classes and _has_images(train):
-            misses.append(f"{train} holds images directly: the class folders layout needs one folder per class (train/<class name>/*.jpg)")
+            misses.append(
+                f"{train} holds images directly: the class folders layout needs one folder per class (train/<class name>/*.jpg)"
+            )
     return misses
 
 
@@ -254,13 +268,20 @@ def find_layout(root: Path) -> tuple[str, Path]:
             if layouts:
                 return layouts[0], folder
             near += _near_misses(folder)
-            below += sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in not_containers and not p.name.startswith("."))
+            below += sorted(
+                p
+                for p in folder.iterdir()
+                if p.is_dir() and p.name not in not_containers and not p.name.startswith(".")
+            )
         level = below
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     shown = ", ".join(found[:15]) + (f", ... ({len(found) - 15} more)" if len(found) > 15 else "") or "nothing"
     lines = [f"no Stanford Cars layout recognised in {root} (found: {shown})", *near, "accepted layouts:"]
     lines += [f"  - {layout}" for layout in ACCEPTED_LAYOUTS]
-    raise CarsTLError("\n".join(lines), "arrange the files in one of these layouts and rerun cars-tl download --source PATH, or use --source demo")
+    raise CarsTLError(
+        "\n".join(lines),
+        "arrange the files in one of these layouts and rerun cars-tl download --source PATH, or use --source demo",
+    )
 
 
 # --------------------------------------------------------------------------- importers
@@ -296,7 +317,9 @@ def _import_devkit_folders(folder: Path, stage: Path, work: Path, src: _Source, 
                 f"{src.command} --test-labels /path/to/{TEST_LABELS}   (or import the train split alone: {src.command} --splits train)",
             )
         if images["test"] is None:
-            raise CarsTLError(f"{src.name(folder)} has no cars_test/ image folder", "add it, or import with --splits train")
+            raise CarsTLError(
+                f"{src.name(folder)} has no cars_test/ image folder", "add it, or import with --splits train"
+            )
     stage.mkdir(parents=True)
     sources = {}
     for split in src.splits:
@@ -312,7 +335,9 @@ def _import_devkit_folders(folder: Path, stage: Path, work: Path, src: _Source, 
     return Imported(parts["layout"], True, src.splits, sources)
 
 
-def import_split_archives(folder: Path, stage: Path, work: Path, src: _Source | None = None, progress: Progress = NULL) -> Imported:
+def import_split_archives(
+    folder: Path, stage: Path, work: Path, src: _Source | None = None, progress: Progress = NULL
+) -> Imported:
     """The four original split files in ``folder`` (also what the mirrors serve)."""
     src = src or _Source(folder, False)
     stage.mkdir(parents=True)
@@ -327,7 +352,12 @@ def import_split_archives(folder: Path, stage: Path, work: Path, src: _Source | 
                 f"check that {archive} is the original Stanford Cars file",
             )
         if member in data.IMAGE_DIRS.values():
-            sources.update({f"{member}/{p.name}": f"{src.name(folder / archive)} (member {p.relative_to(out)})" for p in found.iterdir()})
+            sources.update(
+                {
+                    f"{member}/{p.name}": f"{src.name(folder / archive)} (member {p.relative_to(out)})"
+                    for p in found.iterdir()
+                }
+            )
         os.replace(found, stage / member)
         shutil.rmtree(out)
     if (folder / TEST_LABELS).is_file():
@@ -357,7 +387,9 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: _Source, prog
     try:
         mat = scipy.io.loadmat(str(annos_path), squeeze_me=True)
     except Exception as exc:  # scipy raises many types for corrupt files
-        raise CarsTLError(f"unreadable .mat file {src.name(annos_path)}: {exc}", "get an intact cars_annos.mat") from exc
+        raise CarsTLError(
+            f"unreadable .mat file {src.name(annos_path)}: {exc}", "get an intact cars_annos.mat"
+        ) from exc
     if "annotations" not in mat or "class_names" not in mat:
         raise CarsTLError(
             f"{src.name(annos_path)} lacks 'annotations' or 'class_names' (has {sorted(k for k in mat if not k.startswith('__'))})",
@@ -390,14 +422,17 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: _Source, prog
         rows[split].append({"fname": fname, "box": box, "label": int(a["class"]) - 1})
         rel = str(a["relative_im_path"])
         if PurePosixPath(rel).is_absolute() or ".." in re.split(r"[/\\]", rel):  # would reach outside car_ims
-            raise CarsTLError(f"{src.name(annos_path)} lists an image outside its folder: {rel!r}", "use the original cars_annos.mat")
+            raise CarsTLError(
+                f"{src.name(annos_path)} lists an image outside its folder: {rel!r}", "use the original cars_annos.mat"
+            )
         if not (base / rel).is_file():
             absent.append(rel)
         moves.append((base / rel, stage / data.IMAGE_DIRS[split] / fname))
         sources[f"{data.IMAGE_DIRS[split]}/{fname}"] = show(rel)
     if absent:
         raise CarsTLError(
-            f"{len(absent)} images listed in {src.name(annos_path)} are missing: {', '.join(absent[:5])}" + (" ..." if len(absent) > 5 else ""),
+            f"{len(absent)} images listed in {src.name(annos_path)} are missing: {', '.join(absent[:5])}"
+            + (" ..." if len(absent) > 5 else ""),
             "check that car_ims.tgz (or car_ims/) is complete",
         )
     for split in src.splits:
@@ -444,7 +479,10 @@ def _read_box_csv(path: Path, src: _Source) -> dict[str, tuple[int, tuple[int, i
                 )
             fname = Path(row[0].strip()).name
             if fname in rows:
-                raise CarsTLError(f"{src.name(path)} line {line}: {fname} is listed twice (first on line {rows[fname][0]})", "remove the duplicate row")
+                raise CarsTLError(
+                    f"{src.name(path)} line {line}: {fname} is listed twice (first on line {rows[fname][0]})",
+                    "remove the duplicate row",
+                )
             rows[fname] = (line, tuple(numbers[:4]), numbers[4] if len(numbers) > 4 else None)
     return rows
 
@@ -465,13 +503,19 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: _Source, p
     parts = _class_folder_parts(folder)
     assert parts is not None
     if "test" in src.splits and parts["test"] is None:
-        raise CarsTLError(f"{src.name(folder)} has train/ class folders but no test/", "add test/<class>/ folders, or import with --splits train")
+        raise CarsTLError(
+            f"{src.name(folder)} has train/ class folders but no test/",
+            "add test/<class>/ folders, or import with --splits train",
+        )
     files: dict[str, list[tuple[str, Path]]] = {}
     for split in src.splits:
         files[split] = []
         for class_dir in sorted(p for p in parts[split].iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files[split] += [(class_dir.name, p) for p in sorted(class_dir.iterdir())
-                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+            files[split] += [
+                (class_dir.name, p)
+                for p in sorted(class_dir.iterdir())
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            ]
     labels = match_to_canonical({name for split_files in files.values() for name, _ in split_files}, src.name(folder))
     names_csv = _ancestor_file(folder, "names.csv", src.root)
     csv_names = _read_names_csv(names_csv) if names_csv else None
@@ -505,7 +549,9 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: _Source, p
                         )
                     seen[path.name] = path
                     line, box, csv_class = entry
-                    if csv_class is not None and not csv_names:  # no names.csv: the devkit's 1-based classes (canonical order)
+                    if (
+                        csv_class is not None and not csv_names
+                    ):  # no names.csv: the devkit's 1-based classes (canonical order)
                         if not 1 <= csv_class <= len(canonical):
                             raise CarsTLError(
                                 f"{src.name(boxes_from[split])} line {line}: class {csv_class} is outside 1..{len(canonical)} "
@@ -520,7 +566,9 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: _Source, p
                             )
                     if csv_names and csv_class is not None:
                         if not 1 <= csv_class <= len(csv_names):
-                            raise CarsTLError(f"{src.name(boxes_from[split])} line {line}: class {csv_class} is outside 1..{len(csv_names)} of {src.name(names_csv)}")
+                            raise CarsTLError(
+                                f"{src.name(boxes_from[split])} line {line}: class {csv_class} is outside 1..{len(csv_names)} of {src.name(names_csv)}"
+                            )
                         if csv_labels[csv_names[csv_class - 1]] != label:
                             raise CarsTLError(
                                 f"{src.name(boxes_from[split])} line {line} gives {path.name} class {csv_class} "
@@ -615,7 +663,10 @@ def _import_parquet(folder: Path, stage: Path, work: Path, src: _Source, progres
     assert found is not None
     shards = found["shards"]
     if "test" in src.splits and not shards["test"]:
-        raise CarsTLError(f"{src.name(found['dir'])} has train-*.parquet shards but no test-*.parquet", "add the test shards, or import with --splits train")
+        raise CarsTLError(
+            f"{src.name(found['dir'])} has train-*.parquet shards but no test-*.parquet",
+            "add the test shards, or import with --splits train",
+        )
     files = {split: {shard: pq.ParquetFile(shard) for shard in shards[split]} for split in src.splits}
     names, names_from = None, None
     for split_files in files.values():
@@ -656,13 +707,21 @@ def _import_parquet(folder: Path, stage: Path, work: Path, src: _Source, progres
                         row_number += 1
                         blob = image.get("bytes") if isinstance(image, dict) else image
                         if not isinstance(blob, (bytes, bytearray)) or not blob:
-                            raise CarsTLError(f"{where}: the image has no bytes", "use shards that embed the images (huggingface-cli download of the dataset)")
+                            raise CarsTLError(
+                                f"{where}: the image has no bytes",
+                                "use shards that embed the images (huggingface-cli download of the dataset)",
+                            )
                         if not isinstance(label, int) or not 0 <= label < len(names):
-                            raise CarsTLError(f"{where}: label {label!r} is outside 0..{len(names) - 1} of {names_from}", "use intact shards")
+                            raise CarsTLError(
+                                f"{where}: label {label!r} is outside 0..{len(names) - 1} of {names_from}",
+                                "use intact shards",
+                            )
                         fname = f"{len(rows[split]) + 1:05d}{_image_suffix(blob, image.get('path') if isinstance(image, dict) else None)}"
                         (out / fname).write_bytes(blob)  # the original bytes, never re-encoded
                         width, height = _image_size(out / fname, where)
-                        rows[split].append({"fname": fname, "box": (1, 1, width, height), "label": labels[names[label]]})
+                        rows[split].append(
+                            {"fname": fname, "box": (1, 1, width, height), "label": labels[names[label]]}
+                        )
                         sources[f"{data.IMAGE_DIRS[split]}/{fname}"] = where
                         task.advance(1)
     data.write_devkit(stage, canonical_names(), rows["train"], rows.get("test"))
@@ -722,5 +781,7 @@ def import_path(
         shutil.rmtree(stage / data.IMAGE_DIRS["test"], ignore_errors=True)
         for rel in (data.DEVKIT_FILES["test_nolabels"], *data.TEST_LABELS_NAMES):
             (stage / rel).unlink(missing_ok=True)
-        imported.sources = {k: v for k, v in imported.sources.items() if not k.startswith(data.IMAGE_DIRS["test"] + "/")}
+        imported.sources = {
+            k: v for k, v in imported.sources.items() if not k.startswith(data.IMAGE_DIRS["test"] + "/")
+        }
     return imported

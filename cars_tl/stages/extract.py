@@ -59,7 +59,9 @@ class ExtractResult:
     replaced_corrupt: str | None = None  # why an existing file at the path was not trusted
 
 
-def prepare_body(body: torch.nn.Module, device: str, image_size: int = 224, spec: dict | None = None) -> torch.nn.Module:
+def prepare_body(
+    body: torch.nn.Module, device: str, image_size: int = 224, spec: dict | None = None
+) -> torch.nn.Module:
     """The frozen body as extraction runs it: eval mode, BatchNorm folded into the convolutions
     (a copy, checked on one random image of ``image_size``: ``body`` keeps its layers),
     channels_last on ``device``, no gradients; with ``spec``, wrapped to give the spec's feature
@@ -132,8 +134,10 @@ def extract_features(
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
     check_number("--margin", margin, minimum=0)
     if preset is not None and preset not in PRESETS:
-        raise CarsTLError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}",
-                          "study (the paper's setting) or tuned (squash 288 px, flip-averaged, two stages)")
+        raise CarsTLError(
+            f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}",
+            "study (the paper's setting) or tuned (squash 288 px, flip-averaged, two stages)",
+        )
     chosen = PRESETS[preset or "study"]
     resize_mode = chosen["resize_mode"] if resize_mode is None else resize_mode
     image_size = chosen["image_size"] if image_size is None and preset is not None else image_size
@@ -150,18 +154,45 @@ def extract_features(
     runtime.tune_malloc()
     bb = backbones.build_backbone(backbone, weights, image_size, resize_mode)
     bb = with_feature_options(bb, tta, feature_views.parse_layers(layers, bb), combine)
-    out = Path(out) if out else features.default_path(artifacts, backbone, weights, crop, bb.transform, margin, precision,
-                                                                  feature_views.name_tag(bb.transform))
+    out = (
+        Path(out)
+        if out
+        else features.default_path(
+            artifacts, backbone, weights, crop, bb.transform, margin, precision, feature_views.name_tag(bb.transform)
+        )
+    )
     check_output_path(out, "file")
     identity = {
-        "backbone": bb.name, "weights": bb.weights, "weights_digest": bb.weights_digest,
-        "transform": bb.transform, "crop": crop, "margin": float(margin), "precision": precision,
-        "dataset_fingerprint": manifest.fingerprint, "skip_bad": bool(skip_bad),
+        "backbone": bb.name,
+        "weights": bb.weights,
+        "weights_digest": bb.weights_digest,
+        "transform": bb.transform,
+        "crop": crop,
+        "margin": float(margin),
+        "precision": precision,
+        "dataset_fingerprint": manifest.fingerprint,
+        "skip_bad": bool(skip_bad),
     }
     # Rank 0 alone holds the lock; the other ranks write only their own chunk files.
     with distributed.rank0_output(ctx, lambda: locks.writer_lock(out, "extract-features")):
-        return _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device,
-                               precision, skip_bad, data_dir, progress, ctx)
+        return _extract_locked(
+            manifest,
+            bb,
+            identity,
+            out,
+            splits,
+            crop,
+            margin,
+            image_size,
+            batch_size,
+            workers,
+            device,
+            precision,
+            skip_bad,
+            data_dir,
+            progress,
+            ctx,
+        )
 
 
 def with_feature_options(bb: backbones.Backbone, tta: str, layers: list[str], combine: str) -> backbones.Backbone:
@@ -177,8 +208,24 @@ def with_feature_options(bb: backbones.Backbone, tta: str, layers: list[str], co
     return dataclasses.replace(bb, transform=spec, num_features=max(stop for _, stop in columns.values()))
 
 
-def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_size, batch_size, workers, device, precision,
-                    skip_bad, data_dir, progress, ctx=distributed.SINGLE) -> ExtractResult:
+def _extract_locked(
+    manifest,
+    bb,
+    identity,
+    out,
+    splits,
+    crop,
+    margin,
+    image_size,
+    batch_size,
+    workers,
+    device,
+    precision,
+    skip_bad,
+    data_dir,
+    progress,
+    ctx=distributed.SINGLE,
+) -> ExtractResult:
     # Splits already extracted alike are kept (extracting test after train adds to the file); an
     # existing file that does not verify is never trusted: it is extracted again, and we say why.
     carry, distrusted, todo = {}, None, ()
@@ -186,8 +233,18 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
         carry, distrusted = features.existing_splits(out, identity)
         todo = tuple(s for s in splits if s not in carry)
     datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
-    identity_meta = dict(identity, transform=transforms.transform_key(bb.transform), splits=list(todo), feature_dim=bb.num_features, batch_size=batch_size)
-    partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES) if todo else None
+    identity_meta = dict(
+        identity,
+        transform=transforms.transform_key(bb.transform),
+        splits=list(todo),
+        feature_dim=bb.num_features,
+        batch_size=batch_size,
+    )
+    partial = (
+        features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
+        if todo
+        else None
+    )
     # The other ranks join once rank 0 has prepared the chunk folder (and learn which splits are to do).
     todo = tuple(json.loads(distributed.broadcast_text(json.dumps(todo), ctx) or "[]")) if ctx.active else todo
     if not todo:
@@ -195,7 +252,9 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
     if not ctx.is_main:
         datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
         identity_meta.update(splits=list(todo))
-        partial = features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES, join=True)
+        partial = features.PartialCache(
+            out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES, join=True
+        )
     resumed = partial.resumed_rows
     body = prepare_body(bb.body, device, bb.transform["crop"], bb.transform)
     start_time, processed = time.perf_counter(), 0
@@ -213,29 +272,56 @@ def _extract_locked(manifest, bb, identity, out, splits, crop, margin, image_siz
     processed = int(distributed.all_reduce_sum([processed], ctx)[0])
     seconds = time.perf_counter() - start_time
     if not ctx.is_main:
-        return ExtractResult(out, "extracted shard", {}, {}, seconds, processed / seconds if seconds > 0 else 0.0, precision, device)
+        return ExtractResult(
+            out, "extracted shard", {}, {}, seconds, processed / seconds if seconds > 0 else 0.0, precision, device
+        )
     rows = {
-        s: {"labels": [r.label for r in d.records], "ids": [r.index for r in d.records], "paths": [r.path for r in d.records]}
+        s: {
+            "labels": [r.label for r in d.records],
+            "ids": [r.index for r in d.records],
+            "paths": [r.path for r in d.records],
+        }
         for s, d in datasets.items()
     }
     attrs = dict(
-        identity, weights_sha256=bb.weights_file_sha256 or "", class_names=manifest.class_names, num_classes=manifest.num_classes, feature_dim=bb.num_features,
+        identity,
+        weights_sha256=bb.weights_file_sha256 or "",
+        class_names=manifest.class_names,
+        num_classes=manifest.num_classes,
+        feature_dim=bb.num_features,
         backbone_params=sum(p.numel() for p in bb.body.parameters()),
         versions=runtime.versions(),
-        options={"splits": sorted(set(todo) | set(carry)), "dataset_splits": list(manifest.splits), "batch_size": batch_size, "workers": workers,
-                 "device": device, "device_name": runtime.device_name(device), "image_size": image_size, "data_dir": str(data_dir),
-                 "world_size": ctx.world_size},
+        options={
+            "splits": sorted(set(todo) | set(carry)),
+            "dataset_splits": list(manifest.splits),
+            "batch_size": batch_size,
+            "workers": workers,
+            "device": device,
+            "device_name": runtime.device_name(device),
+            "image_size": image_size,
+            "data_dir": str(data_dir),
+            "world_size": ctx.world_size,
+        },
     )
     written = partial.finalize(attrs, rows, carry)
     for s in todo:
         skipped[s] = len(written[s].skipped)
     return ExtractResult(
-        out, "resumed" if resumed else "extracted", {s: len(written[s].labels) for s in todo}, skipped,
-        seconds, processed / seconds if seconds > 0 else 0.0, precision, device, distrusted,
+        out,
+        "resumed" if resumed else "extracted",
+        {s: len(written[s].labels) for s in todo},
+        skipped,
+        seconds,
+        processed / seconds if seconds > 0 else 0.0,
+        precision,
+        device,
+        distrusted,
     )
 
 
-def _extract_split(body, dataset, split, shard, partial, batch_size, workers, device, precision, skip_bad, bb, progress) -> int:
+def _extract_split(
+    body, dataset, split, shard, partial, batch_size, workers, device, precision, skip_bad, bb, progress
+) -> int:
     """Extract the chunks of ``shard`` (rows of ``split``) that are not complete yet; returns the rows done."""
     missing = partial.missing_runs(split, shard)
     todo = sum(map(len, missing))
@@ -244,11 +330,15 @@ def _extract_split(body, dataset, split, shard, partial, batch_size, workers, de
     with progress.task(f"extract {split}", total=len(shard), unit="img") as task:
         task.advance(len(shard) - todo)
         for rows in missing:
-            _extract_rows(body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task)
+            _extract_rows(
+                body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task
+            )
     return todo
 
 
-def _extract_rows(body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task) -> None:
+def _extract_rows(
+    body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task
+) -> None:
     total, dim = rows.stop, bb.num_features
     loader = loaders.eval_loader(dataset, rows, batch_size, workers, device, bb.transform)
     chunk_rows = partial.chunk_rows
@@ -259,8 +349,12 @@ def _extract_rows(body, dataset, split, rows, partial, batch_size, workers, devi
     for images, _, positions, bad in loader:
         if not skip_bad and bad:  # raised here, in the main process, so the error names the file
             first = bad[0].error()
-            raise BadImageError(first.path, first.reason, "leave such files out with --skip-bad (they are listed in the cache), "
-                                                          f"or replace them; then rerun the same command to resume. {first.hint}")
+            raise BadImageError(
+                first.path,
+                first.reason,
+                "leave such files out with --skip-bad (they are listed in the cache), "
+                f"or replace them; then rerun the same command to resume. {first.hint}",
+            )
         reasons.update({item.position: item.reason for item in bad})
         # The dataset yields its own positions, so they are absolute whichever loader resumes mid-split.
         if len(positions):
@@ -271,7 +365,9 @@ def _extract_rows(body, dataset, split, rows, partial, batch_size, workers, devi
         cursor += consumed
         task.advance(consumed)
         if cursor - chunk_start >= len(buffer):
-            partial.write_chunk(split, chunk_start, buffer, valid, {p: r for p, r in reasons.items() if p >= chunk_start})
+            partial.write_chunk(
+                split, chunk_start, buffer, valid, {p: r for p, r in reasons.items() if p >= chunk_start}
+            )
             reasons = {}
             chunk_start = cursor
             buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)

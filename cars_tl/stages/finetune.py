@@ -61,12 +61,34 @@ from cars_tl.models.training import (
 
 MODEL_FILE = "model.pt"
 PRESETS = {
-    "study": dict(epochs=15, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
-                  augment="none", schedule="none", warmup_epochs=0, backbone_lr_scale=1.0, val_fraction=0.0,
-                  freeze_bn_stats=False),
-    "tuned": dict(epochs=30, lr=1e-3, batch_size=32, optimizer="adamw", weight_decay=0.05, label_smoothing=0.1,
-                  augment="standard", schedule="cosine", warmup_epochs=1, backbone_lr_scale=0.1, val_fraction=0.1,
-                  freeze_bn_stats=True),
+    "study": dict(
+        epochs=15,
+        lr=1e-3,
+        batch_size=32,
+        optimizer="adam",
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        augment="none",
+        schedule="none",
+        warmup_epochs=0,
+        backbone_lr_scale=1.0,
+        val_fraction=0.0,
+        freeze_bn_stats=False,
+    ),
+    "tuned": dict(
+        epochs=30,
+        lr=1e-3,
+        batch_size=32,
+        optimizer="adamw",
+        weight_decay=0.05,
+        label_smoothing=0.1,
+        augment="standard",
+        schedule="cosine",
+        warmup_epochs=1,
+        backbone_lr_scale=0.1,
+        val_fraction=0.1,
+        freeze_bn_stats=True,
+    ),
 }
 # --tta per preset (evaluation and saved predictions average the logits of each image and its mirror).
 # Kept out of PRESETS so that configs of earlier runs stay comparable on --resume (absent means none).
@@ -155,7 +177,11 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": [int(v) for v in np.random.get_state()[1]], "python": list(random.getstate()[1])}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [int(v) for v in np.random.get_state()[1]],
+        "python": list(random.getstate()[1]),
+    }
 
 
 def _lr_lambda(config: dict, steps_per_epoch: int):
@@ -193,19 +219,30 @@ def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict
 def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> Path:
     m = runs.read_metrics(head_dir)
     if m["kind"] != "head":
-        raise CarsTLError(f"--init-head {head_dir} is a {m['kind']} run, not a train-head run", "pass the run directory that cars-tl train-head wrote")
+        raise CarsTLError(
+            f"--init-head {head_dir} is a {m['kind']} run, not a train-head run",
+            "pass the run directory that cars-tl train-head wrote",
+        )
     b = m["backbone"]
     problems = []
     if b["backbone"] != bb.name:
         problems.append(f"backbone {b['backbone']} != {bb.name}")
     if b["weights_digest"] != bb.weights_digest:
-        problems.append(f"its features came from other weights ({b['weights']}, digest {b['weights_digest'][:12]} != {bb.weights_digest[:12]})")
+        problems.append(
+            f"its features came from other weights ({b['weights']}, digest {b['weights_digest'][:12]} != {bb.weights_digest[:12]})"
+        )
     if feature_views.options(b["transform"])["layers"] != [feature_views.FINAL]:
-        problems.append(f"its features concatenate several stages ({feature_views.describe(b['transform'])}): "
-                        "a fine-tuned model's head reads the final pooled output alone")
+        problems.append(
+            f"its features concatenate several stages ({feature_views.describe(b['transform'])}): "
+            "a fine-tuned model's head reads the final pooled output alone"
+        )
     # Views (--tta) do not change what a head reads: a head trained on flip-averaged rows starts a fine-tune as well.
     plain = {k: v for k, v in b["transform"].items() if k != feature_views.SPEC_KEY}
-    if not transforms.same_transform(plain, {k: v for k, v in bb.transform.items() if k != feature_views.SPEC_KEY}) or b["crop"] != crop or float(b.get("margin", 0.0)) != float(margin):
+    if (
+        not transforms.same_transform(plain, {k: v for k, v in bb.transform.items() if k != feature_views.SPEC_KEY})
+        or b["crop"] != crop
+        or float(b.get("margin", 0.0)) != float(margin)
+    ):
         problems.append(
             f"preprocessing differs: the head's features were made with --crop {b['crop']} --margin {b.get('margin')} "
             f"--resize {transforms.resize_mode(b['transform'])} --image-size {b['transform']['crop']} "
@@ -277,8 +314,16 @@ def finetune(
     transforms.check_image_options(image_size, resize_mode)
     config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
     check_number("--margin", margin, minimum=0)
-    config.update(backbone=backbone, weights=str(weights), unfreeze=unfreeze, init_head=str(init_head) if init_head else None,
-                  crop=crop, margin=margin, image_size=image_size, seed=check_seed(seed))
+    config.update(
+        backbone=backbone,
+        weights=str(weights),
+        unfreeze=unfreeze,
+        init_head=str(init_head) if init_head else None,
+        crop=crop,
+        margin=margin,
+        image_size=image_size,
+        seed=check_seed(seed),
+    )
     if resize_mode != "crop":  # absent means crop: configs of earlier runs stay comparable on --resume
         config["resize"] = resize_mode
     tta = feature_views.check_tta(PRESET_TTA.get(preset, "none") if tta is None else tta)
@@ -313,13 +358,34 @@ def finetune(
         model = distributed.sync_batchnorm(model, device)
     model.to(device, memory_format=torch.channels_last)
     run_dir = runs.resolve_run_dir(
-        out, f"finetune-{backbone.replace('/', '-')}-{features.weights_tag(str(weights))}-{unfreeze.replace(',', '+')}-{preset}", artifacts
+        out,
+        f"finetune-{backbone.replace('/', '-')}-{features.weights_tag(str(weights))}-{unfreeze.replace(',', '+')}-{preset}",
+        artifacts,
     )
     # Rank 0 alone takes the run's lock and writes; the other ranks learn where (a staging folder with --force).
-    with distributed.rank0_output(ctx, lambda: runs.writing_run(run_dir, "finetune", force=force, resume=resume)) as target:
-        metrics = _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
-                         ctx, synced, trunk_opts=dict(choice=str(trunk_cache), storage=trunk_dtype, artifacts=Path(artifacts)),
-                         tensorboard=tensorboard)
+    with distributed.rank0_output(
+        ctx, lambda: runs.writing_run(run_dir, "finetune", force=force, resume=resume)
+    ) as target:
+        metrics = _train(
+            model,
+            bb,
+            manifest,
+            config,
+            params,
+            run_dir,
+            target,
+            device,
+            precision,
+            workers,
+            seed,
+            resume,
+            force,
+            progress,
+            ctx,
+            synced,
+            trunk_opts=dict(choice=str(trunk_cache), storage=trunk_dtype, artifacts=Path(artifacts)),
+            tensorboard=tensorboard,
+        )
         return run_dir, runs.finish(target, metrics, started) if ctx.is_main else metrics
 
 
@@ -332,7 +398,9 @@ def _sync_batchnorm_wanted(model, config: dict, sync_bn: bool | None, ctx) -> bo
     if not ctx.active or sync_bn is False:
         return False
     trains = not config["freeze_bn_stats"] and any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters()) for m in model.modules())
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())
+        for m in model.modules()
+    )
     if sync_bn is None:
         return trains and ctx.device.startswith("cuda")
     return trains or sync_bn
@@ -360,7 +428,11 @@ def _load_init_head(model, head_file: Path) -> None:
 
 def _resume_changes(state_config: dict, config: dict, force: bool, last_path: Path) -> list[str]:
     """The options that differ from the checkpoint's; refuses what cannot continue honestly."""
-    differing = sorted(k for k in set(config) | set(state_config) if k not in RESUME_FREE and not _same_option(k, state_config.get(k), config.get(k)))
+    differing = sorted(
+        k
+        for k in set(config) | set(state_config)
+        if k not in RESUME_FREE and not _same_option(k, state_config.get(k), config.get(k))
+    )
     listing = ", ".join(f"{k}: {state_config.get(k)!r} -> {config.get(k)!r}" for k in differing)
     if "epochs" in differing and (config["schedule"] != "none" or config["warmup_epochs"]):
         raise CarsTLError(
@@ -385,16 +457,39 @@ def _same_option(key: str, recorded, asked) -> bool:
     return recorded == asked
 
 
-def _train(model, bb, manifest, config, params, run_dir, target, device, precision, workers, seed, resume, force, progress,
-           ctx=distributed.SINGLE, synced: bool = False, trunk_opts: dict | None = None,
-           tensorboard: Path | None = None) -> dict:
+def _train(
+    model,
+    bb,
+    manifest,
+    config,
+    params,
+    run_dir,
+    target,
+    device,
+    precision,
+    workers,
+    seed,
+    resume,
+    force,
+    progress,
+    ctx=distributed.SINGLE,
+    synced: bool = False,
+    trunk_opts: dict | None = None,
+    tensorboard: Path | None = None,
+) -> dict:
     last_path, best_path = target / "checkpoints" / "last.pt", target / "checkpoints" / "best.pt"
     opt = build_optimizer(model, config)
     spec = bb.transform
     crop, margin = config["crop"], config["margin"]
     cuda = device.startswith("cuda")
-    train_set = data.CarsDataset(manifest, "train", transforms.train_transform(spec, config["augment"], loaders.data_path(device).batch_dtype),
-                                 crop, margin, mark_bad=True)
+    train_set = data.CarsDataset(
+        manifest,
+        "train",
+        transforms.train_transform(spec, config["augment"], loaders.data_path(device).batch_dtype),
+        crop,
+        margin,
+        mark_bad=True,
+    )
     eval_train = loaders.eval_dataset(manifest, "train", spec, device, crop, margin)
     test_set = loaders.eval_dataset(manifest, "test", spec, device, crop, margin)
     labels = np.array([r.label for r in train_set.records])
@@ -402,18 +497,41 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     fit_set = Subset(train_set, fit_idx.tolist()) if len(val_idx) else train_set
     # Each rank takes its slice of every global batch, and a contiguous shard of the evaluation splits.
     local_batch = distributed.local_batch(config["batch_size"], ctx)
-    sampler = (loaders.ShardedEpochSampler(len(fit_set), seed, config["batch_size"], ctx) if ctx.active
-               else loaders.EpochSampler(len(fit_set), seed))
-    train_loader = loaders.make_loader(loaders.SeededAugmentation(fit_set, seed), local_batch, workers, device, sampler=sampler)
+    sampler = (
+        loaders.ShardedEpochSampler(len(fit_set), seed, config["batch_size"], ctx)
+        if ctx.active
+        else loaders.EpochSampler(len(fit_set), seed)
+    )
+    train_loader = loaders.make_loader(
+        loaders.SeededAugmentation(fit_set, seed), local_batch, workers, device, sampler=sampler
+    )
     eval_batch = local_batch * 2
-    eval_loaders = {"test": loaders.eval_loader(test_set, distributed.shard_range(len(test_set), ctx), eval_batch, workers, device, spec)}
+    eval_loaders = {
+        "test": loaders.eval_loader(
+            test_set, distributed.shard_range(len(test_set), ctx), eval_batch, workers, device, spec
+        )
+    }
     if len(val_idx):
         val_shard = [val_idx.tolist()[i] for i in distributed.shard_range(len(val_idx), ctx)]
         eval_loaders["val"] = loaders.eval_loader(eval_train, val_shard, eval_batch, workers, device, spec)
     # The data source: the images, or the trunk cache where it is exact (then ``net`` runs the top only).
-    source = trunk.data_source(**(trunk_opts or {"choice": "off"}), model=model, bb=bb, manifest=manifest, config=config, fit_idx=fit_idx,
-                               val_idx=val_idx, sampler=sampler, local_batch=local_batch, eval_batch=eval_batch, workers=workers,
-                               device=device, ctx=ctx, progress=progress, train_mode=lambda m: train_mode(m, config["freeze_bn_stats"]))
+    source = trunk.data_source(
+        **(trunk_opts or {"choice": "off"}),
+        model=model,
+        bb=bb,
+        manifest=manifest,
+        config=config,
+        fit_idx=fit_idx,
+        val_idx=val_idx,
+        sampler=sampler,
+        local_batch=local_batch,
+        eval_batch=eval_batch,
+        workers=workers,
+        device=device,
+        ctx=ctx,
+        progress=progress,
+        train_mode=lambda m: train_mode(m, config["freeze_bn_stats"]),
+    )
     net = source.net
     if source.cached:
         train_loader, eval_loaders = source.train_loader, source.eval_loaders
@@ -423,16 +541,33 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=precision == "fp16")
 
     metrics = runs.new_metrics(
-        "finetune", run_dir.name, config, params=params, model_file=MODEL_FILE, device=device,
-        device_name=runtime.device_name(device), class_names=manifest.class_names,
-        backbone={**bb.describe(), "crop": crop, "margin": margin, "precision": precision, "params": params["total"] - sum(p.numel() for p in model.head.parameters())},
+        "finetune",
+        run_dir.name,
+        config,
+        params=params,
+        model_file=MODEL_FILE,
+        device=device,
+        device_name=runtime.device_name(device),
+        class_names=manifest.class_names,
+        backbone={
+            **bb.describe(),
+            "crop": crop,
+            "margin": margin,
+            "precision": precision,
+            "params": params["total"] - sum(p.numel() for p in model.head.parameters()),
+        },
         inputs={"dataset_fingerprint": manifest.fingerprint, "init_head": config["init_head"]},
     )
     metrics["trunk_cache"] = source.record
     if ctx.active:
         metrics["distributed"] = {
-            "world_size": ctx.world_size, "backend": ctx.backend, "per_rank_batch": local_batch, "sync_bn": synced,
-            "batchnorm": "SyncBatchNorm (global batch statistics)" if synced else "unchanged (frozen, or per-process statistics)",
+            "world_size": ctx.world_size,
+            "backend": ctx.backend,
+            "per_rank_batch": local_batch,
+            "sync_bn": synced,
+            "batchnorm": "SyncBatchNorm (global batch statistics)"
+            if synced
+            else "unchanged (frozen, or per-process statistics)",
         }
     start_epoch, best = 1, None
     if resume and last_path.is_file():
@@ -441,7 +576,8 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         if differing and state["epoch"] >= config["epochs"]:  # nothing would train under the changed options
             raise CarsTLError(
                 f"--resume: {run_dir} has trained all {state['epoch']} of its epochs, so nothing would continue under the changed "
-                "options (" + ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in differing)
+                "options ("
+                + ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in differing)
                 + "); the run is left as it is",
                 "to train with the new options, start a new run: the same command with --force and without --resume "
                 "(the old run stays until the new one completes), or --out NEW_RUN_DIR",
@@ -484,15 +620,31 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(net, device_ids=[ctx.local_rank] if device.startswith("cuda") else None,
-                                          find_unused_parameters=False)
+        forward = DistributedDataParallel(
+            net, device_ids=[ctx.local_rank] if device.startswith("cuda") else None, find_unused_parameters=False
+        )
 
     with runs.recording(target, metrics) if ctx.is_main else contextlib.nullcontext():
         for epoch in range(start_epoch, config["epochs"] + 1):
             _seed_epoch(seed, epoch)
             sampler.set_epoch(epoch)
-            row = _train_epoch(model, train_loader, opt, scheduler, scaler, config, device, precision, epoch, len(fit_set), spec, progress,
-                               forward=forward, sampler=sampler if ctx.active else None, ctx=ctx)
+            row = _train_epoch(
+                model,
+                train_loader,
+                opt,
+                scheduler,
+                scaler,
+                config,
+                device,
+                precision,
+                epoch,
+                len(fit_set),
+                spec,
+                progress,
+                forward=forward,
+                sampler=sampler if ctx.active else None,
+                ctx=ctx,
+            )
             if not math.isfinite(row["train_loss"]):
                 metrics["diverged_at_epoch"] = epoch
                 raise DivergedError(
@@ -512,11 +664,20 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
                 continue
             # last.pt first: it names the best epoch, and holds that epoch's weights whenever best.pt
             # may lag behind it (a kill between the two writes), so _repair_best can always mend it.
-            runs.save_checkpoint(last_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "rng": _rng_state(), "config": config, "best": best,
-                "history": metrics["history"],
-            })
+            runs.save_checkpoint(
+                last_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "rng": _rng_state(),
+                    "config": config,
+                    "best": best,
+                    "history": metrics["history"],
+                },
+            )
             if improved:
                 runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
             runs.write_metrics(target, metrics)
@@ -529,12 +690,20 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
         tta = feature_views.options(spec)["tta"]
         penultimate = []  # the head's inputs while scoring: the test split's features, for the feature map
         hook = model.head.register_forward_pre_hook(lambda _, args: penultimate.append(args[0].detach().float().cpu()))
-        scored = score_batches(lambda x: feature_views.view_mean(net, x, tta).float().softmax(1), eval_loaders["test"], test_set.records,
-                               device, precision, spec)
+        scored = score_batches(
+            lambda x: feature_views.view_mean(net, x, tta).float().softmax(1),
+            eval_loaders["test"],
+            test_set.records,
+            device,
+            precision,
+            spec,
+        )
         hook.remove()
         if tta != "none":  # each batch ran as [images, mirrors]: one row per image, the mean of its two views
             penultimate = [(rows[: len(rows) // 2] + rows[len(rows) // 2 :]) / 2 for rows in penultimate]
-        penultimate = distributed.gather_rows(torch.cat(penultimate) if penultimate else torch.zeros(0, model.head.in_features), ctx)
+        penultimate = distributed.gather_rows(
+            torch.cat(penultimate) if penultimate else torch.zeros(0, model.head.in_features), ctx
+        )
         scored = _gather_scores(scored, manifest.num_classes, ctx)
         if ctx.is_main:
             runs.write_predictions(target, *scored, "probability")
@@ -543,16 +712,27 @@ def _train(model, bb, manifest, config, params, run_dir, target, device, precisi
     last = metrics["history"][-1]
     selected_on = "validation" if select == "val" else "test"
     metrics["final"] = {
-        **{k: chosen.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")},
+        **{
+            k: chosen.get(k)
+            for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "val_loss", "val_acc")
+        },
         "best_epoch": chosen["epoch"],
-        "selected_by": "validation split of train" if select == "val" else "test accuracy (as the study did: optimistic)",
+        "selected_by": "validation split of train"
+        if select == "val"
+        else "test accuracy (as the study did: optimistic)",
         "selected_on": selected_on,
         # The last epoch's numbers beside the kept epoch's: for a model kept by test accuracy, the honest one.
         "last_epoch": {k: last.get(k) for k in ("epoch", "test_loss", "test_acc", "test_top5")},
     }
-    metrics["selection"] = {"selected_on": selected_on, "by": metrics["final"]["selected_by"], "chosen": {"best_epoch": chosen["epoch"]}}
+    metrics["selection"] = {
+        "selected_on": selected_on,
+        "by": metrics["final"]["selected_by"],
+        "chosen": {"best_epoch": chosen["epoch"]},
+    }
     if select == "val" and config["init_head"]:
-        metrics["final"]["note"] = "the --init-head run was trained on all of train, validation images included: val metrics are optimistic"
+        metrics["final"]["note"] = (
+            "the --init-head run was trained on all of train, validation images included: val metrics are optimistic"
+        )
     live.on_end(config, metrics["final"])
     return metrics
 
@@ -562,8 +742,10 @@ def _gather_scores(scored, num_classes: int, ctx):
     if not ctx.active:
         return scored
     ids, labels, scores = scored
-    parts = [distributed.gather_rows(torch.as_tensor(np.asarray(a)), ctx)
-             for a in (ids, labels, np.asarray(scores, dtype=np.float64).reshape(len(ids), num_classes))]
+    parts = [
+        distributed.gather_rows(torch.as_tensor(np.asarray(a)), ctx)
+        for a in (ids, labels, np.asarray(scores, dtype=np.float64).reshape(len(ids), num_classes))
+    ]
     return tuple(p.numpy() for p in parts) if ctx.is_main else scored
 
 
@@ -594,8 +776,24 @@ def _best_weights(best: dict | None, last_path: Path, best_path: Path, model) ->
     )
 
 
-def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precision, epoch, total, spec, progress, *,
-                 forward=None, sampler=None, ctx=distributed.SINGLE) -> dict:
+def _train_epoch(
+    model,
+    loader,
+    opt,
+    scheduler,
+    scaler,
+    config,
+    device,
+    precision,
+    epoch,
+    total,
+    spec,
+    progress,
+    *,
+    forward=None,
+    sampler=None,
+    ctx=distributed.SINGLE,
+) -> dict:
     """One epoch. Several processes: ``forward`` is the DDP-wrapped model and ``sampler`` the
     :class:`~cars_tl.core.loaders.ShardedEpochSampler`; each rank's loss is its share's summed loss
     times world size / global batch size, so DDP's gradient average is the global batch's mean."""
@@ -614,7 +812,9 @@ def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precisio
             if sampler is None:
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"])
             else:  # a stand-in image (held == 0) runs the step with weight 0
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"], reduction="sum")
+                loss = F.cross_entropy(
+                    logits.float(), labels, label_smoothing=config["label_smoothing"], reduction="sum"
+                )
                 loss = loss * (ctx.world_size * min(held, 1) / global_count)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # loss scaling only for fp16; a no-op otherwise
@@ -631,4 +831,9 @@ def _train_epoch(model, loader, opt, scheduler, scaler, config, device, precisio
             task.advance(global_count, **status)
     seconds = time.perf_counter() - start
     meter = distributed.reduce_meter(meter, ctx)
-    return {"epoch": epoch, **meter.result("train"), "seconds": round(seconds, 3), "images_per_second": round(total / seconds, 2)}
+    return {
+        "epoch": epoch,
+        **meter.result("train"),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(total / seconds, 2),
+    }

@@ -81,24 +81,44 @@ def fit_svm(
     check_number("--coef0", coef0)
     check_seed(seed)  # validated even when no search uses it: a wrong value is never silently ignored
     if degree < 1:
-        raise CarsTLError(f"--degree must be a whole number >= 1, got {degree}", "e.g. --degree 3 (poly's degree; the other kernels ignore it)")
-    cache = load_train_test(Path(features_path), stage="fit-svm")  # also refuses NaN/Inf features and an empty test split
+        raise CarsTLError(
+            f"--degree must be a whole number >= 1, got {degree}",
+            "e.g. --degree 3 (poly's degree; the other kernels ignore it)",
+        )
+    cache = load_train_test(
+        Path(features_path), stage="fit-svm"
+    )  # also refuses NaN/Inf features and an empty test split
     if len(np.unique(cache.split("train").labels)) < 2:
         raise CarsTLError(f"{features_path}: the train split has fewer than two classes; an SVM needs two or more")
     if searching:
         svm_search.check_folds(cache.split("train").labels, cv_folds)
     tr, te = cache.split("train"), cache.split("test")
     weights = features.weights_tag(cache.attrs["weights"])
-    run_dir = runs.resolve_run_dir(out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts)
-    config = {"kernel": kernel, "C": C, "degree": degree, "gamma": gamma, "coef0": coef0, "scale": scale,
-              "method": method, "features": str(features_path), "preset": preset}
+    run_dir = runs.resolve_run_dir(
+        out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts
+    )
+    config = {
+        "kernel": kernel,
+        "C": C,
+        "degree": degree,
+        "gamma": gamma,
+        "coef0": coef0,
+        "scale": scale,
+        "method": method,
+        "features": str(features_path),
+        "preset": preset,
+    }
     if searching:
         config.update(cv_folds=cv_folds, seed=check_seed(seed))
     fields = feature_run_fields(cache)
     with runs.writing_run(run_dir, "fit-svm", force=force) as target:
         metrics = runs.new_metrics(
-            "svm", run_dir.name, config, **fields,
-            params={"total": fields["backbone"]["params"] or 0, "trainable": None}, device="cpu",
+            "svm",
+            run_dir.name,
+            config,
+            **fields,
+            params={"total": fields["backbone"]["params"] or 0, "trainable": None},
+            device="cpu",
         )
         runs.write_metrics(target, metrics)
         with runs.recording(target, metrics):
@@ -110,11 +130,21 @@ def fit_svm(
                     # With one kernel, one C and one gamma there is nothing to choose: no CV. With several
                     # kernels each one's CV score is what they are compared on.
                     if searching and (len(kernels) > 1 or svm_search.has_choice(k, C, parsed_gamma)):  # on train only
-                        found = svm_search.search(tr.features, tr.labels, k, C, parsed_gamma, degree, coef0, scale, cv_folds, seed)
+                        found = svm_search.search(
+                            tr.features, tr.labels, k, C, parsed_gamma, degree, coef0, scale, cv_folds, seed
+                        )
                     # --gamma cv with nothing searched (a linear kernel, which has no gamma): scale, the search's centre.
-                    model = fit_model(tr.features, tr.labels, k, found["C"] if found else C, degree,
-                                      found["gamma_value"] if found else "scale" if parsed_gamma == "cv" else parsed_gamma,
-                                      coef0, scale, method)
+                    model = fit_model(
+                        tr.features,
+                        tr.labels,
+                        k,
+                        found["C"] if found else C,
+                        degree,
+                        found["gamma_value"] if found else "scale" if parsed_gamma == "cv" else parsed_gamma,
+                        coef0,
+                        scale,
+                        method,
+                    )
                     fit_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
                     test_pred = model.predict(te.features)
@@ -122,11 +152,16 @@ def fit_svm(
                     train_pred = model.predict(tr.features)
                     save_model(model, target / model_file_name(k))
                     results[k] = {
-                        "kernel": k, "gamma_value": model.gamma,
+                        "kernel": k,
+                        "gamma_value": model.gamma,
                         "train_acc": round(100.0 * float((train_pred == tr.labels).mean()), 4),
-                        "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4) if len(te.labels) else None,
-                        "fit_seconds": round(fit_s, 4), "predict_seconds": round(predict_s, 4),
-                        "support_vectors": int(len(model.svc.support_)), "model_file": model_file_name(k),
+                        "test_acc": round(100.0 * float((test_pred == te.labels).mean()), 4)
+                        if len(te.labels)
+                        else None,
+                        "fit_seconds": round(fit_s, 4),
+                        "predict_seconds": round(predict_s, 4),
+                        "support_vectors": int(len(model.svc.support_)),
+                        "model_file": model_file_name(k),
                         "C": float(model.svc.C),
                     }
                     if found:
@@ -142,24 +177,45 @@ def fit_svm(
             if primary != kernels[-1]:  # the saved predictions are the kept kernel's
                 model = load_model(target / best["model_file"], cache.feature_dim, cache.num_classes)
             # ranking_scores: rank 1 is SVC.predict, ranks 2.. follow the decision scores.
-            runs.write_predictions(target, te.ids, te.labels, model.ranking_scores(te.features), "decision score",
-                                   columns=model.classes)
+            runs.write_predictions(
+                target, te.ids, te.labels, model.ranking_scores(te.features), "decision score", columns=model.classes
+            )
             # How the reported number was selected: the kernel (several fitted) and C / gamma (searched).
             selected_on = "train-cv" if searched else "none" if len(kernels) == 1 else "test"
             chosen = {"kernel": primary} if len(kernels) > 1 else {}
             if searched:
-                chosen.update(C={k: r["C"] for k, r in results.items() if "search" in r},
-                              gamma_value={k: r["gamma_value"] for k, r in results.items() if "search" in r and k != "linear"})
-            selection = {"selected_on": selected_on, "chosen": chosen,
-                         "by": "cross-validation accuracy on train (mean of the folds)" if searched else
-                         "test accuracy (kernel comparison, as the study did)" if len(kernels) > 1 else "nothing chosen"}
+                chosen.update(
+                    C={k: r["C"] for k, r in results.items() if "search" in r},
+                    gamma_value={k: r["gamma_value"] for k, r in results.items() if "search" in r and k != "linear"},
+                )
+            selection = {
+                "selected_on": selected_on,
+                "chosen": chosen,
+                "by": "cross-validation accuracy on train (mean of the folds)"
+                if searched
+                else "test accuracy (kernel comparison, as the study did)"
+                if len(kernels) > 1
+                else "nothing chosen",
+            }
             metrics.update(
-                kernels=results, model_file=best["model_file"], selection=selection,
-                final={"train_acc": best["train_acc"], "test_acc": best["test_acc"], "kernel": primary,
-                       "train_loss": None, "test_loss": None, "test_top5": None, "best_epoch": None,
-                       "selected_by": "the only kernel fitted" if len(kernels) == 1 else
-                       "cross-validation accuracy on train" if searching else "test accuracy (kernel comparison, as the study did)",
-                       "selected_on": selected_on},
+                kernels=results,
+                model_file=best["model_file"],
+                selection=selection,
+                final={
+                    "train_acc": best["train_acc"],
+                    "test_acc": best["test_acc"],
+                    "kernel": primary,
+                    "train_loss": None,
+                    "test_loss": None,
+                    "test_top5": None,
+                    "best_epoch": None,
+                    "selected_by": "the only kernel fitted"
+                    if len(kernels) == 1
+                    else "cross-validation accuracy on train"
+                    if searching
+                    else "test accuracy (kernel comparison, as the study did)",
+                    "selected_on": selected_on,
+                },
             )
             metrics = runs.finish(target, metrics, started)
     return run_dir, metrics

@@ -60,8 +60,16 @@ def _unit_rows(x: np.ndarray) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks: tuple[int, ...], temperature: float,
-               num_classes: int, chunk: int = CHUNK, progress: Progress = NULL) -> dict[int, np.ndarray]:
+def knn_scores(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    ks: tuple[int, ...],
+    temperature: float,
+    num_classes: int,
+    chunk: int = CHUNK,
+    progress: Progress = NULL,
+) -> dict[int, np.ndarray]:
     """Per k, the (n_test, num_classes) summed vote weights of the k nearest training images.
 
     Each row is scaled by ``exp(-top similarity / T)`` (the nearest neighbour weighs 1): the vote,
@@ -75,13 +83,19 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks:
             f"--k {largest} is larger than the train split ({len(train_x)} images)",
             f"use --k {min(DEFAULT_K[0], len(train_x))} or any value up to {len(train_x)}",
         )
-    check_number("--temperature", temperature, minimum=0, exclusive_minimum=True, hint=f"e.g. --temperature {DEFAULT_TEMPERATURE}")
+    check_number(
+        "--temperature",
+        temperature,
+        minimum=0,
+        exclusive_minimum=True,
+        hint=f"e.g. --temperature {DEFAULT_TEMPERATURE}",
+    )
     train = _unit_rows(train_x)
     labels = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     out = {k: np.zeros((len(test_x), num_classes), dtype=np.float32) for k in ks}
     with torch.inference_mode(), progress.task("knn", total=len(test_x), unit="img") as task:
         for start in range(0, len(test_x), chunk):
-            query = _unit_rows(test_x[start:start + chunk])
+            query = _unit_rows(test_x[start : start + chunk])
             similarity, index = (query @ train.T).topk(largest, dim=1)  # sorted, most similar first
             # Shift by each row's largest similarity (the first: sorted) before the exponent, as a
             # log-sum-exp does: exp(cos / T) overflows float32 for T below about 0.0113.
@@ -90,7 +104,7 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, ks:
             for k in ks:
                 votes = torch.zeros(len(query), num_classes)
                 votes.scatter_add_(1, neighbour_labels[:, :k], weight[:, :k])
-                out[k][start:start + len(query)] = votes.numpy()
+                out[k][start : start + len(query)] = votes.numpy()
             task.advance(len(query))
     return out
 
@@ -99,8 +113,10 @@ def _metrics_of(votes: np.ndarray, labels: np.ndarray) -> dict:
     if not len(labels):
         return {"test_acc": None, "test_top5": None}
     top = np.argsort(-votes, axis=1, kind="stable")[:, :5]
-    return {"test_acc": round(100.0 * float((top[:, 0] == labels).mean()), 4),
-            "test_top5": round(100.0 * float((top == labels[:, None]).any(axis=1).mean()), 4)}
+    return {
+        "test_acc": round(100.0 * float((top[:, 0] == labels).mean()), 4),
+        "test_top5": round(100.0 * float((top == labels[:, None]).any(axis=1).mean()), 4),
+    }
 
 
 def run_knn(
@@ -116,7 +132,13 @@ def run_knn(
 
     started = time.perf_counter()
     ks = parse_ks(ks)
-    check_number("--temperature", temperature, minimum=0, exclusive_minimum=True, hint=f"e.g. --temperature {DEFAULT_TEMPERATURE}")
+    check_number(
+        "--temperature",
+        temperature,
+        minimum=0,
+        exclusive_minimum=True,
+        hint=f"e.g. --temperature {DEFAULT_TEMPERATURE}",
+    )
     cache = load_train_test(Path(features_path), stage="knn")  # also refuses NaN/Inf features and an empty test split
     tr, te = cache.split("train"), cache.split("test")
     if max(ks) > len(tr.labels):
@@ -133,10 +155,24 @@ def run_knn(
         k_results = {str(k): {"k": k, **_metrics_of(votes[k], te.labels)} for k in ks}
         first = ks[0]
         metrics = runs.new_metrics(
-            "knn", run_dir.name, config, **fields, params={"total": fields["backbone"]["params"] or 0, "trainable": 0},
-            device="cpu", device_name=runtime.device_name("cpu"), model_file=None, k_results=k_results,
-            final={**k_results[str(first)], "train_acc": None, "train_loss": None, "test_loss": None, "best_epoch": None,
-                   "k": first, "selected_by": "the first --k given (never chosen on test)"},
+            "knn",
+            run_dir.name,
+            config,
+            **fields,
+            params={"total": fields["backbone"]["params"] or 0, "trainable": 0},
+            device="cpu",
+            device_name=runtime.device_name("cpu"),
+            model_file=None,
+            k_results=k_results,
+            final={
+                **k_results[str(first)],
+                "train_acc": None,
+                "train_loss": None,
+                "test_loss": None,
+                "best_epoch": None,
+                "k": first,
+                "selected_by": "the first --k given (never chosen on test)",
+            },
         )
         total = votes[first].sum(axis=1, keepdims=True)
         share = np.divide(votes[first], total, out=np.zeros_like(votes[first]), where=total > 0)

@@ -30,14 +30,18 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: boo
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
     if not images:
         run = run_dirs[0]
-        raise CarsTLError("predict needs image files or --split, and got neither",
-                          f"cars-tl predict --model {run} IMAGE [IMAGE ...]   or   cars-tl predict --model {run} --split test")
+        raise CarsTLError(
+            "predict needs image files or --split, and got neither",
+            f"cars-tl predict --model {run} IMAGE [IMAGE ...]   or   cars-tl predict --model {run} --split test",
+        )
     if top_k < 1:
         raise CarsTLError(f"--top-k must be positive, got {top_k}")
     for image in images:
         if Path(image).is_dir():
-            raise CarsTLError(f"image {image} is a folder; predict takes image files",
-                              f"pass the files inside it: cars-tl predict --model {run_dirs[0]} {Path(image) / '*.jpg'}")
+            raise CarsTLError(
+                f"image {image} is a folder; predict takes image files",
+                f"pass the files inside it: cars-tl predict --model {run_dirs[0]} {Path(image) / '*.jpg'}",
+            )
         if not Path(image).is_file():
             raise CarsTLError(f"image {image} does not exist", "check the path")
     cache: dict = {}
@@ -57,16 +61,28 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: boo
             for i, result in enumerate(results):
                 label = m.name if m.name not in result["predictions"] else str(m.run_dir)
                 result["predictions"][label] = {
-                    "kind": m.kind, "run_dir": str(m.run_dir), "score_kind": m.score_kind, "precision": m.precision_used,
-                    "top": [{"label": int(j), "class": m.class_names[int(j)], "score": round(float(v), 6)}
-                            for v, j in zip(values[i], indices[i])],
+                    "kind": m.kind,
+                    "run_dir": str(m.run_dir),
+                    "score_kind": m.score_kind,
+                    "precision": m.precision_used,
+                    "top": [
+                        {"label": int(j), "class": m.class_names[int(j)], "score": round(float(v), 6)}
+                        for v, j in zip(values[i], indices[i])
+                    ],
                 }
     return results
 
 
 @reads("predict", lambda a: [data.stanford_root(a["data_dir"])])
-def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NULL, images=(), batch_size: int = 64,
-                  workers: int | None = None) -> list[dict]:
+def predict_split(
+    run_dirs: list[Path],
+    split: str,
+    data_dir: Path,
+    progress=NULL,
+    images=(),
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> list[dict]:
     """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.artifacts.runs`).
 
     The scores are the run's own: a train-head or fit-svm run is scored from the feature cache it
@@ -78,7 +94,9 @@ def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NUL
     from cars_tl.data import loaders
 
     if images:
-        raise CarsTLError("give either image files or --split, not both", f"cars-tl predict --split {split} --model RUN")
+        raise CarsTLError(
+            "give either image files or --split, not both", f"cars-tl predict --split {split} --model RUN"
+        )
     if not run_dirs:
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
     manifest = data.load_manifest(data_dir)
@@ -94,7 +112,10 @@ def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NUL
                 f"{run_dir} was trained on another dataset than {manifest.root} (fingerprint {str(recorded)[:12]} != {manifest.fingerprint[:12]})",
                 "pass the --data-dir the run was made from",
             )
-        with locks.writer_lock(run_dir, "predict"), progress.task(f"predict {m.name}", total=len(manifest.split(split)), unit="img") as task:
+        with (
+            locks.writer_lock(run_dir, "predict"),
+            progress.task(f"predict {m.name}", total=len(manifest.split(split)), unit="img") as task,
+        ):
             if m.forward is None:  # head, SVM: the features the run was trained on
                 arrays = cached_split(run_dir, metrics, split, data_dir)
                 ids, labels = arrays.ids, arrays.labels
@@ -106,7 +127,14 @@ def predict_split(run_dirs: list[Path], split: str, data_dir: Path, progress=NUL
             # An SVM's scores rank its own predict first (SVMModel.ranking_scores), as fit-svm saves them.
             path = runs.write_predictions(run_dir, ids, labels, scores, m.score_kind, split=split)
         accuracy = runs.read_predictions(run_dir, split).accuracy()
-        saved.append({"run": str(run_dir), "file": str(path), "count": len(ids), "accuracy": accuracy if accuracy is not None else float("nan")})
+        saved.append(
+            {
+                "run": str(run_dir),
+                "file": str(path),
+                "count": len(ids),
+                "accuracy": accuracy if accuracy is not None else float("nan"),
+            }
+        )
     return saved
 
 
@@ -130,9 +158,11 @@ def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path
     recorded = (metrics.get("inputs") or {}).get("features") or {}
     path = Path(recorded.get("path") or "?")
     b = metrics["backbone"]
-    extract = (f"cars-tl extract-features --data-dir {data_dir} --backbone {b['backbone']} --weights {b['weights']} "
-               f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {transforms.resize_mode(b['transform'])} "
-               f"--image-size {b['transform']['crop']} --precision {b.get('precision', 'fp32')} --out {path}")
+    extract = (
+        f"cars-tl extract-features --data-dir {data_dir} --backbone {b['backbone']} --weights {b['weights']} "
+        f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {transforms.resize_mode(b['transform'])} "
+        f"--image-size {b['transform']['crop']} --precision {b.get('precision', 'fp32')} --out {path}"
+    )
     if not path.is_file():
         raise CarsTLError(
             f"{run_dir} is scored from the feature cache it was trained on, {path}, and that file is gone",
@@ -141,8 +171,9 @@ def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path
     arrays = features.load(path, (split,)).split(split)
     digests = (recorded.get("splits") or {}).get(split)
     if digests:
-        same = (digests.get("features_sha256") == features.content_digest(arrays.features)
-                and digests.get("ids_sha256") == features.content_digest(arrays.ids))
+        same = digests.get("features_sha256") == features.content_digest(arrays.features) and digests.get(
+            "ids_sha256"
+        ) == features.content_digest(arrays.ids)
         what = f"its {split} features differ from the ones the run recorded (SHA-256)"
     else:
         same = file_sha256(path) == recorded.get("sha256")

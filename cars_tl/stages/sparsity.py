@@ -16,8 +16,8 @@ import csv
 import io
 import json
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -36,12 +36,13 @@ class ZeroCounter:
     """Forward hooks that count exact zeros per ReLU call site, in forward order."""
 
     def __init__(self, model: torch.nn.Module):
-        self.zeros: "OrderedDict[str, int]" = OrderedDict()
-        self.totals: "OrderedDict[str, int]" = OrderedDict()
+        self.zeros: OrderedDict[str, int] = OrderedDict()
+        self.totals: OrderedDict[str, int] = OrderedDict()
         self._calls: dict[str, int] = {}
         self._handles = [
             module.register_forward_hook(self._hook(name))
-            for name, module in model.named_modules() if isinstance(module, RELU_TYPES)
+            for name, module in model.named_modules()
+            if isinstance(module, RELU_TYPES)
         ]
         if not self._handles:
             raise CarsTLError(f"{type(model).__name__} has no ReLU modules to measure")
@@ -59,7 +60,7 @@ class ZeroCounter:
     def new_forward(self) -> None:
         self._calls.clear()
 
-    def fractions(self) -> "OrderedDict[str, float]":
+    def fractions(self) -> OrderedDict[str, float]:
         return OrderedDict((k, self.zeros[k] / self.totals[k]) for k in self.zeros)
 
     def close(self) -> None:
@@ -68,7 +69,7 @@ class ZeroCounter:
 
 
 @torch.inference_mode()
-def zero_fractions(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> "OrderedDict[str, float]":
+def zero_fractions(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> OrderedDict[str, float]:
     """Fraction of exact zeros at every ReLU call site of ``model`` over ``batches`` (eval mode)."""
     model.eval()
     counter = ZeroCounter(model)
@@ -81,7 +82,9 @@ def zero_fractions(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> "
     return counter.fractions()
 
 
-def _image_source(images: list[Path] | None, split: str | None, limit: int | None, data_dir: Path) -> tuple[list, object, int, str]:
+def _image_source(
+    images: list[Path] | None, split: str | None, limit: int | None, data_dir: Path
+) -> tuple[list, object, int, str]:
     """``([full image], None, 0, description)`` for image files, ``([], manifest, count, description)``
     for the first ``count`` images of ``split`` (loaded per run, with its preprocessing)."""
     if images:
@@ -108,7 +111,12 @@ def _split_batches(run, manifest, split: str, count: int, batch_size: int):
         yield loaders.batch_to_device(images, "cpu", run.spec)
 
 
-@locks.reads("sparsity", lambda a: data.dataset_roots(a["images"]) if a["images"] else [data.stanford_root(a["data_dir"])] if a["split"] else [])
+@locks.reads(
+    "sparsity",
+    lambda a: (
+        data.dataset_roots(a["images"]) if a["images"] else [data.stanford_root(a["data_dir"])] if a["split"] else []
+    ),
+)
 def measure(
     run_dirs: list[Path],
     images: list[Path] | None = None,
@@ -124,20 +132,26 @@ def measure(
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
     pictures, manifest, count, described = _image_source(images, split, limit, data_dir)
     cache: dict = {}
-    results: "OrderedDict[str, OrderedDict[str, float]]" = OrderedDict()
+    results: OrderedDict[str, OrderedDict[str, float]] = OrderedDict()
     with progress.task("sparsity", total=len(run_dirs), unit="model") as task:
         for run_dir in run_dirs:
             run = load_run(Path(run_dir), cache)
             if manifest is not None:
                 batches = _split_batches(run, manifest, split, count, batch_size)
             else:
-                batches = (torch.stack([run.tensor(image) for image in pictures[i:i + batch_size]])
-                           for i in range(0, len(pictures), batch_size))
+                batches = (
+                    torch.stack([run.tensor(image) for image in pictures[i : i + batch_size]])
+                    for i in range(0, len(pictures), batch_size)
+                )
             with runtime.autocast("cpu", run.precision_used):
                 results[run.name] = zero_fractions(run.body, batches)
             task.advance(1)
     out = check_output_path(Path(out), "folder")
-    summary = {"images": described, "models": {name: dict(v) for name, v in results.items()}, "layers": list(next(iter(results.values())))}
+    summary = {
+        "images": described,
+        "models": {name: dict(v) for name, v in results.items()},
+        "layers": list(next(iter(results.values()))),
+    }
     with locks.writer_lock(out, "sparsity"):
         out.mkdir(parents=True, exist_ok=True)
         _write(out, summary, results, described)
@@ -161,7 +175,7 @@ def _write(out: Path, summary: dict, results, described: str) -> None:
 PER_ROW = 25
 
 
-def plot(results: "OrderedDict[str, OrderedDict[str, float]]", path: Path, described: str) -> None:
+def plot(results: OrderedDict[str, OrderedDict[str, float]], path: Path, described: str) -> None:
     """Grouped bars: x = ReLU call in forward order, one colour per model; long nets wrap onto rows."""
     import math
 
@@ -177,11 +191,16 @@ def plot(results: "OrderedDict[str, OrderedDict[str, float]]", path: Path, descr
     width = 0.8 / len(results)
     fig, axes = plt.subplots(rows, 1, figsize=(16, 3.9 * rows + 0.9), dpi=110, squeeze=False)
     for r, ax in enumerate(axes[:, 0]):
-        chunk = layers[r * per_row:(r + 1) * per_row]
+        chunk = layers[r * per_row : (r + 1) * per_row]
         x = np.arange(len(chunk))
         for i, (name, values) in enumerate(results.items()):
-            ax.bar(x - 0.4 + width * (i + 0.5), [values.get(layer, np.nan) for layer in chunk], width,
-                   label=name, color=f"C{i}")
+            ax.bar(
+                x - 0.4 + width * (i + 0.5),
+                [values.get(layer, np.nan) for layer in chunk],
+                width,
+                label=name,
+                color=f"C{i}",
+            )
         ax.set_xticks(x)
         ax.set_xticklabels(chunk, rotation=60, ha="right", fontsize=8)
         ax.set_xlim(-0.6, per_row - 0.4)

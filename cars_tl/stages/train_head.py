@@ -40,10 +40,28 @@ from cars_tl.models.training import check_finite_loss, make_optimizer, stratifie
 HEAD_FILE = "head.pt"
 OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs")
 PRESETS = {
-    "study": dict(epochs=15, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0,
-                  label_smoothing=0.0, standardize=False, schedule="none", val_fraction=0.0),
-    "tuned": dict(epochs=15, lr=1.0, batch_size=0, optimizer="lbfgs", weight_decay=None,
-                  label_smoothing=0.0, standardize=True, schedule="none", val_fraction=0.1),
+    "study": dict(
+        epochs=15,
+        lr=1e-3,
+        batch_size=32,
+        optimizer="adam",
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        standardize=False,
+        schedule="none",
+        val_fraction=0.0,
+    ),
+    "tuned": dict(
+        epochs=15,
+        lr=1.0,
+        batch_size=0,
+        optimizer="lbfgs",
+        weight_decay=None,
+        label_smoothing=0.0,
+        standardize=True,
+        schedule="none",
+        val_fraction=0.1,
+    ),
 }
 WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -72,17 +90,29 @@ class _Data:
     y: torch.Tensor
 
 
-def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: float, num_classes: int, seed: int,
-         progress: Progress, label: str, on_epoch=None) -> tuple[torch.nn.Linear, list[dict]]:
+def _fit(
+    train: _Data,
+    evals: dict[str, _Data],
+    config: dict,
+    weight_decay: float,
+    num_classes: int,
+    seed: int,
+    progress: Progress,
+    label: str,
+    on_epoch=None,
+) -> tuple[torch.nn.Linear, list[dict]]:
     torch.manual_seed(seed)
     head = torch.nn.Linear(train.x.shape[1], num_classes)
     full_batch = config["optimizer"] == "lbfgs"
     # L-BFGS has no decoupled decay: the L2 penalty goes into its objective instead.
-    optimizer = make_optimizer(config["optimizer"], head.parameters(), config["lr"], 0.0 if full_batch else weight_decay)
+    optimizer = make_optimizer(
+        config["optimizer"], head.parameters(), config["lr"], 0.0 if full_batch else weight_decay
+    )
     steps_per_epoch = 1 if full_batch else -(-len(train.y) // config["batch_size"])
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"] * steps_per_epoch)
-        if config["schedule"] == "cosine" else None
+        if config["schedule"] == "cosine"
+        else None
     )
     generator = torch.Generator().manual_seed(seed)
     history = []
@@ -92,6 +122,7 @@ def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: floa
             head.train()
             meter = Meter()
             if full_batch:
+
                 def closure():
                     optimizer.zero_grad(set_to_none=True)
                     loss = F.cross_entropy(head(train.x), train.y, label_smoothing=config["label_smoothing"])
@@ -102,7 +133,9 @@ def _fit(train: _Data, evals: dict[str, _Data], config: dict, weight_decay: floa
                 optimizer.step(closure)
                 with torch.no_grad():
                     meter.add(head(train.x), train.y)
-            batches = [] if full_batch else torch.randperm(len(train.y), generator=generator).split(config["batch_size"])
+            batches = (
+                [] if full_batch else torch.randperm(len(train.y), generator=generator).split(config["batch_size"])
+            )
             for idx in batches:
                 logits = head(train.x[idx])
                 loss = F.cross_entropy(logits, train.y[idx], label_smoothing=config["label_smoothing"])
@@ -164,12 +197,16 @@ def train_head(
     ``tensorboard``: also log each epoch of the final fit there, live (:mod:`cars_tl.core.tensorboard`)."""
     started = time.perf_counter()
     check_available(tensorboard)
-    config = resolve_preset(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
+    config = resolve_preset(
+        preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay
+    )
     config["seed"] = check_seed(seed)
     config["features"] = str(features_path)
     cache = load_train_test(Path(features_path), require_test=False)
     backbone = cache.attrs["backbone"].replace("/", "-")
-    run_dir = runs.resolve_run_dir(out, f"head-{backbone}-{features.weights_tag(cache.attrs['weights'])}-{preset}", artifacts)
+    run_dir = runs.resolve_run_dir(
+        out, f"head-{backbone}-{features.weights_tag(cache.attrs['weights'])}-{preset}", artifacts
+    )
     tr = cache.split("train")
     # A train-only dataset (or an empty test split): no test metrics, rather than "acc 0.00%" measured on nothing.
     te = cache.split("test") if "test" in cache.splits and len(cache.split("test").labels) else None
@@ -178,16 +215,23 @@ def train_head(
 
     def scaling(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Statistics of the rows the head trains on, never of validation or test rows.
-        return standardization(rows) if config["standardize"] else (torch.zeros(rows.shape[1]), torch.ones(rows.shape[1]))
+        return (
+            standardization(rows) if config["standardize"] else (torch.zeros(rows.shape[1]), torch.ones(rows.shape[1]))
+        )
 
     fields = feature_run_fields(cache)
     head_params = cache.feature_dim * cache.num_classes + cache.num_classes
     backbone_params = fields["backbone"]["params"] or 0
     with runs.writing_run(run_dir, "train-head", force=force) as target:
         metrics = runs.new_metrics(
-            "head", run_dir.name, config, **fields,
+            "head",
+            run_dir.name,
+            config,
+            **fields,
             params={"total": backbone_params + head_params, "trainable": head_params},
-            device="cpu", device_name=runtime.device_name("cpu"), model_file=HEAD_FILE,
+            device="cpu",
+            device_name=runtime.device_name("cpu"),
+            model_file=HEAD_FILE,
         )
         runs.write_metrics(target, metrics)
         with runs.recording(target, metrics):
@@ -198,20 +242,37 @@ def train_head(
                 val = _Data((x_train[val_idx] - mean) / std, y_train[val_idx])
                 search = []
                 for wd in WEIGHT_DECAY_GRID:
-                    _, hist = _fit(fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)")
-                    search.append({"weight_decay": wd, "val_acc": hist[-1]["val_acc"], "val_loss": hist[-1]["val_loss"]})
+                    _, hist = _fit(
+                        fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)"
+                    )
+                    search.append(
+                        {"weight_decay": wd, "val_acc": hist[-1]["val_acc"], "val_loss": hist[-1]["val_loss"]}
+                    )
                 best = min(search, key=lambda r: (r["val_loss"], -r["val_acc"]))
                 # The chosen value is a result, not an option: config keeps weight_decay None ("chosen"),
                 # so seeds that chose differently are still one configuration.
-                metrics["selection"] = {"selected_on": "validation", "by": "cross-entropy on a validation split of train",
-                                        "chosen": {"weight_decay": best["weight_decay"]},
-                                        "val_fraction": config["val_fraction"], "grid": search}
-            weight_decay_used = metrics["selection"]["chosen"]["weight_decay"] if "selection" in metrics else config["weight_decay"]
+                metrics["selection"] = {
+                    "selected_on": "validation",
+                    "by": "cross-entropy on a validation split of train",
+                    "chosen": {"weight_decay": best["weight_decay"]},
+                    "val_fraction": config["val_fraction"],
+                    "grid": search,
+                }
+            weight_decay_used = (
+                metrics["selection"]["chosen"]["weight_decay"] if "selection" in metrics else config["weight_decay"]
+            )
             mean, std = scaling(x_train)
             live = EpochLog(tensorboard, run_dir.name)
             head, history = _fit(
-                _Data((x_train - mean) / std, y_train), {"test": _Data((x_test - mean) / std, y_test)} if te else {}, config,
-                weight_decay_used, cache.num_classes, seed, progress, f"train head ({preset})", on_epoch=live.on_epoch,
+                _Data((x_train - mean) / std, y_train),
+                {"test": _Data((x_test - mean) / std, y_test)} if te else {},
+                config,
+                weight_decay_used,
+                cache.num_classes,
+                seed,
+                progress,
+                f"train head ({preset})",
+                on_epoch=live.on_epoch,
             )
             state = _fold_standardization(head, mean, std)
             runs.save_checkpoint(target / HEAD_FILE, state)
@@ -224,8 +285,12 @@ def train_head(
                     runs.write_predictions(target, te.ids, te.labels, raw(x_test).softmax(1).numpy(), "probability")
             metrics.update(
                 history=history,
-                final={**final, "best_epoch": config["epochs"], "selected_by": "last epoch",
-                       "selected_on": "validation" if "selection" in metrics else "none"},
+                final={
+                    **final,
+                    "best_epoch": config["epochs"],
+                    "selected_by": "last epoch",
+                    "selected_on": "validation" if "selection" in metrics else "none",
+                },
             )
             metrics = runs.finish(target, metrics, started)
             live.on_end(config, metrics["final"])

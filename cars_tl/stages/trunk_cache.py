@@ -59,10 +59,21 @@ def build_trunk(
         for p in model.body.get_submodule(name).parameters():
             p.requires_grad_(True)
     model.eval()
-    config = {"augment": "none", "preset": "build-trunk", "unfreeze": unfreeze, "precision": precision, "crop": crop, "margin": float(margin)}
+    config = {
+        "augment": "none",
+        "preset": "build-trunk",
+        "unfreeze": unfreeze,
+        "precision": precision,
+        "crop": crop,
+        "margin": float(margin),
+    }
     p = trunk.plan(str(out) if out else "auto", model, bb, config, manifest, Path(artifacts), storage)
     if p.path is None:
-        raise CarsTLError(p.reason.replace(": trunk cache not used", ""), "finetune then runs on the images: no trunk cache to build")
+        raise CarsTLError(
+            p.reason.replace(": trunk cache not used", ""), "finetune then runs on the images: no trunk cache to build"
+        )
     model.to(device)
-    result = trunk.ensure(p, model, bb, manifest, crop, float(margin), batch_size, workers, device, precision, progress, ctx)
+    result = trunk.ensure(
+        p, model, bb, manifest, crop, float(margin), batch_size, workers, device, precision, progress, ctx
+    )
     return p.path, dict(result, cut=p.identity["cut"], storage=p.identity["storage"], precision=precision)

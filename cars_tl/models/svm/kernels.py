@@ -21,11 +21,11 @@ def kernel_matrix(a: np.ndarray, b: np.ndarray, kernel: str, gamma: float, degre
     b_sq = (tb * tb).sum(1) if kernel == "rbf" else None
     out = np.empty((len(a), len(b)), dtype=np.float64)
     for start in range(0, len(a), BLOCK):
-        ta = torch.from_numpy(np.ascontiguousarray(a[start:start + BLOCK], dtype=np.float64))
+        ta = torch.from_numpy(np.ascontiguousarray(a[start : start + BLOCK], dtype=np.float64))
         dot = ta @ tb.T
         if kernel == "rbf":
             dot = ((ta * ta).sum(1)[:, None] + b_sq[None, :] - 2 * dot).clamp_min_(0)
-        out[start:start + len(ta)] = kernel_values(dot, kernel, gamma, degree, coef0, torch).numpy()
+        out[start : start + len(ta)] = kernel_values(dot, kernel, gamma, degree, coef0, torch).numpy()
     return out
 
 

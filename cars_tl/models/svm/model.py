@@ -19,9 +19,18 @@ METHODS = ("precomputed", "plain")
 
 TRUSTED_TYPES = (
     "sklearn.svm._classes.SVC",
-    "numpy.ndarray", "numpy.dtype", "numpy.float64", "numpy.int32", "numpy.int64",
-    "builtins.dict", "builtins.list", "builtins.str", "builtins.int", "builtins.float",
-    "builtins.tuple", "builtins.NoneType",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.float64",
+    "numpy.int32",
+    "numpy.int64",
+    "builtins.dict",
+    "builtins.list",
+    "builtins.str",
+    "builtins.int",
+    "builtins.float",
+    "builtins.tuple",
+    "builtins.NoneType",
 )
 
 
@@ -31,8 +40,12 @@ def parse_gamma(gamma: str) -> str | float:
     try:
         value = float(gamma)
     except ValueError:
-        raise CarsTLError(f"--gamma {gamma!r} is not valid; valid: scale, auto, cv (cross-validated), or a positive number") from None
-    return check_number("--gamma", value, minimum=0, exclusive_minimum=True, hint="valid: scale, auto, cv, or a positive number")
+        raise CarsTLError(
+            f"--gamma {gamma!r} is not valid; valid: scale, auto, cv (cross-validated), or a positive number"
+        ) from None
+    return check_number(
+        "--gamma", value, minimum=0, exclusive_minimum=True, hint="valid: scale, auto, cv, or a positive number"
+    )
 
 
 class Scaler:
@@ -44,7 +57,7 @@ class Scaler:
         self.mode, self.mean, self.std = mode, mean, std
 
     @classmethod
-    def fit(cls, mode: str, x: np.ndarray) -> "Scaler":
+    def fit(cls, mode: str, x: np.ndarray) -> Scaler:
         if mode == "standard":
             # StandardScaler's statistics: a feature constant on train gets scale 1, not a huge gain.
             from sklearn.preprocessing import StandardScaler
@@ -75,8 +88,18 @@ def gamma_value(gamma: str | float, x: np.ndarray) -> float:
 class SVMModel:
     """An SVC plus what it needs to score new features: scaling, kernel settings, support vectors."""
 
-    def __init__(self, svc, scaler: Scaler, kernel: str, gamma: float, degree: int, coef0: float,
-                 method: str, support_vectors: np.ndarray | None = None, n_train: int = 0):
+    def __init__(
+        self,
+        svc,
+        scaler: Scaler,
+        kernel: str,
+        gamma: float,
+        degree: int,
+        coef0: float,
+        method: str,
+        support_vectors: np.ndarray | None = None,
+        n_train: int = 0,
+    ):
         self.svc, self.scaler, self.kernel = svc, scaler, kernel
         self.gamma, self.degree, self.coef0, self.method = gamma, degree, coef0, method
         self.support_vectors, self.n_train = support_vectors, n_train
@@ -91,11 +114,17 @@ class SVMModel:
             return z
         # sklearn wants K against all training rows; only the support columns are ever read.
         full = np.zeros((len(z), self.n_train), dtype=np.float64)
-        full[:, self.svc.support_] = kernels.kernel_matrix(z, self.support_vectors, self.kernel, self.gamma, self.degree, self.coef0)
+        full[:, self.svc.support_] = kernels.kernel_matrix(
+            z, self.support_vectors, self.kernel, self.gamma, self.degree, self.coef0
+        )
         return full
 
     def _blocks(self, fn, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([fn(self._input(x[i:i + 1024])) for i in range(0, len(x), 1024)]) if len(x) else np.zeros(0)
+        return (
+            np.concatenate([fn(self._input(x[i : i + 1024])) for i in range(0, len(x), 1024)])
+            if len(x)
+            else np.zeros(0)
+        )
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self._blocks(self.svc.predict, x)
@@ -119,25 +148,53 @@ class SVMModel:
         predicted = np.searchsorted(self.classes, self.predict(x))
         rows = np.arange(len(x))
         disagree = scores.argmax(1) != predicted
-        scores[rows[disagree], predicted[disagree]] = scores[disagree].max(1) + 1e-9 * (1 + np.abs(scores[disagree].max(1)))
+        scores[rows[disagree], predicted[disagree]] = scores[disagree].max(1) + 1e-9 * (
+            1 + np.abs(scores[disagree].max(1))
+        )
         return scores
 
     def to_state(self) -> dict:
         return {
-            "svc": self.svc, "scale": self.scaler.mode, "scale_mean": self.scaler.mean, "scale_std": self.scaler.std,
-            "kernel": self.kernel, "gamma": float(self.gamma), "degree": int(self.degree), "coef0": float(self.coef0),
-            "method": self.method, "support_vectors": self.support_vectors, "n_train": int(self.n_train),
+            "svc": self.svc,
+            "scale": self.scaler.mode,
+            "scale_mean": self.scaler.mean,
+            "scale_std": self.scaler.std,
+            "kernel": self.kernel,
+            "gamma": float(self.gamma),
+            "degree": int(self.degree),
+            "coef0": float(self.coef0),
+            "method": self.method,
+            "support_vectors": self.support_vectors,
+            "n_train": int(self.n_train),
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> "SVMModel":
+    def from_state(cls, state: dict) -> SVMModel:
         scaler = Scaler(state["scale"], state["scale_mean"], state["scale_std"])
-        return cls(state["svc"], scaler, state["kernel"], state["gamma"], state["degree"], state["coef0"],
-                   state["method"], state["support_vectors"], state["n_train"])
+        return cls(
+            state["svc"],
+            scaler,
+            state["kernel"],
+            state["gamma"],
+            state["degree"],
+            state["coef0"],
+            state["method"],
+            state["support_vectors"],
+            state["n_train"],
+        )
 
 
-def fit_model(x: np.ndarray, y: np.ndarray, kernel: str, C: float, degree: int, gamma: str | float, coef0: float,
-              scale: str, method: str = "precomputed") -> SVMModel:
+def fit_model(
+    x: np.ndarray,
+    y: np.ndarray,
+    kernel: str,
+    C: float,
+    degree: int,
+    gamma: str | float,
+    coef0: float,
+    scale: str,
+    method: str = "precomputed",
+) -> SVMModel:
     from sklearn.svm import SVC
 
     if kernel not in KERNELS:
@@ -189,11 +246,25 @@ def load_model(path: Path, num_features: int | None = None, num_classes: int | N
     if problem is None:
         problem = _fitted_problem(state, num_features, num_classes)
     if problem:
-        raise CarsTLError(f"{path} is not a cars_tl fit-svm model: {problem}", "refit it with cars-tl fit-svm --features F.h5 --force")
+        raise CarsTLError(
+            f"{path} is not a cars_tl fit-svm model: {problem}", "refit it with cars-tl fit-svm --features F.h5 --force"
+        )
     return SVMModel.from_state(state)
 
 
-STATE_KEYS = ("svc", "scale", "scale_mean", "scale_std", "kernel", "gamma", "degree", "coef0", "method", "support_vectors", "n_train")
+STATE_KEYS = (
+    "svc",
+    "scale",
+    "scale_mean",
+    "scale_std",
+    "kernel",
+    "gamma",
+    "degree",
+    "coef0",
+    "method",
+    "support_vectors",
+    "n_train",
+)
 
 
 def _state_problem(state) -> str | None:
@@ -213,7 +284,9 @@ def _state_problem(state) -> str | None:
         return f"its SVC is not fitted (no {', '.join(unfitted)})"
     if state["scale"] not in SCALES or state["kernel"] not in KERNELS or state["method"] not in METHODS:
         return f"unknown scale/kernel/method {state['scale']!r}/{state['kernel']!r}/{state['method']!r}"
-    if state["scale"] == "standard" and not (isinstance(state["scale_mean"], np.ndarray) and isinstance(state["scale_std"], np.ndarray)):
+    if state["scale"] == "standard" and not (
+        isinstance(state["scale_mean"], np.ndarray) and isinstance(state["scale_std"], np.ndarray)
+    ):
         return "standard scaling without its mean and scale arrays"
     if state["method"] == "precomputed":
         sv = state["support_vectors"]
@@ -230,14 +303,22 @@ def _fitted_problem(state: dict, num_features: int | None, num_classes: int | No
     svc = state["svc"]
 
     def array(value, name: str, ndim: int, kind: str = "f") -> np.ndarray | str:
-        if not isinstance(value, np.ndarray) or value.ndim != ndim or value.dtype.kind not in ("iu" if kind == "i" else "fiu"):
+        if (
+            not isinstance(value, np.ndarray)
+            or value.ndim != ndim
+            or value.dtype.kind not in ("iu" if kind == "i" else "fiu")
+        ):
             return f"{name} is not a {ndim}-d {'integer' if kind == 'i' else 'numeric'} array"
         if kind == "f" and not np.isfinite(value).all():
             return f"{name} holds NaN or Inf"
         return value
 
     for name, value in (("gamma", state["gamma"]), ("coef0", state["coef0"]), ("C", getattr(svc, "C", None))):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.floating, np.integer))
+            or not np.isfinite(value)
+        ):
             return f"{name} is {value!r}, not a finite number"
     if not (state["gamma"] > 0 and svc.C > 0):
         return f"gamma {state['gamma']!r} and C {svc.C!r} must both be > 0"
@@ -264,8 +345,12 @@ def _fitted_problem(state: dict, num_features: int | None, num_classes: int | No
         return n_support
     if n_sv < 1 or n_support.shape != (n_cls,) or (n_support < 0).any() or int(n_support.sum()) != n_sv:
         return f"its per-class support counts {n_support.tolist()} do not add up to its {n_sv} support vectors for {n_cls} classes"
-    for name, shape in (("_dual_coef_", (n_cls - 1, n_sv)), ("dual_coef_", (n_cls - 1, n_sv)),
-                        ("_intercept_", (n_pairs,)), ("intercept_", (n_pairs,))):
+    for name, shape in (
+        ("_dual_coef_", (n_cls - 1, n_sv)),
+        ("dual_coef_", (n_cls - 1, n_sv)),
+        ("_intercept_", (n_pairs,)),
+        ("intercept_", (n_pairs,)),
+    ):
         value = array(getattr(svc, name, None), name, len(shape))
         if isinstance(value, str):
             return value

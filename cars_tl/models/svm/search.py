@@ -75,17 +75,23 @@ def parse_C(value) -> float | str:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise CarsTLError(f"--C {value!r} is not valid", "use a positive number (e.g. --C 1) or --C auto (cross-validated)") from None
+        raise CarsTLError(
+            f"--C {value!r} is not valid", "use a positive number (e.g. --C 1) or --C auto (cross-validated)"
+        ) from None
     if not number > 0 or not math.isfinite(number):
-        raise CarsTLError(f"--C must be positive, got {value}", "use a positive number (e.g. --C 1) or --C auto (cross-validated)")
+        raise CarsTLError(
+            f"--C must be positive, got {value}", "use a positive number (e.g. --C 1) or --C auto (cross-validated)"
+        )
     return number
 
 
 def resolve_preset(preset: str, C=None, gamma: str | None = None, scale: str | None = None) -> dict:
     """The preset's C, gamma and scale with every explicit (non-None) option applied."""
     if preset not in PRESETS:
-        raise CarsTLError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}",
-                          "--preset study (C=1, gamma=scale: the study) or --preset tuned (--C auto --gamma cv)")
+        raise CarsTLError(
+            f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}",
+            "--preset study (C=1, gamma=scale: the study) or --preset tuned (--C auto --gamma cv)",
+        )
     chosen = dict(PRESETS[preset])
     chosen.update({k: v for k, v in {"C": C, "gamma": gamma, "scale": scale}.items() if v is not None})
     chosen["C"] = parse_C(chosen["C"])
@@ -103,8 +109,9 @@ def check_folds(labels: np.ndarray, folds: int) -> None:
             f"cannot cross-validate with {folds} folds: stratified folds need every class in each fold, and "
             f"{', '.join(small)} training image(s)",
             f"use --cv-folds {max(2, int(counts.min()))} (at most the smallest class count, {int(counts.min())}) "
-            "or a fixed value such as --C 1 --gamma scale" if counts.min() >= 2 else
-            "a class with one training image cannot be cross-validated: use a fixed value such as --C 1 --gamma scale",
+            "or a fixed value such as --C 1 --gamma scale"
+            if counts.min() >= 2
+            else "a class with one training image cannot be cross-validated: use a fixed value such as --C 1 --gamma scale",
         )
 
 
@@ -162,24 +169,24 @@ def ovo_predict(svc, kernel_rows: np.ndarray, block: int = 256) -> np.ndarray:
         coef, intercept = -coef, -intercept
     # Class i's coefficients as one contiguous (k - 1, its support vectors) block: strided slices
     # of dual_coef_ made the products 4x slower.
-    blocks = [np.ascontiguousarray(coef[:, starts[i]:starts[i + 1]]) for i in range(k)]
+    blocks = [np.ascontiguousarray(coef[:, starts[i] : starts[i + 1]]) for i in range(k)]
     out = np.empty(len(kernel_rows), dtype=classes.dtype)
     for lo in range(0, len(kernel_rows), block):
-        rows = np.ascontiguousarray(kernel_rows[lo:lo + block][:, svc.support_].T)  # (support vectors, n)
+        rows = np.ascontiguousarray(kernel_rows[lo : lo + block][:, svc.support_].T)  # (support vectors, n)
         n = rows.shape[1]
         # share[i, slot]: class i's support vectors' part of pair (i, other), slot = other - (other > i)
         share = np.empty((k, k - 1, n))
         for i in range(k):
-            np.matmul(blocks[i], rows[starts[i]:starts[i + 1]], out=share[i])
+            np.matmul(blocks[i], rows[starts[i] : starts[i + 1]], out=share[i])
         votes = np.zeros((k, n), dtype=np.int64)
         pair = 0
         for i in range(k - 1):  # pairs (i, i+1), ..., (i, k-1): consecutive in libsvm's order
-            decision = share[i, i:] + share[i + 1:, i] + intercept[pair:pair + k - 1 - i, None]
+            decision = share[i, i:] + share[i + 1 :, i] + intercept[pair : pair + k - 1 - i, None]
             wins = decision > 0
             votes[i] += wins.sum(0)
-            votes[i + 1:] += ~wins
+            votes[i + 1 :] += ~wins
             pair += k - 1 - i
-        out[lo:lo + n] = classes[votes.argmax(0)]
+        out[lo : lo + n] = classes[votes.argmax(0)]
     return out
 
 
@@ -189,7 +196,13 @@ class _FoldWalk:
 
     def __init__(self, gram, y, fit, val, kernel, c_grids, gamma_values, degree, coef0):
         self.gram, self.y_fit, self.y_val, self.fit_rows, self.val_rows = gram, y[fit], y[val], fit, val
-        self.kernel, self.c_grids, self.gamma_values, self.degree, self.coef0 = kernel, c_grids, gamma_values, degree, coef0
+        self.kernel, self.c_grids, self.gamma_values, self.degree, self.coef0 = (
+            kernel,
+            c_grids,
+            gamma_values,
+            degree,
+            coef0,
+        )
         self.correct = np.zeros((len(gamma_values), len(c_grids[0])))
         self.fits = self.g = self.c = 0
         self.slices = self.kernels = None
@@ -204,10 +217,12 @@ class _FoldWalk:
         if self.slices is None:  # np.take: about 8x faster than np.ix_ on an 8,144-row matrix
             rows = np.take(self.gram, np.concatenate([self.fit_rows, self.val_rows]), 0)
             cols = np.take(rows, self.fit_rows, 1)
-            self.slices = cols[:len(self.fit_rows)], cols[len(self.fit_rows):]
+            self.slices = cols[: len(self.fit_rows)], cols[len(self.fit_rows) :]
         if self.kernels is None:
             gamma = self.gamma_values[self.g]
-            self.kernels = tuple(_kernel_from_gram(part, self.kernel, gamma, self.degree, self.coef0) for part in self.slices)
+            self.kernels = tuple(
+                _kernel_from_gram(part, self.kernel, gamma, self.degree, self.coef0) for part in self.slices
+            )
             if self.g + 1 == len(self.gamma_values):
                 self.slices = ()  # the last gamma: its kernel is all this fold still needs
         k_fit, k_val = self.kernels
@@ -219,7 +234,9 @@ class _FoldWalk:
         if at_bound(svc, C) and self.c + 1 < len(c_grid):
             self.c += 1
             return
-        self.correct[self.g, self.c + 1:] = self.correct[self.g, self.c]  # the hard margin: the same for every larger C
+        self.correct[self.g, self.c + 1 :] = self.correct[
+            self.g, self.c
+        ]  # the hard margin: the same for every larger C
         self.g, self.c, self.kernels = self.g + 1, 0, None
 
 
@@ -258,8 +275,18 @@ def _round_robin(walks: list[_FoldWalk], workers: int) -> None:
             raise
 
 
-def cross_validate(z: np.ndarray, y: np.ndarray, kernel: str, c_grid, gamma_values, degree: int, coef0: float,
-                   folds: list[tuple[np.ndarray, np.ndarray]], n_jobs: int | None = None, gram: np.ndarray | None = None) -> CVResult:
+def cross_validate(
+    z: np.ndarray,
+    y: np.ndarray,
+    kernel: str,
+    c_grid,
+    gamma_values,
+    degree: int,
+    coef0: float,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    n_jobs: int | None = None,
+    gram: np.ndarray | None = None,
+) -> CVResult:
     """CV accuracy (%) for every (gamma, C) pair: the mean of the folds' accuracies and their std.
 
     ``c_grid`` ascending: one grid for every gamma, or one per gamma (a list of equally long grids).
@@ -279,8 +306,12 @@ def cross_validate(z: np.ndarray, y: np.ndarray, kernel: str, c_grid, gamma_valu
     _walk_all(walks, max(1, min(len(folds), n_jobs or runtime.usable_cores())))
     # Each fold's accuracy, then their mean: cross_val_score's mean (not all folds' correct over all rows).
     per_fold = np.stack([100.0 * walk.correct / len(walk.val_rows) for walk in walks])
-    return CVResult(per_fold.mean(0), per_fold.std(0), sum(walk.fits for walk in walks),
-                    len(folds) * len(gamma_values) * len(c_grids[0]))
+    return CVResult(
+        per_fold.mean(0),
+        per_fold.std(0),
+        sum(walk.fits for walk in walks),
+        len(folds) * len(gamma_values) * len(c_grids[0]),
+    )
 
 
 def grid_decades(z: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> int:
@@ -306,12 +337,25 @@ def has_choice(kernel: str, C, gamma) -> bool:
 
 def _best(scores: list[list[float]], order: list[int]) -> tuple[int, int]:
     """The best (gamma, C) index: ties to the smallest C, then the gamma factor closest to 1 (``order``)."""
-    return max(((g, c) for g in order for c in range(len(scores[g]))),
-               key=lambda gc: (round(scores[gc[0]][gc[1]], 9), -gc[1], -order.index(gc[0])))
+    return max(
+        ((g, c) for g in order for c in range(len(scores[g]))),
+        key=lambda gc: (round(scores[gc[0]][gc[1]], 9), -gc[1], -order.index(gc[0])),
+    )
 
 
-def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coef0: float, scale: str,
-           folds: int = DEFAULT_FOLDS, seed: int = 0, n_jobs: int | None = None) -> dict:
+def search(
+    x: np.ndarray,
+    y: np.ndarray,
+    kernel: str,
+    C,
+    gamma,
+    degree: int,
+    coef0: float,
+    scale: str,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    n_jobs: int | None = None,
+) -> dict:
     """Choose ``C`` (when ``"auto"``) and gamma (when ``"cv"``) on the training rows ``x``, ``y``.
 
     Each gamma gets its own C grid, placed on that gamma's kernel scale (:func:`grid_decades`). When
@@ -331,7 +375,7 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
     gamma_values = [base * f for f in factors]
     auto = C == "auto"
     decades = [grid_decades(z, kernel, g, degree, coef0) if auto else 0 for g in gamma_values]
-    c_grids = [[c * 10.0 ** d for c in C_GRID] if auto else [float(C)] for d in decades]
+    c_grids = [[c * 10.0**d for c in C_GRID] if auto else [float(C)] for d in decades]
     gram = _gram(z, kernel)
     cv = cross_validate(z, y, kernel, c_grids, gamma_values, degree, coef0, splits, n_jobs=n_jobs, gram=gram)
     scores, stds = cv.scores.tolist(), cv.std.tolist()
@@ -351,7 +395,9 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
             break
         grid = c_grids[best_g]
         new_c = grid[-1] * C_STEP if up else grid[0] / C_STEP
-        more = cross_validate(z, y, kernel, [new_c], [gamma_values[best_g]], degree, coef0, splits, n_jobs=n_jobs, gram=gram)
+        more = cross_validate(
+            z, y, kernel, [new_c], [gamma_values[best_g]], degree, coef0, splits, n_jobs=n_jobs, gram=gram
+        )
         fits, points = fits + more.fits, points + more.points
         at = len(grid) if up else 0
         grid.insert(at, new_c)
@@ -360,20 +406,28 @@ def search(x: np.ndarray, y: np.ndarray, kernel: str, C, gamma, degree: int, coe
         extended["up" if up else "down"] += 1
         best_g, best_c = _best(scores, order)
     return {
-        "folds": folds, "seed": seed, "train_rows": int(len(y)), "scale": scale,
+        "folds": folds,
+        "seed": seed,
+        "train_rows": int(len(y)),
+        "scale": scale,
         "cv_score": "mean of the folds' accuracies (scikit-learn's cross_val_score(...).mean()); cv_std: their std",
         "C_grid": c_grids[best_g] if auto else None,  # the chosen gamma's grid
         "C_grid_decades": decades[best_g] if auto else None,  # C_GRID x 10**decades: the kernel's scale
         "C_grids": c_grids if auto else None,  # [gamma][C], each on its gamma's scale, as cv_acc
-        "C_grid_extended": (extended if extended["up"] or extended["down"] or extended["capped"] else None) if auto else None,
+        "C_grid_extended": (extended if extended["up"] or extended["down"] or extended["capped"] else None)
+        if auto
+        else None,
         "gamma_grid": gamma_values if search_gamma else None,
         "gamma_factors": list(factors) if search_gamma else None,
         "cv_acc": [[round(float(v), 4) for v in row] for row in scores],  # [gamma][C]
         "cv_std": [[round(float(v), 4) for v in row] for row in stds],  # [gamma][C]
-        "C": c_grids[best_g][best_c], "gamma": gamma_values[best_g] if search_gamma else gamma,
-        "gamma_value": gamma_values[best_g], "cv_acc_chosen": round(float(scores[best_g][best_c]), 4),
+        "C": c_grids[best_g][best_c],
+        "gamma": gamma_values[best_g] if search_gamma else gamma,
+        "gamma_value": gamma_values[best_g],
+        "cv_acc_chosen": round(float(scores[best_g][best_c]), 4),
         "cv_std_chosen": round(float(stds[best_g][best_c]), 4),
-        "cv_fits": fits, "cv_points": points,  # fits run / (gamma, C, fold) points: the rest were hard-margin repeats
+        "cv_fits": fits,
+        "cv_points": points,  # fits run / (gamma, C, fold) points: the rest were hard-margin repeats
         "seconds": round(time.perf_counter() - started, 4),
     }
 
@@ -386,5 +440,7 @@ def extension_note(found: dict) -> str | None:
     moves = [f"{ext[d]} step(s) {d}" for d in ("up", "down") if ext[d]]
     note = f"C grid extended {' and '.join(moves) or 'by 0 steps'} (x{C_STEP:.2f} each): the best C was at its end with the CV score still rising"
     if ext["capped"]:
-        note += f"; stopped at the cap of {MAX_EXTENSION} extra values with the best C ({found['C']:.4g}) still at the end"
+        note += (
+            f"; stopped at the cap of {MAX_EXTENSION} extra values with the best C ({found['C']:.4g}) still at the end"
+        )
     return note
