@@ -71,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.core import locks
+from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
 from cars_tl.core.errors import CarsTLError, check_output_path
 
@@ -144,7 +144,6 @@ class RerunInterrupted(KeyboardInterrupt):
 
 
 def new_metrics(kind: str, name: str, config: dict, **fields) -> dict:
-    from cars_tl.core import runtime
 
     return {
         "format_version": FORMAT_VERSION,

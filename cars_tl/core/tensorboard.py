@@ -28,6 +28,7 @@ import math
 import time
 from pathlib import Path
 
+from cars_tl.core.distributed import is_main_process
 from cars_tl.core.errors import CarsTLError
 
 EXTRA = "tensorboard"
@@ -127,7 +128,6 @@ class EpochLog:
     Inactive (every call a no-op) without a directory, or on a rank other than 0."""
 
     def __init__(self, logdir: Path | None, run_name: str, start_epoch: int = 1):
-        from cars_tl.core.distributed import is_main_process
 
         self.log = None
         if logdir is not None and is_main_process():

@@ -54,6 +54,7 @@ import numpy as np
 
 from cars_tl.core.atomic import atomic_write_bytes, file_sha256
 from cars_tl.core.errors import BadImageError, CarsTLError
+from cars_tl.core.progress import NULL
 
 STANFORD_DIR = "stanford_cars"
 MANIFEST_CSV = "manifest.csv"
@@ -482,7 +483,6 @@ def build_manifest(
     name what the user can fix; ``shown_data_dir`` is the data folder named in hints when
     ``data_dir`` is a staging folder.
     """
-    from cars_tl.core.progress import NULL
 
     progress = progress or NULL
     root = stanford_root(data_dir)

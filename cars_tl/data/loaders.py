@@ -297,7 +297,6 @@ class ShardedEpochSampler:
     :meth:`share` says to count it with weight 0."""
 
     def __init__(self, size: int, seed: int, batch_size: int, ctx: Context, shuffle: bool = True):
-        from cars_tl.data.loaders import EpochSampler
 
         self.epoch_sampler = EpochSampler(size, seed, shuffle)
         self.size, self.batch_size, self.ctx = size, batch_size, ctx

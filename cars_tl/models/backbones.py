@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cars_tl.artifacts import runs
 from cars_tl.core import atomic
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data.transforms import (
@@ -220,7 +221,6 @@ def _load_state(name: str, weights: str) -> tuple[dict, dict | None, Path]:
 
 
 def _run_model_file(run_dir: Path) -> Path:
-    from cars_tl.artifacts import runs
 
     return runs.model_file(run_dir)
 

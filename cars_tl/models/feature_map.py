@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import embeddings, features
-from cars_tl.core.atomic import file_sha256
+from cars_tl import data
+from cars_tl.artifacts import embeddings, features, runs
+from cars_tl.core.atomic import atomic_path, file_sha256
 from cars_tl.core.errors import CarsTLError
 
 PCA_DIMS = 50
@@ -96,7 +97,6 @@ def _make_ids(labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, l
 def source_of(path: Path, split: str = "test") -> dict:
     """What a map is made from: ``path`` is a feature cache (.h5), a run directory (a finetune run's
     penultimate features; a feature run's cache), or a ``penultimate-*.npz``."""
-    from cars_tl.artifacts import runs
 
     path = Path(path)
     if path.is_dir():
@@ -268,7 +268,6 @@ def plot(
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from cars_tl.core.atomic import atomic_path
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
@@ -281,7 +280,6 @@ def image_paths(data_dir: Path | None) -> dict[int, Path]:
     """Manifest id -> image file, for the thumbnails (empty without a readable manifest)."""
     if data_dir is None:
         return {}
-    from cars_tl import data
 
     try:
         manifest = data.load_manifest(Path(data_dir), check_files=False)

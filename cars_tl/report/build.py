@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cars_tl import data
 from cars_tl.artifacts import runs
 from cars_tl.core import locks
 from cars_tl.core.atomic import atomic_path, atomic_write_text
@@ -610,7 +611,6 @@ def label_noise(data_dir: Path | None, fingerprints: set[str]) -> list[str]:
     """The runs' dataset's identical images with different labels (its manifest.json), as lines; [] when none or unknown."""
     if data_dir is None:
         return []
-    from cars_tl import data
 
     try:
         meta = json.loads((data.stanford_root(Path(data_dir)) / data.MANIFEST_JSON).read_text())
@@ -629,7 +629,6 @@ class Thumbnails:
         if data_dir is None:
             self.note = "no --data-dir given: no thumbnails"
             return
-        from cars_tl import data
 
         try:
             manifest = data.load_manifest(Path(data_dir))
@@ -653,8 +652,6 @@ class Thumbnails:
             return None
         key = (image_id, size, box)
         if key not in self._cache:
-            from cars_tl import data
-
             record = self.records[image_id]
             try:
                 image = data.open_image(self.manifest.root / record.path)
@@ -967,6 +964,8 @@ def _write_report(complete, problems, out: Path, sparsity_dir: Path, data_dir) -
                     _gallery_md_rows(gallery, analysed, predictions),
                 )
             ]
+
+    # feature_maps reads this module's model groups: imported here, where both are loaded
     from cars_tl.report.feature_maps import section as feature_map_section
 
     maps_md, maps_html = feature_map_section(complete, out, data_dir)

@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 from cars_tl.artifacts import runs
+from cars_tl.core.atomic import atomic_write_text
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.tensorboard import EventLog, epoch_scalars, require_writer
 from cars_tl.report.build import model_group, setting
 
 TARGETS = ("tensorboard", "mlflow")
@@ -210,7 +212,6 @@ def track(paths: list[Path], to: str, target: str, experiment: str = "cars_tl") 
 
 class _TensorBoardSink:
     def __init__(self, root: Path):
-        from cars_tl.core.tensorboard import require_writer
 
         require_writer()
         self.root = root
@@ -223,8 +224,6 @@ class _TensorBoardSink:
         return folder
 
     def mirror(self, run_dir: Path, m: dict, path_id: str, run_id: str) -> tuple[str, str]:
-        from cars_tl.core.atomic import atomic_write_text
-        from cars_tl.core.tensorboard import EventLog, epoch_scalars
 
         folder = self._folder(run_dir, path_id)
         marker = _read_json(folder / MARKER)

@@ -41,6 +41,8 @@ from cars_tl.core.atomic import swap_in
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.sources import layouts
+from cars_tl.sources.archives import uncompressed_size
+from cars_tl.sources.demo import generate_demo
 from cars_tl.sources.layouts import SPLIT_FILES
 
 MIRRORS_JSON = Path(__file__).with_name("mirrors.json")
@@ -423,8 +425,6 @@ def _space_needed(wanted: dict) -> int | None:
     if wanted["source"] == "path":
         path = Path(wanted["path"])
         if path.is_file():
-            from cars_tl.sources.archives import uncompressed_size
-
             try:
                 return path.stat().st_size + uncompressed_size(path)
             except (CarsTLError, OSError):
@@ -477,8 +477,6 @@ def _prepare_locked(
         except CarsTLError:
             pass  # fetch or import a fresh copy below
     if wanted["source"] == "demo":
-        from cars_tl.sources.demo import generate_demo
-
         return _build(data_dir, wanted, lambda stage: generate_demo(stage), progress), "generated"
     if wanted["source"] == "path":
 

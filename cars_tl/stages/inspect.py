@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cars_tl import data
 from cars_tl.artifacts import features, runs
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import describe_label_conflicts
 
 PROVENANCE = (
     "backbone",
@@ -203,7 +205,6 @@ def compare_runs(a: Path, b: Path) -> dict:
 
 def _manifest_json(path: Path) -> Path | None:
     """The manifest.json that a data folder, its stanford_cars/ or the file itself names."""
-    from cars_tl import data
 
     for candidate in (path / data.STANFORD_DIR / data.MANIFEST_JSON, path / data.MANIFEST_JSON):
         if path.is_dir() and candidate.is_file():
@@ -318,8 +319,6 @@ def render_text(result: dict) -> str:
             lines += [f"      skipped {k['path']}: {k['reason']}" for k in s["skipped"][:10]]
             lines.append("      " + _stats_line(s["features"]))
     elif kind == "dataset":
-        from cars_tl.data import describe_label_conflicts
-
         for key in ("fingerprint", "counts", "classes", "origin", "boxes", "clipped_boxes", "duplicates"):
             lines.append(f"  {key:<20} {_value(result.get(key))}")
         conflicts = describe_label_conflicts(result.get("label_conflicts"), limit=None)

@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 
 from cars_tl import data
+from cars_tl.artifacts import features, runs
+from cars_tl.core import locks
+from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL
-from cars_tl.data import transforms
+from cars_tl.data import loaders, transforms
 from cars_tl.models.inference import load_run
 from cars_tl.models.training import score_batches
 
@@ -89,9 +92,6 @@ def predict_split(
     was trained on (checked against the checksums the run recorded), a finetune run from the images
     with its own model, precision and evaluation batch size, as its evaluation ran.
     """
-    from cars_tl.artifacts import runs
-    from cars_tl.core import locks
-    from cars_tl.data import loaders
 
     if images:
         raise CarsTLError(
@@ -141,7 +141,6 @@ def predict_split(
 def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
     """A finetune run's (ids, labels, scores) on ``split``: its whole model (no BatchNorm folding),
     its precision and its evaluation batch size, as finetune scored its test split."""
-    from cars_tl.data import loaders
 
     per_rank = (metrics.get("distributed") or {}).get("per_rank_batch") or metrics["config"]["batch_size"]
     dataset = loaders.eval_dataset(manifest, split, m.spec, "cpu", m.crop, m.margin)
@@ -152,8 +151,6 @@ def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
 def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path("data")):
     """The ``split`` arrays of the feature cache a head or SVM run was trained on, checked against
     what the run recorded: its per-split checksums, or the file's SHA-256 for runs that predate them."""
-    from cars_tl.artifacts import features
-    from cars_tl.core.atomic import file_sha256
 
     recorded = (metrics.get("inputs") or {}).get("features") or {}
     path = Path(recorded.get("path") or "?")

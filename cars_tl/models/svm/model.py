@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cars_tl.core.atomic import atomic_path
 from cars_tl.core.errors import CarsTLError, check_number
 from cars_tl.models.svm import kernels
 from cars_tl.models.svm.kernels import KERNELS
@@ -214,8 +215,6 @@ def fit_model(
 
 def save_model(model: SVMModel, path: Path) -> None:
     import skops.io as sio
-
-    from cars_tl.core.atomic import atomic_path
 
     with atomic_path(Path(path)) as tmp:
         sio.dump(model.to_state(), tmp)
