@@ -193,9 +193,8 @@ $(FEATURES): $(DATASET) $(OPTS)/features-$(FEATURES_TAG)
 	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --preset $(PRESET) $(COMMON) --out $@
 
 # B, A and D for one seed ($(1)); D starts from that seed's B.
-$(TRUNK): $(MANIFEST) $(OPTS)/trunk-$(FEATURES_TAG)-$(UNFREEZE_D)
+$(TRUNK): $(DATASET) $(OPTS)/trunk-$(FEATURES_TAG)-$(UNFREEZE_D)
 	$(LAUNCH) $(CARS) build-trunk --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --unfreeze $(UNFREEZE_D) $(COMMON) --out $@
-	@touch $@
 
 define seeded_stages
 $$(OPTS)/head-$$(PRESET)$(call seed_sfx,$(1)): FORCE ; $$(call stamp,$$(TRAIN)$(call seed_opt,$(1)))
@@ -220,9 +219,8 @@ $(call init_head_run,$(1)): $$(INIT_FEATURES) $$(OPTS)/head-$$(PRESET)$(call see
 endef
 ifneq ($(TUNED),)
 $(foreach s,$(SEED_LIST),$(eval $(call init_head_stage,$(s))))
-$(INIT_FEATURES): $(MANIFEST) $(OPTS)/features-$(FEATURES_TAG)
+$(INIT_FEATURES): $(DATASET) $(OPTS)/features-$(FEATURES_TAG)
 	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --preset $(PRESET) --layers final $(COMMON) --out $@
-	@touch $@
 endif
 
 $(SVM_C1): $(FEATURES) $(OPTS)/svm-$(SVM_KERNEL)$(SVM_TAG)

@@ -312,7 +312,7 @@ with open({log!r}, "a") as f:
     f.write(" ".join(args[:1]) + "\\n")
 opt = lambda name: args[args.index(name) + 1] if name in args else None
 out = opt("--out")
-if args[0] == "extract-features":
+if args[0] in ("extract-features", "build-trunk"):
     Path(out).parent.mkdir(parents=True, exist_ok=True); Path(out).write_text("cache")
 elif args[0] in ("train-head", "fit-svm", "knn", "finetune"):
     Path(out).mkdir(parents=True, exist_ok=True); (Path(out) / "metrics.json").write_text("{{}}")
