@@ -32,19 +32,21 @@ PRECISION ?= auto
 EPOCHS ?=
 BATCH ?=
 TUNED := $(filter tuned,$(PRESET))
-# PRESET=tuned: the resize mode and size measured best in benchmarks/bench_accuracy.py (README); extract-features
-# --preset tuned adds flip averaging and the two-stage features (values: cars_tl/stages/extract.py PRESETS).
-RESIZE ?= $(if $(TUNED),squash,crop)
-IMAGE_SIZE ?= $(if $(TUNED),288,)
+# Empty: the preset's (study: crop at the weights' size; tuned: squash 288 px, the best measured in
+# benchmarks/bench_accuracy.py, README); extract-features --preset tuned adds flip averaging and the
+# two-stage features. `cars-tl paths` resolves them from cars_tl/stages/presets.py.
+RESIZE ?=
+IMAGE_SIZE ?=
 CROP ?= full
 WORKERS ?=
 # Prefix of the image stages (extract-features, finetune), e.g. LAUNCH="$(BIN)/torchrun --nproc_per_node=8": --batch-size stays global.
 LAUNCH ?=
 SVM_KERNEL ?= poly
-# study: scikit-learn's defaults (C=1, gamma=scale); tuned: both chosen by 5-fold CV on train.
-SVM_C ?= $(if $(TUNED),auto,1.0)
-SVM_GAMMA ?= $(if $(TUNED),cv,scale)
-SVM_SCALE ?= l2
+# Empty: the preset's (study: scikit-learn's defaults C=1, gamma=scale; tuned: both chosen by 5-fold CV
+# on train; l2 scaling).
+SVM_C ?=
+SVM_GAMMA ?=
+SVM_SCALE ?=
 UNFREEZE_D ?= $(if $(findstring timm/,$(BACKBONE)),blocks.6,layer4)
 # D trains on the trunk cache (the frozen part's maps, built once for D and all its seeds) where that
 # is exact: not under PRESET=tuned, which augments. TRUNK_CACHE=off runs D on the images.
@@ -60,28 +62,46 @@ DEMO_SEEDS ?= 0 1
 TENSORBOARD ?=
 TB := $(if $(TENSORBOARD),--tensorboard $(TENSORBOARD))
 
-RUNS := $(ARTIFACTS)/runs
 OPTS := $(ARTIFACTS)/.options
 MANIFEST := $(DATA)/stanford_cars/manifest.json
 # The dataset's content (the manifest's fingerprint line): what the image stages depend on.
 DATASET := $(OPTS)/dataset
-FEATURES_TAG := $(subst /,-,$(BACKBONE))-$(notdir $(basename $(WEIGHTS)))$(if $(filter-out crop,$(RESIZE)),-$(RESIZE))$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))$(if $(TUNED),-tuned)
-FEATURES := $(ARTIFACTS)/features/$(FEATURES_TAG).h5
 USE_TRUNK := $(filter on,$(TRUNK_CACHE))
-TRUNK := $(ARTIFACTS)/trunks/$(FEATURES_TAG)-$(UNFREEZE_D).h5
 SEED_LIST := $(or $(strip $(SEEDS)),0)
 seed_sfx = $(if $(word 2,$(SEED_LIST)),-s$(1))
 empty :=
 space := $(empty) $(empty)
 comma := ,
 seed_opt = $(if $(strip $(SEEDS)),$(space)--seed $(1))
-head_run = $(RUNS)/B-head-$(PRESET)$(call seed_sfx,$(1))/metrics.json
-# PRESET=tuned: B's head reads flip-averaged two-stage rows, which a fine-tuned model's head (it reads
-# the final pooled output alone) cannot start from: D starts from a head on flip-averaged final rows.
-INIT_FEATURES := $(if $(TUNED),$(ARTIFACTS)/features/$(FEATURES_TAG)-final.h5,$(FEATURES))
-init_head_run = $(if $(TUNED),$(RUNS)/B-head-final-$(PRESET)$(call seed_sfx,$(1))/metrics.json,$(call head_run,$(1)))
-a_run = $(RUNS)/A-scratch-$(PRESET)$(call seed_sfx,$(1))/metrics.json
-d_run = $(RUNS)/D-$(UNFREEZE_D)-$(PRESET)$(call seed_sfx,$(1))/metrics.json
+
+# Every file and run name, and the preset's settings left empty above, come from the CLI
+# (`cars-tl paths`: KEY=value lines, no torch imported; the names live in cars_tl/artifacts/names.py),
+# read once per make into $(OPTS)/paths.mk: RESIZE, IMAGE_SIZE, SVM_C, SVM_GAMMA, SVM_SCALE,
+# FEATURES_TAG, FEATURES, INIT_FEATURES, TRUNK, HEAD_RUN_<seed>, INIT_HEAD_RUN_<seed>, SCRATCH_RUN_<seed>,
+# PARTIAL_RUN_<seed>, SVM_RUN, SVM_ALL_RUN, KNN_RUN, PREDICT, SPARSITY, REPORT. Goals that run no stage skip it.
+STAGE_GOALS := $(filter-out help install lint test test-fast demo study clean-demo,$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL)))
+ifneq ($(STAGE_GOALS),)
+ifeq ($(wildcard $(CARS)),)
+ifneq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+$(error cars-tl is not installed in $(VENV) yet, and make -n installs nothing: run make install first)
+endif
+$(info cars-tl is not installed in $(VENV) yet: installing it first (make install))
+$(shell $(MAKE) --no-print-directory install >&2)
+endif
+PATHS_MK := $(OPTS)/paths.mk
+$(shell mkdir -p $(OPTS) && $(CARS) paths --artifacts '$(ARTIFACTS)' --backbone '$(BACKBONE)' --weights '$(WEIGHTS)' --preset '$(PRESET)' \
+	$(if $(RESIZE),--resize '$(RESIZE)') $(if $(IMAGE_SIZE),--image-size '$(IMAGE_SIZE)') --kernel '$(SVM_KERNEL)' \
+	$(if $(SVM_C),--C '$(SVM_C)') $(if $(SVM_GAMMA),--gamma '$(SVM_GAMMA)') $(if $(SVM_SCALE),--scale '$(SVM_SCALE)') --unfreeze '$(UNFREEZE_D)' \
+	$(foreach s,$(SEED_LIST),--seed $(s)) > $(PATHS_MK).$$$$ && mv $(PATHS_MK).$$$$ $(PATHS_MK) || { rm -f $(PATHS_MK).$$$$; false; })
+ifneq ($(.SHELLSTATUS),0)
+$(error cars-tl paths failed (its message is above))
+endif
+include $(PATHS_MK)
+endif
+head_run = $(HEAD_RUN_$(1))/metrics.json
+init_head_run = $(INIT_HEAD_RUN_$(1))/metrics.json
+a_run = $(SCRATCH_RUN_$(1))/metrics.json
+d_run = $(PARTIAL_RUN_$(1))/metrics.json
 # predict and sparsity look at the first seed's runs.
 HEAD_B := $(call head_run,$(firstword $(SEED_LIST)))
 FT_A := $(call a_run,$(firstword $(SEED_LIST)))
@@ -90,12 +110,9 @@ HEADS_B := $(foreach s,$(SEED_LIST),$(call head_run,$(s)))
 FTS_A := $(foreach s,$(SEED_LIST),$(call a_run,$(s)))
 FTS_D := $(foreach s,$(SEED_LIST),$(call d_run,$(s)))
 SVM_TAG := $(if $(TUNED),-tuned)
-SVM_C1 := $(RUNS)/C-svm-$(SVM_KERNEL)$(SVM_TAG)/metrics.json
-SVM_ALL := $(RUNS)/C-svm-all-kernels$(SVM_TAG)/metrics.json
-KNN := $(RUNS)/kNN/metrics.json
-PREDICT := $(ARTIFACTS)/predict/predictions.json
-SPARSITY := $(ARTIFACTS)/sparsity/sparsity.json
-REPORT := $(ARTIFACTS)/report/report.html
+SVM_C1 := $(SVM_RUN)/metrics.json
+SVM_ALL := $(SVM_ALL_RUN)/metrics.json
+KNN := $(KNN_RUN)/metrics.json
 TEST_IMAGE := $(DATA)/stanford_cars/cars_test/00001.jpg
 
 RESIZE_OPT := $(if $(filter-out crop,$(RESIZE)),--resize $(RESIZE))
@@ -131,8 +148,8 @@ help:
 	@echo "variables (current value):"
 	@echo "  DATA=$(DATA)  SOURCE=$(SOURCE)  ARTIFACTS=$(ARTIFACTS)"
 	@echo "  BACKBONE=$(BACKBONE)  WEIGHTS=$(WEIGHTS)  PRESET=$(PRESET)  EPOCHS=$(EPOCHS)  BATCH=$(BATCH)"
-	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(IMAGE_SIZE)  RESIZE=$(RESIZE)  CROP=$(CROP)  WORKERS=$(WORKERS)  LAUNCH=$(LAUNCH)"
-	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(SVM_C)  SVM_GAMMA=$(SVM_GAMMA)  SVM_SCALE=$(SVM_SCALE)  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
+	@echo "  DEVICE=$(DEVICE)  PRECISION=$(PRECISION)  IMAGE_SIZE=$(or $(IMAGE_SIZE),(the preset's))  RESIZE=$(or $(RESIZE),(the preset's))  CROP=$(CROP)  WORKERS=$(WORKERS)  LAUNCH=$(LAUNCH)"
+	@echo "  SVM_KERNEL=$(SVM_KERNEL)  SVM_C=$(or $(SVM_C),(the preset's))  SVM_GAMMA=$(or $(SVM_GAMMA),(the preset's))  SVM_SCALE=$(or $(SVM_SCALE),(the preset's))  UNFREEZE_D=$(UNFREEZE_D)  SPARSITY_IMAGES=$(SPARSITY_IMAGES)"
 	@echo "  TRUNK_CACHE=$(TRUNK_CACHE)  KNN_K=$(KNN_K)  KNN_T=$(KNN_T)  SEEDS=$(SEEDS)  DEMO_SEEDS=$(DEMO_SEEDS)  TENSORBOARD=$(TENSORBOARD) (a folder: live TensorBoard logs of train-head and finetune)"
 
 # ----------------------------------------------------------------------------- environment
@@ -176,6 +193,8 @@ $(OPTS)/sparsity: FORCE ; $(call stamp,$(SPARSITY_IMAGES))
 
 # ----------------------------------------------------------------------------- the study
 
+# The stages' rules need the names above: only goals that run a stage define them.
+ifneq ($(STAGE_GOALS),)
 $(MANIFEST): | $(VENV)/.installed
 # The manifest's time says when download last ran for this SOURCE (it skips work that is done);
 # nothing downstream depends on that time, only on the content below.
@@ -256,6 +275,7 @@ predict: $(PREDICT)
 sparsity: $(SPARSITY)
 report: $(REPORT)
 all: $(REPORT)
+endif
 
 # The study exactly as it was: torchvision's pretrained=True (IMAGENET1K_V1, resize 256), fp32, the
 # study presets, in artifacts/study so it never mixes with `make all` runs. The weights must be in the

@@ -223,7 +223,13 @@ def views_section(tmp: Path, checkpoint=lambda partial: None) -> dict:
         banner(f"views: {name} {options}")
         path = tmp / f"lite0-views-{name}.h5"
         r = extract.extract_features(
-            tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=TUNED_SIZE, resize_mode=TUNED_MODE, out=path, **options
+            tmp / "data",
+            backbone=LITE0,
+            weights=str(LITE0_WEIGHTS),
+            image_size=TUNED_SIZE,
+            resize_mode=TUNED_MODE,
+            out=path,
+            **options,
         )
         from cars_tl.artifacts import features
 
@@ -317,7 +323,7 @@ def main() -> None:
             banner(key)
             path = tmp / f"lite0-{key}.h5"
             r = extract.extract_features(
-                tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path
+                tmp / "data", backbone=LITE0, weights=str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path
             )
             results["extract"][key] = {
                 "images_per_second": round(r.images_per_second, 1),

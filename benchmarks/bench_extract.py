@@ -110,7 +110,7 @@ def child_extract(data_dir: str, name: str, weights: str, out_dir: str, **kwargs
 
     def run():
         res["r"] = extract.extract_features(
-            Path(data_dir), name, weights, out=out, artifacts=Path(out_dir) / "artifacts", **kwargs
+            Path(data_dir), backbone=name, weights=weights, out=out, artifacts=Path(out_dir) / "artifacts", **kwargs
         )
 
     m = measured(run)

@@ -5,10 +5,10 @@ in-memory random tensors and through the real data loader (the real subset's tra
 warm-up steps, then a fixed number of timed training steps, all through finetune's own code:
 ``parse_unfreeze``, ``classifier_model``, ``set_trainable``, the model in channels_last, the
 optimizer over the trainable parameters only (head + unfrozen body, as ``finetune`` groups them),
-and ``cars_tl.stages.finetune._train_epoch`` itself (``train_mode``, autocast, channels_last inputs,
+and ``cars_tl.stages.finetune.train_epoch`` itself (``train_mode``, autocast, channels_last inputs,
 cross-entropy, backward, step) fed with those batches. Reported: img/s per combination, and the
 ratios layer4/all and bf16/fp32. Also the in-memory figures again with glibc malloc tuned
-(``_common.tune_malloc``), which the bench_extract figures showed to matter.
+(``cars_tl.core.runtime.tune_malloc``, as the CLI does), which the bench_extract figures showed to matter.
 
 Every combination runs in a fresh process (``_common.isolated``); a timing is kept only when other
 processes used < 8% of the CPU meanwhile.
@@ -44,7 +44,7 @@ from cars_tl.core import runtime
 from cars_tl.data import transforms
 from cars_tl.data.loaders import default_workers, make_loader  # noqa: E402
 from cars_tl.models import backbones  # noqa: E402
-from cars_tl.stages import finetune
+from cars_tl.stages import finetune, presets
 
 NAME = "bench_finetune"
 BACKBONE, WEIGHTS, CLASSES, BATCH = "resnet50", "random", 196, 32
@@ -52,7 +52,7 @@ COMBOS = [("layer4", "bf16"), ("layer4", "fp32"), ("all", "bf16"), ("all", "fp32
 
 
 def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int, steps: int) -> dict:
-    """Build the fine-tune model as ``finetune`` does, then warm-up + timed steps of ``_train_epoch``."""
+    """Build the fine-tune model as ``finetune`` does, then warm-up + timed steps of ``train_epoch``."""
     import inspect
 
     bb = backbones.build_backbone(BACKBONE, WEIGHTS)
@@ -63,7 +63,7 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
     else:
         finetune.set_trainable(model, unfrozen)
     model.to("cpu", memory_format=torch.channels_last)
-    config = dict(finetune.PRESETS["study"], epochs=1, freeze_bn_stats=False)
+    config = dict(presets.FINETUNE["study"], epochs=1, freeze_bn_stats=False)
     opt = finetune.build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # finetune's scaler: a no-op except fp16
@@ -89,7 +89,7 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
         source = f"real data loader (make_loader, workers {default_workers()}, train images, augment none)"
 
     def epoch(batches, n):
-        return finetune._train_epoch(
+        return finetune.train_epoch(
             model, batches, opt, scheduler, scaler, config, "cpu", precision, 1, n, finetune.NULL
         )
 

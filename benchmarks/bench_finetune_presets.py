@@ -34,7 +34,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ft-"))
     prepare_dataset(work / "data", str(MINI))
     backbone, weights = "timm/efficientnet_lite0", str(WEIGHTS)
-    feats = extract_features(work / "data", backbone, weights, out=work / "f.h5").path
+    feats = extract_features(work / "data", backbone=backbone, weights=weights, out=work / "f.h5").path
     head_dir, head = train_head(feats, preset="study", out=work / "runs" / "B")
     results = {
         "backbone": backbone,
@@ -48,7 +48,14 @@ def main() -> None:
     for preset in ("study", "tuned"):
         start = time.perf_counter()
         _, m = finetune(
-            work / "data", backbone, weights, UNFREEZE, head_dir, preset, epochs=EPOCHS, out=work / "runs" / preset
+            work / "data",
+            backbone=backbone,
+            weights=weights,
+            unfreeze=UNFREEZE,
+            init_head=head_dir,
+            preset=preset,
+            epochs=EPOCHS,
+            out=work / "runs" / preset,
         )
         results["presets"][preset] = {
             "seconds": round(time.perf_counter() - start, 1),

@@ -53,11 +53,11 @@ def main() -> None:
             started = time.perf_counter()
             _, m = finetune(
                 tmp / "data",
-                LITE0,
-                str(LITE0_WEIGHTS),
-                UNFREEZE,
-                None,
-                "tuned",
+                backbone=LITE0,
+                weights=str(LITE0_WEIGHTS),
+                unfreeze=UNFREEZE,
+                init_head=None,
+                preset="tuned",
                 epochs=EPOCHS,
                 image_size=288,
                 resize_mode="squash",

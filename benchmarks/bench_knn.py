@@ -108,7 +108,7 @@ def child_stage(cache: str, out: str) -> dict:
     torch.zeros(1)
 
     def run():
-        res["run_dir"], res["metrics"] = run_knn(Path(cache), (20,), 0.07, out=Path(out))
+        res["run_dir"], res["metrics"] = run_knn(Path(cache), ks=(20,), temperature=0.07, out=Path(out))
 
     result, growth = _peak_growth(run)
     return dict(result, test_acc=res["metrics"]["final"]["test_acc"], rss_growth_mib=growth)

@@ -144,7 +144,7 @@ def main() -> None:
     with real_subset() as (tmp, manifest):
         banner("(a) real subset: efficientnet_lite0 features")
         path = tmp / "lite0.h5"
-        r = extract.extract_features(tmp / "data", LITE0, str(LITE0_WEIGHTS), out=path)
+        r = extract.extract_features(tmp / "data", backbone=LITE0, weights=str(LITE0_WEIGHTS), out=path)
         print(f"  features extracted: {r.counts}", flush=True)
         results["real"] = {
             k: compare(f"real {k}", lambda m, k=k: isolated(child_real, str(path), k, m), 3, 3) for k in KERNELS

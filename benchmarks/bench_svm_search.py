@@ -70,7 +70,7 @@ def exhaustive(x, y, kernel: str, grid) -> list[float]:
     from sklearn.svm import SVC
 
     z = svm.Scaler.fit("l2", x)(x)
-    k = svm_search._kernel_from_gram(svm_search._gram(z, kernel), kernel, svm.gamma_value("scale", z), 3, 0.0)
+    k = svm_search.kernel_from_gram(svm_search.gram_matrix(z, kernel), kernel, svm.gamma_value("scale", z), 3, 0.0)
     per_fold = []
     for fit, val in svm_search.stratified_folds(y, svm_search.DEFAULT_FOLDS, 0):
         k_fit, k_val = k[np.ix_(fit, fit)], k[np.ix_(val, fit)]
@@ -186,7 +186,12 @@ def main() -> None:
                 banner(f"(a) real subset, lite0 {key}")
                 path = tmp / f"lite0-{key}.h5"
                 extract.extract_features(
-                    tmp / "data", LITE0, str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path
+                    tmp / "data",
+                    backbone=LITE0,
+                    weights=str(LITE0_WEIGHTS),
+                    image_size=size,
+                    resize_mode=mode,
+                    out=path,
                 )
                 train = features.load(path, ("train",)).split("train")
                 results["real"].setdefault(key, {}).update(

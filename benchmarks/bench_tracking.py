@@ -30,7 +30,7 @@ def bench_train_head(tmp: Path, reps: int = 3) -> dict:
 
     from cars_tl.core.progress import NULL
     from cars_tl.core.tensorboard import EpochLog
-    from cars_tl.stages.train_head import _Data, _fit, resolve_preset
+    from cars_tl.stages.train_head import HeadData, fit_head, resolve_preset
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8144, 2048, generator=g), torch.randint(0, 196, (8144,), generator=g)
@@ -41,7 +41,9 @@ def bench_train_head(tmp: Path, reps: int = 3) -> dict:
         for with_tb in (False, True):
             live = EpochLog(tmp / "tb" if with_tb else None, f"head-{rep}")
             start = time.perf_counter()
-            _fit(_Data(x, y), {"test": _Data(xt, yt)}, config, 0.0, 196, 0, NULL, "bench", on_epoch=live.on_epoch)
+            fit_head(
+                HeadData(x, y), {"test": HeadData(xt, yt)}, config, 0.0, 196, 0, NULL, "bench", on_epoch=live.on_epoch
+            )
             live.on_end(config, {"test_acc": 1.0})
             (logged if with_tb else plain).append(time.perf_counter() - start)
     return {

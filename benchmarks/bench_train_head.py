@@ -139,7 +139,7 @@ def main() -> None:
     with real_subset() as (tmp, manifest):
         banner("setup: the feature cache (resnet50, random weights, real subset)")
         t0 = time.perf_counter()
-        r = extract.extract_features(tmp / "data", BACKBONE, WEIGHTS, out=tmp / "features.h5")
+        r = extract.extract_features(tmp / "data", backbone=BACKBONE, weights=WEIGHTS, out=tmp / "features.h5")
         results["setup_extract_seconds"] = round(time.perf_counter() - t0, 1)
         results["setup_extract"] = {
             "images": sum(r.counts.values()),

@@ -327,20 +327,20 @@ def extract_features(
 
     result = run(
         data_dir,
-        backbone,
-        weights,
-        tuple(split) if split else None,
-        crop,
-        margin,
-        image_size,
-        batch_size,
-        workers,
-        device,
-        precision,
-        skip_bad,
-        out,
-        artifacts,
-        progress(),
+        backbone=backbone,
+        weights=weights,
+        splits=tuple(split) if split else None,
+        crop=crop,
+        margin=margin,
+        image_size=image_size,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        skip_bad=skip_bad,
+        out=out,
+        artifacts=artifacts,
+        progress=progress(),
         resize_mode=resize,
         tta=tta,
         layers=layers,
@@ -403,17 +403,17 @@ def train_head(
 
     run_dir, metrics = run(
         features,
-        preset,
-        epochs,
-        lr,
-        batch_size,
-        optimizer,
-        weight_decay,
-        seed,
-        out,
-        artifacts,
-        progress(),
-        force,
+        preset=preset,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        seed=seed,
+        out=out,
+        artifacts=artifacts,
+        progress=progress(),
+        force=force,
         tensorboard=tensorboard,
     )
     _print_final(run_dir, metrics)
@@ -462,16 +462,16 @@ def fit_svm(
 
     run_dir, metrics = run(
         features,
-        kernel,
-        c,
-        degree,
-        gamma,
-        coef0,
-        scale,
-        method,
-        out,
-        artifacts,
-        progress(),
+        kernel=kernel,
+        C=c,
+        degree=degree,
+        gamma=gamma,
+        coef0=coef0,
+        scale=scale,
+        method=method,
+        out=out,
+        artifacts=artifacts,
+        progress=progress(),
         preset=preset,
         cv_folds=cv_folds,
         seed=seed,
@@ -619,28 +619,28 @@ def finetune(
 
     run_dir, metrics = run(
         data_dir,
-        backbone,
-        weights,
-        unfreeze,
-        init_head,
-        preset,
-        epochs,
-        lr,
-        batch_size,
-        optimizer,
-        augment,
-        crop,
-        margin,
-        image_size,
-        device,
-        precision,
-        workers,
-        seed,
-        resume,
-        force,
-        out,
-        artifacts,
-        progress(),
+        backbone=backbone,
+        weights=weights,
+        unfreeze=unfreeze,
+        init_head=init_head,
+        preset=preset,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        augment=augment,
+        crop=crop,
+        margin=margin,
+        image_size=image_size,
+        device=device,
+        precision=precision,
+        workers=workers,
+        seed=seed,
+        resume=resume,
+        force=force,
+        out=out,
+        artifacts=artifacts,
+        progress=progress(),
         resize_mode=resize,
         sync_bn=sync_bn,
         tta=tta,
@@ -772,12 +772,12 @@ def predict(
         from cars_tl.console import progress
         from cars_tl.stages.predict import predict_split
 
-        for saved in predict_split(model, split, data_dir, progress(), images=images or []):
+        for saved in predict_split(model, split=split, data_dir=data_dir, progress=progress(), images=images or []):
             stdout.print(
                 f"{saved['run']}: {saved['count']} {split} images, top-1 {saved['accuracy']:.2f}% -> {saved['file']}"
             )
         return
-    results = run(images or [], model, top_k, boxed)
+    results = run(images or [], run_dirs=model, top_k=top_k, boxed=boxed)
     if json_output:
         print(json.dumps(results, indent=2))
         return
@@ -816,7 +816,7 @@ def sparsity(
     from cars_tl.console import console, progress
     from cars_tl.stages.sparsity import measure
 
-    summary = measure(model, image, split, limit, data_dir, out, progress=progress())
+    summary = measure(model, images=image, split=split, limit=limit, data_dir=data_dir, out=out, progress=progress())
     for name, values in summary["models"].items():
         mean = sum(values.values()) / len(values)
         console.print(f"{name}: {len(values)} ReLU calls, mean zero fraction {mean:.3f}")
@@ -838,7 +838,7 @@ def report(
     from cars_tl.console import out as stdout
     from cars_tl.report.build import build_report
 
-    result = build_report(artifacts, out, data_dir=data_dir)
+    result = build_report(artifacts, out=out, data_dir=data_dir)
     table = Table(title="cars_tl runs")
     shown = [c for c in result["columns"] if c not in ("kind", "total params", "best epoch")]
     for column in shown:
@@ -875,10 +875,75 @@ def knn(
     from cars_tl.console import progress
     from cars_tl.stages.knn import run_knn
 
-    run_dir, metrics = run_knn(features, tuple(k or ()), temperature, force, out, artifacts, progress())
+    run_dir, metrics = run_knn(
+        features,
+        ks=tuple(k or ()),
+        temperature=temperature,
+        force=force,
+        out=out,
+        artifacts=artifacts,
+        progress=progress(),
+    )
     for r in metrics["k_results"].values():
         stdout.print(f"k={r['k']:<4} test acc {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%")
     stdout.print(f"knn run {run_dir}: T={temperature}, {metrics['wall_time_s']:.1f} s")
+
+
+@command("paths")
+def paths(
+    key: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[KEY]", help="Print only this value (e.g. FEATURES, HEAD_RUN_0, SVM_RUN).", show_default=False
+        ),
+    ] = None,
+    artifacts: Artifacts = Path("artifacts"),
+    backbone: Backbone = "resnet50",
+    weights: Weights = "imagenet",
+    preset: Annotated[str, typer.Option(help="study | tuned: extraction and SVM settings, and run names.")] = "study",
+    resize: Annotated[str | None, typer.Option("--resize", help="crop | squash | pad (default: the preset's).")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Final side in pixels (default: the preset's; study: the weights' own).")
+    ] = None,
+    kernel: Annotated[str, typer.Option(help="fit-svm's kernel, for SVM_RUN.")] = "poly",
+    c: Annotated[str | None, typer.Option("--C", help="fit-svm's C (default: the preset's).")] = None,
+    gamma: Annotated[str | None, typer.Option(help="fit-svm's gamma (default: the preset's).")] = None,
+    scale: Annotated[str | None, typer.Option(help="fit-svm's feature scaling (default: the preset's).")] = None,
+    unfreeze: Annotated[
+        str, typer.Option(help="Model D's unfrozen modules, for TRUNK and PARTIAL_RUN_<seed>.")
+    ] = "layer4",
+    seed: Annotated[
+        list[int] | None,
+        typer.Option("--seed", help="Seed of B, A and D (repeatable; several: run names gain -s<seed>)."),
+    ] = None,
+):
+    """Print the pipeline's names and preset settings as KEY=value lines: what `make` reads (no torch imported).
+
+    These are the names `make` passes with --out; a stage run without --out names its output itself
+    (e.g. runs/head-<backbone>-<weights>-<preset>)."""
+    from cars_tl.stages.presets import pipeline_values
+
+    values = pipeline_values(
+        artifacts=artifacts,
+        backbone=backbone,
+        weights=weights,
+        preset=preset,
+        resize=resize,
+        image_size=image_size,
+        kernel=kernel,
+        C=c,
+        gamma=gamma,
+        scale=scale,
+        unfreeze=unfreeze,
+        seeds=seed,
+    )
+    if key is not None:
+        if key not in values:
+            raise CarsTLError(f"unknown KEY {key!r}; valid: {', '.join(values)}", "cars-tl paths (every KEY=value)")
+        print(values[key])
+        return
+    for name, value in values.items():
+        print(f"{name}={value}")
 
 
 @command("inspect")
@@ -911,7 +976,7 @@ def inspect(
     if embedding is not None:
         from cars_tl.stages.embedding import embedding_picture
 
-        r = embedding_picture(paths[0], embedding, split=split, data_dir=data_dir, seed=seed)
+        r = embedding_picture(paths[0], out=embedding, split=split, data_dir=data_dir, seed=seed)
         stdout.print(
             f"{r['png']}: {r['images']} images, {r['makes']} makes; make-level 10-NN accuracy {r['knn_map']:.1f}% "
             f"in the 2-D map, {r['knn_full']:.1f}% in the full space; map {'reused' if r['reused'] else 'computed'} "

@@ -14,7 +14,21 @@ from typer.testing import CliRunner
 from cars_tl.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("download", "extract-features", "train-head", "fit-svm", "finetune", "predict", "sparsity", "report")
+COMMANDS = (
+    "download",
+    "extract-features",
+    "build-trunk",
+    "train-head",
+    "fit-svm",
+    "knn",
+    "finetune",
+    "predict",
+    "sparsity",
+    "report",
+    "inspect",
+    "track",
+    "paths",
+)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["download", "--help"]])
@@ -29,10 +43,12 @@ def test_help_does_not_import_torch(argv):
     assert "Usage" in result.stdout
 
 
-def test_help_lists_every_stage():
+def test_help_lists_every_command_and_every_command_is_listed_here():
     output = CliRunner().invoke(app, ["--help"]).output
-    for stage in STAGES:
-        assert stage in output
+    for name in COMMANDS:
+        assert f"│ {name} " in output, name
+    # A command added to the CLI must be added to COMMANDS too (and so to this test).
+    assert {c.name for c in app.registered_commands} == set(COMMANDS)
 
 
 def test_user_mistakes_exit_2_without_a_traceback(tmp_path):

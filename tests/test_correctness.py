@@ -16,7 +16,7 @@ import tomllib
 import torch
 from conftest import TINY
 
-from cars_tl.artifacts import features, runs
+from cars_tl.artifacts import features, names, runs
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import loaders, transforms
@@ -121,7 +121,7 @@ def test_predict_top1_equals_the_svm_on_real_images(demo_svm_run, demo_dir):
 
     manifest = data.load_manifest(demo_dir)
     images = [manifest.root / r.path for r in manifest.split("test")[:24]]
-    result = predict(images, [demo_svm_run], top_k=3)
+    result = predict(images, run_dirs=[demo_svm_run], top_k=3)
     model = svm.load_model(runs.model_file(demo_svm_run))
     loaded = __import__("cars_tl.models.inference", fromlist=["load_run"]).load_run(demo_svm_run)
     with torch.inference_mode():
@@ -338,15 +338,15 @@ def test_skops_with_the_cve_fix_is_required():
 def test_default_cache_names_differ_for_every_array_changing_option(tmp_path):
     spec = backbones.build_backbone("resnet18", "random", 64).transform
     bigger = backbones.build_backbone("resnet18", "random", 96).transform
-    names = {
-        features.default_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32"),
-        features.default_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "bf16"),
-        features.default_path(tmp_path, "resnet18", "random", "full", bigger, 0.0, "fp32"),
-        features.default_path(tmp_path, "resnet18", "random", "box", spec, 0.0, "fp32"),
-        features.default_path(tmp_path, "resnet18", "random", "box", spec, 0.1, "fp32"),
+    paths = {
+        names.features_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32"),
+        names.features_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "bf16"),
+        names.features_path(tmp_path, "resnet18", "random", "full", bigger, 0.0, "fp32"),
+        names.features_path(tmp_path, "resnet18", "random", "box", spec, 0.0, "fp32"),
+        names.features_path(tmp_path, "resnet18", "random", "box", spec, 0.1, "fp32"),
     }
-    assert len(names) == 5
-    assert features.default_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32").name.startswith(
+    assert len(paths) == 5
+    assert names.features_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32").name.startswith(
         "resnet18-random-full-64px-fp32-"
     )
 

@@ -165,7 +165,7 @@ def test_finetune_through_the_accelerator_path_equals_the_cpu_path(demo_dir, tmp
     recorder.assert_no_per_batch_sync(min_batches=9 + 3 * 3)
     labels = [c for c in recorder.calls if c["dtype"] == torch.int64]
     assert labels and all(c["non_blocking"] for c in labels)  # train and evaluation labels
-    assert {c["caller"] for c in labels} >= {"_train_epoch", "evaluate"}
+    assert {c["caller"] for c in labels} >= {"train_epoch", "evaluate"}
     for a, c in zip(accel["history"], cpu["history"]):
         for key in ("train_loss", "test_loss"):
             if key in c:
@@ -208,7 +208,7 @@ def test_predict_and_sparsity_through_the_accelerator_path(
     cpu_sparsity = measure([run, demo_head_run], split="test", limit=20, data_dir=demo_dir, out=tmp_path / "s-cpu")
     monkeypatch.setenv(loaders.DATA_PATH_ENV, "accelerator")
     recorder = CopyRecorder(monkeypatch)
-    predict_split([run], "test", demo_dir, workers=0)
+    predict_split([run], split="test", data_dir=demo_dir, workers=0)
     recorder.assert_no_per_batch_sync(min_batches=3)
     again = runs.read_predictions(run)
     assert (again.ids == saved.ids).all() and (again.top_classes[:, 0] == saved.top_classes[:, 0]).all()

@@ -11,11 +11,11 @@ import torch
 from conftest import TINY
 
 from cars_tl import data
-from cars_tl.artifacts import features
+from cars_tl.artifacts import features, names
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import transforms
 from cars_tl.models import backbones, feature_views, inference
-from cars_tl.stages import extract
+from cars_tl.stages import extract, presets
 
 BUILD = dict(image_size=TINY["image_size"])
 
@@ -129,7 +129,7 @@ def test_prediction_reproduces_the_cached_row_of_a_flip_multi_stage_cache(demo_d
         images = [data.open_image(manifest.root / cache.paths[i]) for i in (0, 1)]
         rows = run.embed(torch.stack([run.tensor(im) for im in images])).numpy()
         np.testing.assert_allclose(rows, cache.features[:2], rtol=1e-4, atol=1e-5)
-    [result] = predict([manifest.root / cache.paths[0]], [head_dir], top_k=1)
+    [result] = predict([manifest.root / cache.paths[0]], run_dirs=[head_dir], top_k=1)
     state = torch.load(head_dir / "head.pt", weights_only=True)
     expected = int(np.argmax(cache.features[0] @ state["weight"].numpy().T + state["bias"].numpy()))
     assert next(iter(result["predictions"].values()))["top"][0]["label"] == expected
@@ -140,7 +140,7 @@ def test_prediction_reproduces_the_cached_row_of_a_flip_multi_stage_cache(demo_d
     with pytest.raises(CarsTLError, match="several stages"):  # a fine-tuned head reads the final output alone
         finetune(demo_dir, unfreeze="none", init_head=head_dir, epochs=1, out=tmp_path / "ft", **TINY)
     trained = runs.read_predictions(head_dir)  # what train-head saved from the cache's rows
-    predict_split([head_dir], "test", demo_dir, workers=0)  # rewrites it from the images
+    predict_split([head_dir], split="test", data_dir=demo_dir, workers=0)  # rewrites it from the images
     saved = runs.read_predictions(head_dir, "test")
     np.testing.assert_array_equal(saved.top_classes[:, 0], trained.top_classes[:, 0])
     np.testing.assert_allclose(saved.top_scores, trained.top_scores, rtol=1e-3, atol=1e-5)
@@ -148,7 +148,7 @@ def test_prediction_reproduces_the_cached_row_of_a_flip_multi_stage_cache(demo_d
 
 def test_the_cache_name_changes_with_each_option(demo_dir, tmp_path):
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], **BUILD)
-    names = set()
+    file_names = set()
     for tta in ("none", "flip"):
         for layers, combine in (
             (["final"], "l2"),
@@ -157,19 +157,19 @@ def test_the_cache_name_changes_with_each_option(demo_dir, tmp_path):
             (["layer4", "layer3"], "l2"),
         ):
             spec = feature_views.with_options(bb.transform, tta, layers, combine)
-            names.add(
-                features.default_path(
+            file_names.add(
+                names.features_path(
                     tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32", feature_views.name_tag(spec)
                 ).name
             )
-    assert len(names) == 8
+    assert len(file_names) == 8
     plain = feature_views.with_options(bb.transform)
     assert plain == bb.transform  # the study's spec is untouched: its cache keeps its name
     # the wiring (extract-features names its default file after the options): the CLI test below
 
 
 def test_presets_and_bad_options(demo_dir, tmp_path):
-    assert extract.PRESETS["study"] == dict(resize_mode="crop", image_size=None, tta="none", layers="final")
+    assert presets.EXTRACT["study"] == dict(resize_mode="crop", image_size=None, tta="none", layers="final")
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], **BUILD)
     assert feature_views.parse_layers("default", bb) == ["layer3", "layer4"]
     assert feature_views.parse_layers(None, bb) == ["final"]

@@ -129,7 +129,7 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, demo_finet
 
     image = next((run_copy.parent).glob("*.pt"))  # any existing file: the model fails first
     with pytest.raises(CarsTLError, match="refused"):
-        predict([image], [run_copy])
+        predict([image], run_dirs=[run_copy])
     assert not marker.exists()
 
 

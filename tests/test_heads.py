@@ -88,7 +88,7 @@ def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path
     from cars_tl.report import build as report
 
     picks = iter([1e-4, 1e-1, 1e-2, 1e-4])  # a different choice per seed, as small validation splits give
-    original = heads._fit
+    original = heads.fit_head
 
     def fit(train, evals, config, weight_decay, *args, **kwargs):
         head, history = original(train, evals, config, weight_decay, *args, **kwargs)
@@ -96,7 +96,7 @@ def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path
             history[-1]["val_loss"] = 0.0 if weight_decay == wanted[0] else 1.0 + weight_decay
         return head, history
 
-    monkeypatch.setattr(heads, "_fit", fit)
+    monkeypatch.setattr(heads, "fit_head", fit)
     artifacts = tmp_path / "artifacts"
     chosen = []
     for seed in range(4):

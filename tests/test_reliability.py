@@ -244,7 +244,7 @@ def test_a_failing_forced_rerun_keeps_the_completed_run(stage, demo_features, tm
     )
     fit()
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    target = "cars_tl.stages.train_head._fit" if stage == "head" else "cars_tl.stages.fit_svm.fit_model"
+    target = "cars_tl.stages.train_head.fit_head" if stage == "head" else "cars_tl.stages.fit_svm.fit_model"
     monkeypatch.setattr(target, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         fit(force=True)
@@ -403,13 +403,13 @@ def test_a_head_whose_loss_diverges_fails_at_that_epoch(tmp_path, demo_features)
 
 
 def test_a_finetune_that_diverges_keeps_the_last_good_checkpoint(demo_dir, tmp_path, monkeypatch):
-    real = ft._train_epoch
+    real = ft.train_epoch
 
     def diverging(*args, **kwargs):
         row = real(*args, **kwargs)
         return dict(row, train_loss=float("nan")) if row["epoch"] == 2 else row
 
-    monkeypatch.setattr(ft, "_train_epoch", diverging)
+    monkeypatch.setattr(ft, "train_epoch", diverging)
     with pytest.raises(training.DivergedError, match="epoch 2"):
         ft.finetune(demo_dir, unfreeze="none", epochs=3, batch_size=32, out=tmp_path / "r", **TINY)
     m = runs.read_metrics(tmp_path / "r")
@@ -447,7 +447,7 @@ def test_a_skops_file_of_trusted_types_that_is_no_svm_model_is_a_message(demo_sv
     image = tmp_path / "car.png"
     Image.new("RGB", (80, 60), (120, 30, 30)).save(image)
     with pytest.raises(CarsTLError, match="not a cars_tl fit-svm model: it lacks support_vectors"):
-        predict([image], [run_copy])
+        predict([image], run_dirs=[run_copy])
     sio.dump({"just": "a dict"}, model_file)
     with pytest.raises(CarsTLError, match="not a cars_tl fit-svm model"):
         svm.load_model(model_file)

@@ -161,7 +161,7 @@ def test_an_extraction_is_refused_while_a_download_replaces_the_folder(demo_dir,
         refused = _cli("extract-features", "--data-dir", data_dir, *TINY_CLI, "--out", out)
         image = next((data.stanford_root(data_dir) / "cars_test").iterdir())
         with pytest.raises(locks.LockedError, match=f"PID {writer.pid}"):
-            predict([image], [])  # an image of that folder: the same refusal, before anything else
+            predict([image], run_dirs=[])  # an image of that folder: the same refusal, before anything else
     finally:
         writer.kill()
         writer.wait()
@@ -308,6 +308,8 @@ FAKE_CARS = """#!{python}
 import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
+if args[0] == "paths":  # make reads every name from the real CLI
+    os.execv({python!r}, [{python!r}, "-m", "cars_tl", *args])
 with open({log!r}, "a") as f:
     f.write(" ".join(args[:1]) + "\\n")
 opt = lambda name: args[args.index(name) + 1] if name in args else None

@@ -242,7 +242,7 @@ def test_predict_split_rewrites_a_run_s_predictions(demo_dir, demo_head_run, tmp
     assert (again.ids == saved.ids).all() and (again.top_classes[:, 0] == saved.top_classes[:, 0]).all()
     np.testing.assert_allclose(again.top_scores, saved.top_scores, atol=1e-4)
     with pytest.raises(CarsTLError, match="either image files or --split"):
-        predict_split([run_dir], "test", demo_dir, images=[Path("x.jpg")])
+        predict_split([run_dir], split="test", data_dir=demo_dir, images=[Path("x.jpg")])
 
 
 def test_top_predictions_map_svm_columns_and_keep_its_own_rank_1(tmp_path):

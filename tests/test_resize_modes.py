@@ -219,7 +219,7 @@ def test_the_mode_travels_from_the_cache_through_a_run_into_predict(demo_dir, sq
     with torch.inference_mode():
         feats = loaded.embed(loaded.tensor(data.open_image(image))[None])
     assert torch.allclose(feats[0], torch.from_numpy(test.features[0]), rtol=1e-3, atol=1e-4)
-    [result] = predict([image], [run_dir], top_k=1)
+    [result] = predict([image], run_dirs=[run_dir], top_k=1)
     state = torch.load(run_dir / "head.pt", weights_only=True)
     expected = int(np.argmax(test.features[0] @ state["weight"].numpy().T + state["bias"].numpy()))
     assert next(iter(result["predictions"].values()))["top"][0]["label"] == expected
@@ -250,13 +250,13 @@ def test_a_box_run_refuses_an_image_without_a_box_and_scores_a_boxed_one(demo_di
     record = next(r for r in manifest.split("test") if r.path == test.paths[0])
     full = manifest.root / record.path
     with pytest.raises(CarsTLError, match="box crops") as info:
-        predict([full], [run_dir])
+        predict([full], run_dirs=[run_dir])
     assert "--boxed" in info.value.hint
     boxed = data.crop_box(data.open_image(full), record.box, 0.1)
     path = full.parent.parent / "boxed-test.png"
     try:
         boxed.save(path)
-        [result] = predict([path], [run_dir], top_k=1, boxed=True)
+        [result] = predict([path], run_dirs=[run_dir], top_k=1, boxed=True)
     finally:
         path.unlink(missing_ok=True)
     state = torch.load(run_dir / "head.pt", weights_only=True)

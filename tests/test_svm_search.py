@@ -199,8 +199,8 @@ def brute_force_cv(x, y, kernel, folds):
     """Every (fold, C) fitted and scored by sklearn itself: the reference for the early stop."""
     from sklearn.svm import SVC
 
-    gram = svm_search._gram(x, kernel)
-    k = svm_search._kernel_from_gram(gram, kernel, svm.gamma_value("scale", x), 3, 0.0)
+    gram = svm_search.gram_matrix(x, kernel)
+    k = svm_search.kernel_from_gram(gram, kernel, svm.gamma_value("scale", x), 3, 0.0)
     per_fold = np.zeros((len(folds), len(svm_search.C_GRID)))
     for f, (fit, val) in enumerate(folds):
         for c, C in enumerate(svm_search.C_GRID):

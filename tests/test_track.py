@@ -17,7 +17,7 @@ def run_set(demo_features, demo_head_run, demo_finetune_run, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tracked")
     fit_svm(demo_features, kernel="linear", C="auto", cv_folds=2, out=root / "runs" / "svm")
-    run_knn(demo_features, ("3", "5"), out=root / "runs" / "knn")
+    run_knn(demo_features, ks=("3", "5"), out=root / "runs" / "knn")
     shutil.copytree(demo_head_run, root / "runs" / "head")
     shutil.copytree(demo_finetune_run, root / "runs" / "ft", ignore=shutil.ignore_patterns("checkpoints"))
     return root
@@ -41,7 +41,7 @@ def test_mlflow_params_histories_tags_artifacts_and_idempotence(run_set, demo_fe
 
     artifacts = fresh_copy(run_set, tmp_path)
     uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
-    first = track([artifacts], "mlflow", uri)
+    first = track([artifacts], to="mlflow", target=uri)
     assert _actions(first) == {"ft": "created", "head": "created", "knn": "created", "svm": "created"}
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cars_tl")
@@ -75,12 +75,12 @@ def test_mlflow_params_histories_tags_artifacts_and_idempotence(run_set, demo_fe
     assert "cv_acc_chosen" not in files and "kernel.linear.cv_acc" in by_name["svm"].data.metrics
     assert "checkpoints" not in {f.path for f in client.list_artifacts(by_name["ft"].info.run_id)}
 
-    again = track([artifacts], "mlflow", uri)
+    again = track([artifacts], to="mlflow", target=uri)
     assert set(_actions(again).values()) == {"unchanged"}
     assert len(client.search_runs([exp.experiment_id])) == 4
 
     train_head(demo_features, epochs=2, force=True, out=artifacts / "runs" / "head")  # a --force rerun
-    third = track([artifacts], "mlflow", uri)
+    third = track([artifacts], to="mlflow", target=uri)
     assert _actions(third) == {"ft": "unchanged", "head": "replaced", "knn": "unchanged", "svm": "unchanged"}
     active = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert len(active) == 4
@@ -93,7 +93,7 @@ def test_tensorboard_mirror_is_idempotent(run_set, tmp_path):
 
     artifacts = fresh_copy(run_set, tmp_path)
     tb = tmp_path / "tb"
-    assert set(_actions(track([artifacts / "runs"], "tensorboard", str(tb))).values()) == {"created"}
+    assert set(_actions(track([artifacts / "runs"], to="tensorboard", target=str(tb))).values()) == {"created"}
     files = sorted(p.name for p in tb.rglob("*"))
     acc = event_accumulator.EventAccumulator(str(tb / "head"), size_guidance={"scalars": 0})
     acc.Reload()
@@ -103,7 +103,7 @@ def test_tensorboard_mirror_is_idempotent(run_set, tmp_path):
     knn = event_accumulator.EventAccumulator(str(tb / "knn"), size_guidance={"scalars": 0})
     knn.Reload()
     assert [e.step for e in knn.Scalars("knn/test_acc")] == [3, 5]
-    assert set(_actions(track([artifacts / "runs"], "tensorboard", str(tb))).values()) == {"unchanged"}
+    assert set(_actions(track([artifacts / "runs"], to="tensorboard", target=str(tb))).values()) == {"unchanged"}
     assert sorted(p.name for p in tb.rglob("*")) == files  # nothing new written
 
 
@@ -116,7 +116,9 @@ def test_failed_and_running_runs_are_skipped(run_set, tmp_path):
         path = artifacts / "runs" / name / "metrics.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "status": status}))
         (artifacts / "runs" / name / "status.json").unlink()
-    results = {r["run"].rsplit("/", 1)[-1]: r for r in track([artifacts], "tensorboard", str(tmp_path / "tb"))}
+    results = {
+        r["run"].rsplit("/", 1)[-1]: r for r in track([artifacts], to="tensorboard", target=str(tmp_path / "tb"))
+    }
     assert results["knn"]["action"] == "skipped" and "failed" in results["knn"]["detail"]
     assert results["svm"]["action"] == "skipped" and "running" in results["svm"]["detail"]
     assert not (tmp_path / "tb" / "knn").exists()
@@ -130,10 +132,10 @@ def test_missing_extras_name_them(run_set, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     with pytest.raises(CarsTLError) as err:
-        track([run_set], "mlflow", f"sqlite:///{tmp_path / 'x.db'}")
+        track([run_set], to="mlflow", target=f"sqlite:///{tmp_path / 'x.db'}")
     assert "cars_tl[mlflow]" in err.value.hint
     with pytest.raises(CarsTLError) as err:
-        track([run_set], "tensorboard", str(tmp_path / "tb"))
+        track([run_set], to="tensorboard", target=str(tmp_path / "tb"))
     assert "cars_tl[tensorboard]" in err.value.hint
 
 

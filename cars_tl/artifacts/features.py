@@ -117,36 +117,6 @@ def dataset_has_split(cache: FeatureCache, name: str) -> bool:
     return name in cache.attrs.get("options", {}).get("dataset_splits", ("train", "test"))
 
 
-def weights_tag(weights: str) -> str:
-    """A short name for weights in default file names: ``imagenet``, ``random``, or ``file-<stem>``."""
-    return f"file-{Path(weights).stem}" if "/" in weights or "\\" in weights or Path(weights).exists() else weights
-
-
-def default_path(
-    artifacts: Path,
-    backbone: str,
-    weights: str,
-    crop: str,
-    transform: dict,
-    margin: float,
-    precision: str,
-    tag: str = "",
-) -> Path:
-    """``<backbone>-<weights>-<crop>-[<resize mode>]<size>px[-<tag>]-<precision>-<digest>.h5``: every option that changes the
-    arrays is in the name (the digest covers the whole transform spec, feature views and stages
-    included, and the margin), so extracting with other options never overwrites a cache that runs
-    point to. ``tag``: a readable name for the spec's feature options (e.g. ``flip-blocks.6+final``)."""
-    key = json.dumps(
-        {"transform": transform, "crop": crop, "margin": float(margin), "precision": precision}, sort_keys=True
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-    crop_part = crop if crop == "full" else f"box{float(margin):g}"
-    mode = transform.get("mode", "crop")
-    size = f"{transform['crop']}px" if mode == "crop" else f"{mode}{transform['crop']}px"
-    name = f"{backbone.replace('/', '-')}-{weights_tag(weights)}-{crop_part}-{size}{'-' + tag if tag else ''}-{precision}-{digest}"
-    return Path(artifacts) / "features" / f"{name}.h5"
-
-
 def _decode(attrs) -> dict:
     out = {}
     for key, value in attrs.items():

@@ -82,16 +82,6 @@ def _fix(path: Path) -> str:
     return f"delete {path} and rerun (cars-tl build-trunk, or finetune with --trunk-cache, builds it again)"
 
 
-def default_path(artifacts: Path, identity: dict, tag: str) -> Path:
-    """``<artifacts>/trunks/<tag>-<cut>-<precision>-<storage>-<digest>.h5``; the digest covers the
-    whole identity (weights digest, transform, crop, margin, dataset), so other inputs never
-    overwrite a cache that a run points to."""
-    key = json.dumps({k: identity[k] for k in IDENTITY_KEYS}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-    name = f"{tag}-{identity['cut']}-{identity['precision']}-{identity['storage']}-{digest}"
-    return Path(artifacts) / "trunks" / f"{name}.h5"
-
-
 def _decode(attrs) -> dict:
     out = {}
     for key, value in attrs.items():

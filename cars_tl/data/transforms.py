@@ -28,6 +28,8 @@ TRAIN_CROP_RELATIVE_RATIO = (3 / 4, 4 / 3)
 
 
 def check_image_options(image_size: int | None, resize_mode: str) -> None:
+    """``--image-size`` and ``--resize``, checked once: by ``build_backbone``, which every stage that
+    takes them calls before it writes anything."""
     if resize_mode not in RESIZE_MODES:
         raise CarsTLError(
             f"unknown --resize {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}",
@@ -41,8 +43,8 @@ def check_image_options(image_size: int | None, resize_mode: str) -> None:
 
 
 def with_image_options(spec: dict, image_size: int | None, resize_mode: str, crop_pct: float | None = None) -> dict:
-    """``spec`` at final side ``image_size`` (None: the weights' own) in ``resize_mode``."""
-    check_image_options(image_size, resize_mode)
+    """``spec`` at final side ``image_size`` (None: the weights' own) in ``resize_mode`` (checked by the
+    caller: :func:`check_image_options`)."""
     spec = dict(spec)
     if image_size:
         resize = (

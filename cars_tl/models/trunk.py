@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cars_tl import data
-from cars_tl.artifacts import features, trunks
+from cars_tl.artifacts import names, trunks
 from cars_tl.core import distributed, locks, runtime
 from cars_tl.core.errors import BadImageError, CarsTLError
 from cars_tl.core.progress import NULL
@@ -216,8 +216,8 @@ def plan(choice: str, model, bb, config: dict, manifest, artifacts: Path, storag
     storage = storage_for(config["precision"], storage)
     identity = identity_for(bb, model, cut, config["crop"], config["margin"], config["precision"], storage, manifest)
     if choice == "auto":
-        tag = f"{bb.name.replace('/', '-')}-{features.weights_tag(bb.weights)}"
-        return Plan(trunks.default_path(artifacts, identity, tag), None, identity, cut)
+        key = {k: identity[k] for k in trunks.IDENTITY_KEYS}
+        return Plan(names.trunk_path(artifacts, bb.name, bb.weights, key), None, identity, cut)
     path = Path(choice)
     if path.exists():
         try:

@@ -727,6 +727,7 @@ def _img(uri: str | None, alt: str, cls: str = "thumb") -> str:
 
 def build_report(
     artifacts: Path = Path("artifacts"),
+    *,
     out: Path | None = None,
     sparsity_dir: Path | None = None,
     data_dir: Path | None = Path("data"),

@@ -176,7 +176,7 @@ def _run_dirs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def track(paths: list[Path], to: str, target: str, experiment: str = "cars_tl") -> list[dict]:
+def track(paths: list[Path], *, to: str, target: str, experiment: str = "cars_tl") -> list[dict]:
     """Mirror every run under ``paths`` into ``to`` (tensorboard: a folder; mlflow: a tracking URI).
     Returns one ``{"run", "action", "detail"}`` per run: created, replaced, unchanged or skipped."""
     if to not in TARGETS:

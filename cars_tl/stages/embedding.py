@@ -12,7 +12,7 @@ from cars_tl.models import feature_map
 
 
 def embedding_picture(
-    path: Path, out: Path, split: str = "test", data_dir: Path | None = Path("data"), seed: int = 0
+    path: Path, *, out: Path, split: str = "test", data_dir: Path | None = Path("data"), seed: int = 0
 ) -> dict:
     """Write the map of ``path``'s ``split`` to ``out``; returns the figures and whether the stored map was reused."""
     result = feature_map.load_map(Path(path), split, seed)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cars_tl import data
-from cars_tl.artifacts import features
+from cars_tl.artifacts import features, names
 from cars_tl.core import distributed, locks, runtime
 from cars_tl.core.errors import (
     BadImageError,
@@ -31,19 +31,9 @@ from cars_tl.core.errors import (
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders, transforms
 from cars_tl.models import backbones, feature_views
+from cars_tl.stages import presets
 
 CHUNK_BATCHES = 4
-
-# --------------------------------------------------------------------------- extraction presets
-# The one place the extraction presets' values live (``extract-features --preset``; the Makefile's
-# PRESET=tuned passes ``--preset tuned``). An option given explicitly wins over its preset value.
-# study: the paper's exact setting (resize + center crop at the weights' size, one view, the final
-# pooled output). tuned: what measured best on the real subset (benchmarks/bench_accuracy.py,
-# README "Flip and two-stage features"): squash 288 px, flip-averaged, the family's two stages.
-PRESETS = {
-    "study": dict(resize_mode="crop", image_size=None, tta="none", layers="final"),
-    "tuned": dict(resize_mode="squash", image_size=288, tta="flip", layers="default"),
-}
 
 
 @dataclasses.dataclass
@@ -91,6 +81,7 @@ def embed(body, images: torch.Tensor, device: str, precision: str, spec: dict | 
 @locks.reads("extract-features", lambda a: [data.stanford_root(a["data_dir"])])  # download cannot swap it meanwhile
 def extract_features(
     data_dir: Path = Path("data"),
+    *,
     backbone: str = "resnet50",
     weights: str = "imagenet",
     splits: tuple[str, ...] | None = None,
@@ -118,7 +109,7 @@ def extract_features(
     :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.data.transforms`).
     ``tta`` (none | flip), ``layers`` (final | default | A,B,...) and ``combine`` (l2 | raw): what a
     row is made of (:mod:`cars_tl.models.feature_views`). ``preset`` (study | tuned, see
-    :data:`PRESETS`) gives resize_mode, image_size, tta and layers unless passed (None: study).
+    :data:`cars_tl.stages.presets.EXTRACT`) gives resize_mode, image_size, tta and layers unless passed (None: study).
     Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
 
     Under ``torchrun`` every process calls this: each extracts a contiguous, chunk-aligned shard of
@@ -133,17 +124,11 @@ def extract_features(
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
     check_number("--margin", margin, minimum=0)
-    if preset is not None and preset not in PRESETS:
-        raise CarsTLError(
-            f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}",
-            "study (the paper's setting) or tuned (squash 288 px, flip-averaged, two stages)",
-        )
-    chosen = PRESETS[preset or "study"]
+    chosen = presets.resolve(presets.EXTRACT, preset or "study", presets.EXTRACT_HINT)
     resize_mode = chosen["resize_mode"] if resize_mode is None else resize_mode
     image_size = chosen["image_size"] if image_size is None and preset is not None else image_size
     tta = feature_views.check_tta(chosen["tta"] if tta is None else tta)
     layers = chosen["layers"] if layers is None else layers
-    transforms.check_image_options(image_size, resize_mode)
     manifest = data.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
     ctx = distributed.init(runtime.resolve_device(device))
@@ -157,7 +142,7 @@ def extract_features(
     out = (
         Path(out)
         if out
-        else features.default_path(
+        else names.features_path(
             artifacts, backbone, weights, crop, bb.transform, margin, precision, feature_views.name_tag(bb.transform)
         )
     )

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from cars_tl import data
-from cars_tl.artifacts import embeddings, features, runs
+from cars_tl.artifacts import embeddings, names, runs
 from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.locks import reads
@@ -58,43 +58,9 @@ from cars_tl.models.training import (
     score_batches,
     stratified_split,
 )
+from cars_tl.stages import presets
 
 MODEL_FILE = "model.pt"
-PRESETS = {
-    "study": dict(
-        epochs=15,
-        lr=1e-3,
-        batch_size=32,
-        optimizer="adam",
-        weight_decay=0.0,
-        label_smoothing=0.0,
-        augment="none",
-        schedule="none",
-        warmup_epochs=0,
-        backbone_lr_scale=1.0,
-        val_fraction=0.0,
-        freeze_bn_stats=False,
-    ),
-    "tuned": dict(
-        epochs=30,
-        lr=1e-3,
-        batch_size=32,
-        optimizer="adamw",
-        weight_decay=0.05,
-        label_smoothing=0.1,
-        augment="standard",
-        schedule="cosine",
-        warmup_epochs=1,
-        backbone_lr_scale=0.1,
-        val_fraction=0.1,
-        freeze_bn_stats=True,
-    ),
-}
-# --tta per preset (evaluation and saved predictions average the logits of each image and its mirror).
-# Kept out of PRESETS so that configs of earlier runs stay comparable on --resume (absent means none).
-# tuned: off -- it did not measure better on the validation split (benchmarks/bench_finetune_tta.py:
-# 3 epochs on the real subset, kept epoch val 35.0% with flip vs 40.0% without, 40 images); study: never.
-PRESET_TTA = {"study": "none", "tuned": "none"}
 # Options that may differ on --resume without changing what is computed (augmentation depends on
 # (seed, epoch, sample) only, so the worker count is free; so is the process count, and SyncBatchNorm
 # computes the global batch's statistics, as one process does).
@@ -106,10 +72,7 @@ LOG_EVERY = 20  # training steps between progress updates (each reads the runnin
 
 
 def resolve_config(preset: str, **options) -> dict:
-    if preset not in PRESETS:
-        raise CarsTLError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}")
-    config = dict(PRESETS[preset], preset=preset)
-    config.update({k: v for k, v in options.items() if v is not None})
+    config = dict(presets.resolve(presets.FINETUNE, preset, **options), preset=preset)
     if config["optimizer"] not in ("adam", "adamw", "sgd"):
         raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: adam, adamw, sgd")
     if config["augment"] not in ("none", "standard"):
@@ -264,6 +227,7 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
 @reads("finetune", lambda a: [data.stanford_root(a["data_dir"])])  # download cannot swap the data folder meanwhile
 def finetune(
     data_dir: Path = Path("data"),
+    *,
     backbone: str = "resnet50",
     weights: str = "imagenet",
     unfreeze: str = "layer4",
@@ -299,7 +263,7 @@ def finetune(
     ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
     validation split; the default (0) reproduces earlier runs.
     ``resize_mode``: crop | squash | pad, for training (with the augmentation that fits it) and evaluation.
-    ``tta``: none | flip (None: the preset's, :data:`PRESET_TTA`): evaluation and the saved
+    ``tta``: none | flip (None: the preset's, :data:`cars_tl.stages.presets.FINETUNE_TTA`): evaluation and the saved
     predictions average the logits of each image and its mirror; recorded in the config and in the
     run's transform spec, so ``predict`` averages alike.
 
@@ -311,7 +275,6 @@ def finetune(
     """
     started = time.perf_counter()
     check_available(tensorboard)
-    transforms.check_image_options(image_size, resize_mode)
     config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
     check_number("--margin", margin, minimum=0)
     config.update(
@@ -326,7 +289,7 @@ def finetune(
     )
     if resize_mode != "crop":  # absent means crop: configs of earlier runs stay comparable on --resume
         config["resize"] = resize_mode
-    tta = feature_views.check_tta(PRESET_TTA.get(preset, "none") if tta is None else tta)
+    tta = feature_views.check_tta(presets.FINETUNE_TTA.get(preset, "none") if tta is None else tta)
     if tta != "none":  # absent means none, likewise
         config["tta"] = tta
     # Pretrained statistics are worth keeping; a random network's are not statistics at all.
@@ -359,7 +322,7 @@ def finetune(
     model.to(device, memory_format=torch.channels_last)
     run_dir = runs.resolve_run_dir(
         out,
-        f"finetune-{backbone.replace('/', '-')}-{features.weights_tag(str(weights))}-{unfreeze.replace(',', '+')}-{preset}",
+        names.finetune_run_name(backbone, weights, unfreeze, preset),
         artifacts,
     )
     # Rank 0 alone takes the run's lock and writes; the other ranks learn where (a staging folder with --force).
@@ -628,7 +591,7 @@ def _train(
         for epoch in range(start_epoch, config["epochs"] + 1):
             _seed_epoch(seed, epoch)
             sampler.set_epoch(epoch)
-            row = _train_epoch(
+            row = train_epoch(
                 model,
                 train_loader,
                 opt,
@@ -776,7 +739,7 @@ def _best_weights(best: dict | None, last_path: Path, best_path: Path, model) ->
     )
 
 
-def _train_epoch(
+def train_epoch(
     model,
     loader,
     opt,

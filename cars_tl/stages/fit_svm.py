@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import features, runs
+from cars_tl.artifacts import names, runs
 from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.progress import NULL, Progress
@@ -38,12 +38,14 @@ from cars_tl.models.svm.model import (
     parse_gamma,
     save_model,
 )
+from cars_tl.stages import presets
 
 # --------------------------------------------------------------------------- the stage
 
 
 def fit_svm(
     features_path: Path,
+    *,
     kernel: str = "poly",
     C: float | str | None = None,
     degree: int = 3,
@@ -62,12 +64,12 @@ def fit_svm(
     """Fit one kernel (or ``all``) on a feature cache; returns the run directory and its metrics.
 
     ``preset`` gives C, gamma and scale unless passed (study: 1, scale, l2; tuned: see
-    :mod:`cars_tl.models.svm.search`); ``C="auto"`` / ``gamma="cv"`` choose them by ``cv_folds``-fold
+    :data:`cars_tl.stages.presets.SVM`); ``C="auto"`` / ``gamma="cv"`` choose them by ``cv_folds``-fold
     cross-validation on train (seeded by ``seed``), recorded per kernel under ``search``.
     An existing run is replaced only with ``force`` (and only once the new one completes)."""
 
-    chosen = svm_search.resolve_preset(preset, C=C, gamma=gamma, scale=scale)
-    C, gamma, scale = chosen["C"], chosen["gamma"], chosen["scale"]
+    chosen = presets.resolve(presets.SVM, preset, presets.SVM_HINT, C=C, gamma=gamma, scale=scale)
+    C, gamma, scale = svm_search.parse_C(chosen["C"]), chosen["gamma"], chosen["scale"]
     searching = C == "auto" or gamma == "cv"
 
     started = time.perf_counter()
@@ -93,9 +95,8 @@ def fit_svm(
     if searching:
         svm_search.check_folds(cache.split("train").labels, cv_folds)
     tr, te = cache.split("train"), cache.split("test")
-    weights = features.weights_tag(cache.attrs["weights"])
     run_dir = runs.resolve_run_dir(
-        out, f"svm-{cache.attrs['backbone'].replace('/', '-')}-{weights}-{kernel}", artifacts
+        out, names.svm_run_name(cache.attrs["backbone"], cache.attrs["weights"], kernel), artifacts
     )
     config = {
         "kernel": kernel,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars_tl.artifacts import features, runs
+from cars_tl.artifacts import names, runs
 from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError, check_number
@@ -121,6 +121,7 @@ def _metrics_of(votes: np.ndarray, labels: np.ndarray) -> dict:
 
 def run_knn(
     features_path: Path,
+    *,
     ks: tuple[int, ...] = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
     force: bool = False,
@@ -146,8 +147,7 @@ def run_knn(
             f"--k {max(ks)} is larger than the train split of {features_path} ({len(tr.labels)} images)",
             f"use --k {min(DEFAULT_K[0], len(tr.labels))} or any value up to {len(tr.labels)}",
         )
-    weights = features.weights_tag(cache.attrs["weights"])
-    run_dir = runs.resolve_run_dir(out, f"knn-{cache.attrs['backbone'].replace('/', '-')}-{weights}", artifacts)
+    run_dir = runs.resolve_run_dir(out, names.knn_run_name(cache.attrs["backbone"], cache.attrs["weights"]), artifacts)
     with runs.writing_run(run_dir, "knn", force=force) as target:
         config = {"k": list(ks), "temperature": temperature, "features": str(features_path), "chunk": CHUNK}
         fields = feature_run_fields(cache)

@@ -27,7 +27,7 @@ from cars_tl.models.training import score_batches
 
 
 @reads("predict", lambda a: data.dataset_roots(a["images"]))  # images of a data folder: no download meanwhile
-def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: bool = False) -> list[dict]:
+def predict(images: list[Path], *, run_dirs: list[Path], top_k: int = 5, boxed: bool = False) -> list[dict]:
     """One entry per image: ``{"image", "predictions": {run name: {kind, score_kind, top: [...]}}}``."""
     if not run_dirs:
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
@@ -79,6 +79,7 @@ def predict(images: list[Path], run_dirs: list[Path], top_k: int = 5, boxed: boo
 @reads("predict", lambda a: [data.stanford_root(a["data_dir"])])
 def predict_split(
     run_dirs: list[Path],
+    *,
     split: str,
     data_dir: Path,
     progress=NULL,

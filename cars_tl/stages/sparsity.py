@@ -119,6 +119,7 @@ def _split_batches(run, manifest, split: str, count: int, batch_size: int):
 )
 def measure(
     run_dirs: list[Path],
+    *,
     images: list[Path] | None = None,
     split: str | None = None,
     limit: int | None = 32,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cars_tl.artifacts import features, runs
+from cars_tl.artifacts import names, runs
 from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
@@ -36,42 +36,16 @@ from cars_tl.core.progress import NULL, Progress
 from cars_tl.core.tensorboard import EpochLog, check_available
 from cars_tl.models.scoring import Meter, evaluate_logits
 from cars_tl.models.training import check_finite_loss, make_optimizer, stratified_split
+from cars_tl.stages import presets
 
 HEAD_FILE = "head.pt"
 OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs")
-PRESETS = {
-    "study": dict(
-        epochs=15,
-        lr=1e-3,
-        batch_size=32,
-        optimizer="adam",
-        weight_decay=0.0,
-        label_smoothing=0.0,
-        standardize=False,
-        schedule="none",
-        val_fraction=0.0,
-    ),
-    "tuned": dict(
-        epochs=15,
-        lr=1.0,
-        batch_size=0,
-        optimizer="lbfgs",
-        weight_decay=None,
-        label_smoothing=0.0,
-        standardize=True,
-        schedule="none",
-        val_fraction=0.1,
-    ),
-}
 WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def resolve_preset(preset: str, **overrides) -> dict:
     """The preset's settings with every non-None override applied."""
-    if preset not in PRESETS:
-        raise CarsTLError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}")
-    config = dict(PRESETS[preset], preset=preset)
-    config.update({k: v for k, v in overrides.items() if v is not None})
+    config = dict(presets.resolve(presets.HEAD, preset, **overrides), preset=preset)
     if config["optimizer"] not in OPTIMIZERS:
         raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: {', '.join(OPTIMIZERS)}")
     check_number("--lr", config["lr"], minimum=0, exclusive_minimum=True)
@@ -85,14 +59,16 @@ def resolve_preset(preset: str, **overrides) -> dict:
 
 
 @dataclasses.dataclass
-class _Data:
+class HeadData:
+    """Feature rows ``x`` (n, width) and their labels ``y`` (n,)."""
+
     x: torch.Tensor
     y: torch.Tensor
 
 
-def _fit(
-    train: _Data,
-    evals: dict[str, _Data],
+def fit_head(
+    train: HeadData,
+    evals: dict[str, HeadData],
     config: dict,
     weight_decay: float,
     num_classes: int,
@@ -101,6 +77,9 @@ def _fit(
     label: str,
     on_epoch=None,
 ) -> tuple[torch.nn.Linear, list[dict]]:
+    """Train one head on ``train`` with ``config`` (a resolved preset) and ``weight_decay``,
+    scoring every split of ``evals`` each epoch; returns the head and the per-epoch history.
+    ``on_epoch(row)`` is called after each epoch (the live TensorBoard log)."""
     torch.manual_seed(seed)
     head = torch.nn.Linear(train.x.shape[1], num_classes)
     full_batch = config["optimizer"] == "lbfgs"
@@ -178,6 +157,7 @@ def _fold_standardization(head: torch.nn.Linear, mean: torch.Tensor, std: torch.
 
 def train_head(
     features_path: Path,
+    *,
     preset: str = "study",
     epochs: int | None = None,
     lr: float | None = None,
@@ -203,9 +183,8 @@ def train_head(
     config["seed"] = check_seed(seed)
     config["features"] = str(features_path)
     cache = load_train_test(Path(features_path), require_test=False)
-    backbone = cache.attrs["backbone"].replace("/", "-")
     run_dir = runs.resolve_run_dir(
-        out, f"head-{backbone}-{features.weights_tag(cache.attrs['weights'])}-{preset}", artifacts
+        out, names.head_run_name(cache.attrs["backbone"], cache.attrs["weights"], preset), artifacts
     )
     tr = cache.split("train")
     # A train-only dataset (or an empty test split): no test metrics, rather than "acc 0.00%" measured on nothing.
@@ -238,11 +217,11 @@ def train_head(
             if config["weight_decay"] is None:  # tuned: choose on a validation split carved from train
                 fit_idx, val_idx = stratified_split(tr.labels, config["val_fraction"], seed)
                 mean, std = scaling(x_train[fit_idx])
-                fit = _Data((x_train[fit_idx] - mean) / std, y_train[fit_idx])
-                val = _Data((x_train[val_idx] - mean) / std, y_train[val_idx])
+                fit = HeadData((x_train[fit_idx] - mean) / std, y_train[fit_idx])
+                val = HeadData((x_train[val_idx] - mean) / std, y_train[val_idx])
                 search = []
                 for wd in WEIGHT_DECAY_GRID:
-                    _, hist = _fit(
+                    _, hist = fit_head(
                         fit, {"val": val}, config, wd, cache.num_classes, seed, progress, f"head wd={wd:g} (validation)"
                     )
                     search.append(
@@ -263,9 +242,9 @@ def train_head(
             )
             mean, std = scaling(x_train)
             live = EpochLog(tensorboard, run_dir.name)
-            head, history = _fit(
-                _Data((x_train - mean) / std, y_train),
-                {"test": _Data((x_test - mean) / std, y_test)} if te else {},
+            head, history = fit_head(
+                HeadData((x_train - mean) / std, y_train),
+                {"test": HeadData((x_test - mean) / std, y_test)} if te else {},
                 config,
                 weight_decay_used,
                 cache.num_classes,

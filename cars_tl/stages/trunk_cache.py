@@ -13,12 +13,13 @@ from cars_tl import data
 from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number
 from cars_tl.core.progress import NULL, Progress
-from cars_tl.data import loaders, transforms
+from cars_tl.data import loaders
 from cars_tl.models import backbones, trunk
 
 
 def build_trunk(
     data_dir: Path = Path("data"),
+    *,
     backbone: str = "resnet50",
     weights: str = "imagenet",
     unfreeze: str = "layer4",
@@ -44,7 +45,6 @@ def build_trunk(
     check_number("--margin", margin, minimum=0)
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
-    transforms.check_image_options(image_size, resize_mode)
     manifest = data.load_manifest(data_dir)
     ctx = distributed.init(runtime.resolve_device(device))
     device = ctx.device

@@ -62,10 +62,6 @@ MAX_EXTENSION = 6  # values added past an end of the C grid at most (see search)
 GAMMA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 DEFAULT_FOLDS = 5
 GAMMA_KERNELS = ("poly", "rbf", "sigmoid")
-PRESETS = {
-    "study": {"C": 1.0, "gamma": "scale", "scale": "l2"},
-    "tuned": {"C": "auto", "gamma": "cv", "scale": "l2"},
-}
 
 
 def parse_C(value) -> float | str:
@@ -83,19 +79,6 @@ def parse_C(value) -> float | str:
             f"--C must be positive, got {value}", "use a positive number (e.g. --C 1) or --C auto (cross-validated)"
         )
     return number
-
-
-def resolve_preset(preset: str, C=None, gamma: str | None = None, scale: str | None = None) -> dict:
-    """The preset's C, gamma and scale with every explicit (non-None) option applied."""
-    if preset not in PRESETS:
-        raise CarsTLError(
-            f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}",
-            "--preset study (C=1, gamma=scale: the study) or --preset tuned (--C auto --gamma cv)",
-        )
-    chosen = dict(PRESETS[preset])
-    chosen.update({k: v for k, v in {"C": C, "gamma": gamma, "scale": scale}.items() if v is not None})
-    chosen["C"] = parse_C(chosen["C"])
-    return chosen
 
 
 def check_folds(labels: np.ndarray, folds: int) -> None:
@@ -124,7 +107,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> list[tupl
     return [(fit, val) for fit, val in splitter.split(np.zeros(len(labels)), labels)]
 
 
-def _gram(z: np.ndarray, kernel: str) -> np.ndarray:
+def gram_matrix(z: np.ndarray, kernel: str) -> np.ndarray:
     """The one matrix every gamma is computed from: dot products, or squared distances (rbf)."""
     dot = kernels.kernel_matrix(z, z, "linear", 1.0, 1, 0.0)
     if kernel != "rbf":
@@ -133,7 +116,8 @@ def _gram(z: np.ndarray, kernel: str) -> np.ndarray:
     return np.maximum(sq[:, None] + sq[None, :] - 2 * dot, 0.0)
 
 
-def _kernel_from_gram(gram: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> np.ndarray:
+def kernel_from_gram(gram: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> np.ndarray:
+    """The kernel matrix at ``gamma`` from :func:`gram_matrix`'s matrix, without recomputing dot products."""
     return kernels.kernel_values(gram, kernel, gamma, degree, coef0)
 
 
@@ -221,7 +205,7 @@ class _FoldWalk:
         if self.kernels is None:
             gamma = self.gamma_values[self.g]
             self.kernels = tuple(
-                _kernel_from_gram(part, self.kernel, gamma, self.degree, self.coef0) for part in self.slices
+                kernel_from_gram(part, self.kernel, gamma, self.degree, self.coef0) for part in self.slices
             )
             if self.g + 1 == len(self.gamma_values):
                 self.slices = ()  # the last gamma: its kernel is all this fold still needs
@@ -301,7 +285,7 @@ def cross_validate(
         raise ValueError("one C grid for every gamma, or one per gamma, all of one length")
     if any(g != sorted(g) for g in c_grids):
         raise ValueError("c_grid must ascend: the early stop at the hard margin walks C upwards")
-    gram = _gram(z, kernel) if gram is None else gram
+    gram = gram_matrix(z, kernel) if gram is None else gram
     walks = [_FoldWalk(gram, y, fit, val, kernel, c_grids, list(gamma_values), degree, coef0) for fit, val in folds]
     _walk_all(walks, max(1, min(len(folds), n_jobs or runtime.usable_cores())))
     # Each fold's accuracy, then their mean: cross_val_score's mean (not all folds' correct over all rows).
@@ -325,7 +309,7 @@ def grid_decades(z: np.ndarray, kernel: str, gamma: float, degree: int, coef0: f
     the mean K(x, x) over the training rows, rounded to a power of ten (0 for any mean between
     0.32 and 3.2)."""
     sq = np.einsum("ij,ij->i", z, z)
-    diag = np.ones_like(sq) if kernel == "rbf" else _kernel_from_gram(sq, kernel, gamma, degree, coef0)
+    diag = np.ones_like(sq) if kernel == "rbf" else kernel_from_gram(sq, kernel, gamma, degree, coef0)
     size = float(np.mean(np.abs(diag)))
     return -int(round(math.log10(size))) if size > 0 and math.isfinite(size) else 0
 
@@ -376,7 +360,7 @@ def search(
     auto = C == "auto"
     decades = [grid_decades(z, kernel, g, degree, coef0) if auto else 0 for g in gamma_values]
     c_grids = [[c * 10.0**d for c in C_GRID] if auto else [float(C)] for d in decades]
-    gram = _gram(z, kernel)
+    gram = gram_matrix(z, kernel)
     cv = cross_validate(z, y, kernel, c_grids, gamma_values, degree, coef0, splits, n_jobs=n_jobs, gram=gram)
     scores, stds = cv.scores.tolist(), cv.std.tolist()
     fits, points = cv.fits, cv.points
