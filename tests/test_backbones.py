@@ -9,7 +9,7 @@ from conftest import HAS_TIMM, SHARED_EFFNET, needs_effnet
 from cars_tl.artifacts.runs import count_params
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import transforms
-from cars_tl.models import backbones
+from cars_tl.models import backbones, families
 from cars_tl.stages.finetune import set_trainable
 
 
@@ -154,3 +154,42 @@ def test_a_fold_that_changes_the_output_is_not_used(monkeypatch):
     assert backbones.fold_batchnorm(body, example) is body
     no_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     assert backbones.fold_batchnorm(no_bn, torch.randn(1, 3, 8, 8)) is no_bn
+
+
+def test_backbone_family_is_picked_by_name_prefix():
+    assert isinstance(families.family("timm/efficientnet_lite0"), families.Timm)
+    assert isinstance(families.family("resnet50"), families.Torchvision)
+    assert isinstance(families.family("timmy"), families.Torchvision)  # the prefix is "timm/", not "timm"
+
+
+def test_a_new_family_is_one_adapter_in_the_registry(monkeypatch):
+    """build_backbone knows no family by name: an adapter registered in FAMILIES is built, its
+    classifier removed, its stages offered to --unfreeze, its weights refused as it says."""
+
+    class Toy(families.Family):
+        prefix = "toy/"
+
+        def create(self, name):
+            model = torch.nn.Sequential()
+            model.add_module("stem", torch.nn.Conv2d(3, 8, 3))
+            model.add_module("pool", torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()))
+            model.add_module("fc", torch.nn.Linear(8, 1000))
+            spec = dict(resize=40, crop=32, mean=[0.5] * 3, std=[0.25] * 3, interpolation="bilinear", mode="crop")
+            return model, spec
+
+        def named_weights(self, name, weights):
+            raise CarsTLError(f"toy networks have no weights named {weights!r}")
+
+        def classifier_path(self, model, name):
+            return "fc"
+
+        def remove_classifier(self, model, classifier):
+            families.set_module(model, classifier, torch.nn.Identity())
+
+    monkeypatch.setattr(families, "FAMILIES", (Toy(), *families.FAMILIES))
+    bb = backbones.build_backbone("toy/tiny", "random")
+    assert (bb.num_features, bb.classifier_name, bb.stages) == (8, "fc", ["stem"])
+    assert bb.body(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+    assert backbones.build_backbone("toy/tiny", "random", 48).transform["crop"] == 48
+    with pytest.raises(CarsTLError, match="toy networks have no weights named 'imagenet'"):
+        backbones.build_backbone("toy/tiny", "imagenet")

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -49,12 +48,11 @@ from cars_tl.artifacts import runs
 from cars_tl.core import atomic
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data.transforms import (
-    FUSED_PIPELINE,
     check_image_options,
     with_image_options,
 )
+from cars_tl.models.families import family
 
-TIMM_PREFIX = "timm/"
 RANDOM_SEED = 0
 
 
@@ -97,127 +95,18 @@ def state_digest(state: dict) -> str:
 # --------------------------------------------------------------------------- construction
 
 
-def _is_timm(name: str) -> bool:
-    return name.startswith(TIMM_PREFIX)
-
-
-def _torchvision_names() -> list[str]:
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
-
-
 def _create(name: str, seed: int = RANDOM_SEED):
     """The bare network (1000-class head, initialised from ``seed``) and its default transform spec."""
     torch.manual_seed(seed)
-    if _is_timm(name):
-        try:
-            import timm
-        except ImportError:
-            raise CarsTLError(
-                f"backbone {name!r} needs timm, which is not installed", "pip install 'cars_tl[timm]'"
-            ) from None
-        arch = name[len(TIMM_PREFIX) :]
-        if arch not in timm.list_models():
-            raise CarsTLError(
-                f"unknown timm model {arch!r}", "see timm.list_models() for valid names, e.g. timm/efficientnet_lite0"
-            )
-        model = timm.create_model(arch, pretrained=False)
-        return model, timm_spec(model)
-    import torchvision
-
-    names = _torchvision_names()
-    if name not in names:
-        close = [n for n in names if name.split("_")[0][:4] in n][:8] or names[:8]
-        raise CarsTLError(
-            f"unknown backbone {name!r}", f"use a torchvision model name such as {', '.join(close)}, or timm/<name>"
-        )
-    model = torchvision.models.get_model(name, weights=None)
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    return model, _transform_from_weights(weights)
-
-
-def timm_spec(model) -> dict:
-    """timm's own evaluation preprocessing for ``model`` (``resolve_data_config``), as a spec:
-    resize ``floor(crop / crop_pct)`` as ``create_transform`` computes it, and its ``crop_mode``."""
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config({}, model=model)
-    crop, crop_pct = int(cfg["input_size"][-1]), float(cfg["crop_pct"])
-    spec = {
-        "resize": int(math.floor(crop / crop_pct)),
-        "crop": crop,
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-        "interpolation": cfg["interpolation"],
-        "pipeline": FUSED_PIPELINE,
-        "mode": "crop",
-    }
-    if cfg.get("crop_mode", "center") != "center":
-        spec["crop_mode"] = cfg["crop_mode"]  # squash | border: timm's variants of resize + center crop
-    return spec
-
-
-def _transform_from_weights(weights) -> dict:
-    t = weights.transforms()
-    return {
-        "resize": int(t.resize_size[0]),
-        "crop": int(t.crop_size[0]),
-        "mean": [float(v) for v in t.mean],
-        "std": [float(v) for v in t.std],
-        "interpolation": t.interpolation.value,
-        "pipeline": FUSED_PIPELINE,
-        "mode": "crop",
-    }
-
-
-def _classifier_path(model, name: str) -> str:
-    if _is_timm(name):
-        return model.pretrained_cfg.get("classifier", "classifier")
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise CarsTLError(f"backbone {name!r} has no Linear classifier to replace")
-    return linears[-1]
-
-
-def _set_module(model, path: str, module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, module)
-
-
-def _cache_file_for(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    return family(name).create(name)
 
 
 def _load_state(name: str, weights: str) -> tuple[dict, dict | None, Path]:
-    """The state dict for ``weights`` and, for torchvision enums, that enum's transform spec."""
+    """The state dict for ``weights`` and, for named weights (torchvision enums), their transform spec."""
     if Path(weights).exists():
         path = Path(weights)
         return load_weights_file(path), None, path if path.is_file() else _run_model_file(path)
-    if _is_timm(name):
-        raise CarsTLError(
-            f"--weights {weights!r} for {name}: timm weights come from the Hugging Face hub, which is not used offline",
-            "download the state dict once and pass --weights PATH (a .pth state dict)",
-        )
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(name)
-    key = "DEFAULT" if weights == "imagenet" else weights
-    try:
-        chosen = enum[key] if key != "DEFAULT" else enum.DEFAULT
-    except KeyError:
-        valid = ["imagenet", "random", *[w.name for w in enum], "PATH"]
-        raise CarsTLError(
-            f"unknown weights {weights!r} for {name} (and no such file)", f"valid: {', '.join(valid)}"
-        ) from None
-    path = _cache_file_for(chosen)
-    if not path.is_file():
-        raise CarsTLError(
-            f"ImageNet weights for {name} ({chosen}) are not in the torch cache: {path} is missing",
-            f"cars-tl download --weights {name}:{chosen.name}   (offline: put {Path(chosen.url).name} from {chosen.url} at {path})",
-        )
-    return torch.load(path, map_location="cpu", weights_only=True), _transform_from_weights(chosen), path
+    return family(name).named_weights(name, weights)
 
 
 def _run_model_file(run_dir: Path) -> Path:
@@ -261,8 +150,9 @@ def build_backbone(
     check_image_options(image_size, resize_mode)
     if weights not in ("imagenet", "random") and Path(weights).exists():
         weights = str(Path(weights).resolve())  # recorded in artifacts: must work from any folder
+    adapter = family(name)
     model, spec = _create(name, seed)
-    classifier = _classifier_path(model, name)
+    classifier = adapter.classifier_path(model, name)
     file_sha256 = None
     if weights != "random":
         state, enum_spec, source = _load_state(name, weights)
@@ -272,19 +162,9 @@ def build_backbone(
     digest = state_digest(model.state_dict())
     head = model.get_submodule(classifier)
     num_features = int(head.in_features)
-    if _is_timm(name):
-        model.reset_classifier(0)
-    else:
-        _set_module(model, classifier, nn.Identity())
-    crop_pct = None
-    if _is_timm(name) and spec.get("pipeline") == FUSED_PIPELINE and image_size:
-        from timm.data import resolve_data_config
-
-        crop_pct = float(resolve_data_config({}, model=model)["crop_pct"])  # timm floors image_size / crop_pct
-    spec = with_image_options(spec, image_size, resize_mode, crop_pct)
-    stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
-    if _is_timm(name) and isinstance(getattr(model, "blocks", None), nn.Sequential):
-        stages += [f"blocks.{i}" for i in range(len(model.blocks))]  # timm's stage names
+    adapter.remove_classifier(model, classifier)
+    spec = with_image_options(spec, image_size, resize_mode, adapter.crop_pct(model, spec, image_size))
+    stages = adapter.stage_names(model)
     model.eval()
     return Backbone(name, str(weights), digest, model, num_features, spec, stages, classifier, file_sha256)
 
