@@ -244,21 +244,6 @@ def measured(fn, *args, **kwargs) -> dict:
 
 # --------------------------------------------------------------------------- fresh processes, malloc
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def tune_malloc() -> bool:
-    """glibc only: serve large blocks from the heap and keep freed memory for reuse, instead of an
-    mmap + munmap (and a page fault per 4 KiB touched) for every tensor above the mmap threshold.
-    The same as starting Python with MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
 
 def _child(fn, malloc: bool, start_method: str, args, kwargs):
     import multiprocessing
@@ -267,7 +252,9 @@ def _child(fn, malloc: bool, start_method: str, args, kwargs):
     # torch at every loader start. Use what a plain `python` process uses (fork on Linux).
     multiprocessing.set_start_method(start_method, force=True)
     claim_cpu()
-    tuned = tune_malloc() if malloc else False
+    from cars_tl.core import runtime  # the CLI's own malloc tuning
+
+    tuned = runtime.tune_malloc() if malloc else False
     out = fn(*args, **kwargs)
     if isinstance(out, dict):
         out = dict(out, malloc_tuned=tuned)
@@ -279,7 +266,7 @@ def isolated(fn, *args, malloc: bool = False, **kwargs):
     result: every measurement starts from the same process state, as one CLI command does.
     (Within one process, what ran before changes glibc malloc's mmap threshold, and with it the
     page faults every large tensor costs: order would change the figures.) ``malloc=True`` calls
-    :func:`tune_malloc` first in that process."""
+    :func:`cars_tl.core.runtime.tune_malloc` first in that process."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

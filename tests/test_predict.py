@@ -16,7 +16,7 @@ REAL_IMAGE = SHARED_MINI / "stanford_cars" / "cars_test" / "00001.jpg"
 
 @needs_mini
 def test_predict_with_every_kind_of_run_on_a_real_image(demo_finetune_run, demo_head_run, demo_svm_run):
-    [result] = predict([REAL_IMAGE], [demo_finetune_run, demo_head_run, demo_svm_run], top_k=3)
+    [result] = predict([REAL_IMAGE], run_dirs=[demo_finetune_run, demo_head_run, demo_svm_run], top_k=3)
     assert result["image"] == str(REAL_IMAGE)
     kinds = {p["kind"]: p for p in result["predictions"].values()}
     assert set(kinds) == {"finetune", "head", "svm"}
@@ -52,7 +52,7 @@ def test_head_prediction_matches_the_cached_features(demo_dir, demo_head_run, de
 
     cache = features.load(demo_features).split("test")
     image = data.load_manifest(demo_dir).root / cache.paths[0]
-    [result] = predict([image], [demo_head_run], top_k=1)
+    [result] = predict([image], run_dirs=[demo_head_run], top_k=1)
     state = torch.load(demo_head_run / "head.pt", weights_only=True)
     expected = int(np.argmax(cache.features[0] @ state["weight"].numpy().T + state["bias"].numpy()))
     assert next(iter(result["predictions"].values()))["top"][0]["label"] == expected
@@ -100,7 +100,7 @@ def _rescored_equals_saved(run_dir, demo_dir):
     from cars_tl.stages.predict import predict_split
 
     saved = runs.read_predictions(run_dir)
-    [result] = predict_split([run_dir], "test", demo_dir)
+    [result] = predict_split([run_dir], split="test", data_dir=demo_dir)
     again = runs.read_predictions(run_dir)
     assert (again.ids == saved.ids).all() and (again.labels == saved.labels).all()
     assert (again.top_classes == saved.top_classes).all() and (again.top_scores == saved.top_scores).all()
@@ -151,9 +151,18 @@ def test_predict_split_refuses_a_feature_cache_gone_or_changed(case, demo_dir, d
     runs.write_metrics(run_dir, metrics)
     before = runs.predictions_path(run_dir).read_bytes()
     with pytest.raises(CarsTLError) as err:
-        predict_split([run_dir], "test", demo_dir)
+        predict_split([run_dir], split="test", data_dir=demo_dir)
     message = str(err.value)
     assert str(cache) in message and ("gone" in message if case == "gone" else "test features differ" in message)
     assert "cars-tl extract-features" in err.value.hint and f"--out {cache}" in err.value.hint
     assert case == "gone" or f"cars-tl train-head --features {cache}" in err.value.hint
     assert runs.predictions_path(run_dir).read_bytes() == before  # the run's own predictions stay
+
+
+def test_every_run_kind_that_keeps_a_model_has_a_loader():
+    from cars_tl.artifacts import runs
+    from cars_tl.models import inference
+
+    assert set(inference.LOADERS) == {k.name for k in runs.RUN_KINDS.values() if k.keeps_model}
+    assert runs.SCORE_KINDS == ("probability", "decision score", "vote share")
+    assert runs.stages_of() == "train-head, fit-svm, finetune or knn"

@@ -79,7 +79,31 @@ FORMAT_VERSION = 1
 METRICS = "metrics.json"
 STATUS = "status.json"
 STATUS_BYTES = 1024  # status.json is padded to this size when created, so rewriting it needs no new disk blocks
-KINDS = ("head", "svm", "finetune", "knn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKind:
+    """What a run of one kind is: the facts every module that acts on runs reads here (inference
+    keeps a loader per kind that :attr:`keeps_model`, the report a description per kind)."""
+
+    name: str  # metrics.json "kind"
+    stage: str  # the command that makes it
+    score_kind: str  # what its saved prediction scores are (predictions-<split>.npz)
+    on_features: bool  # trained on a feature cache (--features), not on images
+    keeps_model: bool  # has a model file to apply to new images
+    resumes: bool  # an incomplete run continues with --resume (the others are fitted again)
+
+
+RUN_KINDS: dict[str, RunKind] = {
+    k.name: k
+    for k in (
+        RunKind("head", "train-head", "probability", on_features=True, keeps_model=True, resumes=False),
+        RunKind("svm", "fit-svm", "decision score", on_features=True, keeps_model=True, resumes=False),
+        RunKind("finetune", "finetune", "probability", on_features=False, keeps_model=True, resumes=True),
+        RunKind("knn", "knn", "vote share", on_features=True, keeps_model=False, resumes=False),
+    )
+}
+KINDS = tuple(RUN_KINDS)
 
 
 def now() -> str:
@@ -207,6 +231,12 @@ def recording(run_dir: Path, metrics: dict):
         raise
 
 
+def stages_of(kinds=None) -> str:
+    """``train-head, fit-svm, finetune or knn``: the commands that make ``kinds`` (default: every kind)."""
+    stages = [k.stage for k in (RUN_KINDS.values() if kinds is None else kinds)]
+    return ", ".join(stages[:-1]) + " or " + stages[-1] if len(stages) > 1 else "".join(stages)
+
+
 def read_metrics(run_dir: Path) -> dict:
     """A run's metrics, checked to be a cars_tl run of a known kind."""
     run_dir = Path(run_dir)
@@ -216,7 +246,7 @@ def read_metrics(run_dir: Path) -> dict:
     if not path.is_file():
         raise CarsTLError(
             f"{run_dir} is not a cars_tl run: no {METRICS} in it",
-            "pass a directory made by train-head, fit-svm or finetune",
+            f"pass a directory made by {stages_of()}",
         )
     try:
         metrics = json.loads(path.read_text())
@@ -225,7 +255,7 @@ def read_metrics(run_dir: Path) -> dict:
     if not isinstance(metrics, dict):
         raise CarsTLError(
             f"{path} holds a JSON {type(metrics).__name__}, not the object a cars_tl run writes",
-            "pass a directory made by train-head, fit-svm, knn or finetune (or rerun that stage with --force)",
+            f"pass a directory made by {stages_of()} (or rerun that stage with --force)",
         )
     if metrics.get("kind") not in KINDS:
         raise CarsTLError(f"{path}: unknown run kind {metrics.get('kind')!r}; valid: {', '.join(KINDS)}")
@@ -257,11 +287,11 @@ def model_file(run_dir: Path) -> Path:
 
 def rerun_hint(run_dir: Path, metrics: dict) -> str:
     """How to finish or redo an incomplete run, by its kind: only a fine-tune resumes."""
-    if metrics.get("kind") == "finetune":
-        return f"continue it: rerun the cars-tl finetune command that made it, with --resume (--out {run_dir})"
-    stage = {"head": "train-head", "svm": "fit-svm", "knn": "knn"}.get(metrics.get("kind"), "STAGE")
+    kind = RUN_KINDS.get(metrics.get("kind"))
+    if kind is not None and kind.resumes:
+        return f"continue it: rerun the cars-tl {kind.stage} command that made it, with --resume (--out {run_dir})"
     features = (metrics.get("config") or {}).get("features") or "F.h5"
-    return f"fit it again: cars-tl {stage} --features {features} --out {run_dir} --force"
+    return f"fit it again: cars-tl {kind.stage if kind else 'STAGE'} --features {features} --out {run_dir} --force"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -327,7 +357,7 @@ def list_runs(artifacts: Path) -> list[Path]:
 
 PREDICTIONS_FORMAT = 1
 PREDICTION_TOP_K = 5
-SCORE_KINDS = ("probability", "decision score", "vote share")
+SCORE_KINDS = tuple(dict.fromkeys(k.score_kind for k in RUN_KINDS.values()))
 
 
 @dataclasses.dataclass

@@ -101,17 +101,18 @@ def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbo
 
 
 def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
-    """Load a run of any kind; ``cache`` shares rebuilt backbones between runs."""
+    """Load a run of any kind that keeps a model (:data:`LOADERS`); ``cache`` shares rebuilt backbones between runs."""
     cache = {} if cache is None else cache
     run_dir = Path(run_dir)
     metrics = runs.read_metrics(run_dir)
-    if metrics["kind"] == "knn":
+    kind = runs.RUN_KINDS[metrics["kind"]]
+    if not kind.keeps_model:
         raise CarsTLError(
-            f"{run_dir} is a knn run: it keeps no model to apply to new images (its test predictions are saved in it)",
-            f"predict with a train-head, fit-svm or finetune run; look inside it with: cars-tl inspect {run_dir}",
+            f"{run_dir} is a {kind.name} run: it keeps no model to apply to new images (its test predictions are saved in it)",
+            f"predict with a {runs.stages_of(k for k in runs.RUN_KINDS.values() if k.keeps_model)} run; "
+            f"look inside it with: cars-tl inspect {run_dir}",
         )
     model_path = runs.model_file(run_dir)
-    kind, names = metrics["kind"], metrics["class_names"]
     b = metrics["backbone"]
     spec = transforms.normalized_spec(b["transform"])
     transforms.eval_resize_crop(spec)  # refuses a spec this version cannot reproduce
@@ -123,58 +124,67 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         precision=precision,
         precision_used="fp32" if precision == "fp16" else precision,
     )
-    if kind == "finetune":
-        bb = backbones.build_backbone(b["backbone"], "random")
-        model = backbones.classifier_model(bb, len(names))
-        state = runs.load_checkpoint(model_path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CarsTLError(
-                f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}"
-            ) from None
-        model.eval()
-        return LoadedRun(
-            run_dir,
-            metrics["name"],
-            kind,
-            names,
-            model.body,
-            transforms.eval_transform(spec),
-            lambda f: model.head(f).softmax(1),
-            "probability",
-            **recorded,
-            forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1),
-        )
+    return LOADERS[kind.name](run_dir, metrics, model_path, recorded, cache)
+
+
+def _load_finetune(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
+    b, names, spec = metrics["backbone"], metrics["class_names"], recorded["spec"]
+    bb = backbones.build_backbone(b["backbone"], "random")
+    model = backbones.classifier_model(bb, len(names))
+    state = runs.load_checkpoint(model_path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CarsTLError(
+            f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}"
+        ) from None
+    model.eval()
+    return LoadedRun(
+        run_dir,
+        metrics["name"],
+        "finetune",
+        names,
+        model.body,
+        transforms.eval_transform(spec),
+        lambda f: model.head(f).softmax(1),
+        runs.RUN_KINDS["finetune"].score_kind,
+        **recorded,
+        forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1),
+    )
+
+
+def _load_head(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
+    names, spec = metrics["class_names"], recorded["spec"]
     bb = _backbone_for(metrics, run_dir, cache)
-    transform = transforms.eval_transform(bb.transform)
-    if kind == "head":
-        head = torch.nn.Linear(feature_views.width(spec, bb.num_features), len(names))
-        state = runs.load_checkpoint(model_path)
-        shape = tuple(getattr(state.get("weight"), "shape", ())) if isinstance(state, dict) else ()
-        width = feature_views.width(spec, bb.num_features)
-        if shape != (len(names), width):
-            raise CarsTLError(
-                f"{model_path} holds a head of shape {shape}, but {bb.name} gives {width} features "
-                f"and the run has {len(names)} classes",
-                "retrain it: cars-tl train-head --features ...",
-            )
-        head.load_state_dict(state)
-        head.eval()
-        return LoadedRun(
-            run_dir,
-            metrics["name"],
-            kind,
-            names,
-            bb.body,
-            transform,
-            lambda f: head(f).softmax(1),
-            "probability",
-            **recorded,
+    width = feature_views.width(spec, bb.num_features)
+    head = torch.nn.Linear(width, len(names))
+    state = runs.load_checkpoint(model_path)
+    shape = tuple(getattr(state.get("weight"), "shape", ())) if isinstance(state, dict) else ()
+    if shape != (len(names), width):
+        raise CarsTLError(
+            f"{model_path} holds a head of shape {shape}, but {bb.name} gives {width} features "
+            f"and the run has {len(names)} classes",
+            "retrain it: cars-tl train-head --features ...",
         )
-    model = load_svm(
-        model_path, feature_views.width(spec, bb.num_features), len(names)
-    )  # must match the cache the run claims
+    head.load_state_dict(state)
+    head.eval()
+    return LoadedRun(
+        run_dir,
+        metrics["name"],
+        "head",
+        names,
+        bb.body,
+        transforms.eval_transform(bb.transform),
+        lambda f: head(f).softmax(1),
+        runs.RUN_KINDS["head"].score_kind,
+        **recorded,
+    )
+
+
+def _load_svm(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
+    names, spec = metrics["class_names"], recorded["spec"]
+    bb = _backbone_for(metrics, run_dir, cache)
+    model = load_svm(model_path, feature_views.width(spec, bb.num_features), len(names))  # checked against the cache
     classes = torch.as_tensor(model.classes)
 
     def svm_scores(f: torch.Tensor) -> torch.Tensor:
@@ -185,5 +195,17 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         return out
 
     return LoadedRun(
-        run_dir, metrics["name"], kind, names, bb.body, transform, svm_scores, "decision score", **recorded
+        run_dir,
+        metrics["name"],
+        "svm",
+        names,
+        bb.body,
+        transforms.eval_transform(bb.transform),
+        svm_scores,
+        runs.RUN_KINDS["svm"].score_kind,
+        **recorded,
     )
+
+
+# One loader per run kind that keeps a model (runs.RUN_KINDS); a new kind adds its loader here.
+LOADERS = {"head": _load_head, "svm": _load_svm, "finetune": _load_finetune}
