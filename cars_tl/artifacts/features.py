@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cars_tl.artifacts import hdf5
 from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, file_sha256
 from cars_tl.core.errors import CarsTLError
 
@@ -117,21 +118,8 @@ def dataset_has_split(cache: FeatureCache, name: str) -> bool:
     return name in cache.attrs.get("options", {}).get("dataset_splits", ("train", "test"))
 
 
-def _decode(attrs) -> dict:
-    out = {}
-    for key, value in attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, np.generic):
-            value = value.item()
-        out[key] = json.loads(value) if key in JSON_ATTRS else value
-    return out
-
-
 def read_attrs(path: Path) -> dict:
     """The file attributes, after checking this is a cars_tl feature cache of a known schema."""
-    import h5py
-
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("*.h5"))[:3]
@@ -150,21 +138,16 @@ def read_attrs(path: Path) -> dict:
             else "cars-tl extract-features --out " + str(path)
         )
         raise CarsTLError(f"feature file {path} does not exist", hint)
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = _decode(f.attrs)
-    except OSError as exc:
-        raise CarsTLError(
-            f"{path} is not a readable HDF5 file: {exc}", "delete it and rerun cars-tl extract-features"
-        ) from None
-    if attrs.get("kind") != KIND:
-        raise CarsTLError(f"{path} is not a cars_tl feature cache (kind={attrs.get('kind')!r})")
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise CarsTLError(
-            f"{path} has feature-cache schema {attrs.get('schema_version')}, this cars_tl reads {SCHEMA_VERSION}",
-            "re-extract it with this version: cars-tl extract-features ...",
-        )
-    return attrs
+    return hdf5.read_format_attrs(
+        path,
+        kind=KIND,
+        schema_version=SCHEMA_VERSION,
+        json_keys=JSON_ATTRS,
+        what="feature cache",
+        unreadable_hint="delete it and rerun cars-tl extract-features",
+        kind_hint=None,
+        schema_hint="re-extract it with this version: cars-tl extract-features ...",
+    )
 
 
 def content_digest(values) -> str:

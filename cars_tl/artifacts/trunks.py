@@ -4,7 +4,7 @@ Model D trains only the top of a network (``--unfreeze layer4``); the frozen par
 *trunk*: stem and ``layer1``-``layer3`` of a ResNet, ``conv_stem``-``blocks.5`` of a timm
 EfficientNet) gives the same maps at every epoch when no augmentation runs and it is in eval
 mode. This module owns the file those maps are kept in (written by
-:func:`cars_tl.models.trunk.build`). Layout of a cache file (HDF5, schema version 1)::
+:func:`cars_tl.models.trunk.ensure`). Layout of a cache file (HDF5, schema version 1)::
 
     /                                 file attributes
         kind                = "cars_tl.artifacts.trunks"
@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cars_tl.artifacts import hdf5
 from cars_tl.artifacts.features import PartialCache, content_digest
 from cars_tl.core.atomic import atomic_path, ensure_room
 from cars_tl.core.errors import CarsTLError
@@ -82,36 +83,22 @@ def _fix(path: Path) -> str:
     return f"delete {path} and rerun (cars-tl build-trunk, or finetune with --trunk-cache, builds it again)"
 
 
-def _decode(attrs) -> dict:
-    out = {}
-    for key, value in attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, np.generic):
-            value = value.item()
-        out[key] = json.loads(value) if key in JSON_ATTRS else value
-    return out
-
-
 def read_attrs(path: Path) -> dict:
     """The file attributes, after checking this is a cars_tl trunk cache of a known schema."""
-    import h5py
 
     path = Path(path)
     if not path.is_file():
         raise CarsTLError(f"trunk cache {path} does not exist", f"cars-tl build-trunk --out {path} ...")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = _decode(f.attrs)
-    except OSError as exc:
-        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", _fix(path)) from None
-    if attrs.get("kind") != KIND:
-        raise CarsTLError(f"{path} is not a cars_tl trunk cache (kind={attrs.get('kind')!r})", _fix(path))
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise CarsTLError(
-            f"{path} has trunk-cache schema {attrs.get('schema_version')}, this cars_tl reads {SCHEMA_VERSION}",
-            _fix(path),
-        )
+    attrs = hdf5.read_format_attrs(
+        path,
+        kind=KIND,
+        schema_version=SCHEMA_VERSION,
+        json_keys=JSON_ATTRS,
+        what="trunk cache",
+        unreadable_hint=_fix(path),
+        kind_hint=_fix(path),
+        schema_hint=_fix(path),
+    )
     if attrs.get("storage") not in STORAGES:
         raise CarsTLError(f"{path}: unknown storage {attrs.get('storage')!r}; valid: {', '.join(STORAGES)}", _fix(path))
     return attrs

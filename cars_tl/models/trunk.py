@@ -267,6 +267,7 @@ def ensure(
     model,
     bb,
     manifest,
+    *,
     crop: str,
     margin: float,
     batch_size: int,
@@ -278,40 +279,7 @@ def ensure(
 ) -> dict:
     """Build the cache of plan ``p`` unless a verified file of the same inputs is there; returns
     {action, seconds, why a file was replaced}. Every torchrun rank calls it."""
-    return build(
-        p.path,
-        p.identity,
-        p.cut,
-        model,
-        bb,
-        manifest,
-        crop,
-        margin,
-        batch_size,
-        workers,
-        device,
-        precision,
-        progress,
-        ctx,
-    )
-
-
-def build(
-    path: Path,
-    identity: dict,
-    cut: int,
-    model,
-    bb,
-    manifest,
-    crop: str,
-    margin: float,
-    batch_size: int,
-    workers: int,
-    device: str,
-    precision: str,
-    progress=None,
-    ctx=distributed.SINGLE,
-) -> dict:
+    path, identity, cut = p.path, p.identity, p.cut
     started = time.perf_counter()
     # Rank 0 holds the lock and decides; the other ranks build their shards of the chunks only.
     with distributed.rank0_output(ctx, lambda: locks.writer_lock(path, "trunk-cache")):
@@ -579,14 +547,14 @@ def data_source(
         model,
         bb,
         manifest,
-        config["crop"],
-        config["margin"],
-        config["batch_size"],
-        workers,
-        device,
-        config["precision"],
-        progress,
-        ctx,
+        crop=config["crop"],
+        margin=config["margin"],
+        batch_size=config["batch_size"],
+        workers=workers,
+        device=device,
+        precision=config["precision"],
+        progress=progress,
+        ctx=ctx,
     )
     train_labels, test_labels = _labels(p.path, "train"), _labels(p.path, "test")
     # 16-bit maps of a 16-bit autocast run go in as they are (what the trunk handed on); others as float32.

@@ -74,6 +74,17 @@ def build_trunk(
         )
     model.to(device)
     result = trunk.ensure(
-        p, model, bb, manifest, crop, float(margin), batch_size, workers, device, precision, progress, ctx
+        p,
+        model,
+        bb,
+        manifest,
+        crop=crop,
+        margin=float(margin),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        progress=progress,
+        ctx=ctx,
     )
     return p.path, dict(result, cut=p.identity["cut"], storage=p.identity["storage"], precision=precision)
