@@ -188,13 +188,14 @@ def download(
     """
     from cars_tl import data
     from cars_tl.console import console, labelled, progress
-    from cars_tl.sources import download as dl
+    from cars_tl.sources.prepare import prepare_dataset
+    from cars_tl.sources.weights import download_weights
 
     if weights:
-        path = dl.download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
+        path = download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
         console.print(f"weights for {weights}{':' + variant if variant else ''}: {path}")
         return
-    manifest, action = dl.prepare_dataset(
+    manifest, action = prepare_dataset(
         data_dir,
         source,
         mirrors=mirror or [],

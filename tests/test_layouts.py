@@ -28,7 +28,7 @@ from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
 from cars_tl.sources import classnames
 from cars_tl.sources.demo import DEMO_CLASSES
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.sources.prepare import prepare_dataset
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 needs_pyarrow = pytest.mark.skipif(not HAS_PYARROW, reason="needs pyarrow (pip install 'cars_tl[parquet]')")

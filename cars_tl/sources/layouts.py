@@ -3,7 +3,7 @@
 :func:`import_path` finds the layout of a folder or archive (at its top or up to three folder
 levels below), and fills a staging ``stanford_cars`` folder with ``cars_train/``, ``cars_test/``,
 the devkit ``.mat`` files and ``cars_test_annos_withlabels.mat``. The caller
-(:func:`cars_tl.sources.download.prepare_dataset`) validates the result and swaps it into place, so a
+(:func:`cars_tl.sources.prepare.prepare_dataset`) validates the result and swaps it into place, so a
 failed import changes nothing. Recognised layouts (:data:`ACCEPTED_LAYOUTS`):
 
 ``torchvision``   ``cars_train/``, ``cars_test/``, ``devkit/`` and ``cars_test_annos_withlabels.mat``
