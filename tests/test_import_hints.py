@@ -20,7 +20,7 @@ from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
-from cars_tl.sources import layouts
+from cars_tl.sources.layouts import base as layouts_base
 from cars_tl.sources.prepare import prepare_dataset
 
 
@@ -71,7 +71,7 @@ def test_a_full_disk_during_download_names_the_data_folder_and_the_space(demo, t
     def full(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no filename, as a write() reports it
 
-    monkeypatch.setattr(layouts, "_link_or_copy", full)
+    monkeypatch.setattr(layouts_base, "link_or_copy", full)
     data_dir = tmp_path / "data"
     result = CliRunner().invoke(app, ["download", "--data-dir", str(data_dir), "--source", str(demo.root)])
     assert result.exit_code == 2, result.output

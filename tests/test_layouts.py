@@ -1,4 +1,4 @@
-"""cars_tl.sources.layouts: the Kaggle copy, class folders and Hugging Face parquet shards, built from the real
+"""cars_tl.sources.layouts (one module per layout): the Kaggle copy, class folders and Hugging Face parquet shards, built from the real
 subset in ../shared and from the demo, each compared with the torchvision layout image by image.
 
 The comparison is by content: (SHA-256 of the image bytes) -> (class name, split, box). Images are
