@@ -26,7 +26,7 @@ from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
-from cars_tl.sources import classnames
+from cars_tl.sources import classnames, layouts
 from cars_tl.sources.demo import DEMO_CLASSES
 from cars_tl.sources.prepare import prepare_dataset
 
@@ -465,3 +465,14 @@ def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, 
     assert not (tmp_path / "ft").exists()
     with pytest.raises(CarsTLError, match="no test split"):
         extract_features(data_dir, splits=("test",), out=tmp_path / "g.h5", **TINY)
+
+
+def test_every_registered_layout_is_accepted_and_listed_in_the_download_help():
+    import typer.main
+
+    command = typer.main.get_command(app).commands["download"]
+    help_text = next(p.help for p in command.params if p.name == "source")
+    for name, layout in layouts.REGISTRY.items():
+        assert layout.name == name and layout.cli_help in help_text
+        assert f"{name}: {layout.description}" in layouts.ACCEPTED_LAYOUTS
+    assert len(layouts.ACCEPTED_LAYOUTS) == len(layouts.REGISTRY) + 1  # + a single archive holding any of them

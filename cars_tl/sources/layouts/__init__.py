@@ -53,7 +53,8 @@ __all__ = [
     "import_split_archives",
 ]
 
-# Detection order, and the order the accepted layouts and the --source help list them in.
+# A folder holding two layouts is an error, so this order only decides how layouts are listed
+# (the mixes-layouts error, the near misses, the accepted layouts, the --source help).
 REGISTRY: dict[str, Layout] = {
     module.LAYOUT.name: module.LAYOUT
     for module in (torchvision, kaggle, split_archives, all_in_one, class_folders, parquet)
