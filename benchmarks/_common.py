@@ -117,7 +117,7 @@ def require_shared(*paths: Path) -> None:
 @contextmanager
 def real_subset():
     """A temporary data dir holding an imported copy of the real 20-class subset (shared/ stays read-only)."""
-    from cars_tl.sources.download import prepare_dataset
+    from cars_tl.sources.prepare import prepare_dataset
 
     require_shared(MINI_DATA)
     tmp = Path(tempfile.mkdtemp(prefix="cars_tl_bench_"))

@@ -24,7 +24,7 @@ UNFREEZE = "blocks.5,blocks.6,conv_head,bn2"
 
 def main() -> None:
     from cars_tl.core import runtime
-    from cars_tl.sources.download import prepare_dataset
+    from cars_tl.sources.prepare import prepare_dataset
     from cars_tl.stages.extract import extract_features
     from cars_tl.stages.finetune import finetune
     from cars_tl.stages.train_head import train_head

@@ -27,7 +27,7 @@ _API = {
     "load_features": ("cars_tl.artifacts.features", "verify"),
     "load_run": ("cars_tl.models.inference", "load_run"),
     "read_metrics": ("cars_tl.artifacts.runs", "read_metrics"),
-    "prepare_dataset": ("cars_tl.sources.download", "prepare_dataset"),
+    "prepare_dataset": ("cars_tl.sources.prepare", "prepare_dataset"),
     "extract_features": ("cars_tl.stages.extract", "extract_features"),
     "train_head": ("cars_tl.stages.train_head", "train_head"),
     "fit_svm": ("cars_tl.stages.fit_svm", "fit_svm"),

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cars_tl.core.errors import CarsTLError
+from cars_tl.sources import layouts  # the --source help lists the registered layouts (numpy, no torch)
 
 app = typer.Typer(
     name="cars-tl",
@@ -140,9 +141,8 @@ def download(
         str,
         typer.Option(
             help=(
-                "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive in any layout: torchvision's, "
-                "the Kaggle copy (cars_train/cars_train, car_devkit/devkit), the split archives, car_ims.tgz + cars_annos.mat, "
-                "class folders train/<class>/ test/<class>/ (+ anno_*.csv), or Hugging Face data/train-*.parquet shards."
+                "auto (mirror list) | demo (generated) | an http(s) mirror URL | a local folder or archive in any layout: "
+                f"{layouts.cli_help()}."
             )
         ),
     ] = "auto",
@@ -188,13 +188,14 @@ def download(
     """
     from cars_tl import data
     from cars_tl.console import console, labelled, progress
-    from cars_tl.sources import download as dl
+    from cars_tl.sources.prepare import prepare_dataset
+    from cars_tl.sources.weights import download_weights
 
     if weights:
-        path = dl.download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
+        path = download_weights(weights, variant=variant, mirrors=mirror or [], progress=progress())
         console.print(f"weights for {weights}{':' + variant if variant else ''}: {path}")
         return
-    manifest, action = dl.prepare_dataset(
+    manifest, action = prepare_dataset(
         data_dir,
         source,
         mirrors=mirror or [],

@@ -63,7 +63,7 @@ def demo_head_run(demo_features, tmp_path_factory) -> Path:
 def mini_dir(tmp_path_factory) -> Path:
     if not SHARED_MINI.is_dir():
         pytest.skip(f"real Stanford Cars subset absent ({SHARED_MINI})")
-    from cars_tl.sources.download import prepare_dataset
+    from cars_tl.sources.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("mini")
     prepare_dataset(root, str(SHARED_MINI))

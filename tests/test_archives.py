@@ -29,7 +29,7 @@ from test_download import tar_folder
 from cars_tl.core.errors import CarsTLError
 from cars_tl.sources import archives
 from cars_tl.sources.archives import safe_extract
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.sources.prepare import prepare_dataset
 
 ZEROS = 3 << 20  # 3 MiB of zeros: compresses about 1000:1
 

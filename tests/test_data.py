@@ -279,7 +279,7 @@ def test_a_replaced_image_is_caught_by_size_or_mtime(demo_dir, tmp_path):
 
 
 def test_verify_rehashes_and_the_fingerprint_follows_the_pixels(tmp_path):
-    from cars_tl.sources.download import prepare_dataset
+    from cars_tl.sources.prepare import prepare_dataset
 
     manifest, _ = prepare_dataset(tmp_path, "demo")
     target = manifest.root / manifest.records[3].path
@@ -296,7 +296,7 @@ def test_verify_rehashes_and_the_fingerprint_follows_the_pixels(tmp_path):
 
 
 def test_modified_manifest_hint_reruns_the_recorded_origin(tmp_path):
-    from cars_tl.sources.download import prepare_dataset
+    from cars_tl.sources.prepare import prepare_dataset
 
     manifest, _ = prepare_dataset(tmp_path, "demo")
     csv_path = manifest.root / data.MANIFEST_CSV

@@ -1,4 +1,4 @@
-"""cars_tl.sources.download: every source layout, mirrors over loopback HTTP, resume, safe extraction, weights.
+"""cars_tl.sources (prepare, http, mirrors, weights): every source layout, mirrors over loopback HTTP, resume, safe extraction, weights.
 
 Nothing here touches the network: servers run on 127.0.0.1 and "unreachable" is a closed local port.
 """
@@ -24,15 +24,14 @@ from typer.testing import CliRunner
 from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core.errors import CarsTLError
-from cars_tl.sources import download
+from cars_tl.sources import http, prepare
 from cars_tl.sources.archives import safe_extract
 from cars_tl.sources.demo import DEMO_CLASSES
-from cars_tl.sources.download import (
-    DownloadError,
-    download_file,
-    download_weights,
-    prepare_dataset,
-)
+from cars_tl.sources.http import DownloadError, download_file
+from cars_tl.sources.layouts import SPLIT_FILES
+from cars_tl.sources.mirrors import load_mirror_list
+from cars_tl.sources.prepare import prepare_dataset
+from cars_tl.sources.weights import download_weights
 
 try:
     from tests.http_server import FileServer, closed_port_url
@@ -275,7 +274,7 @@ def mirror_list(path: Path, split_folder: Path, mirrors: list[str]) -> Path:
     spec = {
         "files": {
             name: {"size": (split_folder / name).stat().st_size, "md5": md5(split_folder / name)}
-            for name in download.SPLIT_FILES
+            for name in SPLIT_FILES
         },
         "mirrors": [{"name": f"mirror{i}", "base_url": url, "note": "test"} for i, url in enumerate(mirrors)],
     }
@@ -310,7 +309,7 @@ def test_auto_falls_back_to_the_next_mirror_after_a_404(sources, demo, tmp_path)
         manifest, action = prepare_dataset(tmp_path / "data", "auto", mirror_list=listed)
     assert action == "downloaded"
     assert_demo_dataset(manifest, demo)
-    assert empty.paths() == [f"/cars/{name}" for name in download.SPLIT_FILES]
+    assert empty.paths() == [f"/cars/{name}" for name in SPLIT_FILES]
     assert len(good.requests) == 4
 
 
@@ -331,13 +330,13 @@ def test_every_mirror_failing_names_each_and_leaves_nothing(sources, tmp_path):
 def test_verified_archives_survive_a_failed_run_and_are_reused(sources, demo, tmp_path):
     split = sources["split-folder"]
     listed = mirror_list(tmp_path / "mirrors.json", split, [])
-    partial = {f"/{n}": (split / n).read_bytes() for n in download.SPLIT_FILES if n != "cars_test_annos_withlabels.mat"}
+    partial = {f"/{n}": (split / n).read_bytes() for n in SPLIT_FILES if n != "cars_test_annos_withlabels.mat"}
     data_dir = tmp_path / "data"
     with FileServer(partial) as server:
         with pytest.raises(CarsTLError, match="cars_test_annos_withlabels.mat"):
             prepare_dataset(data_dir, server.url(), mirror_list=listed)
-    kept = data_dir / download.DOWNLOADS_DIR
-    assert entries(data_dir) == [download.DOWNLOADS_DIR]
+    kept = data_dir / prepare.DOWNLOADS_DIR
+    assert entries(data_dir) == [prepare.DOWNLOADS_DIR]
     assert sorted(os.listdir(kept)) == sorted(partial_name[1:] for partial_name in partial)  # verified, no .part
     with FileServer(split) as server:
         manifest, action = prepare_dataset(data_dir, server.url(), mirror_list=listed)
@@ -358,7 +357,7 @@ def test_a_broken_hand_placed_copy_is_reported_when_no_fresh_copy_comes(sources,
 
 
 def test_builtin_mirror_list_is_well_formed():
-    spec = download.load_mirror_list()
+    spec = load_mirror_list()
     assert spec["files"]["cars_train.tgz"]["md5"] == "065e5b463ae28d29e77c1b4b166cfe61"
     assert any("dead" in m["note"].lower() for m in spec["mirrors"])
 
@@ -387,7 +386,7 @@ def test_a_part_file_left_by_a_killed_run_is_resumed(tmp_path):
 
 def test_a_refused_connection_mid_transfer_keeps_the_part_and_the_next_run_resumes(tmp_path, monkeypatch):
     slept = []
-    monkeypatch.setattr(download.time, "sleep", slept.append)
+    monkeypatch.setattr(http.time, "sleep", slept.append)
     dest = tmp_path / "f.bin"
     with FileServer({"/f.bin": BLOB}) as server:
         server.drop_after, server.refuse_after_drop = 100_000, True
@@ -395,7 +394,7 @@ def test_a_refused_connection_mid_transfer_keeps_the_part_and_the_next_run_resum
             download_file(server.url("/f.bin"), dest, size=len(BLOB), md5=md5(BLOB))
     part = tmp_path / "f.bin.part"
     assert part.read_bytes() == BLOB[:100_000] and "kept" in info.value.message
-    assert slept == sorted(slept) and len(slept) == download.RECONNECT_TRIES  # backoff between the tries
+    assert slept == sorted(slept) and len(slept) == http.RECONNECT_TRIES  # backoff between the tries
     with FileServer({"/f.bin": BLOB}) as server:
         assert download_file(server.url("/f.bin"), dest, size=len(BLOB), md5=md5(BLOB)).read_bytes() == BLOB
     assert [r.range for r in server.requests] == ["bytes=100000-"]
@@ -600,9 +599,7 @@ def test_importing_download_does_not_import_torch():
     import subprocess
     import sys
 
-    code = (
-        "import sys, cars_tl.sources.download; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
-    )
+    code = "import sys, cars_tl.sources.prepare, cars_tl.sources.weights; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -618,7 +615,7 @@ def slow(root):
     pathlib.Path(sys.argv[2]).write_text("ready")
     time.sleep(120)
 demo.generate_demo = slow
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.sources.prepare import prepare_dataset
 prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
 """
 

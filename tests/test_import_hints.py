@@ -20,8 +20,8 @@ from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
-from cars_tl.sources import layouts
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.sources.layouts import base as layouts_base
+from cars_tl.sources.prepare import prepare_dataset
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_full_disk_during_download_names_the_data_folder_and_the_space(demo, t
     def full(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no filename, as a write() reports it
 
-    monkeypatch.setattr(layouts, "_link_or_copy", full)
+    monkeypatch.setattr(layouts_base, "link_or_copy", full)
     data_dir = tmp_path / "data"
     result = CliRunner().invoke(app, ["download", "--data-dir", str(data_dir), "--source", str(demo.root)])
     assert result.exit_code == 2, result.output
@@ -90,7 +90,7 @@ def test_a_busy_data_folder_suggests_another_data_dir_not_out(tmp_path):
 
 
 def test_a_full_disk_while_streaming_is_not_retried_as_a_network_error(tmp_path, monkeypatch):
-    from cars_tl.sources import download
+    from cars_tl.sources import http
 
     try:
         from tests.http_server import FileServer
@@ -110,8 +110,8 @@ def test_a_full_disk_while_streaming_is_not_retried_as_a_network_error(tmp_path,
         def write(self, chunk):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(download, "open", Full, raising=False)
+    monkeypatch.setattr(http, "open", Full, raising=False)
     with FileServer({"/f.bin": b"x" * 5000}) as server:
         with pytest.raises(OSError) as info:
-            download.download_file(server.url("/f.bin"), tmp_path / "f.bin", retries=5)
+            http.download_file(server.url("/f.bin"), tmp_path / "f.bin", retries=5)
     assert info.value.errno == errno.ENOSPC and len(server.requests) == 1  # one try: the disk, not the network

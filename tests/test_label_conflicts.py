@@ -27,7 +27,7 @@ from cars_tl.cli import app
 from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
 from cars_tl.report import build as report
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.sources.prepare import prepare_dataset
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 

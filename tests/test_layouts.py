@@ -1,4 +1,4 @@
-"""cars_tl.sources.layouts: the Kaggle copy, class folders and Hugging Face parquet shards, built from the real
+"""cars_tl.sources.layouts (one module per layout): the Kaggle copy, class folders and Hugging Face parquet shards, built from the real
 subset in ../shared and from the demo, each compared with the torchvision layout image by image.
 
 The comparison is by content: (SHA-256 of the image bytes) -> (class name, split, box). Images are
@@ -26,9 +26,9 @@ from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
-from cars_tl.sources import classnames
+from cars_tl.sources import classnames, layouts
 from cars_tl.sources.demo import DEMO_CLASSES
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.sources.prepare import prepare_dataset
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 needs_pyarrow = pytest.mark.skipif(not HAS_PYARROW, reason="needs pyarrow (pip install 'cars_tl[parquet]')")
@@ -465,3 +465,14 @@ def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, 
     assert not (tmp_path / "ft").exists()
     with pytest.raises(CarsTLError, match="no test split"):
         extract_features(data_dir, splits=("test",), out=tmp_path / "g.h5", **TINY)
+
+
+def test_every_registered_layout_is_accepted_and_listed_in_the_download_help():
+    import typer.main
+
+    command = typer.main.get_command(app).commands["download"]
+    help_text = next(p.help for p in command.params if p.name == "source")
+    for name, layout in layouts.REGISTRY.items():
+        assert layout.name == name and layout.cli_help in help_text
+        assert f"{name}: {layout.description}" in layouts.ACCEPTED_LAYOUTS
+    assert len(layouts.ACCEPTED_LAYOUTS) == len(layouts.REGISTRY) + 1  # + a single archive holding any of them

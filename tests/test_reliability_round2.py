@@ -142,7 +142,7 @@ def slow(root):
     pathlib.Path(sys.argv[2]).write_text("ready")
     time.sleep(120)
 demo.generate_demo = slow
-from cars_tl.sources.download import prepare_dataset
+from cars_tl.sources.prepare import prepare_dataset
 prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
 """
 
