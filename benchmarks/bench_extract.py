@@ -56,10 +56,12 @@ from _common import (  # noqa: E402
     wait_for_quiet,
 )
 
-from cars_tl import data
 from cars_tl.artifacts import features
 from cars_tl.core import runtime
 from cars_tl.data import loaders, transforms
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import CarsDataset
+from cars_tl.data.images import open_image
 from cars_tl.models import backbones  # noqa: E402
 from cars_tl.stages import extract
 
@@ -132,8 +134,8 @@ def child_extract(data_dir: str, name: str, weights: str, out_dir: str, **kwargs
 
 def child_loader_only(data_dir: str, spec: dict, batch_size: int, workers: int) -> dict:
     """The loader extract-features uses on the CPU (ThreadedLoader), no model: the data ceiling."""
-    manifest = data.load_manifest(Path(data_dir))
-    sets = [data.CarsDataset(manifest, s, transforms.eval_resize_crop(spec), mark_bad=True) for s in SPLITS]
+    manifest = manifests.load_manifest(Path(data_dir))
+    sets = [CarsDataset(manifest, s, transforms.eval_resize_crop(spec), mark_bad=True) for s in SPLITS]
 
     def run():
         n = 0
@@ -153,8 +155,8 @@ def child_dataloader_pipeline(
     processes, per-image ToTensor + Normalize). Loop only, no file writing."""
     body, _ = _warm_body(name, weights, precision, batch_size)
     spec = backbones.build_backbone(name, weights).transform
-    manifest = data.load_manifest(Path(data_dir))
-    sets = [data.CarsDataset(manifest, s, transforms.eval_transform(spec), mark_bad=True) for s in SPLITS]
+    manifest = manifests.load_manifest(Path(data_dir))
+    sets = [CarsDataset(manifest, s, transforms.eval_transform(spec), mark_bad=True) for s in SPLITS]
 
     def run():
         n = 0
@@ -175,18 +177,18 @@ def child_preprocessing(data_dir: str, spec: dict) -> dict:
     from torchvision import transforms as T
 
     torch.set_num_threads(1)
-    manifest = data.load_manifest(Path(data_dir))
+    manifest = manifests.load_manifest(Path(data_dir))
     records = [r for s in SPLITS for r in manifest.split(s)]
     paths = [manifest.root / r.path for r in records]
     for p in paths[:20]:
-        data.open_image(p)
+        open_image(p)
 
     def stage(fn, items):
         c0 = time.process_time()
         out = [fn(x) for x in items]
         return out, 1000 * (time.process_time() - c0) / len(paths)
 
-    decoded, decode_ms = stage(data.open_image, paths)
+    decoded, decode_ms = stage(open_image, paths)
     cropped, crop_ms = stage(transforms.eval_resize_crop(spec), decoded)
     normalize, row = transforms.PixelNormalizer(spec), np.empty((spec["crop"], spec["crop"], 3), np.float32)
     _, norm_ms = stage(lambda im: normalize(np.asarray(im), row), cropped)
@@ -215,7 +217,7 @@ def child_naive(data_dir: str, name: str, weights: str) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    manifest = data.load_manifest(Path(data_dir))
+    manifest = manifests.load_manifest(Path(data_dir))
     bb = backbones.build_backbone(name, weights)
     model = bb.body  # NCHW, fp32
     model.eval()
@@ -229,8 +231,7 @@ def child_naive(data_dir: str, name: str, weights: str) -> dict:
         ]
     )
     loaders = {
-        s: DataLoader(data.CarsDataset(manifest, s, transform), batch_size=32, shuffle=False, num_workers=0)
-        for s in SPLITS
+        s: DataLoader(CarsDataset(manifest, s, transform), batch_size=32, shuffle=False, num_workers=0) for s in SPLITS
     }
     with torch.no_grad():  # warm-up: one batch
         model(next(iter(loaders["train"]))[0])

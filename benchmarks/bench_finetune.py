@@ -39,9 +39,10 @@ from _common import (  # noqa: E402
     save,
 )
 
-from cars_tl import data
 from cars_tl.core import runtime
+from cars_tl.data import manifest as manifests
 from cars_tl.data import transforms
+from cars_tl.data.dataset import CarsDataset
 from cars_tl.data.loaders import default_workers, make_loader  # noqa: E402
 from cars_tl.models import backbones  # noqa: E402
 from cars_tl.stages import finetune, presets
@@ -79,8 +80,8 @@ def child_train(data_dir: str | None, unfreeze: str, precision: str, warmup: int
         warm_batches, timed_batches = [batch] * warmup, [batch] * steps
         source = "in-memory random tensors"
     else:
-        manifest = data.load_manifest(Path(data_dir))
-        train_set = data.CarsDataset(manifest, "train", transforms.train_transform(bb.transform, "none"), mark_bad=True)
+        manifest = manifests.load_manifest(Path(data_dir))
+        train_set = CarsDataset(manifest, "train", transforms.train_transform(bb.transform, "none"), mark_bad=True)
         loader = make_loader(
             train_set, BATCH, default_workers(), "cpu", shuffle=True, generator=torch.Generator().manual_seed(0)
         )

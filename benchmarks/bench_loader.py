@@ -37,11 +37,12 @@ SPEC = {
 
 
 def _pass(data_dir: str, augment: str, output: str, epochs: int = 2) -> dict:
-    from cars_tl import data
     from cars_tl.data import loaders, transforms
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.dataset import CarsDataset
 
-    manifest = data.load_manifest(Path(data_dir))
-    dataset = data.CarsDataset(manifest, "train", transforms.train_transform(SPEC, augment, output), mark_bad=True)
+    manifest = manifests.load_manifest(Path(data_dir))
+    dataset = CarsDataset(manifest, "train", transforms.train_transform(SPEC, augment, output), mark_bad=True)
     loader = loaders.make_loader(
         loaders.SeededAugmentation(dataset, 0), BATCH, WORKERS, "cpu", sampler=loaders.EpochSampler(len(dataset), 0)
     )

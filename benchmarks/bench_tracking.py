@@ -66,13 +66,14 @@ def bench_hook(tmp: Path, rows: list[dict], repeats: int = 20) -> float:
 
 
 def bench_finetune(tmp: Path) -> dict:
-    from cars_tl import data
+    from cars_tl.data import devkit
+    from cars_tl.data import manifest as manifests
     from cars_tl.sources.demo import generate_demo
     from cars_tl.stages.finetune import finetune
 
     root = tmp / "demo"
-    generate_demo(root / data.STANFORD_DIR)
-    data.build_manifest(root)
+    generate_demo(root / devkit.STANFORD_DIR)
+    manifests.build_manifest(root)
     _, metrics = finetune(
         root,
         backbone="resnet18",
@@ -93,7 +94,7 @@ def bench_finetune(tmp: Path) -> dict:
         "epoch_s": epoch_s,
         "on_epoch_s": hook,
         "overhead_pct": round(100 * hook / epoch_s, 3),
-        "demo_train_images": len(data.load_manifest(root).split("train")),
+        "demo_train_images": len(manifests.load_manifest(root).split("train")),
     }
 
 

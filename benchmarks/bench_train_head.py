@@ -35,8 +35,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import banner, best_of, isolated, machine_info, measured, real_subset, save  # noqa: E402
 
-from cars_tl import data
 from cars_tl.data import loaders, transforms
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import CarsDataset
 from cars_tl.models import backbones  # noqa: E402
 from cars_tl.stages import extract
 from cars_tl.stages import train_head as heads
@@ -71,7 +72,7 @@ def child_cached(features_path: str, out_dir: str) -> dict:
 
 def child_image_epoch(data_dir: str, batches: int | None) -> dict:
     """One epoch of the study's approach: images -> frozen fp32 NCHW body -> Linear head, Adam."""
-    manifest = data.load_manifest(Path(data_dir))
+    manifest = manifests.load_manifest(Path(data_dir))
     bb = backbones.build_backbone(BACKBONE, WEIGHTS)
     body = bb.body
     body.eval()
@@ -80,7 +81,7 @@ def child_image_epoch(data_dir: str, batches: int | None) -> dict:
     torch.manual_seed(0)
     head = torch.nn.Linear(bb.num_features, manifest.num_classes)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
-    train_set = data.CarsDataset(manifest, "train", transforms.eval_transform(bb.transform))
+    train_set = CarsDataset(manifest, "train", transforms.eval_transform(bb.transform))
     workers = loaders.default_workers()
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=32, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(0)

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _API = {
-    "load_manifest": ("cars_tl.data", "load_manifest"),
+    "load_manifest": ("cars_tl.data.manifest", "load_manifest"),
     "load_features": ("cars_tl.artifacts.features", "verify"),
     "load_run": ("cars_tl.models.inference", "load_run"),
     "read_metrics": ("cars_tl.artifacts.runs", "read_metrics"),

@@ -186,8 +186,8 @@ def download(
 
     Rerunning on a verified dataset is a fast no-op. Stanford Cars is for non-commercial research only.
     """
-    from cars_tl import data
     from cars_tl.console import console, labelled, progress
+    from cars_tl.data import manifest as manifests
     from cars_tl.sources.prepare import prepare_dataset
     from cars_tl.sources.weights import download_weights
 
@@ -206,7 +206,7 @@ def download(
         label_conflicts=label_conflicts,
         progress=progress(),
     )
-    console.print(f"{action}: {data.summary(manifest)}", highlight=False, soft_wrap=True)
+    console.print(f"{action}: {manifests.summary(manifest)}", highlight=False, soft_wrap=True)
     if verify:
         console.print(labelled(("note", "yellow"), ": " + VERIFY_NOTE), highlight=False, soft_wrap=True)
 

@@ -33,12 +33,13 @@ TINY = dict(backbone="resnet18", weights="random", image_size=64, precision="fp3
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    from cars_tl import data
+    from cars_tl.data import devkit
+    from cars_tl.data import manifest as manifests
     from cars_tl.sources.demo import generate_demo
 
     root = tmp_path_factory.mktemp("demo")
-    generate_demo(root / data.STANFORD_DIR)
-    data.build_manifest(root)
+    generate_demo(root / devkit.STANFORD_DIR)
+    manifests.build_manifest(root)
     return root
 
 

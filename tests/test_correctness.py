@@ -116,16 +116,17 @@ def test_rank_one_is_what_the_svm_predicts_even_when_votes_tie():
 
 
 def test_predict_top1_equals_the_svm_on_real_images(demo_svm_run, demo_dir):
-    from cars_tl import data
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.images import open_image
     from cars_tl.stages.predict import predict
 
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     images = [manifest.root / r.path for r in manifest.split("test")[:24]]
     result = predict(images, run_dirs=[demo_svm_run], top_k=3)
     model = svm.load_model(runs.model_file(demo_svm_run))
     loaded = __import__("cars_tl.models.inference", fromlist=["load_run"]).load_run(demo_svm_run)
     with torch.inference_mode():
-        feats = loaded.body(torch.stack([loaded.transform(data.open_image(p)) for p in images])).double().numpy()
+        feats = loaded.body(torch.stack([loaded.transform(open_image(p)) for p in images])).double().numpy()
     want = model.predict(feats)
     got = [r["predictions"][loaded.name]["top"][0]["label"] for r in result]
     np.testing.assert_array_equal(got, want)
@@ -278,10 +279,11 @@ def test_the_kept_model_must_be_of_the_best_epoch(tmp_path):
 
 
 def test_cuda_loaders_keep_workers_and_pin_memory(demo_dir, monkeypatch):
-    from cars_tl import data
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.dataset import CarsDataset
 
-    manifest = data.load_manifest(demo_dir)
-    dataset = data.CarsDataset(manifest, "train", None)
+    manifest = manifests.load_manifest(demo_dir)
+    dataset = CarsDataset(manifest, "train", None)
     loader = loaders.make_loader(dataset, 8, 3, "cuda")
     assert loader.num_workers == 3 and loader.persistent_workers and loader.pin_memory and loader.prefetch_factor == 4
     monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda _: set(range(16)))
@@ -289,11 +291,12 @@ def test_cuda_loaders_keep_workers_and_pin_memory(demo_dir, monkeypatch):
 
 
 def test_uint8_batches_normalized_on_the_device_equal_the_float_transform(demo_dir):
-    from cars_tl import data
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.images import open_image
 
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     spec = backbones.build_backbone("resnet18", "random", 64).transform
-    image = data.open_image(manifest.root / manifest.split("test")[0].path)
+    image = open_image(manifest.root / manifest.split("test")[0].path)
     as_uint8 = transforms.eval_transform(spec, output="uint8")(image)
     assert as_uint8.dtype == torch.uint8
     on_device = loaders.batch_to_device(as_uint8[None], "cpu", spec)

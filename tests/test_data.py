@@ -10,39 +10,43 @@ import pytest
 from conftest import SHARED_DEVKIT, needs_devkit
 from PIL import Image
 
-from cars_tl import data
+from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import BadImageError, CarsTLError
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import BadItem, CarsDataset, collate_marking_bad, raise_bad
+from cars_tl.data.images import image_size, open_image
 
 
 @needs_devkit
 def test_real_devkit_parses():
-    names = data.read_class_names(SHARED_DEVKIT / "cars_meta.mat")
-    train = data.read_annotations(SHARED_DEVKIT / "cars_train_annos.mat", with_class=True)
-    test = data.read_annotations(SHARED_DEVKIT / "cars_test_annos.mat", with_class=False)
+    names = devkit.read_class_names(SHARED_DEVKIT / "cars_meta.mat")
+    train = devkit.read_annotations(SHARED_DEVKIT / "cars_train_annos.mat", with_class=True)
+    test = devkit.read_annotations(SHARED_DEVKIT / "cars_test_annos.mat", with_class=False)
     assert len(names) == 196 and len(train) == 8144 and len(test) == 8041
     assert train[0] == {"fname": "00001.jpg", "box": (39, 116, 569, 375), "class": 14}
     assert "Ram C/V Cargo Van Minivan 2012" in names  # a slash: names never come from folders
 
 
 def _copy_demo(demo_dir: Path, tmp_path: Path) -> Path:
-    shutil.copytree(demo_dir / data.STANFORD_DIR, tmp_path / data.STANFORD_DIR)
-    for name in (data.MANIFEST_CSV, data.MANIFEST_JSON):
-        (tmp_path / data.STANFORD_DIR / name).unlink()
+    shutil.copytree(demo_dir / devkit.STANFORD_DIR, tmp_path / devkit.STANFORD_DIR)
+    for name in (manifests.MANIFEST_CSV, manifests.MANIFEST_JSON):
+        (tmp_path / devkit.STANFORD_DIR / name).unlink()
     return tmp_path
 
 
 def _rewrite_train(root: Path, edit) -> None:
-    names = data.read_class_names(root / "devkit/cars_meta.mat")
-    train = data.read_annotations(root / "devkit/cars_train_annos.mat", with_class=True)
-    test = data.read_annotations(root / data.TEST_LABELS_NAMES[0], with_class=True)
+    names = devkit.read_class_names(root / "devkit/cars_meta.mat")
+    train = devkit.read_annotations(root / "devkit/cars_train_annos.mat", with_class=True)
+    test = devkit.read_annotations(root / devkit.TEST_LABELS_NAMES[0], with_class=True)
     as_rows = lambda rows: [{"fname": r["fname"], "box": r["box"], "label": r["class"] - 1} for r in rows]  # noqa: E731
     train_rows = as_rows(train)
     edit(train_rows)
-    data.write_devkit(root, names, train_rows, as_rows(test))
+    devkit.write_devkit(root, names, train_rows, as_rows(test))
 
 
 def test_manifest_rows_and_fingerprint(demo_dir):
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     assert manifest.counts() == {"train": 144, "test": 72}
     assert manifest.num_classes == 6 and manifest.classes_present() == 6
     record = manifest.records[0]
@@ -55,16 +59,16 @@ def test_manifest_rows_and_fingerprint(demo_dir):
 
 def test_tampered_manifest_is_refused(demo_dir, tmp_path):
     root = _copy_demo(demo_dir, tmp_path)
-    data.build_manifest(root)
-    csv_path = root / data.STANFORD_DIR / data.MANIFEST_CSV
+    manifests.build_manifest(root)
+    csv_path = root / devkit.STANFORD_DIR / manifests.MANIFEST_CSV
     csv_path.write_text(csv_path.read_text().replace("cars_train/00001.jpg", "cars_train/00002.jpg", 1))
     with pytest.raises(CarsTLError, match="modified"):
-        data.load_manifest(root)
+        manifests.load_manifest(root)
 
 
 def test_validation_reports_every_problem_at_once(demo_dir, tmp_path):
     root = _copy_demo(demo_dir, tmp_path)
-    stanford = root / data.STANFORD_DIR
+    stanford = root / devkit.STANFORD_DIR
 
     def break_rows(rows):
         rows.append(dict(rows[0]))  # duplicate image
@@ -75,7 +79,7 @@ def test_validation_reports_every_problem_at_once(demo_dir, tmp_path):
     _rewrite_train(stanford, break_rows)
     (stanford / "cars_train" / "00005.jpg").unlink()
     with pytest.raises(CarsTLError) as err:
-        data.build_manifest(root)
+        manifests.build_manifest(root)
     message = str(err.value)
     for expected in ("1 missing images", "1 duplicate images", "1 labels out of range", "1 empty boxes", "00005.jpg"):
         assert expected in message
@@ -83,30 +87,30 @@ def test_validation_reports_every_problem_at_once(demo_dir, tmp_path):
 
 def test_overshooting_boxes_are_clipped_and_counted(demo_dir, tmp_path):
     root = _copy_demo(demo_dir, tmp_path)
-    stanford = root / data.STANFORD_DIR
+    stanford = root / devkit.STANFORD_DIR
 
     def overshoot(rows):
         rows[0]["box"] = (1, 1, 10_000, 10_000)
 
     _rewrite_train(stanford, overshoot)
-    manifest = data.build_manifest(root)
+    manifest = manifests.build_manifest(root)
     first = manifest.split("train")[0]
     assert manifest.clipped_boxes == 1
     assert first.box == (1, 1, first.width, first.height)
 
 
 def test_missing_devkit_names_the_files(tmp_path):
-    (tmp_path / data.STANFORD_DIR).mkdir()
+    (tmp_path / devkit.STANFORD_DIR).mkdir()
     with pytest.raises(CarsTLError, match="cars_meta.mat") as err:
-        data.build_manifest(tmp_path)
+        manifests.build_manifest(tmp_path)
     assert "cars-tl download" in err.value.hint
 
 
 def test_unreadable_mat_is_reported(demo_dir, tmp_path):
     root = _copy_demo(demo_dir, tmp_path)
-    (root / data.STANFORD_DIR / "devkit/cars_meta.mat").write_bytes(b"not a mat file")
+    (root / devkit.STANFORD_DIR / "devkit/cars_meta.mat").write_bytes(b"not a mat file")
     with pytest.raises(CarsTLError, match="unreadable .mat"):
-        data.build_manifest(root)
+        manifests.build_manifest(root)
 
 
 # --------------------------------------------------------------------------- image modes
@@ -123,14 +127,14 @@ def _colour_image() -> Image.Image:
 def test_every_mode_becomes_rgb(mode, tmp_path):
     path = tmp_path / f"img-{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
     _colour_image().convert(mode).save(path)
-    image = data.open_image(path)
+    image = open_image(path)
     assert image.mode == "RGB" and image.size == (60, 40)
 
 
 def test_transparent_pixels_become_white(tmp_path):
     rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
     rgba.save(tmp_path / "clear.png")
-    assert data.open_image(tmp_path / "clear.png").getpixel((5, 5)) == (255, 255, 255)
+    assert open_image(tmp_path / "clear.png").getpixel((5, 5)) == (255, 255, 255)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -138,9 +142,9 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
     image.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    opened = data.open_image(tmp_path / "rotated.jpg")
+    opened = open_image(tmp_path / "rotated.jpg")
     assert opened.size == (40, 60)
-    assert data.image_size(tmp_path / "rotated.jpg") == (40, 60)
+    assert image_size(tmp_path / "rotated.jpg") == (40, 60)
     red, green, blue = opened.getpixel((20, 5))
     assert red > 200 and blue < 60  # the left (red) half is now on top
 
@@ -153,10 +157,10 @@ def test_truncated_and_empty_files_raise_naming_the_file(tmp_path):
     (tmp_path / "text.jpg").write_text("hello")
     for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
         with pytest.raises(BadImageError) as err:
-            data.open_image(tmp_path / name)
+            open_image(tmp_path / name)
         assert name in str(err.value)
     with pytest.raises(BadImageError, match="0 bytes"):
-        data.open_image(tmp_path / "empty.jpg")
+        open_image(tmp_path / "empty.jpg")
 
 
 def test_decompression_bomb_limit_stays_on():
@@ -169,21 +173,21 @@ def test_decompression_bomb_limit_stays_on():
 def test_dataset_yields_tensor_label_position(demo_dir):
     from cars_tl.data.transforms import eval_transform
 
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     spec = {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
-    dataset = data.CarsDataset(manifest, "test", eval_transform(spec))
+    dataset = CarsDataset(manifest, "test", eval_transform(spec))
     image, label, position = dataset[3]
     assert tuple(image.shape) == (3, 32, 32)
     assert label == manifest.split("test")[3].label and position == 3
 
 
 def test_box_crop_with_margin(demo_dir):
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     record = manifest.split("train")[0]
     x1, y1, x2, y2 = record.box
-    tight = data.CarsDataset(manifest, "train", crop="box").load(0)
+    tight = CarsDataset(manifest, "train", crop="box").load(0)
     assert tight.size == (x2 - x1 + 1, y2 - y1 + 1)
-    wide = data.CarsDataset(manifest, "train", crop="box", margin=0.1).load(0)
+    wide = CarsDataset(manifest, "train", crop="box", margin=0.1).load(0)
     assert wide.size[0] > tight.size[0] and wide.size[0] <= record.width
 
 
@@ -191,19 +195,19 @@ def test_mark_bad_hands_unreadable_images_to_the_caller(demo_dir, tmp_path):
     import torch
 
     root = _copy_demo(demo_dir, tmp_path)
-    manifest = data.build_manifest(root)
+    manifest = manifests.build_manifest(root)
     victim = manifest.root / manifest.split("train")[1].path
     victim.write_bytes(victim.read_bytes()[:200])
     transform = lambda im: torch.zeros(3, 8, 8)  # noqa: E731
-    strict = data.CarsDataset(manifest, "train", transform)
+    strict = CarsDataset(manifest, "train", transform)
     with pytest.raises(BadImageError, match="00002.jpg|cars_train"):
         strict[1]
-    marking = data.CarsDataset(manifest, "train", transform, mark_bad=True)
-    assert isinstance(marking[1], data.BadItem) and marking[1].path.endswith(manifest.split("train")[1].path)
-    images, labels, positions, bad = data.collate_marking_bad([marking[i] for i in range(4)])
+    marking = CarsDataset(manifest, "train", transform, mark_bad=True)
+    assert isinstance(marking[1], BadItem) and marking[1].path.endswith(manifest.split("train")[1].path)
+    images, labels, positions, bad = collate_marking_bad([marking[i] for i in range(4)])
     assert positions.tolist() == [0, 2, 3] and images.shape[0] == 3 and [b.position for b in bad] == [1]
     with pytest.raises(BadImageError):
-        data.raise_bad(bad)
+        raise_bad(bad)
 
 
 # --------------------------------------------------------------------------- the manifest checks the data
@@ -214,14 +218,14 @@ def _recompute_fingerprint(root: Path) -> None:
     import hashlib
     import json
 
-    stanford = root / data.STANFORD_DIR
-    meta = json.loads((stanford / data.MANIFEST_JSON).read_text())
-    meta["fingerprint"] = hashlib.sha256((stanford / data.MANIFEST_CSV).read_bytes()).hexdigest()
-    (stanford / data.MANIFEST_JSON).write_text(json.dumps(meta))
+    stanford = root / devkit.STANFORD_DIR
+    meta = json.loads((stanford / manifests.MANIFEST_JSON).read_text())
+    meta["fingerprint"] = hashlib.sha256((stanford / manifests.MANIFEST_CSV).read_bytes()).hexdigest()
+    (stanford / manifests.MANIFEST_JSON).write_text(json.dumps(meta))
 
 
 def _edit_csv(root: Path, edit) -> None:
-    csv_path = root / data.STANFORD_DIR / data.MANIFEST_CSV
+    csv_path = root / devkit.STANFORD_DIR / manifests.MANIFEST_CSV
     lines = csv_path.read_text().splitlines(keepends=True)
     csv_path.write_text("".join(edit(lines)))
     _recompute_fingerprint(root)
@@ -246,35 +250,35 @@ def _set_label(line: str, label: int) -> str:
 )
 def test_hand_edits_with_a_recomputed_fingerprint_fail_against_the_devkit(edit, demo_dir, tmp_path):
     root = _copy_demo(demo_dir, tmp_path)
-    data.build_manifest(root)
+    manifests.build_manifest(root)
     _edit_csv(root, edit)
     with pytest.raises(CarsTLError, match="disagrees with the devkit annotations"):
-        data.load_manifest(root)
-    assert not data.manifest_is_current(root)
+        manifests.load_manifest(root)
+    assert not manifests.manifest_is_current(root)
 
 
 def test_a_replaced_image_is_caught_by_size_or_mtime(demo_dir, tmp_path):
     import os
 
     root = _copy_demo(demo_dir, tmp_path)
-    manifest = data.build_manifest(root)
+    manifest = manifests.build_manifest(root)
     first, second = manifest.records[0], manifest.records[1]
     # Another image under the same name: a new size.
-    target = root / data.STANFORD_DIR / first.path
+    target = root / devkit.STANFORD_DIR / first.path
     target.write_bytes(target.read_bytes() + b"\0" * 16)
     with pytest.raises(CarsTLError, match="changed since the manifest was written") as info:
-        data.load_manifest(root)
+        manifests.load_manifest(root)
     assert first.path in info.value.message and "--verify" in info.value.hint
-    data.build_manifest(root)
+    manifests.build_manifest(root)
     # The same size, other bytes (mtime moves with any write).
-    target = root / data.STANFORD_DIR / second.path
+    target = root / devkit.STANFORD_DIR / second.path
     blob = bytearray(target.read_bytes())
     blob[-10] ^= 0xFF
     stat = target.stat()
     target.write_bytes(bytes(blob))
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     with pytest.raises(CarsTLError, match="modified after the manifest") as info:
-        data.load_manifest(root)
+        manifests.load_manifest(root)
     assert second.path in info.value.message
 
 
@@ -286,10 +290,10 @@ def test_verify_rehashes_and_the_fingerprint_follows_the_pixels(tmp_path):
     blob = bytearray(target.read_bytes())
     blob[-10] ^= 0xFF  # same size, other pixels
     target.write_bytes(bytes(blob))
-    assert not data.manifest_is_current(tmp_path)
+    assert not manifests.manifest_is_current(tmp_path)
     rebuilt, action = prepare_dataset(tmp_path, "demo", verify=True)
     assert action == "verified" and rebuilt.fingerprint != manifest.fingerprint
-    assert rebuilt.records[3].sha256 == data.file_sha256(target)
+    assert rebuilt.records[3].sha256 == file_sha256(target)
     again, action = prepare_dataset(tmp_path, "demo", verify=True)
     assert action == "verified" and again.fingerprint == rebuilt.fingerprint
     assert prepare_dataset(tmp_path, "demo")[1] == "already verified"
@@ -299,10 +303,10 @@ def test_modified_manifest_hint_reruns_the_recorded_origin(tmp_path):
     from cars_tl.sources.prepare import prepare_dataset
 
     manifest, _ = prepare_dataset(tmp_path, "demo")
-    csv_path = manifest.root / data.MANIFEST_CSV
+    csv_path = manifest.root / manifests.MANIFEST_CSV
     csv_path.write_text(csv_path.read_text().replace(",", ";", 1))
     with pytest.raises(CarsTLError, match="modified") as info:
-        data.load_manifest(tmp_path)
+        manifests.load_manifest(tmp_path)
     assert f"cars-tl download --data-dir {tmp_path} --source demo" in info.value.hint
 
 
@@ -311,7 +315,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     Image.fromarray(gradient).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
     with Image.open(tmp_path / "g16.png") as raw:
         assert raw.mode.startswith("I")
-    rgb = np.asarray(data.open_image(tmp_path / "g16.png"))
+    rgb = np.asarray(open_image(tmp_path / "g16.png"))
     assert rgb.shape == (8, 256, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     expected = np.round(gradient / 257).astype(np.uint8)
     assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1

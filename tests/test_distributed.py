@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import TINY
 
-from cars_tl import data
 from cars_tl.artifacts import features, runs
 from cars_tl.core import distributed
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import Progress, Task
 from cars_tl.data import loaders
+from cars_tl.data import manifest as manifests
 from cars_tl.data.loaders import EpochSampler
 from cars_tl.models import backbones
 from cars_tl.stages import finetune as ft
@@ -225,7 +225,7 @@ def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
     shutil.copytree(demo_dir, bad)
     last = sorted((bad / "stanford_cars" / "cars_train").iterdir())[-1]  # in rank 1's shard
     last.write_bytes(last.read_bytes()[:-600])  # the header reads, the pixels do not
-    data.build_manifest(
+    manifests.build_manifest(
         bad
     )  # the manifest accepts it (a changed file is refused at load): only decoding finds the damage
     out = tmp_path / "f.h5"
@@ -337,7 +337,7 @@ def test_a_failing_rank_fails_the_finetune_job(demo_dir, tmp_path):
     shutil.copytree(demo_dir, bad)
     image = sorted((bad / "stanford_cars" / "cars_train").iterdir())[5]
     image.write_bytes(image.read_bytes()[:-600])  # the header reads, the pixels do not
-    data.build_manifest(bad)  # so that only decoding, on one rank, finds the damage
+    manifests.build_manifest(bad)  # so that only decoding, on one rank, finds the damage
     out = tmp_path / "run"
     args = [
         "finetune",

@@ -21,9 +21,11 @@ import pytest
 import scipy.io
 from typer.testing import CliRunner
 
-from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import CarsDataset
 from cars_tl.sources import http, prepare
 from cars_tl.sources.archives import safe_extract
 from cars_tl.sources.demo import DEMO_CLASSES
@@ -73,16 +75,16 @@ def demo(tmp_path_factory):
 
 def _all_in_one(root: Path, out: Path, *, pack: bool) -> Path:
     """car_ims/ (or car_ims.tgz) + cars_annos.mat with train and test interleaved, as the original."""
-    train = data.read_annotations(root / data.DEVKIT_FILES["train"], with_class=True)
-    test = data.read_annotations(root / data.TEST_LABELS_NAMES[0], with_class=True)
-    entries = [(split, row) for pair in zip(train, test) for split, row in zip(data.SPLITS, pair)]
+    train = devkit.read_annotations(root / devkit.DEVKIT_FILES["train"], with_class=True)
+    test = devkit.read_annotations(root / devkit.TEST_LABELS_NAMES[0], with_class=True)
+    entries = [(split, row) for pair in zip(train, test) for split, row in zip(devkit.SPLITS, pair)]
     entries += [("train", row) for row in train[len(test) :]]
     fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
     annotations = np.zeros((1, len(entries)), dtype=[(f, "O") for f in fields])
     (out / "car_ims").mkdir(parents=True)
     for n, (split, row) in enumerate(entries, start=1):
         rel = f"car_ims/{n:06d}.jpg"
-        shutil.copyfile(root / data.IMAGE_DIRS[split] / row["fname"], out / rel)
+        shutil.copyfile(root / devkit.IMAGE_DIRS[split] / row["fname"], out / rel)
         numbers = [*row["box"], row["class"], int(split == "test")]
         annotations[0, n - 1] = (np.array([rel]), *[np.array([[v]], dtype=np.uint16) for v in numbers])
     names = np.empty((1, len(DEMO_CLASSES)), dtype=object)
@@ -130,7 +132,7 @@ def sources(demo, tmp_path_factory):
     }
 
 
-def assert_demo_dataset(manifest: data.Manifest, demo) -> None:
+def assert_demo_dataset(manifest: manifests.Manifest, demo) -> None:
     assert manifest.counts() == COUNTS
     assert manifest.class_names == list(DEMO_CLASSES)
     # Same images, boxes and labels in the same order: the very same manifest as the generated one.
@@ -179,7 +181,7 @@ def test_cli_imports_a_path(layout, sources, demo, tmp_path):
     result = CliRunner().invoke(app, ["download", "--source", str(sources[layout]), "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "imported" in result.output and "train 144, test 72" in result.output
-    assert_demo_dataset(data.load_manifest(tmp_path), demo)
+    assert_demo_dataset(manifests.load_manifest(tmp_path), demo)
 
 
 def test_unrecognised_layout_lists_what_was_found(tmp_path):
@@ -253,11 +255,11 @@ def test_real_mini_dataset_through_the_cli(tmp_path):
     before = listing(SHARED_MINI)
     result = CliRunner().invoke(app, ["download", "--source", str(SHARED_MINI), "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    manifest = data.load_manifest(tmp_path)
+    manifest = manifests.load_manifest(tmp_path)
     assert manifest.counts() == {"train": 422, "test": 415}
     assert manifest.classes_present() == 20 and manifest.num_classes == 196
-    for split in data.SPLITS:
-        dataset = data.CarsDataset(manifest, split)
+    for split in devkit.SPLITS:
+        dataset = CarsDataset(manifest, split)
         for i in range(len(dataset)):
             image = dataset.load(i)
             assert image.mode == "RGB" and image.size == (
@@ -299,7 +301,7 @@ def test_url_source_end_to_end_through_the_cli(sources, demo, tmp_path):
         )
     assert result.exit_code == 0, result.output
     assert "downloaded" in result.output
-    assert_demo_dataset(data.load_manifest(tmp_path / "data"), demo)
+    assert_demo_dataset(manifests.load_manifest(tmp_path / "data"), demo)
     assert_only_dataset(tmp_path / "data")  # the archives are gone once the dataset is in place
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TINY
 
-from cars_tl import data
 from cars_tl.artifacts import features, names
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import manifest as manifests
 from cars_tl.data import transforms
+from cars_tl.data.images import open_image
 from cars_tl.models import backbones, feature_views, inference
 from cars_tl.stages import extract, presets
 
@@ -26,9 +27,9 @@ def _extract(demo_dir, out, **options):
 
 
 def _tensors(demo_dir, cache, spec, rows):
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     transform = transforms.eval_transform(spec)
-    return torch.stack([transform(data.open_image(manifest.root / cache.split("test").paths[i])) for i in rows])
+    return torch.stack([transform(open_image(manifest.root / cache.split("test").paths[i])) for i in rows])
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +123,11 @@ def test_prediction_reproduces_the_cached_row_of_a_flip_multi_stage_cache(demo_d
     head_dir, _ = train_head(both_cache.path, out=tmp_path / "head")
     svm_dir, _ = fit_svm(both_cache.path, kernel="linear", out=tmp_path / "svm")
     cache = features.load(both_cache.path, ("test",)).split("test")
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     for run_dir in (head_dir, svm_dir):
         run = inference.load_run(run_dir)
         assert run.spec["features"]["tta"] == "flip"
-        images = [data.open_image(manifest.root / cache.paths[i]) for i in (0, 1)]
+        images = [open_image(manifest.root / cache.paths[i]) for i in (0, 1)]
         rows = run.embed(torch.stack([run.tensor(im) for im in images])).numpy()
         np.testing.assert_allclose(rows, cache.features[:2], rtol=1e-4, atol=1e-5)
     [result] = predict([manifest.root / cache.paths[0]], run_dirs=[head_dir], top_k=1)
@@ -202,9 +203,9 @@ def test_finetune_tta_flip_is_recorded_and_predict_averages_alike(demo_dir, demo
     assert metrics["config"]["tta"] == "flip"
     assert metrics["backbone"]["transform"]["features"] == {"tta": "flip"}
     run = load_run(run_dir)
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     record = manifest.split("test")[0]
-    x = run.tensor(data.open_image(manifest.root / record.path))[None]
+    x = run.tensor(open_image(manifest.root / record.path))[None]
     with torch.inference_mode():
         body = run.body.eval()
         logits = lambda t: torch.nn.functional.linear(body(t), *_head(run_dir))

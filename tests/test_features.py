@@ -185,13 +185,14 @@ def test_killed_extraction_resumes_to_identical_arrays(demo_dir, demo_features, 
 def test_skip_bad_lists_the_skipped_images(demo_dir, tmp_path):
     import shutil
 
-    from cars_tl import data
+    from cars_tl.data import devkit
+    from cars_tl.data import manifest as manifests
 
-    shutil.copytree(demo_dir / data.STANFORD_DIR, tmp_path / data.STANFORD_DIR)
-    manifest = data.load_manifest(tmp_path)
+    shutil.copytree(demo_dir / devkit.STANFORD_DIR, tmp_path / devkit.STANFORD_DIR)
+    manifest = manifests.load_manifest(tmp_path)
     victim = manifest.root / manifest.split("test")[4].path
     victim.write_bytes(victim.read_bytes()[:-600])  # the header reads, the pixels do not
-    manifest = data.build_manifest(tmp_path)  # download accepts it: only decoding finds the damage
+    manifest = manifests.build_manifest(tmp_path)  # download accepts it: only decoding finds the damage
     for workers in (0, 2):  # the error names the file, also when a worker process hit it
         with pytest.raises(CarsTLError, match="truncated") as err:
             extract_features(
@@ -221,12 +222,13 @@ def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, 
     """Folded BatchNorm, threaded loading and channels_last change nothing but fp32 rounding."""
     import torch
 
-    from cars_tl import data
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.dataset import CarsDataset
     from cars_tl.models import backbones
 
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], TINY["image_size"])
-    manifest = data.load_manifest(demo_dir)
-    dataset = data.CarsDataset(manifest, "test", transforms.eval_transform(bb.transform))
+    manifest = manifests.load_manifest(demo_dir)
+    dataset = CarsDataset(manifest, "test", transforms.eval_transform(bb.transform))
     positions = [0, 17, 71]
     with torch.inference_mode():
         want = bb.body(torch.stack([dataset[p][0] for p in positions])).numpy()

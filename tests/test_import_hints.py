@@ -16,10 +16,10 @@ import pytest
 from test_layouts import class_folders
 from typer.testing import CliRunner
 
-from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import devkit
 from cars_tl.sources.layouts import base as layouts_base
 from cars_tl.sources.prepare import prepare_dataset
 
@@ -83,7 +83,7 @@ def test_a_full_disk_during_download_names_the_data_folder_and_the_space(demo, t
 
 
 def test_a_busy_data_folder_suggests_another_data_dir_not_out(tmp_path):
-    with locks.writer_lock(data.stanford_root(tmp_path), "download"):
+    with locks.writer_lock(devkit.stanford_root(tmp_path), "download"):
         with pytest.raises(locks.LockedError) as info:
             prepare_dataset(tmp_path, "demo")
     assert "--data-dir" in info.value.hint and "--out" not in info.value.hint

@@ -22,10 +22,11 @@ from test_download import _all_in_one, tar_folder
 from test_layouts import class_folders, kaggle_copy, parquet_shards
 from typer.testing import CliRunner
 
-from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
 from cars_tl.report import build as report
 from cars_tl.sources.prepare import prepare_dataset
 
@@ -38,7 +39,7 @@ def noisy(tmp_path_factory):
     base = tmp_path_factory.mktemp("noisy")
     ref, _ = prepare_dataset(base / "demo", "demo")
     root = base / "src" / "stanford_cars"
-    shutil.copytree(ref.root, root, ignore=shutil.ignore_patterns("manifest.*", data.ORIGIN_FILE))
+    shutil.copytree(ref.root, root, ignore=shutil.ignore_patterns("manifest.*", manifests.ORIGIN_FILE))
     train, test = ref.split("train"), ref.split("test")
     a = train[0]
     b = next(r for r in train if r.label != a.label)
@@ -70,7 +71,7 @@ def expected_rows(noisy, policy: str) -> list[tuple]:
     return [r for r in noisy["rows"] if policy == "keep" or r[4] not in noisy["noisy"]]
 
 
-def by_content(manifest: data.Manifest) -> collections.Counter:
+def by_content(manifest: manifests.Manifest) -> collections.Counter:
     """(split, class name, sha256) of every row: layouts renumber images, the content stays."""
     return collections.Counter((r.split, r.class_name, file_sha256(manifest.root / r.path)) for r in manifest.records)
 
@@ -134,7 +135,7 @@ def test_every_layout_keeps_or_drops_identical_images_with_different_labels(layo
         assert [(r.index, r.split, r.path, r.label, r.class_name, r.sha256) for r in manifest.records] == [
             (i, *row) for i, row in enumerate(want)
         ]
-    meta = json.loads((manifest.root / data.MANIFEST_JSON).read_text())
+    meta = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())
     conflicts = meta["label_conflicts"]
     assert (
         conflicts["policy"],
@@ -152,11 +153,11 @@ def test_every_layout_keeps_or_drops_identical_images_with_different_labels(layo
     if policy == "drop":
         assert manifest.origin["label_conflicts"] == "drop" and manifest.origin["label_conflicts_dropped"] == 4
         assert conflicts["dropped"] == 4 and manifest.counts() == {"train": 141, "test": 71}
-        assert "--label-conflicts drop" in data.download_command(tmp_path / "data", manifest.origin)
+        assert "--label-conflicts drop" in manifests.download_command(tmp_path / "data", manifest.origin)
     else:
         assert "label_conflicts" not in manifest.origin and conflicts["dropped"] == 0
         assert manifest.counts() == {"train": 144, "test": 72}
-    data.load_manifest(tmp_path / "data")  # what every stage does: the dropped rows are not "missing"
+    manifests.load_manifest(tmp_path / "data")  # what every stage does: the dropped rows are not "missing"
 
 
 def test_drop_changes_the_fingerprint_and_switching_policy_rebuilds(noisy, tmp_path):
@@ -178,9 +179,9 @@ def test_data_without_conflicts_keeps_its_fingerprint_under_either_policy(noisy,
     for policy in ("keep", "drop"):
         manifest, _ = prepare_dataset(tmp_path / policy, str(demo.root.parent), label_conflicts=policy)
         assert manifest.fingerprint == demo.fingerprint
-        meta = json.loads((manifest.root / data.MANIFEST_JSON).read_text())
+        meta = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())
         assert meta["label_conflicts"]["groups"] == 0 and meta["label_conflicts"]["list"] == []
-        assert "identical images with different labels" not in data.summary(manifest)
+        assert "identical images with different labels" not in manifests.summary(manifest)
 
 
 def test_a_bad_policy_is_refused_with_the_choices(tmp_path):
@@ -222,17 +223,17 @@ def test_real_errors_stay_errors_beside_label_conflicts(noisy, tmp_path):
             prepare_dataset(tmp_path / f"data-{policy}", str(source.parent), label_conflicts=policy)
         assert "identical images" not in info.value.message
     shutil.copyfile(noisy["root"] / victim[1], source / victim[1])
-    names = data.read_class_names(source / data.DEVKIT_FILES["meta"])
+    names = devkit.read_class_names(source / devkit.DEVKIT_FILES["meta"])
     train = [
         dict(row, label=row["class"] - 1)
-        for row in data.read_annotations(source / data.DEVKIT_FILES["train"], with_class=True)
+        for row in devkit.read_annotations(source / devkit.DEVKIT_FILES["train"], with_class=True)
     ]
     test = [
         dict(row, label=row["class"] - 1)
-        for row in data.read_annotations(source / data.TEST_LABELS_NAMES[0], with_class=True)
+        for row in devkit.read_annotations(source / devkit.TEST_LABELS_NAMES[0], with_class=True)
     ]
     train[5]["label"] = len(names)  # class len+1: out of range
-    data.write_devkit(source, names, train, test)
+    devkit.write_devkit(source, names, train, test)
     with pytest.raises(CarsTLError, match="1 labels out of range"):
         prepare_dataset(tmp_path / "data-range", str(source.parent), label_conflicts="drop")
 
@@ -241,12 +242,12 @@ def test_the_report_lists_the_label_noise_of_the_runs_dataset(noisy, tmp_path):
     from test_report import _toy_run
 
     manifest, _ = prepare_dataset(tmp_path / "data", str(noisy["root"].parent))
-    conflicts = json.loads((manifest.root / data.MANIFEST_JSON).read_text())["label_conflicts"]
+    conflicts = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())["label_conflicts"]
     artifacts = tmp_path / "artifacts"
     _toy_run(artifacts, "B-s0", test_acc=50.0)  # its dataset fingerprint is "cd" * 32
     shown = tmp_path / "shown" / "stanford_cars"
     shown.mkdir(parents=True)
-    (shown / data.MANIFEST_JSON).write_text(json.dumps({"fingerprint": "cd" * 32, "label_conflicts": conflicts}))
+    (shown / manifests.MANIFEST_JSON).write_text(json.dumps({"fingerprint": "cd" * 32, "label_conflicts": conflicts}))
     result = report.build_report(artifacts, data_dir=shown.parent)
     md = Path(result["files"]["md"]).read_text()
     html = Path(result["files"]["html"]).read_text()

@@ -22,10 +22,12 @@ import scipy.io
 from conftest import SHARED_DEVKIT, SHARED_MINI, needs_devkit, needs_mini
 from typer.testing import CliRunner
 
-from cars_tl import data
 from cars_tl.cli import app
 from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import CarsDataset
 from cars_tl.sources import classnames, layouts
 from cars_tl.sources.demo import DEMO_CLASSES
 from cars_tl.sources.prepare import prepare_dataset
@@ -35,7 +37,7 @@ needs_pyarrow = pytest.mark.skipif(not HAS_PYARROW, reason="needs pyarrow (pip i
 RAM = "Ram C/V Cargo Van Minivan 2012"
 
 
-def content(manifest: data.Manifest, boxes: bool = True) -> dict[str, tuple]:
+def content(manifest: manifests.Manifest, boxes: bool = True) -> dict[str, tuple]:
     """sha256 of the bytes -> (class name, split[, box]), from the files themselves."""
     out = {}
     for r in manifest.records:
@@ -98,7 +100,7 @@ def occupied(tmp_path, demo_ref):
 
 @needs_devkit
 def test_packaged_class_names_equal_the_real_devkit():
-    assert list(classnames.canonical_names()) == data.read_class_names(SHARED_DEVKIT / "cars_meta.mat")
+    assert list(classnames.canonical_names()) == devkit.read_class_names(SHARED_DEVKIT / "cars_meta.mat")
 
 
 def test_canonical_names_normalise_apart_and_mangled_slashes_match():
@@ -172,7 +174,7 @@ def test_kaggle_copy_with_test_labels_equals_the_torchvision_layout(tmp_path, mi
     assert action == "imported" and manifest.origin["layout"] == "kaggle" and manifest.has_boxes
     assert content(manifest) == content(mini_ref)
     assert manifest.fingerprint == mini_ref.fingerprint  # same files, names and rows
-    meta = json.loads((manifest.root / data.MANIFEST_JSON).read_text())
+    meta = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())
     assert meta["origin"]["layout"] == "kaggle" and meta["origin"]["test_labels"] == str(labels.resolve())
 
 
@@ -196,7 +198,7 @@ def test_kaggle_train_split_alone(tmp_path, mini_ref):
         manifest.split("test")
     assert "--splits train" in info.value.message and "--test-labels" in info.value.hint
     assert not (manifest.root / "cars_test").exists()
-    reloaded = data.load_manifest(tmp_path / "data")
+    reloaded = manifests.load_manifest(tmp_path / "data")
     assert reloaded.splits == ("train",)
 
 
@@ -216,12 +218,12 @@ def test_cli_prints_the_recognised_layout(tmp_path):
 
 
 def class_folders(
-    manifest: data.Manifest, out: Path, *, rename: dict[str, str] | None = None, with_csv: bool = False
+    manifest: manifests.Manifest, out: Path, *, rename: dict[str, str] | None = None, with_csv: bool = False
 ) -> Path:
     """train/<class>/ test/<class>/ below car_data/car_data/, CSVs and names.csv at the top."""
     images = out / "car_data" / "car_data"
     canonical = list(classnames.canonical_names())
-    rows = {s: [] for s in data.SPLITS}
+    rows = {s: [] for s in devkit.SPLITS}
     for r in manifest.records:
         folder = (rename or {}).get(r.class_name, r.class_name).replace("/", "-")
         target = images / r.split / folder / Path(r.path).name
@@ -254,12 +256,12 @@ def test_class_folders_without_boxes_from_the_demo(ram_folder, tmp_path, demo_re
     assert not manifest.has_boxes and manifest.origin["layout"] == "class folders"
     assert content(manifest, boxes=False) == content(demo_ref, boxes=False)
     assert all(r.box == (1, 1, r.width, r.height) for r in manifest.records)
-    meta = json.loads((manifest.root / data.MANIFEST_JSON).read_text())
+    meta = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())
     assert meta["boxes"] is False
     with pytest.raises(CarsTLError, match="--crop box needs bounding boxes") as info:
-        data.CarsDataset(manifest, "train", crop="box")
+        CarsDataset(manifest, "train", crop="box")
     assert "--crop full" in info.value.hint
-    assert len(data.CarsDataset(manifest, "train", crop="full")) == 144
+    assert len(CarsDataset(manifest, "train", crop="full")) == 144
 
 
 def test_unknown_class_folder_is_an_error_and_changes_nothing(tmp_path, demo_ref, occupied):
@@ -305,15 +307,15 @@ def test_duplicates_across_splits_are_counted_and_label_conflicts_listed(tmp_pat
     class_dir = train_dir / train_image.class_name.replace("/", "-")
     shutil.copyfile(demo_ref.root / train_image.path, class_dir / "again.jpg")  # same bytes, same label: allowed
     manifest, _ = prepare_dataset(tmp_path / "leaky", str(source))
-    meta = json.loads((manifest.root / data.MANIFEST_JSON).read_text())
+    meta = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())
     assert meta["duplicates"]["across_splits"] == 1 and len(meta["duplicates"]["across_splits_examples"]) == 1
     assert meta["duplicates"]["within_splits_same_label"] == 1
-    assert "1 test images identical to train images" in data.summary(manifest)
+    assert "1 test images identical to train images" in manifests.summary(manifest)
     # The same bytes twice in train with the same label: allowed; with another label: listed (label noise), not an error.
     other = next(n for n in DEMO_CLASSES if n != test_image.class_name).replace("/", "-")
     shutil.copyfile(demo_ref.root / test_image.path, train_dir / other / "leak2.jpg")
     manifest, _ = prepare_dataset(tmp_path / "noisy", str(source))
-    conflicts = json.loads((manifest.root / data.MANIFEST_JSON).read_text())["label_conflicts"]
+    conflicts = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())["label_conflicts"]
     assert conflicts["groups"] == 1 and conflicts["within_split"] == 1 and conflicts["across_splits"] == 1
     sources = [i["source"] for i in conflicts["list"][0]["images"]]
     assert any(s.endswith("leak.jpg") for s in sources) and any(
@@ -349,7 +351,9 @@ def test_a_decompression_bomb_is_a_clean_error(layout, tmp_path, demo_ref, occup
 # --------------------------------------------------------------------------- parquet
 
 
-def parquet_shards(manifest: data.Manifest, out: Path, *, names_in: str = "metadata", drop_label: bool = False) -> Path:
+def parquet_shards(
+    manifest: manifests.Manifest, out: Path, *, names_in: str = "metadata", drop_label: bool = False
+) -> Path:
     """Hugging Face shards: data/train-0000N-of-00002.parquet, data/test-00000-of-00001.parquet.
 
     Labels index a shuffled name list (not the canonical order), as a card may well do.

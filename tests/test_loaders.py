@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from cars_tl import data
 from cars_tl.core.errors import CarsTLError
-from cars_tl.data import loaders, transforms
+from cars_tl.data import devkit, loaders, transforms
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import CarsDataset
 
 SPEC = {
     "resize": 40,
@@ -24,15 +25,15 @@ SPEC = {
 
 
 def _reference(manifest, positions, batch_size):
-    dataset = data.CarsDataset(manifest, "test", transforms.eval_transform(SPEC), mark_bad=True)
+    dataset = CarsDataset(manifest, "test", transforms.eval_transform(SPEC), mark_bad=True)
     return list(loaders.make_loader(Subset(dataset, positions), batch_size, 0, "cpu"))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_threaded_batches_equal_the_dataloader_batches(demo_dir, workers):
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     positions = range(5, 72)  # an offset (a resumed split) and a short last batch
-    dataset = data.CarsDataset(manifest, "test", transforms.eval_resize_crop(SPEC), mark_bad=True)
+    dataset = CarsDataset(manifest, "test", transforms.eval_resize_crop(SPEC), mark_bad=True)
     threaded = loaders.ThreadedLoader(dataset, positions, 16, workers, SPEC)
     got, want = list(threaded), _reference(manifest, positions, 16)
     assert len(got) == len(want) == len(threaded) == 5
@@ -43,10 +44,10 @@ def test_threaded_batches_equal_the_dataloader_batches(demo_dir, workers):
 
 
 def test_threaded_loader_marks_an_unreadable_image_and_keeps_the_others(demo_dir, tmp_path):
-    shutil.copytree(demo_dir / data.STANFORD_DIR, tmp_path / data.STANFORD_DIR)
-    manifest = data.load_manifest(tmp_path)
+    shutil.copytree(demo_dir / devkit.STANFORD_DIR, tmp_path / devkit.STANFORD_DIR)
+    manifest = manifests.load_manifest(tmp_path)
     (manifest.root / manifest.split("test")[6].path).write_bytes(b"not a jpeg")
-    dataset = data.CarsDataset(manifest, "test", transforms.eval_resize_crop(SPEC), mark_bad=True)
+    dataset = CarsDataset(manifest, "test", transforms.eval_resize_crop(SPEC), mark_bad=True)
     images, labels, where, bad = next(iter(loaders.ThreadedLoader(dataset, range(0, 8), 8, 2, SPEC)))
     assert [item.position for item in bad] == [6] and manifest.split("test")[6].path in bad[0].path
     assert where.tolist() == [0, 1, 2, 3, 4, 5, 7] and images.shape == (7, 3, 32, 32)
@@ -55,7 +56,7 @@ def test_threaded_loader_marks_an_unreadable_image_and_keeps_the_others(demo_dir
 
 
 def test_threaded_loader_refuses_bad_settings(demo_dir):
-    dataset = data.CarsDataset(data.load_manifest(demo_dir), "test", transforms.eval_resize_crop(SPEC))
+    dataset = CarsDataset(manifests.load_manifest(demo_dir), "test", transforms.eval_resize_crop(SPEC))
     with pytest.raises(CarsTLError, match="--workers must be >= 0, got -1"):
         loaders.ThreadedLoader(dataset, range(4), 2, -1, SPEC)
     with pytest.raises(CarsTLError, match="--batch-size must be positive"):
@@ -73,7 +74,7 @@ def test_pixel_normalizer_matches_to_tensor_and_normalize():
 
 
 def test_eval_loader_picks_threads_on_the_cpu_and_the_dataloader_elsewhere(demo_dir):
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     cpu_set = loaders.eval_dataset(manifest, "test", SPEC, "cpu")
     assert cpu_set[0][0].size == (32, 32)  # a PIL crop: the threaded loader normalizes
     cpu = loaders.eval_loader(cpu_set, [3, 1, 4], 2, 0, "cpu", SPEC)

@@ -47,11 +47,11 @@ def test_head_prediction_matches_the_cached_features(demo_dir, demo_head_run, de
     import numpy as np
     import torch
 
-    from cars_tl import data
     from cars_tl.artifacts import features
+    from cars_tl.data import manifest as manifests
 
     cache = features.load(demo_features).split("test")
-    image = data.load_manifest(demo_dir).root / cache.paths[0]
+    image = manifests.load_manifest(demo_dir).root / cache.paths[0]
     [result] = predict([image], run_dirs=[demo_head_run], top_k=1)
     state = torch.load(demo_head_run / "head.pt", weights_only=True)
     expected = int(np.argmax(cache.features[0] @ state["weight"].numpy().T + state["bias"].numpy()))

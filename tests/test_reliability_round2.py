@@ -37,9 +37,10 @@ from pathlib import Path
 
 import pytest
 
-from cars_tl import data
 from cars_tl.artifacts import features
 from cars_tl.core import locks
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
 from cars_tl.stages.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,8 +96,8 @@ def _copy_data(demo_dir: Path, tmp_path: Path) -> Path:
 
 def test_download_is_refused_while_an_extraction_reads_the_folder(demo_dir, tmp_path):
     data_dir = _copy_data(demo_dir, tmp_path)
-    root = data.stanford_root(data_dir)
-    manifest_before = (root / data.MANIFEST_JSON).read_bytes()
+    root = devkit.stanford_root(data_dir)
+    manifest_before = (root / manifests.MANIFEST_JSON).read_bytes()
     out = tmp_path / "f.h5"
     reader = subprocess.Popen(
         [*CLI, "extract-features", "--data-dir", str(data_dir), *TINY_CLI, "--batch-size", "8", "--out", str(out)],
@@ -125,10 +126,10 @@ def test_download_is_refused_while_an_extraction_reads_the_folder(demo_dir, tmp_
     )
     assert "Traceback" not in refused.stdout
     # The folder was not replaced, and the cache describes the folder it read.
-    assert (root / data.MANIFEST_JSON).read_bytes() == manifest_before
+    assert (root / manifests.MANIFEST_JSON).read_bytes() == manifest_before
     assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith(".stanford_cars.tmp")) == []
     cache = features.verify(out)
-    assert cache.attrs["dataset_fingerprint"] == data.load_manifest(data_dir).fingerprint
+    assert cache.attrs["dataset_fingerprint"] == manifests.load_manifest(data_dir).fingerprint
     assert not list(locks.readers_dir(root).glob("*.json"))  # the reader's record left with it
     assert _cli("download", "--data-dir", data_dir, "--source", "demo").returncode == 0  # no reader now
 
@@ -150,7 +151,7 @@ prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
 def test_an_extraction_is_refused_while_a_download_replaces_the_folder(demo_dir, tmp_path):
     data_dir, ready = _copy_data(demo_dir, tmp_path), tmp_path / "ready"
     # Make the demo download rebuild (a different origin), so it stages a new folder and sleeps.
-    (data.stanford_root(data_dir) / data.ORIGIN_FILE).write_text(json.dumps({"source": "elsewhere"}))
+    (devkit.stanford_root(data_dir) / manifests.ORIGIN_FILE).write_text(json.dumps({"source": "elsewhere"}))
     writer = subprocess.Popen([sys.executable, "-c", SLOW_DOWNLOAD, str(data_dir), str(ready)], env=_env())
     out = tmp_path / "f.h5"
     try:
@@ -159,7 +160,7 @@ def test_an_extraction_is_refused_while_a_download_replaces_the_folder(demo_dir,
             assert writer.poll() is None and time.monotonic() < deadline, "the download died or hung"
             time.sleep(0.1)
         refused = _cli("extract-features", "--data-dir", data_dir, *TINY_CLI, "--out", out)
-        image = next((data.stanford_root(data_dir) / "cars_test").iterdir())
+        image = next((devkit.stanford_root(data_dir) / "cars_test").iterdir())
         with pytest.raises(locks.LockedError, match=f"PID {writer.pid}"):
             predict([image], run_dirs=[])  # an image of that folder: the same refusal, before anything else
     finally:
@@ -362,7 +363,7 @@ def test_make_reruns_nothing_after_the_manifest_is_rewritten_with_the_same_conte
     assert {"download", "extract-features", "train-head", "finetune", "fit-svm", "knn", "report"} <= set(first)
     assert stages() == []
     # download --verify re-hashes every image and rewrites the manifest: same content, a new file.
-    manifest = data.stanford_root(data_dir) / data.MANIFEST_JSON
+    manifest = devkit.stanford_root(data_dir) / manifests.MANIFEST_JSON
     before = manifest.stat().st_mtime_ns
     verified = _cli("download", "--data-dir", data_dir, "--source", "demo", "--verify")
     assert verified.returncode == 0, verified.stdout

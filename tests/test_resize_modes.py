@@ -11,10 +11,11 @@ import torch
 from conftest import HAS_TIMM, TINY
 from PIL import Image, ImageOps
 
-from cars_tl import data
 from cars_tl.artifacts import features
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import manifest as manifests
 from cars_tl.data import transforms
+from cars_tl.data.images import crop_box, open_image
 from cars_tl.models import backbones
 from cars_tl.models.inference import load_run
 from cars_tl.stages.extract import extract_features
@@ -84,7 +85,7 @@ def test_squash_of_a_box_crop_is_the_box_resized():
     image = wide_image()
     box = (40, 10, 200, 90)  # 1-based inclusive, as the devkit gives it
     spec = spec_for("squash")
-    ours = np.asarray(transforms.eval_resize_crop(spec)(data.crop_box(image, box)))
+    ours = np.asarray(transforms.eval_resize_crop(spec)(crop_box(image, box)))
     reference = np.asarray(image.crop((39, 9, 200, 90)).resize((64, 64), Image.Resampling.BILINEAR))
     assert np.array_equal(ours, reference)
 
@@ -215,9 +216,9 @@ def test_the_mode_travels_from_the_cache_through_a_run_into_predict(demo_dir, sq
     loaded = load_run(run_dir)
     assert transforms.resize_mode(loaded.spec) == "squash"
     test = cache.split("test")
-    image = data.load_manifest(demo_dir).root / test.paths[0]
+    image = manifests.load_manifest(demo_dir).root / test.paths[0]
     with torch.inference_mode():
-        feats = loaded.embed(loaded.tensor(data.open_image(image))[None])
+        feats = loaded.embed(loaded.tensor(open_image(image))[None])
     assert torch.allclose(feats[0], torch.from_numpy(test.features[0]), rtol=1e-3, atol=1e-4)
     [result] = predict([image], run_dirs=[run_dir], top_k=1)
     state = torch.load(run_dir / "head.pt", weights_only=True)
@@ -246,13 +247,13 @@ def box_head_run(demo_dir, tmp_path_factory):
 def test_a_box_run_refuses_an_image_without_a_box_and_scores_a_boxed_one(demo_dir, box_head_run):
     run_dir, cache_path = box_head_run
     test = features.load(cache_path).split("test")
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     record = next(r for r in manifest.split("test") if r.path == test.paths[0])
     full = manifest.root / record.path
     with pytest.raises(CarsTLError, match="box crops") as info:
         predict([full], run_dirs=[run_dir])
     assert "--boxed" in info.value.hint
-    boxed = data.crop_box(data.open_image(full), record.box, 0.1)
+    boxed = crop_box(open_image(full), record.box, 0.1)
     path = full.parent.parent / "boxed-test.png"
     try:
         boxed.save(path)
@@ -265,7 +266,7 @@ def test_a_box_run_refuses_an_image_without_a_box_and_scores_a_boxed_one(demo_di
     loaded = load_run(run_dir)
     assert (loaded.crop, loaded.margin) == ("box", 0.1)
     with torch.inference_mode():
-        feats = loaded.embed(loaded.tensor(data.open_image(full), record.box)[None])
+        feats = loaded.embed(loaded.tensor(open_image(full), record.box)[None])
     assert torch.allclose(feats[0], torch.from_numpy(test.features[0]), rtol=1e-3, atol=1e-4)
 
 
@@ -283,11 +284,11 @@ def test_sparsity_gives_box_runs_their_boxes_and_refuses_loose_images(demo_dir, 
 
     monkeypatch.setattr(sparsity, "zero_fractions", spy)
     sparsity.measure([run_dir], split="test", limit=2, data_dir=demo_dir, out=tmp_path / "s")
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     loaded = load_run(run_dir)
     records = manifest.split("test")[:2]
     expected = torch.stack(
-        [loaded.transform(data.crop_box(data.open_image(manifest.root / r.path), r.box, 0.1)) for r in records]
+        [loaded.transform(crop_box(open_image(manifest.root / r.path), r.box, 0.1)) for r in records]
     )
     # --split images come through the data path's loader, which normalizes as the transform does (to 1e-5)
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-5)

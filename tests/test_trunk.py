@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cars_tl import data
 from cars_tl.artifacts import runs, trunks
+from cars_tl.data import manifest as manifests
 from cars_tl.models import backbones, trunk
 from cars_tl.stages import finetune as ft
 from cars_tl.stages.trunk_cache import build_trunk
@@ -129,7 +129,7 @@ def _config(**changes):
 
 
 def test_inexact_settings_fall_back_with_their_reason(cache, demo_dir, tmp_path):
-    manifest = data.load_manifest(demo_dir)
+    manifest = manifests.load_manifest(demo_dir)
     bb, model = _model("layer4")
     assert trunk.plan(str(cache), model, bb, _config(), manifest, tmp_path).path == cache  # exact: used
     cases = {

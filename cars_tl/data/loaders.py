@@ -1,7 +1,7 @@
 """Batches of images for the stages that run a network over them.
 
 Two loaders yield the same batches, ``(images, labels, positions, bad_items)``, from a
-``mark_bad`` :class:`~cars_tl.data.CarsDataset` (see :func:`cars_tl.data.collate_marking_bad`):
+``mark_bad`` :class:`~cars_tl.data.dataset.CarsDataset` (see :func:`cars_tl.data.dataset.collate_marking_bad`):
 
 :func:`make_loader`
     torch's ``DataLoader`` with worker processes and pinned memory on CUDA: the right shape when
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cars_tl import data
 from cars_tl.core import runtime
 from cars_tl.core.distributed import Context, local_batch
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import transforms
+from cars_tl.data.dataset import BadItem, CarsDataset, collate_marking_bad
 
 DATA_PATH_ENV = "CARS_TL_DATA_PATH"  # internal: "accelerator" or "cpu" overrides the device's choice
 
@@ -101,7 +101,7 @@ def make_loader(
     memory on CUDA.
 
     Unreadable images come back to the main process as bad items, which the caller skips or
-    raises (``data.raise_bad``), so that the error names the file. ``generator`` (a private one
+    raises (``raise_bad``), so that the error names the file. ``generator`` (a private one
     by default) keeps the loader from drawing on the global RNG.
     """
     _check_workers(workers)
@@ -113,7 +113,7 @@ def make_loader(
         num_workers=workers,
         generator=generator if generator is not None else torch.Generator().manual_seed(0),
         pin_memory=data_path(device).pin_memory,
-        collate_fn=data.collate_marking_bad,
+        collate_fn=collate_marking_bad,
         prefetch_factor=4 if workers else None,
         persistent_workers=persistent and workers > 0,
     )
@@ -195,18 +195,16 @@ def batch_to_device(images: torch.Tensor, device: str, spec: dict) -> torch.Tens
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def eval_dataset(
-    manifest, split: str, spec: dict, device: str, crop: str = "full", margin: float = 0.0
-) -> data.CarsDataset:
+def eval_dataset(manifest, split: str, spec: dict, device: str, crop: str = "full", margin: float = 0.0) -> CarsDataset:
     """A ``mark_bad`` dataset of ``split`` for :func:`eval_loader` on ``device``: on the CPU's data
     path it stops at the resize and crop (the threaded loader normalizes into its batches), on the
     accelerator's it yields uint8 tensors that :func:`batch_to_device` normalizes on the device."""
     accelerator = data_path(device).accelerator
     transform = transforms.eval_transform(spec, output="uint8") if accelerator else transforms.eval_resize_crop(spec)
-    return data.CarsDataset(manifest, split, transform, crop, margin, mark_bad=True)
+    return CarsDataset(manifest, split, transform, crop, margin, mark_bad=True)
 
 
-def eval_loader(dataset: data.CarsDataset, positions, batch_size: int, workers: int, device: str, spec: dict):
+def eval_loader(dataset: CarsDataset, positions, batch_size: int, workers: int, device: str, spec: dict):
     """Evaluation batches of ``dataset[positions]`` in order (``dataset`` from :func:`eval_dataset`):
     the threaded loader on the CPU's data path, the DataLoader on the accelerator's. Its worker
     processes live for one pass (not persistent): an evaluation loader is idle most of a run, and
@@ -263,7 +261,7 @@ class ThreadedLoader:
 
         def fill(slot: int):
             item = self.dataset[positions[slot]]
-            if isinstance(item, data.BadItem):
+            if isinstance(item, BadItem):
                 return item
             image, label, position = item
             pixels = np.asarray(image)
@@ -277,8 +275,8 @@ class ThreadedLoader:
         results = (
             list(decoders.map(fill, range(len(positions)))) if decoders else [fill(s) for s in range(len(positions))]
         )
-        bad = [r for r in results if isinstance(r, data.BadItem)]
-        kept = [s for s, r in enumerate(results) if not isinstance(r, data.BadItem)]
+        bad = [r for r in results if isinstance(r, BadItem)]
+        kept = [s for s, r in enumerate(results) if not isinstance(r, BadItem)]
         rows = buffer if len(kept) == len(positions) else buffer[kept]
         images = torch.from_numpy(rows).permute(0, 3, 1, 2)  # NCHW view, channels_last in memory
         labels = torch.tensor([results[s][0] for s in kept], dtype=torch.long)

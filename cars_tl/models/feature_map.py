@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import data
 from cars_tl.artifacts import embeddings, features, runs
 from cars_tl.core.atomic import atomic_path, file_sha256
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import manifest as manifests
 
 PCA_DIMS = 50
 PERPLEXITY = 30.0
@@ -282,7 +282,7 @@ def image_paths(data_dir: Path | None) -> dict[int, Path]:
         return {}
 
     try:
-        manifest = data.load_manifest(Path(data_dir), check_files=False)
+        manifest = manifests.load_manifest(Path(data_dir), check_files=False)
     except CarsTLError:
         return {}
     return {r.index: manifest.root / r.path for r in manifest.records}

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from cars_tl import data
 from cars_tl.artifacts import runs
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import transforms
+from cars_tl.data.images import crop_box
 from cars_tl.models import backbones, feature_views
 from cars_tl.models.svm.model import load_model as load_svm
 
@@ -67,7 +67,7 @@ class LoadedRun:
                     "predict: crop the image to the car's box (widened by the margin) and add --boxed; "
                     "sparsity: take images from the manifest, which carry their boxes (--split test)",
                 )
-            image = data.crop_box(image, box, self.margin)
+            image = crop_box(image, box, self.margin)
         return self.transform(image)
 
     @torch.inference_mode()

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import torch
 
-from cars_tl import data
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import loaders
+from cars_tl.data.dataset import raise_bad
 
 LBFGS_ITERATIONS = 20
 
@@ -66,7 +66,7 @@ def score_batches(
 
     ids, labels, scores = [], [], []
     for images, batch_labels, positions, bad in loader:
-        data.raise_bad(bad)
+        raise_bad(bad)
         images = loaders.batch_to_device(images, device, spec or {})
         with runtime.autocast(device, precision):
             out = score(images)

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cars_tl import data
 from cars_tl.artifacts import names, trunks
 from cars_tl.core import distributed, locks, runtime
 from cars_tl.core.errors import BadImageError, CarsTLError
 from cars_tl.core.progress import NULL
 from cars_tl.data import loaders, transforms
+from cars_tl.data.dataset import CarsDataset
 
 CHUNK_BATCHES = 4
 DEVICE_FRACTION = 0.5  # the cache goes to accelerator memory when it takes at most this share of the free memory
@@ -292,7 +292,7 @@ def ensure(
         # differently in the last bit), so that cached maps are those training would compute.
         transform = transforms.train_transform(bb.transform, "none", "uint8" if device.startswith("cuda") else "float")
         datasets = {
-            s: data.CarsDataset(manifest, s, transform, crop, margin, mark_bad=True)
+            s: CarsDataset(manifest, s, transform, crop, margin, mark_bad=True)
             for s in ("train", "test")
             if s in manifest.splits
         }

@@ -36,11 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import data
 from cars_tl.artifacts import runs
 from cars_tl.core import locks
 from cars_tl.core.atomic import atomic_path, atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
+from cars_tl.data.images import crop_box, open_image
 
 COLUMNS = (
     "model",
@@ -613,12 +615,12 @@ def label_noise(data_dir: Path | None, fingerprints: set[str]) -> list[str]:
         return []
 
     try:
-        meta = json.loads((data.stanford_root(Path(data_dir)) / data.MANIFEST_JSON).read_text())
+        meta = json.loads((devkit.stanford_root(Path(data_dir)) / manifests.MANIFEST_JSON).read_text())
     except (OSError, ValueError):
         return []
     if not isinstance(meta, dict) or (fingerprints and meta.get("fingerprint") not in fingerprints):
         return []
-    return data.describe_label_conflicts(meta.get("label_conflicts"), limit=5)
+    return manifests.describe_label_conflicts(meta.get("label_conflicts"), limit=5)
 
 
 class Thumbnails:
@@ -631,7 +633,7 @@ class Thumbnails:
             return
 
         try:
-            manifest = data.load_manifest(Path(data_dir))
+            manifest = manifests.load_manifest(Path(data_dir))
         except CarsTLError as exc:
             self.note = f"no thumbnails: {exc.message}"
             return
@@ -654,9 +656,9 @@ class Thumbnails:
         if key not in self._cache:
             record = self.records[image_id]
             try:
-                image = data.open_image(self.manifest.root / record.path)
+                image = open_image(self.manifest.root / record.path)
                 if box:
-                    image = data.crop_box(image, record.box, 0.05)
+                    image = crop_box(image, record.box, 0.05)
                 image.thumbnail((size, size))
                 buffer = io.BytesIO()
                 image.save(buffer, format="JPEG", quality=72)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.data import IMAGE_DIRS, write_devkit
+from cars_tl.data.devkit import IMAGE_DIRS, write_devkit
 
 DEMO_CLASSES = (
     "AM General Hummer SUV 2000",

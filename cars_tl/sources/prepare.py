@@ -22,11 +22,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cars_tl import data
 from cars_tl.core import locks
 from cars_tl.core.atomic import swap_in
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
 from cars_tl.sources import layouts
 from cars_tl.sources.archives import uncompressed_size
 from cars_tl.sources.demo import generate_demo
@@ -39,7 +40,7 @@ SOURCE_CHOICES = "auto, demo, an http(s):// mirror URL, or an existing folder or
 
 
 def _origin(source: str, splits: tuple[str, ...], test_labels: Path | None, label_conflicts: str = "keep") -> dict:
-    """Where ``source`` takes the data from, as recorded in ``data.ORIGIN_FILE``; rejects bad sources."""
+    """Where ``source`` takes the data from, as recorded in ``manifests.ORIGIN_FILE``; rejects bad sources."""
     policy = {} if label_conflicts == "keep" else {"label_conflicts": label_conflicts}
     if source == "demo":
         return {"source": "demo", **policy}
@@ -64,7 +65,7 @@ def _satisfied(installed: dict, wanted: dict) -> bool:
         return installed.get("source") != "demo"
     keys = ("source", "path", "test_labels")
     same = all(installed.get(k) == wanted.get(k) for k in keys)
-    return same and list(installed.get("splits", data.SPLITS)) == list(wanted.get("splits", data.SPLITS))
+    return same and list(installed.get("splits", devkit.SPLITS)) == list(wanted.get("splits", devkit.SPLITS))
 
 
 def prepare_dataset(
@@ -73,12 +74,12 @@ def prepare_dataset(
     *,
     mirrors: Sequence[str] = (),
     mirror_list: Path | None = None,
-    splits: Sequence[str] = data.SPLITS,
+    splits: Sequence[str] = devkit.SPLITS,
     test_labels: Path | None = None,
     verify: bool = False,
     label_conflicts: str = "keep",
     progress: Progress = NULL,
-) -> tuple[data.Manifest, str]:
+) -> tuple[manifests.Manifest, str]:
     """Put Stanford Cars into ``<data_dir>/stanford_cars`` and write its manifest.
 
     ``source``: ``auto`` (the mirror list), ``demo`` (generated), an http(s) mirror base URL, or a
@@ -94,15 +95,15 @@ def prepare_dataset(
     the same folder fails at once, and what a killed one left behind is removed.
     """
     data_dir = Path(data_dir)
-    root = data.stanford_root(data_dir)
+    root = devkit.stanford_root(data_dir)
     splits = layouts.check_splits(splits)
     if source in ("auto", "demo") or is_http(source):
-        if splits != data.SPLITS or test_labels is not None:
+        if splits != devkit.SPLITS or test_labels is not None:
             raise CarsTLError(
                 f"--splits and --test-labels apply to a local copy (--source PATH), not to --source {source}",
                 "cars-tl download --source /path/to/your/copy --splits train",
             )
-    wanted = _origin(source, splits, test_labels, data.check_label_conflicts(label_conflicts))
+    wanted = _origin(source, splits, test_labels, manifests.check_label_conflicts(label_conflicts))
     check_mirror_urls(mirrors)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -173,15 +174,15 @@ def _storage_failure(exc: OSError, data_dir: Path, wanted: dict) -> CarsTLError:
 
 def _prepare_locked(
     data_dir, root, source, wanted, mirrors, mirror_list, verify, progress
-) -> tuple[data.Manifest, str]:
-    installed = data.read_origin(root)
+) -> tuple[manifests.Manifest, str]:
+    installed = manifests.read_origin(root)
     satisfied = root.is_dir() and _satisfied(installed, wanted)
-    if satisfied and not verify and data.manifest_is_current(data_dir):
-        return data.load_manifest(data_dir), "already verified"
+    if satisfied and not verify and manifests.manifest_is_current(data_dir):
+        return manifests.load_manifest(data_dir), "already verified"
     policy = wanted.get("label_conflicts", "keep")
     if satisfied and verify and root.is_dir():
         try:  # the files are in place: hashing them all is the verification
-            return data.build_manifest(data_dir, label_conflicts=policy, progress=progress), "verified"
+            return manifests.build_manifest(data_dir, label_conflicts=policy, progress=progress), "verified"
         except CarsTLError:
             pass  # fetch or import a fresh copy below
     if wanted["source"] == "demo":
@@ -207,7 +208,7 @@ def _prepare_locked(
     invalid = None
     if layouts.devkit_parts(root) and installed["source"] != "demo":
         try:  # placed by hand: a valid copy needs only its manifest
-            return data.build_manifest(data_dir, label_conflicts=policy, progress=progress), "verified"
+            return manifests.build_manifest(data_dir, label_conflicts=policy, progress=progress), "verified"
         except CarsTLError as exc:
             invalid = exc
     bases = [("--mirror", m) for m in mirrors]
@@ -237,22 +238,22 @@ def _prepare_locked(
 
 def _build(
     data_dir: Path, origin: dict, fill: Callable[[Path], layouts.Imported | None], progress: Progress
-) -> data.Manifest:
+) -> manifests.Manifest:
     """Fill a fresh ``stanford_cars`` in a temporary folder of ``data_dir``, validate, swap in.
 
     The temporary folder is ``.stanford_cars.tmp-*``: a killed run's is removed by the next
     run's :func:`cars_tl.core.locks.clean_stale`. The previous dataset stays in place until the new one
     has passed validation, and is kept as ``.stanford_cars.old-*`` during the swap.
     """
-    target = data.stanford_root(data_dir)
-    work = Path(tempfile.mkdtemp(prefix=f".{data.STANFORD_DIR}.tmp-", dir=data_dir))
+    target = devkit.stanford_root(data_dir)
+    work = Path(tempfile.mkdtemp(prefix=f".{devkit.STANFORD_DIR}.tmp-", dir=data_dir))
     try:
-        stage = work / data.STANFORD_DIR
+        stage = work / devkit.STANFORD_DIR
         imported = fill(stage) or layouts.Imported("torchvision")
         recorded = dict(origin, layout=imported.layout, boxes=imported.boxes, splits=list(imported.splits))
-        (stage / data.ORIGIN_FILE).write_text(json.dumps(recorded))
-        data.build_manifest(work, source_names=imported.sources, shown_data_dir=data_dir, progress=progress)
+        (stage / manifests.ORIGIN_FILE).write_text(json.dumps(recorded))
+        manifests.build_manifest(work, source_names=imported.sources, shown_data_dir=data_dir, progress=progress)
         swap_in(stage, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return data.load_manifest(data_dir)
+    return manifests.load_manifest(data_dir)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars_tl import data
 from cars_tl.artifacts import features, names
 from cars_tl.core import distributed, locks, runtime
 from cars_tl.core.errors import (
@@ -29,7 +28,8 @@ from cars_tl.core.errors import (
     check_output_path,
 )
 from cars_tl.core.progress import NULL, Progress
-from cars_tl.data import loaders, transforms
+from cars_tl.data import devkit, loaders, transforms
+from cars_tl.data import manifest as manifests
 from cars_tl.models import backbones, feature_views
 from cars_tl.stages import presets
 
@@ -78,7 +78,7 @@ def embed(body, images: torch.Tensor, device: str, precision: str, spec: dict | 
     return out.float().flatten(1).cpu()
 
 
-@locks.reads("extract-features", lambda a: [data.stanford_root(a["data_dir"])])  # download cannot swap it meanwhile
+@locks.reads("extract-features", lambda a: [devkit.stanford_root(a["data_dir"])])  # download cannot swap it meanwhile
 def extract_features(
     data_dir: Path = Path("data"),
     *,
@@ -117,8 +117,8 @@ def extract_features(
     merges the chunks into the one ``.h5`` (the same arrays as one process makes).
     """
     for split in splits or ():
-        if split not in data.SPLITS:
-            raise CarsTLError(f"unknown split {split!r}; valid: {', '.join(data.SPLITS)}")
+        if split not in devkit.SPLITS:
+            raise CarsTLError(f"unknown split {split!r}; valid: {', '.join(devkit.SPLITS)}")
     if crop not in ("full", "box"):
         raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
     if batch_size < 1:
@@ -129,7 +129,7 @@ def extract_features(
     image_size = chosen["image_size"] if image_size is None and preset is not None else image_size
     tta = feature_views.check_tta(chosen["tta"] if tta is None else tta)
     layers = chosen["layers"] if layers is None else layers
-    manifest = data.load_manifest(data_dir)
+    manifest = manifests.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
     ctx = distributed.init(runtime.resolve_device(device))
     device = ctx.device

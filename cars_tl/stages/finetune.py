@@ -42,14 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from cars_tl import data
 from cars_tl.artifacts import embeddings, names, runs
 from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.core.tensorboard import EpochLog, check_available
-from cars_tl.data import loaders, transforms
+from cars_tl.data import devkit, loaders, transforms
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import CarsDataset, raise_bad
 from cars_tl.models import backbones, feature_views, trunk
 from cars_tl.models.scoring import Meter
 from cars_tl.models.training import (
@@ -170,7 +171,7 @@ def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict
     model.eval()
     meter = Meter()
     for images, labels, _, bad in loader:
-        data.raise_bad(bad)
+        raise_bad(bad)
         images = loaders.batch_to_device(images, device, spec)
         labels = labels.to(device, non_blocking=True)
         with runtime.autocast(device, precision):
@@ -224,7 +225,7 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
     return runs.model_file(head_dir)
 
 
-@reads("finetune", lambda a: [data.stanford_root(a["data_dir"])])  # download cannot swap the data folder meanwhile
+@reads("finetune", lambda a: [devkit.stanford_root(a["data_dir"])])  # download cannot swap the data folder meanwhile
 def finetune(
     data_dir: Path = Path("data"),
     *,
@@ -294,7 +295,7 @@ def finetune(
         config["tta"] = tta
     # Pretrained statistics are worth keeping; a random network's are not statistics at all.
     config["freeze_bn_stats"] = bool(config["freeze_bn_stats"]) and str(weights) != "random"
-    manifest = data.load_manifest(data_dir)
+    manifest = manifests.load_manifest(data_dir)
     manifest.split("test")  # evaluated every epoch: a train-only dataset is refused here, saying so
     ctx = distributed.init(runtime.resolve_device(device))
     distributed.local_batch(config["batch_size"], ctx)  # a global batch that does not divide: refused before any work
@@ -446,7 +447,7 @@ def _train(
     spec = bb.transform
     crop, margin = config["crop"], config["margin"]
     cuda = device.startswith("cuda")
-    train_set = data.CarsDataset(
+    train_set = CarsDataset(
         manifest,
         "train",
         transforms.train_transform(spec, config["augment"], loaders.data_path(device).batch_dtype),
@@ -767,7 +768,7 @@ def train_epoch(
     start = time.perf_counter()
     with progress.task(f"epoch {epoch}/{config['epochs']}", total=total, unit="img") as task:
         for step, (images, labels, _, bad) in enumerate(loader, 1):
-            data.raise_bad(bad)
+            raise_bad(bad)
             images = loaders.batch_to_device(images, device, spec)
             labels = labels.to(device, non_blocking=True)
             with runtime.autocast(device, precision):

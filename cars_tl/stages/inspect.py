@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl import data
 from cars_tl.artifacts import features, runs
 from cars_tl.core.errors import CarsTLError
-from cars_tl.data import describe_label_conflicts
+from cars_tl.data import devkit
+from cars_tl.data import manifest as manifests
+from cars_tl.data.manifest import describe_label_conflicts
 
 PROVENANCE = (
     "backbone",
@@ -206,10 +207,10 @@ def compare_runs(a: Path, b: Path) -> dict:
 def _manifest_json(path: Path) -> Path | None:
     """The manifest.json that a data folder, its stanford_cars/ or the file itself names."""
 
-    for candidate in (path / data.STANFORD_DIR / data.MANIFEST_JSON, path / data.MANIFEST_JSON):
+    for candidate in (path / devkit.STANFORD_DIR / manifests.MANIFEST_JSON, path / manifests.MANIFEST_JSON):
         if path.is_dir() and candidate.is_file():
             return candidate
-    return path if path.is_file() and path.name == data.MANIFEST_JSON else None
+    return path if path.is_file() and path.name == manifests.MANIFEST_JSON else None
 
 
 def inspect_dataset(path: Path) -> dict:

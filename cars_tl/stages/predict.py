@@ -14,19 +14,20 @@ from pathlib import Path
 
 import torch
 
-from cars_tl import data
 from cars_tl.artifacts import features, runs
 from cars_tl.core import locks
 from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL
-from cars_tl.data import loaders, transforms
+from cars_tl.data import devkit, loaders, transforms
+from cars_tl.data import manifest as manifests
+from cars_tl.data.images import open_image
 from cars_tl.models.inference import load_run
 from cars_tl.models.training import score_batches
 
 
-@reads("predict", lambda a: data.dataset_roots(a["images"]))  # images of a data folder: no download meanwhile
+@reads("predict", lambda a: manifests.dataset_roots(a["images"]))  # images of a data folder: no download meanwhile
 def predict(images: list[Path], *, run_dirs: list[Path], top_k: int = 5, boxed: bool = False) -> list[dict]:
     """One entry per image: ``{"image", "predictions": {run name: {kind, score_kind, top: [...]}}}``."""
     if not run_dirs:
@@ -49,7 +50,7 @@ def predict(images: list[Path], *, run_dirs: list[Path], top_k: int = 5, boxed: 
             raise CarsTLError(f"image {image} does not exist", "check the path")
     cache: dict = {}
     models = [load_run(Path(r), cache) for r in run_dirs]
-    pictures = [data.open_image(Path(p)) for p in images]  # BadImageError names a non-image file
+    pictures = [open_image(Path(p)) for p in images]  # BadImageError names a non-image file
     results = [{"image": str(p), "predictions": {}} for p in images]
     features_memo: dict[tuple, torch.Tensor] = {}
     with torch.inference_mode():
@@ -76,7 +77,7 @@ def predict(images: list[Path], *, run_dirs: list[Path], top_k: int = 5, boxed: 
     return results
 
 
-@reads("predict", lambda a: [data.stanford_root(a["data_dir"])])
+@reads("predict", lambda a: [devkit.stanford_root(a["data_dir"])])
 def predict_split(
     run_dirs: list[Path],
     *,
@@ -100,7 +101,7 @@ def predict_split(
         )
     if not run_dirs:
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
-    manifest = data.load_manifest(data_dir)
+    manifest = manifests.load_manifest(data_dir)
     manifest.split(split)  # validates the name
     workers = loaders.default_workers() if workers is None else workers
     saved, cache = [], {}

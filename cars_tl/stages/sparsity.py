@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
-from cars_tl import data
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
 from cars_tl.core.progress import NULL, Progress
-from cars_tl.data import loaders
+from cars_tl.data import devkit, loaders
+from cars_tl.data import manifest as manifests
+from cars_tl.data.dataset import raise_bad
+from cars_tl.data.images import open_image
 from cars_tl.models.inference import load_run
 
 RELU_TYPES = (torch.nn.ReLU, torch.nn.ReLU6)
@@ -91,12 +93,12 @@ def _image_source(
         missing = [str(p) for p in images if not Path(p).is_file()]
         if missing:
             raise CarsTLError(f"image(s) not found: {', '.join(missing)}")
-        return [data.open_image(Path(p)) for p in images], None, 0, f"{len(images)} image(s)"
+        return [open_image(Path(p)) for p in images], None, 0, f"{len(images)} image(s)"
     if not split:
         raise CarsTLError("give images with --image, or --split test --limit N")
     if limit is not None and limit < 1:
         raise CarsTLError(f"--limit must be positive, got {limit}")
-    manifest = data.load_manifest(data_dir)
+    manifest = manifests.load_manifest(data_dir)
     total = len(manifest.split(split))
     count = total if not limit else min(limit, total)
     return [], manifest, count, f"the first {count} {split} images"
@@ -107,14 +109,18 @@ def _split_batches(run, manifest, split: str, count: int, batch_size: int):
     through the data path's loader and :func:`loaders.batch_to_device`, as every stage moves them."""
     dataset = loaders.eval_dataset(manifest, split, run.spec, "cpu", run.crop, run.margin)
     for images, _, _, bad in loaders.eval_loader(dataset, range(count), batch_size, 0, "cpu", run.spec):
-        data.raise_bad(bad)
+        raise_bad(bad)
         yield loaders.batch_to_device(images, "cpu", run.spec)
 
 
 @locks.reads(
     "sparsity",
     lambda a: (
-        data.dataset_roots(a["images"]) if a["images"] else [data.stanford_root(a["data_dir"])] if a["split"] else []
+        manifests.dataset_roots(a["images"])
+        if a["images"]
+        else [devkit.stanford_root(a["data_dir"])]
+        if a["split"]
+        else []
     ),
 )
 def measure(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cars_tl import data
 from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders
+from cars_tl.data import manifest as manifests
 from cars_tl.models import backbones, trunk
 
 
@@ -45,7 +45,7 @@ def build_trunk(
     check_number("--margin", margin, minimum=0)
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
-    manifest = data.load_manifest(data_dir)
+    manifest = manifests.load_manifest(data_dir)
     ctx = distributed.init(runtime.resolve_device(device))
     device = ctx.device
     precision = runtime.resolve_precision(precision, device)

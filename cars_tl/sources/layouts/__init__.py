@@ -30,9 +30,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from cars_tl import data
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.data import devkit
 from cars_tl.sources.archives import safe_extract
 from cars_tl.sources.layouts import all_in_one, class_folders, kaggle, parquet, split_archives, torchvision
 from cars_tl.sources.layouts.base import SPLIT_FILES, TEST_LABELS, Imported, Layout, Source
@@ -85,7 +85,7 @@ def find_layout(root: Path) -> tuple[str, Path]:
 
     Two layouts in one folder are an error (which one was meant is a guess).
     """
-    not_containers = {*data.IMAGE_DIRS.values(), "car_ims", "devkit", "train", "test"}  # images, no layouts
+    not_containers = {*devkit.IMAGE_DIRS.values(), "car_ims", "devkit", "train", "test"}  # images, no layouts
     level, near = [root], []
     for _ in range(4):
         below = []
@@ -116,8 +116,8 @@ def find_layout(root: Path) -> tuple[str, Path]:
 
 
 def check_splits(splits: Sequence[str]) -> tuple[str, ...]:
-    chosen = tuple(s for s in data.SPLITS if s in set(splits))
-    unknown = sorted(set(splits) - set(data.SPLITS))
+    chosen = tuple(s for s in devkit.SPLITS if s in set(splits))
+    unknown = sorted(set(splits) - set(devkit.SPLITS))
     if unknown or "train" not in chosen:
         raise CarsTLError(
             f"--splits {', '.join(splits) or '(none)'} is not supported; valid: train and test (the default), or train alone",
@@ -132,7 +132,7 @@ def import_path(
     work: Path,
     *,
     test_labels: Path | None = None,
-    splits: Sequence[str] = data.SPLITS,
+    splits: Sequence[str] = devkit.SPLITS,
     command: str | None = None,
     progress: Progress = NULL,
 ) -> Imported:
@@ -155,10 +155,10 @@ def import_path(
     imported = REGISTRY[layout].import_(folder, stage, work, src, progress)
     imported.splits = splits
     if "test" not in splits:  # importers that always bring both splits: drop test
-        shutil.rmtree(stage / data.IMAGE_DIRS["test"], ignore_errors=True)
-        for rel in (data.DEVKIT_FILES["test_nolabels"], *data.TEST_LABELS_NAMES):
+        shutil.rmtree(stage / devkit.IMAGE_DIRS["test"], ignore_errors=True)
+        for rel in (devkit.DEVKIT_FILES["test_nolabels"], *devkit.TEST_LABELS_NAMES):
             (stage / rel).unlink(missing_ok=True)
         imported.sources = {
-            k: v for k, v in imported.sources.items() if not k.startswith(data.IMAGE_DIRS["test"] + "/")
+            k: v for k, v in imported.sources.items() if not k.startswith(devkit.IMAGE_DIRS["test"] + "/")
         }
     return imported

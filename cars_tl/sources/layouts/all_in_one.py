@@ -7,9 +7,9 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from cars_tl import data
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import Progress
+from cars_tl.data import devkit
 from cars_tl.sources.archives import safe_extract
 from cars_tl.sources.layouts import base
 from cars_tl.sources.layouts.base import Imported, Layout, Source, has, lacking
@@ -48,7 +48,7 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: Source, progr
     else:
         images = folder
         show = lambda rel: src.name(folder / rel)  # noqa: E731
-    rows: dict[str, list[dict]] = {split: [] for split in data.SPLITS}
+    rows: dict[str, list[dict]] = {split: [] for split in devkit.SPLITS}
     moves, absent, sources = [], [], {}
     for a in annotations:
         split = "test" if int(a["test"]) else "train"
@@ -64,8 +64,8 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: Source, progr
             )
         if not (images / rel).is_file():
             absent.append(rel)
-        moves.append((images / rel, stage / data.IMAGE_DIRS[split] / fname))
-        sources[f"{data.IMAGE_DIRS[split]}/{fname}"] = show(rel)
+        moves.append((images / rel, stage / devkit.IMAGE_DIRS[split] / fname))
+        sources[f"{devkit.IMAGE_DIRS[split]}/{fname}"] = show(rel)
     if absent:
         raise CarsTLError(
             f"{len(absent)} images listed in {src.name(annos_path)} are missing: {', '.join(absent[:5])}"
@@ -73,7 +73,7 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: Source, progr
             "check that car_ims.tgz (or car_ims/) is complete",
         )
     for split in src.splits:
-        (stage / data.IMAGE_DIRS[split]).mkdir(parents=True)
+        (stage / devkit.IMAGE_DIRS[split]).mkdir(parents=True)
     with progress.task("convert car_ims", total=len(moves), unit="files") as task:
         for source, dst in moves:
             if owned:
@@ -82,7 +82,7 @@ def _import_all_in_one(folder: Path, stage: Path, work: Path, src: Source, progr
                 base.link_or_copy(source, dst)
             task.advance(1)
     class_names = [str(n) for n in np.atleast_1d(mat["class_names"])]
-    data.write_devkit(stage, class_names, rows["train"], rows["test"] if "test" in src.splits else None)
+    devkit.write_devkit(stage, class_names, rows["train"], rows["test"] if "test" in src.splits else None)
     return Imported("all-in-one", True, src.splits, sources)
 
 

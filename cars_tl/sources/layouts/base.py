@@ -14,12 +14,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from cars_tl import data
 from cars_tl.core.errors import BadImageError
 from cars_tl.core.progress import Progress
+from cars_tl.data import devkit
+from cars_tl.data.images import image_size as read_image_size
 
 SPLIT_FILES = ("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat")
-TEST_LABELS = data.TEST_LABELS_NAMES[0]
+TEST_LABELS = devkit.TEST_LABELS_NAMES[0]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TEST_LABELS_HELP = (
     f"{TEST_LABELS} holds the test annotations with their classes (bbox_x1..bbox_y2, class, fname for each test image); "
@@ -35,7 +36,7 @@ class Imported:
 
     layout: str
     boxes: bool = True
-    splits: tuple[str, ...] = data.SPLITS
+    splits: tuple[str, ...] = devkit.SPLITS
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # staged path -> where it came from
 
 
@@ -47,7 +48,7 @@ class Source:
     owned: bool  # True when ``root`` is our own extraction of ``archive``
     archive: Path | None = None
     test_labels: Path | None = None
-    splits: tuple[str, ...] = data.SPLITS
+    splits: tuple[str, ...] = devkit.SPLITS
     command: str = ""  # the download command being run, for hints
 
     def name(self, path: Path) -> str:
@@ -145,6 +146,6 @@ def lacking(folder: Path, layout: str, items: dict[str, bool]) -> list[str]:
 
 def image_size(path: Path, shown: str) -> tuple[int, int]:
     try:
-        return data.image_size(path)
+        return read_image_size(path)
     except BadImageError as exc:
         raise BadImageError(shown, exc.reason) from None

@@ -10,9 +10,9 @@ import csv
 import os
 from pathlib import Path
 
-from cars_tl import data
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import Progress
+from cars_tl.data import devkit
 from cars_tl.sources.classnames import canonical_names, match_to_canonical
 from cars_tl.sources.layouts import base
 from cars_tl.sources.layouts.base import IMAGE_SUFFIXES, Imported, Layout, Source, has, has_images, image_size, lacking
@@ -99,7 +99,7 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: Source, pr
     sources: dict[str, str] = {}
     for split in src.splits:
         table = _read_box_csv(boxes_from[split], src) if has_boxes else {}
-        out = stage / data.IMAGE_DIRS[split]
+        out = stage / devkit.IMAGE_DIRS[split]
         out.mkdir(parents=True)
         rows[split] = []
         seen: dict[str, Path] = {}
@@ -154,7 +154,7 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: Source, pr
                     os.replace(path, out / fname)
                 else:
                     base.link_or_copy(path, out / fname)
-                sources[f"{data.IMAGE_DIRS[split]}/{fname}"] = src.name(path)
+                sources[f"{devkit.IMAGE_DIRS[split]}/{fname}"] = src.name(path)
                 rows[split].append({"fname": fname, "box": box, "label": label})
                 task.advance(1)
         if has_boxes:
@@ -167,7 +167,7 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: Source, pr
                     + (f" ({len(extra) - 1} more such rows)" if len(extra) > 1 else ""),
                     "restore the missing images or remove their rows, then rerun cars-tl download",
                 )
-    data.write_devkit(stage, canonical_names(), rows["train"], rows.get("test"))
+    devkit.write_devkit(stage, canonical_names(), rows["train"], rows.get("test"))
     return Imported("class folders", has_boxes, src.splits, sources)
 
 

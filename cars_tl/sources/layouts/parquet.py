@@ -9,16 +9,16 @@ import json
 import re
 from pathlib import Path
 
-from cars_tl import data
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import Progress
+from cars_tl.data import devkit
 from cars_tl.sources.classnames import canonical_names, match_to_canonical
 from cars_tl.sources.layouts.base import Imported, Layout, Source, image_size
 
 
 def _parquet_shards(folder: Path) -> dict | None:
     for where in (folder / "data", folder):
-        shards = {s: sorted(where.glob(f"{s}-*.parquet")) + sorted(where.glob(f"{s}.parquet")) for s in data.SPLITS}
+        shards = {s: sorted(where.glob(f"{s}-*.parquet")) + sorted(where.glob(f"{s}.parquet")) for s in devkit.SPLITS}
         if shards["train"]:
             return {"dir": where, "shards": shards}
     return None
@@ -119,7 +119,7 @@ def _import_parquet(folder: Path, stage: Path, work: Path, src: Source, progress
     rows: dict[str, list[dict]] = {}
     sources: dict[str, str] = {}
     for split in src.splits:
-        out = stage / data.IMAGE_DIRS[split]
+        out = stage / devkit.IMAGE_DIRS[split]
         out.mkdir(parents=True)
         rows[split] = []
         total = sum(pf.metadata.num_rows for pf in files[split].values())
@@ -147,9 +147,9 @@ def _import_parquet(folder: Path, stage: Path, work: Path, src: Source, progress
                         rows[split].append(
                             {"fname": fname, "box": (1, 1, width, height), "label": labels[names[label]]}
                         )
-                        sources[f"{data.IMAGE_DIRS[split]}/{fname}"] = where
+                        sources[f"{devkit.IMAGE_DIRS[split]}/{fname}"] = where
                         task.advance(1)
-    data.write_devkit(stage, canonical_names(), rows["train"], rows.get("test"))
+    devkit.write_devkit(stage, canonical_names(), rows["train"], rows.get("test"))
     return Imported("parquet", False, src.splits, sources)
 
 

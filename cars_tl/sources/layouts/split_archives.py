@@ -7,9 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-from cars_tl import data
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
+from cars_tl.data import devkit
 from cars_tl.sources.archives import safe_extract
 from cars_tl.sources.layouts import base
 from cars_tl.sources.layouts.base import (
@@ -42,7 +42,7 @@ def import_split_archives(
                 f"{src.name(folder / archive)} does not contain a {member}/ folder (it holds: {', '.join(sorted(os.listdir(out))[:10])})",
                 f"check that {archive} is the original Stanford Cars file",
             )
-        if member in data.IMAGE_DIRS.values():
+        if member in devkit.IMAGE_DIRS.values():
             sources.update(
                 {
                     f"{member}/{p.name}": f"{src.name(folder / archive)} (member {p.relative_to(out)})"
@@ -53,7 +53,7 @@ def import_split_archives(
         shutil.rmtree(out)
     if (folder / TEST_LABELS).is_file():
         base.transfer(folder / TEST_LABELS, stage / TEST_LABELS, src.owned, progress)
-    return Imported("split archives", True, data.SPLITS, sources)
+    return Imported("split archives", True, devkit.SPLITS, sources)
 
 
 def _import_split_layout(folder: Path, stage: Path, work: Path, src: Source, progress: Progress) -> Imported:

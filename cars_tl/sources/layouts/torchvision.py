@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cars_tl import data
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import Progress
+from cars_tl.data.devkit import DEVKIT_FILES, IMAGE_DIRS
 from cars_tl.sources.layouts import base
 from cars_tl.sources.layouts.base import (
     TEST_LABELS,
@@ -34,12 +34,12 @@ def devkit_parts(folder: Path) -> dict | None:
     if devkit is None:
         return None
     images = {}
-    for split, name in data.IMAGE_DIRS.items():
+    for split, name in IMAGE_DIRS.items():
         d = folder / name / name if (folder / name / name).is_dir() else folder / name
         images[split] = d if d.is_dir() else None
     if images["train"] is None:
         return None
-    flat = devkit == folder / "devkit" and all(images[s] == folder / n for s, n in data.IMAGE_DIRS.items())
+    flat = devkit == folder / "devkit" and all(images[s] == folder / n for s, n in IMAGE_DIRS.items())
     return {"devkit": devkit, "images": images, "layout": "torchvision" if flat else "kaggle"}
 
 
@@ -79,11 +79,11 @@ def import_devkit_folders(folder: Path, stage: Path, work: Path, src: Source, pr
     stage.mkdir(parents=True)
     sources = {}
     for split in src.splits:
-        name = data.IMAGE_DIRS[split]
+        name = IMAGE_DIRS[split]
         base.transfer(images[split], stage / name, src.owned, progress)
         sources.update(sources_of(stage, name, images[split], src))
     (stage / "devkit").mkdir()
-    for rel in data.DEVKIT_FILES.values():
+    for rel in DEVKIT_FILES.values():
         if (devkit / Path(rel).name).is_file():
             base.transfer(devkit / Path(rel).name, stage / rel, src.owned, progress)
     if labels is not None:
@@ -100,7 +100,7 @@ def _near_misses(folder: Path) -> list[str]:
     items = {
         "cars_train/": has(folder, "cars_train"),
         "cars_test/": has(folder, "cars_test"),
-        **{f: has(folder, f) for f in data.DEVKIT_FILES.values()},
+        **{f: has(folder, f) for f in DEVKIT_FILES.values()},
     }
     return lacking(folder, "torchvision", items)
 
