@@ -85,7 +85,7 @@ def test_not_a_feature_file_is_refused(tmp_path):
 def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path, monkeypatch):
     """The weight decay each seed chose lives under selection, never in config: four tuned seeds, whose
     validation splits pick different values, make one report group with n=4."""
-    from cars_tl.report import build as report
+    from cars_tl.report import catalog
 
     picks = iter([1e-4, 1e-1, 1e-2, 1e-4])  # a different choice per seed, as small validation splits give
     original = heads.fit_head
@@ -107,8 +107,8 @@ def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path
         chosen.append(metrics["selection"]["chosen"]["weight_decay"])
         assert metrics["config"]["weight_decay"] is None
     assert len(set(chosen)) == 3  # the seeds chose differently
-    complete, problems = report.gather(artifacts)
-    groups = report.seed_groups(complete)
+    complete, problems = catalog.gather(artifacts)
+    groups = catalog.seed_groups(complete)
     assert not problems and len(groups) == 1
     assert groups[0]["n"] == 4 and sorted(groups[0]["seeds"]) == [0, 1, 2, 3]
     assert groups[0]["selected_on"] == ["validation"] and not groups[0]["on_test"]

@@ -27,7 +27,7 @@ from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import devkit
 from cars_tl.data import manifest as manifests
-from cars_tl.report import build as report
+from cars_tl.report import build
 from cars_tl.sources.prepare import prepare_dataset
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
@@ -248,7 +248,7 @@ def test_the_report_lists_the_label_noise_of_the_runs_dataset(noisy, tmp_path):
     shown = tmp_path / "shown" / "stanford_cars"
     shown.mkdir(parents=True)
     (shown / manifests.MANIFEST_JSON).write_text(json.dumps({"fingerprint": "cd" * 32, "label_conflicts": conflicts}))
-    result = report.build_report(artifacts, data_dir=shown.parent)
+    result = build.build_report(artifacts, data_dir=shown.parent)
     md = Path(result["files"]["md"]).read_text()
     html = Path(result["files"]["html"]).read_text()
     assert "## Dataset" in md and "2 groups of identical images with different labels" in md
@@ -257,5 +257,5 @@ def test_the_report_lists_the_label_noise_of_the_runs_dataset(noisy, tmp_path):
     )  # md escapes _
     assert json.loads(Path(result["files"]["json"]).read_text())["label_noise"][0].startswith("2 groups")
     # Another dataset than the runs': nothing said about it.
-    result = report.build_report(artifacts, data_dir=tmp_path / "data")
+    result = build.build_report(artifacts, data_dir=tmp_path / "data")
     assert "identical images" not in Path(result["files"]["md"]).read_text()

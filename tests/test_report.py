@@ -14,7 +14,7 @@ from cars_tl.artifacts import runs
 from cars_tl.cli import app
 from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
-from cars_tl.report import build as report
+from cars_tl.report import analysis, build, catalog, markup
 from cars_tl.stages.sparsity import measure
 
 
@@ -67,26 +67,26 @@ def test_per_class_and_make_level_accuracy_on_a_hand_made_set():
     # true:  0 0 0 1 1 2 2 2   (class 3 has no test image)
     # pred:  0 0 1 1 0 2 0 3   -> class 0: 2/3, class 1: 1/2, class 2: 1/3
     p = _toy_predictions([0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 0, 2, 0, 3])
-    table = report.per_class_accuracy(p, 4)
+    table = analysis.per_class_accuracy(p, 4)
     assert [(r["n"], r["correct"]) for r in table] == [(3, 2), (2, 1), (3, 1), (0, 0)]
     assert table[0]["acc"] == pytest.approx(200 / 3) and table[3]["acc"] is None
-    mk = report.make_accuracy(p, TOY_CLASSES)
+    mk = analysis.make_accuracy(p, TOY_CLASSES)
     # Errors: 0->1 (Audi->Audi), 1->0 (Audi->Audi), 2->0 (BMW->Audi), 2->3 (BMW->Volvo).
     assert mk["errors"] == 4 and mk["errors_within_make"] == 2 and mk["errors_within_make_pct"] == 50.0
     assert mk["top1_acc"] == 50.0 and mk["make_acc"] == 75.0 and mk["makes"] == 3
-    pairs = report.confused_pairs(p, top=2)
+    pairs = analysis.confused_pairs(p, top=2)
     assert [(c["true"], c["predicted"], c["count"]) for c in pairs] == [(0, 1, 1), (1, 0, 1)]
     assert pairs[0]["example_id"] == 2 and pairs[0]["of"] == 3
-    assert report.make_of("AM General Hummer SUV 2000") == "AM"
+    assert analysis.make_of("AM General Hummer SUV 2000") == "AM"
 
 
 def test_the_gallery_is_a_fixed_sample_of_images_every_run_scored():
     a = _toy_predictions([0] * 40, [0] * 40, ids=np.arange(40))
     b = _toy_predictions([0] * 30, [0] * 30, ids=np.arange(10, 40))
-    first = report.gallery_ids([a, b], size=8, seed=0)
-    assert first == report.gallery_ids([b, a], size=8, seed=0) and len(first) == 8
+    first = analysis.gallery_ids([a, b], size=8, seed=0)
+    assert first == analysis.gallery_ids([b, a], size=8, seed=0) and len(first) == 8
     assert all(10 <= i < 40 for i in first) and first == sorted(first)
-    assert report.gallery_ids([a, b], size=8, seed=1) != first
+    assert analysis.gallery_ids([a, b], size=8, seed=1) != first
 
 
 def _toy_run(
@@ -134,15 +134,15 @@ def test_runs_that_differ_only_by_seed_are_one_group(tmp_path):
         _toy_run(artifacts, f"B-s{seed}", seed=seed, test_acc=acc)
     _toy_run(artifacts, "B-tuned", preset="tuned", test_acc=70.0)
     _toy_run(artifacts, "B-lr", seed=1, lr=0.1, test_acc=10.0)  # another learning rate: another configuration
-    complete, problems = report.gather(artifacts)
+    complete, problems = catalog.gather(artifacts)
     assert not problems
-    groups = {tuple(g["runs"]): g for g in report.seed_groups(complete)}
+    groups = {tuple(g["runs"]): g for g in catalog.seed_groups(complete)}
     seeded = groups[("B-s0", "B-s1", "B-s2")]
     assert seeded["n"] == 3 and seeded["mean"] == pytest.approx(50.0) and seeded["std"] == pytest.approx(10.0)
     assert sorted(seeded["seeds"]) == [0, 1, 2] and seeded["group"] == "B"
     assert groups[("B-tuned",)]["n"] == 1 and groups[("B-tuned",)]["std"] is None
     assert ("B-lr",) in groups and len(groups) == 3
-    result = report.build_report(artifacts, data_dir=None)
+    result = build.build_report(artifacts, data_dir=None)
     md = Path(result["files"]["md"]).read_text()
     assert "50.00 ± 10.00" in md and "| B | study | resnet18 / random | 3 | 0, 1, 2 |" in md
 
@@ -153,10 +153,10 @@ def test_model_groups_follow_what_the_run_did():
         "backbone": {"weights": weights},
         "config": {"unfreeze": unfreeze},
     }  # noqa: E731
-    assert report.model_group(ft("random", "all")) == "A"
-    assert report.model_group(ft("imagenet", "layer4")) == "D"
-    assert report.model_group(ft("imagenet", "all")).startswith("finetune (pretrained")
-    assert [report.model_group({"kind": k}) for k in ("head", "svm", "knn")] == ["B", "C", "kNN"]
+    assert catalog.model_group(ft("random", "all")) == "A"
+    assert catalog.model_group(ft("imagenet", "layer4")) == "D"
+    assert catalog.model_group(ft("imagenet", "all")).startswith("finetune (pretrained")
+    assert [catalog.model_group({"kind": k}) for k in ("head", "svm", "knn")] == ["B", "C", "kNN"]
 
 
 def test_report_with_a_broken_run_still_renders(tmp_path):
@@ -195,7 +195,7 @@ def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
     _toy_run(artifacts, "pipes", display_name="a | b <script>alert(1)</script> [x](y)")
     before = {p for p in tmp_path.rglob("*")}
     out = artifacts / "report"
-    report.build_report(artifacts, data_dir=None)
+    build.build_report(artifacts, data_dir=None)
     created = {p for p in tmp_path.rglob("*")} - before
     outside = {p for p in created if out not in p.parents and p != out}
     assert outside == {locks.lock_path(out)}  # only the report's own lock, beside it
@@ -204,7 +204,7 @@ def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
     html = (out / "report.html").read_text()
     assert "a \\| b \\<script\\>alert\\(1\\)\\</script\\> \\[x\\]\\(y\\)" in md and "<script>alert" not in md
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert report.slug("../../../x") == "x" and report.slug("..") == "run" and report.slug(".hidden") == "hidden"
+    assert catalog.slug("../../../x") == "x" and catalog.slug("..") == "run" and catalog.slug(".hidden") == "hidden"
 
 
 def test_saved_predictions_agree_with_each_stage_s_reported_accuracy(
@@ -299,13 +299,13 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
             legends.append([h.get_label() for h in k.get("handles", [])]) or original_legend(self, *a, **k)
         ),
     )
-    result = report.build_report(artifacts, data_dir=None)
+    result = build.build_report(artifacts, data_dir=None)
 
     groups = {g["runs"][0]: g for g in result["groups"]}
     assert groups["D-study"]["on_test"] and groups["C-all"]["on_test"] and not groups["B-tuned"]["on_test"]
     hatched = {round(h, 6) for h, hatch in bars if hatch}
     assert hatched == {round(ft["final"]["test_acc"], 6), round(svm_all["final"]["test_acc"], 6)}
-    assert any(report.TEST_MARK in labels for labels in legends)
+    assert any(catalog.TEST_MARK in labels for labels in legends)
     rows = {r["model"]: r for r in result["rows"]}
     assert rows["D-study"]["selected on"].startswith("test †") and rows["C-all"]["selected on"].startswith("test †")
     assert rows["B-tuned"]["selected on"] == "validation"
@@ -313,8 +313,8 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
     md = Path(result["files"]["md"]).read_text()
     html = Path(result["files"]["html"]).read_text()
     for text in (md, html):
-        assert report.TEST_MARK in text and "last-epoch test acc %" in text
-    assert md.count(report.md(f"test † ({report.TEST_MARK})")) == 4  # two runs, in the comparison and the seeds tables
+        assert catalog.TEST_MARK in text and "last-epoch test acc %" in text
+    assert md.count(markup.md(f"test † ({catalog.TEST_MARK})")) == 4  # two runs, in the comparison and the seeds tables
 
 
 def test_runs_written_before_selection_had_chosen_still_group_their_seeds(tmp_path):
@@ -327,8 +327,14 @@ def test_runs_written_before_selection_had_chosen_still_group_their_seeds(tmp_pa
         metrics["selection"] = {"by": "cross-entropy on a validation split of train", "grid": [{"weight_decay": wd}]}
         runs.write_metrics(run_dir, metrics)
     _toy_run(artifacts, "B-tuned-fixed", preset="tuned", weight_decay=1e-1)  # told, not chosen: another configuration
-    complete, _ = report.gather(artifacts)
-    groups = {tuple(sorted(g["runs"])): g for g in report.seed_groups(complete)}
+    complete, _ = catalog.gather(artifacts)
+    groups = {tuple(sorted(g["runs"])): g for g in catalog.seed_groups(complete)}
     assert set(groups) == {("B-tuned-s0", "B-tuned-s1", "B-tuned-s2"), ("B-tuned-fixed",)}
     assert groups[("B-tuned-s0", "B-tuned-s1", "B-tuned-s2")]["selected_on"] == ["validation"]
     assert groups[("B-tuned-fixed",)]["selected_on"] == ["none"]
+
+
+def test_every_run_kind_has_a_view_in_the_report():
+    from cars_tl.artifacts import runs
+
+    assert set(catalog.KIND_VIEWS) == set(runs.KINDS)

@@ -32,7 +32,7 @@ SETTINGS_VERSION = 1
 
 
 def make_of(class_name: str) -> str:
-    """The make is the first word of a Stanford Cars class name (the report's rule, ``report.build.make_of``)."""
+    """The make is the first word of a Stanford Cars class name (the report's rule, ``report.analysis.make_of``)."""
     return str(class_name).split()[0] if str(class_name).split() else str(class_name)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cars_tl.core.errors import CarsTLError
 from cars_tl.models import feature_map
-from cars_tl.report.build import GROUP_ORDER, model_group
+from cars_tl.report.catalog import GROUP_ORDER, model_group
 
 TITLE = "Feature space by make"
 INTRO = (

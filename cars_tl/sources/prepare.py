@@ -90,7 +90,7 @@ def prepare_dataset(
     from the same source whose images' sizes and mtimes are as recorded makes this a fast
     no-op; ``verify`` re-hashes every image instead (SHA-256) and rebuilds the manifest.
     ``label_conflicts``: ``keep`` (the default) lists identical images with different labels in
-    the manifest; ``drop`` leaves every member of such a group out (see :mod:`cars_tl.data`).
+    the manifest; ``drop`` leaves every member of such a group out (see :mod:`cars_tl.data.manifest`).
     Holds the writer lock of ``<data_dir>/stanford_cars`` throughout: a second download into
     the same folder fails at once, and what a killed one left behind is removed.
     """
