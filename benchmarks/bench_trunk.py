@@ -5,7 +5,7 @@ shared weights; ``--unfreeze blocks.6``): one epoch each way (training + the tes
 follows it), the build time of the cache separately, and the break-even epoch count
 (build / time saved per epoch). Then the cost in accuracy of 16-bit storage for fp32 compute:
 whole study-preset runs (15 epochs) of Lite0 on the cache with fp32, fp16 and bf16 storage (the
-fp32-storage run equals the image path: tests/test_trunk.py).
+fp32-storage run equals the image path: tests/stages/test_trunk_cache.py).
 
     nice -n 10 .venv/bin/python benchmarks/bench_trunk.py [--skip-accuracy] [--epochs-accuracy N]
 """

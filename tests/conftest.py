@@ -6,29 +6,13 @@ when they are absent. Nothing is ever written into ``../shared``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+from helpers import SHARED_MINI, TINY
 
 os.environ.setdefault("TORCH_HOME", str(Path(__file__).resolve().parent / ".torch-home-unused"))
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHARED_MINI = SHARED / "data" / "stanford_cars_mini"
-SHARED_DEVKIT = SHARED / "data" / "stanford_cars_devkit"
-SHARED_EFFNET = SHARED / "models" / "efficientnet_lite0_timm.pth"
-HAS_TIMM = importlib.util.find_spec("timm") is not None
-
-needs_mini = pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"real Stanford Cars subset absent ({SHARED_MINI})")
-needs_devkit = pytest.mark.skipif(not SHARED_DEVKIT.is_dir(), reason=f"real devkit absent ({SHARED_DEVKIT})")
-needs_effnet = pytest.mark.skipif(
-    not (HAS_TIMM and SHARED_EFFNET.is_file()),
-    reason="needs the timm extra (pip install 'cars_tl[timm]') and ../shared/models/efficientnet_lite0_timm.pth",
-)
-
-# Small, fast settings shared by the tests that run a real network.
-TINY = dict(backbone="resnet18", weights="random", image_size=64, precision="fp32", workers=0)
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 import cars_tl
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _readme_example() -> str:

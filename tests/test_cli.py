@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_EFFNET, needs_effnet, needs_mini
+from helpers import REPO, SHARED_EFFNET, SHARED_MINI, assert_refused, needs_effnet, needs_mini, run_cli
 from typer.testing import CliRunner
 
+from cars_tl.artifacts import runs
 from cars_tl.cli import app
+from cars_tl.core.errors import CarsTLError
 
-REPO = Path(__file__).resolve().parents[1]
 COMMANDS = (
     "download",
     "extract-features",
@@ -70,7 +71,7 @@ def _chain(tmp_path: Path, backbone: str, weights: str, *extra: str) -> dict:
         [
             "download",
             "--source",
-            str(Path(__file__).resolve().parents[2] / "shared/data/stanford_cars_mini"),
+            str(SHARED_MINI),
             "--data-dir",
             str(data_dir),
         ],
@@ -146,3 +147,31 @@ def test_init_head_from_another_dataset_is_refused(demo_head_run, mini_dir):
     text = result.output.replace("\n", " ")
     assert str(demo_head_run) in text.replace(" ", "") or demo_head_run.name in text
     assert "another dataset" in text and "classes" in text
+
+
+def test_help_shows_defaults_and_version():
+    result = run_cli("train-head", "--help")
+    assert "(study: 15" in result.stdout and "(study: 1e-3" in result.stdout
+    assert "Epochs ." not in result.stdout
+    result = run_cli("report", "--help")
+    assert "ARTIFACTS/report" in result.stdout
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("cars-tl ")
+
+
+def test_paths_and_hints_with_brackets_print_verbatim(demo_features, tmp_path):
+    missing = tmp_path / "a[/]b" / "x[red].h5"
+    result = run_cli("train-head", "--features", missing)
+    assert_refused(result, f"feature file {missing} does not exist")
+    out = tmp_path / "r[/]un[bold]"
+    result = run_cli("knn", "--features", demo_features, "--k", "5", "--out", out)
+    assert result.returncode == 0, result.stdout
+    assert f"knn run {out}:" in result.stdout and runs.read_metrics(out)["status"] == "complete"
+
+
+def test_a_hint_keeps_its_brackets(capsys):
+    from cars_tl import cli
+
+    cli._error(CarsTLError("cannot read x[/]y", "pip install 'cars_tl[parquet]'"))
+    err = capsys.readouterr().err
+    assert "error: cannot read x[/]y" in err and "next: pip install 'cars_tl[parquet]'" in err

@@ -36,7 +36,7 @@ from cars_tl.artifacts import runs
 from cars_tl.core.atomic import atomic_write_text
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.tensorboard import EventLog, epoch_scalars, require_writer
-from cars_tl.report.build import model_group, setting
+from cars_tl.report.catalog import model_group, setting
 
 TARGETS = ("tensorboard", "mlflow")
 ARTIFACT_MAX_BYTES = 10 << 20

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 
 from cars_tl.artifacts import features, names
 from cars_tl.core.errors import CarsTLError

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
-from conftest import SHARED_MINI, needs_mini
+import torch
+from helpers import SHARED_MINI, TINY, assert_refused, needs_mini, run_cli
 from typer.testing import CliRunner
 
+from cars_tl.artifacts import features, runs
 from cars_tl.cli import app
+from cars_tl.core.errors import CarsTLError
+from cars_tl.models.svm import model as svm
 from cars_tl.stages.predict import predict
 
 REAL_IMAGE = SHARED_MINI / "stanford_cars" / "cars_test" / "00001.jpg"
@@ -47,7 +53,6 @@ def test_head_prediction_matches_the_cached_features(demo_dir, demo_head_run, de
     import numpy as np
     import torch
 
-    from cars_tl.artifacts import features
     from cars_tl.data import manifest as manifests
 
     cache = features.load(demo_features).split("test")
@@ -60,7 +65,6 @@ def test_head_prediction_matches_the_cached_features(demo_dir, demo_head_run, de
 
 @pytest.mark.parametrize("case", ["missing image", "not an image", "not a run", "missing model file"])
 def test_errors_name_the_offender_and_exit_non_zero(case, demo_head_run, tmp_path):
-    import shutil
 
     image, run = tmp_path / "img.jpg", demo_head_run
     if case == "missing image":
@@ -86,7 +90,6 @@ def test_errors_name_the_offender_and_exit_non_zero(case, demo_head_run, tmp_pat
 
 @pytest.fixture(scope="module")
 def bf16_features(demo_dir, tmp_path_factory):
-    from conftest import TINY
 
     from cars_tl.stages.extract import extract_features
 
@@ -116,14 +119,12 @@ def test_predict_split_reproduces_a_bf16_head_run_exactly(demo_dir, bf16_feature
 
 
 def test_predict_split_reproduces_an_svm_run_exactly(demo_dir, demo_svm_run, tmp_path):
-    import shutil
 
     shutil.copytree(demo_svm_run, tmp_path / "svm")
     _rescored_equals_saved(tmp_path / "svm", demo_dir)
 
 
 def test_predict_split_reproduces_a_bf16_finetune_run_exactly(demo_dir, tmp_path):
-    from conftest import TINY
 
     from cars_tl.stages.finetune import finetune
 
@@ -135,10 +136,8 @@ def test_predict_split_reproduces_a_bf16_finetune_run_exactly(demo_dir, tmp_path
 
 @pytest.mark.parametrize("case", ["gone", "changed"])
 def test_predict_split_refuses_a_feature_cache_gone_or_changed(case, demo_dir, demo_head_run, bf16_features, tmp_path):
-    import shutil
 
     from cars_tl.artifacts import runs
-    from cars_tl.core.errors import CarsTLError
     from cars_tl.stages.predict import predict_split
 
     run_dir = tmp_path / "head"
@@ -166,3 +165,37 @@ def test_every_run_kind_that_keeps_a_model_has_a_loader():
     assert set(inference.LOADERS) == {k.name for k in runs.RUN_KINDS.values() if k.keeps_model}
     assert runs.SCORE_KINDS == ("probability", "decision score", "vote share")
     assert runs.stages_of() == "train-head, fit-svm, finetune or knn"
+
+
+def test_predict_top1_equals_the_svm_on_real_images(demo_svm_run, demo_dir):
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.images import open_image
+    from cars_tl.stages.predict import predict
+
+    manifest = manifests.load_manifest(demo_dir)
+    images = [manifest.root / r.path for r in manifest.split("test")[:24]]
+    result = predict(images, run_dirs=[demo_svm_run], top_k=3)
+    model = svm.load_model(runs.model_file(demo_svm_run))
+    loaded = __import__("cars_tl.models.inference", fromlist=["load_run"]).load_run(demo_svm_run)
+    with torch.inference_mode():
+        feats = loaded.body(torch.stack([loaded.transform(open_image(p)) for p in images])).double().numpy()
+    want = model.predict(feats)
+    got = [r["predictions"][loaded.name]["top"][0]["label"] for r in result]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_predict_without_images_or_split_and_with_a_folder(demo_head_run, tmp_path):
+    assert_refused(
+        run_cli("predict", "--model", demo_head_run),
+        "needs image files or --split",
+        f"--model {demo_head_run} --split test",
+    )
+    assert_refused(run_cli("predict", "--model", demo_head_run, tmp_path), f"image {tmp_path} is a folder")
+
+
+def test_a_bad_image_of_ones_own_is_not_told_to_download(demo_head_run, tmp_path):
+    image = tmp_path / "mine.jpg"
+    image.write_bytes(b"not a jpeg at all")
+    result = run_cli("predict", "--model", demo_head_run, image)
+    assert_refused(result, f"cannot read image {image}", "intact image file")
+    assert "download" not in result.stdout

@@ -7,12 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, finetune_weights
 from torch.utils.data import Subset
 
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import devkit, loaders, transforms
 from cars_tl.data import manifest as manifests
 from cars_tl.data.dataset import CarsDataset
+from cars_tl.stages import finetune as ft
 
 SPEC = {
     "resize": 40,
@@ -84,3 +86,50 @@ def test_eval_loader_picks_threads_on_the_cpu_and_the_dataloader_elsewhere(demo_
     assert tuple(cuda_set[0][0].shape) == (3, 32, 32)  # a normalized tensor, for worker processes
     cuda = loaders.eval_loader(cuda_set, [3, 1, 4], 2, 0, "cuda", SPEC)
     assert isinstance(cuda, torch.utils.data.DataLoader) and cuda.dataset.indices == [3, 1, 4] and cuda.pin_memory
+
+
+@pytest.mark.slow
+def test_augmentation_does_not_depend_on_the_worker_count(demo_dir, tmp_path):
+    common = dict(TINY, unfreeze="layer4", epochs=1, batch_size=32, augment="standard", seed=3)
+    ft.finetune(demo_dir, out=tmp_path / "w0", **dict(common, workers=0))
+    ft.finetune(demo_dir, out=tmp_path / "w2", **dict(common, workers=2))
+    w0, w2 = finetune_weights(tmp_path / "w0"), finetune_weights(tmp_path / "w2")
+    differing = [k for k in w0 if not torch.equal(w0[k], w2[k])]
+    assert differing == []
+
+
+def test_seeded_augmentation_is_a_function_of_seed_epoch_and_sample():
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.rand(1).item()
+
+    data = loaders.SeededAugmentation(Draw(), seed=7)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = [data[k] for k in range(10)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG stream is untouched
+    assert first == [data[k] for k in range(10)] and first[:5] != first[5:]  # epochs differ, repeats agree
+    sampler = loaders.EpochSampler(5, seed=7)
+    sampler.set_epoch(2)
+    keys = list(sampler)
+    assert sorted(k - 10 for k in keys) == list(range(5))
+    again = loaders.EpochSampler(5, seed=7)
+    again.set_epoch(2)
+    assert list(again) == keys
+    again.set_epoch(3)
+    assert [k - 15 for k in again] != [k - 10 for k in keys]
+
+
+def test_cuda_loaders_keep_workers_and_pin_memory(demo_dir, monkeypatch):
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.dataset import CarsDataset
+
+    manifest = manifests.load_manifest(demo_dir)
+    dataset = CarsDataset(manifest, "train", None)
+    loader = loaders.make_loader(dataset, 8, 3, "cuda")
+    assert loader.num_workers == 3 and loader.persistent_workers and loader.pin_memory and loader.prefetch_factor == 4
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda _: set(range(16)))
+    assert loaders.default_workers("cuda") == 16 and loaders.default_workers("cpu") == 4

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from typer.testing import CliRunner
 
 from cars_tl.artifacts import features, names
 from cars_tl.cli import app
 from cars_tl.core.errors import CarsTLError
+from cars_tl.models import backbones
 from cars_tl.stages import presets
 from cars_tl.stages.knn import run_knn
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _paths(*argv: str) -> dict[str, str]:
@@ -126,4 +126,20 @@ def test_weights_and_backbone_tags():
     assert names.backbone_tag("timm/efficientnet_lite0") == "timm-efficientnet_lite0"
     assert names.finetune_run_name("resnet50", "random", "layer3,layer4", "tuned") == (
         "finetune-resnet50-random-layer3+layer4-tuned"
+    )
+
+
+def test_default_cache_names_differ_for_every_array_changing_option(tmp_path):
+    spec = backbones.build_backbone("resnet18", "random", 64).transform
+    bigger = backbones.build_backbone("resnet18", "random", 96).transform
+    paths = {
+        names.features_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32"),
+        names.features_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "bf16"),
+        names.features_path(tmp_path, "resnet18", "random", "full", bigger, 0.0, "fp32"),
+        names.features_path(tmp_path, "resnet18", "random", "box", spec, 0.0, "fp32"),
+        names.features_path(tmp_path, "resnet18", "random", "box", spec, 0.1, "fp32"),
+    }
+    assert len(paths) == 5
+    assert names.features_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32").name.startswith(
+        "resnet18-random-full-64px-fp32-"
     )

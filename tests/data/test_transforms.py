@@ -4,11 +4,12 @@ recorded preprocessing travelling from a feature cache through a run into predic
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_TIMM, TINY
+from helpers import HAS_TIMM, TINY, assert_refused, run_cli
 from PIL import Image, ImageOps
 
 from cars_tl.artifacts import features
@@ -298,7 +299,6 @@ def test_sparsity_gives_box_runs_their_boxes_and_refuses_loose_images(demo_dir, 
 
 @pytest.mark.parametrize("recorded, used", [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")])
 def test_runs_are_evaluated_in_their_recorded_precision(demo_head_run, tmp_path, recorded, used):
-    import shutil
 
     run_dir = tmp_path / "run"
     shutil.copytree(demo_head_run, run_dir)
@@ -374,3 +374,26 @@ def test_finetune_trains_and_records_a_resize_mode_with_its_augmentation(demo_di
     assert metrics["config"]["resize"] == "pad" and metrics["backbone"]["transform"]["mode"] == "pad"
     loaded = load_run(run_dir)
     assert transforms.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image_size"]
+
+
+@pytest.mark.parametrize("size", [100000, 31])
+def test_image_size_is_bounded(size, demo_dir, tmp_path):
+    result = run_cli(
+        "extract-features",
+        "--data-dir",
+        demo_dir,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        size,
+        "--out",
+        tmp_path / "f.h5",
+    )
+    assert_refused(result, f"--image-size must be at least 32 and at most 1024 pixels, got {size}")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(CarsTLError, match="at least 32 and at most 1024"):
+        from cars_tl.stages import finetune as ft
+
+        ft.finetune(demo_dir, epochs=1, out=tmp_path / "ft", **dict(TINY, image_size=size))

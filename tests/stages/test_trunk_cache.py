@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, REPO, assert_same_run, torchrun_command
 
 from cars_tl.artifacts import runs, trunks
 from cars_tl.data import manifest as manifests
@@ -201,7 +202,6 @@ def test_sixteen_bit_storage_rounds_as_stated():
 
 @pytest.mark.slow
 def test_two_process_cached_finetune_equals_one_process(demo_dir, tmp_path):
-    from test_distributed import ENV, REPO, _assert_same_run, _torchrun
 
     # tuned without augmentation: BatchNorm statistics kept (as in test_distributed), so that per-process
     # batches compute what one process does; a validation split, read from the cache too.
@@ -251,7 +251,7 @@ def test_two_process_cached_finetune_equals_one_process(demo_dir, tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        _torchrun(2, *args, "--trunk-cache", str(tmp_path / "two.h5"), "--out", str(tmp_path / "two")),
+        torchrun_command(2, *args, "--trunk-cache", str(tmp_path / "two.h5"), "--out", str(tmp_path / "two")),
         cwd=REPO,
         env=ENV,
         capture_output=True,
@@ -266,7 +266,7 @@ def test_two_process_cached_finetune_equals_one_process(demo_dir, tmp_path):
         assert np.array_equal(
             trunks.open_split(tmp_path / "one.h5", split).maps, trunks.open_split(tmp_path / "two.h5", split).maps
         )
-    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TOY_CLASSES, toy_run
 from typer.testing import CliRunner
 
 from cars_tl.artifacts import runs
@@ -60,9 +61,6 @@ def _toy_predictions(labels, first, ids=None):
     return runs.Predictions(ids, labels, top, np.ones(top.shape, np.float32), "probability")
 
 
-TOY_CLASSES = ["Audi A4 2012", "Audi A6 2012", "BMW M3 2012", "Volvo XC90 2007"]
-
-
 def test_per_class_and_make_level_accuracy_on_a_hand_made_set():
     # true:  0 0 0 1 1 2 2 2   (class 3 has no test image)
     # pred:  0 0 1 1 0 2 0 3   -> class 0: 2/3, class 1: 1/2, class 2: 1/3
@@ -89,51 +87,12 @@ def test_the_gallery_is_a_fixed_sample_of_images_every_run_scored():
     assert analysis.gallery_ids([a, b], size=8, seed=1) != first
 
 
-def _toy_run(
-    artifacts: Path,
-    name: str,
-    kind: str = "head",
-    seed: int = 0,
-    preset: str = "study",
-    test_acc: float = 50.0,
-    labels=(0, 1, 2, 3),
-    first=(0, 1, 2, 3),
-    history=(),
-    **config,
-) -> Path:
-    run_dir = artifacts / "runs" / name
-    run_dir.mkdir(parents=True)
-    metrics = runs.new_metrics(
-        kind,
-        config.pop("display_name", name),
-        {"preset": preset, "seed": seed, "features": f"/x/{name}.h5", **config},
-        history=list(history),
-        backbone={
-            "backbone": "resnet18",
-            "weights": "random",
-            "weights_digest": "ab" * 32,
-            "transform": {"crop": 8},
-            "crop": "full",
-            "margin": 0.0,
-        },
-        inputs={"dataset_fingerprint": "cd" * 32},
-        class_names=TOY_CLASSES,
-        params={"total": 10, "trainable": 5},
-        model_file="head.pt",
-        final={"test_acc": test_acc, "train_acc": 90.0},
-    )
-    metrics["status"] = "complete"
-    runs.write_metrics(run_dir, metrics)
-    runs.write_predictions(run_dir, np.arange(len(labels)), labels, np.eye(4)[list(first)], "probability")
-    return run_dir
-
-
 def test_runs_that_differ_only_by_seed_are_one_group(tmp_path):
     artifacts = tmp_path / "artifacts"
     for seed, acc in ((0, 40.0), (1, 50.0), (2, 60.0)):
-        _toy_run(artifacts, f"B-s{seed}", seed=seed, test_acc=acc)
-    _toy_run(artifacts, "B-tuned", preset="tuned", test_acc=70.0)
-    _toy_run(artifacts, "B-lr", seed=1, lr=0.1, test_acc=10.0)  # another learning rate: another configuration
+        toy_run(artifacts, f"B-s{seed}", seed=seed, test_acc=acc)
+    toy_run(artifacts, "B-tuned", preset="tuned", test_acc=70.0)
+    toy_run(artifacts, "B-lr", seed=1, lr=0.1, test_acc=10.0)  # another learning rate: another configuration
     complete, problems = catalog.gather(artifacts)
     assert not problems
     groups = {tuple(g["runs"]): g for g in catalog.seed_groups(complete)}
@@ -161,7 +120,7 @@ def test_model_groups_follow_what_the_run_did():
 
 def test_report_with_a_broken_run_still_renders(tmp_path):
     artifacts = tmp_path / "artifacts"
-    _toy_run(artifacts, "good", test_acc=75.0, labels=(0, 1, 2, 3), first=(0, 1, 2, 0))
+    toy_run(artifacts, "good", test_acc=75.0, labels=(0, 1, 2, 3), first=(0, 1, 2, 0))
     truncated = artifacts / "runs" / "truncated"
     truncated.mkdir()
     (truncated / runs.METRICS).write_text('{"kind": "head", "format_')
@@ -170,7 +129,7 @@ def test_report_with_a_broken_run_still_renders(tmp_path):
     (wrong_shape / runs.METRICS).write_text(
         json.dumps({"kind": "head", "format_version": 1, "status": "complete", "final": [1, 2]})
     )
-    garbage = _toy_run(artifacts, "garbage-predictions")
+    garbage = toy_run(artifacts, "garbage-predictions")
     runs.predictions_path(garbage).write_bytes(b"not a zip file")
     result = CliRunner().invoke(app, ["report", "--artifacts", str(artifacts), "--data-dir", str(tmp_path / "nowhere")])
     assert result.exit_code == 0, result.output
@@ -191,8 +150,8 @@ def test_a_malicious_run_name_writes_nothing_outside_the_report(tmp_path):
         {"epoch": e, "train_loss": 1.0 / e, "train_acc": 50.0 + e, "test_loss": 1.2 / e, "test_acc": 40.0 + e}
         for e in (1, 2)
     ]
-    _toy_run(artifacts, "evil", display_name="../../../x", test_acc=60.0, history=epochs)
-    _toy_run(artifacts, "pipes", display_name="a | b <script>alert(1)</script> [x](y)")
+    toy_run(artifacts, "evil", display_name="../../../x", test_acc=60.0, history=epochs)
+    toy_run(artifacts, "pipes", display_name="a | b <script>alert(1)</script> [x](y)")
     before = {p for p in tmp_path.rglob("*")}
     out = artifacts / "report"
     build.build_report(artifacts, data_dir=None)
@@ -262,11 +221,11 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
     accuracy) are marked as selected on test -- hatched bars with a legend entry, a `selected on`
     column -- beside a tuned head (chosen on validation); the finetune's last-epoch number is shown."""
     import matplotlib.axes
+    from helpers import TINY
 
     from cars_tl.stages.finetune import finetune
     from cars_tl.stages.fit_svm import fit_svm
     from cars_tl.stages.train_head import train_head
-    from tests.conftest import TINY
 
     artifacts = tmp_path / "artifacts"
     _, ft = finetune(demo_dir, unfreeze="layer4", epochs=2, batch_size=16, out=artifacts / "runs" / "D-study", **TINY)
@@ -322,11 +281,11 @@ def test_runs_written_before_selection_had_chosen_still_group_their_seeds(tmp_pa
     the grid): the report still groups their seeds, and an explicit --weight-decay stays a setting."""
     artifacts = tmp_path / "artifacts"
     for seed, wd in ((0, 1e-3), (1, 1e-2), (2, 1e-3)):
-        run_dir = _toy_run(artifacts, f"B-tuned-s{seed}", preset="tuned", seed=seed, weight_decay=wd)
+        run_dir = toy_run(artifacts, f"B-tuned-s{seed}", preset="tuned", seed=seed, weight_decay=wd)
         metrics = runs.read_metrics(run_dir)
         metrics["selection"] = {"by": "cross-entropy on a validation split of train", "grid": [{"weight_decay": wd}]}
         runs.write_metrics(run_dir, metrics)
-    _toy_run(artifacts, "B-tuned-fixed", preset="tuned", weight_decay=1e-1)  # told, not chosen: another configuration
+    toy_run(artifacts, "B-tuned-fixed", preset="tuned", weight_decay=1e-1)  # told, not chosen: another configuration
     complete, _ = catalog.gather(artifacts)
     groups = {tuple(sorted(g["runs"])): g for g in catalog.seed_groups(complete)}
     assert set(groups) == {("B-tuned-s0", "B-tuned-s1", "B-tuned-s2"), ("B-tuned-fixed",)}

@@ -18,8 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_download import _all_in_one, tar_folder
-from test_layouts import class_folders, kaggle_copy, parquet_shards
+from helpers import all_in_one_copy, class_folders, kaggle_copy, parquet_shards, tar_folder, toy_run
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
@@ -99,7 +98,7 @@ def make_source(layout: str, noisy, out: Path) -> tuple[Path, dict]:
         shutil.copyfile(root / "cars_test_annos_withlabels.mat", out / "cars_test_annos_withlabels.mat")
         return out, {}
     if layout == "all-in-one":
-        return _all_in_one(root, out / "aio", pack=True), {}
+        return all_in_one_copy(root, out / "aio", pack=True), {}
     keep, _ = prepare_dataset(out / "ref", str(root.parent))
     if layout == "class folders":
         return class_folders(keep, out / "folders"), {}
@@ -239,12 +238,11 @@ def test_real_errors_stay_errors_beside_label_conflicts(noisy, tmp_path):
 
 
 def test_the_report_lists_the_label_noise_of_the_runs_dataset(noisy, tmp_path):
-    from test_report import _toy_run
 
     manifest, _ = prepare_dataset(tmp_path / "data", str(noisy["root"].parent))
     conflicts = json.loads((manifest.root / manifests.MANIFEST_JSON).read_text())["label_conflicts"]
     artifacts = tmp_path / "artifacts"
-    _toy_run(artifacts, "B-s0", test_acc=50.0)  # its dataset fingerprint is "cd" * 32
+    toy_run(artifacts, "B-s0", test_acc=50.0)  # its dataset fingerprint is "cd" * 32
     shown = tmp_path / "shown" / "stanford_cars"
     shown.mkdir(parents=True)
     (shown / manifests.MANIFEST_JSON).write_text(json.dumps({"fingerprint": "cd" * 32, "label_conflicts": conflicts}))

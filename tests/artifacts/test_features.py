@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,14 +13,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY
+import torch
+from helpers import REPO, TINY, TINY_CLI, assert_refused, cache_rows, poisoned, rewrite_cache, run_cli, run_python
 
 from cars_tl.artifacts import features
 from cars_tl.core.errors import CarsTLError
-from cars_tl.data import transforms
+from cars_tl.data import devkit, transforms
+from cars_tl.data import manifest as manifests
+from cars_tl.stages import train_head as heads
 from cars_tl.stages.extract import extract_features
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _attrs(**extra):
@@ -185,9 +188,6 @@ def test_killed_extraction_resumes_to_identical_arrays(demo_dir, demo_features, 
 def test_skip_bad_lists_the_skipped_images(demo_dir, tmp_path):
     import shutil
 
-    from cars_tl.data import devkit
-    from cars_tl.data import manifest as manifests
-
     shutil.copytree(demo_dir / devkit.STANFORD_DIR, tmp_path / devkit.STANFORD_DIR)
     manifest = manifests.load_manifest(tmp_path)
     victim = manifest.root / manifest.split("test")[4].path
@@ -220,9 +220,7 @@ def test_extracting_another_split_adds_to_the_file(demo_dir, demo_features, tmp_
 
 def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, demo_features):
     """Folded BatchNorm, threaded loading and channels_last change nothing but fp32 rounding."""
-    import torch
 
-    from cars_tl.data import manifest as manifests
     from cars_tl.data.dataset import CarsDataset
     from cars_tl.models import backbones
 
@@ -234,3 +232,184 @@ def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, 
         want = bb.body(torch.stack([dataset[p][0] for p in positions])).numpy()
     got = features.load(demo_features).split("test").features[positions]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _extract(demo_dir, out, **kw):
+    return extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **TINY, **kw)
+
+
+@pytest.fixture()
+def cache_copy(demo_features, tmp_path):
+    out = tmp_path / "f.h5"
+    shutil.copy(demo_features, out)
+    return out
+
+
+def _flip_bytes_in_features(path: Path, count: int = 16) -> None:
+    with h5py.File(path) as f:
+        info = f["train/features"].id.get_chunk_info(0)
+    blob = bytearray(path.read_bytes())
+    for i in range(count):
+        blob[info.byte_offset + info.size // 3 + i] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_flipped_feature_bytes_are_re_extracted_not_up_to_date(demo_dir, demo_features, cache_copy):
+    assert _extract(demo_dir, cache_copy).action == "up to date"
+    _flip_bytes_in_features(cache_copy)
+    with pytest.raises(CarsTLError, match="corrupt"):
+        features.verify(cache_copy)
+    result = _extract(demo_dir, cache_copy)
+    assert result.action == "extracted" and "corrupt" in result.replaced_corrupt
+    np.testing.assert_array_equal(
+        features.verify(cache_copy).split("train").features, features.load(demo_features).split("train").features
+    )
+
+
+def test_a_renamed_dataset_is_a_clear_error_and_re_extracted(demo_dir, demo_features, cache_copy, tmp_path):
+    with h5py.File(cache_copy, "a") as f:
+        f.move("train/features", "train/feats")
+    with pytest.raises(CarsTLError, match="lacks the dataset") as err:
+        heads.train_head(cache_copy, out=tmp_path / "run")
+    assert str(cache_copy) in err.value.message
+    result = run_cli("fit-svm", "--features", cache_copy, "--out", tmp_path / "svm")
+    assert result.returncode == 2 and "lacks the dataset" in result.stdout and "Traceback" not in result.stdout
+    assert _extract(demo_dir, cache_copy).replaced_corrupt
+
+
+def test_a_flipped_label_is_detected(cache_copy):
+    with h5py.File(cache_copy, "a") as f:
+        labels = f["train/labels"]
+        labels[3] = (labels[3] + 1) % 6  # rewritten through HDF5: the chunk's own fletcher32 is updated
+    with pytest.raises(CarsTLError, match="labels does not match its recorded SHA-256"):
+        features.load(cache_copy)
+
+
+def test_a_cache_that_does_not_verify_leaves_no_file(tmp_path):
+    bad = features.SplitArrays(np.zeros((4, 4), np.float32), np.array([0, 1, 2, 7]), np.arange(4), list("abcd"), [])
+    attrs = {
+        "backbone": "x",
+        "weights": "random",
+        "weights_digest": "0",
+        "transform": {},
+        "crop": "full",
+        "margin": 0.0,
+        "precision": "fp32",
+        "class_names": ["a", "b", "c"],
+        "num_classes": 3,
+        "feature_dim": 4,
+        "dataset_fingerprint": "f",
+        "versions": {},
+        "options": {},
+        "skip_bad": False,
+    }
+    with pytest.raises(CarsTLError, match="labels outside"):
+        features.write(tmp_path / "f.h5", attrs, {"train": bad})
+    assert os.listdir(tmp_path) == []
+
+
+FILL_AFTER_CHECK = """
+import os, sys
+from pathlib import Path
+from cars_tl.artifacts import features
+from cars_tl.cli import app
+real = features.ensure_room
+def check_then_fill(path, needed, what="output"):
+    real(path, needed, what)  # the check passes: then another process takes the space
+    st = os.statvfs(Path(path).parent)
+    with open(Path(path).parent.parent / "filler", "wb") as f:
+        f.write(b"x" * max(0, st.f_bavail * st.f_frsize - 64 * 1024))
+features.ensure_room = check_then_fill
+sys.argv = ["cars-tl", *sys.argv[1:]]
+app()
+"""
+
+
+LIMIT_WITHOUT_CHECK = """
+import resource, sys
+from cars_tl.artifacts import features
+from cars_tl.cli import app
+limit = int(sys.argv[1])
+def passed_then_limited(*args, **kwargs):  # the check passed; then the limit shrank (the chunks were written)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+features.ensure_room = passed_then_limited
+sys.argv = ["cars-tl", *sys.argv[2:]]
+app()
+"""
+
+
+LIMITED = """
+import resource, sys
+from cars_tl.cli import app
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.argv = ["cars-tl", *sys.argv[2:]]
+app()
+"""
+
+
+def _assert_clean_refusal(result, out: Path):
+    assert result.returncode == 2, result.stdout
+    assert "not enough room for the feature cache" in result.stdout and str(out) in result.stdout
+    assert "Traceback" not in result.stdout and "h5py" not in result.stdout and "HDF5" not in result.stdout
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_a_disk_that_fills_during_the_write_is_a_message_and_the_rerun_succeeds(demo_dir, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = mount / "feats" / "f.h5"
+        result = run_python(FILL_AFTER_CHECK, "extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out)
+        _assert_clean_refusal(result, out)
+        assert "No space left" in result.stdout
+        assert features.partial_dir(out).exists()  # the extracted chunks are kept for the rerun
+        (mount / "filler").unlink()
+        again = run_cli("extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out)
+        assert again.returncode == 0, again.stdout
+        assert len(features.verify(out).split("train").labels) == 144
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_file_size_limit_hit_during_the_write_is_the_same_message(demo_dir, tmp_path):
+    out = tmp_path / "f.h5"
+    result = run_python(
+        LIMIT_WITHOUT_CHECK, 100_000, "extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out
+    )
+    _assert_clean_refusal(result, out)
+
+
+def test_a_cache_that_fits_under_the_file_size_limit_is_written(demo_dir, tmp_path):
+    out = tmp_path / "f.h5"
+    result = run_python(LIMITED, 1 << 20, "extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out)
+    assert result.returncode == 0, result.stdout
+    size = out.stat().st_size
+    assert 100_000 < size < 1 << 20  # the demo cache (about 0.4 MB) fits: it used to be refused
+    assert features.verify(out).num_classes > 1
+
+
+def test_an_empty_test_split_is_refused_by_svm_and_knn_and_not_measured_by_train_head(demo_features, tmp_path):
+    cache = rewrite_cache(
+        demo_features, tmp_path / "empty-test.h5", test=lambda s: cache_rows(s, np.zeros(len(s.labels), bool))
+    )
+    for stage in ("fit-svm", "knn"):
+        result = run_cli(stage, "--features", cache, "--out", tmp_path / stage)
+        assert_refused(result, "the test split is empty", stage)
+        assert not (tmp_path / stage).exists()
+    run_dir, metrics = heads.train_head(cache, epochs=1, out=tmp_path / "head")
+    assert metrics["status"] == "complete" and metrics["final"].get("test_acc") is None
+    assert not (run_dir / "predictions-test.npz").exists()
+
+
+@pytest.mark.parametrize("split,value", [("train", np.nan), ("test", np.inf)])
+def test_non_finite_features_are_refused_by_every_stage(split, value, demo_features, tmp_path):
+    cache = rewrite_cache(demo_features, tmp_path / "bad.h5", **{split: lambda s: poisoned(s, value)})
+    for stage, extra in (("fit-svm", ()), ("knn", ()), ("train-head", ("--preset", "tuned", "--epochs", "1"))):
+        result = run_cli(stage, "--features", cache, *extra, "--out", tmp_path / stage)
+        assert_refused(result, f"1 {split} feature vectors contain NaN or Inf (of", f"cars-tl inspect {cache}")
+        assert not (tmp_path / stage).exists()
+    with pytest.raises(CarsTLError, match="contain NaN or Inf"):
+        heads.train_head(cache, epochs=1, out=tmp_path / "study")

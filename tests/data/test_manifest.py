@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import SHARED_DEVKIT, needs_devkit
-from PIL import Image
+from helpers import SHARED_DEVKIT, copy_demo_without_manifest, needs_devkit
 
 from cars_tl.core.atomic import file_sha256
-from cars_tl.core.errors import BadImageError, CarsTLError
+from cars_tl.core.errors import CarsTLError
 from cars_tl.data import devkit
 from cars_tl.data import manifest as manifests
-from cars_tl.data.dataset import BadItem, CarsDataset, collate_marking_bad, raise_bad
-from cars_tl.data.images import image_size, open_image
 
 
 @needs_devkit
@@ -26,13 +21,6 @@ def test_real_devkit_parses():
     assert len(names) == 196 and len(train) == 8144 and len(test) == 8041
     assert train[0] == {"fname": "00001.jpg", "box": (39, 116, 569, 375), "class": 14}
     assert "Ram C/V Cargo Van Minivan 2012" in names  # a slash: names never come from folders
-
-
-def _copy_demo(demo_dir: Path, tmp_path: Path) -> Path:
-    shutil.copytree(demo_dir / devkit.STANFORD_DIR, tmp_path / devkit.STANFORD_DIR)
-    for name in (manifests.MANIFEST_CSV, manifests.MANIFEST_JSON):
-        (tmp_path / devkit.STANFORD_DIR / name).unlink()
-    return tmp_path
 
 
 def _rewrite_train(root: Path, edit) -> None:
@@ -58,7 +46,7 @@ def test_manifest_rows_and_fingerprint(demo_dir):
 
 
 def test_tampered_manifest_is_refused(demo_dir, tmp_path):
-    root = _copy_demo(demo_dir, tmp_path)
+    root = copy_demo_without_manifest(demo_dir, tmp_path)
     manifests.build_manifest(root)
     csv_path = root / devkit.STANFORD_DIR / manifests.MANIFEST_CSV
     csv_path.write_text(csv_path.read_text().replace("cars_train/00001.jpg", "cars_train/00002.jpg", 1))
@@ -67,7 +55,7 @@ def test_tampered_manifest_is_refused(demo_dir, tmp_path):
 
 
 def test_validation_reports_every_problem_at_once(demo_dir, tmp_path):
-    root = _copy_demo(demo_dir, tmp_path)
+    root = copy_demo_without_manifest(demo_dir, tmp_path)
     stanford = root / devkit.STANFORD_DIR
 
     def break_rows(rows):
@@ -86,7 +74,7 @@ def test_validation_reports_every_problem_at_once(demo_dir, tmp_path):
 
 
 def test_overshooting_boxes_are_clipped_and_counted(demo_dir, tmp_path):
-    root = _copy_demo(demo_dir, tmp_path)
+    root = copy_demo_without_manifest(demo_dir, tmp_path)
     stanford = root / devkit.STANFORD_DIR
 
     def overshoot(rows):
@@ -107,7 +95,7 @@ def test_missing_devkit_names_the_files(tmp_path):
 
 
 def test_unreadable_mat_is_reported(demo_dir, tmp_path):
-    root = _copy_demo(demo_dir, tmp_path)
+    root = copy_demo_without_manifest(demo_dir, tmp_path)
     (root / devkit.STANFORD_DIR / "devkit/cars_meta.mat").write_bytes(b"not a mat file")
     with pytest.raises(CarsTLError, match="unreadable .mat"):
         manifests.build_manifest(root)
@@ -116,98 +104,7 @@ def test_unreadable_mat_is_reported(demo_dir, tmp_path):
 # --------------------------------------------------------------------------- image modes
 
 
-def _colour_image() -> Image.Image:
-    array = np.zeros((40, 60, 3), np.uint8)
-    array[:, :30] = (255, 0, 0)
-    array[:, 30:] = (0, 0, 255)
-    return Image.fromarray(array)
-
-
-@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "LA", "RGBA"])
-def test_every_mode_becomes_rgb(mode, tmp_path):
-    path = tmp_path / f"img-{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
-    _colour_image().convert(mode).save(path)
-    image = open_image(path)
-    assert image.mode == "RGB" and image.size == (60, 40)
-
-
-def test_transparent_pixels_become_white(tmp_path):
-    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
-    rgba.save(tmp_path / "clear.png")
-    assert open_image(tmp_path / "clear.png").getpixel((5, 5)) == (255, 255, 255)
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    image = _colour_image()  # 60 wide, 40 high: red left, blue right
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise on display
-    image.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    opened = open_image(tmp_path / "rotated.jpg")
-    assert opened.size == (40, 60)
-    assert image_size(tmp_path / "rotated.jpg") == (40, 60)
-    red, green, blue = opened.getpixel((20, 5))
-    assert red > 200 and blue < 60  # the left (red) half is now on top
-
-
-def test_truncated_and_empty_files_raise_naming_the_file(tmp_path):
-    _colour_image().save(tmp_path / "whole.jpg", quality=95)
-    blob = (tmp_path / "whole.jpg").read_bytes()
-    (tmp_path / "truncated.jpg").write_bytes(blob[: len(blob) // 2])
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("hello")
-    for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
-        with pytest.raises(BadImageError) as err:
-            open_image(tmp_path / name)
-        assert name in str(err.value)
-    with pytest.raises(BadImageError, match="0 bytes"):
-        open_image(tmp_path / "empty.jpg")
-
-
-def test_decompression_bomb_limit_stays_on():
-    assert Image.MAX_IMAGE_PIXELS is not None
-
-
 # --------------------------------------------------------------------------- Dataset
-
-
-def test_dataset_yields_tensor_label_position(demo_dir):
-    from cars_tl.data.transforms import eval_transform
-
-    manifest = manifests.load_manifest(demo_dir)
-    spec = {"resize": 40, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
-    dataset = CarsDataset(manifest, "test", eval_transform(spec))
-    image, label, position = dataset[3]
-    assert tuple(image.shape) == (3, 32, 32)
-    assert label == manifest.split("test")[3].label and position == 3
-
-
-def test_box_crop_with_margin(demo_dir):
-    manifest = manifests.load_manifest(demo_dir)
-    record = manifest.split("train")[0]
-    x1, y1, x2, y2 = record.box
-    tight = CarsDataset(manifest, "train", crop="box").load(0)
-    assert tight.size == (x2 - x1 + 1, y2 - y1 + 1)
-    wide = CarsDataset(manifest, "train", crop="box", margin=0.1).load(0)
-    assert wide.size[0] > tight.size[0] and wide.size[0] <= record.width
-
-
-def test_mark_bad_hands_unreadable_images_to_the_caller(demo_dir, tmp_path):
-    import torch
-
-    root = _copy_demo(demo_dir, tmp_path)
-    manifest = manifests.build_manifest(root)
-    victim = manifest.root / manifest.split("train")[1].path
-    victim.write_bytes(victim.read_bytes()[:200])
-    transform = lambda im: torch.zeros(3, 8, 8)  # noqa: E731
-    strict = CarsDataset(manifest, "train", transform)
-    with pytest.raises(BadImageError, match="00002.jpg|cars_train"):
-        strict[1]
-    marking = CarsDataset(manifest, "train", transform, mark_bad=True)
-    assert isinstance(marking[1], BadItem) and marking[1].path.endswith(manifest.split("train")[1].path)
-    images, labels, positions, bad = collate_marking_bad([marking[i] for i in range(4)])
-    assert positions.tolist() == [0, 2, 3] and images.shape[0] == 3 and [b.position for b in bad] == [1]
-    with pytest.raises(BadImageError):
-        raise_bad(bad)
 
 
 # --------------------------------------------------------------------------- the manifest checks the data
@@ -249,7 +146,7 @@ def _set_label(line: str, label: int) -> str:
     ],
 )
 def test_hand_edits_with_a_recomputed_fingerprint_fail_against_the_devkit(edit, demo_dir, tmp_path):
-    root = _copy_demo(demo_dir, tmp_path)
+    root = copy_demo_without_manifest(demo_dir, tmp_path)
     manifests.build_manifest(root)
     _edit_csv(root, edit)
     with pytest.raises(CarsTLError, match="disagrees with the devkit annotations"):
@@ -260,7 +157,7 @@ def test_hand_edits_with_a_recomputed_fingerprint_fail_against_the_devkit(edit, 
 def test_a_replaced_image_is_caught_by_size_or_mtime(demo_dir, tmp_path):
     import os
 
-    root = _copy_demo(demo_dir, tmp_path)
+    root = copy_demo_without_manifest(demo_dir, tmp_path)
     manifest = manifests.build_manifest(root)
     first, second = manifest.records[0], manifest.records[1]
     # Another image under the same name: a new size.
@@ -308,15 +205,3 @@ def test_modified_manifest_hint_reruns_the_recorded_origin(tmp_path):
     with pytest.raises(CarsTLError, match="modified") as info:
         manifests.load_manifest(tmp_path)
     assert f"cars-tl download --data-dir {tmp_path} --source demo" in info.value.hint
-
-
-def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
-    gradient = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (8, 1))
-    Image.fromarray(gradient).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
-    with Image.open(tmp_path / "g16.png") as raw:
-        assert raw.mode.startswith("I")
-    rgb = np.asarray(open_image(tmp_path / "g16.png"))
-    assert rgb.shape == (8, 256, 3) and (rgb[..., 0] == rgb[..., 2]).all()
-    expected = np.round(gradient / 257).astype(np.uint8)
-    assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1
-    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255 and rgb[0, 128, 0] in (128, 129)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import REPO, TINY, finetune_weights
 
 from cars_tl.artifacts import runs
 from cars_tl.core.errors import CarsTLError
-from cars_tl.models import backbones
+from cars_tl.models import backbones, training
+from cars_tl.models.scoring import Meter
 from cars_tl.stages import finetune as ft
-
-REPO = Path(__file__).resolve().parents[1]
+from cars_tl.stages import train_head as heads
 
 
 def test_study_preset_is_exactly_the_study():
@@ -225,3 +226,123 @@ def test_dropout_follows_the_part_it_sits_in():
     assert not body[0][1].training and body[1][1].training
     ft.set_trainable(model, [], everything=True)
     assert all(p.requires_grad for p in body.parameters())
+
+
+def test_finetune_seeds_reach_the_model(demo_dir, tmp_path):
+    _, a = ft.finetune(demo_dir, unfreeze="all", epochs=1, batch_size=32, seed=0, out=tmp_path / "a", **TINY)
+    _, b = ft.finetune(demo_dir, unfreeze="all", epochs=1, batch_size=32, seed=1, out=tmp_path / "b", **TINY)
+    assert a["backbone"]["weights_digest"] != b["backbone"]["weights_digest"]
+    assert a["history"][0]["test_loss"] != b["history"][0]["test_loss"]  # before any step: the initialisation differs
+
+
+def test_more_epochs_on_resume_continue_a_constant_schedule(demo_dir, tmp_path):
+    common = dict(TINY, unfreeze="none", batch_size=32, seed=0)
+    ft.finetune(demo_dir, epochs=2, out=tmp_path / "straight", **common)
+    ft.finetune(demo_dir, epochs=1, out=tmp_path / "extended", **common)
+    _, m = ft.finetune(demo_dir, epochs=2, resume=True, out=tmp_path / "extended", **common)
+    assert m["resumed_with_changes"] == {"epochs": [1, 2]} and "optimizer_restarted" not in m
+    a, b = finetune_weights(tmp_path / "straight"), finetune_weights(tmp_path / "extended")
+    last_a = runs.load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    last_b = runs.load_checkpoint(tmp_path / "extended" / "checkpoints" / "last.pt")
+    assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])  # same as never stopping
+    assert set(a) == set(b)
+
+
+def test_more_epochs_on_resume_are_refused_for_a_cosine_schedule(demo_dir, tmp_path):
+    common = dict(TINY, unfreeze="none", batch_size=32, preset="tuned", augment="none")
+    ft.finetune(demo_dir, epochs=1, out=tmp_path / "r", **common)
+    for force in (False, True):
+        with pytest.raises(CarsTLError, match="laid out over 1 epochs") as err:
+            ft.finetune(demo_dir, epochs=3, resume=True, force=force, out=tmp_path / "r", **common)
+        assert "--epochs 1" in err.value.hint
+
+
+def test_a_kill_between_last_and_best_is_mended_on_resume(demo_dir, tmp_path):
+    common = dict(TINY, unfreeze="none", batch_size=32)
+    run_dir = tmp_path / "r"
+    ft.finetune(demo_dir, epochs=1, out=run_dir, **common)
+    last = runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["best"]["epoch"] == 1
+    # As if killed after last.pt was written but before best.pt: best.pt still holds an older epoch.
+    stale = {k: torch.zeros_like(v) for k, v in last["model"].items()}
+    runs.save_checkpoint(run_dir / "checkpoints" / "best.pt", {"model": stale, "epoch": 0, "config": last["config"]})
+    _, m = ft.finetune(demo_dir, epochs=1, resume=True, out=run_dir, **common)
+    kept = finetune_weights(run_dir)
+    assert all(torch.equal(kept[k], last["model"][k]) for k in kept)
+    assert m["final"]["best_epoch"] == 1
+
+
+def test_the_kept_model_must_be_of_the_best_epoch(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    runs.save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "epoch": 1})
+    runs.save_checkpoint(tmp_path / "last.pt", {"model": model.state_dict(), "epoch": 3})
+    with pytest.raises(CarsTLError, match="checkpoints disagree"):
+        ft._best_weights({"epoch": 2}, tmp_path / "last.pt", tmp_path / "best.pt", model)
+
+
+def test_an_epoch_reads_the_running_figures_once_per_log_interval(demo_dir, tmp_path, monkeypatch):
+    calls = []
+    real = Meter.running
+    monkeypatch.setattr(Meter, "running", lambda self: calls.append(1) or real(self))
+    monkeypatch.setattr(ft, "LOG_EVERY", 2)
+    ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "r", **TINY)
+    assert len(calls) == (144 // 16) // 2
+    assert "scaler" in runs.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+
+
+def test_a_seeded_fine_tune_from_a_head_keeps_the_backbone_of_its_features(demo_dir, demo_head_run, tmp_path):
+    # Model D on random weights (the demo): seed 1 must not rebuild another random backbone than the
+    # one the head's features came from; the head's own accuracy is epoch 0's.
+    _, m = ft.finetune(
+        demo_dir,
+        unfreeze="layer4",
+        init_head=demo_head_run,
+        epochs=1,
+        batch_size=32,
+        seed=1,
+        out=tmp_path / "d",
+        **TINY,
+    )
+    assert m["backbone"]["weights_digest"] == runs.read_metrics(demo_head_run)["backbone"]["weights_digest"]
+    assert m["history"][0]["test_acc"] == pytest.approx(runs.read_metrics(demo_head_run)["final"]["test_acc"], abs=1e-6)
+
+
+def test_a_finetune_that_diverges_keeps_the_last_good_checkpoint(demo_dir, tmp_path, monkeypatch):
+    real = ft.train_epoch
+
+    def diverging(*args, **kwargs):
+        row = real(*args, **kwargs)
+        return dict(row, train_loss=float("nan")) if row["epoch"] == 2 else row
+
+    monkeypatch.setattr(ft, "train_epoch", diverging)
+    with pytest.raises(training.DivergedError, match="epoch 2"):
+        ft.finetune(demo_dir, unfreeze="none", epochs=3, batch_size=32, out=tmp_path / "r", **TINY)
+    m = runs.read_metrics(tmp_path / "r")
+    assert m["status"] == "failed" and "epoch 2" in m["error"]
+    assert runs.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not (tmp_path / "r" / ft.MODEL_FILE).exists()
+
+
+@pytest.mark.parametrize("content", ["wrong shape", "wrong type"])
+def test_a_bad_init_head_is_a_message(content, demo_dir, demo_head_run, tmp_path):
+    head_copy = tmp_path / "head"
+    shutil.copytree(demo_head_run, head_copy)
+    state = {"weight": torch.zeros(3, 5), "bias": torch.zeros(3)} if content == "wrong shape" else [1, 2, 3]
+    torch.save(state, head_copy / heads.HEAD_FILE)
+    with pytest.raises(CarsTLError, match="is not a head for this model") as err:
+        ft.finetune(demo_dir, unfreeze="none", init_head=head_copy, epochs=1, out=tmp_path / "ft", **TINY)
+    assert str(head_copy / heads.HEAD_FILE) in err.value.message
+
+
+def test_an_init_head_with_nan_is_refused_naming_the_file(demo_dir, demo_head_run, tmp_path):
+    from cars_tl.stages import finetune as ft
+
+    head_copy = tmp_path / "head"
+    shutil.copytree(demo_head_run, head_copy)
+    state = torch.load(head_copy / heads.HEAD_FILE, weights_only=True)
+    state["weight"][0, 0] = float("nan")
+    torch.save(state, head_copy / heads.HEAD_FILE)
+    with pytest.raises(CarsTLError, match="holds NaN or Inf in its weight") as err:
+        ft.finetune(demo_dir, unfreeze="none", init_head=head_copy, epochs=1, out=tmp_path / "ft", **TINY)
+    assert str(head_copy / heads.HEAD_FILE) in err.value.message and "--lr" not in err.value.message
+    assert "cars-tl train-head" in err.value.hint and not (tmp_path / "ft").exists()

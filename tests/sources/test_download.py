@@ -10,6 +10,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 import types
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from helpers import REPO, SHARED_MINI, all_in_one_copy, run_cli, tar_folder
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
@@ -40,7 +43,6 @@ try:
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
     from http_server import FileServer, closed_port_url
 
-SHARED_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford_cars_mini"
 COUNTS = {"train": 144, "test": 72}
 
 
@@ -53,14 +55,6 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def tar_folder(archive: Path, items: dict[str, Path]) -> Path:
-    """A .tgz holding each source path under its archive name."""
-    with tarfile.open(archive, "w:gz") as tar:
-        for arcname, src in items.items():
-            tar.add(src, arcname=arcname)
-    return archive
-
-
 # --------------------------------------------------------------------------- source data
 
 
@@ -71,29 +65,6 @@ def demo(tmp_path_factory):
     manifest, action = prepare_dataset(data_dir, "demo")
     assert action == "generated"
     return types.SimpleNamespace(data_dir=data_dir, root=manifest.root, fingerprint=manifest.fingerprint)
-
-
-def _all_in_one(root: Path, out: Path, *, pack: bool) -> Path:
-    """car_ims/ (or car_ims.tgz) + cars_annos.mat with train and test interleaved, as the original."""
-    train = devkit.read_annotations(root / devkit.DEVKIT_FILES["train"], with_class=True)
-    test = devkit.read_annotations(root / devkit.TEST_LABELS_NAMES[0], with_class=True)
-    entries = [(split, row) for pair in zip(train, test) for split, row in zip(devkit.SPLITS, pair)]
-    entries += [("train", row) for row in train[len(test) :]]
-    fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
-    annotations = np.zeros((1, len(entries)), dtype=[(f, "O") for f in fields])
-    (out / "car_ims").mkdir(parents=True)
-    for n, (split, row) in enumerate(entries, start=1):
-        rel = f"car_ims/{n:06d}.jpg"
-        shutil.copyfile(root / devkit.IMAGE_DIRS[split] / row["fname"], out / rel)
-        numbers = [*row["box"], row["class"], int(split == "test")]
-        annotations[0, n - 1] = (np.array([rel]), *[np.array([[v]], dtype=np.uint16) for v in numbers])
-    names = np.empty((1, len(DEMO_CLASSES)), dtype=object)
-    names[0, :] = list(DEMO_CLASSES)
-    scipy.io.savemat(out / "cars_annos.mat", {"annotations": annotations, "class_names": names})
-    if pack:
-        tar_folder(out / "car_ims.tgz", {"car_ims": out / "car_ims"})
-        shutil.rmtree(out / "car_ims")
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +98,8 @@ def sources(demo, tmp_path_factory):
         "torchvision-zip": zipped,
         "split-folder": split,
         "split-tgz": tar_folder(base / "split.tgz", {"cars": split}),
-        "all-in-one": _all_in_one(root, base / "all-in-one", pack=True),
-        "all-in-one-extracted": _all_in_one(root, base / "all-in-one-extracted", pack=False),
+        "all-in-one": all_in_one_copy(root, base / "all-in-one", pack=True),
+        "all-in-one-extracted": all_in_one_copy(root, base / "all-in-one-extracted", pack=False),
     }
 
 
@@ -598,8 +569,6 @@ def test_unknown_model_lists_valid_names():
 
 
 def test_importing_download_does_not_import_torch():
-    import subprocess
-    import sys
 
     code = "import sys, cars_tl.sources.prepare, cars_tl.sources.weights; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -623,13 +592,11 @@ prepare_dataset(pathlib.Path(sys.argv[1]), "demo")
 
 
 def test_a_second_download_fails_at_once_and_a_killed_ones_leftovers_go(tmp_path):
-    import subprocess
-    import sys
 
     from cars_tl.core.locks import LockedError
 
     data_dir, ready = tmp_path / "data", tmp_path / "ready"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     writer = subprocess.Popen([sys.executable, "-c", SLOW_DEMO, str(data_dir), str(ready)], env=env)
     try:
         deadline = time.monotonic() + 120
@@ -696,3 +663,11 @@ def test_weights_enum_is_fetched_exactly_and_the_missing_weights_hint_names_it(m
     with pytest.raises(CarsTLError, match="IMAGENET1K_V3") as info:
         download_weights("resnet50:IMAGENET1K_V3")
     assert "IMAGENET1K_V1" in info.value.message
+
+
+def test_download_verify_says_how_often_to_run_it(demo_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(demo_dir, copy)
+    result = run_cli("download", "--data-dir", copy, "--source", "demo", "--verify")
+    assert result.returncode == 0, result.stdout
+    assert "size and mtime" in result.stdout and "Run --verify after copying" in result.stdout

@@ -13,7 +13,7 @@ import errno
 import os
 
 import pytest
-from test_layouts import class_folders
+from helpers import class_folders
 from typer.testing import CliRunner
 
 from cars_tl.cli import app

@@ -11,15 +11,21 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import scipy.io
-from conftest import SHARED_DEVKIT, SHARED_MINI, needs_devkit, needs_mini
+from helpers import (
+    SHARED_DEVKIT,
+    SHARED_MINI,
+    class_folders,
+    kaggle_copy,
+    link_tree,
+    needs_devkit,
+    needs_mini,
+    parquet_shards,
+)
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
@@ -55,11 +61,6 @@ def snapshot(data_dir: Path) -> dict[str, bytes]:
         for p in sorted(data_dir.rglob("*"))
         if p.is_file() and not p.name.endswith(".lock")
     }
-
-
-def link_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, copy_function=os.link)
-    return dst
 
 
 def fail_leaving_unchanged(data_dir: Path, source, match: str, **kwargs) -> CarsTLError:
@@ -133,30 +134,6 @@ def test_unknown_and_merged_names_are_errors_naming_them():
 # --------------------------------------------------------------------------- the Kaggle copy
 
 
-def kaggle_copy(mini: Path, out: Path) -> tuple[Path, Path]:
-    """The Kaggle layout of the real subset, its test labels kept apart."""
-    root = mini / "stanford_cars"
-    link_tree(root / "cars_train", out / "cars_train" / "cars_train")
-    link_tree(root / "cars_test", out / "cars_test" / "cars_test")
-    (out / "car_devkit" / "devkit").mkdir(parents=True)
-    for name in ("cars_meta.mat", "cars_train_annos.mat", "cars_test_annos.mat"):
-        os.link(root / "devkit" / name, out / "car_devkit" / "devkit" / name)
-    # The all-in-one release's annotations, whose car_ims/ paths match nothing here.
-    fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
-    annotations = np.zeros((1, 1), dtype=[(f, "O") for f in fields])
-    annotations[0, 0] = (
-        np.array(["car_ims/000001.jpg"]),
-        *[np.array([[v]], dtype=np.uint16) for v in (1, 1, 9, 9, 1, 0)],
-    )
-    scipy.io.savemat(
-        out / "cars_annos.mat", {"annotations": annotations, "class_names": np.array([["a"]], dtype=object)}
-    )
-    labels = out.parent / f"{out.name}-labels" / "cars_test_annos_withlabels.mat"
-    labels.parent.mkdir()
-    shutil.copyfile(root / "cars_test_annos_withlabels.mat", labels)
-    return out, labels
-
-
 @needs_mini
 def test_kaggle_copy_needs_test_labels_and_says_exactly_which(tmp_path, occupied):
     source, _ = kaggle_copy(SHARED_MINI, tmp_path / "stanford-cars-dataset")
@@ -215,27 +192,6 @@ def test_cli_prints_the_recognised_layout(tmp_path):
 
 
 # --------------------------------------------------------------------------- class folders
-
-
-def class_folders(
-    manifest: manifests.Manifest, out: Path, *, rename: dict[str, str] | None = None, with_csv: bool = False
-) -> Path:
-    """train/<class>/ test/<class>/ below car_data/car_data/, CSVs and names.csv at the top."""
-    images = out / "car_data" / "car_data"
-    canonical = list(classnames.canonical_names())
-    rows = {s: [] for s in devkit.SPLITS}
-    for r in manifest.records:
-        folder = (rename or {}).get(r.class_name, r.class_name).replace("/", "-")
-        target = images / r.split / folder / Path(r.path).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(manifest.root / r.path, target)
-        rows[r.split].append([Path(r.path).name, *r.box, canonical.index(r.class_name) + 1])
-    if with_csv:
-        for split, split_rows in rows.items():
-            with open(out / f"anno_{split}.csv", "w", newline="") as f:
-                csv.writer(f).writerows(split_rows)
-        (out / "names.csv").write_text("\n".join(canonical) + "\n")
-    return out
 
 
 @needs_mini
@@ -351,53 +307,6 @@ def test_a_decompression_bomb_is_a_clean_error(layout, tmp_path, demo_ref, occup
 # --------------------------------------------------------------------------- parquet
 
 
-def parquet_shards(
-    manifest: manifests.Manifest, out: Path, *, names_in: str = "metadata", drop_label: bool = False
-) -> Path:
-    """Hugging Face shards: data/train-0000N-of-00002.parquet, data/test-00000-of-00001.parquet.
-
-    Labels index a shuffled name list (not the canonical order), as a card may well do.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    names = sorted(manifest.class_names, key=lambda n: n[::-1])
-    (out / "data").mkdir(parents=True)
-    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
-    metadata = (
-        {b"huggingface": json.dumps({"info": {"features": features}}).encode()} if names_in == "metadata" else None
-    )
-    for split, count in (("train", 2), ("test", 1)):
-        records = manifest.split(split)
-        for n in range(count):
-            part = records[n::count]
-            columns = {
-                "image": [{"bytes": (manifest.root / r.path).read_bytes(), "path": Path(r.path).name} for r in part]
-            }
-            if not drop_label:
-                columns["label"] = pa.array([names.index(r.class_name) for r in part], pa.int64())
-            table = pa.table(columns)
-            if metadata:
-                table = table.replace_schema_metadata(metadata)
-            pq.write_table(table, out / "data" / f"{split}-{n:05d}-of-{count:05d}.parquet")
-    if names_in == "card":
-        lines = [
-            "---",
-            "dataset_info:",
-            "  features:",
-            "  - name: image",
-            "    dtype: image",
-            "  - name: label",
-            "    dtype:",
-            "      class_label:",
-            "        names:",
-        ]
-        lines += [f"          '{i}': {json.dumps(n)}" for i, n in enumerate(names)]
-        lines += ["---", "# Stanford Cars"]
-        (out / "README.md").write_text("\n".join(lines) + "\n")
-    return out
-
-
 @needs_pyarrow
 @pytest.mark.parametrize("names_in", ["metadata", "card"])
 def test_parquet_shards_equal_the_torchvision_layout(names_in, tmp_path, demo_ref):
@@ -443,7 +352,7 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, demo_ref, monkeypatch
 
 @pytest.mark.slow
 def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, demo_ref):
-    from conftest import TINY
+    from helpers import TINY
 
     from cars_tl.artifacts import features
     from cars_tl.stages.extract import extract_features

@@ -12,12 +12,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
-from cars_tl.data import loaders
+from cars_tl.data import loaders, transforms
+from cars_tl.models import backbones
+from cars_tl.stages import finetune as ft
 
 
 class CopyRecorder:
@@ -247,7 +249,6 @@ def test_a_single_process_cuda_n_selects_its_gpu(monkeypatch):
 
 def test_resume_compares_the_device_type_not_its_index(demo_dir, tmp_path):
     """A run recorded on 'cuda:0' (one process) resumes with '--device cuda' (another process count)."""
-    from cars_tl.stages import finetune as ft
 
     run = tmp_path / "r"
     ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, out=run, **TINY)
@@ -263,3 +264,17 @@ def test_resume_compares_the_device_type_not_its_index(demo_dir, tmp_path):
     runs.save_checkpoint(last, state)
     with pytest.raises(CarsTLError, match="device: 'cuda:0' -> 'cpu'"):
         ft.finetune(demo_dir, unfreeze="none", epochs=2, batch_size=32, resume=True, out=run, **TINY)
+
+
+def test_uint8_batches_normalized_on_the_device_equal_the_float_transform(demo_dir):
+    from cars_tl.data import manifest as manifests
+    from cars_tl.data.images import open_image
+
+    manifest = manifests.load_manifest(demo_dir)
+    spec = backbones.build_backbone("resnet18", "random", 64).transform
+    image = open_image(manifest.root / manifest.split("test")[0].path)
+    as_uint8 = transforms.eval_transform(spec, output="uint8")(image)
+    assert as_uint8.dtype == torch.uint8
+    on_device = loaders.batch_to_device(as_uint8[None], "cpu", spec)
+    torch.testing.assert_close(on_device, transforms.eval_transform(spec)(image)[None], atol=1e-5, rtol=0)
+    assert on_device.is_contiguous(memory_format=torch.channels_last)

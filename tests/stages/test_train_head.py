@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from helpers import relu_features_with_a_dead_unit, rewrite_cache, run_cli, toy_cache
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core.errors import CarsTLError
@@ -61,7 +63,6 @@ def test_tuned_preset_folds_standardization_into_the_saved_weights(demo_features
 
 
 def test_stratified_split_takes_from_every_class():
-    import numpy as np
 
     labels = np.repeat(np.arange(5), 10)
     train, val = training.stratified_split(labels, 0.2, seed=0)
@@ -112,3 +113,34 @@ def test_tuned_seeds_are_one_configuration_in_the_report(demo_features, tmp_path
     assert not problems and len(groups) == 1
     assert groups[0]["n"] == 4 and sorted(groups[0]["seeds"]) == [0, 1, 2, 3]
     assert groups[0]["selected_on"] == ["validation"] and not groups[0]["on_test"]
+
+
+def test_the_probe_standardizes_with_the_rows_it_trains_on(tmp_path, monkeypatch):
+    data = relu_features_with_a_dead_unit()
+    path = toy_cache(tmp_path, *data)
+    seen = []
+    real = heads.standardization
+    monkeypatch.setattr(heads, "standardization", lambda x: seen.append(len(x)) or real(x))
+    heads.train_head(path, preset="tuned", out=tmp_path / "head")
+    fit_idx, val_idx = training.stratified_split(data[1], 0.1, 0)
+    assert seen == [len(fit_idx), len(data[1])]  # the selection fits without the validation rows
+
+
+def test_a_head_whose_loss_diverges_fails_at_that_epoch(tmp_path, demo_features):
+    cache = features.load(demo_features)
+    train = cache.split("train")
+    train.features[5, :] = 3e38  # finite (NaN/Inf features are refused before training), but the logits overflow
+    path = features.write(tmp_path / "inf.h5", cache.attrs, cache.splits)
+    with pytest.raises(training.DivergedError, match="epoch 1"):
+        heads.train_head(path, out=tmp_path / "run")
+    m = runs.read_metrics(tmp_path / "run")
+    assert m["status"] == "failed" and "diverged" in m["error"]
+
+
+def test_train_head_on_a_train_only_cache_reports_no_test(demo_features, tmp_path):
+    cache = rewrite_cache(demo_features, tmp_path / "train-only.h5", test=False, dataset_splits=["train"])
+    result = run_cli("train-head", "--features", cache, "--epochs", "2", "--out", tmp_path / "head")
+    assert result.returncode == 0 and "Traceback" not in result.stdout, result.stdout
+    assert "no test split" in result.stdout and "acc 0.00%" not in result.stdout
+    m = runs.read_metrics(tmp_path / "head")
+    assert m["status"] == "complete" and "test_acc" not in m["final"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from conftest import HAS_TIMM, SHARED_EFFNET, needs_effnet
+from helpers import HAS_TIMM, SHARED_EFFNET, needs_effnet
 
 from cars_tl.artifacts.runs import count_params
 from cars_tl.core.errors import CarsTLError
@@ -99,7 +100,6 @@ def test_timm_backbone_with_the_shared_pretrained_weights():
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 299), (4000, 900), (225, 1000)])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_one_step_resize_crop_matches_the_two_step_transform(size, interpolation):
-    import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(sum(size))
@@ -193,3 +193,13 @@ def test_a_new_family_is_one_adapter_in_the_registry(monkeypatch):
     assert backbones.build_backbone("toy/tiny", "random", 48).transform["crop"] == 48
     with pytest.raises(CarsTLError, match="toy networks have no weights named 'imagenet'"):
         backbones.build_backbone("toy/tiny", "imagenet")
+
+
+def test_seed_changes_the_random_initialisation_and_zero_keeps_the_old_one():
+    default = backbones.build_backbone("resnet18", "random", 64)
+    zero = backbones.build_backbone("resnet18", "random", 64, seed=0)
+    one = backbones.build_backbone("resnet18", "random", 64, seed=1)
+    assert default.weights_digest == zero.weights_digest != one.weights_digest
+    head0 = backbones.classifier_model(zero, 6).head.weight
+    head1 = backbones.classifier_model(zero, 6, seed=1).head.weight
+    assert not torch.equal(head0, head1)

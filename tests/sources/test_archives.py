@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_download import tar_folder
+from helpers import tar_folder
 
 from cars_tl.core.errors import CarsTLError
 from cars_tl.sources import archives

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import ENV, REPO, TINY, assert_same_run, torchrun_command
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import distributed
@@ -26,26 +26,6 @@ from cars_tl.data.loaders import EpochSampler
 from cars_tl.models import backbones
 from cars_tl.stages import finetune as ft
 from cars_tl.stages.extract import extract_features
-
-REPO = Path(__file__).resolve().parents[1]
-# One thread per process, as torchrun sets it for several processes (and the one-process reference too).
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-LOSS_TOLERANCE = 1e-5  # float32 sums of differently sized batches; accuracies must be equal
-WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: 2 epochs of AdamW differ by at most 1.6e-7
-
-
-def _torchrun(nproc: int, *args: str, **kwargs) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "cars_tl",
-        *args,
-    ]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -200,7 +180,7 @@ def test_two_process_extraction_equals_one_process_and_resumes_with_another_coun
     finally:
         torch.set_num_threads(threads)
     assert not out.exists() and len(list(features.partial_dir(out).glob("train-*.npz"))) == 1
-    done = _run(_torchrun(2, *_extract_args(demo_dir, out)))
+    done = _run(torchrun_command(2, *_extract_args(demo_dir, out)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (
         "resumed:" in done.stderr + done.stdout and done.stderr.count("resumed:") + done.stdout.count("resumed:") == 1
@@ -230,7 +210,7 @@ def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
     )  # the manifest accepts it (a changed file is refused at load): only decoding finds the damage
     out = tmp_path / "f.h5"
     started = time.monotonic()
-    result = _run(_torchrun(2, *_extract_args(bad, out)), timeout=240)
+    result = _run(torchrun_command(2, *_extract_args(bad, out)), timeout=240)
     assert result.returncode != 0
     assert time.monotonic() - started < 240
     assert "rank 1: error: cannot read image" in result.stderr and last.name in result.stderr
@@ -272,43 +252,24 @@ def _finetune_args(data_dir: Path, weights: Path, out: Path, *extra: str) -> lis
     ]
 
 
-def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
-    a = runs.load_checkpoint(a_dir / "checkpoints" / "last.pt")["model"]
-    b = runs.load_checkpoint(b_dir / "checkpoints" / "last.pt")["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key].double(), b[key].double(), **WEIGHT_TOLERANCE), f"{key} differs"
-    ha, hb = runs.read_metrics(a_dir)["history"], runs.read_metrics(b_dir)["history"]
-    assert [r["epoch"] for r in ha] == [r["epoch"] for r in hb]
-    for ra, rb in zip(ha, hb):
-        assert ra.keys() == rb.keys()
-        for key in ra:
-            if key.endswith(("_acc", "_top5")) or key == "epoch":
-                assert ra[key] == rb[key], (ra["epoch"], key)
-            elif key.endswith("_loss"):
-                assert abs(ra[key] - rb[key]) <= LOSS_TOLERANCE, (ra["epoch"], key)
-    pa, pb = runs.read_predictions(a_dir), runs.read_predictions(b_dir)
-    assert np.array_equal(pa.ids, pb.ids) and np.array_equal(pa.top_classes, pb.top_classes)
-
-
 @pytest.mark.slow
 def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tmp_path):
     weights = tmp_path / "pretrained.pth"
     torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
     one = _run([sys.executable, "-m", "cars_tl", *_finetune_args(demo_dir, weights, tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(_torchrun(2, *_finetune_args(demo_dir, weights, tmp_path / "two")))
+    two = _run(torchrun_command(2, *_finetune_args(demo_dir, weights, tmp_path / "two")))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("finetune run") == 1, "only rank 0 reports"
     metrics = runs.read_metrics(tmp_path / "two")
     assert metrics["status"] == "complete" and metrics["distributed"]["world_size"] == 2
     assert metrics["distributed"]["per_rank_batch"] == 8 and metrics["config"]["batch_size"] == 16
-    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
     # Two processes killed outright in epoch 2; one process resumes and finishes the same run.
     killed = tmp_path / "killed"
     job = subprocess.Popen(
-        _torchrun(2, *_finetune_args(demo_dir, weights, killed)),
+        torchrun_command(2, *_finetune_args(demo_dir, weights, killed)),
         cwd=REPO,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -328,7 +289,7 @@ def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = runs.read_metrics(killed)
     assert metrics["resumed_from_epoch"] == 1 and "distributed" not in metrics
-    _assert_same_run(tmp_path / "one", killed)
+    assert_same_run(tmp_path / "one", killed)
 
 
 @pytest.mark.slow
@@ -363,7 +324,7 @@ def test_a_failing_rank_fails_the_finetune_job(demo_dir, tmp_path):
         str(out),
     ]
     started = time.monotonic()
-    result = _run(_torchrun(2, *args), timeout=240)
+    result = _run(torchrun_command(2, *args), timeout=240)
     assert result.returncode != 0 and time.monotonic() - started < 240
     assert "error: cannot read image" in result.stderr and image.name in result.stderr
     assert not (out / ft.MODEL_FILE).exists() and not (out / "checkpoints" / "last.pt").exists()
@@ -373,7 +334,7 @@ def test_a_failing_rank_fails_the_finetune_job(demo_dir, tmp_path):
 @pytest.mark.slow
 def test_a_batch_that_does_not_divide_is_refused(demo_dir, tmp_path):
     result = _run(
-        _torchrun(
+        torchrun_command(
             2,
             "finetune",
             "--data-dir",

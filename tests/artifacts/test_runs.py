@@ -1,0 +1,193 @@
+"""Run directories: never overwritten without --force, a failed forced rerun keeps the old run, swaps undone after a kill, failures recorded when files cannot be written, hints that fit the run kind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from helpers import CLI, REPO, TINY_CLI, assert_refused, run_cli, run_cli_with_file_size_limit
+
+from cars_tl.artifacts import runs
+from cars_tl.core import locks
+from cars_tl.core.errors import CarsTLError
+from cars_tl.stages import train_head as heads
+from cars_tl.stages.fit_svm import fit_svm
+
+
+def test_every_stage_refuses_to_overwrite_a_run_without_force(demo_features, demo_head_run, demo_svm_run):
+    with pytest.raises(CarsTLError, match="already exists") as err:
+        heads.train_head(demo_features, out=demo_head_run)
+    assert "--force" in err.value.hint
+    with pytest.raises(CarsTLError, match="already exists"):
+        fit_svm(demo_features, out=demo_svm_run)
+
+
+@pytest.mark.parametrize("stage", ["head", "svm"])
+def test_a_failing_forced_rerun_keeps_the_completed_run(stage, demo_features, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    fit = (
+        (lambda **kw: heads.train_head(demo_features, out=run_dir, **kw))
+        if stage == "head"
+        else (lambda **kw: fit_svm(demo_features, out=run_dir, **kw))
+    )
+    fit()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    target = "cars_tl.stages.train_head.fit_head" if stage == "head" else "cars_tl.stages.fit_svm.fit_model"
+    monkeypatch.setattr(target, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(force=True)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    assert runs.read_metrics(run_dir)["status"] == "complete"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.") and not p.name.endswith(".lock")] == []
+    monkeypatch.undo()
+    _, metrics = fit(force=True)
+    assert metrics["status"] == "complete" and runs.read_metrics(run_dir)["created"] == metrics["created"]
+
+
+def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
+    target, staged = tmp_path / "run", tmp_path / ".run.next"
+    target.mkdir()
+    (target / "metrics.json").write_text("old")
+    os.replace(target, tmp_path / ".run.old-123")  # the first rename happened, then a kill
+    staged.mkdir()
+    with locks.writer_lock(target, "test"):
+        pass
+    assert (target / "metrics.json").read_text() == "old" and not staged.exists()
+
+
+def test_finetune_that_cannot_write_its_checkpoint_is_marked_failed(demo_dir, tmp_path):
+    run_dir = tmp_path / "ft"
+    args = [
+        "finetune",
+        "--data-dir",
+        demo_dir,
+        *TINY_CLI,
+        "--workers",
+        "0",
+        "--unfreeze",
+        "none",
+        "--epochs",
+        "1",
+        "--out",
+        run_dir,
+    ]
+    result = run_cli_with_file_size_limit(args, 2_000_000)  # metrics fit, a resnet18 checkpoint (45 MB) does not
+    assert result.returncode == 2, result.stdout
+    assert "checkpoint" in result.stdout and "ulimit -f" in result.stdout and "Traceback" not in result.stdout
+    assert runs.read_metrics(run_dir)["status"] == "failed"
+    assert not [p for p in run_dir.rglob("*tmp*")]
+
+
+def test_when_metrics_cannot_be_written_status_json_still_says_failed(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    metrics = runs.new_metrics("head", "run", {})
+    runs.write_metrics(run_dir, metrics)
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "atomic_write_text", full_disk)
+    with pytest.raises(RuntimeError):
+        with runs.recording(run_dir, metrics):
+            raise RuntimeError("disk full during the epoch")
+    monkeypatch.undo()
+    assert json.loads((run_dir / runs.METRICS).read_text())["status"] == "running"  # could not be rewritten
+    got = runs.read_metrics(run_dir)
+    assert got["status"] == "failed" and "disk full" in got["error"]
+
+
+def test_a_folder_as_features_and_a_list_as_metrics(demo_features, demo_head_run, tmp_path):
+    assert_refused(
+        run_cli("train-head", "--features", demo_features.parent),
+        f"{demo_features.parent} is a folder",
+        demo_features.name,
+    )
+    run_copy = tmp_path / "run"
+    shutil.copytree(demo_head_run, run_copy)
+    (run_copy / runs.METRICS).write_text("[1, 2]")
+    assert_refused(run_cli("inspect", run_copy), "holds a JSON list, not the object a cars_tl run writes")
+
+
+def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
+    demo_dir, demo_head_run, demo_finetune_run, tmp_path
+):
+
+    run = tmp_path / "ft"
+    shutil.copytree(demo_finetune_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    args = [
+        "finetune",
+        "--data-dir",
+        demo_dir,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        "64",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--unfreeze",
+        "layer4",
+        "--init-head",
+        demo_head_run,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        run,
+        "--lr",
+        "0.01",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
+    proc = subprocess.Popen(
+        [*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    staging = run.with_name(f".{run.name}.next")
+    deadline = time.time() + 120
+    while time.time() < deadline and not staging.is_dir() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "finetune interrupted" in output and "with --force" in output and "not --resume" in output, output
+    assert not staging.exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # the old run, untouched
+    # Following the old, wrong hint: --resume (with or without --force) of the complete run with a new --lr.
+    result = run_cli(*args, "--resume", "--force")
+    assert_refused(result, "has trained all 1 of its epochs", "lr: 0.001 -> 0.01", "--force and without --resume")
+    result = run_cli(*args, "--resume")
+    assert_refused(result, "lr: 0.001 -> 0.01")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert runs.read_metrics(run)["config"]["lr"] == 0.001
+
+
+@pytest.mark.parametrize("fixture,stage", [("demo_svm_run", "fit-svm"), ("demo_head_run", "train-head")])
+def test_an_incomplete_svm_or_head_run_is_never_told_to_resume(fixture, stage, request, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(request.getfixturevalue(fixture), run)
+    metrics = json.loads((run / runs.METRICS).read_text())
+    metrics["status"] = "failed"
+    (run / runs.METRICS).write_text(json.dumps(metrics))
+    image = tmp_path / "car.png"
+    from PIL import Image
+
+    Image.new("RGB", (80, 60), (120, 30, 30)).save(image)
+    result = run_cli("predict", "--model", run, image)
+    assert_refused(
+        result,
+        f"run {run} is not complete",
+        f"cars-tl {stage} --features {metrics['config']['features']} --out {run} --force",
+    )
+    assert "--resume" not in result.stdout
