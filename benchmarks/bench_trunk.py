@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--reading", action="store_true", help="only the memory vs memory-map read measurement")
     parser.add_argument("--epochs-accuracy", type=int, default=15)
     parser.add_argument("--name", default="bench_trunk", help="results/<name>.json (to run the two parts side by side)")
+    parser.add_argument("--only", choices=("lite0", "resnet50"), help="the speed part for one backbone only")
     args = parser.parse_args()
     require_shared(LITE0_WEIGHTS)
     result = {"machine": machine_info()}
@@ -161,9 +162,10 @@ def main() -> None:
         return
     with real_subset() as (tmp, _):
         data_dir = tmp / "data"
-        if not args.skip_speed:
+        if not args.skip_speed and args.only in (None, "lite0"):
             result["lite0_blocks6"] = lite = speed(data_dir, tmp, LITE0, str(LITE0_WEIGHTS), "blocks.6")
             lite["target"] = target(lite["speedup"], 5.0)
+        if not args.skip_speed and args.only in (None, "resnet50"):
             result["resnet50_layer4"] = r50 = speed(data_dir, tmp, "resnet50", "random", "layer4")
             r50["target"] = target(r50["speedup"], 3.0)
         if not args.skip_accuracy:
