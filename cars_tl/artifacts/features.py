@@ -3,7 +3,7 @@
 This module is the only one that touches h5py. Layout of a cache file (schema version 2)::
 
     /                                 file attributes
-        kind                = "cars_tl.artifacts.features"
+        kind                = "cars_tl.features"
         schema_version      = 2
         backbone            e.g. "resnet50", "timm/efficientnet_lite0"
         weights             "imagenet" | "random" | a path
@@ -54,7 +54,10 @@ from cars_tl.artifacts import hdf5
 from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, file_sha256
 from cars_tl.core.errors import CarsTLError
 
-KIND = "cars_tl.artifacts.features"
+KIND = "cars_tl.features"  # the file's format name, written since the first cache (not the module's path)
+# Also read: what this version wrote for a while after the package was split into layers (the module
+# path had replaced the format name by mistake); the files are otherwise the same.
+READ_KINDS = (KIND, "cars_tl.artifacts.features")
 SCHEMA_VERSION = 2
 DATASETS = ("features", "labels", "ids", "paths")
 JSON_ATTRS = ("transform", "class_names", "versions", "options")
@@ -140,7 +143,7 @@ def read_attrs(path: Path) -> dict:
         raise CarsTLError(f"feature file {path} does not exist", hint)
     return hdf5.read_format_attrs(
         path,
-        kind=KIND,
+        kind=READ_KINDS,
         schema_version=SCHEMA_VERSION,
         json_keys=JSON_ATTRS,
         what="feature cache",

@@ -27,7 +27,7 @@ def decode_attrs(attrs, json_keys: tuple[str, ...]) -> dict:
 def read_format_attrs(
     path: Path,
     *,
-    kind: str,
+    kind: str | tuple[str, ...],
     schema_version: int,
     json_keys: tuple[str, ...],
     what: str,
@@ -36,7 +36,8 @@ def read_format_attrs(
     schema_hint: str,
 ) -> dict:
     """``path``'s attributes, after checking it is a readable HDF5 file of ``kind`` (a cars_tl
-    ``what``) at ``schema_version``; each refusal names the file, what was found and the fix."""
+    ``what``; several names: any of them) at ``schema_version``; each refusal names the file, what was
+    found and the fix."""
     import h5py
 
     try:
@@ -44,7 +45,7 @@ def read_format_attrs(
             attrs = decode_attrs(f.attrs, json_keys)
     except OSError as exc:
         raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", unreadable_hint) from None
-    if attrs.get("kind") != kind:
+    if attrs.get("kind") not in ((kind,) if isinstance(kind, str) else kind):
         raise CarsTLError(f"{path} is not a cars_tl {what} (kind={attrs.get('kind')!r})", kind_hint)
     if attrs.get("schema_version") != schema_version:
         raise CarsTLError(

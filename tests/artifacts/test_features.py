@@ -413,3 +413,21 @@ def test_non_finite_features_are_refused_by_every_stage(split, value, demo_featu
         assert not (tmp_path / stage).exists()
     with pytest.raises(CarsTLError, match="contain NaN or Inf"):
         heads.train_head(cache, epochs=1, out=tmp_path / "study")
+
+
+def test_the_format_name_is_the_one_caches_always_carried(demo_features, tmp_path):
+    # The package split renamed the module; the file format keeps its name. Files written meanwhile
+    # under the module's path are still read; any other name is refused.
+    import h5py
+
+    assert features.read_attrs(demo_features)["kind"] == "cars_tl.features"
+    for kind, accepted in (("cars_tl.artifacts.features", True), ("cars_tl.trunks", False)):
+        copy = tmp_path / f"{kind}.h5"
+        shutil.copy(demo_features, copy)
+        with h5py.File(copy, "r+") as f:
+            f.attrs["kind"] = kind
+        if accepted:
+            assert features.verify(copy).num_classes == features.verify(demo_features).num_classes
+        else:
+            with pytest.raises(CarsTLError, match=f"is not a cars_tl feature cache \\(kind='{kind}'\\)"):
+                features.verify(copy)
