@@ -895,7 +895,7 @@ def paths(
     key: Annotated[
         str | None,
         typer.Argument(
-            metavar="[KEY]", help="Print only this value (e.g. FEATURES, HEAD_RUN_0, SVM_RUN).", show_default=False
+            metavar="KEY", help="Print only this value (e.g. FEATURES, HEAD_RUN_0, SVM_RUN).", show_default=False
         ),
     ] = None,
     artifacts: Artifacts = Path("artifacts"),
