@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from cars_tl.artifacts import names
 from cars_tl.core.errors import CarsTLError
 from cars_tl.sources import layouts  # the --source help lists the registered layouts (numpy, no torch)
 
@@ -811,7 +812,7 @@ def sparsity(
     split: Annotated[str | None, typer.Option(help="Or take images from this split of the manifest.")] = None,
     limit: Annotated[int, typer.Option(help="With --split: how many images.")] = 32,
     data_dir: DataDir = Path("data"),
-    out: Annotated[Path, typer.Option(help="Folder for sparsity.csv/.json/.png.")] = Path("artifacts/sparsity"),
+    out: Annotated[Path, typer.Option(help="Folder for sparsity.csv/.json/.png.")] = names.DEFAULT_SPARSITY_FOLDER,
 ):
     """Fraction of exactly-zero outputs of every ReLU call, per model; CSV, JSON and a bar chart."""
     from cars_tl.console import console, progress
@@ -1019,7 +1020,7 @@ def track(
     from cars_tl.console import out as stdout
     from cars_tl.report.track import track as run
 
-    results = run(paths or [artifacts / "runs"], to=to[0], target=to[1], experiment=experiment)
+    results = run(paths or [names.runs_folder(artifacts)], to=to[0], target=to[1], experiment=experiment)
     for r in results:
         line = (
             f"{r['action']:<9} {r['run']} -> {r['detail']}"

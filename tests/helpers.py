@@ -423,3 +423,34 @@ DISTRIBUTED_LOSS_TOLERANCE = 1e-5  # float32 sums of differently sized batches; 
 
 
 DISTRIBUTED_WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: 2 epochs of AdamW differ by at most 1.6e-7
+
+
+def tuned_finetune_args(data_dir: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    # tuned: seeded augmentation, a validation split, warmup + cosine, label smoothing, AdamW, and
+    # BatchNorm statistics kept (frozen) with pretrained-like weights from a file.
+    return [
+        "finetune",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--unfreeze",
+        "layer4",
+        "--image-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--preset",
+        "tuned",
+        "--out",
+        str(out),
+        *extra,
+    ]

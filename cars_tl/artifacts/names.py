@@ -30,6 +30,16 @@ def _digest(key: dict) -> str:
 # --------------------------------------------------------------------------- the stages' defaults
 
 
+def features_folder(artifacts: Path) -> Path:
+    """Where feature caches go: ``<artifacts>/features``."""
+    return Path(artifacts) / "features"
+
+
+def trunks_folder(artifacts: Path) -> Path:
+    """Where trunk caches go: ``<artifacts>/trunks``."""
+    return Path(artifacts) / "trunks"
+
+
 def features_path(
     artifacts: Path,
     backbone: str,
@@ -50,7 +60,7 @@ def features_path(
     mode = transform.get("mode", "crop")
     size = f"{transform['crop']}px" if mode == "crop" else f"{mode}{transform['crop']}px"
     name = f"{backbone_tag(backbone)}-{weights_tag(weights)}-{crop_part}-{size}{'-' + tag if tag else ''}-{precision}-{digest}"
-    return Path(artifacts) / "features" / f"{name}.h5"
+    return features_folder(artifacts) / f"{name}.h5"
 
 
 def trunk_path(artifacts: Path, backbone: str, weights: str, identity: dict) -> Path:
@@ -63,7 +73,7 @@ def trunk_path(artifacts: Path, backbone: str, weights: str, identity: dict) -> 
         f"{backbone_tag(backbone)}-{weights_tag(weights)}-{identity['cut']}-{identity['precision']}-"
         f"{identity['storage']}-{_digest(identity)}"
     )
-    return Path(artifacts) / "trunks" / f"{name}.h5"
+    return trunks_folder(artifacts) / f"{name}.h5"
 
 
 def head_run_name(backbone: str, weights: str, preset: str) -> str:
@@ -99,6 +109,10 @@ def sparsity_folder(artifacts: Path) -> Path:
 def report_folder(artifacts: Path) -> Path:
     """report's output folder: ``<artifacts>/report``."""
     return Path(artifacts) / "report"
+
+
+# sparsity takes its folder (not the artifacts root) as its option: this is its default.
+DEFAULT_SPARSITY_FOLDER = sparsity_folder(Path("artifacts"))
 
 
 # --------------------------------------------------------------------------- the pipeline's layout (make)
@@ -173,9 +187,9 @@ def pipeline(
     tag = pipeline_tag(backbone, weights, preset, resize, image_size)
     values = {
         "FEATURES_TAG": tag,
-        "FEATURES": str(artifacts / "features" / f"{tag}.h5"),
-        "INIT_FEATURES": str(artifacts / "features" / (f"{tag}-final.h5" if preset == "tuned" else f"{tag}.h5")),
-        "TRUNK": str(artifacts / "trunks" / f"{tag}-{unfreeze}.h5"),
+        "FEATURES": str(features_folder(artifacts) / f"{tag}.h5"),
+        "INIT_FEATURES": str(features_folder(artifacts) / (f"{tag}-final.h5" if preset == "tuned" else f"{tag}.h5")),
+        "TRUNK": str(trunks_folder(artifacts) / f"{tag}-{unfreeze}.h5"),
     }
     for seed in seeds:
         suffix = seed if several else None

@@ -71,6 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cars_tl.artifacts import names
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
 from cars_tl.core.errors import CarsTLError, check_output_path
@@ -111,7 +112,7 @@ def now() -> str:
 
 
 def resolve_run_dir(out: Path | None, default_name: str, artifacts: Path) -> Path:
-    return check_output_path(Path(out) if out else Path(artifacts) / "runs" / default_name, "folder")
+    return check_output_path(Path(out) if out else names.runs_folder(artifacts) / default_name, "folder")
 
 
 def _has_content(run_dir: Path) -> bool:
@@ -349,7 +350,7 @@ def count_params(model) -> dict[str, int]:
 
 
 def list_runs(artifacts: Path) -> list[Path]:
-    root = Path(artifacts) / "runs"
+    root = names.runs_folder(artifacts)
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
 
 

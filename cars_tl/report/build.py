@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cars_tl.artifacts import names
 from cars_tl.core import locks
 from cars_tl.core.atomic import atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
@@ -50,8 +51,8 @@ def build_report(
 ) -> dict:
     """Write the report; returns the table rows, groups, kernel rows, problems and file paths."""
     artifacts = Path(artifacts)
-    out = check_output_path(Path(out) if out else artifacts / "report", "folder")
-    sparsity_dir = Path(sparsity_dir) if sparsity_dir else artifacts / "sparsity"
+    out = check_output_path(Path(out) if out else names.report_folder(artifacts), "folder")
+    sparsity_dir = Path(sparsity_dir) if sparsity_dir else names.sparsity_folder(artifacts)
     complete, problems = catalog.gather(artifacts)
     if not complete and not problems:
         raise CarsTLError(

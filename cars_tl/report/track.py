@@ -32,7 +32,7 @@ import json
 import time
 from pathlib import Path
 
-from cars_tl.artifacts import runs
+from cars_tl.artifacts import names, runs
 from cars_tl.core.atomic import atomic_write_text
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.tensorboard import EventLog, epoch_scalars, require_writer
@@ -160,10 +160,10 @@ def _run_dirs(paths: list[Path]) -> list[Path]:
         p = Path(p)
         if (p / runs.METRICS).is_file():
             found.append(p)
-        elif (p / "runs").is_dir() or p.is_dir():
+        elif names.runs_folder(p).is_dir() or p.is_dir():
             found.extend(
                 runs.list_runs(p)
-                if (p / "runs").is_dir()
+                if names.runs_folder(p).is_dir()
                 else sorted(
                     d for d in p.iterdir() if d.is_dir() and (d / runs.METRICS).is_file() and not d.name.startswith(".")
                 )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cars_tl.artifacts import names
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
@@ -130,7 +131,7 @@ def measure(
     split: str | None = None,
     limit: int | None = 32,
     data_dir: Path = Path("data"),
-    out: Path = Path("artifacts/sparsity"),
+    out: Path = names.DEFAULT_SPARSITY_FOLDER,
     batch_size: int = 16,
     progress: Progress = NULL,
 ) -> dict:

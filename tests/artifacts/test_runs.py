@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import CLI, REPO, TINY_CLI, assert_refused, run_cli, run_cli_with_file_size_limit
+from helpers import CLI, TINY_CLI, assert_refused, cli_env, run_cli, run_cli_with_file_size_limit
 
 from cars_tl.artifacts import runs
 from cars_tl.core import locks
@@ -68,8 +68,6 @@ def test_finetune_that_cannot_write_its_checkpoint_is_marked_failed(demo_dir, tm
         "--data-dir",
         demo_dir,
         *TINY_CLI,
-        "--workers",
-        "0",
         "--unfreeze",
         "none",
         "--epochs",
@@ -125,16 +123,7 @@ def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
         "finetune",
         "--data-dir",
         demo_dir,
-        "--backbone",
-        "resnet18",
-        "--weights",
-        "random",
-        "--image-size",
-        "64",
-        "--precision",
-        "fp32",
-        "--workers",
-        "0",
+        *TINY_CLI,
         "--unfreeze",
         "layer4",
         "--init-head",
@@ -148,9 +137,8 @@ def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
         "--lr",
         "0.01",
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     proc = subprocess.Popen(
-        [*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        [*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env()
     )
     staging = run.with_name(f".{run.name}.next")
     deadline = time.time() + 120

@@ -16,7 +16,7 @@ from cars_tl.stages import train_head as heads
 def test_a_file_size_limit_is_a_message_and_leaves_no_temporary(demo_dir, tmp_path):
     out = tmp_path / "feats" / "f.h5"
     result = run_cli_with_file_size_limit(
-        ["extract-features", "--data-dir", demo_dir, *TINY_CLI, "--workers", "0", "--out", out], 200_000
+        ["extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out], 200_000
     )
     assert result.returncode == 2, result.stdout
     assert "ulimit -f" in result.stdout and str(out) in result.stdout and "Traceback" not in result.stdout

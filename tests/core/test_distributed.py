@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, TINY, assert_same_run, torchrun_command
+from helpers import ENV, REPO, TINY, assert_same_run, torchrun_command, tuned_finetune_args
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import distributed
@@ -221,44 +221,13 @@ def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
 # --------------------------------------------------------------------------- finetune
 
 
-def _finetune_args(data_dir: Path, weights: Path, out: Path, *extra: str) -> list[str]:
-    # tuned: seeded augmentation, a validation split, warmup + cosine, label smoothing, AdamW, and
-    # BatchNorm statistics kept (frozen) with pretrained-like weights from a file.
-    return [
-        "finetune",
-        "--data-dir",
-        str(data_dir),
-        "--backbone",
-        "resnet18",
-        "--weights",
-        str(weights),
-        "--unfreeze",
-        "layer4",
-        "--image-size",
-        "32",
-        "--precision",
-        "fp32",
-        "--workers",
-        "0",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--preset",
-        "tuned",
-        "--out",
-        str(out),
-        *extra,
-    ]
-
-
 @pytest.mark.slow
 def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tmp_path):
     weights = tmp_path / "pretrained.pth"
     torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
-    one = _run([sys.executable, "-m", "cars_tl", *_finetune_args(demo_dir, weights, tmp_path / "one")])
+    one = _run([sys.executable, "-m", "cars_tl", *tuned_finetune_args(demo_dir, weights, tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(torchrun_command(2, *_finetune_args(demo_dir, weights, tmp_path / "two")))
+    two = _run(torchrun_command(2, *tuned_finetune_args(demo_dir, weights, tmp_path / "two")))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("finetune run") == 1, "only rank 0 reports"
     metrics = runs.read_metrics(tmp_path / "two")
@@ -269,7 +238,7 @@ def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tm
     # Two processes killed outright in epoch 2; one process resumes and finishes the same run.
     killed = tmp_path / "killed"
     job = subprocess.Popen(
-        torchrun_command(2, *_finetune_args(demo_dir, weights, killed)),
+        torchrun_command(2, *tuned_finetune_args(demo_dir, weights, killed)),
         cwd=REPO,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -285,7 +254,7 @@ def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tm
     assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
     assert runs.load_checkpoint(last)["epoch"] == 1
     assert not (killed / ft.MODEL_FILE).exists() and runs.read_metrics(killed)["status"] == "running"
-    resumed = _run([sys.executable, "-m", "cars_tl", *_finetune_args(demo_dir, weights, killed, "--resume")])
+    resumed = _run([sys.executable, "-m", "cars_tl", *tuned_finetune_args(demo_dir, weights, killed, "--resume")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = runs.read_metrics(killed)
     assert metrics["resumed_from_epoch"] == 1 and "distributed" not in metrics

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, TINY_CLI
 
 from cars_tl.artifacts import features, names
 from cars_tl.core.errors import CarsTLError
@@ -232,16 +232,7 @@ def test_cli_options_reach_the_cache_and_mistakes_are_messages(demo_dir, tmp_pat
         "extract-features",
         "--data-dir",
         str(demo_dir),
-        "--backbone",
-        "resnet18",
-        "--weights",
-        "random",
-        "--image-size",
-        "64",
-        "--precision",
-        "fp32",
-        "--workers",
-        "0",
+        *TINY_CLI,
         "--split",
         "test",
         "--artifacts",

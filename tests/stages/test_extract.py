@@ -16,7 +16,7 @@ from cars_tl.core.errors import CarsTLError
 
 def test_two_extractions_into_one_file_never_interleave(demo_dir, tmp_path):
     out = tmp_path / "f.h5"
-    common = ["extract-features", "--data-dir", demo_dir, *TINY_CLI, "--workers", "0", "--out", out]
+    common = ["extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out]
     first = subprocess.Popen(
         [*CLI, *map(str, common), "--batch-size", "8"],
         stdout=subprocess.PIPE,

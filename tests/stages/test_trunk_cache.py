@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, assert_same_run, torchrun_command
+from helpers import ENV, REPO, assert_same_run, torchrun_command, tuned_finetune_args
 
 from cars_tl.artifacts import runs, trunks
 from cars_tl.data import manifest as manifests
@@ -207,41 +207,14 @@ def test_two_process_cached_finetune_equals_one_process(demo_dir, tmp_path):
     # batches compute what one process does; a validation split, read from the cache too.
     weights = tmp_path / "pretrained.pth"
     torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
-    args = [
-        "finetune",
-        "--data-dir",
-        str(demo_dir),
-        "--backbone",
-        "resnet18",
-        "--weights",
-        str(weights),
-        "--unfreeze",
-        "layer4",
-        "--image-size",
-        "32",
-        "--precision",
-        "fp32",
-        "--workers",
-        "0",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--preset",
-        "tuned",
-        "--augment",
-        "none",
-    ]
     one = subprocess.run(
         [
             sys.executable,
             "-m",
             "cars_tl",
-            *args,
+            *tuned_finetune_args(demo_dir, weights, tmp_path / "one", "--augment", "none"),
             "--trunk-cache",
             str(tmp_path / "one.h5"),
-            "--out",
-            str(tmp_path / "one"),
         ],
         cwd=REPO,
         env=ENV,
@@ -251,7 +224,12 @@ def test_two_process_cached_finetune_equals_one_process(demo_dir, tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        torchrun_command(2, *args, "--trunk-cache", str(tmp_path / "two.h5"), "--out", str(tmp_path / "two")),
+        torchrun_command(
+            2,
+            *tuned_finetune_args(demo_dir, weights, tmp_path / "two", "--augment", "none"),
+            "--trunk-cache",
+            str(tmp_path / "two.h5"),
+        ),
         cwd=REPO,
         env=ENV,
         capture_output=True,
