@@ -89,12 +89,32 @@ $(info cars-tl is not installed in $(VENV) yet: installing it first (make instal
 $(shell $(MAKE) --no-print-directory install >&2)
 endif
 PATHS_MK := $(OPTS)/paths.mk
-$(shell mkdir -p $(OPTS) && $(CARS) paths --artifacts '$(ARTIFACTS)' --backbone '$(BACKBONE)' --weights '$(WEIGHTS)' --preset '$(PRESET)' \
-	$(if $(RESIZE),--resize '$(RESIZE)') $(if $(IMAGE_SIZE),--image-size '$(IMAGE_SIZE)') --kernel '$(SVM_KERNEL)' \
-	$(if $(SVM_C),--C '$(SVM_C)') $(if $(SVM_GAMMA),--gamma '$(SVM_GAMMA)') $(if $(SVM_SCALE),--scale '$(SVM_SCALE)') --unfreeze '$(UNFREEZE_D)' \
-	$(foreach s,$(SEED_LIST),--seed $(s)) > $(PATHS_MK).$$$$ && mv $(PATHS_MK).$$$$ $(PATHS_MK) || { rm -f $(PATHS_MK).$$$$; false; })
+# `cars-tl paths` checks every value as its stage would, and that make can carry it as a name (a `$`
+# would run a $(shell ...) from paths.mk even under make -n), before anything is written. `quote`
+# hands a value to bash as one word, whatever it holds; a newline, which make drops on the way to
+# bash, is refused here. The backbone's check imports torch: once per combination that passed (a
+# file in $(OPTS)/checked).
+quote = '$(subst ','\'',$(1))'
+define newline
+
+
+endef
+NEWLINED := $(strip $(foreach v,ARTIFACTS BACKBONE WEIGHTS PRESET RESIZE IMAGE_SIZE SVM_KERNEL SVM_C SVM_GAMMA SVM_SCALE UNFREEZE_D,$(if $(findstring $(newline),$($(v))),$(v))))
+ifneq ($(NEWLINED),)
+$(error $(firstword $(NEWLINED)) holds a newline, which ends a make line (what follows would be read as a line of its own): \
+	give $(firstword $(NEWLINED)) on one line; nothing was run or written)
+endif
+CHECKED := $(OPTS)/checked/$(subst /,-,$(BACKBONE))-$(UNFREEZE_D)-$(RESIZE)-$(IMAGE_SIZE)
+$(shell names=$$($(CARS) paths --artifacts $(call quote,$(ARTIFACTS)) --backbone $(call quote,$(BACKBONE)) --weights $(call quote,$(WEIGHTS)) \
+	--preset $(call quote,$(PRESET)) $(if $(RESIZE),--resize $(call quote,$(RESIZE))) $(if $(IMAGE_SIZE),--image-size $(call quote,$(IMAGE_SIZE))) \
+	--kernel $(call quote,$(SVM_KERNEL)) $(if $(SVM_C),--C $(call quote,$(SVM_C))) $(if $(SVM_GAMMA),--gamma $(call quote,$(SVM_GAMMA))) \
+	$(if $(SVM_SCALE),--scale $(call quote,$(SVM_SCALE))) --unfreeze $(call quote,$(UNFREEZE_D)) $(foreach s,$(SEED_LIST),--seed $(call quote,$(s))) \
+	$(if $(wildcard $(CHECKED)),--no-check-backbone)) && mkdir -p $(call quote,$(OPTS)/checked) && touch $(call quote,$(CHECKED)) && \
+	printf '%s\n' "$$names" > $(call quote,$(PATHS_MK).$$$$) && mv $(call quote,$(PATHS_MK).$$$$) $(call quote,$(PATHS_MK)) || \
+	{ rm -f $(call quote,$(PATHS_MK).$$$$); false; })
 ifneq ($(.SHELLSTATUS),0)
-$(error cars-tl paths failed (its message is above))
+$(error stopped before any stage ran: the message above says which value and why (--unfreeze is UNFREEZE_D, --kernel SVM_KERNEL, \
+	--C/--gamma/--scale SVM_C/SVM_GAMMA/SVM_SCALE, --seed SEEDS, the others are named alike))
 endif
 include $(PATHS_MK)
 endif

@@ -6,9 +6,10 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from helpers import REPO, copy_data, run_cli
+from helpers import CLI, REPO, cli_env, copy_data, run_cli
 
 from cars_tl.data import devkit
 from cars_tl.data import manifest as manifests
@@ -83,3 +84,62 @@ def test_make_reruns_nothing_after_the_manifest_is_rewritten_with_the_same_conte
     manifest.write_text(json.dumps(meta, indent=1))
     changed = stages()
     assert "extract-features" in changed and changed.count("finetune") >= 2
+
+
+def _make_n(tmp_path, goal: str, *variables: str, cwd=None) -> tuple[subprocess.CompletedProcess, Path]:
+    """``make -n GOAL`` in an empty folder (or ``cwd``) with the real `cars-tl paths` and the artifacts in
+    that folder's ``a``; the folder."""
+    venv, work = tmp_path / "venv", tmp_path / "work"
+    venv.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    (venv / ".installed").touch()
+    cars = venv / "cars-tl"
+    cars.write_text(f'#!/bin/sh\nexec {" ".join(CLI)} "$@"\n')
+    cars.chmod(0o755)
+    make = ["make", "--no-print-directory", "-n", "-f", str(REPO / "Makefile"), goal, f"VENV={venv}", f"CARS={cars}"]
+    make += [f"DATA={work / 'd'}", f"ARTIFACTS={work / 'a'}", *variables]
+    result = subprocess.run(make, cwd=cwd or work, capture_output=True, text=True, env=cli_env(), timeout=300)
+    return result, work
+
+
+@pytest.mark.parametrize(
+    "variable, fragments",
+    [
+        ("BACKBONE=resnet18$$(shell touch PWNED)", ["--backbone (make: BACKBONE)", "holds '$'"]),
+        ("ARTIFACTS=$$(shell touch PWNED)", ["--artifacts (make: ARTIFACTS)", "holds '$'"]),
+        ("ARTIFACTS=a\nSHELL=/bin/false", ["ARTIFACTS holds a newline"]),
+        ("ARTIFACTS=my runs", ["(make: ARTIFACTS) 'my runs' holds ' '", "ARTIFACTS=my_runs"]),
+        ("ARTIFACTS=bob's", ['(make: ARTIFACTS) "bob\'s" holds "\'"', "ARTIFACTS=bob_s"]),
+        ("SEEDS=0 $$(touch PWNED)", ["--seed"]),
+        ("UNFREEZE_D=layer9", ["layer9 is not a module of resnet50"]),
+        ("SVM_KERNEL=rbff", ["unknown --kernel 'rbff'"]),
+        ("SVM_C=-1", ["--C must be positive"]),
+    ],
+)
+def test_make_refuses_a_value_it_cannot_carry_before_running_or_writing_anything(tmp_path, variable, fragments):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    result, work = _make_n(tmp_path, "features", variable)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert list(work.iterdir()) == []  # no PWNED, no folder (`my`, `a`), no paths.mk with a SHELL= line
+    assert "Traceback" not in result.stderr and "cars-tl paths failed" not in result.stderr
+    assert "stopped before any stage ran" in result.stderr or "holds a newline" in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+def test_make_n_all_takes_every_name_from_paths_and_checks_the_backbone_once(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    variables = ("PRESET=tuned", "SEEDS=0 1", "UNFREEZE_D=layer3,layer4", "SVM_KERNEL=rbf", "SVM_C=2.5")
+    first, work = _make_n(tmp_path, "all", *variables, cwd=REPO)
+    assert first.returncode == 0, first.stderr
+    checked = work / "a" / ".options" / "checked"
+    assert [p.name for p in checked.iterdir()] == ["resnet50-layer3,layer4--"]
+    names = dict(line.split("=", 1) for line in (work / "a" / ".options" / "paths.mk").read_text().splitlines())
+    for key in ("FEATURES", "INIT_FEATURES", "PARTIAL_RUN_1", "SVM_RUN", "KNN_RUN", "HEAD_RUN_0"):  # tuned: no trunk
+        assert names[key] in first.stdout, key
+    assert f"--C {names['SVM_C']} " in first.stdout and names["SVM_RUN"].endswith("C-svm-rbf-tuned")
+    # The second make skips the backbone's check (no torch) and prints the same commands.
+    again, _ = _make_n(tmp_path, "all", *variables, cwd=REPO)
+    assert again.returncode == 0 and again.stdout == first.stdout

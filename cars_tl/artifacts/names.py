@@ -3,14 +3,17 @@
 ``cars-tl paths``). A name is spelled here and nowhere else: the Makefile reads them from
 ``cars-tl paths``.
 
-Standard library only: ``cars-tl paths`` (and so every ``make``) reads these without importing torch.
+Standard library (and the project's error type) only: ``cars-tl paths`` (and so every ``make``) reads these without importing torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
+
+from cars_tl.core.errors import CarsTLError
 
 
 def weights_tag(weights: str) -> str:
@@ -116,6 +119,53 @@ DEFAULT_SPARSITY_FOLDER = sparsity_folder(Path("artifacts"))
 
 
 # --------------------------------------------------------------------------- the pipeline's layout (make)
+
+# What a value that becomes a pipeline name may hold besides letters and digits. make reads the
+# names `cars-tl paths` prints as variables, uses them as targets and hands them to bash unquoted:
+# anything else is make or shell syntax there (`$(shell ...)` would run even under make -n).
+NAME_PUNCTUATION = "._-+,/@"
+_SYNTAX = {
+    "$": "starts a make and shell expansion",
+    "#": "starts a make comment",
+    "\n": "ends a make line",
+    "\r": "ends a make line",
+    " ": "splits make and shell words",
+    "\t": "splits make and shell words",
+    "'": "ends a shell quote",
+    '"': "ends a shell quote",
+    "`": "runs a shell command",
+}
+# The make variable behind each option `make` passes to `cars-tl paths`.
+MAKE_VARIABLES = {
+    "--artifacts": "ARTIFACTS",
+    "--backbone": "BACKBONE",
+    "--weights": "WEIGHTS",
+    "--preset": "PRESET",
+    "--resize": "RESIZE",
+    "--kernel": "SVM_KERNEL",
+    "--C": "SVM_C",
+    "--gamma": "SVM_GAMMA",
+    "--scale": "SVM_SCALE",
+    "--unfreeze": "UNFREEZE_D",
+}
+
+
+def check_pipeline_value(option: str, value: str) -> str:
+    """``value`` if make can carry it as a name (see :data:`NAME_PUNCTUATION`); else a
+    :class:`CarsTLError` naming the option, its make variable, the value and the first character
+    that make or the shell would read as syntax."""
+    bad = next((c for c in value if not (c.isalnum() or c in NAME_PUNCTUATION)), None)
+    if bad is None:
+        return value
+    variable = MAKE_VARIABLES.get(option)
+    where = f"{option} (make: {variable})" if variable else option
+    fixed = "_".join(filter(None, re.split(rf"[^\w{re.escape(NAME_PUNCTUATION)}]+", value))) or "name"
+    example = f"{option} {fixed}" + (f" (make: {variable}={fixed})" if variable else "")
+    raise CarsTLError(
+        f"{where} {value!r} holds {bad!r}, which {_SYNTAX.get(bad, 'is make or shell syntax')} where make uses "
+        f"the value; a pipeline name holds letters, digits and {' '.join(NAME_PUNCTUATION)} only",
+        f"choose a value without it, e.g. {example}",
+    )
 
 
 def pipeline_tag(backbone: str, weights: str, preset: str, resize: str = "crop", image_size: int | None = None) -> str:

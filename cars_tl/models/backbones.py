@@ -233,6 +233,20 @@ def fold_batchnorm(body: nn.Module, example: torch.Tensor | None = None) -> nn.M
     return folded
 
 
+def check_options(name: str, unfreeze: str, image_size: int | None = None, resize_mode: str = "crop") -> list[str]:
+    """What the stages check of ``name``, ``--image-size``, ``--resize`` and ``--unfreeze`` (the modules,
+    :func:`parse_unfreeze`), without weights or memory: the network is built on the meta device.
+    For ``cars-tl paths``, so that make stops at once where a stage would stop hours later."""
+    check_image_options(image_size, resize_mode)
+    adapter = family(name)
+    with torch.device("meta"):
+        model, spec = adapter.create(name)
+    classifier = adapter.classifier_path(model, name)
+    adapter.remove_classifier(model, classifier)
+    skeleton = Backbone(name, "random", "", model, 0, spec, adapter.stage_names(model), classifier)
+    return parse_unfreeze(unfreeze, skeleton)
+
+
 def parse_unfreeze(value: str, backbone: Backbone) -> list[str]:
     """``none`` | ``all`` | comma-separated module names of the backbone (validated)."""
     if value == "none":

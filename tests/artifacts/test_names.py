@@ -28,7 +28,7 @@ def _paths(*argv: str) -> dict[str, str]:
 def test_paths_prints_the_names_functions_give_and_imports_no_torch():
     code = (
         "import sys\nfrom cars_tl.cli import app\n"
-        "try:\n    app(['paths', '--artifacts', 'A', '--preset', 'tuned', '--seed', '0', '--seed', '1'])\n"
+        "try:\n    app(['paths', '--artifacts', 'A', '--preset', 'tuned', '--seed', '0', '--seed', '1', '--no-check-backbone'])\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
@@ -97,6 +97,47 @@ def test_paths_prints_one_key_and_refuses_unknown_ones():
     assert bad.exit_code == 2 and "unknown KEY 'NOPE'" in bad.output and "FEATURES" in bad.output
     preset = runner.invoke(app, ["paths", "--preset", "fast"])
     assert preset.exit_code == 2 and "unknown --preset 'fast'; valid: study, tuned" in preset.output
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (
+            ["--backbone", "resnet18$(shell touch PWNED)"],
+            ["--backbone (make: BACKBONE)", "holds '$'", "BACKBONE=resnet18_"],
+        ),
+        (["--artifacts", "a\nSHELL=/bin/false"], ["--artifacts (make: ARTIFACTS)", "holds '\\n'", "ends a make line"]),
+        (["--artifacts", "my runs"], ["'my runs' holds ' '", "ARTIFACTS=my_runs"]),
+        (["--artifacts", "bob's"], ['holds "\'"', "ends a shell quote", "--artifacts bob_s"]),
+        (["--weights", "/w/a#b.pt"], ["--weights (make: WEIGHTS)", "holds '#'", "make comment"]),
+        (["--unfreeze", "layer4;rm"], ["--unfreeze (make: UNFREEZE_D)", "holds ';'"]),
+        (["--C", '1"'], ["--C (make: SVM_C)", "holds '\"'"]),
+        (["--kernel", "rbff"], ["unknown --kernel 'rbff'; valid: linear, poly, rbf, sigmoid, all"]),
+        (["--C", "-1"], ["--C must be positive, got -1"]),
+        (["--gamma", "0"], ["--gamma must be a finite number > 0"]),
+        (["--preset", "tuned", "--scale", "unit"], ["unknown --scale 'unit'"]),
+        (["--seed", "-1"], ["--seed must be"]),
+        (["--backbone", "resnet5O"], ["unknown backbone 'resnet5O'", "resnet50"]),
+        (["--unfreeze", "layer9"], ["'layer9': layer9 is not a module of resnet50", "layer4"]),
+        (["--resize", "stretch"], ["unknown --resize 'stretch'"]),
+        (["--image-size", "8"], ["--image-size must be at least"]),
+    ],
+)
+def test_paths_checks_its_options_as_the_stages_do_and_refuses_what_make_cannot_carry(argv, fragments):
+    result = CliRunner().invoke(app, ["paths", *argv])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+    assert "FEATURES=" not in result.output, result.output  # nothing for make to read
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+
+
+def test_paths_accepts_every_punctuation_a_name_may_hold_and_skips_the_backbone_check_on_request():
+    values = _paths("--artifacts", "runs/a_b-1.2+c@d", "--unfreeze", "layer3,layer4", "--weights", "/w/x.pt")
+    assert values["PARTIAL_RUN_0"] == str(Path("runs/a_b-1.2+c@d/runs/D-layer3,layer4-study"))
+    # make passes --no-check-backbone once a combination passed: the torch-free checks still run.
+    assert _paths("--unfreeze", "layer9", "--no-check-backbone")["PARTIAL_RUN_0"].endswith("D-layer9-study")
+    refused = CliRunner().invoke(app, ["paths", "--artifacts", "a b", "--no-check-backbone"])
+    assert refused.exit_code == 2 and "holds ' '" in refused.output
 
 
 def test_presets_resolve_copies_and_overrides():
