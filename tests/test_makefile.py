@@ -128,6 +128,7 @@ def test_make_refuses_a_value_it_cannot_carry_before_running_or_writing_anything
         assert fragment in result.stderr, (fragment, result.stderr)
 
 
+@pytest.mark.slow  # imports torch once for the backbone's check: about 25 s on a loaded machine
 def test_make_n_all_takes_every_name_from_paths_and_checks_the_backbone_once(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
