@@ -61,6 +61,19 @@ READ_KINDS = (KIND, "cars_tl.artifacts.features")
 SCHEMA_VERSION = 2
 DATASETS = ("features", "labels", "ids", "paths")
 JSON_ATTRS = ("transform", "class_names", "versions", "options")
+# What every reader relies on, by type (num_classes and class_names: hdf5.check_classes).
+ATTR_TYPES = {
+    "backbone": str,
+    "weights": str,
+    "weights_digest": str,
+    "transform": dict,
+    "crop": str,
+    "margin": (int, float),
+    "precision": str,
+    "feature_dim": int,
+    "dataset_fingerprint": str,
+}
+MAX_FEATURE_DIM = 1 << 20
 # What makes two extractions the same: a complete file matching these is reused as it is.
 IDENTITY_KEYS = (
     "backbone",
@@ -141,16 +154,27 @@ def read_attrs(path: Path) -> dict:
             else "cars-tl extract-features --out " + str(path)
         )
         raise CarsTLError(f"feature file {path} does not exist", hint)
-    return hdf5.read_format_attrs(
+    attrs = hdf5.read_format_attrs(
         path,
         kind=READ_KINDS,
         schema_version=SCHEMA_VERSION,
         json_keys=JSON_ATTRS,
         what="feature cache",
-        unreadable_hint="delete it and rerun cars-tl extract-features",
+        unreadable_hint=_fix(path),
         kind_hint=None,
         schema_hint="re-extract it with this version: cars-tl extract-features ...",
     )
+    hdf5.check_classes(attrs, path, _fix(path))
+    hdf5.check_attr_types(attrs, ATTR_TYPES, path, _fix(path))
+    if not 1 <= attrs["feature_dim"] <= MAX_FEATURE_DIM:
+        raise CarsTLError(
+            f"{path}: attribute 'feature_dim' is {attrs['feature_dim']}; valid: 1 to {MAX_FEATURE_DIM:,}", _fix(path)
+        )
+    return attrs
+
+
+def _fix(path: Path) -> str:
+    return f"delete {path} and rerun cars-tl extract-features (it re-extracts a corrupt file by itself)"
 
 
 def content_digest(values) -> str:
@@ -165,68 +189,74 @@ def content_digest(values) -> str:
 
 
 def load(path: Path, splits: tuple[str, ...] = ("train", "test")) -> FeatureCache:
-    """Read and validate a cache: schema, shapes, labels in range, checksums of every dataset."""
-    import h5py
-
+    """Read and validate a cache: schema, shapes and types (checked before anything is read), labels
+    in range, checksums of every dataset."""
     attrs = read_attrs(path)
+    fix = _fix(path)
     out: dict[str, SplitArrays] = {}
-    fix = f"delete {path} and rerun cars-tl extract-features (it re-extracts a corrupt file by itself)"
-    with h5py.File(path, "r") as f:
+    with hdf5.open_file(path, "feature cache", fix) as f, hdf5.reading(path, "feature cache", fix):
         for name in splits:
-            if name not in f:
-                continue
-            group = f[name]
-            missing = [d for d in DATASETS if not isinstance(group.get(d), h5py.Dataset)]
-            if missing:
-                raise CarsTLError(
-                    f"{path}: split '{name}' lacks the dataset(s) {', '.join(missing)} (it has: {', '.join(sorted(group)) or 'none'}); "
-                    f"a cars_tl cache holds {', '.join(DATASETS)} per split",
-                    fix,
-                )
-            arrays = {}
-            try:
-                for d in DATASETS:
-                    arrays[d] = group[d][:]
-            except OSError as exc:  # a fletcher32 mismatch lands here
-                raise CarsTLError(f"{path}: split '{name}' is corrupt ({exc})", fix) from None
-            for d in DATASETS:
-                recorded = group[d].attrs.get("sha256")
-                if isinstance(recorded, bytes):
-                    recorded = recorded.decode()
-                if recorded != content_digest(arrays[d]):
-                    raise CarsTLError(
-                        f"{path}: split '{name}' is corrupt ({name}/{d} does not match its recorded SHA-256)", fix
-                    )
-            features, labels, ids = arrays["features"], arrays["labels"], arrays["ids"]
-            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in arrays["paths"]]
-            skipped = json.loads(group.attrs.get("skipped", "[]"))
-            n = len(labels)
-            if features.shape != (n, attrs["feature_dim"]) or len(ids) != n or len(paths) != n:
-                raise CarsTLError(f"{path}: split '{name}' has inconsistent shapes {features.shape}, {n} labels", fix)
-            if n and (labels.min() < 0 or labels.max() >= attrs["num_classes"]):
-                raise CarsTLError(f"{path}: split '{name}' has labels outside 0..{attrs['num_classes'] - 1}", fix)
-            out[name] = SplitArrays(features, labels.astype(np.int64), ids, paths, skipped)
+            if name in f:
+                out[name] = _read_split(f, path, name, attrs, fix)
     return FeatureCache(Path(path), attrs, out)
 
 
-def split_names(path: Path) -> list[str]:
-    """The split groups present in a cache file."""
+def _read_split(f, path: Path, name: str, attrs: dict, fix: str) -> SplitArrays:
     import h5py
 
-    with h5py.File(path, "r") as f:
-        return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+    group = f[name]
+    if not isinstance(group, h5py.Group):
+        raise CarsTLError(f"{path}: /{name} is a {type(group).__name__}, not the group of a split", fix)
+    missing = [d for d in DATASETS if not isinstance(group.get(d), h5py.Dataset)]
+    if missing:
+        raise CarsTLError(
+            f"{path}: split '{name}' lacks the dataset(s) {', '.join(missing)} (it has: {', '.join(sorted(group)) or 'none'}); "
+            f"a cars_tl cache holds {', '.join(DATASETS)} per split",
+            fix,
+        )
+    n = hdf5.check_dataset(group["features"], path, f"{name}/features", dtype_kinds="f", ndim=2, rows=None, hint=fix)
+    if group["features"].shape[1] != attrs["feature_dim"] or group["features"].dtype != np.float32:
+        raise CarsTLError(
+            f"{path}: split '{name}' has features of shape {group['features'].shape} and dtype "
+            f"{group['features'].dtype}, expected float32 rows of feature_dim {attrs['feature_dim']}",
+            fix,
+        )
+    for d, kinds in (("labels", "iu"), ("ids", "iu"), ("paths", "T")):
+        hdf5.check_dataset(group[d], path, f"{name}/{d}", dtype_kinds=kinds, ndim=1, rows=n, hint=fix)
+    arrays = {}
+    try:
+        for d in ("features", "labels", "ids"):
+            arrays[d] = group[d][:]
+    except OSError as exc:  # a fletcher32 mismatch lands here
+        raise CarsTLError(f"{path}: split '{name}' is corrupt ({exc})", fix) from None
+    paths = hdf5.read_text_rows(group["paths"], path, f"{name}/paths", fix)
+    for d, values in (*arrays.items(), ("paths", paths)):
+        recorded = hdf5.decode_attr(group[d].attrs.get("sha256", ""), f"{name}/{d} sha256", path, fix)
+        if recorded != content_digest(values):
+            raise CarsTLError(
+                f"{path}: split '{name}' is corrupt ({name}/{d} does not match its recorded SHA-256)", fix
+            )
+    skipped = hdf5.decode_attr(group.attrs.get("skipped", "[]"), f"{name} skipped", path, fix, json_key=True)
+    if not isinstance(skipped, list):
+        raise CarsTLError(f"{path}: split '{name}' lists its skipped images as a {type(skipped).__name__}", fix)
+    labels = arrays["labels"]
+    if n and (labels.min() < 0 or labels.max() >= attrs["num_classes"]):
+        raise CarsTLError(f"{path}: split '{name}' has labels outside 0..{attrs['num_classes'] - 1}", fix)
+    return SplitArrays(arrays["features"], labels.astype(np.int64), arrays["ids"], paths, skipped)
+
+
+def split_names(path: Path) -> list[str]:
+    """The names at the top of a cache file: a cars_tl cache holds only split groups there (so
+    :func:`load` of them refuses anything else)."""
+    fix = _fix(path)
+    with hdf5.open_file(path, "feature cache", fix) as f, hdf5.reading(path, "feature cache", fix):
+        return sorted(f.keys())
 
 
 def verify(path: Path) -> FeatureCache:
     """Every split of the file read and checked: what "up to date" rests on."""
     read_attrs(path)
-    try:
-        names = split_names(path)
-    except OSError as exc:
-        raise CarsTLError(
-            f"{path} is not a readable HDF5 file: {exc}", "delete it and rerun cars-tl extract-features"
-        ) from None
-    return load(path, tuple(names))
+    return load(path, tuple(split_names(path)))
 
 
 def existing_splits(path: Path, identity: dict) -> tuple[dict[str, SplitArrays], str | None]:

@@ -74,7 +74,7 @@ import numpy as np
 from cars_tl.artifacts import names
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
-from cars_tl.core.errors import CarsTLError, check_output_path
+from cars_tl.core.errors import CarsTLError, check_output_path, parse_json
 
 FORMAT_VERSION = 1
 METRICS = "metrics.json"
@@ -250,9 +250,12 @@ def read_metrics(run_dir: Path) -> dict:
             f"pass a directory made by {stages_of()}",
         )
     try:
-        metrics = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CarsTLError(f"{path} is not valid JSON: {exc}") from None
+        text = path.read_text()
+    except (OSError, ValueError) as exc:
+        raise CarsTLError(
+            f"{path} cannot be read as text: {exc}", "rerun the stage that made it with --force"
+        ) from None
+    metrics = parse_json(text, str(path), f"rerun the stage that made it with --force, or delete {run_dir}")
     if not isinstance(metrics, dict):
         raise CarsTLError(
             f"{path} holds a JSON {type(metrics).__name__}, not the object a cars_tl run writes",
@@ -264,9 +267,10 @@ def read_metrics(run_dir: Path) -> dict:
         raise CarsTLError(f"{path}: run format {metrics.get('format_version')}, this cars_tl reads {FORMAT_VERSION}")
     if metrics.get("status") == "running":  # metrics.json may have been impossible to rewrite
         try:
-            status = json.loads((run_dir / STATUS).read_text())
-        except (OSError, ValueError):
+            status = parse_json((run_dir / STATUS).read_text(), str(run_dir / STATUS))
+        except (OSError, ValueError, CarsTLError):
             status = {}
+        status = status if isinstance(status, dict) else {}
         if status.get("status") in ("failed", "interrupted"):
             metrics.update(status=status["status"], error=status.get("error"))
     return metrics

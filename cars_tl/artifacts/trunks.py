@@ -101,6 +101,14 @@ def read_attrs(path: Path) -> dict:
     )
     if attrs.get("storage") not in STORAGES:
         raise CarsTLError(f"{path}: unknown storage {attrs.get('storage')!r}; valid: {', '.join(STORAGES)}", _fix(path))
+    hdf5.check_classes(attrs, path, _fix(path))
+    shape = attrs.get("map_shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in shape)
+    ):
+        raise CarsTLError(f"{path}: attribute 'map_shape' is {shape!r:.80}, expected [C, H, W]", _fix(path))
     return attrs
 
 
@@ -171,66 +179,69 @@ def open_split(path: Path, split: str, mode: str = "auto", share: int = 1, verif
     """Read and verify one split (every SHA-256, shapes, label range): into memory or memory-mapped
     (see :func:`choose_mode`). ``verify=False`` skips the maps' SHA-256 (a file :func:`verify` just
     passed; under torchrun the ranks then read only the rows they use)."""
-    import h5py
-
     path = Path(path)
     attrs = read_attrs(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", _fix(path)) from None
-    with f:
-        group = f.get(split)
-        if not isinstance(group, h5py.Group):
-            raise CarsTLError(f"{path} has no '{split}' split", _fix(path))
-        missing = [d for d in ("maps", *SMALL) if not isinstance(group.get(d), h5py.Dataset)]
-        if missing:
-            raise CarsTLError(f"{path}: split '{split}' lacks the dataset(s) {', '.join(missing)}", _fix(path))
-        try:
-            small = {d: group[d][:] for d in SMALL}
-        except OSError as exc:  # fletcher32 mismatch
-            raise CarsTLError(f"{path}: split '{split}' is corrupt ({exc})", _fix(path)) from None
-        for d in SMALL:
-            if _recorded(group[d]) != content_digest(small[d]):
-                raise CarsTLError(
-                    f"{path}: split '{split}' is corrupt ({split}/{d} does not match its recorded SHA-256)", _fix(path)
-                )
-        ds = group["maps"]
-        n = len(small["labels"])
-        shape = (n, *attrs["map_shape"])
-        if (
-            ds.shape != shape
-            or ds.dtype != np.dtype(NUMPY_DTYPE[attrs["storage"]])
-            or len(small["ids"]) != n
-            or len(small["paths"]) != n
-        ):
-            raise CarsTLError(
-                f"{path}: split '{split}' has inconsistent shapes {ds.shape} {ds.dtype}, {n} labels", _fix(path)
-            )
-        if n and (small["labels"].min() < 0 or small["labels"].max() >= attrs["num_classes"]):
-            raise CarsTLError(f"{path}: split '{split}' has labels outside 0..{attrs['num_classes'] - 1}", _fix(path))
-        offset = ds.id.get_offset() if n else None
-        recorded = _recorded(ds)
-        nbytes = int(np.prod(shape)) * ds.dtype.itemsize
-        mode = choose_mode(nbytes, mode, share)
-        if mode not in ("memory", "mmap"):
-            raise CarsTLError(f"unknown trunk-cache read mode {mode!r}; valid: auto, memory, mmap")
-        if n and (offset is None or ds.chunks is not None or ds.compression):
-            raise CarsTLError(
-                f"{path}: split '{split}' maps are not stored contiguously (a cars_tl trunk cache never is)", _fix(path)
-            )
-        if mode == "memory" or not n:
-            maps = np.empty(shape, ds.dtype)
-            if n:
-                ds.read_direct(maps)
-    if n and mode == "mmap":
+    with hdf5.open_file(path, "trunk cache", _fix(path)) as f, hdf5.reading(path, "trunk cache", _fix(path)):
+        offset, recorded, maps, small, shape, mode = _read_split(f, path, split, attrs, mode, share)
+    if maps is None:
         maps = np.memmap(path, dtype=NUMPY_DTYPE[attrs["storage"]], mode="r", offset=offset, shape=shape)
     if verify and _digest_rows(maps) != recorded:
         raise CarsTLError(
             f"{path}: split '{split}' is corrupt ({split}/maps does not match its recorded SHA-256)", _fix(path)
         )
-    paths = [p.decode() if isinstance(p, bytes) else str(p) for p in small["paths"]]
-    return TrunkSplit(maps, small["labels"].astype(np.int64), small["ids"], paths, attrs["storage"], mode)
+    return TrunkSplit(maps, small["labels"].astype(np.int64), small["ids"], small["paths"], attrs["storage"], mode)
+
+
+def _read_split(f, path: Path, split: str, attrs: dict, mode: str, share: int):
+    """(offset of the maps, their recorded SHA-256, the maps read into memory or ``None`` to be
+    memory-mapped, the small datasets, the maps' shape, the read mode): shapes and types checked first."""
+    import h5py
+
+    group = f.get(split)
+    if not isinstance(group, h5py.Group):
+        raise CarsTLError(f"{path} has no '{split}' split", _fix(path))
+    missing = [d for d in ("maps", *SMALL) if not isinstance(group.get(d), h5py.Dataset)]
+    if missing:
+        raise CarsTLError(f"{path}: split '{split}' lacks the dataset(s) {', '.join(missing)}", _fix(path))
+    ds = group["maps"]
+    n = hdf5.check_dataset(ds, path, f"{split}/maps", dtype_kinds="fu", ndim=4, rows=None, hint=_fix(path))
+    shape = (n, *attrs["map_shape"])
+    if ds.shape != shape or ds.dtype != np.dtype(NUMPY_DTYPE[attrs["storage"]]):
+        raise CarsTLError(
+            f"{path}: split '{split}' has maps of shape {ds.shape} and dtype {ds.dtype}, "
+            f"expected {shape} {np.dtype(NUMPY_DTYPE[attrs['storage']])} ({attrs['storage']} storage)",
+            _fix(path),
+        )
+    for d, kinds in (("labels", "iu"), ("ids", "iu"), ("paths", "T")):
+        hdf5.check_dataset(group[d], path, f"{split}/{d}", dtype_kinds=kinds, ndim=1, rows=n, hint=_fix(path))
+    try:
+        small = {d: group[d][:] for d in ("labels", "ids")}
+    except OSError as exc:  # fletcher32 mismatch
+        raise CarsTLError(f"{path}: split '{split}' is corrupt ({exc})", _fix(path)) from None
+    small["paths"] = hdf5.read_text_rows(group["paths"], path, f"{split}/paths", _fix(path))
+    for d in SMALL:
+        if _recorded(group[d]) != content_digest(small[d]):
+            raise CarsTLError(
+                f"{path}: split '{split}' is corrupt ({split}/{d} does not match its recorded SHA-256)", _fix(path)
+            )
+    if n and (small["labels"].min() < 0 or small["labels"].max() >= attrs["num_classes"]):
+        raise CarsTLError(f"{path}: split '{split}' has labels outside 0..{attrs['num_classes'] - 1}", _fix(path))
+    offset = ds.id.get_offset() if n else None
+    nbytes = int(np.prod(shape)) * ds.dtype.itemsize
+    mode = choose_mode(nbytes, mode, share)
+    if mode not in ("memory", "mmap"):
+        raise CarsTLError(f"unknown trunk-cache read mode {mode!r}; valid: auto, memory, mmap")
+    if n and (offset is None or ds.chunks is not None or ds.compression or offset + nbytes > path.stat().st_size):
+        raise CarsTLError(
+            f"{path}: split '{split}' maps are not stored contiguously within the file (a cars_tl trunk cache's are)",
+            _fix(path),
+        )
+    maps = None
+    if mode == "memory" or not n:
+        maps = np.empty(shape, ds.dtype)
+        if n:
+            ds.read_direct(maps)
+    return offset, _recorded(ds), maps, small, shape, mode
 
 
 def _digest_rows(maps: np.ndarray) -> str:
@@ -246,20 +257,16 @@ def _digest_rows(maps: np.ndarray) -> str:
 
 
 def split_names(path: Path) -> list[str]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+    """The names at the top of the file: only split groups in a cars_tl trunk cache (so
+    :func:`open_split` of them refuses anything else)."""
+    with hdf5.open_file(path, "trunk cache", _fix(path)) as f, hdf5.reading(path, "trunk cache", _fix(path)):
+        return sorted(f.keys())
 
 
 def verify(path: Path) -> dict:
     """Every split read and checked (memory-mapped, so any size fits); returns the attributes."""
     attrs = read_attrs(path)
-    try:
-        names = split_names(path)
-    except OSError as exc:
-        raise CarsTLError(f"{path} is not a readable HDF5 file: {exc}", _fix(path)) from None
-    for name in names:
+    for name in split_names(path):
         open_split(path, name, mode="mmap")
     return attrs
 

@@ -58,6 +58,31 @@ def check_number(
     return value
 
 
+MAX_JSON_DEPTH = 64  # cars_tl writes at most a handful of levels; deeper is a crafted file
+
+
+def parse_json(text: str, source: str, hint: str | None = None):
+    """``text`` parsed as JSON, or a :class:`CarsTLError` naming ``source``: invalid JSON, and JSON
+    nested deeper than :data:`MAX_JSON_DEPTH` (which would exhaust the recursion of whatever walks it)."""
+    import json
+
+    too_deep = f"{source} holds JSON nested deeper than the {MAX_JSON_DEPTH} levels cars_tl reads"
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise CarsTLError(too_deep, hint) from None
+    except ValueError as exc:
+        raise CarsTLError(f"{source} is not valid JSON: {str(exc)[:200]}", hint) from None
+    pending = [(value, 1)]  # walked without recursion: the depth is what is being checked
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise CarsTLError(too_deep, hint)
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
