@@ -4,16 +4,27 @@
 # 1. the demo chain on CUDA (generated data, resnet50 with random weights, 64 px, 2 epochs);
 # 2. extract-features and finetune on CUDA at 224 px over the real 20-class subset (../shared) when
 #    present, else over the demo images, printing img/s: bf16 (auto) and fp32 (TF32 off);
-# 3. the resume-with-other-worker-counts check on CUDA (same weights after a kill is not asserted on
-#    a GPU: cuDNN kernels need not be bitwise deterministic; the metrics must be close).
-# Everything goes to a temporary folder; nothing in the repository changes.
+# 3. the resume-with-other-worker-counts check on CUDA, on the images (--trunk-cache off: DataLoader
+#    workers only decode images; same weights after a kill is not asserted on a GPU: cuDNN kernels need
+#    not be bitwise deterministic; the metrics must be close).
+# Everything, trunk caches included, goes to a temporary folder (under $OUT when set, kept there
+# without its trunk caches; else removed at the end), which is also the working folder, so that
+# defaults such as --artifacts artifacts land there: nothing in the repository changes.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 python="${1:-$repo/.venv/bin/python}"
+case "$python" in */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;; esac
 "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+if [ -n "${OUT:-}" ]; then
+    work="$(mktemp -d "$OUT/gpu_check.XXXXXX")"
+    trap 'rm -rf "$work/artifacts/trunks" "$work/trunk.h5"' EXIT
+else
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+cd "$work"
 cars() { "$python" -m cars_tl "$@"; }
 start=$(date +%s)
 echo "== 1. demo chain on CUDA"
@@ -40,9 +51,15 @@ m = json.load(open(sys.argv[1]))
 print(f"finetune {m['config']['precision']}: " + ", ".join(f"epoch {h['epoch']} {h['images_per_second']:.0f} img/s" for h in m["history"] if h["epoch"]))
 PY
 done
-echo "== 3. resume with another worker count on CUDA"
-cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 1 --workers 2 --out "$work/runs/resume"
-cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 2 --workers 8 --resume --out "$work/runs/resume"
+echo "== 3. resume with another worker count on CUDA, on the images"
+cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 1 --workers 2 --trunk-cache off --out "$work/runs/resume"
+cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 2 --workers 8 --trunk-cache off --resume --out "$work/runs/resume"
+"$python" - "$work/runs/resume/metrics.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+assert not m["trunk_cache"]["used"] and m["resumed_from_epoch"] == 1 and m["status"] == "complete", m.get("trunk_cache")
+print(f"resumed on the images from epoch 1 (workers 2, then 8): test acc {m['final']['test_acc']}")
+PY
 echo "== 4. model D on the trunk cache (built once, held in GPU memory) vs on the images, 224 px"
 for cache in off "$work/trunk.h5"; do
     cars finetune --data-dir "$data" --backbone resnet50 --weights random --unfreeze layer4 --device cuda --epochs 2 --batch-size 64 \

@@ -78,10 +78,16 @@ def is_main_process() -> bool:
     return launched()[1] == 0
 
 
+class Stopped(RuntimeError):
+    """torchrun's agent stopped this process (SIGTERM)."""
+
+
 def peer_failure(exc: BaseException) -> bool:
     """True for the error a collective raises when another rank of the job died or timed out."""
     if launched()[0] <= 1 or not isinstance(exc, RuntimeError):
         return False
+    if isinstance(exc, Stopped):
+        return True
     import torch.distributed as dist
 
     text = str(exc)
@@ -138,10 +144,90 @@ def init(device: str) -> Context:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     runtime.use_device(device)
     if not dist.is_initialized():
+        _stop_on_sigterm()
         options = dict(device_id=torch.device(device)) if device.startswith("cuda") else {}
         dist.init_process_group(backend, timeout=timeout(), **options)
         atexit.register(teardown, Context(world, rank, local_rank, backend, device))
+        check_same_job(Context(world, rank, local_rank, dist.get_backend(), device))
     return Context(world, rank, local_rank, dist.get_backend(), device)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM raises :class:`Stopped`. torchrun's agent sends it (SIGKILL 30 s later) when another
+    node fails or the node hosting the rendezvous is lost; by default it would end the process
+    mid-write, leaving temporaries and no message."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    owner = os.getpid()
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() != owner:  # a forked loader worker (the agent signals the whole group): end as before
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Stopped("torchrun stopped this process (SIGTERM): another node failed or the rendezvous was lost")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def job_facts() -> dict:
+    """What every rank of one job must share: the command line, the working folder (where relative
+    paths and the default ``--artifacts`` resolve), the versions and the code itself."""
+    import hashlib
+    import sys
+
+    package = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256()
+    for file in sorted(package.rglob("*.py")):
+        code.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
+    return {
+        "command": sys.argv[1:],
+        "working folder": os.getcwd(),
+        "versions": runtime.versions(),
+        "cars_tl code": code.hexdigest()[:16],
+    }
+
+
+def check_same_job(ctx: Context, facts: dict | None = None) -> None:
+    """Refuse, on every rank at once, a job whose ranks differ in :func:`job_facts`: on several nodes
+    each node's torchrun command is typed apart, and another ``--lr`` or checkout would train apart
+    silently (DDP averages gradients, it does not compare what the ranks were asked to do)."""
+    if not ctx.active:
+        return
+    import json
+
+    mine = job_facts() if facts is None else facts
+    main = json.loads(broadcast_text(json.dumps(mine), ctx))
+    differing = {k: (mine.get(k), main.get(k)) for k in mine.keys() | main.keys() if mine.get(k) != main.get(k)}
+    odd = int(all_reduce_sum([1 if differing else 0], ctx)[0])
+    hint = (
+        "run the same command on every node, from the same folder of a filesystem they all share, "
+        "with the same cars_tl checkout and packages"
+    )
+    if differing:
+        raise CarsTLError(
+            "this rank is not running the job of rank 0: "
+            + "; ".join(_difference(k, *differing[k]) for k in sorted(differing)),
+            hint,
+        )
+    if odd:
+        raise CarsTLError(f"{odd} other rank(s) are not running the job of rank 0 (their messages say how)", hint)
+
+
+def _difference(key: str, here, there) -> str:
+    """``key: <this rank's> here, <rank 0's> on rank 0``, showing only what differs."""
+    if isinstance(here, list) and isinstance(there, list):
+        at = next((i for i, (a, b) in enumerate(zip(here, there)) if a != b), min(len(here), len(there)))
+        start = at - 1 if 0 < at < min(len(here), len(there)) else at  # a changed value: with its option's name
+        here, there = (" ".join(map(str, v[start : start + 4])) or "(nothing)" for v in (here, there))
+        key = f"{key} (from argument {start + 1})"
+    elif isinstance(here, dict) and isinstance(there, dict):
+        names = sorted(k for k in here.keys() | there.keys() if here.get(k) != there.get(k))
+        here, there = (", ".join(f"{k} {v.get(k)}" for k in names) for v in (here, there))
+    return f"{key}: {str(here)[:200]!r} here, {str(there)[:200]!r} on rank 0"
 
 
 def teardown(ctx: Context) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, TINY, assert_same_run, torchrun_command, tuned_finetune_args
+from helpers import ENV, REPO, TINY, assert_same_run, kill_tree, torchrun_command, tuned_finetune_args
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import distributed
@@ -26,32 +25,6 @@ from cars_tl.data.loaders import EpochSampler
 from cars_tl.models import backbones
 from cars_tl.stages import finetune as ft
 from cars_tl.stages.extract import extract_features
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_job(job: subprocess.Popen) -> None:
-    """SIGKILL the launcher and all its workers at once, as a lost machine would."""
-    for pid in [job.pid, *_descendants(job.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _run(command, timeout=200):
@@ -248,7 +221,7 @@ def test_two_process_finetune_equals_one_process_and_resumes_on_one(demo_dir, tm
     deadline = time.time() + 240
     while time.time() < deadline and not last.exists() and job.poll() is None:
         time.sleep(0.02)
-    _kill_job(job)
+    kill_tree(job)
     job.wait()
     time.sleep(0.5)
     assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
