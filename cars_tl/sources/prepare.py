@@ -251,6 +251,8 @@ def _build(
         stage = work / devkit.STANFORD_DIR
         imported = fill(stage) or layouts.Imported("torchvision")
         recorded = dict(origin, layout=imported.layout, boxes=imported.boxes, splits=list(imported.splits))
+        if imported.subfolder:  # the dataset below --source (or inside its archive) that was imported
+            recorded["subfolder"] = imported.subfolder
         (stage / manifests.ORIGIN_FILE).write_text(json.dumps(recorded))
         manifests.build_manifest(work, source_names=imported.sources, shown_data_dir=data_dir, progress=progress)
         swap_in(stage, target)

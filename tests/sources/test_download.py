@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from helpers import REPO, SHARED_MINI, all_in_one_copy, run_cli, tar_folder
+from helpers import REPO, SHARED_MINI, all_in_one_copy, link_tree, run_cli, tar_folder
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
@@ -167,6 +167,46 @@ def test_unrecognised_layout_lists_what_was_found(tmp_path):
     assert "lacks cars_test.tgz, car_devkit.tgz" in message
     assert "all-in-one" in message and "split archives" in message
     assert entries(tmp_path / "data") == []
+
+
+def test_datasets_in_sibling_folders_are_refused_naming_both_and_one_alone_is_recorded(demo, tmp_path):
+    source = tmp_path / "src"
+    for sub in ("a", "b"):
+        link_tree(demo.root, source / sub / "stanford_cars")
+    with pytest.raises(CarsTLError) as info:
+        prepare_dataset(tmp_path / "data", str(source))
+    message = str(info.value)
+    assert f"{source / 'a' / 'stanford_cars'} (torchvision layout)" in message
+    assert f"{source / 'b' / 'stanford_cars'} (torchvision layout)" in message
+    assert (
+        f"point --source at the one you mean, e.g. cars-tl download --data-dir {tmp_path / 'data'} --source {source / 'a' / 'stanford_cars'}"
+        in message
+    )
+    assert entries(tmp_path / "data") == []
+    packed = tar_folder(tmp_path / "both.tgz", {"a": source / "a", "b": source / "b"})
+    with pytest.raises(
+        CarsTLError,
+        match=r"both\.tgz \(member a/stanford_cars\) \(torchvision layout\); .*both\.tgz \(member b/stanford_cars\)",
+    ):
+        prepare_dataset(tmp_path / "data", str(packed))
+    shutil.rmtree(source / "b")
+    manifest, _ = prepare_dataset(tmp_path / "data", str(source))
+    assert manifest.origin["subfolder"] == "a/stanford_cars" and manifest.origin["path"] == str(source)
+    assert_demo_dataset(manifest, demo)
+
+
+def test_layout_errors_inside_an_archive_name_the_archive_and_member_not_a_temporary_folder(tmp_path):
+    inner = tmp_path / "x" / "inner"
+    (inner / "train").mkdir(parents=True)
+    (inner / "cars_train").mkdir()
+    archive = tar_folder(tmp_path / "bad.tgz", {"inner": inner})
+    with pytest.raises(CarsTLError) as info:
+        prepare_dataset(tmp_path / "data", str(archive))
+    message = info.value.message
+    assert f"no Stanford Cars layout recognised in {archive} (found: inner/)" in message
+    assert f"{archive} (member inner) looks like the torchvision layout but lacks cars_test/" in message
+    assert f"{archive} (member inner) looks like the class folders layout" in message
+    assert ".tmp-" not in message and ".extract-" not in message
 
 
 def test_all_in_one_paths_outside_car_ims_are_refused(tmp_path):
