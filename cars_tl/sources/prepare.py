@@ -112,6 +112,14 @@ def prepare_dataset(
     except locks.LockedError as exc:
         exc.hint = "wait for that process to finish (or stop it), or download into another folder with --data-dir DIR"
         raise
+    except locks.LockUnavailableError as exc:
+        # A read-only data folder: nothing can replace it from here, so a copy that verifies needs no lock.
+        if not verify and _satisfied(manifests.read_origin(root), wanted) and manifests.manifest_is_current(data_dir):
+            return manifests.load_manifest(data_dir), "already verified"
+        cause = exc.__context__
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+            raise _storage_failure(cause, data_dir, wanted) from None
+        raise
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise

@@ -705,6 +705,28 @@ def test_weights_enum_is_fetched_exactly_and_the_missing_weights_hint_names_it(m
     assert "IMAGENET1K_V1" in info.value.message
 
 
+def test_a_plain_download_on_a_read_only_data_folder_that_verifies_says_so(tmp_path, monkeypatch):
+    import errno
+
+    data_dir = tmp_path / "data"
+    prepare_dataset(data_dir, "demo")
+    lock = str(devkit.stanford_root(data_dir).with_name(".stanford_cars.lock"))
+    os.unlink(lock)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # what a read-only mount answers (chmod does not stop root)
+        if str(path) == lock and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), lock)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    manifest, action = prepare_dataset(data_dir, "demo")
+    assert action == "already verified" and manifest.counts() == COUNTS
+    with pytest.raises(CarsTLError, match="Read-only file system") as refused:  # --verify rewrites the manifest
+        prepare_dataset(data_dir, "demo", verify=True)
+    assert f"make {data_dir} writable" in refused.value.hint
+
+
 def test_download_verify_says_how_often_to_run_it(demo_dir, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(demo_dir, copy)
