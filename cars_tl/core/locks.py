@@ -19,7 +19,12 @@ swap the folder while a stage reads it (and a reader cannot start while a downlo
 side fails at once with a :class:`LockedError` naming the other. Shared holders cannot all write
 into one file, so each reader records itself in its own file, ``.<name>.readers/<pid>-<token>.json``,
 which it holds locked while it reads: an entry whose lock can be taken belongs to a dead reader
-and is ignored (and removed).
+and is ignored (and removed). That folder is listed and emptied, so it is opened without following
+links: a link, file or FIFO at its name is refused (by readers and writers alike), never followed.
+
+A forked child (a DataLoader worker) lets go of the locks its parent holds as soon as it starts, so a
+killed stage's lingering workers do not keep the data folder locked; a lock still held for a process
+that has exited is reported as such (being released), not as that process.
 """
 
 from __future__ import annotations
@@ -51,6 +56,33 @@ class LockFileError(CarsTLError):
     """Something other than a plain file sits at a lock file's name (a planted symlink, say)."""
 
 
+class LockUnavailableError(CarsTLError):
+    """The lock file cannot be created there (a read-only folder, say)."""
+
+
+# Descriptors holding a flock of this process. A forked child (a DataLoader worker) shares them,
+# and would keep the lock after its parent is killed until it notices (seconds): it lets go at once.
+_HELD: set[int] = set()
+
+
+def _let_go_in_child() -> None:
+    for fd in list(_HELD):
+        # /dev/null over the number, not close(): the number stays taken, so nothing reuses it.
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            os.dup2(null, fd, inheritable=False)
+            os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+
+def _close(fd: int) -> None:
+    _HELD.discard(fd)
+    os.close(fd)
+
+
 def lock_path(path: Path) -> Path:
     path = Path(path)
     return path.with_name(f".{path.name}.lock")
@@ -65,15 +97,16 @@ def _describe(info: dict) -> str:
     return f"PID {info.get('pid')} ({info.get('stage')}: {info.get('command')}) on {info.get('host')} since {info.get('since')}"
 
 
-def _holder(lock_file: Path) -> str:
+def _holder(lock_file: Path) -> tuple[str, bool]:
+    """Who holds ``lock_file`` as its record says, and whether that process still runs."""
     try:
         with open(lock_file, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
             info = json.loads(f.read(1 << 16) or b"{}")
     except (OSError, ValueError):
         info = {}
     if not isinstance(info, dict) or not info:
-        return "another process"
-    return _describe(info)
+        return "another process", True
+    return _describe(info), _alive(info)
 
 
 def _my_info(stage: str) -> dict:
@@ -112,7 +145,7 @@ def _open_lock(target: Path, path: Path) -> int:
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # planted between the check and the open
             _refuse_odd_file(target, os.lstat(target))
-        raise CarsTLError(
+        raise LockUnavailableError(
             f"cannot create the lock file {target} for {path}: {exc.strerror or exc}",
             f"check that {target.parent} exists and is writable",
         ) from None
@@ -121,6 +154,7 @@ def _open_lock(target: Path, path: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
+    _HELD.add(fd)
     return fd
 
 
@@ -137,6 +171,15 @@ def writer_lock(path: Path, stage: str) -> Iterator[Path]:
     fd = _open_lock(target, path)
     held = False
     try:
+        folder = _readers_folder(path)  # refused before anything is taken: never list or clear through a link
+    except OSError:
+        folder = None
+    except BaseException:
+        _close(fd)
+        raise
+    if folder is not None:
+        os.close(folder)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -146,14 +189,26 @@ def writer_lock(path: Path, stage: str) -> Iterator[Path]:
             if not readers:  # a reader between its flock and its record: look once more
                 time.sleep(0.2)
                 readers = live_readers(path)
-            if readers:
+            if readers and all(r.get("exited") for r in readers):
                 raise LockedError(
-                    f"{path} is being read by {'; '.join(map(_describe, readers))}; {stage} cannot replace it "
+                    f"{path} was being read by {'; '.join(map(_describe, readers))}: {_stale_note(target)}",
+                    f"rerun in a few seconds; if it stays refused, stop what still holds the lock (fuser -v {target})",
+                ) from None
+            if readers:
+                live = [r for r in readers if not r.get("exited")]
+                raise LockedError(
+                    f"{path} is being read by {'; '.join(map(_describe, live))}; {stage} cannot replace it "
                     f"while it is read (the readers would mix two datasets)",
                     "wait for that process to finish (or stop it), then rerun",
                 ) from None
+            holder, alive = _holder(target)
+            if not alive:
+                raise LockedError(
+                    f"{path} was being written by {holder}: {_stale_note(target)}",
+                    f"rerun in a few seconds; if it stays refused, stop what still holds the lock (fuser -v {target})",
+                ) from None
             raise LockedError(
-                f"{path} is being written by {_holder(target)}; a second {stage} into it would corrupt it",
+                f"{path} is being written by {holder}; a second {stage} into it would corrupt it",
                 "wait for that process to finish (or stop it), or write elsewhere with --out",
             ) from None
         held = True  # only now is the file ours to rewrite
@@ -167,20 +222,89 @@ def writer_lock(path: Path, stage: str) -> Iterator[Path]:
         if held:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-        os.close(fd)  # releases the flock
+        _close(fd)  # releases the flock
 
 
 # --------------------------------------------------------------------------- readers
 
 
-def live_readers(path: Path) -> list[dict]:
-    """The records of the processes holding :func:`reader_lock` of ``path`` (dead ones' are removed)."""
-    found = []
+def _readers_folder(path: Path, create: bool = False) -> int | None:
+    """A descriptor of ``.<name>.readers`` (None when absent), opened without following a link.
+
+    Its entries are listed and deleted, so anything but a real folder at that name is refused
+    (a link planted there would make a download delete ``*.json`` files wherever it points).
+    """
     folder = readers_dir(path)
-    with contextlib.suppress(OSError):
-        for entry in sorted(folder.glob("*.json")):
+    if create:
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):  # not swapped for a link meanwhile: unreadable
+                raise
+        else:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino):
+                return fd
+            os.close(fd)
+        st = os.lstat(folder)
+    what = (
+        "a symbolic link"
+        if stat.S_ISLNK(st.st_mode)
+        else "a file"
+        if stat.S_ISREG(st.st_mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(st.st_mode)
+        else "not a folder"
+    )
+    raise LockFileError(
+        f"the readers folder {folder} is {what}; refusing to use it (cars-tl lists and deletes the reader "
+        "records in it, and would do so wherever a link points)",
+        f"remove it (rm {folder}) if no cars-tl process made it, then rerun",
+    )
+
+
+def _alive(info: dict) -> bool:
+    """Whether the process a record names still runs (records of other hosts are taken as alive)."""
+    if info.get("host") not in (None, socket.gethostname()):
+        return True
+    try:
+        os.kill(int(info.get("pid")), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _stale_note(lock_file: Path) -> str:
+    return (
+        f"that process has exited, but processes it started (e.g. its data loader workers) still hold "
+        f"{lock_file}; they exit within seconds"
+    )
+
+
+def live_readers(path: Path) -> list[dict]:
+    """The records of the processes holding :func:`reader_lock` of ``path`` (dead ones' are removed).
+
+    A record whose process has exited while a child of it still holds the record's lock comes
+    back with ``"exited": True``.
+    """
+    found = []
+    folder = _readers_folder(path)
+    if folder is None:
+        return found
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+        for name in names:
             try:
-                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
             except OSError:
                 continue
             try:
@@ -195,47 +319,65 @@ def live_readers(path: Path) -> list[dict]:
                         info = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
                     except (OSError, ValueError):
                         info = {}
-                    found.append(info if isinstance(info, dict) and info else {"pid": entry.name.split("-")[0]})
+                    info = info if isinstance(info, dict) and info else {"pid": name.split("-")[0]}
+                    found.append(info if _alive(info) else {**info, "exited": True})
                 else:  # nobody holds it: its reader is gone
                     with contextlib.suppress(OSError):
-                        entry.unlink()
+                        os.unlink(name, dir_fd=folder)
             finally:
                 os.close(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
     return found
 
 
 def _clear_readers(path: Path) -> None:
     """Drop every reader record (call holding the exclusive lock: no reader can be alive)."""
-    folder = readers_dir(path)
-    if folder.is_dir() and not folder.is_symlink():
-        for entry in folder.iterdir():
-            with contextlib.suppress(OSError):
-                entry.unlink()
-
-
-def _record_reader(path: Path, stage: str) -> tuple[int, Path] | None:
-    """A locked record of this reader in ``.<name>.readers/`` (None when the folder cannot take one)."""
-    folder = readers_dir(path)
+    folder = _readers_folder(path)
+    if folder is None:
+        return
     try:
-        folder.mkdir(exist_ok=True)
-        if folder.is_symlink() or not folder.is_dir():
-            return None
-        token = f"{os.getpid()}-{secrets.token_hex(4)}"
-        tmp = folder / f".{token}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        for name in os.listdir(folder):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
+
+
+def _record_reader(path: Path, stage: str) -> tuple[int, int, str] | None:
+    """A locked record of this reader in ``.<name>.readers/``: (record fd, folder fd, name), or None
+    when the folder cannot take one (read-only)."""
+    try:
+        folder = _readers_folder(path, create=True)
+    except LockFileError:
+        raise
     except OSError:
         return None
+    if folder is None:
+        return None
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp, entry = f".{token}.tmp", f"{token}.json"
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
+    except OSError:
+        os.close(folder)
+        return None
+    _HELD.add(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held before the record appears under its listed name
         os.write(fd, json.dumps(_my_info(stage)).encode())
-        entry = folder / f"{token}.json"
-        os.replace(tmp, entry)
+        os.replace(tmp, entry, src_dir_fd=folder, dst_dir_fd=folder)
     except OSError:
-        os.close(fd)
+        _close(fd)
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=folder)
+        os.close(folder)
         return None
-    return fd, entry
+    return fd, folder, entry
 
 
 @contextlib.contextmanager
@@ -252,9 +394,7 @@ def reader_lock(path: Path, stage: str) -> Iterator[Path | None]:
     if path.parent.is_dir():  # no data folder: nothing to read (the stage says so), nothing to create
         try:
             fd = _open_lock(target, path)
-        except LockFileError:
-            raise
-        except CarsTLError:
+        except LockUnavailableError:
             pass  # not writable: nothing to coordinate with
     if fd is None:
         yield None
@@ -266,8 +406,14 @@ def reader_lock(path: Path, stage: str) -> Iterator[Path | None]:
         except OSError as exc:
             if not _busy(exc):
                 raise
+            holder, alive = _holder(target)
+            if not alive:
+                raise LockedError(
+                    f"{path} was being replaced by {holder}: {_stale_note(target)}",
+                    f"rerun in a few seconds; if it stays refused, stop what still holds the lock (fuser -v {target})",
+                ) from None
             raise LockedError(
-                f"{path} is being replaced by {_holder(target)}; {stage} cannot read it until that finishes",
+                f"{path} is being replaced by {holder}; {stage} cannot read it until that finishes",
                 "wait for that process to finish (or stop it), then rerun",
             ) from None
         record = _record_reader(path, stage)
@@ -275,9 +421,10 @@ def reader_lock(path: Path, stage: str) -> Iterator[Path | None]:
     finally:
         if record is not None:
             with contextlib.suppress(OSError):
-                record[1].unlink()
-            os.close(record[0])
-        os.close(fd)
+                os.unlink(record[2], dir_fd=record[1])
+            _close(record[0])
+            os.close(record[1])
+        _close(fd)
 
 
 @contextlib.contextmanager

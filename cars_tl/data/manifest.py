@@ -333,11 +333,12 @@ def build_manifest(
         raise CarsTLError("\n".join(lines), fix)
 
     conflicts = _label_conflicts(records, shown)
-    dropped = 0
+    dropped, losses = 0, {}
     if policy == "drop":
         gone = {g["sha256"] for g in conflicts}
         kept = [(r, m) for r, m in zip(records, mtimes) if r.sha256 not in gone]
         dropped = len(records) - len(kept)
+        losses = _drop_losses(records, [r for r, _ in kept], class_names, splits)
         records = [dataclasses.replace(r, index=i) for i, (r, _) in enumerate(kept)]
         mtimes = [m for _, m in kept]
         origin = dict(origin, label_conflicts="drop", label_conflicts_dropped=dropped)
@@ -370,6 +371,7 @@ def build_manifest(
             "across_splits": sum(g["across_splits"] for g in conflicts),
             "images": sum(len(g["images"]) for g in conflicts),
             "dropped": dropped,
+            **losses,
             "list": conflicts,
         },
         "devkit_sha256": {str(p.relative_to(root)): file_sha256(p) for p in paths.values()},
@@ -407,6 +409,33 @@ def _label_conflicts(records: Sequence[Record], shown: Callable[[str], str]) -> 
             }
         )
     return groups
+
+
+def _drop_losses(before: Sequence[Record], after: Sequence[Record], class_names, splits) -> dict:
+    """What dropping emptied: classes left without a training image, splits left without any image."""
+    trained = {r.label for r in after if r.split == "train"}
+    lost = sorted({r.label for r in before if r.split == "train"} - trained)
+    emptied = [s for s in splits if any(r.split == s for r in before) and not any(r.split == s for r in after)]
+    return ({"classes_without_train": [class_names[i] for i in lost]} if lost else {}) | (
+        {"empty_splits": emptied} if emptied else {}
+    )
+
+
+def _drop_warning(info: dict | None) -> str | None:
+    """The warning about what ``--label-conflicts drop`` emptied (None when nothing was)."""
+    info = info if isinstance(info, dict) else {}
+    lost, emptied = info.get("classes_without_train") or [], info.get("empty_splits") or []
+    if not lost and not emptied:
+        return None
+    parts = []
+    if lost:
+        parts.append(f"{len(lost)} class{'es' if len(lost) > 1 else ''} without a training image ({_listed(lost)})")
+    if emptied:
+        parts.append(f"the {' and '.join(emptied)} split{'s' if len(emptied) > 1 else ''} without any image")
+    return (
+        f"warning: --label-conflicts drop left {' and '.join(parts)}; models cannot learn (or be tested on) "
+        "what is gone: import with --label-conflicts keep, or fix the source's duplicate files"
+    )
 
 
 def _same_label_duplicates(records: Sequence[Record], splits: Sequence[str]) -> tuple[int, list[tuple[Record, Record]]]:
@@ -642,4 +671,6 @@ def summary(manifest: Manifest) -> str:
     conflicts = describe_label_conflicts(meta.get("label_conflicts"), limit=0)
     if conflicts:
         text += f"\n{conflicts[0]}: listed in {manifest.root / MANIFEST_JSON} (label_conflicts) and by cars-tl inspect {manifest.root.parent}"
+    if warning := _drop_warning(meta.get("label_conflicts")):
+        text += f"\n{warning}"
     return text

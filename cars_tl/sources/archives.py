@@ -8,8 +8,10 @@ Archive bombs are refused before anything is written: the total uncompressed siz
 central directory, the tar's member sizes) may not exceed ``CARS_TL_MAX_ARCHIVE_BYTES`` (default
 16 GiB; the official Stanford Cars archives hold about 1.9 GB), and no zip member, nor a compressed
 tar as a whole, may expand more than ``CARS_TL_MAX_ARCHIVE_RATIO`` times (default 200; JPEGs barely
-compress). Zip members are written through a counter too, so a central directory that lies stops at
-the cap. Zip members without file-type bits (``zipfile.writestr``'s default) are regular files.
+compress), and an archive may hold at most ``CARS_TL_MAX_ARCHIVE_MEMBERS`` members (default 40,000:
+the whole dataset is 16,185 images plus about 400 folders and devkit files, and a zip made on a Mac
+doubles that with ``__MACOSX/._*`` entries; a tar of 50,000 junk members took 50 s to import). Zip
+members are written through a counter too, so a central directory that lies stops at the cap. Zip members without file-type bits (``zipfile.writestr``'s default) are regular files.
 Links that stay inside the archive are replaced by copies of what they point to (dangling ones are
 left out), so an image stored as a link is an image.
 """
@@ -34,8 +36,10 @@ from cars_tl.core.progress import NULL, Progress
 
 MAX_BYTES_ENV = "CARS_TL_MAX_ARCHIVE_BYTES"
 MAX_RATIO_ENV = "CARS_TL_MAX_ARCHIVE_RATIO"
+MAX_MEMBERS_ENV = "CARS_TL_MAX_ARCHIVE_MEMBERS"
 DEFAULT_MAX_BYTES = 16 << 30
 DEFAULT_MAX_RATIO = 200
+DEFAULT_MAX_MEMBERS = 40_000  # see the module docstring
 _RATIO_FLOOR = 1 << 20  # a small member of zeros may compress 1000:1 harmlessly: the ratio counts above 1 MiB
 _FILTER_ERROR = getattr(tarfile, "FilterError", ())  # absent before 3.12 unless backported
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
@@ -45,15 +49,33 @@ def limits() -> tuple[int, float]:
     """(total bytes, expansion ratio) an archive may reach: the environment's, else the defaults."""
     values = []
     for env, default in ((MAX_BYTES_ENV, DEFAULT_MAX_BYTES), (MAX_RATIO_ENV, DEFAULT_MAX_RATIO)):
-        raw = os.environ.get(env, "").strip()
-        try:
-            value = float(raw) if raw else default
-        except ValueError:
-            value = -1
-        if not value > 0:
-            raise CarsTLError(f"{env}={raw!r} is not a positive number", f"unset it, or set e.g. {env}={default}")
-        values.append(value)
+        values.append(_limit(env, default))
     return int(values[0]), values[1]
+
+
+def _limit(env: str, default: float) -> float:
+    raw = os.environ.get(env, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise CarsTLError(f"{env}={raw!r} is not a positive number", f"unset it, or set e.g. {env}={default}")
+    return value
+
+
+def max_members() -> int:
+    """How many members an archive may hold: the environment's limit, else the default."""
+    return int(_limit(MAX_MEMBERS_ENV, DEFAULT_MAX_MEMBERS))
+
+
+def _too_many(shown: str, count: str, cap: int) -> CarsTLError:
+    return CarsTLError(
+        f"refusing to extract {shown}: it holds {count} members; the limit is {cap:,} (the whole Stanford "
+        "Cars dataset is about 16,600 files and folders)",
+        f"check that it is the dataset; if you trust the archive, raise the limit: {MAX_MEMBERS_ENV}={2 * cap} "
+        "cars-tl download ... (see the README, Data)",
+    )
 
 
 def _gib(n: float) -> str:
@@ -258,7 +280,11 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 
 def _extract_tar(archive: Path, into: Path, progress: Progress, shown: str) -> None:
     with tarfile.open(archive) as tar:
-        members = tar.getmembers()
+        cap, members = max_members(), []
+        for member in tar:  # headers only; stops past the cap, before reading the rest
+            members.append(member)
+            if len(members) > cap:
+                raise _too_many(shown, f"over {cap:,}", cap)
         _check_members(shown, ((m.name, _tar_kind(m), m.linkname) for m in members))
         # A member's header size is exactly what tarfile writes for it: their sum bounds the output.
         _check_sizes(shown, archive, ((m.name, m.size, None) for m in members if m.isfile()))
@@ -280,6 +306,8 @@ def _extract_tar(archive: Path, into: Path, progress: Progress, shown: str) -> N
 def _extract_zip(archive: Path, into: Path, progress: Progress, shown: str) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        if len(infos) > (cap := max_members()):
+            raise _too_many(shown, f"{len(infos):,}", cap)
         links: dict[str, str] = {}
 
         def kind(info: zipfile.ZipInfo) -> tuple[str, str, str]:

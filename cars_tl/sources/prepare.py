@@ -112,6 +112,14 @@ def prepare_dataset(
     except locks.LockedError as exc:
         exc.hint = "wait for that process to finish (or stop it), or download into another folder with --data-dir DIR"
         raise
+    except locks.LockUnavailableError as exc:
+        # A read-only data folder: nothing can replace it from here, so a copy that verifies needs no lock.
+        if not verify and _satisfied(manifests.read_origin(root), wanted) and manifests.manifest_is_current(data_dir):
+            return manifests.load_manifest(data_dir), "already verified"
+        cause = exc.__context__
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+            raise _storage_failure(cause, data_dir, wanted) from None
+        raise
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
@@ -251,6 +259,8 @@ def _build(
         stage = work / devkit.STANFORD_DIR
         imported = fill(stage) or layouts.Imported("torchvision")
         recorded = dict(origin, layout=imported.layout, boxes=imported.boxes, splits=list(imported.splits))
+        if imported.subfolder:  # the dataset below --source (or inside its archive) that was imported
+            recorded["subfolder"] = imported.subfolder
         (stage / manifests.ORIGIN_FILE).write_text(json.dumps(recorded))
         manifests.build_manifest(work, source_names=imported.sources, shown_data_dir=data_dir, progress=progress)
         swap_in(stage, target)

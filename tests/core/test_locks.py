@@ -170,3 +170,98 @@ def test_a_refused_writer_leaves_the_holders_record(demo_features, tmp_path):
         assert result.returncode == 2, result.stdout
         assert f"PID {holder.pid}" in result.stdout and "holder-test" in result.stdout
     assert recorded["pid"] == holder.pid
+
+
+def _shared_flock(path):
+    """A reader's shared lock of ``path``'s lock file held from another open file (as a live reader holds it)."""
+    import fcntl
+
+    fd = os.open(locks.lock_path(path), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file", "fifo"])
+def test_an_odd_readers_folder_is_refused_by_readers_and_download_and_nothing_is_deleted(demo_dir, tmp_path, planted):
+    data_dir = copy_data(demo_dir, tmp_path)
+    root = devkit.stanford_root(data_dir)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text("{}")
+    readers = locks.readers_dir(root)
+    if planted == "symlink":
+        readers.symlink_to(victim)
+    elif planted == "file":
+        readers.write_text("{}")
+    else:
+        os.mkfifo(readers)
+    what = {"symlink": "a symbolic link", "file": "a file", "fifo": "a FIFO"}[planted]
+    with pytest.raises(locks.LockFileError, match=f"readers folder {readers} is {what}"), locks.reader_lock(root, "t"):
+        pass
+    fd = _shared_flock(root)  # a reader holds the folder: download looks at the readers folder
+    try:
+        refused = run_cli("download", "--data-dir", data_dir, "--source", "demo", "--verify")
+    finally:
+        os.close(fd)
+    idle = run_cli("download", "--data-dir", data_dir, "--source", "demo", "--verify")  # nobody holds it
+    for result in (refused, idle):
+        assert result.returncode == 2, result.stdout
+        assert f"readers folder {readers} is {what}" in result.stdout and "Traceback" not in result.stdout
+    assert (victim / "config.json").read_text() == "{}"
+    assert os.path.lexists(readers)
+
+
+def test_a_readers_record_of_an_exited_process_is_reported_as_being_released(demo_dir, tmp_path):
+    import fcntl
+
+    root = devkit.stanford_root(copy_data(demo_dir, tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record = locks.readers_dir(root) / f"{gone.pid}-abcd.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename, "stage": "finetune"}))
+    held = os.open(record, os.O_RDONLY)  # what an orphaned worker of that process would hold
+    fcntl.flock(held, fcntl.LOCK_EX)
+    fd = _shared_flock(root)
+    try:
+        with pytest.raises(locks.LockedError) as refused, locks.writer_lock(root, "download"):
+            pass
+    finally:
+        os.close(fd)
+        os.close(held)
+    message = str(refused.value)
+    assert f"PID {gone.pid}" in message and "has exited" in message and "rerun in a few seconds" in message
+    assert "is being read by" not in message
+
+
+FORKING_READER = """
+import os, sys, time
+from pathlib import Path
+from cars_tl.core import locks
+with locks.reader_lock(Path(sys.argv[1]), "finetune"), locks.writer_lock(Path(sys.argv[2]), "finetune"):
+    child = os.fork()
+    if child == 0:  # a DataLoader worker, still busy when its parent is killed
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_children_of_a_killed_reader_do_not_keep_its_locks(demo_dir, tmp_path):
+    root, run_dir = devkit.stanford_root(copy_data(demo_dir, tmp_path)), tmp_path / "run"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKING_READER, str(root), str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    try:
+        os.kill(child, 0)  # the orphan still runs
+        with locks.writer_lock(root, "download"), locks.writer_lock(run_dir, "finetune"):
+            pass  # yet both locks are free at once
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -257,3 +257,26 @@ def test_the_report_lists_the_label_noise_of_the_runs_dataset(noisy, tmp_path):
     # Another dataset than the runs': nothing said about it.
     result = build.build_report(artifacts, data_dir=tmp_path / "data")
     assert "identical images" not in Path(result["files"]["md"]).read_text()
+
+
+def test_drop_says_when_it_leaves_a_class_without_training_images_or_a_split_empty(tmp_path):
+    ref, _ = prepare_dataset(tmp_path / "demo", "demo")
+    root = tmp_path / "src" / "stanford_cars"
+    shutil.copytree(ref.root, root, ignore=shutil.ignore_patterns("manifest.*", manifests.ORIGIN_FILE))
+    train = ref.split("train")
+    donor = train[0]
+    victim_class = next(r.label for r in train if r.label != donor.label)
+    for r in train:  # every training image of one class is a copy of an image of another class
+        if r.label == victim_class:
+            shutil.copyfile(root / donor.path, root / r.path)
+    for r in ref.split("test"):  # and every test image a copy of a training image of another class
+        other = next(t for t in train if t.label not in (r.label, victim_class))
+        shutil.copyfile(root / other.path, root / r.path)
+    kept, _ = prepare_dataset(tmp_path / "keep", str(root.parent))
+    assert "warning" not in manifests.summary(kept)
+    manifest, _ = prepare_dataset(tmp_path / "drop", str(root.parent), label_conflicts="drop")
+    assert manifest.counts()["test"] == 0 and victim_class not in {r.label for r in manifest.split("train")}
+    text = manifests.summary(manifest)
+    name = ref.class_names[victim_class]
+    assert f"warning: --label-conflicts drop left 1 class without a training image ({name})" in text
+    assert "the test split without any image" in text and "--label-conflicts keep" in text

@@ -1,5 +1,6 @@
 """cars_tl.sources.archives (issue 19 §5 and §7): zips written by ``zipfile.writestr``, archive bombs refused before
-anything is written (limits through CARS_TL_MAX_ARCHIVE_BYTES / CARS_TL_MAX_ARCHIVE_RATIO), errors naming
+anything is written (limits through CARS_TL_MAX_ARCHIVE_BYTES / CARS_TL_MAX_ARCHIVE_RATIO /
+CARS_TL_MAX_ARCHIVE_MEMBERS), errors naming
 the user's archive and member (never a deleted temporary folder), links inside an archive.
 
 Cases:
@@ -186,3 +187,25 @@ def test_a_dangling_symlink_is_a_missing_image_named_by_its_member(kind, demo, t
         prepare_dataset(tmp_path / "data", str(archive))
     assert f"cars_train/00001.jpg (not in {archive} (member stanford_cars/cars_train))" in info.value.message
     assert ".tmp-" not in info.value.message
+
+
+@pytest.mark.parametrize("kind", ["tgz", "zip"])
+def test_an_archive_with_more_members_than_the_cap_is_refused_naming_count_and_cap(kind, tmp_path, monkeypatch):
+    archive = tmp_path / f"junk.{kind}"
+    names = [f"junk/{i:05d}.txt" for i in range(30)]
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for name in names:
+                zf.writestr(name, "x")
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            for name in names:
+                tar.addfile(tarfile.TarInfo(name), io.BytesIO(b""))
+    assert archives.DEFAULT_MAX_MEMBERS >= 2 * 16_185  # the whole dataset fits, even doubled by __MACOSX entries
+    monkeypatch.setenv(archives.MAX_MEMBERS_ENV, "29")
+    count = "30" if kind == "zip" else "over 29"
+    error = refused_leaving_nothing(archive, tmp_path / "out", f"holds {count} members; the limit is 29")
+    assert str(archive) in error.message and f"{archives.MAX_MEMBERS_ENV}=58" in error.hint
+    monkeypatch.setenv(archives.MAX_MEMBERS_ENV, "30")
+    safe_extract(archive, tmp_path / "out")
+    assert len(list((tmp_path / "out" / "junk").iterdir())) == 30

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from helpers import REPO, SHARED_MINI, all_in_one_copy, run_cli, tar_folder
+from helpers import REPO, SHARED_MINI, all_in_one_copy, link_tree, run_cli, tar_folder
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
@@ -167,6 +167,46 @@ def test_unrecognised_layout_lists_what_was_found(tmp_path):
     assert "lacks cars_test.tgz, car_devkit.tgz" in message
     assert "all-in-one" in message and "split archives" in message
     assert entries(tmp_path / "data") == []
+
+
+def test_datasets_in_sibling_folders_are_refused_naming_both_and_one_alone_is_recorded(demo, tmp_path):
+    source = tmp_path / "src"
+    for sub in ("a", "b"):
+        link_tree(demo.root, source / sub / "stanford_cars")
+    with pytest.raises(CarsTLError) as info:
+        prepare_dataset(tmp_path / "data", str(source))
+    message = str(info.value)
+    assert f"{source / 'a' / 'stanford_cars'} (torchvision layout)" in message
+    assert f"{source / 'b' / 'stanford_cars'} (torchvision layout)" in message
+    assert (
+        f"point --source at the one you mean, e.g. cars-tl download --data-dir {tmp_path / 'data'} --source {source / 'a' / 'stanford_cars'}"
+        in message
+    )
+    assert entries(tmp_path / "data") == []
+    packed = tar_folder(tmp_path / "both.tgz", {"a": source / "a", "b": source / "b"})
+    with pytest.raises(
+        CarsTLError,
+        match=r"both\.tgz \(member a/stanford_cars\) \(torchvision layout\); .*both\.tgz \(member b/stanford_cars\)",
+    ):
+        prepare_dataset(tmp_path / "data", str(packed))
+    shutil.rmtree(source / "b")
+    manifest, _ = prepare_dataset(tmp_path / "data", str(source))
+    assert manifest.origin["subfolder"] == "a/stanford_cars" and manifest.origin["path"] == str(source)
+    assert_demo_dataset(manifest, demo)
+
+
+def test_layout_errors_inside_an_archive_name_the_archive_and_member_not_a_temporary_folder(tmp_path):
+    inner = tmp_path / "x" / "inner"
+    (inner / "train").mkdir(parents=True)
+    (inner / "cars_train").mkdir()
+    archive = tar_folder(tmp_path / "bad.tgz", {"inner": inner})
+    with pytest.raises(CarsTLError) as info:
+        prepare_dataset(tmp_path / "data", str(archive))
+    message = info.value.message
+    assert f"no Stanford Cars layout recognised in {archive} (found: inner/)" in message
+    assert f"{archive} (member inner) looks like the torchvision layout but lacks cars_test/" in message
+    assert f"{archive} (member inner) looks like the class folders layout" in message
+    assert ".tmp-" not in message and ".extract-" not in message
 
 
 def test_all_in_one_paths_outside_car_ims_are_refused(tmp_path):
@@ -663,6 +703,28 @@ def test_weights_enum_is_fetched_exactly_and_the_missing_weights_hint_names_it(m
     with pytest.raises(CarsTLError, match="IMAGENET1K_V3") as info:
         download_weights("resnet50:IMAGENET1K_V3")
     assert "IMAGENET1K_V1" in info.value.message
+
+
+def test_a_plain_download_on_a_read_only_data_folder_that_verifies_says_so(tmp_path, monkeypatch):
+    import errno
+
+    data_dir = tmp_path / "data"
+    prepare_dataset(data_dir, "demo")
+    lock = str(devkit.stanford_root(data_dir).with_name(".stanford_cars.lock"))
+    os.unlink(lock)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # what a read-only mount answers (chmod does not stop root)
+        if str(path) == lock and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), lock)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    manifest, action = prepare_dataset(data_dir, "demo")
+    assert action == "already verified" and manifest.counts() == COUNTS
+    with pytest.raises(CarsTLError, match="Read-only file system") as refused:  # --verify rewrites the manifest
+        prepare_dataset(data_dir, "demo", verify=True)
+    assert f"make {data_dir} writable" in refused.value.hint
 
 
 def test_download_verify_says_how_often_to_run_it(demo_dir, tmp_path):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cars_tl.core.errors import CarsTLError
@@ -75,39 +75,64 @@ def _layouts_at(folder: Path) -> list[str]:
     return [layout.name for layout in REGISTRY.values() if layout.detect(folder)]
 
 
-def _near_misses(folder: Path) -> list[str]:
+def _near_misses(folder: Path, shown: Callable[[Path], str]) -> list[str]:
     """For each layout a folder holds only part of, what it lacks (for the error message)."""
-    return [miss for layout in REGISTRY.values() for miss in layout.near_misses(folder)]
+    return [miss for layout in REGISTRY.values() for miss in layout.near_misses(folder, shown)]
 
 
-def find_layout(root: Path) -> tuple[str, Path]:
+def _one_of(found: list[tuple[str, Path]], root: Path, src: Source | None) -> CarsTLError:
+    """The refusal of a source holding several datasets (in sibling folders, say): which to import is a guess."""
+    shown = src.name if src else str
+    listed = "; ".join(f"{shown(folder)} ({layout} layout)" for layout, folder in found)
+    if src is not None and src.owned:
+        fix = f"extract {src.archive} and point --source at one of these folders (or pack one of them alone)"
+    else:
+        command = src.command if src else ""
+        where = f"--source {shlex.quote(str(root))}"
+        pick = f"--source {shlex.quote(str(found[0][1]))}"
+        example = command.replace(where, pick) if where in command else f"cars-tl download {pick}"
+        fix = f"point --source at the one you mean, e.g. {example}"
+    return CarsTLError(
+        f"{shown(root)} holds {len(found)} datasets: {listed}; which one to import would be a guess", fix
+    )
+
+
+def find_layout(root: Path, src: Source | None = None) -> tuple[str, Path]:
     """The accepted layout at or up to three folder levels below ``root`` (breadth first).
 
-    Two layouts in one folder are an error (which one was meant is a guess).
+    Two layouts in one folder, or datasets in two folders (``a/stanford_cars``, ``b/stanford_cars``),
+    are an error (which one was meant is a guess). A found layout's own subfolders are not searched.
+    Paths are shown as ``src`` names them (the user's archive and member, never our extraction).
     """
+    shown = src.name if src else str
     not_containers = {*devkit.IMAGE_DIRS.values(), "car_ims", "devkit", "train", "test"}  # images, no layouts
-    level, near = [root], []
+    level, near, found = [root], [], []
     for _ in range(4):
         below = []
         for folder in level:
             layouts = _layouts_at(folder)
             if len(layouts) > 1:
                 raise CarsTLError(
-                    f"{folder} mixes layouts: {' and '.join(layouts)}",
+                    f"{shown(folder)} mixes layouts: {' and '.join(layouts)}",
                     "keep one of them in the folder (or pass the folder of one with --source PATH), then rerun cars-tl download",
                 )
             if layouts:
-                return layouts[0], folder
-            near += _near_misses(folder)
+                found.append((layouts[0], folder))
+                continue
+            near += _near_misses(folder, shown)
             below += sorted(
                 p
                 for p in folder.iterdir()
                 if p.is_dir() and p.name not in not_containers and not p.name.startswith(".")
             )
         level = below
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    shown = ", ".join(found[:15]) + (f", ... ({len(found) - 15} more)" if len(found) > 15 else "") or "nothing"
-    lines = [f"no Stanford Cars layout recognised in {root} (found: {shown})", *near, "accepted layouts:"]
+    if len(found) > 1:
+        raise _one_of(found, root, src)
+    if found:
+        return found[0]
+    listing = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    items = ", ".join(listing[:15]) + (f", ... ({len(listing) - 15} more)" if len(listing) > 15 else "") or "nothing"
+    lines = [f"no Stanford Cars layout recognised in {shown(root)} (found: {items})", *near, "accepted layouts:"]
     lines += [f"  - {layout}" for layout in ACCEPTED_LAYOUTS]
     raise CarsTLError(
         "\n".join(lines),
@@ -151,9 +176,11 @@ def import_path(
         src = Source(root, True, path, test_labels, splits, command)
     else:
         src = Source(path, False, None, test_labels, splits, command)
-    layout, folder = find_layout(src.root)
+    layout, folder = find_layout(src.root, src)
     imported = REGISTRY[layout].import_(folder, stage, work, src, progress)
     imported.splits = splits
+    if folder != src.root:
+        imported.subfolder = folder.relative_to(src.root).as_posix()
     if "test" not in splits:  # importers that always bring both splits: drop test
         shutil.rmtree(stage / devkit.IMAGE_DIRS["test"], ignore_errors=True)
         for rel in (devkit.DEVKIT_FILES["test_nolabels"], *devkit.TEST_LABELS_NAMES):

@@ -91,12 +91,12 @@ def _detect(folder: Path) -> bool:
     return "cars_annos.mat" in names and ("car_ims.tgz" in names or (folder / "car_ims").is_dir())
 
 
-def _near_misses(folder: Path) -> list[str]:
+def _near_misses(folder: Path, shown) -> list[str]:
     items = {
         "car_ims.tgz (or car_ims/)": has(folder, "car_ims.tgz", "car_ims"),
         "cars_annos.mat": has(folder, "cars_annos.mat"),
     }
-    return lacking(folder, "all-in-one", items)
+    return lacking(folder, "all-in-one", items, shown)
 
 
 LAYOUT = Layout(

@@ -38,6 +38,7 @@ class Imported:
     boxes: bool = True
     splits: tuple[str, ...] = devkit.SPLITS
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # staged path -> where it came from
+    subfolder: str | None = None  # where below --source (or inside its archive) the layout was found
 
 
 @dataclasses.dataclass
@@ -55,9 +56,13 @@ class Source:
         """How to show ``path`` in errors: never a temporary extraction path."""
         if self.owned and self.archive is not None:
             try:
-                return f"{self.archive} (member {PurePosixPath(*Path(path).relative_to(self.root).parts)})"
+                parts = Path(path).relative_to(self.root).parts
             except ValueError:
-                pass
+                parts = None
+            if parts == ():
+                return str(self.archive)
+            if parts:
+                return f"{self.archive} (member {PurePosixPath(*parts)})"
         return str(path)
 
 
@@ -70,7 +75,8 @@ class Layout:
     cli_help: str  # how ``cars-tl download --help`` names it
     detect: Callable[[Path], bool]  # whether the layout sits at the folder itself
     import_: Callable[[Path, Path, Path, Source, Progress], Imported]  # (folder, stage, work, src, progress)
-    near_misses: Callable[[Path], list[str]] = lambda folder: []  # what a folder holding only part of it lacks
+    # What a folder holding only part of it lacks: (folder, how to show a path) -> sentences.
+    near_misses: Callable[[Path, Callable[[Path], str]], list[str]] = lambda folder, shown: []
 
     @property
     def accepted(self) -> str:
@@ -136,11 +142,11 @@ def has(folder: Path, *names: str) -> bool:
     return any((folder / n).exists() for n in names)
 
 
-def lacking(folder: Path, layout: str, items: dict[str, bool]) -> list[str]:
+def lacking(folder: Path, layout: str, items: dict[str, bool], shown: Callable[[Path], str] = str) -> list[str]:
     """The near miss of ``layout`` at ``folder`` when some but not all of ``items`` (name -> present) are there."""
     missing = [name for name, present in items.items() if not present]
     if 0 < len(missing) < len(items):
-        return [f"{folder} looks like the {layout} layout but lacks {', '.join(missing)}"]
+        return [f"{shown(folder)} looks like the {layout} layout but lacks {', '.join(missing)}"]
     return []
 
 

@@ -171,21 +171,21 @@ def _import_class_folders(folder: Path, stage: Path, work: Path, src: Source, pr
     return Imported("class folders", has_boxes, src.splits, sources)
 
 
-def _near_misses(folder: Path) -> list[str]:
+def _near_misses(folder: Path, shown) -> list[str]:
     misses = lacking(
-        folder, "class folders", {"train/<class>/": has(folder, "train"), "test/<class>/": has(folder, "test")}
+        folder, "class folders", {"train/<class>/": has(folder, "train"), "test/<class>/": has(folder, "test")}, shown
     )
     train = folder / "train"
     if train.is_dir():  # class folders without a single image
         classes = [d for d in train.iterdir() if d.is_dir()]
         if classes and not any(has_images(d) for d in classes):
             misses.append(
-                f"{train} holds {len(classes)} class folders, but all {len(classes)} are empty "
+                f"{shown(train)} holds {len(classes)} class folders, but all {len(classes)} are empty "
                 f"(no {', '.join(IMAGE_SUFFIXES)} files in them)"
             )
         elif not classes and has_images(train):
             misses.append(
-                f"{train} holds images directly: the class folders layout needs one folder per class (train/<class name>/*.jpg)"
+                f"{shown(train)} holds images directly: the class folders layout needs one folder per class (train/<class name>/*.jpg)"
             )
     return misses
 

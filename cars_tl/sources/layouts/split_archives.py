@@ -79,5 +79,5 @@ LAYOUT = Layout(
     "the split archives",
     _detect,
     _import_split_layout,
-    lambda folder: lacking(folder, "split archives", {f: has(folder, f) for f in SPLIT_FILES[:3]}),
+    lambda folder, shown: lacking(folder, "split archives", {f: has(folder, f) for f in SPLIT_FILES[:3]}, shown),
 )

@@ -96,13 +96,13 @@ def _detect(folder: Path) -> bool:
     return parts is not None and parts["layout"] == "torchvision"
 
 
-def _near_misses(folder: Path) -> list[str]:
+def _near_misses(folder: Path, shown) -> list[str]:
     items = {
         "cars_train/": has(folder, "cars_train"),
         "cars_test/": has(folder, "cars_test"),
         **{f: has(folder, f) for f in DEVKIT_FILES.values()},
     }
-    return lacking(folder, "torchvision", items)
+    return lacking(folder, "torchvision", items, shown)
 
 
 LAYOUT = Layout(
