@@ -100,6 +100,15 @@ define newline
 
 endef
 NEWLINED := $(strip $(foreach v,ARTIFACTS BACKBONE WEIGHTS PRESET RESIZE IMAGE_SIZE SVM_KERNEL SVM_C SVM_GAMMA SVM_SCALE UNFREEZE_D,$(if $(findstring $(newline),$($(v))),$(v))))
+# Folders and plain values that never go through `cars-tl paths` are refused here when they hold
+# what bash or make would read as code or as two words (LAUNCH and the lists are commands and
+# words by design).
+UNSAFE := $(strip $(foreach v,DATA SOURCE TENSORBOARD CROP DEVICE PRECISION WORKERS EPOCHS BATCH SPARSITY_IMAGES KNN_T,\
+	$(if $(or $(findstring $$,$($(v))),$(findstring ',$($(v))),$(findstring ",$($(v))),$(findstring `,$($(v))),$(findstring \,$($(v))),$(word 2,$($(v)))),$(v))))
+ifneq ($(UNSAFE),)
+$(error $(firstword $(UNSAFE))='$($(firstword $(UNSAFE)))' holds a space, quote, backslash or $$, which make or bash would split or run: \
+	give $(firstword $(UNSAFE)) a value without them (rename the folder, e.g. my_data); nothing was run or written)
+endif
 ifneq ($(NEWLINED),)
 $(error $(firstword $(NEWLINED)) holds a newline, which ends a make line (what follows would be read as a line of its own): \
 	give $(firstword $(NEWLINED)) on one line; nothing was run or written)
@@ -198,7 +207,7 @@ test-fast: $(VENV)/.installed
 
 define stamp
 @mkdir -p $(dir $@)
-@echo '$(1)' | cmp -s - $@ || echo '$(1)' > $@
+@echo '$(1)' | cmp -s - $(call quote,$@) || echo '$(1)' > $(call quote,$@)
 endef
 
 # One stamp per output, holding only what changes it: switching PRESET or SVM_KERNEL back and
@@ -226,7 +235,7 @@ $(MANIFEST): $(OPTS)/download
 # (download --verify, a SOURCE switched back and forth) reruns nothing.
 $(DATASET): $(MANIFEST)
 	@mkdir -p $(dir $@)
-	@grep -m1 '"fingerprint"' $< | cmp -s - $@ || grep -m1 '"fingerprint"' $< > $@
+	@grep -m1 '"fingerprint"' $(call quote,$<) | cmp -s - $(call quote,$@) || grep -m1 '"fingerprint"' $(call quote,$<) > $(call quote,$@)
 
 $(FEATURES): $(DATASET) $(OPTS)/features-$(FEATURES_TAG)
 	$(LAUNCH) $(CARS) extract-features --data-dir $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --preset $(PRESET) $(COMMON) --out $@
@@ -275,7 +284,7 @@ $(KNN): $(FEATURES) $(OPTS)/knn
 $(PREDICT): $(FT_A) $(HEAD_B) $(FT_D)
 	@mkdir -p $(@D)
 	$(CARS) predict $(TEST_IMAGE) --model $(dir $(FT_A)) --model $(dir $(HEAD_B)) --model $(dir $(FT_D)) --top-k 3
-	$(CARS) predict $(TEST_IMAGE) --model $(dir $(FT_A)) --model $(dir $(HEAD_B)) --model $(dir $(FT_D)) --top-k 3 --json > $@.tmp && mv $@.tmp $@
+	$(CARS) predict $(TEST_IMAGE) --model $(dir $(FT_A)) --model $(dir $(HEAD_B)) --model $(dir $(FT_D)) --top-k 3 --json > $(call quote,$@.tmp) && mv $(call quote,$@.tmp) $(call quote,$@)
 
 $(SPARSITY): $(FT_A) $(HEAD_B) $(FT_D) $(OPTS)/sparsity
 	$(CARS) sparsity --model $(dir $(FT_A)) --model $(dir $(HEAD_B)) --model $(dir $(FT_D)) \

@@ -114,6 +114,9 @@ def _make_n(tmp_path, goal: str, *variables: str, cwd=None) -> tuple[subprocess.
         ("UNFREEZE_D=layer9", ["layer9 is not a module of resnet50"]),
         ("SVM_KERNEL=rbff", ["unknown --kernel 'rbff'"]),
         ("SVM_C=-1", ["--C must be positive"]),
+        ("DATA=x$$(touch PWNED)", ["DATA='x$(touch PWNED)' holds", "nothing was run or written"]),
+        ("DATA=my data", ["DATA='my data' holds", "nothing was run or written"]),
+        ("TENSORBOARD=bob's", ["TENSORBOARD='bob's' holds", "nothing was run or written"]),
     ],
 )
 def test_make_refuses_a_value_it_cannot_carry_before_running_or_writing_anything(tmp_path, variable, fragments):
@@ -123,7 +126,7 @@ def test_make_refuses_a_value_it_cannot_carry_before_running_or_writing_anything
     assert result.returncode == 2, result.stdout + result.stderr
     assert list(work.iterdir()) == []  # no PWNED, no folder (`my`, `a`), no paths.mk with a SHELL= line
     assert "Traceback" not in result.stderr and "cars-tl paths failed" not in result.stderr
-    assert "stopped before any stage ran" in result.stderr or "holds a newline" in result.stderr
+    assert any(f in result.stderr for f in ("stopped before any stage ran", "holds a newline", "nothing was run"))
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr)
 
