@@ -126,21 +126,44 @@ def tags_of(m: dict, run_dir: Path, path_id: str, run_id: str) -> dict[str, str]
 
 
 def cv_tables(m: dict) -> dict[str, str]:
-    """``cv-<kernel>.csv``: the SVM's cross-validation accuracy, one row per gamma, one column per C."""
+    """``cv-<kernel>.csv``: the SVM's cross-validation accuracy, one row per (gamma, C) point searched.
+
+    Long, not a gamma x C grid: each gamma has its own C grid (on its kernel's scale, one of them
+    possibly extended), so no one C header fits every row."""
     tables = {}
     for kernel, r in (m.get("kernels") or {}).items():
-        search = r.get("search") or {}
-        if not search.get("cv_acc"):
+        search = (r.get("search") if isinstance(r, dict) else None) or {}
+        cv_acc, cv_std = search.get("cv_acc") or [], search.get("cv_std") or []
+        if not cv_acc:
             continue
-        c_grid = search.get("C_grid") or [search.get("C")]
         gammas = search.get("gamma_grid") or [search.get("gamma_value")]
+        # C_grids: one grid per gamma; records before it had one grid (C_grid), right for one gamma only.
+        c_grids = search.get("C_grids") or (
+            [search.get("C_grid") or [search.get("C")]] * len(cv_acc) if len(cv_acc) == 1 else [None] * len(cv_acc)
+        )
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["gamma \\ C"] + [f"{c:g}" if isinstance(c, (int, float)) else str(c) for c in c_grid])
-        for gamma, row in zip(gammas, search["cv_acc"]):
-            writer.writerow([f"{gamma:.6g}" if isinstance(gamma, (int, float)) else str(gamma)] + row)
+        writer.writerow(["gamma", "C", "cv_acc", "cv_std"])
+        for g, (gamma, row) in enumerate(zip(gammas, cv_acc)):
+            grid = c_grids[g] if g < len(c_grids) and c_grids[g] and len(c_grids[g]) == len(row) else [None] * len(row)
+            stds = cv_std[g] if g < len(cv_std) and len(cv_std[g]) == len(row) else [None] * len(row)
+            for c, acc, std in zip(grid, row, stds):
+                writer.writerow(
+                    [
+                        _cell(gamma) if kernel != "linear" else "",
+                        "unknown" if c is None else _cell(c),
+                        _cell(acc),
+                        _cell(std),
+                    ]
+                )
         tables[f"cv-{kernel}.csv"] = buf.getvalue()
     return tables
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def small_files(run_dir: Path) -> list[Path]:

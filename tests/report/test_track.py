@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -152,3 +155,25 @@ def test_cli_track_prints_a_line_per_run(run_set, tmp_path):
     assert "created" in result.output and "1 created" in result.output
     bad = CliRunner().invoke(app, ["track", "--to", "wandb", "x", str(run_set / "runs" / "head")])
     assert bad.exit_code == 2 and "valid: tensorboard, mlflow" in bad.output
+
+
+def test_cv_table_labels_each_gamma_with_its_own_c_grid():
+    from cars_tl.models.svm import search as svm_search
+    from cars_tl.report.track import cv_tables
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(3, 8))[y] * 2 + rng.normal(size=(60, 8))
+    found = svm_search.search(x, y, "poly", "auto", "cv", 3, 0.0, "l2", folds=3, seed=0)
+    assert len({tuple(g) for g in found["C_grids"]}) > 1  # the gammas' grids differ: the case that matters
+    rows = list(csv.DictReader(io.StringIO(cv_tables({"kernels": {"poly": {"search": found}}})["cv-poly.csv"])))
+    expected = [
+        (gamma, c, acc)
+        for gamma, grid, accs in zip(found["gamma_grid"], found["C_grids"], found["cv_acc"])
+        for c, acc in zip(grid, accs)
+    ]
+    assert len(rows) == len(expected)
+    for row, (gamma, c, acc) in zip(rows, expected):
+        assert float(row["gamma"]) == pytest.approx(gamma, rel=1e-5)
+        assert float(row["C"]) == pytest.approx(c, rel=1e-5)
+        assert float(row["cv_acc"]) == pytest.approx(acc)
