@@ -169,6 +169,14 @@ def load_map(path: Path, split: str = "test", seed: int = 0, class_names: list[s
         else:
             z = embeddings.load_penultimate(file)
             x, labels, ids = z["features"], z["labels"], z["ids"]
+        bad = int((~np.isfinite(x).all(axis=1)).sum()) if x.ndim == 2 else 0
+        if bad:  # PCA and t-SNE take no NaN or inf
+            raise CarsTLError(
+                f"{file}: {bad} of {len(x)} rows of the {split} split's features are not finite (NaN or inf)",
+                f"extract them again: rm {file}; cars-tl extract-features ... --out {file}"
+                if src["kind"] == "cache"
+                else f"fine-tune that run again: cars-tl finetune ... --force --out {file.parent}",
+            )
         makes, _ = _make_ids(labels, names)
         result = compute(x, makes, seed)
         embeddings.save_map(

@@ -154,3 +154,18 @@ def test_map_figures_leave_each_image_s_copies_out():
     assert result["knn_full"] == knn_accuracy(
         x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat(makes, 3), same=copies
     )
+
+
+def test_inspect_embedding_refuses_non_finite_features_and_a_folder_as_output(demo_features, tmp_path):
+    from helpers import assert_refused, poisoned, rewrite_cache, run_cli
+
+    cache = rewrite_cache(demo_features, tmp_path / "nan.h5", test=poisoned)
+    result = run_cli("inspect", cache, "--embedding", tmp_path / "map.png", "--data-dir", tmp_path / "none")
+    assert_refused(result, str(cache), "1 of", "not finite")
+    assert not (tmp_path / "map.png").exists()
+
+    good = shutil.copy(demo_features, tmp_path / "tiny.h5")
+    (tmp_path / "folder").mkdir()
+    result = run_cli("inspect", good, "--embedding", tmp_path / "folder", "--data-dir", tmp_path / "none")
+    assert_refused(result, "--embedding", "is a folder")
+    assert not list(tmp_path.glob("*.map-*.npz"))  # refused before the map was computed
