@@ -37,7 +37,7 @@ from cars_tl.artifacts import names, runs
 from cars_tl.core.atomic import atomic_write_text
 from cars_tl.core.errors import CarsTLError, check_output_path
 from cars_tl.core.tensorboard import EventLog, epoch_scalars, require_writer
-from cars_tl.report.catalog import model_group, setting
+from cars_tl.report.catalog import check_size, model_group, setting
 
 TARGETS = ("tensorboard", "mlflow")
 ARTIFACT_MAX_BYTES = 10 << 20
@@ -255,7 +255,9 @@ def track(paths: list[Path], *, to: str, target: str, experiment: str = "cars_tl
     results = []
     for run_dir in _run_dirs(paths):
         try:  # one bad run is skipped, said so, and the others still go
+            check_size(run_dir)  # the report's bounds: a metrics.json far past any run's is not read
             m = runs.read_metrics(run_dir)
+            check_size(run_dir, m)
             if m.get("status") != "complete":
                 raise CarsTLError(f"status {m.get('status')}: only complete runs are mirrored")
             path_id, run_id = run_ids(run_dir, m)

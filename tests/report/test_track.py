@@ -191,7 +191,7 @@ def _hostile_runs(artifacts):
     for name, change in (
         ("b-nested", None),
         ("c-shape", {"history": [["epoch", 1]]}),
-        ("d-huge", {"history": [{"epoch": e, "test_acc": 1.0} for e in range(300_000)]}),
+        ("d-huge", {"history": [{"epoch": e, "test_acc": 1.0} for e in range(10_001)]}),
     ):
         (artifacts / "runs" / name).mkdir(parents=True)
         text = '{"a": ' * 100_000 + "1" + "}" * 100_000 if change is None else json.dumps({**good, **change})
@@ -215,7 +215,7 @@ def test_a_bad_run_is_skipped_and_the_others_mirrored(tmp_path):
         "d-huge": "skipped",
         "e-good": "created",
     }
-    assert "shape" in results["c-shape"]["detail"] and "metric points" in results["d-huge"]["detail"]
+    assert "shape" in results["c-shape"]["detail"] and "10001 history" in results["d-huge"]["detail"]
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["a-good", "e-good"]
 
 
