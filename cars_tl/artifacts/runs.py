@@ -441,14 +441,65 @@ def write_predictions(
     return path
 
 
+# Far above any split cars_tl scores (Stanford Cars' test split: 8,041 images); a file declaring more is
+# refused from its headers, before numpy allocates and inflates what they declare.
+PREDICTIONS_MAX_ROWS = 1_000_000
+PREDICTIONS_MAX_COLUMNS = 100
+PREDICTIONS_MAX_STRING = 1000  # characters of score_kind and split
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """Each array's (shape, dtype) as its .npy header in the .npz declares it, nothing else read."""
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist()[:32]:  # a predictions file has 7 arrays
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(f)
+            out[info.filename.removesuffix(".npy")] = (shape, dtype)
+    return out
+
+
+def _check_prediction_sizes(path: Path, headers: dict, split: str) -> None:
+    limits = {"ids": 1, "labels": 1, "top_classes": 2, "top_scores": 2}
+    for key, (shape, dtype) in headers.items():
+        rank = limits.get(key, 0)
+        too_big = (
+            len(shape) != rank
+            or (rank and shape[0] > PREDICTIONS_MAX_ROWS)
+            or (rank == 2 and shape[1] > PREDICTIONS_MAX_COLUMNS)
+            or (rank == 0 and dtype.itemsize > 4 * PREDICTIONS_MAX_STRING)
+        )
+        if too_big:
+            raise CarsTLError(
+                f"{path}: {key} is declared with shape {shape} and dtype {dtype}; a predictions file holds "
+                f"{'a value' if rank == 0 else f'{rank}-D arrays of at most {PREDICTIONS_MAX_ROWS} rows'} there",
+                f"rewrite it: cars-tl predict --split {split} --model {path.parent}",
+            )
+
+
 def read_predictions(run_dir: Path, split: str = "test") -> Predictions:
-    """A run's saved predictions, checked: arrays present, shapes consistent, no pickled objects."""
+    """A run's saved predictions, checked: sizes declared within bounds (before reading), arrays present,
+    shapes consistent, no pickled objects."""
     path = predictions_path(run_dir, split)
     if not path.is_file():
         raise CarsTLError(
             f"{run_dir} has no saved {split} predictions ({path.name})",
             f"cars-tl predict --split {split} --model {run_dir}",
         )
+    try:
+        headers = _npz_headers(path)
+    except Exception as exc:  # not a zip, or a member that is not .npy
+        raise CarsTLError(
+            f"{path} is not a readable predictions file: {exc}",
+            f"rewrite it: cars-tl predict --split {split} --model {run_dir}",
+        ) from None
+    _check_prediction_sizes(path, headers, split)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {key: z[key] for key in z.files}

@@ -7,7 +7,7 @@ Sources: a feature cache's split (frozen features: models B, C, kNN), or a fine-
 source, keyed by the source's SHA-256 and the settings, and reused until either changes.
 
 The numbers: make-level leave-one-out k-nearest-neighbour accuracy (k = 10, majority vote of the
-neighbours' makes, the image itself left out) in the 2-D map and in the full feature space (features
+neighbours' makes, the image itself and its exact duplicates left out) in the 2-D map and in the full feature space (features
 L2-normalised: cosine geometry, as the kNN stage uses). t-SNE keeps neighbourhoods, not distances:
 the two numbers say how much of the full space's make structure the picture shows.
 """
@@ -28,7 +28,7 @@ PCA_DIMS = 50
 PERPLEXITY = 30.0
 KNN_K = 10
 THUMBNAILS = 8
-SETTINGS_VERSION = 1
+SETTINGS_VERSION = 2  # 2: leave-one-out leaves the image's exact duplicates out too
 
 
 def make_of(class_name: str) -> str:
@@ -47,20 +47,34 @@ def settings(seed: int) -> dict:
     }
 
 
-def knn_accuracy(x: np.ndarray, groups: np.ndarray, k: int = KNN_K) -> float:
-    """Leave-one-out k-NN accuracy (%) of ``groups`` on the rows of ``x`` (euclidean)."""
+def duplicate_ids(x: np.ndarray) -> np.ndarray:
+    """One id per distinct row of ``x``: rows with equal ids are exact duplicates (the same image twice)."""
+    return np.unique(np.asarray(x), axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def knn_accuracy(x: np.ndarray, groups: np.ndarray, k: int = KNN_K, same: np.ndarray | None = None) -> float:
+    """Leave-one-out k-NN accuracy (%) of ``groups`` on the rows of ``x`` (euclidean).
+
+    Left out with the row: every row with its ``same`` id (default: its exact duplicates in ``x``),
+    since a duplicate at distance 0 would vote for the row's own group. NaN when no row has another
+    to vote (fewer than two distinct rows); k shrinks to what the largest set of duplicates leaves."""
     from sklearn.neighbors import NearestNeighbors
 
     n = len(x)
-    if n < 2:
+    same = duplicate_ids(x) if same is None else np.asarray(same).reshape(-1)
+    largest = int(np.bincount(same).max()) if n else 0
+    if n < 2 or largest >= n:
         return float("nan")
-    k = min(k, n - 1)
-    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
-    neighbours = np.where(idx[:, :1] == np.arange(n)[:, None], idx[:, 1:], idx[:, :k])  # drop the row itself
-    votes = groups[neighbours]
+    k = min(k, n - largest)
+    # The row's duplicates are among its nearest (at most `largest` of them): k + largest neighbours
+    # always hold k others.
+    _, idx = NearestNeighbors(n_neighbors=min(n, k + largest)).fit(x).kneighbors(x)
+    other = same[idx] != same[:, None]
+    voters = other & (np.cumsum(other, axis=1) <= k)
     n_groups = int(groups.max()) + 1
     counts = np.zeros((n, n_groups), np.int64)
-    np.add.at(counts, (np.repeat(np.arange(n), k), votes.ravel()), 1)
+    rows = np.broadcast_to(np.arange(n)[:, None], idx.shape)
+    np.add.at(counts, (rows[voters], groups[idx][voters]), 1)
     return float(100.0 * (counts.argmax(1) == groups).mean())
 
 
@@ -71,6 +85,7 @@ def compute(x: np.ndarray, makes: np.ndarray, seed: int = 0) -> dict:
 
     started = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
+    same = duplicate_ids(x)  # on the features: duplicates need not land on one point of the map
     if len(x) < 5:
         raise CarsTLError(f"a feature map needs at least 5 images, this split has {len(x)}")
     x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
@@ -82,8 +97,8 @@ def compute(x: np.ndarray, makes: np.ndarray, seed: int = 0) -> dict:
     ).fit_transform(reduced)
     return {
         "coords": coords.astype(np.float32),
-        "knn_map": knn_accuracy(coords, makes),
-        "knn_full": knn_accuracy(x, makes),
+        "knn_map": knn_accuracy(coords, makes, same=same),
+        "knn_full": knn_accuracy(x, makes, same=same),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -154,6 +169,14 @@ def load_map(path: Path, split: str = "test", seed: int = 0, class_names: list[s
         else:
             z = embeddings.load_penultimate(file)
             x, labels, ids = z["features"], z["labels"], z["ids"]
+        bad = int((~np.isfinite(x).all(axis=1)).sum()) if x.ndim == 2 else 0
+        if bad:  # PCA and t-SNE take no NaN or inf
+            raise CarsTLError(
+                f"{file}: {bad} of {len(x)} rows of the {split} split's features are not finite (NaN or inf)",
+                f"extract them again: rm {file}; cars-tl extract-features ... --out {file}"
+                if src["kind"] == "cache"
+                else f"fine-tune that run again: cars-tl finetune ... --force --out {file.parent}",
+            )
         makes, _ = _make_ids(labels, names)
         result = compute(x, makes, seed)
         embeddings.save_map(

@@ -267,13 +267,63 @@ def selected_label(on: str) -> str:
     return f"test † ({TEST_MARK})" if on == SELECTED_ON_TEST else on
 
 
+# Bounds far above any run cars_tl writes (a finetune of 100 epochs: ~100 kB of metrics.json); a run
+# past them is listed, not drawn: its charts and tables would take minutes and gigabytes.
+MAX_METRICS_BYTES = 16 << 20
+MAX_ENTRIES = {"history": 10_000, "k_results": 1_000, "kernels": 100, "class_names": 10_000}
+MAX_NAME_CHARS = 200
+MAX_TEXT_CHARS = 20_000  # a failed run's error may hold a traceback
+
+
+class TooLarge(CarsTLError):
+    """A run's files are larger than a run's can be (listed as "too large")."""
+
+
+def check_size(run_dir: Path, m: dict | None = None) -> None:
+    """A CarsTLError when ``run_dir``'s metrics.json (with ``m``: its lists) is larger than a run's can be."""
+    if m is None:
+        path = Path(run_dir) / runs.METRICS
+        size = path.stat().st_size if path.is_file() else 0  # no file: read_metrics says so
+        if size > MAX_METRICS_BYTES:
+            raise TooLarge(
+                f"{runs.METRICS} is {size / 2**20:.0f} MB, more than the {MAX_METRICS_BYTES >> 20} MB a run writes"
+            )
+        return
+    for key, limit in MAX_ENTRIES.items():
+        value = m.get(key)
+        if isinstance(value, (list, dict)) and len(value) > limit:
+            raise TooLarge(f"{runs.METRICS} has {len(value)} {key}, more than the {limit} a run has")
+    for key, value in m.items():  # a text shown as a label or a cell: every table and chart would carry it
+        longest = _longest_text(value)
+        if longest > MAX_TEXT_CHARS:
+            raise TooLarge(
+                f"{runs.METRICS} holds a text of {longest} characters under {key!r}, more than {MAX_TEXT_CHARS}"
+            )
+
+
+def _longest_text(value) -> int:
+    longest, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            longest = max(longest, len(v))
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return longest
+
+
 def gather(artifacts: Path) -> tuple[list[dict], list[dict]]:
-    """(complete runs' metrics, problems: runs running, failed or unreadable)."""
+    """(complete runs' metrics, problems: runs running, failed, unreadable or too large)."""
     complete, problems = [], []
     slugs: set[str] = set()
     for run_dir in runs.list_runs(artifacts):
         try:
+            check_size(run_dir)
             m = runs.read_metrics(run_dir)
+            check_size(run_dir, m)
             if m.get("status") != "complete":
                 epochs = len([h for h in m.get("history", []) if h.get("epoch", 0) > 0])
                 problems.append(
@@ -286,9 +336,12 @@ def gather(artifacts: Path) -> tuple[list[dict], list[dict]]:
                 )
                 continue
             m["name"] = str(m.get("name") or run_dir.name)
+            if len(m["name"]) > MAX_NAME_CHARS:  # a name is a label: charts and tables stay readable
+                m["name"] = m["name"][: MAX_NAME_CHARS - 1] + "…"
             row_for(m)  # a run whose metrics cannot fill a row is a broken run, not a crash
         except CarsTLError as exc:
-            problems.append({"run": str(run_dir), "status": "unreadable", "detail": exc.message})
+            status = "too large" if isinstance(exc, TooLarge) else "unreadable"
+            problems.append({"run": str(run_dir), "status": status, "detail": exc.message})
             continue
         except Exception as exc:  # valid JSON of the wrong shape
             problems.append(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cars_tl.core.errors import check_output_path
 from cars_tl.models import feature_map
 
 
@@ -15,6 +16,7 @@ def embedding_picture(
     path: Path, *, out: Path, split: str = "test", data_dir: Path | None = Path("data"), seed: int = 0
 ) -> dict:
     """Write the map of ``path``'s ``split`` to ``out``; returns the figures and whether the stored map was reused."""
+    check_output_path(Path(out), "file", "--embedding", "map.png")  # before the map, which takes minutes
     result = feature_map.load_map(Path(path), split, seed)
     feature_map.plot(result, Path(out), images=feature_map.image_paths(data_dir))
     return {

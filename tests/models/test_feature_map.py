@@ -126,3 +126,46 @@ def test_report_section_renders_in_chromium(demo_head_run, demo_finetune_run, de
     images, broken = _broken_images(html_path, tmp_path)
     assert images >= 2 and broken == 0
     assert result["files"]["html"] == str(html_path)
+
+
+def test_knn_accuracy_leaves_the_exact_duplicates_out():
+    from cars_tl.models.feature_map import knn_accuracy
+
+    rng = np.random.default_rng(0)
+    x, groups = rng.normal(size=(40, 8)), rng.integers(0, 4, 40)
+    tripled, tripled_groups = np.repeat(x, 3, axis=0), np.repeat(groups, 3)
+    # Each image three times: its two copies must not vote. Its 3 nearest others are then the three
+    # copies of its nearest distinct neighbour, so 3-NN on the tripled set is 1-NN on the distinct rows.
+    assert knn_accuracy(tripled, tripled_groups, k=3) == knn_accuracy(x, groups, k=1)
+    assert knn_accuracy(tripled, tripled_groups, k=3) < 90  # counting its copies, every row would be right
+    assert np.isnan(knn_accuracy(np.zeros((6, 2)), np.arange(6) % 2))  # nothing but copies: nothing to vote
+
+
+@pytest.mark.slow  # one t-SNE of 120 points
+def test_map_figures_leave_each_image_s_copies_out():
+    from cars_tl.models.feature_map import compute, knn_accuracy
+
+    rng = np.random.default_rng(1)
+    makes = rng.integers(0, 3, 40)
+    x = np.repeat(rng.normal(size=(3, 16))[makes] + rng.normal(size=(40, 16)) * 2, 3, axis=0)
+    result = compute(x, np.repeat(makes, 3))
+    copies = np.repeat(np.arange(40), 3)  # t-SNE need not put the copies on one point: they still go
+    assert result["knn_map"] == knn_accuracy(result["coords"], np.repeat(makes, 3), same=copies)
+    assert result["knn_full"] == knn_accuracy(
+        x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat(makes, 3), same=copies
+    )
+
+
+def test_inspect_embedding_refuses_non_finite_features_and_a_folder_as_output(demo_features, tmp_path):
+    from helpers import assert_refused, poisoned, rewrite_cache, run_cli
+
+    cache = rewrite_cache(demo_features, tmp_path / "nan.h5", test=poisoned)
+    result = run_cli("inspect", cache, "--embedding", tmp_path / "map.png", "--data-dir", tmp_path / "none")
+    assert_refused(result, str(cache), "1 of", "not finite")
+    assert not (tmp_path / "map.png").exists()
+
+    good = shutil.copy(demo_features, tmp_path / "tiny.h5")
+    (tmp_path / "folder").mkdir()
+    result = run_cli("inspect", good, "--embedding", tmp_path / "folder", "--data-dir", tmp_path / "none")
+    assert_refused(result, "--embedding", "is a folder")
+    assert not list(tmp_path.glob("*.map-*.npz"))  # refused before the map was computed

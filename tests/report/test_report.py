@@ -297,3 +297,76 @@ def test_every_run_kind_has_a_view_in_the_report():
     from cars_tl.artifacts import runs
 
     assert set(catalog.KIND_VIEWS) == set(runs.KINDS)
+
+
+def _npz_declaring(path: Path, rows: int, data: bool) -> None:
+    """A predictions file whose arrays declare ``rows`` rows: zeros deflated to almost nothing (a bomb),
+    or (``data=False``) no data at all behind the headers."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for key, shape, dtype in (
+            ("ids", (rows,), "<i8"),
+            ("labels", (rows,), "<i8"),
+            ("top_classes", (rows, 5), "<i8"),
+            ("top_scores", (rows, 5), "<f4"),
+        ):
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": shape})
+                f.write(header.getvalue())
+                size = int(np.prod(shape)) * np.dtype(dtype).itemsize if data else 0
+                for start in range(0, size, 1 << 24):
+                    f.write(bytes(min(1 << 24, size - start)))
+        for key in ("score_kind", "split"):
+            with zf.open(f"{key}.npy", "w") as f:
+                np.lib.format.write_array(f, np.array("probability" if key == "score_kind" else "test"))
+
+
+def test_report_over_hostile_runs_lists_them_and_stays_small(tmp_path):
+    import tracemalloc
+
+    artifacts = tmp_path / "artifacts"
+    toy_run(artifacts, "good", test_acc=75.0, first=(0, 1, 2, 0))
+    good = json.loads((artifacts / "runs" / "good" / runs.METRICS).read_text())
+
+    def hostile(run, **change):
+        run_dir = toy_run(artifacts, run)
+        (run_dir / runs.METRICS).write_text(json.dumps({**good, "name": run, **change}))
+        return run_dir
+
+    epoch = {"train_loss": 1.0, "train_acc": 50.0, "test_loss": 1.0, "test_acc": 50.0}
+    too_large = {
+        "history": hostile("history", history=[{"epoch": e, **epoch} for e in range(1, 10_002)]),
+        "classes": hostile("classes", class_names=[f"Make{i % 50} M{i}" for i in range(10_001)]),
+        "k values": hostile("k-values", kind="knn", k_results={str(k): {"k": k, "test_acc": 1.0} for k in range(1001)}),
+        "name": hostile("name", name="x" * 20_001),
+        "preset": hostile("preset", config={**good["config"], "preset": "p" * 20_001}),
+        "padded": hostile("padded"),
+    }
+    with open(too_large["padded"] / runs.METRICS, "a") as f:
+        f.write(" " * catalog.MAX_METRICS_BYTES)  # still valid JSON, refused from its size unread
+    no_predictions = {"bomb": hostile("bomb"), "declared": hostile("declared")}
+    _npz_declaring(runs.predictions_path(no_predictions["bomb"]), runs.PREDICTIONS_MAX_ROWS + 1, data=True)
+    _npz_declaring(runs.predictions_path(no_predictions["declared"]), 10**12, data=False)
+    nested = artifacts / "runs" / "nested"
+    nested.mkdir()
+    (nested / runs.METRICS).write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+
+    tracemalloc.start()
+    try:
+        result = build.build_report(artifacts, data_dir=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    problems = {Path(p["run"]).name: p for p in result["problems"]}
+    assert {problems[d.name]["status"] for d in too_large.values()} == {"too large"}
+    assert {problems[d.name]["status"] for d in no_predictions.values()} == {"no predictions"}
+    assert all("declared with shape" in problems[d.name]["detail"] for d in no_predictions.values())
+    assert problems["nested"]["status"] == "unreadable"
+    # runs with unreadable predictions are still compared, without their analysis
+    assert sorted(r["model"] for r in result["rows"]) == ["bomb", "declared", "good"]
+    html = (artifacts / "report" / "report.html").read_text()
+    assert "Make-level accuracy" in html and all(name in html for name in problems)
+    assert len(html) < 1_000_000 and peak < 200 << 20  # a bomb inflated would be ~100 MB, copied twice

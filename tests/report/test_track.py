@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -152,3 +155,104 @@ def test_cli_track_prints_a_line_per_run(run_set, tmp_path):
     assert "created" in result.output and "1 created" in result.output
     bad = CliRunner().invoke(app, ["track", "--to", "wandb", "x", str(run_set / "runs" / "head")])
     assert bad.exit_code == 2 and "valid: tensorboard, mlflow" in bad.output
+
+
+def test_cv_table_labels_each_gamma_with_its_own_c_grid():
+    from cars_tl.models.svm import search as svm_search
+    from cars_tl.report.track import cv_tables
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(3, 8))[y] * 2 + rng.normal(size=(60, 8))
+    found = svm_search.search(x, y, "poly", "auto", "cv", 3, 0.0, "l2", folds=3, seed=0)
+    assert len({tuple(g) for g in found["C_grids"]}) > 1  # the gammas' grids differ: the case that matters
+    rows = list(csv.DictReader(io.StringIO(cv_tables({"kernels": {"poly": {"search": found}}})["cv-poly.csv"])))
+    expected = [
+        (gamma, c, acc)
+        for gamma, grid, accs in zip(found["gamma_grid"], found["C_grids"], found["cv_acc"])
+        for c, acc in zip(grid, accs)
+    ]
+    assert len(rows) == len(expected)
+    for row, (gamma, c, acc) in zip(rows, expected):
+        assert float(row["gamma"]) == pytest.approx(gamma, rel=1e-5)
+        assert float(row["C"]) == pytest.approx(c, rel=1e-5)
+        assert float(row["cv_acc"]) == pytest.approx(acc)
+
+
+def _hostile_runs(artifacts):
+    """Two good toy runs around three bad ones: nested past the JSON parser's depth, the wrong shape, huge."""
+    from helpers import toy_run
+
+    from cars_tl.artifacts import runs
+
+    epochs = [{"epoch": e, "train_loss": 1.0 / e, "test_acc": 40.0 + e} for e in (1, 2)]
+    toy_run(artifacts, "a-good", history=epochs)
+    good = json.loads((artifacts / "runs" / "a-good" / runs.METRICS).read_text())
+    for name, change in (
+        ("b-nested", None),
+        ("c-shape", {"history": [["epoch", 1]]}),
+        ("d-huge", {"history": [{"epoch": e, "test_acc": 1.0} for e in range(10_001)]}),
+    ):
+        (artifacts / "runs" / name).mkdir(parents=True)
+        text = '{"a": ' * 100_000 + "1" + "}" * 100_000 if change is None else json.dumps({**good, **change})
+        (artifacts / "runs" / name / runs.METRICS).write_text(text)
+    toy_run(artifacts, "e-good", history=epochs)
+
+
+def test_a_bad_run_is_skipped_and_the_others_mirrored(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from cars_tl.report.track import track
+
+    _hostile_runs(tmp_path / "artifacts")
+    results = {
+        r["run"].rsplit("/", 1)[-1]: r
+        for r in track([tmp_path / "artifacts"], to="tensorboard", target=str(tmp_path / "tb"))
+    }
+    assert {n: r["action"] for n, r in results.items()} == {
+        "a-good": "created",
+        "b-nested": "skipped",
+        "c-shape": "skipped",
+        "d-huge": "skipped",
+        "e-good": "created",
+    }
+    assert "shape" in results["c-shape"]["detail"] and "10001 history" in results["d-huge"]["detail"]
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["a-good", "e-good"]
+
+
+def test_tracking_stores_that_cannot_work_are_refused(tmp_path):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboardX")
+    from helpers import toy_run
+
+    from cars_tl.core.errors import CarsTLError
+    from cars_tl.report.track import track
+
+    toy_run(tmp_path / "artifacts", "r")
+    (tmp_path / "afile.txt").write_text("x")
+    cases = [
+        ("mlflow", "gopher://x", "valid schemes: sqlite, http, https"),
+        ("mlflow", f"file:{tmp_path / 'mlruns'}", "valid schemes"),
+        ("mlflow", "sqlite://", "in-memory"),  # "1 created" into a store gone at exit
+        ("mlflow", "sqlite:///:memory:", "in-memory"),
+        ("mlflow", f"sqlite:///{tmp_path / 'afile.txt' / 'x.db'}", "which is a file"),
+        ("tensorboard", str(tmp_path / "afile.txt"), "is an existing file"),
+    ]
+    for to, target, fragment in cases:
+        with pytest.raises(CarsTLError) as err:
+            track([tmp_path / "artifacts"], to=to, target=target)
+        assert fragment in err.value.message and err.value.hint, (target, err.value.message)
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlartifacts").exists()
+
+
+def test_an_unreachable_mlflow_server_is_refused_at_once(tmp_path):
+    pytest.importorskip("mlflow")
+    import socket
+
+    from helpers import assert_refused, run_cli, toy_run
+
+    toy_run(tmp_path / "artifacts", "r")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_cli("track", "--to", "mlflow", f"http://127.0.0.1:{port}", tmp_path / "artifacts", timeout=90)
+    assert_refused(result, f"cannot reach the MLflow tracking store at 127.0.0.1:{port}")
