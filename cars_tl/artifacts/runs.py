@@ -73,7 +73,7 @@ import numpy as np
 
 from cars_tl.artifacts import names
 from cars_tl.core import locks, runtime
-from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
+from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, format_size, swap_in
 from cars_tl.core.errors import CarsTLError, check_output_path
 
 FORMAT_VERSION = 1
@@ -296,32 +296,29 @@ def rerun_hint(run_dir: Path, metrics: dict) -> str:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint.
+    """``torch.save`` to memory, then to a temporary file and rename: a kill never leaves half a checkpoint.
 
-    Free space and ``ulimit -f`` are checked first (the tensors' size is known), and a write that
-    fails anyway is reported with the path, never as torch's serializer error."""
+    Serialising first gives the exact size, so free space and ``ulimit -f`` are checked against what
+    the file needs (an estimate plus a margin refused a 14 KB head under ``ulimit -f 100``), and a
+    write that fails anyway is a message with the path and size, never torch's serializer error."""
+    import io
+
     import torch
 
     path = Path(path)
-    ensure_room(path, _payload_bytes(payload) + (1 << 20), "checkpoint")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    ensure_room(path, len(data), "checkpoint")
     with atomic_path(path) as tmp:
         try:
-            torch.save(payload, tmp)
-        except RuntimeError as exc:  # torch's zip writer turns a failed write into this
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as exc:  # the disk filled meanwhile
             raise CarsTLError(
-                f"cannot write the checkpoint {path}: {str(exc).splitlines()[0][:200]}",
+                f"cannot write the checkpoint {path} ({format_size(len(data))}): {exc.strerror or exc}",
                 f"free space in {path.parent} (or raise ulimit -f), then rerun; a finetune continues with --resume",
             ) from None
-
-
-def _payload_bytes(value) -> int:
-    if hasattr(value, "untyped_storage"):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_payload_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_payload_bytes(v) for v in value)
-    return 64
 
 
 def load_checkpoint(path: Path) -> dict:

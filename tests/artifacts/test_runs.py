@@ -82,6 +82,20 @@ def test_finetune_that_cannot_write_its_checkpoint_is_marked_failed(demo_dir, tm
     assert not [p for p in run_dir.rglob("*tmp*")]
 
 
+def test_a_head_checkpoint_needs_no_more_room_than_its_size(demo_features, demo_head_run, tmp_path):
+    # The pre-check used to add 1 MiB to an estimate: a 14 KB head.pt was refused under ulimit -f 100.
+    size = (demo_head_run / heads.HEAD_FILE).stat().st_size
+    assert size < 100 * 1024
+    args = ["train-head", "--features", demo_features, "--out"]
+    exact = run_cli_with_file_size_limit([*args, tmp_path / "exact"], size)
+    assert exact.returncode == 0, exact.stdout
+    assert (tmp_path / "exact" / heads.HEAD_FILE).stat().st_size == size
+    tight = run_cli_with_file_size_limit([*args, tmp_path / "tight"], size - 1)
+    assert_refused(tight, "the checkpoint", f"needs about {size:,} B", f"(ulimit -f: {size - 1:,} B)")
+    assert runs.read_metrics(tmp_path / "tight")["status"] == "failed"
+    assert not (tmp_path / "tight" / heads.HEAD_FILE).exists() and not list((tmp_path / "tight").glob(".*tmp*"))
+
+
 def test_when_metrics_cannot_be_written_status_json_still_says_failed(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     metrics = runs.new_metrics("head", "run", {})
