@@ -323,22 +323,50 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """Load with ``weights_only=True``; anything needing arbitrary pickled code is refused."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise CarsTLError(f"checkpoint {path} does not exist")
+    return load_weights_only(
+        path,
+        "cars_tl's checkpoints hold tensors only: rerun the stage that made it; for weights of your own, "
+        "re-save them as a state dict where the model is defined, torch.save(model.state_dict(), PATH), and pass that",
+    )
+
+
+def load_weights_only(path: Path, hint: str):
+    """``torch.load(path, weights_only=True)`` on the CPU, quietly; a file it cannot or will not load is a
+    CarsTLError saying what the file is. torch's own text is not passed on: it advises ``weights_only=False``,
+    which would run whatever code the file carries."""
+    import warnings
+
+    import torch
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        first = next(
-            (line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__
-        )[:300]
-        raise CarsTLError(
-            f"refused to load {path}: it is not a weights-only checkpoint ({first})",
-            "only load checkpoints made by cars_tl or plain state dicts; never unpickle files from others",
-        ) from None
+        raise CarsTLError(_why_not_loaded(path, exc), hint) from None
+
+
+def _why_not_loaded(path: Path, exc: Exception) -> str:
+    import re
+
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (
+            f"refused to load {path}: it holds a pickled Python object ({found.group(1)}), not only tensors; "
+            "unpickling it could run code from the file"
+        )
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"cannot load {path}: it is not a file saved by torch.save (pickle instruction {found.group(1)} is not one a weights-only load reads)"
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    sentence = re.split(r"(?<=[.!?])\s+", line)[0]
+    if not sentence or "weights_only" in sentence:
+        return f"cannot load {path}: it is empty, cut short or not a PyTorch file ({type(exc).__name__})"
+    return f"cannot load {path}: it is damaged or not a PyTorch file ({sentence.rstrip('.')})"
 
 
 def count_params(model) -> dict[str, int]:

@@ -193,3 +193,36 @@ def test_an_incomplete_svm_or_head_run_is_never_told_to_resume(fixture, stage, r
         f"cars-tl {stage} --features {metrics['config']['features']} --out {run} --force",
     )
     assert "--resume" not in result.stdout
+
+
+def test_a_refused_checkpoint_says_what_the_file_is_and_never_advises_unsafe_loading(tmp_path):
+    import pickle
+    import warnings
+
+    import torch
+
+    from cars_tl.models import backbones
+
+    module = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), module)  # a whole pickled module, not a state dict
+    full = tmp_path / "full.pt"
+    torch.save({"weight": torch.zeros(500)}, full)
+    files = {
+        module: "holds a pickled Python object (torch.nn.modules.linear.Linear), not only tensors",
+        tmp_path / "pickle.pt": "not a file saved by torch.save",
+        tmp_path / "empty.pt": "empty, cut short or not a PyTorch file",
+        tmp_path / "cut.pt": "damaged or not a PyTorch file (PytorchStreamReader failed reading zip archive",
+    }
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"weight": [1.0, 2.0]}, protocol=4))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(full.read_bytes()[:1000])
+    for path, what in files.items():
+        for load in (runs.load_checkpoint, backbones.load_weights_file):
+            with warnings.catch_warnings(record=True) as caught, pytest.raises(CarsTLError) as err:
+                warnings.simplefilter("always")
+                load(path)
+            message = err.value.message
+            assert str(path) in message and what in message, message
+            # torch's text advised weights_only=False and was cut after 300 characters, mid-sentence
+            assert "weights_only" not in str(err.value) and "add_safe_globals" not in message, message
+            assert "state_dict()" in err.value.hint and not caught, [str(w.message) for w in caught]
