@@ -353,7 +353,7 @@ def _why_not_loaded(path: Path, exc: Exception) -> str:
     import re
 
     text = str(exc)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    found = re.search(r"GLOBAL (\w[\w.]*)", text)  # "Unsupported global: GLOBAL x.Y", "unsupported GLOBAL posix.system"
     if found:
         return (
             f"refused to load {path}: it holds a pickled Python object ({found.group(1)}), not only tensors; "
@@ -362,6 +362,8 @@ def _why_not_loaded(path: Path, exc: Exception) -> str:
     found = re.search(r"Unsupported operand (\d+)", text)
     if found:
         return f"cannot load {path}: it is not a file saved by torch.save (pickle instruction {found.group(1)} is not one a weights-only load reads)"
+    if text.startswith("Weights only load failed"):
+        return f"refused to load {path}: it holds pickled content that is not only tensors (loading it could run code)"
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     sentence = re.split(r"(?<=[.!?])\s+", line)[0]
     if not sentence or "weights_only" in sentence:

@@ -207,8 +207,16 @@ def test_a_refused_checkpoint_says_what_the_file_is_and_never_advises_unsafe_loa
     torch.save(torch.nn.Linear(2, 2), module)  # a whole pickled module, not a state dict
     full = tmp_path / "full.pt"
     torch.save({"weight": torch.zeros(500)}, full)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    exploit = tmp_path / "exploit.pt"
+    torch.save({"model": Exploit()}, exploit)
     files = {
         module: "holds a pickled Python object (torch.nn.modules.linear.Linear), not only tensors",
+        exploit: f"refused to load {exploit}: it holds a pickled Python object ({os.system.__module__}.system)",
         tmp_path / "pickle.pt": "not a file saved by torch.save",
         tmp_path / "empty.pt": "empty, cut short or not a PyTorch file",
         tmp_path / "cut.pt": "damaged or not a PyTorch file (PytorchStreamReader failed reading zip archive",
