@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from cars_tl.artifacts import hdf5
-from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, file_sha256
+from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, file_sha256, format_size
 from cars_tl.core.errors import CarsTLError
 
 KIND = "cars_tl.features"  # the file's format name, written since the first cache (not the module's path)
@@ -484,7 +484,7 @@ def write(path: Path, attrs: dict, splits: dict[str, SplitArrays]) -> Path:
                 os.fsync(f.fileno())
         except OSError as exc:
             raise CarsTLError(
-                f"not enough room for the feature cache {path}: writing its {len(image) / 1e6:,.1f} MB failed "
+                f"not enough room for the feature cache {path}: writing its {format_size(len(image))} failed "
                 f"({exc.strerror or exc})",
                 f"free space on the disk holding {path.parent} (or raise ulimit -f), or write elsewhere with --out, then rerun",
             ) from None

@@ -73,7 +73,7 @@ import numpy as np
 
 from cars_tl.artifacts import names
 from cars_tl.core import locks, runtime
-from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, swap_in
+from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, format_size, swap_in
 from cars_tl.core.errors import CarsTLError, check_output_path, parse_json
 
 FORMAT_VERSION = 1
@@ -300,52 +300,79 @@ def rerun_hint(run_dir: Path, metrics: dict) -> str:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint.
+    """``torch.save`` to memory, then to a temporary file and rename: a kill never leaves half a checkpoint.
 
-    Free space and ``ulimit -f`` are checked first (the tensors' size is known), and a write that
-    fails anyway is reported with the path, never as torch's serializer error."""
+    Serialising first gives the exact size, so free space and ``ulimit -f`` are checked against what
+    the file needs (an estimate plus a margin refused a 14 KB head under ``ulimit -f 100``), and a
+    write that fails anyway is a message with the path and size, never torch's serializer error."""
+    import io
+
     import torch
 
     path = Path(path)
-    ensure_room(path, _payload_bytes(payload) + (1 << 20), "checkpoint")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    ensure_room(path, len(data), "checkpoint")
     with atomic_path(path) as tmp:
         try:
-            torch.save(payload, tmp)
-        except RuntimeError as exc:  # torch's zip writer turns a failed write into this
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as exc:  # the disk filled meanwhile
             raise CarsTLError(
-                f"cannot write the checkpoint {path}: {str(exc).splitlines()[0][:200]}",
+                f"cannot write the checkpoint {path} ({format_size(len(data))}): {exc.strerror or exc}",
                 f"free space in {path.parent} (or raise ulimit -f), then rerun; a finetune continues with --resume",
             ) from None
 
 
-def _payload_bytes(value) -> int:
-    if hasattr(value, "untyped_storage"):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_payload_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_payload_bytes(v) for v in value)
-    return 64
-
-
 def load_checkpoint(path: Path) -> dict:
     """Load with ``weights_only=True``; anything needing arbitrary pickled code is refused."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise CarsTLError(f"checkpoint {path} does not exist")
+    return load_weights_only(
+        path,
+        "cars_tl's checkpoints hold tensors only: rerun the stage that made it; for weights of your own, "
+        "re-save them as a state dict where the model is defined, torch.save(model.state_dict(), PATH), and pass that",
+    )
+
+
+def load_weights_only(path: Path, hint: str):
+    """``torch.load(path, weights_only=True)`` on the CPU, quietly; a file it cannot or will not load is a
+    CarsTLError saying what the file is. torch's own text is not passed on: it advises ``weights_only=False``,
+    which would run whatever code the file carries."""
+    import warnings
+
+    import torch
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        first = next(
-            (line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__
-        )[:300]
-        raise CarsTLError(
-            f"refused to load {path}: it is not a weights-only checkpoint ({first})",
-            "only load checkpoints made by cars_tl or plain state dicts; never unpickle files from others",
-        ) from None
+        raise CarsTLError(_why_not_loaded(path, exc), hint) from None
+
+
+def _why_not_loaded(path: Path, exc: Exception) -> str:
+    import re
+
+    text = str(exc)
+    found = re.search(r"GLOBAL (\w[\w.]*)", text)  # "Unsupported global: GLOBAL x.Y", "unsupported GLOBAL posix.system"
+    if found:
+        return (
+            f"refused to load {path}: it holds a pickled Python object ({found.group(1)}), not only tensors; "
+            "unpickling it could run code from the file"
+        )
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"cannot load {path}: it is not a file saved by torch.save (pickle instruction {found.group(1)} is not one a weights-only load reads)"
+    if text.startswith("Weights only load failed"):
+        return f"refused to load {path}: it holds pickled content that is not only tensors (loading it could run code)"
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    sentence = re.split(r"(?<=[.!?])\s+", line)[0]
+    if not sentence or "weights_only" in sentence:
+        return f"cannot load {path}: it is empty, cut short or not a PyTorch file ({type(exc).__name__})"
+    return f"cannot load {path}: it is damaged or not a PyTorch file ({sentence.rstrip('.')})"
 
 
 def count_params(model) -> dict[str, int]:

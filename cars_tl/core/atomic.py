@@ -30,20 +30,38 @@ def storage_error(exc: OSError, path: Path) -> CarsTLError:
     return CarsTLError(f"cannot write {where}: {reason}", hint)
 
 
+def format_size(n: float) -> str:
+    """``n`` bytes in the unit that fits (B, KB, MB, GB; powers of 1000): 100 is "100 B", never "0.0 MB"."""
+    n = float(n)
+    if round(abs(n)) < 1000:
+        return f"{n:,.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1000
+        if round(abs(n), 1) < 1000 or unit == "GB":  # 999,960 B is "1.0 MB", not "1,000.0 KB"
+            return f"{n:,.1f} {unit}"
+
+
+def _sizes(needed: int, available: int) -> tuple[str, str]:
+    """Both sizes for one message: in bytes where rounding would show "14.1 KB needed, 14.1 KB allowed"."""
+    shown = format_size(needed), format_size(available)
+    return shown if shown[0] != shown[1] else (f"{needed:,} B", f"{available:,} B")
+
+
 def ensure_room(path: Path, needed: int, what: str = "output") -> None:
     """Refuse before writing ``needed`` bytes at ``path`` when the disk or ``ulimit -f`` cannot take them."""
     path = Path(path)
     free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
     if free < needed:
+        need, room = _sizes(needed, free)
         raise CarsTLError(
-            f"not enough free space for the {what} {path}: about {needed / 1e6:,.1f} MB needed, {free / 1e6:,.1f} MB free",
+            f"not enough free space for the {what} {path}: about {need} needed, {room} free",
             f"free space on the disk holding {path.parent}, or write elsewhere with --out",
         )
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if soft != resource.RLIM_INFINITY and soft < needed:
+        need, room = _sizes(needed, soft)
         raise CarsTLError(
-            f"the {what} {path} needs about {needed / 1e6:,.1f} MB, more than this process may write per file "
-            f"(ulimit -f: {soft / 1e6:,.1f} MB)",
+            f"the {what} {path} needs about {need}, more than this process may write per file (ulimit -f: {room})",
             "raise the limit (ulimit -f unlimited) and rerun",
         )
 

@@ -41,20 +41,24 @@ def check_number(
     """``value`` if it is finite and in range; else a :class:`CarsTLError` naming ``option``,
     the offending value and the valid range. ``None`` (option not given) passes through."""
     import math
+    import numbers
+
+    def shown(number) -> str:  # a whole number as given (a seed of 4294967296, not 4.29497e+09)
+        return str(int(number)) if isinstance(number, numbers.Integral) else f"{number:g}"
 
     if value is None:
         return value
     bounds = []
     if minimum is not None:
-        bounds.append(f"{'>' if exclusive_minimum else '>='} {minimum:g}")
+        bounds.append(f"{'>' if exclusive_minimum else '>='} {shown(minimum)}")
     if maximum is not None:
-        bounds.append(f"<= {maximum:g}")
+        bounds.append(f"<= {shown(maximum)}")
     valid = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
     if not math.isfinite(value):
         raise CarsTLError(f"{option} must be {valid}, got {value}", hint)
     too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
     if too_low or (maximum is not None and value > maximum):
-        raise CarsTLError(f"{option} must be {valid}, got {value:g}", hint)
+        raise CarsTLError(f"{option} must be {valid}, got {shown(value)}", hint)
     return value
 
 

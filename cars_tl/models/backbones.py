@@ -119,13 +119,9 @@ def load_weights_file(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = _run_model_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CarsTLError(
-            f"cannot load weights from {path}: {str(exc).splitlines()[0][:300]}",
-            "pass a state dict saved with torch.save(model.state_dict(), path) or a cars_tl run directory",
-        ) from None
+    obj = runs.load_weights_only(
+        path, "pass a state dict saved with torch.save(model.state_dict(), path) or a cars_tl run directory"
+    )
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):

@@ -67,8 +67,14 @@ def parse_layers(value: str | None, backbone: backbones.Backbone) -> list[str]:
         return default_layers(backbone)
     names = [v.strip() for v in re.split(r"[,\s]+", value) if v.strip()]
     bad = [n for n in names if n != FINAL and n not in backbone.stages]
-    if bad or not names or len(set(names)) != len(names):
-        problem = f"{', '.join(bad)} is not a stage of {backbone.name}" if bad else "each stage at most once"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if bad or not names or repeated:
+        if not names:
+            problem = "the list of stages is empty"
+        elif bad:
+            problem = f"{', '.join(bad)} is not a stage of {backbone.name}"
+        else:
+            problem = f"{', '.join(repeated)} is given more than once (each stage at most once)"
         raise CarsTLError(
             f"--layers {value!r}: {problem}",
             f"valid: final, default ({','.join(default_layers(backbone))}), or comma-separated names from: "

@@ -31,6 +31,7 @@ from cars_tl.data import transforms
 from cars_tl.data.images import crop_box
 from cars_tl.models import backbones, feature_views
 from cars_tl.models.svm.model import load_model as load_svm
+from cars_tl.models.svm.model import recorded_settings as recorded_svm_settings
 
 
 @dataclasses.dataclass
@@ -184,7 +185,9 @@ def _load_head(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, c
 def _load_svm(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
     names, spec = metrics["class_names"], recorded["spec"]
     bb = _backbone_for(metrics, run_dir, cache)
-    model = load_svm(model_path, feature_views.width(spec, bb.num_features), len(names))  # checked against the cache
+    # checked against the cache and against what the run recorded of this model
+    settings = recorded_svm_settings(metrics, model_path.name)
+    model = load_svm(model_path, feature_views.width(spec, bb.num_features), len(names), settings)
     classes = torch.as_tensor(model.classes)
 
     def svm_scores(f: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cars_tl.core import locks
-from cars_tl.core.atomic import swap_in
+from cars_tl.core.atomic import format_size, swap_in
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import devkit
@@ -154,19 +154,15 @@ def _storage_failure(exc: OSError, data_dir: Path, wanted: dict) -> CarsTLError:
     """A full disk (or quota, read-only folder) while preparing the dataset, said in the data folder's terms."""
     where = data_dir.resolve()
     try:
-        free = f"{shutil.disk_usage(where).free / 1e9:,.2f} GB free there"
+        free = f"{format_size(shutil.disk_usage(where).free)} free there"
     except OSError:
         free = "free space unknown"
-    needed = _space_needed(wanted)
-    need = (
-        f"about {needed / 1e9:,.2f} GB needed"
-        if needed
-        else "the dataset needs about 2 GB (4 GB while its archives are kept)"
-    )
+    needed = _space_needed(wanted)  # None (e.g. generated demo data): no figure is made up
+    space = f"about {format_size(needed)} needed, {free}" if needed else free
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CarsTLError(
-            f"cannot write the dataset into {where}: {reason} ({need}, {free})",
+            f"cannot write the dataset into {where}: {reason} ({space})",
             f"free space on the disk holding {where}, or pass another --data-dir on a disk with room; "
             "then rerun the same cars-tl download (verified archives are kept)",
         )

@@ -30,6 +30,7 @@ from cars_tl.core.progress import NULL, Progress
 from cars_tl.models.svm import search as svm_search
 from cars_tl.models.svm.kernels import KERNELS
 from cars_tl.models.svm.model import (
+    DEGREE_MAX,
     METHODS,
     Scaler,
     fit_model,
@@ -82,9 +83,9 @@ def fit_svm(
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
     check_number("--coef0", coef0)
     check_seed(seed)  # validated even when no search uses it: a wrong value is never silently ignored
-    if degree < 1:
+    if not 1 <= degree <= DEGREE_MAX:
         raise CarsTLError(
-            f"--degree must be a whole number >= 1, got {degree}",
+            f"--degree must be a whole number from 1 to {DEGREE_MAX}, got {degree}",
             "e.g. --degree 3 (poly's degree; the other kernels ignore it)",
         )
     cache = load_train_test(
@@ -162,6 +163,7 @@ def fit_svm(
                         "fit_seconds": round(fit_s, 4),
                         "predict_seconds": round(predict_s, 4),
                         "support_vectors": int(len(model.svc.support_)),
+                        "classes": [int(c) for c in model.classes],  # checked when the model is loaded
                         "model_file": model_file_name(k),
                         "C": float(model.svc.C),
                     }

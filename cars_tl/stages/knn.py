@@ -5,7 +5,9 @@ each test image the ``k`` most similar training images vote for their class with
 ``exp(similarity / T)``; the class with the largest summed weight wins. (Wu et al. 2018, as used by
 DINO's ``eval_knn.py``: k = 20, T = 0.07 by default.) The weights are computed as
 ``exp((similarity - top similarity) / T)``, the same up to one factor per test image (which cancels in
-the vote and in the shares), so any positive T works: at T = 0.01 the plain exponent overflows float32. Nothing is trained, so the result is a
+the vote and in the shares), so any positive T works: at T = 0.01 the plain exponent overflows float32.
+The exponent is taken in float64, where every positive Python float stays positive (float32 rounds a
+T below about 1.4e-45 to 0, and 0 / 0 = NaN would outvote everything). Nothing is trained, so the result is a
 property of the features alone: a quick, hyperparameter-light check of a backbone's features.
 
 Several ``k`` cost one pass: the largest ``k`` neighbours are found once per chunk of test images
@@ -99,10 +101,11 @@ def knn_scores(
             similarity, index = (query @ train.T).topk(largest, dim=1)  # sorted, most similar first
             # Shift by each row's largest similarity (the first: sorted) before the exponent, as a
             # log-sum-exp does: exp(cos / T) overflows float32 for T below about 0.0113.
-            weight = ((similarity - similarity[:, :1]) / temperature).exp_()
+            # In float64: a T below float32's smallest number (~1.4e-45) would round to 0 there.
+            weight = (similarity - similarity[:, :1]).double().div_(temperature).exp_()
             neighbour_labels = labels[index]
             for k in ks:
-                votes = torch.zeros(len(query), num_classes)
+                votes = torch.zeros(len(query), num_classes, dtype=torch.float64)
                 votes.scatter_add_(1, neighbour_labels[:, :k], weight[:, :k])
                 out[k][start : start + len(query)] = votes.numpy()
             task.advance(len(query))

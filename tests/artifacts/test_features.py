@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +16,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY, TINY_CLI, assert_refused, cache_rows, poisoned, rewrite_cache, run_cli, run_python
+from helpers import (
+    REPO,
+    TINY,
+    TINY_CLI,
+    assert_refused,
+    cache_rows,
+    poisoned,
+    rewrite_cache,
+    run_cli,
+    run_python,
+    toy_cache,
+)
 
 from cars_tl.artifacts import features
 from cars_tl.core.errors import CarsTLError
@@ -371,6 +384,30 @@ def test_a_file_size_limit_hit_during_the_write_is_the_same_message(demo_dir, tm
         LIMIT_WITHOUT_CHECK, 100_000, "extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out
     )
     _assert_clean_refusal(result, out)
+
+
+def test_a_small_cache_that_cannot_be_written_states_its_size_in_a_unit_that_fits(tmp_path, monkeypatch):
+    class FullDisk:
+        def __init__(self, *_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    x = np.ones((4, 3), np.float32)
+    y = np.arange(4)
+    monkeypatch.setattr(features, "open", FullDisk, raising=False)  # the module's open(): the disk is full
+    with pytest.raises(CarsTLError) as err:
+        toy_cache(tmp_path, x, y, x, y)
+    # a cache of a few KB read "writing its 0.0 MB failed"
+    assert re.search(r"writing its \d+(\.\d)? KB failed \(No space left on device\)", err.value.message), err.value
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_cache_that_fits_under_the_file_size_limit_is_written(demo_dir, tmp_path):

@@ -82,6 +82,20 @@ def test_finetune_that_cannot_write_its_checkpoint_is_marked_failed(demo_dir, tm
     assert not [p for p in run_dir.rglob("*tmp*")]
 
 
+def test_a_head_checkpoint_needs_no_more_room_than_its_size(demo_features, demo_head_run, tmp_path):
+    # The pre-check used to add 1 MiB to an estimate: a 14 KB head.pt was refused under ulimit -f 100.
+    size = (demo_head_run / heads.HEAD_FILE).stat().st_size
+    assert size < 100 * 1024
+    args = ["train-head", "--features", demo_features, "--out"]
+    exact = run_cli_with_file_size_limit([*args, tmp_path / "exact"], size)
+    assert exact.returncode == 0, exact.stdout
+    assert (tmp_path / "exact" / heads.HEAD_FILE).stat().st_size == size
+    tight = run_cli_with_file_size_limit([*args, tmp_path / "tight"], size - 1)
+    assert_refused(tight, "the checkpoint", f"needs about {size:,} B", f"(ulimit -f: {size - 1:,} B)")
+    assert runs.read_metrics(tmp_path / "tight")["status"] == "failed"
+    assert not (tmp_path / "tight" / heads.HEAD_FILE).exists() and not list((tmp_path / "tight").glob(".*tmp*"))
+
+
 def test_when_metrics_cannot_be_written_status_json_still_says_failed(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     metrics = runs.new_metrics("head", "run", {})
@@ -179,3 +193,44 @@ def test_an_incomplete_svm_or_head_run_is_never_told_to_resume(fixture, stage, r
         f"cars-tl {stage} --features {metrics['config']['features']} --out {run} --force",
     )
     assert "--resume" not in result.stdout
+
+
+def test_a_refused_checkpoint_says_what_the_file_is_and_never_advises_unsafe_loading(tmp_path):
+    import pickle
+    import warnings
+
+    import torch
+
+    from cars_tl.models import backbones
+
+    module = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), module)  # a whole pickled module, not a state dict
+    full = tmp_path / "full.pt"
+    torch.save({"weight": torch.zeros(500)}, full)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    exploit = tmp_path / "exploit.pt"
+    torch.save({"model": Exploit()}, exploit)
+    files = {
+        module: "holds a pickled Python object (torch.nn.modules.linear.Linear), not only tensors",
+        exploit: f"refused to load {exploit}: it holds a pickled Python object ({os.system.__module__}.system)",
+        tmp_path / "pickle.pt": "not a file saved by torch.save",
+        tmp_path / "empty.pt": "empty, cut short or not a PyTorch file",
+        tmp_path / "cut.pt": "damaged or not a PyTorch file (PytorchStreamReader failed reading zip archive",
+    }
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"weight": [1.0, 2.0]}, protocol=4))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(full.read_bytes()[:1000])
+    for path, what in files.items():
+        for load in (runs.load_checkpoint, backbones.load_weights_file):
+            with warnings.catch_warnings(record=True) as caught, pytest.raises(CarsTLError) as err:
+                warnings.simplefilter("always")
+                load(path)
+            message = err.value.message
+            assert str(path) in message and what in message, message
+            # torch's text advised weights_only=False and was cut after 300 characters, mid-sentence
+            assert "weights_only" not in str(err.value) and "add_safe_globals" not in message, message
+            assert "state_dict()" in err.value.hint and not caught, [str(w.message) for w in caught]

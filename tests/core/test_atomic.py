@@ -47,3 +47,21 @@ def test_read_only_folder_through_the_cli(demo_features, tmp_path):
     finally:
         folder.chmod(0o755)
     assert result.returncode == 2 and "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "n,shown", [(0, "0 B"), (100, "100 B"), (14_053, "14.1 KB"), (3_200_000, "3.2 MB"), (2_000_000_000, "2.0 GB")]
+)
+def test_sizes_are_shown_in_a_unit_that_fits(n, shown):
+    assert atomic.format_size(n) == shown
+
+
+def test_a_tiny_file_size_limit_is_stated_in_bytes(tmp_path, monkeypatch):
+    # A 100-byte limit used to read "ulimit -f: 0.0 MB".
+    monkeypatch.setattr(atomic.resource, "getrlimit", lambda _: (100, atomic.resource.RLIM_INFINITY))
+    with pytest.raises(CarsTLError) as err:
+        atomic.ensure_room(tmp_path / "f.h5", 14_053, "feature cache")
+    assert "needs about 14.1 KB" in err.value.message and "(ulimit -f: 100 B)" in err.value.message
+    with pytest.raises(CarsTLError) as err:
+        atomic.ensure_room(tmp_path / "f.h5", 101, "feature cache")
+    assert "needs about 101 B" in err.value.message and "(ulimit -f: 100 B)" in err.value.message

@@ -6,6 +6,7 @@ import pytest
 from helpers import TINY_CLI, assert_refused, run_cli
 
 from cars_tl.artifacts import features
+from cars_tl.core.errors import CarsTLError, check_number, check_seed
 
 
 @pytest.mark.parametrize(
@@ -15,6 +16,7 @@ from cars_tl.artifacts import features
         ("train-head", "--lr", "inf"),
         ("train-head", "--weight-decay", "nan"),
         ("train-head", "--seed", "-1"),
+        ("train-head", "--seed", "4294967296"),  # was "got 4.29497e+09"
         ("fit-svm", "--C", "nan"),
         ("fit-svm", "--gamma", "inf"),
         ("fit-svm", "--coef0", "nan"),
@@ -32,6 +34,16 @@ def test_non_finite_or_out_of_range_numbers_exit_2(stage, option, value, demo_di
     assert result.returncode == 2, result.stdout
     assert option in result.stdout and value.lstrip("-") in result.stdout and "Traceback" not in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_whole_numbers_out_of_range_are_shown_as_given():
+    with pytest.raises(CarsTLError) as err:
+        check_seed(2**32)
+    assert err.value.message == "--seed must be a finite number >= 0 and <= 4294967295, got 4294967296"
+    with pytest.raises(CarsTLError, match=r"<= 1000, got 123456789012345678901234567890$"):
+        check_number("--epochs", 123456789012345678901234567890, minimum=1, maximum=1000)
+    with pytest.raises(CarsTLError, match=r"> 0, got -1e-07$"):
+        check_number("--lr", -1e-7, minimum=0, exclusive_minimum=True)
 
 
 def test_out_of_the_wrong_kind(demo_dir, demo_features, tmp_path):

@@ -185,6 +185,22 @@ def test_presets_and_bad_options(demo_dir, tmp_path):
             extract.extract_features(demo_dir, splits=("test",), out=tmp_path / "x.h5", **TINY, **bad)
 
 
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("", "the list of stages is empty"),  # was "each stage at most once"
+        (" , ", "the list of stages is empty"),
+        ("layer3,final,layer3", "layer3 is given more than once"),
+    ],
+)
+def test_a_layer_list_that_is_empty_or_repeats_says_which(value, problem):
+    bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], **BUILD)
+    with pytest.raises(CarsTLError) as err:
+        feature_views.parse_layers(value, bb)
+    assert err.value.message.startswith(f"--layers {value!r}: {problem}"), err.value.message
+    assert "final, conv1, bn1, layer1, layer2, layer3, layer4" in err.value.hint
+
+
 def test_view_mean_averages_logits_of_the_image_and_its_mirror():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))

@@ -110,6 +110,9 @@ def test_bad_options_name_the_valid_choices(demo_features, tmp_path):
         fit_svm(demo_features, scale="minmax", out=tmp_path / "b")
     with pytest.raises(CarsTLError, match="scale, auto"):
         fit_svm(demo_features, gamma="big", out=tmp_path / "c")
+    # A degree its model could not be loaded with (the kernel overflowed into a sklearn traceback).
+    with pytest.raises(CarsTLError, match="--degree must be a whole number from 1 to 20, got 1000000000"):
+        fit_svm(demo_features, degree=10**9, out=tmp_path / "d")
 
 
 def test_a_feature_constant_on_train_gets_scale_one(tmp_path):
@@ -208,6 +211,8 @@ TAMPERED = {
     "support beyond the training rows": (_set("support_", lambda a: a + 10_000), "training rows"),
     "support vectors of another width": (_key("support_vectors", lambda a: a[:, :-1]), "support vectors have shape"),
     "support counts that do not add up": (_set("_n_support", lambda a: a + 1), "do not add up"),
+    "a huge degree": (_key("degree", 10**9), "degree is 1000000000, not a whole number from 1 to 20"),
+    "another input width": (_set("n_features_in_", 100), "n_features_in_ is 100, expected"),
     "standard scaling with a zero scale": (
         lambda s: s.update(
             scale="standard",
@@ -251,10 +256,63 @@ def test_a_tampered_svm_file_through_predict(demo_svm_run, tmp_path):
     assert_refused(run_cli("predict", "--model", run_copy, image), "degree is -5", "refit it with cars-tl fit-svm")
 
 
+RECORDED = {  # edits that leave a valid model, just not the run's: (edit, field, value, recorded)
+    "kernel": (_key("kernel", "linear"), "kernel", "'linear'", "'poly'"),
+    "gamma": (_key("gamma", lambda g: 3 * g), "gamma", "", ""),
+    "C": (_set("C", 5.0), "C", "5.0", "1.0"),
+    "degree": (_key("degree", 2), "degree", "2", "3"),
+    "coef0": (_key("coef0", 1.0), "coef0", "1.0", "0.0"),
+    "scale": (_key("scale", "none"), "scale", "'none'", "'l2'"),
+}
+
+
+@pytest.mark.parametrize("variant", list(RECORDED))
+def test_an_svm_file_that_differs_from_its_run_record_is_refused(variant, demo_svm_run, tmp_path):
+    # A kernel switched from rbf to linear used to load and score 52.78% while metrics.json said rbf, 65.28%.
+    import skops.io as sio
+
+    run_copy = tmp_path / "svm"
+    shutil.copytree(demo_svm_run, run_copy)
+    metrics = runs.read_metrics(run_copy)
+    model_file = run_copy / metrics["model_file"]
+    edit, field, value, recorded = RECORDED[variant]
+    state = _state(model_file)
+    edit(state)
+    sio.dump(state, model_file)
+    cache = features.load(metrics["config"]["features"])
+    with pytest.raises(CarsTLError, match="does not hold the model its run recorded") as err:
+        svm.load_model(
+            model_file, cache.feature_dim, cache.num_classes, svm.recorded_settings(metrics, model_file.name)
+        )
+    assert f"{field} is {value}" in err.value.message and f"metrics.json records {recorded}" in err.value.message
+    assert str(model_file) in err.value.message and "refit it" in err.value.hint
+
+
+def test_a_kernel_switched_in_the_file_is_refused_by_predict(demo_svm_run, tmp_path):
+    import skops.io as sio
+    from PIL import Image
+
+    from cars_tl.stages.predict import predict
+
+    run_copy = tmp_path / "svm"
+    shutil.copytree(demo_svm_run, run_copy)
+    model_file = run_copy / runs.read_metrics(run_copy)["model_file"]
+    state = _state(model_file)
+    state["kernel"] = "linear"
+    sio.dump(state, model_file)
+    image = tmp_path / "car.png"
+    Image.new("RGB", (80, 60), (120, 30, 30)).save(image)
+    with pytest.raises(CarsTLError, match="kernel is 'linear', but metrics.json records 'poly'") as err:
+        predict([image], run_dirs=[run_copy])
+    assert str(model_file) in err.value.message
+
+
 def test_an_untampered_svm_file_loads(demo_svm_run):
     m = runs.read_metrics(demo_svm_run)
     cache = features.load(m["config"]["features"])
-    model = svm.load_model(demo_svm_run / m["model_file"], cache.feature_dim, cache.num_classes)
+    recorded = svm.recorded_settings(m, m["model_file"])
+    assert set(recorded) == {"kernel", "C", "gamma", "support vectors", "classes", "degree", "coef0", "scale", "method"}
+    model = svm.load_model(demo_svm_run / m["model_file"], cache.feature_dim, cache.num_classes, recorded)
     assert (model.predict(cache.split("test").features) == cache.split("test").labels).mean() * 100 == pytest.approx(
         m["final"]["test_acc"]
     )

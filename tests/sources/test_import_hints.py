@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import re
 
 import pytest
 from helpers import class_folders
@@ -20,6 +21,7 @@ from cars_tl.cli import app
 from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import devkit
+from cars_tl.sources import prepare
 from cars_tl.sources.layouts import base as layouts_base
 from cars_tl.sources.prepare import prepare_dataset
 
@@ -77,9 +79,24 @@ def test_a_full_disk_during_download_names_the_data_folder_and_the_space(demo, t
     assert result.exit_code == 2, result.output
     output = " ".join(result.output.split())
     assert f"cannot write the dataset into {data_dir.resolve()}: No space left on device" in output
-    assert "GB needed" in output and "GB free there" in output
+    assert re.search(r"about \d+\.\d (KB|MB) needed, [\d,.]+ [KMG]?B free there", output), (
+        output
+    )  # not "0.00 GB needed"
     assert "--out" not in output and "cannot write ." not in output and "--data-dir" in output
     assert sorted(n for n in os.listdir(data_dir) if not n.endswith(".lock")) == []  # nothing half-written left
+
+
+def test_a_full_disk_while_generating_the_demo_invents_no_size(tmp_path, monkeypatch):
+    # The 3 MB demo was said to need "about 2 GB (4 GB while its archives are kept)".
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prepare, "generate_demo", full)
+    with pytest.raises(CarsTLError, match="No space left on device") as info:
+        prepare_dataset(tmp_path / "data", "demo")
+    message = info.value.message
+    assert re.search(r"\(([\d,.]+ [KMG]?B|free space unknown)( free there)?\)$", message), message
+    assert "needed" not in message and "GB needed" not in message
 
 
 def test_a_busy_data_folder_suggests_another_data_dir_not_out(tmp_path):

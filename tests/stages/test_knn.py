@@ -172,3 +172,17 @@ def test_knn_run_at_a_small_temperature_is_not_at_chance(demo_features, tmp_path
     _, usual = run_knn(demo_features, ks=(20,), temperature=0.07, out=tmp_path / "t007")
     chance = 100 / features.load(demo_features).num_classes
     assert small["final"]["test_acc"] > 2 * chance and usual["final"]["test_acc"] > 2 * chance
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 5e-324])
+def test_a_temperature_below_float32_range_votes_for_the_nearest(tmp_path, temperature):
+    # float32 rounds these T to 0: the top neighbour's 0 / 0 = NaN outvoted everything and the run was
+    # saved as complete below chance. Any positive T is a limit of the vote: the nearest neighbour decides.
+    cache = _toy_cache(tmp_path / "toy.h5", TRAIN_X, TRAIN_Y, TEST_X, TEST_Y)
+    votes = knn_scores(np.asarray(TRAIN_X), np.asarray(TRAIN_Y), np.asarray(TEST_X), (3,), temperature, 3)[3]
+    assert np.isfinite(votes).all()
+    np.testing.assert_array_equal(votes.argmax(axis=1), [0, 1, 2, 1])  # TEST_X[3] is nearest to [0, 1]
+    run_dir, metrics = run_knn(cache, ks=(3,), temperature=temperature, out=tmp_path / "knn")
+    _, usual = run_knn(cache, ks=(3,), temperature=1e-3, out=tmp_path / "usual")
+    assert metrics["final"]["test_acc"] == usual["final"]["test_acc"] == 75.0
+    assert np.isfinite(runs.read_predictions(run_dir).top_scores).all()

@@ -18,6 +18,10 @@ SCALES = ("none", "standard", "l2")
 METHODS = ("precomputed", "plain")
 
 
+# A higher power sends poly's kernel values to 0 or to overflow (libsvm then fails): no useful model.
+DEGREE_MAX = 20
+
+
 TRUSTED_TYPES = (
     "sklearn.svm._classes.SVC",
     "numpy.ndarray",
@@ -220,10 +224,13 @@ def save_model(model: SVMModel, path: Path) -> None:
         sio.dump(model.to_state(), tmp)
 
 
-def load_model(path: Path, num_features: int | None = None, num_classes: int | None = None) -> SVMModel:
+def load_model(
+    path: Path, num_features: int | None = None, num_classes: int | None = None, recorded: dict | None = None
+) -> SVMModel:
     """Load a skops file, refusing any type outside :data:`TRUSTED_TYPES` and any content that is not a
     consistent fitted model (see :func:`_state_problem`); ``num_features``/``num_classes``: those of the
-    feature cache the run claims, which the model must match."""
+    feature cache the run claims, which the model must match; ``recorded``: the settings its run
+    recorded (:func:`recorded_settings`), which it must hold (a file can be edited apart from its run)."""
     import skops.io as sio
 
     path = Path(path)
@@ -248,7 +255,56 @@ def load_model(path: Path, num_features: int | None = None, num_classes: int | N
         raise CarsTLError(
             f"{path} is not a cars_tl fit-svm model: {problem}", "refit it with cars-tl fit-svm --features F.h5 --force"
         )
+    for field, value, expected in _settings_mismatch(state, recorded or {}):
+        raise CarsTLError(
+            f"{path} does not hold the model its run recorded: {field} is {value!r}, but metrics.json records "
+            f"{expected!r} (the file was changed or replaced since fit-svm wrote it)",
+            "refit it with cars-tl fit-svm --features F.h5 --force",
+        )
     return SVMModel.from_state(state)
+
+
+def recorded_settings(metrics: dict, model_file: str) -> dict:
+    """What a fit-svm run's ``metrics.json`` says the model in ``model_file`` is: the kernel (also in the
+    file's name), its C, gamma and support-vector count, and the run's degree, coef0, scale and method.
+    Runs written before a field was recorded simply lack it."""
+    config = metrics.get("config") or {}
+    result = next((r for r in (metrics.get("kernels") or {}).values() if r.get("model_file") == model_file), {})
+    by_name = next((k for k in KERNELS if model_file_name(k) == model_file), None)
+    settings = {
+        "kernel": result.get("kernel") or by_name,
+        "C": result.get("C"),
+        "gamma": result.get("gamma_value"),
+        "support vectors": result.get("support_vectors"),
+        "classes": result.get("classes"),
+        **{k: config.get(k) for k in ("degree", "coef0", "scale", "method")},
+    }
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _settings_mismatch(state: dict, recorded: dict):
+    """(field, value, expected) for each setting that differs from ``recorded``."""
+    svc = state["svc"]
+    held = {
+        "kernel": state["kernel"],
+        "C": float(svc.C),
+        "gamma": float(state["gamma"]),
+        "support vectors": len(svc.support_),
+        "classes": [int(c) for c in svc.classes_],
+        "degree": int(state["degree"]),
+        "coef0": float(state["coef0"]),
+        "scale": state["scale"],
+        "method": state["method"],
+    }
+    for field, expected in recorded.items():
+        value = held[field]
+        same = (
+            np.isclose(value, expected, rtol=1e-9, atol=0)
+            if isinstance(value, float) and isinstance(expected, (int, float))
+            else value == expected
+        )
+        if not same:
+            yield field, value, expected
 
 
 STATE_KEYS = (
@@ -322,8 +378,8 @@ def _fitted_problem(state: dict, num_features: int | None, num_classes: int | No
     if not (state["gamma"] > 0 and svc.C > 0):
         return f"gamma {state['gamma']!r} and C {svc.C!r} must both be > 0"
     degree = state["degree"]
-    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
-        return f"degree is {degree!r}, not a whole number >= 1"
+    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or not 1 <= degree <= DEGREE_MAX:
+        return f"degree is {degree!r}, not a whole number from 1 to {DEGREE_MAX}"
     n_train = state["n_train"]
     if isinstance(n_train, bool) or not isinstance(n_train, (int, np.integer)) or n_train < 0:
         return f"n_train is {n_train!r}, not a count"
@@ -364,6 +420,8 @@ def _fitted_problem(state: dict, num_features: int | None, num_classes: int | No
             return f"method 'precomputed' with an SVC of kernel {svc.kernel!r}"
         if support.min() < 0 or support.max() >= n_train or tuple(shape_fit) != (n_train, n_train):
             return f"its support indices or fitted shape {tuple(shape_fit)} do not fit its {n_train} training rows"
+        if getattr(svc, "n_features_in_", None) != n_train:  # a precomputed SVC's columns: the training rows
+            return f"n_features_in_ is {getattr(svc, 'n_features_in_', None)!r}, expected {n_train} (its training rows)"
         sv = array(state["support_vectors"], "support_vectors", 2)
         if isinstance(sv, str):
             return sv
@@ -379,8 +437,16 @@ def _fitted_problem(state: dict, num_features: int | None, num_classes: int | No
         d = sv.shape[1] if d is None else d
         if sv.shape != (n_sv, d) or shape_fit[1] != d:
             return f"its support vectors have shape {sv.shape}, expected ({n_sv}, {d}) for the cache's {d}-d features"
-        if not (np.isfinite(getattr(svc, "_gamma", np.nan)) and svc._gamma > 0 and int(svc.degree) >= 1):
-            return f"its SVC's gamma {getattr(svc, '_gamma', None)!r} or degree {svc.degree!r} is out of range"
+        if getattr(svc, "n_features_in_", None) != d:
+            return f"n_features_in_ is {getattr(svc, 'n_features_in_', None)!r}, expected {d} (the features' width)"
+        # libsvm computes with the SVC's own copies of the settings: they must be the recorded ones.
+        for name, own, recorded in (
+            ("gamma", getattr(svc, "_gamma", None), state["gamma"]),
+            ("degree", getattr(svc, "degree", None), state["degree"]),
+            ("coef0", getattr(svc, "coef0", None), state["coef0"]),
+        ):
+            if not isinstance(own, (int, float, np.number)) or isinstance(own, bool) or own != recorded:
+                return f"its SVC's {name} is {own!r}, expected {recorded!r} (the model's {name})"
     if state["scale"] == "standard":
         for name in ("scale_mean", "scale_std"):
             value = array(state[name], name, 1)
