@@ -199,15 +199,27 @@ def test_cached_run_equals_the_image_path_and_resumes_across_paths(cache, demo_d
     assert len(a.ids) and np.array_equal(a.top_scores, b.top_scores) and np.array_equal(a.ids, b.ids)
 
 
-def test_a_validation_split_is_evaluated_from_the_evaluation_pipeline(demo_dir, tmp_path):
+def test_a_validation_split_is_evaluated_from_the_evaluation_pipeline(demo_dir, tmp_path, monkeypatch):
     # tuned without augmentation on random weights: a validation split carved from train, whose
     # cached train maps went through the training transform (the CPU path's normalisation rounds
     # differently from the evaluation loader's).
     run = dict(SMALL, unfreeze="layer4", epochs=1, batch_size=16, preset="tuned", augment="none")
+    seen = {"images": [], "cached": []}
+
+    class Recording(ft.Meter):  # the metrics are rounded: the logits themselves, every batch
+        def add(self, logits, labels):
+            seen[path].append(logits.detach().clone())
+            super().add(logits, labels)
+
+    monkeypatch.setattr(ft, "Meter", Recording)
+    path = "images"
     images, m_images = ft.finetune(demo_dir, out=tmp_path / "images", **run)
+    path = "cached"
     cached, m_cached = ft.finetune(demo_dir, out=tmp_path / "cached", trunk_cache=str(tmp_path / "t.h5"), **run)
     assert m_cached["trunk_cache"]["used"] and "val_loss" in m_cached["history"][-1]
     _assert_same_weights(images, cached)
+    assert len(seen["images"]) == len(seen["cached"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seen["images"], seen["cached"]))
     _assert_same_evaluation(m_images, m_cached, images, cached)
 
 
