@@ -10,6 +10,7 @@ mode. This module owns the file those maps are kept in (written by
         kind                = "cars_tl.artifacts.trunks"
         schema_version      = 1
         backbone, weights, weights_digest, weights_sha256     as in a feature cache
+        trunk_digest        SHA-256 of the frozen part's state (what the maps came from)
         transform           JSON: the preprocessing spec (resize mode, size, mean/std, ...)
         crop, margin        "full" | "box", and the box margin
         precision           "fp32" | "bf16" | "fp16": what the trunk ran in (autocast)
@@ -66,6 +67,7 @@ SMALL = ("labels", "ids", "paths")
 IDENTITY_KEYS = (
     "backbone",
     "weights_digest",
+    "trunk_digest",
     "transform",
     "crop",
     "margin",

@@ -34,9 +34,15 @@ from cars_tl.core.errors import BadImageError, CarsTLError
 from cars_tl.core.progress import NULL
 from cars_tl.data import loaders, transforms
 from cars_tl.data.dataset import CarsDataset
+from cars_tl.models import backbones
 
 CHUNK_BATCHES = 4
 DEVICE_FRACTION = 0.5  # the cache goes to accelerator memory when it takes at most this share of the free memory
+# Parameter-free modules whose output does not depend on train/eval mode: the only ones the frozen
+# part may leave in train mode (a dropout or drop-path there would change its maps per batch).
+MODE_FREE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid)
+MODE_FREE += (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Sequential, nn.ModuleList)
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- splitting a network
@@ -157,6 +163,9 @@ def identity_for(bb, model, cut: int, crop: str, margin: float, precision: str, 
         "backbone": bb.name,
         "weights": bb.weights,
         "weights_digest": bb.weights_digest,
+        # The frozen part as it is now, not as the weights file made it: a resumed run may have
+        # trained these layers in earlier epochs (e.g. --unfreeze all, then --resume --force --unfreeze layer4).
+        "trunk_digest": backbones.state_digest(Trunk(model.body, cut).state_dict()),
         "transform": transforms.transform_key(bb.transform),
         "crop": crop,
         "margin": float(margin),
@@ -202,11 +211,10 @@ def plan(choice: str, model, bb, config: dict, manifest, artifacts: Path, storag
             f"{seq[0][0]}, the network's first module, trains (--unfreeze {config.get('unfreeze')}): no frozen part to cache: trunk cache not used",
         )
     moving = [
-        n
-        for n, m in body.named_modules()
-        if m.training
-        and any(True for _ in m.parameters(recurse=False))
-        and any(m is x or any(m is y for y in x.modules()) for _, x in seq[:cut])
+        f"{name}.{n}" if n else name
+        for name, unit in seq[:cut]
+        for n, m in unit.named_modules()
+        if m.training and not isinstance(m, MODE_FREE)
     ]
     if moving:
         return Plan(
@@ -223,11 +231,23 @@ def plan(choice: str, model, bb, config: dict, manifest, artifacts: Path, storag
         try:
             attrs = trunks.read_attrs(path)
         except CarsTLError as exc:
+            if _damaged_hdf5(path):  # a truncated or overwritten cache: ensure() rebuilds it and says why
+                return Plan(path, None, identity, cut)
             return Plan(None, f"{exc.message}: trunk cache not used")
         why = mismatch(attrs, identity, seq)
         if why:
             return Plan(None, f"{path} {why}: trunk cache not used")
     return Plan(path, None, identity, cut)
+
+
+def _damaged_hdf5(path: Path) -> bool:
+    """An empty file or an HDF5 file that does not open: a damaged cache, not some other file named by mistake."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+    except OSError:
+        return False
+    return head in (b"", HDF5_SIGNATURE)
 
 
 def mismatch(attrs: dict, identity: dict, seq) -> str | None:
@@ -241,6 +261,8 @@ def mismatch(attrs: dict, identity: dict, seq) -> str | None:
         if attrs.get("cut") in names and names.index(attrs["cut"]) >= names.index(identity["cut"]):
             return f"cuts after {attrs['cut']}, but {identity['top']} below that cut trains in this run"
         return f"cuts after {attrs.get('cut')}, this run's frozen part ends at {identity['cut']}"
+    if attrs.get("trunk_digest") != identity["trunk_digest"]:
+        return "was built from other weights of the frozen part (e.g. before a resumed run had trained them)"
     if (
         not transforms.same_transform(
             json.loads(attrs["transform"]) if isinstance(attrs.get("transform"), str) else attrs.get("transform", {}),
@@ -288,11 +310,15 @@ def ensure(
         if fresh:
             return {"action": "up to date", "seconds": round(time.perf_counter() - started, 3)}
         trunk = Trunk(model.body, cut).to(device, memory_format=torch.channels_last).eval()
-        # The training path's own preprocessing (not the evaluation loaders' fused one, which rounds
-        # differently in the last bit), so that cached maps are those training would compute.
-        transform = transforms.train_transform(bb.transform, "none", "uint8" if device.startswith("cuda") else "float")
+        # Each split through the pipeline the image path feeds it through, on the data path that
+        # path takes (not the device's name): train through the training transform (the evaluation
+        # loaders' fused normalisation rounds differently in the last bit), test through the
+        # evaluation loaders, so that cached maps are those training and evaluation would compute.
+        transform = transforms.train_transform(bb.transform, "none", loaders.data_path(device).batch_dtype)
         datasets = {
             s: CarsDataset(manifest, s, transform, crop, margin, mark_bad=True)
+            if s == "train"
+            else loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin)
             for s in ("train", "test")
             if s in manifest.splits
         }
@@ -362,18 +388,13 @@ def ensure(
 def _build_rows(
     trunk, dataset, split, rows, partial, batch_size, workers, device, precision, storage, bb, progress
 ) -> None:
-    loader = loaders.make_loader(dataset, batch_size, workers, device, sampler=list(rows))
+    if split == "train":
+        loader = loaders.make_loader(dataset, batch_size, workers, device, sampler=list(rows))
+    else:
+        loader = loaders.eval_loader(dataset, list(rows), batch_size, workers, device, bb.transform)
     chunk_start, pending = rows.start, []
     with (progress or NULL).task(f"trunk cache {split}", total=len(rows), unit="img") as t:
-        for images, _, positions, bad in loader:
-            if bad:
-                first = bad[0].error()
-                raise BadImageError(
-                    first.path, first.reason, "a trunk cache needs every image: replace the file, then rerun to resume"
-                )
-            images = loaders.batch_to_device(images, device, bb.transform)
-            with torch.inference_mode(), runtime.autocast(device, precision):
-                maps = trunk(images)
+        for maps, _, positions in _trunk_batches(trunk, loader, device, precision, bb.transform):
             pending.append(trunks.from_float(maps.float(), storage))
             t.advance(len(positions))
             done = sum(map(len, pending))
@@ -383,6 +404,31 @@ def _build_rows(
                 partial.write_chunk(split, chunk_start, block[: end - chunk_start])
                 pending = [block[end - chunk_start :]] if len(block) > end - chunk_start else []
                 chunk_start = end
+
+
+def _trunk_batches(trunk, loader, device: str, precision: str, spec: dict):
+    """(maps, labels, positions) of each image batch of ``loader``; a bad image stops the build."""
+    for images, labels, positions, bad in loader:
+        if bad:
+            first = bad[0].error()
+            raise BadImageError(
+                first.path, first.reason, "a trunk cache needs every image: replace the file, then rerun to resume"
+            )
+        images = loaders.batch_to_device(images, device, spec)
+        with torch.inference_mode(), runtime.autocast(device, precision):
+            maps = trunk(images)
+        yield maps, labels, positions
+
+
+def evaluation_store(trunk, loader, device: str, precision: str, storage: str, spec: dict, map_shape, native: bool):
+    """The maps of an image evaluation ``loader`` (the validation rows, whose cached train maps went
+    through the training transform), stored and read back as the cache's are: (store, labels)."""
+    parts, labels = [np.empty((0, *map_shape), trunks.NUMPY_DTYPE[storage])], [np.empty(0, np.int64)]
+    for maps, batch_labels, _ in _trunk_batches(trunk, loader, device, precision, spec):
+        parts.append(trunks.from_float(maps.float(), storage))
+        labels.append(batch_labels.numpy())
+    split = trunks.TrunkSplit(np.concatenate(parts), np.concatenate(labels), np.empty(0), [], storage, "memory")
+    return to_device(split, device, native=native), split.labels
 
 
 # --------------------------------------------------------------------------- reading
@@ -528,11 +574,13 @@ def data_source(
     read_mode: str = "auto",
     on_device: bool = False,
     train_mode=None,
+    val_images=None,
 ) -> Source:
     """Plan (after ``train_mode(model)``: the modes the epochs run in), build if missing, open the
     cache and make the loaders; or say in ``record["reason"]`` (and once on ``progress``) why the
     image path runs. ``fit_idx``/``val_idx``: the train rows trained on and validated on (with a
-    validation split), ``sampler``: the training sampler (its keys pick positions of ``fit_idx``)."""
+    validation split), ``sampler``: the training sampler (its keys pick positions of ``fit_idx``),
+    ``val_images``: the image path's validation loader (its maps are computed once, from it)."""
     if train_mode is not None:
         train_mode(model)
     p = plan(choice, model, bb, config, manifest, artifacts, storage)
@@ -582,16 +630,28 @@ def data_source(
             test, test_labels[base : base + len(test)], eval_batch, positions=test_rows, base=base, native=native
         )
     }
+    map_shape = trunks.read_attrs(p.path)["map_shape"]
     if has_val:
-        val_rows = [val_idx.tolist()[i] for i in distributed.shard_range(len(val_idx), ctx)]
-        eval_loaders["val"] = CachedBatches(train, train_labels, eval_batch, positions=val_rows, native=native)
+        # Evaluated as the image path evaluates them: through the evaluation loader, not the training transform.
+        val, val_labels = evaluation_store(
+            Trunk(model.body, p.cut),
+            val_images,
+            device,
+            config["precision"],
+            p.identity["storage"],
+            bb.transform,
+            map_shape,
+            native,
+        )
+        eval_loaders["val"] = CachedBatches(
+            val, val_labels, eval_batch, positions=range(len(val_labels)), native=native
+        )
     mode = "device" if isinstance(train, torch.Tensor) else train.mode
-    per_image = (
-        int(np.prod(trunks.read_attrs(p.path)["map_shape"]))
-        * np.dtype(trunks.NUMPY_DTYPE[p.identity["storage"]]).itemsize
-    )
+    per_image = int(np.prod(map_shape)) * np.dtype(trunks.NUMPY_DTYPE[p.identity["storage"]]).itemsize
     record = dict(p.record(), **built, read=mode, bytes_per_image=per_image)
     if ctx.is_main:
+        if built.get("replaced"):
+            progress.log(f"trunk cache {p.path} rebuilt: the file there was not used ({built['replaced']})")
         progress.log(
             f"trunk cache {p.path} ({built['action']}; frozen part up to {p.identity['cut']}, read from {mode}): "
             f"each epoch runs {p.identity['top']} and above only"

@@ -479,27 +479,6 @@ def _train(
     if len(val_idx):
         val_shard = [val_idx.tolist()[i] for i in distributed.shard_range(len(val_idx), ctx)]
         eval_loaders["val"] = loaders.eval_loader(eval_train, val_shard, eval_batch, workers, device, spec)
-    # The data source: the images, or the trunk cache where it is exact (then ``net`` runs the top only).
-    source = trunk.data_source(
-        **(trunk_opts or {"choice": "off"}),
-        model=model,
-        bb=bb,
-        manifest=manifest,
-        config=config,
-        fit_idx=fit_idx,
-        val_idx=val_idx,
-        sampler=sampler,
-        local_batch=local_batch,
-        eval_batch=eval_batch,
-        workers=workers,
-        device=device,
-        ctx=ctx,
-        progress=progress,
-        train_mode=lambda m: train_mode(m, config["freeze_bn_stats"]),
-    )
-    net = source.net
-    if source.cached:
-        train_loader, eval_loaders = source.train_loader, source.eval_loaders
     steps_per_epoch = -(-len(fit_set) // config["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
     select = "val" if "val" in eval_loaders else "test"
@@ -523,7 +502,6 @@ def _train(
         },
         inputs={"dataset_fingerprint": manifest.fingerprint, "init_head": config["init_head"]},
     )
-    metrics["trunk_cache"] = source.record
     if ctx.active:
         metrics["distributed"] = {
             "world_size": ctx.world_size,
@@ -568,6 +546,30 @@ def _train(
         metrics["resumed_from_epoch"] = state["epoch"]
         if ctx.is_main:
             _repair_best(state, best_path)
+    # The data source: the images, or the trunk cache where it is exact (then ``net`` runs the top only).
+    # Planned after the checkpoint is loaded: the cache is keyed on the frozen part's weights as they now are.
+    source = trunk.data_source(
+        **(trunk_opts or {"choice": "off"}),
+        model=model,
+        bb=bb,
+        manifest=manifest,
+        config=config,
+        fit_idx=fit_idx,
+        val_idx=val_idx,
+        sampler=sampler,
+        local_batch=local_batch,
+        eval_batch=eval_batch,
+        workers=workers,
+        device=device,
+        ctx=ctx,
+        progress=progress,
+        train_mode=lambda m: train_mode(m, config["freeze_bn_stats"]),
+        val_images=eval_loaders.get("val"),
+    )
+    metrics["trunk_cache"] = source.record
+    net = source.net
+    if source.cached:
+        train_loader, eval_loaders = source.train_loader, source.eval_loaders
 
     live = EpochLog(tensorboard, run_dir.name, start_epoch)
     if start_epoch == 1:  # the starting point, before any step (e.g. the init-head's accuracy)

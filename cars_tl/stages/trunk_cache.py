@@ -49,6 +49,7 @@ def build_trunk(
     ctx = distributed.init(runtime.resolve_device(device))
     device = ctx.device
     precision = runtime.resolve_precision(precision, device)
+    runtime.prepare_device(device, precision)  # as finetune's: its fp32 is fp32 (no TF32), cuda:N selected
     workers = loaders.default_workers(device) if workers is None else workers
     bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=seed)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)

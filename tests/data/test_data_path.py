@@ -278,3 +278,16 @@ def test_uint8_batches_normalized_on_the_device_equal_the_float_transform(demo_d
     on_device = loaders.batch_to_device(as_uint8[None], "cpu", spec)
     torch.testing.assert_close(on_device, transforms.eval_transform(spec)(image)[None], atol=1e-5, rtol=0)
     assert on_device.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_trunk_cache_through_the_accelerator_path_equals_its_image_path(demo_dir, tmp_path, monkeypatch):
+    """The trunk cache is built through the data path's pipeline (uint8 batches normalized after the
+    transfer here), not one chosen by the device's name: bit-equal to the images on that path."""
+    monkeypatch.setenv(loaders.DATA_PATH_ENV, "accelerator")
+    _, images = _finetune(demo_dir, tmp_path / "images")
+    _, cached = _finetune(demo_dir, tmp_path / "cached", trunk_cache=str(tmp_path / "t.h5"))
+    assert cached["trunk_cache"]["used"] and not images["trunk_cache"]["used"]
+    a = torch.load(tmp_path / "images" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cached" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.get("test_loss") for r in images["history"]] == [r.get("test_loss") for r in cached["history"]]

@@ -21,7 +21,6 @@ from cars_tl.stages.trunk_cache import build_trunk
 
 SMALL = dict(backbone="resnet18", weights="random", image_size=32, precision="fp32", workers=0)
 RUN = dict(SMALL, unfreeze="layer4", epochs=2, batch_size=16)
-WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # measured: bit-equal (0.0) on this machine
 
 
 def _model(unfreeze: str, name: str = "resnet18", weights: str = "random"):
@@ -40,7 +39,16 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
-        assert torch.allclose(wa[key].double(), wb[key].double(), **WEIGHT_TOLERANCE), key
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _assert_same_evaluation(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
+    """Every epoch's evaluation and the saved test scores, bit for bit."""
+    keys = ("test_loss", "test_acc", "val_loss", "val_acc", "train_loss")
+    assert [[r.get(k) for k in keys] for r in a["history"]] == [[r.get(k) for k in keys] for r in b["history"]]
+    pa, pb = runs.read_predictions(a_dir), runs.read_predictions(b_dir)
+    assert np.array_equal(pa.ids, pb.ids) and np.array_equal(pa.top_classes, pb.top_classes)
+    assert np.array_equal(pa.top_scores, pb.top_scores)
 
 
 def test_trunk_and_top_compose_to_the_network():
@@ -155,6 +163,13 @@ def test_inexact_settings_fall_back_with_their_reason(cache, demo_dir, tmp_path)
         p.requires_grad_(False)
     other.body.layer2.train()
     cases["train mode"] = trunk.plan("auto", other, other_bb, _config(), manifest, tmp_path)
+    # A parameter-free dropout in the frozen part, left in train mode by train_mode (its closest
+    # ancestor with parameters, the body, trains): its maps would change per batch.
+    drop_bb, dropping = _model("layer4")
+    dropping.body.relu = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5))
+    ft.train_mode(dropping)
+    assert dropping.body.relu[1].training
+    cases["train mode (relu.1)"] = trunk.plan("auto", dropping, drop_bb, _config(), manifest, tmp_path)
     for words, p in cases.items():
         assert p.path is None and words in p.reason and p.reason.endswith("trunk cache not used"), (words, p.reason)
 
@@ -165,7 +180,8 @@ def test_cached_run_equals_the_image_path_and_resumes_across_paths(cache, demo_d
     assert m_images["trunk_cache"]["used"] is False and m_cached["trunk_cache"]["used"] is True
     assert m_cached["trunk_cache"]["read"] == "memory" and m_cached["trunk_cache"]["bytes_per_image"] == 256 * 4 * 4
     _assert_same_weights(images, cached)
-    assert [r["train_acc"] for r in m_images["history"][1:]] == [r["train_acc"] for r in m_cached["history"][1:]]
+    # Evaluated from maps of the evaluation pipeline, as the image path evaluates: the same losses and scores.
+    _assert_same_evaluation(m_images, m_cached, images, cached)
     # One epoch on the images, resumed on the cache (and the other way round): the same run.
     mixed, _ = ft.finetune(demo_dir, out=tmp_path / "mixed", **dict(RUN, epochs=1))
     _, m_mixed = ft.finetune(demo_dir, out=mixed, resume=True, trunk_cache=str(cache), **RUN)
@@ -175,11 +191,77 @@ def test_cached_run_equals_the_image_path_and_resumes_across_paths(cache, demo_d
     _, m_back = ft.finetune(demo_dir, out=back, resume=True, **RUN)
     assert m_back["trunk_cache"]["used"] is False
     _assert_same_weights(images, back)
-    # predict and sparsity read the run as any other (the model file is the whole network).
-    from cars_tl.models.inference import load_run
+    # predict reads the run as any other (the model file is the whole network) and reproduces it.
+    from cars_tl.stages.predict import predict_split
 
-    loaded = load_run(cached)
-    assert loaded is not None
+    predict_split([images, cached], split="train", data_dir=demo_dir, workers=0)
+    a, b = runs.read_predictions(images, "train"), runs.read_predictions(cached, "train")
+    assert len(a.ids) and np.array_equal(a.top_scores, b.top_scores) and np.array_equal(a.ids, b.ids)
+
+
+def test_a_validation_split_is_evaluated_from_the_evaluation_pipeline(demo_dir, tmp_path, monkeypatch):
+    # tuned without augmentation on random weights: a validation split carved from train, whose
+    # cached train maps went through the training transform (the CPU path's normalisation rounds
+    # differently from the evaluation loader's).
+    run = dict(SMALL, unfreeze="layer4", epochs=1, batch_size=16, preset="tuned", augment="none")
+    seen = {"images": [], "cached": []}
+
+    class Recording(ft.Meter):  # the metrics are rounded: the logits themselves, every batch
+        def add(self, logits, labels):
+            seen[path].append(logits.detach().clone())
+            super().add(logits, labels)
+
+    monkeypatch.setattr(ft, "Meter", Recording)
+    path = "images"
+    images, m_images = ft.finetune(demo_dir, out=tmp_path / "images", **run)
+    path = "cached"
+    cached, m_cached = ft.finetune(demo_dir, out=tmp_path / "cached", trunk_cache=str(tmp_path / "t.h5"), **run)
+    assert m_cached["trunk_cache"]["used"] and "val_loss" in m_cached["history"][-1]
+    _assert_same_weights(images, cached)
+    assert len(seen["images"]) == len(seen["cached"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seen["images"], seen["cached"]))
+    _assert_same_evaluation(m_images, m_cached, images, cached)
+
+
+def test_resume_with_other_options_keys_the_cache_on_the_trained_frozen_part(demo_dir, tmp_path):
+    """One epoch trains everything; resumed with --force --unfreeze layer4, the frozen part is the
+    checkpoint's trained layers, not the initial weights the fresh model was built with."""
+    import shutil
+
+    first, _ = ft.finetune(demo_dir, out=tmp_path / "first", **dict(RUN, unfreeze="all", epochs=1))
+    for name in ("images", "cached"):
+        shutil.copytree(first, tmp_path / name)
+    resumed = dict(RUN, resume=True, force=True)
+    _, m_images = ft.finetune(demo_dir, out=tmp_path / "images", **resumed)
+    _, m_cached = ft.finetune(demo_dir, out=tmp_path / "cached", trunk_cache=str(tmp_path / "t.h5"), **resumed)
+    assert m_cached["trunk_cache"]["used"] and m_cached["resumed_with_changes"]["unfreeze"] == ["all", "layer4"]
+    _assert_same_weights(tmp_path / "images", tmp_path / "cached")
+    _assert_same_evaluation(m_images, m_cached, tmp_path / "images", tmp_path / "cached")
+
+
+def test_a_truncated_cache_path_is_rebuilt_saying_why(cache, demo_dir, tmp_path):
+    bad = tmp_path / "t.h5"
+    bad.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    manifest = manifests.load_manifest(demo_dir)
+    bb, model = _model("layer4")
+    assert trunk.plan(str(bad), model, bb, _config(), manifest, tmp_path).path == bad  # not the images
+    _, result = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=bad, **SMALL)
+    assert result["action"] == "built" and "not a readable HDF5 file" in result["replaced"]
+    assert np.array_equal(trunks.open_split(bad, "train").maps, trunks.open_split(cache, "train").maps)
+    # Some other file named by mistake is not overwritten: the image path runs, saying why.
+    other = tmp_path / "notes.txt"
+    other.write_text("not a cache")
+    p = trunk.plan(str(other), model, bb, _config(), manifest, tmp_path)
+    assert p.path is None and "not a readable HDF5 file" in p.reason and other.read_text() == "not a cache"
+
+
+def test_build_trunk_prepares_the_device_as_finetune_does(cache, demo_dir, monkeypatch):
+    from cars_tl.core import runtime
+
+    prepared = []
+    monkeypatch.setattr(runtime, "prepare_device", lambda device, precision: prepared.append((device, precision)))
+    _, result = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=cache, **SMALL)
+    assert result["action"] == "up to date" and prepared == [("cpu", "fp32")]
 
 
 def test_device_path_on_the_cpu_gives_the_same_batches(cache):
