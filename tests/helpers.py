@@ -481,3 +481,21 @@ def kill_tree(job: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def assert_images_reproduce_saved(run_dir: Path, data_dir: Path, count: int | None = None) -> None:
+    """``predict`` on the first ``count`` saved test images, read from their files, gives the run's saved
+    top-5: the same classes, scores within predict's 6-decimal rounding."""
+    from cars_tl.stages.predict import predict
+
+    saved = runs.read_predictions(run_dir)
+    manifest = manifests.load_manifest(data_dir)
+    paths = {r.index: manifest.root / r.path for r in manifest.split("test")}
+    ids = saved.ids[:count]
+    tops = [
+        next(iter(r["predictions"].values()))["top"] for r in predict([paths[int(i)] for i in ids], run_dirs=[run_dir])
+    ]
+    np.testing.assert_array_equal([[t["label"] for t in top] for top in tops], saved.top_classes[: len(ids)])
+    np.testing.assert_allclose(
+        [[t["score"] for t in top] for top in tops], saved.top_scores[: len(ids)], rtol=0, atol=1e-6
+    )

@@ -193,9 +193,14 @@ def eval_transform(spec: dict, output: str = "float"):
     """:func:`eval_resize_crop` (the spec's resize mode), to tensor, normalize: evaluation preprocessing.
 
     ``output="uint8"`` stops before normalizing (a uint8 CHW tensor): for loaders feeding a GPU,
-    where :func:`cars_tl.data.loaders.batch_to_device` normalizes on the device."""
+    where :func:`cars_tl.data.loaders.batch_to_device` normalizes on the device. ``output="batch"``
+    normalizes with :class:`PixelNormalizer`, the arithmetic of the evaluation loaders' batches
+    (``ToTensor`` + ``Normalize`` round differently): one image gets the very values a cache's
+    extraction gave it."""
     from torchvision import transforms as T
 
+    if output == "batch":
+        return T.Compose([eval_resize_crop(spec), _BatchPixels(spec)])
     return T.Compose([eval_resize_crop(spec), *_tensor_steps(spec, output)])
 
 
@@ -234,6 +239,20 @@ class PixelNormalizer:
         flat_out = out.reshape(height, width * channels)
         np.subtract(pixels.reshape(height, width * channels), offset, out=flat_out)
         np.multiply(flat_out, scale, out=flat_out)
+
+
+class _BatchPixels:
+    """PIL RGB image -> normalized float32 CHW tensor (channels_last in memory), as
+    :class:`cars_tl.data.loaders.ThreadedLoader` fills a batch row."""
+
+    def __init__(self, spec: dict):
+        self.normalize = PixelNormalizer(spec)
+
+    def __call__(self, image) -> torch.Tensor:
+        pixels = np.asarray(image)
+        out = np.empty(pixels.shape, np.float32)
+        self.normalize(pixels, out)
+        return torch.from_numpy(out).permute(2, 0, 1)
 
 
 class RandomRegionSquare:

@@ -38,7 +38,9 @@ import re
 import torch
 from torch import nn
 
+from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
+from cars_tl.data import loaders
 from cars_tl.models import backbones
 
 TTA_MODES = ("none", "flip")
@@ -275,3 +277,33 @@ def prepare(body: nn.Module, spec: dict, example: torch.Tensor) -> nn.Module:
         return folded
     folded.close()
     return reference
+
+
+def prepare_body(
+    body: torch.nn.Module, device: str, image_size: int = 224, spec: dict | None = None
+) -> torch.nn.Module:
+    """The frozen body as extraction runs it, and :mod:`cars_tl.models.inference` again for a head
+    or SVM run (so both give the same rows): eval mode, BatchNorm folded into the convolutions
+    (a copy, checked on one random image of ``image_size``: ``body`` keeps its layers),
+    channels_last on ``device``, no gradients; with ``spec``, wrapped to give the spec's feature
+    rows (views and stages)."""
+    example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    body = prepare(body, spec or {}, example)  # puts body in eval mode
+    body = body.to(device, memory_format=torch.channels_last)
+    body.eval()
+    for p in body.parameters():
+        p.requires_grad_(False)
+    return body
+
+
+@torch.inference_mode()
+def embed(body, images: torch.Tensor, device: str, precision: str, spec: dict | None = None) -> torch.Tensor:
+    """Feature rows of a batch (:func:`prepare_body`'s), as float32 on the CPU. The batch reaches the device through
+    :func:`loaders.batch_to_device` (uint8 batches of the accelerator's data path are normalized
+    there with ``spec``'s mean and std)."""
+    if images.dtype == torch.uint8 and spec is None:
+        raise ValueError("a uint8 batch needs the transform spec to be normalized")
+    images = loaders.batch_to_device(images, device, spec or {})
+    with runtime.autocast(device, precision):
+        out = body(images)
+    return out.float().flatten(1).cpu()

@@ -14,6 +14,13 @@ interpolation, mean/std), the crop (``full`` or ``box``) and margin -- and its p
 * ``bf16`` runs are evaluated under CPU bf16 autocast, as extracted; ``fp16`` exists only on CUDA:
   on the CPU such a run is evaluated in fp32 (more precise, not bit-equal) and says so
   (``precision_used``).
+
+Rows and scores are computed by the code that made the run's own: images are normalized as the
+evaluation loaders normalize their batches (``eval_transform(spec, output="batch")``); a head or
+SVM run's rows come from extraction's own body and embedding (:func:`feature_views.prepare_body`:
+BatchNorm folded, channels_last; :func:`feature_views.embed`), so on the CPU they equal a CPU-made
+cache's rows bit for bit in fp32 and bf16; a finetune run's model is laid out channels_last, as
+finetune trains and scores it, and scores whole (its head too) under the run's autocast.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 from cars_tl.artifacts import runs
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
-from cars_tl.data import transforms
+from cars_tl.data import loaders, transforms
 from cars_tl.data.images import crop_box
 from cars_tl.models import backbones, feature_views
 from cars_tl.models.svm.model import load_model as load_svm
@@ -52,11 +59,8 @@ class LoadedRun:
     forward: Callable[[torch.Tensor], torch.Tensor] | None = (
         None  # finetune runs: image batch -> scores, as its evaluation ran
     )
-    feature_body: torch.nn.Module | None = None  # image batch -> feature rows as recorded (views, stages); None: body
-
-    def __post_init__(self):
-        if self.feature_body is None:
-            self.feature_body = feature_views.for_spec(self.body, self.spec)
+    # image batch -> feature rows as recorded (views, stages); None: extraction's body, prepared on first use
+    feature_body: torch.nn.Module | None = None
 
     def tensor(self, image, box: tuple[int, int, int, int] | None = None, boxed: bool = False) -> torch.Tensor:
         """``image`` (PIL, the full picture) preprocessed as the run was trained: its box cut with
@@ -71,13 +75,23 @@ class LoadedRun:
             image = crop_box(image, box, self.margin)
         return self.transform(image)
 
-    @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Feature rows in the recorded precision (see the module docstring), as float32: the pooled
         output, or the recorded views and stages (:mod:`cars_tl.models.feature_views`)."""
+        if self.feature_body is None:  # folding traces the network: only for runs that embed images
+            self.feature_body = feature_views.prepare_body(self.body, "cpu", int(self.spec["crop"]), self.spec)
         self.feature_body.eval()
+        return feature_views.embed(self.feature_body, batch, "cpu", self.precision_used, self.spec)
+
+    @torch.inference_mode()
+    def scores(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, classes) scores of an image batch as the run's own evaluation computed them: a
+        finetune run's whole model under its autocast (the head included), else ``score(embed)``."""
+        if self.forward is None:
+            return self.score(self.embed(batch))
+        batch = loaders.batch_to_device(batch, "cpu", self.spec)
         with runtime.autocast("cpu", self.precision_used):
-            return self.feature_body(batch).float().flatten(1)
+            return self.forward(batch)
 
     def preprocessing_key(self) -> tuple:
         """Equal keys: the same body and the same tensors and features for the same image."""
@@ -140,17 +154,19 @@ def _load_finetune(run_dir: Path, metrics: dict, model_path: Path, recorded: dic
             f"{model_path} does not fit {b['backbone']} with {len(names)} classes: {str(exc)[:200]}"
         ) from None
     model.eval()
+    model.to(memory_format=torch.channels_last)  # finetune's layout: contiguous weights score otherwise in bf16
     return LoadedRun(
         run_dir,
         metrics["name"],
         "finetune",
         names,
         model.body,
-        transforms.eval_transform(spec),
+        transforms.eval_transform(spec, output="batch"),
         lambda f: model.head(f).softmax(1),
         runs.RUN_KINDS["finetune"].score_kind,
         **recorded,
         forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1),
+        feature_body=feature_views.for_spec(model.body, spec),  # unfolded, as finetune evaluates
     )
 
 
@@ -175,7 +191,7 @@ def _load_head(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, c
         "head",
         names,
         bb.body,
-        transforms.eval_transform(bb.transform),
+        transforms.eval_transform(bb.transform, output="batch"),
         lambda f: head(f).softmax(1),
         runs.RUN_KINDS["head"].score_kind,
         **recorded,
@@ -203,7 +219,7 @@ def _load_svm(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, ca
         "svm",
         names,
         bb.body,
-        transforms.eval_transform(bb.transform),
+        transforms.eval_transform(bb.transform, output="batch"),
         svm_scores,
         runs.RUN_KINDS["svm"].score_kind,
         **recorded,

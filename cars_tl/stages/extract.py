@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cars_tl.artifacts import features, names
 from cars_tl.core import distributed, locks, runtime
@@ -31,6 +30,7 @@ from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import devkit, loaders, transforms
 from cars_tl.data import manifest as manifests
 from cars_tl.models import backbones, feature_views
+from cars_tl.models.feature_views import embed, prepare_body
 from cars_tl.stages import presets
 
 CHUNK_BATCHES = 4
@@ -47,35 +47,6 @@ class ExtractResult:
     precision: str
     device: str
     replaced_corrupt: str | None = None  # why an existing file at the path was not trusted
-
-
-def prepare_body(
-    body: torch.nn.Module, device: str, image_size: int = 224, spec: dict | None = None
-) -> torch.nn.Module:
-    """The frozen body as extraction runs it: eval mode, BatchNorm folded into the convolutions
-    (a copy, checked on one random image of ``image_size``: ``body`` keeps its layers),
-    channels_last on ``device``, no gradients; with ``spec``, wrapped to give the spec's feature
-    rows (views and stages: :mod:`cars_tl.models.feature_views`)."""
-    example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    body = feature_views.prepare(body, spec or {}, example)  # puts body in eval mode
-    body = body.to(device, memory_format=torch.channels_last)
-    body.eval()
-    for p in body.parameters():
-        p.requires_grad_(False)
-    return body
-
-
-@torch.inference_mode()
-def embed(body, images: torch.Tensor, device: str, precision: str, spec: dict | None = None) -> torch.Tensor:
-    """Pooled features of a batch, as float32 on the CPU. The batch reaches the device through
-    :func:`loaders.batch_to_device` (uint8 batches of the accelerator's data path are normalized
-    there with ``spec``'s mean and std)."""
-    if images.dtype == torch.uint8 and spec is None:
-        raise ValueError("a uint8 batch needs the transform spec to be normalized")
-    images = loaders.batch_to_device(images, device, spec or {})
-    with runtime.autocast(device, precision):
-        out = body(images)
-    return out.float().flatten(1).cpu()
 
 
 @locks.reads("extract-features", lambda a: [devkit.stanford_root(a["data_dir"])])  # download cannot swap it meanwhile

@@ -23,6 +23,7 @@ from cars_tl.core.progress import NULL
 from cars_tl.data import devkit, loaders, transforms
 from cars_tl.data import manifest as manifests
 from cars_tl.data.images import open_image
+from cars_tl.models import knn
 from cars_tl.models.inference import load_run
 from cars_tl.models.training import score_batches
 
@@ -56,12 +57,15 @@ def predict(images: list[Path], *, run_dirs: list[Path], top_k: int = 5, boxed: 
     with torch.inference_mode():
         for m in models:
             key = m.preprocessing_key()
-            if key not in features_memo:  # runs sharing a backbone and its preprocessing share features
-                features_memo[key] = m.embed(torch.stack([m.tensor(p, boxed=boxed) for p in pictures]))
-            scores = m.score(features_memo[key])
+            if m.forward is not None:  # a finetune run scores as its evaluation did, whole under its autocast
+                scores = m.scores(torch.stack([m.tensor(p, boxed=boxed) for p in pictures]))
+            else:
+                if key not in features_memo:  # runs sharing a backbone and its preprocessing share features
+                    features_memo[key] = m.embed(torch.stack([m.tensor(p, boxed=boxed) for p in pictures]))
+                scores = m.score(features_memo[key])
             # An SVM scores only the classes it saw (the rest are -inf): never list those.
             k = min(top_k, int(torch.isfinite(scores).sum(1).min()))
-            values, indices = scores.topk(k, dim=1)
+            indices, values = runs.top_predictions(scores.numpy(), k)  # ties ranked as the saved predictions rank them
             for i, result in enumerate(results):
                 label = m.name if m.name not in result["predictions"] else str(m.run_dir)
                 result["predictions"][label] = {
@@ -90,9 +94,10 @@ def predict_split(
 ) -> list[dict]:
     """Score every image of ``split`` with each run and save its ``predictions-<split>.npz`` (see :mod:`cars_tl.artifacts.runs`).
 
-    The scores are the run's own: a train-head or fit-svm run is scored from the feature cache it
-    was trained on (checked against the checksums the run recorded), a finetune run from the images
-    with its own model, precision and evaluation batch size, as its evaluation ran.
+    The scores are the run's own: a train-head, fit-svm or knn run is scored from the feature cache
+    it was made from (checked against the checksums the run recorded; a knn run votes again with its
+    first ``k``), a finetune run from the images with its own model, precision and evaluation batch
+    size, as its evaluation ran.
     """
 
     if images:
@@ -106,8 +111,10 @@ def predict_split(
     workers = loaders.default_workers() if workers is None else workers
     saved, cache = [], {}
     for run_dir in map(Path, run_dirs):
-        m = load_run(run_dir, cache)
         metrics = runs.read_metrics(run_dir)
+        # A knn run keeps no model for new images, but its cache reproduces its votes.
+        m = None if metrics.get("kind") == "knn" else load_run(run_dir, cache)
+        name, score_kind = (m.name, m.score_kind) if m else (metrics["name"], runs.RUN_KINDS["knn"].score_kind)
         recorded = (metrics.get("inputs") or {}).get("dataset_fingerprint")
         if recorded != manifest.fingerprint:
             raise CarsTLError(
@@ -116,9 +123,13 @@ def predict_split(
             )
         with (
             locks.writer_lock(run_dir, "predict"),
-            progress.task(f"predict {m.name}", total=len(manifest.split(split)), unit="img") as task,
+            progress.task(f"predict {name}", total=len(manifest.split(split)), unit="img") as task,
         ):
-            if m.forward is None:  # head, SVM: the features the run was trained on
+            if m is None:
+                arrays, scores = _knn_votes(run_dir, metrics, split, data_dir)
+                ids, labels = arrays.ids, arrays.labels
+                task.advance(len(ids))
+            elif m.forward is None:  # head, SVM: the features the run was trained on
                 arrays = cached_split(run_dir, metrics, split, data_dir)
                 ids, labels = arrays.ids, arrays.labels
                 with torch.inference_mode():
@@ -127,7 +138,7 @@ def predict_split(
             else:
                 ids, labels, scores = _score_images(m, metrics, manifest, split, workers, task)
             # An SVM's scores rank its own predict first (SVMModel.ranking_scores), as fit-svm saves them.
-            path = runs.write_predictions(run_dir, ids, labels, scores, m.score_kind, split=split)
+            path = runs.write_predictions(run_dir, ids, labels, scores, score_kind, split=split)
         accuracy = runs.read_predictions(run_dir, split).accuracy()
         saved.append(
             {
@@ -138,6 +149,24 @@ def predict_split(
             }
         )
     return saved
+
+
+def _knn_votes(run_dir: Path, metrics: dict, split: str, data_dir: Path):
+    """A knn run's ``split`` arrays and vote shares, voted again from its cache as ``knn`` did."""
+    train = cached_split(run_dir, metrics, "train", data_dir)
+    arrays = cached_split(run_dir, metrics, split, data_dir)
+    config = metrics["config"]
+    k = int(config["k"][0])  # the run's predictions are its first k's
+    votes = knn.knn_scores(
+        train.features,
+        train.labels,
+        arrays.features,
+        (k,),
+        float(config["temperature"]),
+        len(metrics["class_names"]),
+        chunk=int(config.get("chunk") or knn.CHUNK),
+    )[k]
+    return arrays, knn.vote_shares(votes)
 
 
 def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
@@ -178,7 +207,7 @@ def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path
         same = file_sha256(path) == recorded.get("sha256")
         what = "the file's SHA-256 differs from the one the run recorded"
     if not same:
-        stage = "train-head" if metrics["kind"] == "head" else "fit-svm"
+        stage = runs.RUN_KINDS[metrics["kind"]].stage
         raise CarsTLError(
             f"{path} is not the feature cache {run_dir} was trained on: {what}",
             f"put the original cache back at {path} (or re-extract it: {extract}), "
