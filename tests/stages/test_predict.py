@@ -149,11 +149,6 @@ def test_predict_reproduces_a_run_on_cached_features(kind, precision, demo_dir, 
         assert_images_reproduce_saved(run_dir, demo_dir, 24)
 
 
-NEEDS_TRUNK_FIX = pytest.mark.xfail(
-    strict=True, reason="needs r3-trunk (cached runs evaluated from train-transform maps)"
-)
-
-
 @pytest.mark.parametrize(
     "precision, unfreeze, trunk_cache",
     [
@@ -161,7 +156,7 @@ NEEDS_TRUNK_FIX = pytest.mark.xfail(
         ("bf16", "none", "off"),
         pytest.param("fp32", "layer4", "off", marks=pytest.mark.slow),
         pytest.param("bf16", "layer4", "off", marks=pytest.mark.slow),
-        pytest.param("fp32", "layer4", "on", marks=[pytest.mark.slow, NEEDS_TRUNK_FIX]),
+        pytest.param("fp32", "layer4", "on", marks=pytest.mark.slow),
         pytest.param("bf16", "layer4", "on", marks=pytest.mark.slow),
     ],
 )
