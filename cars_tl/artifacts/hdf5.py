@@ -16,14 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cars_tl.core.atomic import format_size
 from cars_tl.core.errors import CarsTLError, parse_json
 
 # Deflate, the strongest filter a cars_tl file uses, expands at most 1032 times; a dataset that declares
 # more than this many bytes per stored byte (or rows never written) cannot be one that cars_tl wrote.
 MAX_EXPANSION = 1100
 MAX_CLASSES = 100_000
-# What any Python exception raised while h5py/numpy read a damaged or crafted file is one of.
-READ_ERRORS = (OSError, KeyError, RuntimeError, TypeError, ValueError, AttributeError, MemoryError)
+# What h5py/numpy raise on a damaged or crafted file (sizes are checked before reading, so a MemoryError
+# or an AttributeError is our fault or the machine's, never reported as the file's).
+READ_ERRORS = (OSError, KeyError, RuntimeError, TypeError, ValueError)
 
 
 @contextlib.contextmanager
@@ -96,9 +98,7 @@ def check_dataset(ds, path: Path, name: str, *, dtype_kinds: str, ndim: int, row
     declared = int(np.prod(shape, dtype=np.float64) * ds.dtype.itemsize)
     stored = ds.id.get_storage_size()
     if declared > max(stored, 1) * MAX_EXPANSION:
-        raise CarsTLError(
-            f"{path}: {name} declares {shape} ({declared / 2**30:,.1f} GiB) in {stored:,} stored bytes", hint
-        )
+        raise CarsTLError(f"{path}: {name} declares {shape} ({format_size(declared)}) in {stored:,} stored bytes", hint)
     return shape[0]
 
 

@@ -471,7 +471,9 @@ def write_predictions(
 # Far above any split cars_tl scores (Stanford Cars' test split: 8,041 images); a file declaring more is
 # refused from its headers, before numpy allocates and inflates what they declare.
 PREDICTIONS_MAX_ROWS = 1_000_000
-PREDICTIONS_MAX_COLUMNS = 100
+PREDICTIONS_MAX_COLUMNS = PREDICTION_TOP_K
+# The arrays a predictions file holds: any other member is never read (nor its header).
+PREDICTIONS_KEYS = ("ids", "labels", "top_classes", "top_scores", "score_kind", "split", "format_version")
 PREDICTIONS_MAX_STRING = 1000  # characters of score_kind and split
 
 
@@ -481,7 +483,9 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
 
     out = {}
     with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist()[:32]:  # a predictions file has 7 arrays
+        for info in zf.infolist():
+            if info.filename.removesuffix(".npy") not in PREDICTIONS_KEYS:
+                continue
             with zf.open(info) as f:
                 version = np.lib.format.read_magic(f)
                 read_header = (
@@ -503,9 +507,11 @@ def _check_prediction_sizes(path: Path, headers: dict, split: str) -> None:
             or (rank == 0 and dtype.itemsize > 4 * PREDICTIONS_MAX_STRING)
         )
         if too_big:
+            holds = {0: "a value", 1: f"a 1-D array of at most {PREDICTIONS_MAX_ROWS:,} rows"}.get(
+                rank, f"a 2-D array of at most {PREDICTIONS_MAX_ROWS:,} rows and {PREDICTIONS_MAX_COLUMNS} columns"
+            )
             raise CarsTLError(
-                f"{path}: {key} is declared with shape {shape} and dtype {dtype}; a predictions file holds "
-                f"{'a value' if rank == 0 else f'{rank}-D arrays of at most {PREDICTIONS_MAX_ROWS} rows'} there",
+                f"{path}: {key} is declared with shape {shape} and dtype {dtype}; a predictions file holds {holds} there",
                 f"rewrite it: cars-tl predict --split {split} --model {path.parent}",
             )
 
@@ -529,7 +535,7 @@ def read_predictions(run_dir: Path, split: str = "test") -> Predictions:
     _check_prediction_sizes(path, headers, split)
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {key: z[key] for key in z.files}
+            arrays = {key: z[key] for key in PREDICTIONS_KEYS if key in z.files}
     except Exception as exc:  # zip, header or dtype errors of a damaged file
         raise CarsTLError(
             f"{path} is not a readable predictions file: {exc}",

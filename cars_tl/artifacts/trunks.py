@@ -4,11 +4,11 @@ Model D trains only the top of a network (``--unfreeze layer4``); the frozen par
 *trunk*: stem and ``layer1``-``layer3`` of a ResNet, ``conv_stem``-``blocks.5`` of a timm
 EfficientNet) gives the same maps at every epoch when no augmentation runs and it is in eval
 mode. This module owns the file those maps are kept in (written by
-:func:`cars_tl.models.trunk.ensure`). Layout of a cache file (HDF5, schema version 1)::
+:func:`cars_tl.models.trunk.ensure`). Layout of a cache file (HDF5, schema version 2)::
 
     /                                 file attributes
         kind                = "cars_tl.artifacts.trunks"
-        schema_version      = 1
+        schema_version      = 2
         backbone, weights, weights_digest, weights_sha256     as in a feature cache
         trunk_digest        SHA-256 of the frozen part's state (what the maps came from)
         transform           JSON: the preprocessing spec (resize mode, size, mean/std, ...)
@@ -58,7 +58,7 @@ from cars_tl.core.atomic import atomic_path, ensure_room
 from cars_tl.core.errors import CarsTLError
 
 KIND = "cars_tl.artifacts.trunks"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: trunk_digest (the frozen part's own state) in the identity
 STORAGES = ("fp32", "fp16", "bf16")
 NUMPY_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 JSON_ATTRS = ("transform", "class_names", "versions", "options", "map_shape")

@@ -21,7 +21,7 @@ import numpy as np
 
 from cars_tl.artifacts import embeddings, features, runs
 from cars_tl.core.atomic import atomic_path, file_sha256
-from cars_tl.core.errors import CarsTLError
+from cars_tl.core.errors import CarsTLError, parse_json
 from cars_tl.data import manifest as manifests
 
 PCA_DIMS = 50
@@ -156,9 +156,9 @@ def load_map(path: Path, split: str = "test", seed: int = 0, class_names: list[s
         names = src["class_names"] or class_names
         if names is None:
             metrics_file = file.parent / "metrics.json"
-            import json
-
-            names = json.loads(metrics_file.read_text())["class_names"] if metrics_file.is_file() else None
+            if metrics_file.is_file():
+                recorded = parse_json(metrics_file.read_text(), str(metrics_file), "pass the run directory instead")
+                names = recorded.get("class_names") if isinstance(recorded, dict) else None
         if names is None:
             raise CarsTLError(f"{file}: no class names beside it (no metrics.json)", "pass the run directory instead")
     reused = bool(stored and stored["source_sha256"] == digest and stored["settings"] == wanted)

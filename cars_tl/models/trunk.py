@@ -241,13 +241,31 @@ def plan(choice: str, model, bb, config: dict, manifest, artifacts: Path, storag
 
 
 def _damaged_hdf5(path: Path) -> bool:
-    """An empty file or an HDF5 file that does not open: a damaged cache, not some other file named by mistake."""
+    """An empty file, an HDF5 file that does not open, or a trunk cache of an older schema: a cache to
+    rebuild. Any other file named by mistake (a feature cache, a newer cars_tl's cache) is left alone."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(HDF5_SIGNATURE))
     except OSError:
         return False
-    return head in (b"", HDF5_SIGNATURE)
+    if head == b"":
+        return True
+    if head != HDF5_SIGNATURE:
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            kind, schema = f.attrs.get("kind"), f.attrs.get("schema_version")
+    except Exception:  # cut short or overwritten: h5py's errors are many; none of them makes it another file
+        return True
+    if isinstance(kind, bytes):
+        kind = kind.decode("utf-8", "replace")
+    try:
+        older = int(schema) < trunks.SCHEMA_VERSION
+    except (TypeError, ValueError):
+        older = False
+    return kind == trunks.KIND and older
 
 
 def mismatch(attrs: dict, identity: dict, seq) -> str | None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import runs
+from cars_tl.artifacts import hdf5, runs
+from cars_tl.core.atomic import format_size
 from cars_tl.core.errors import CarsTLError
 from cars_tl.report.markup import duration, fmt
 
@@ -270,7 +271,7 @@ def selected_label(on: str) -> str:
 # Bounds far above any run cars_tl writes (a finetune of 100 epochs: ~100 kB of metrics.json); a run
 # past them is listed, not drawn: its charts and tables would take minutes and gigabytes.
 MAX_METRICS_BYTES = 16 << 20
-MAX_ENTRIES = {"history": 10_000, "k_results": 1_000, "kernels": 100, "class_names": 10_000}
+MAX_ENTRIES = {"history": 10_000, "k_results": 1_000, "kernels": 100, "class_names": hdf5.MAX_CLASSES}
 MAX_NAME_CHARS = 200
 MAX_TEXT_CHARS = 20_000  # a failed run's error may hold a traceback
 
@@ -286,7 +287,7 @@ def check_size(run_dir: Path, m: dict | None = None) -> None:
         size = path.stat().st_size if path.is_file() else 0  # no file: read_metrics says so
         if size > MAX_METRICS_BYTES:
             raise TooLarge(
-                f"{runs.METRICS} is {size / 2**20:.0f} MB, more than the {MAX_METRICS_BYTES >> 20} MB a run writes"
+                f"{runs.METRICS} is {format_size(size)}, more than the {format_size(MAX_METRICS_BYTES)} a run writes"
             )
         return
     for key, limit in MAX_ENTRIES.items():

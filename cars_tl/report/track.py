@@ -35,7 +35,7 @@ from pathlib import Path
 
 from cars_tl.artifacts import names, runs
 from cars_tl.core.atomic import atomic_write_text
-from cars_tl.core.errors import CarsTLError, check_output_path
+from cars_tl.core.errors import CarsTLError, check_output_path, parse_json
 from cars_tl.core.tensorboard import EventLog, epoch_scalars, require_writer
 from cars_tl.report.catalog import check_size, model_group, setting
 
@@ -138,10 +138,14 @@ def cv_tables(m: dict) -> dict[str, str]:
         if not cv_acc:
             continue
         gammas = search.get("gamma_grid") or [search.get("gamma_value")]
-        # C_grids: one grid per gamma; records before it had one grid (C_grid), right for one gamma only.
-        c_grids = search.get("C_grids") or (
-            [search.get("C_grid") or [search.get("C")]] * len(cv_acc) if len(cv_acc) == 1 else [None] * len(cv_acc)
-        )
+        # C_grids: one grid per gamma; records before it had one grid (C_grid), right for one gamma only;
+        # a C given (not searched) is every gamma's one column.
+        if search.get("C_grids"):
+            c_grids = search["C_grids"]
+        elif search.get("C_grid"):
+            c_grids = [search["C_grid"]] * len(cv_acc) if len(cv_acc) == 1 else [None] * len(cv_acc)
+        else:
+            c_grids = [[search.get("C")]] * len(cv_acc)
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["gamma", "C", "cv_acc", "cv_std"])
@@ -329,8 +333,8 @@ class _TensorBoardSink:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError):
+        value = parse_json(Path(path).read_text(), str(path))
+    except (OSError, CarsTLError):
         return None
     return value if isinstance(value, dict) else None
 

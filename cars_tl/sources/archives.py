@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from cars_tl.core.atomic import format_size
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
 
@@ -78,10 +79,6 @@ def _too_many(shown: str, count: str, cap: int) -> CarsTLError:
     )
 
 
-def _gib(n: float) -> str:
-    return f"{n / (1 << 30):,.2f} GiB" if n >= 1 << 30 else f"{n / 1e6:,.1f} MB"
-
-
 def _too_big(shown: str, why: str, env: str, value) -> CarsTLError:
     return CarsTLError(
         f"refusing to extract {shown}: {why} (an archive bomb, or an archive larger than expected)",
@@ -97,12 +94,15 @@ def _check_sizes(shown: str, archive: Path, sizes: Iterable[tuple[str, int, int 
         total += size
         if total > max_bytes:
             raise _too_big(
-                shown, f"it expands to more than {_gib(max_bytes)} (at member {name!r})", MAX_BYTES_ENV, 2 * max_bytes
+                shown,
+                f"it expands to more than {format_size(max_bytes)} (at member {name!r})",
+                MAX_BYTES_ENV,
+                2 * max_bytes,
             )
         if packed is not None and size > _RATIO_FLOOR and size > max_ratio * max(packed, 1):
             raise _too_big(
                 shown,
-                f"member {name!r} expands {size / max(packed, 1):,.0f} times ({_gib(size)} from {packed:,} bytes; "
+                f"member {name!r} expands {size / max(packed, 1):,.0f} times ({format_size(size)} from {packed:,} bytes; "
                 f"the limit is {max_ratio:g})",
                 MAX_RATIO_ENV,
                 int(10 * max_ratio),
@@ -111,7 +111,7 @@ def _check_sizes(shown: str, archive: Path, sizes: Iterable[tuple[str, int, int 
     if total > _RATIO_FLOOR and total > max_ratio * max(packed_total, 1):
         raise _too_big(
             shown,
-            f"it expands {total / max(packed_total, 1):,.0f} times ({_gib(total)} from {packed_total:,} bytes; "
+            f"it expands {total / max(packed_total, 1):,.0f} times ({format_size(total)} from {packed_total:,} bytes; "
             f"the limit is {max_ratio:g})",
             MAX_RATIO_ENV,
             int(10 * max_ratio),
@@ -345,7 +345,7 @@ def _extract_zip(archive: Path, into: Path, progress: Progress, shown: str) -> N
                             if written > max_bytes:  # the central directory said less
                                 raise _too_big(
                                     shown,
-                                    f"it expands to more than {_gib(max_bytes)} (at member {info.filename!r})",
+                                    f"it expands to more than {format_size(max_bytes)} (at member {info.filename!r})",
                                     MAX_BYTES_ENV,
                                     2 * max_bytes,
                                 )

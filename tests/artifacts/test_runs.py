@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 from helpers import CLI, TINY_CLI, assert_refused, cli_env, run_cli, run_cli_with_file_size_limit
 
@@ -234,3 +235,20 @@ def test_a_refused_checkpoint_says_what_the_file_is_and_never_advises_unsafe_loa
             # torch's text advised weights_only=False and was cut after 300 characters, mid-sentence
             assert "weights_only" not in str(err.value) and "add_safe_globals" not in message, message
             assert "state_dict()" in err.value.hint and not caught, [str(w.message) for w in caught]
+
+
+def test_predictions_read_only_their_own_arrays_within_bounds(tmp_path):
+    """A member a predictions file never holds is not read (nor its header); more columns than the
+    top-k a run saves are refused from the header."""
+    import zipfile
+
+    scores = np.random.default_rng(0).random((6, 4)).astype(np.float32)
+    path = runs.write_predictions(tmp_path, np.arange(6), np.arange(6) % 4, scores, runs.SCORE_KINDS[0])
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("extra.npy", b"not even a header")
+    assert np.array_equal(runs.read_predictions(tmp_path).ids, np.arange(6))
+    wide = dict(np.load(path))
+    wide["top_classes"] = np.zeros((6, runs.PREDICTIONS_MAX_COLUMNS + 1), dtype=np.int64)
+    np.savez_compressed(path, **wide)
+    with pytest.raises(CarsTLError, match=f"{runs.PREDICTIONS_MAX_COLUMNS} columns"):
+        runs.read_predictions(tmp_path)

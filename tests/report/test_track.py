@@ -179,6 +179,18 @@ def test_cv_table_labels_each_gamma_with_its_own_c_grid():
         assert float(row["cv_acc"]) == pytest.approx(acc)
 
 
+def test_cv_table_labels_a_given_c_on_every_gamma():
+    """--C given, --gamma cv: no C grid was searched, each gamma's one column is that C."""
+    from cars_tl.report.track import cv_tables
+
+    search = {"gamma_grid": [0.1, 1.0], "C_grid": None, "C_grids": None, "C": 2.5, "cv_acc": [[50.0], [60.0]]}
+    rows = list(csv.DictReader(io.StringIO(cv_tables({"kernels": {"rbf": {"search": search}}})["cv-rbf.csv"])))
+    assert [(float(r["gamma"]), float(r["C"]), float(r["cv_acc"])) for r in rows] == [
+        (0.1, 2.5, 50.0),
+        (1.0, 2.5, 60.0),
+    ]
+
+
 def _hostile_runs(artifacts):
     """Two good toy runs around three bad ones: nested past the JSON parser's depth, the wrong shape, huge."""
     from helpers import toy_run

@@ -84,6 +84,12 @@ def test_a_zip_past_the_byte_cap_is_refused_before_writing(tmp_path, monkeypatch
     assert f"{archives.MAX_BYTES_ENV}=2000000" in error.hint
 
 
+def test_a_tiny_byte_cap_is_stated_in_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv(archives.MAX_BYTES_ENV, "100")
+    error = refused_leaving_nothing(zeros_zip(tmp_path / "bomb.zip"), tmp_path / "out", "more than 100 B")
+    assert "0.0 MB" not in error.message
+
+
 def test_a_zip_member_past_the_ratio_is_refused(tmp_path, monkeypatch):
     archive = zeros_zip(tmp_path / "bomb.zip")
     monkeypatch.setenv(archives.MAX_RATIO_ENV, "10")

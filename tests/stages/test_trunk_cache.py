@@ -239,7 +239,7 @@ def test_resume_with_other_options_keys_the_cache_on_the_trained_frozen_part(dem
     _assert_same_evaluation(m_images, m_cached, tmp_path / "images", tmp_path / "cached")
 
 
-def test_a_truncated_cache_path_is_rebuilt_saying_why(cache, demo_dir, tmp_path):
+def test_a_truncated_cache_path_is_rebuilt_saying_why(cache, demo_dir, demo_features, tmp_path):
     bad = tmp_path / "t.h5"
     bad.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     manifest = manifests.load_manifest(demo_dir)
@@ -253,6 +253,21 @@ def test_a_truncated_cache_path_is_rebuilt_saying_why(cache, demo_dir, tmp_path)
     other.write_text("not a cache")
     p = trunk.plan(str(other), model, bb, _config(), manifest, tmp_path)
     assert p.path is None and "not a readable HDF5 file" in p.reason and other.read_text() == "not a cache"
+    # Nor is a sound HDF5 file of another kind (a feature cache), nor a newer cars_tl's trunk cache.
+    import h5py
+
+    feature_cache = tmp_path / "features.h5"
+    feature_cache.write_bytes(Path(demo_features).read_bytes())
+    p = trunk.plan(str(feature_cache), model, bb, _config(), manifest, tmp_path)
+    assert p.path is None and "trunk cache not used" in p.reason
+    assert feature_cache.read_bytes() == Path(demo_features).read_bytes()
+    for schema, rebuilt in ((trunks.SCHEMA_VERSION + 1, False), (trunks.SCHEMA_VERSION - 1, True)):
+        versioned = tmp_path / f"schema{schema}.h5"
+        versioned.write_bytes(cache.read_bytes())
+        with h5py.File(versioned, "r+") as f:
+            f.attrs["schema_version"] = schema
+        p = trunk.plan(str(versioned), model, bb, _config(), manifest, tmp_path)
+        assert (p.path == versioned) is rebuilt, (schema, p.reason)
 
 
 def test_build_trunk_prepares_the_device_as_finetune_does(cache, demo_dir, monkeypatch):
