@@ -21,6 +21,7 @@ from helpers import (
     cli_env,
     run_cli,
     run_cli_with_file_size_limit,
+    run_python,
     torchrun_command,
     tuned_finetune_args,
 )
@@ -342,6 +343,38 @@ def test_a_file_size_limit_is_a_message_and_a_later_build_resumes(cache, demo_di
     assert again.returncode == 0 and f"resumed: {out}" in again.stdout, again.stdout  # the chunks were kept
     _assert_same_maps(out, cache)
     assert not _leftovers(out) and not Path(f"{out}.partial").exists()
+
+
+LIMIT_AFTER_CHECK = """
+import resource, sys
+from cars_tl.artifacts import trunks
+from cars_tl.cli import app
+limit = int(sys.argv[1])
+def passed_then_limited(*args, **kwargs):  # the check passed; then the disk filled (the chunks were written)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+trunks.ensure_room = passed_then_limited
+sys.argv = ["cars-tl", *sys.argv[2:]]
+app()
+"""
+
+
+def test_a_file_size_limit_hit_while_writing_is_a_message(cache, demo_dir, tmp_path):
+    out = tmp_path / "t.h5"
+    result = run_python(LIMIT_AFTER_CHECK, 400_000, *BUILD, "--data-dir", demo_dir, "--out", out)
+    assert_refused(result, f"not enough room for the trunk cache {out}", "File too large")
+    assert "h5py" not in result.stdout and "HDF5" not in result.stdout and "errno" not in result.stdout
+    assert not out.exists() and not _leftovers(out)
+    again = run_cli(*BUILD, "--data-dir", demo_dir, "--out", out)
+    assert again.returncode == 0, again.stdout
+    _assert_same_maps(out, cache)
+
+
+def test_a_cache_that_fits_under_the_file_size_limit_is_written(cache, demo_dir, tmp_path):
+    out = tmp_path / "t.h5"
+    limit = cache.stat().st_size + 100_000  # the demo cache (0.9 MB) was said to need about 2.0 MB
+    result = run_cli_with_file_size_limit([*BUILD, "--data-dir", demo_dir, "--out", out], limit)
+    assert result.returncode == 0, result.stdout
+    _assert_same_maps(out, cache)
 
 
 def test_finetune_with_a_trunk_cache_that_cannot_be_written_stops_with_the_message(demo_dir, tmp_path):
