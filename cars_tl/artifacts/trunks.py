@@ -44,8 +44,10 @@ one sequential hashing pass): the epoch's random order then reads rows, never co
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -54,7 +56,7 @@ import numpy as np
 
 from cars_tl.artifacts import hdf5
 from cars_tl.artifacts.features import PartialCache, content_digest
-from cars_tl.core.atomic import atomic_path, ensure_room
+from cars_tl.core.atomic import atomic_path, ensure_room, format_size
 from cars_tl.core.errors import CarsTLError
 
 KIND = "cars_tl.artifacts.trunks"
@@ -334,9 +336,24 @@ class PartialTrunk(PartialCache):
         return self.path
 
 
-def estimated_size(attrs: dict, sizes: dict[str, int]) -> int:
+def estimated_size(attrs: dict, rows: dict[str, dict]) -> int:
+    """An upper bound of the file's size: the maps, each row's label, id and path (a path's heap
+    entry and reference take under 64 bytes besides its text), the attributes and 64 KiB of HDF5's
+    own structures (the demo cache of 0.92 MB is estimated at 0.97 MB; it was 2.0 MB with 1 MiB and
+    300 bytes a row, refused under a file-size limit it fits)."""
     per_image = int(np.prod(attrs["map_shape"])) * np.dtype(NUMPY_DTYPE[attrs["storage"]]).itemsize
-    return (1 << 20) + sum(n * (per_image + 300) for n in sizes.values())
+    small = sum(len(r["labels"]) * 64 + sum(len(str(p).encode()) for p in r["paths"]) for r in rows.values())
+    maps = sum(len(r["labels"]) * per_image for r in rows.values())
+    return (64 << 10) + len(json.dumps(attrs, default=str).encode()) + small + maps
+
+
+def _write_failure(exc: Exception) -> tuple[int | None, str]:
+    """(errno, reason) of a failed HDF5 write: h5py raises an OSError, or a RuntimeError from the
+    close that flushes the file, with the system's error inside HDF5's text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.errno, exc.strerror
+    found = re.search(r"errno = (\d+), error message = '([^']*)'", str(exc))
+    return (int(found[1]), found[2]) if found else (None, str(exc).splitlines()[0][:200] if str(exc) else repr(exc))
 
 
 def write(path: Path, attrs: dict, rows: dict[str, dict], partial: PartialTrunk) -> Path:
@@ -348,7 +365,8 @@ def write(path: Path, attrs: dict, rows: dict[str, dict], partial: PartialTrunk)
     attrs = dict(attrs, kind=KIND, schema_version=SCHEMA_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     shape, dtype = tuple(attrs["map_shape"]), np.dtype(NUMPY_DTYPE[attrs["storage"]])
     sizes = {s: len(r["labels"]) for s, r in rows.items()}
-    ensure_room(path, estimated_size(attrs, sizes), "trunk cache")
+    needed = estimated_size(attrs, rows)
+    ensure_room(path, needed, "trunk cache")
     with atomic_path(path) as tmp:
         try:
             with h5py.File(tmp, "w") as f:
@@ -374,9 +392,16 @@ def write(path: Path, attrs: dict, rows: dict[str, dict], partial: PartialTrunk)
                     for name, values in (*small.items(), ("paths", info["paths"])):
                         group[name].attrs["sha256"] = content_digest(values)
                     group.attrs["count"] = n
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
+            code, reason = _write_failure(exc)
+            if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise CarsTLError(
+                    f"not enough room for the trunk cache {path}: writing about {format_size(needed)} failed ({reason})",
+                    f"free space on the disk holding {path.parent} (or raise ulimit -f), or write elsewhere with "
+                    "--out, then rerun (the computed maps are kept)",
+                ) from None
             raise CarsTLError(
-                f"cannot write the trunk cache {path}: {exc}",
+                f"cannot write the trunk cache {path}: {reason}",
                 f"free space or check permissions in {path.parent}, then rerun",
             ) from None
         try:

@@ -4,6 +4,7 @@ verification, resume across the two paths, torchrun."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, assert_same_run, torchrun_command, tuned_finetune_args
+from helpers import (
+    CLI,
+    ENV,
+    REPO,
+    assert_refused,
+    assert_same_run,
+    cli_env,
+    run_cli,
+    run_cli_with_file_size_limit,
+    run_python,
+    torchrun_command,
+    tuned_finetune_args,
+)
 
 from cars_tl.artifacts import runs, trunks
 from cars_tl.data import manifest as manifests
@@ -295,6 +308,100 @@ def test_sixteen_bit_storage_rounds_as_stated():
         stored = trunks.from_float(x, storage)
         assert stored.nbytes == x.numel() * 2
         assert torch.equal(trunks.to_float(stored, storage), x.to(dtype).float())
+
+
+SMALL_CLI = ["--backbone", "resnet18", "--weights", "random", "--image-size", "32", "--precision", "fp32"]
+BUILD = ["build-trunk", *SMALL_CLI, "--workers", "0", "--unfreeze", "layer4", "--batch-size", "16"]
+
+
+def _assert_same_maps(a: Path, b: Path) -> None:
+    for split in ("train", "test"):
+        assert np.array_equal(trunks.open_split(a, split).maps, trunks.open_split(b, split).maps), split
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_two_builds_started_together_build_once(cache, demo_dir, tmp_path):
+    out = tmp_path / "t.h5"
+    args = [*CLI, *BUILD, "--data-dir", str(demo_dir), "--out", str(out)]
+    jobs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+        for _ in range(2)
+    ]
+    results = [(job.pid, job.communicate(timeout=300)[0], job.returncode) for job in jobs]
+    built = [r for r in results if r[2] == 0 and f"built: {out}" in r[1]]
+    assert len(built) == 1, results
+    (builder,) = built
+    (other,) = [r for r in results if r is not builder]
+    # The second either found the lock taken (refused, naming the builder) or started after the
+    # first had finished (then the file was up to date): never a second build or a mixed file.
+    if other[2] == 0:
+        assert f"up to date: {out}" in other[1], other
+    else:
+        result = subprocess.CompletedProcess(args, other[2], other[1])
+        assert_refused(result, f"{out} is being written by PID {builder[0]} (trunk-cache:", "would corrupt it")
+    trunks.verify(out)
+    _assert_same_maps(out, cache)
+    assert not _leftovers(out) and not Path(f"{out}.partial").exists()
+
+
+def test_a_file_size_limit_is_a_message_and_a_later_build_resumes(cache, demo_dir, tmp_path):
+    out = tmp_path / "t.h5"
+    result = run_cli_with_file_size_limit([*BUILD, "--data-dir", demo_dir, "--out", out], 400_000)
+    assert_refused(result, f"the trunk cache {out} needs about", "ulimit -f: 400.0 KB")
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("error:")]
+    assert re.search(r"needs about \d+(\.\d)? (KB|MB)", line), line
+    assert not out.exists() and not _leftovers(out)
+    again = run_cli(*BUILD, "--data-dir", demo_dir, "--out", out)
+    assert again.returncode == 0 and f"resumed: {out}" in again.stdout, again.stdout  # the chunks were kept
+    _assert_same_maps(out, cache)
+    assert not _leftovers(out) and not Path(f"{out}.partial").exists()
+
+
+LIMIT_AFTER_CHECK = """
+import resource, sys
+from cars_tl.artifacts import trunks
+from cars_tl.cli import app
+limit = int(sys.argv[1])
+def passed_then_limited(*args, **kwargs):  # the check passed; then the disk filled (the chunks were written)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+trunks.ensure_room = passed_then_limited
+sys.argv = ["cars-tl", *sys.argv[2:]]
+app()
+"""
+
+
+def test_a_file_size_limit_hit_while_writing_is_a_message(cache, demo_dir, tmp_path):
+    out = tmp_path / "t.h5"
+    result = run_python(LIMIT_AFTER_CHECK, 400_000, *BUILD, "--data-dir", demo_dir, "--out", out)
+    assert_refused(result, f"not enough room for the trunk cache {out}", "File too large")
+    assert "h5py" not in result.stdout and "HDF5" not in result.stdout and "errno" not in result.stdout
+    assert not out.exists() and not _leftovers(out)
+    again = run_cli(*BUILD, "--data-dir", demo_dir, "--out", out)
+    assert again.returncode == 0, again.stdout
+    _assert_same_maps(out, cache)
+
+
+def test_a_cache_that_fits_under_the_file_size_limit_is_written(cache, demo_dir, tmp_path):
+    out = tmp_path / "t.h5"
+    limit = cache.stat().st_size + 100_000  # the demo cache (0.9 MB) was said to need about 2.0 MB
+    result = run_cli_with_file_size_limit([*BUILD, "--data-dir", demo_dir, "--out", out], limit)
+    assert result.returncode == 0, result.stdout
+    _assert_same_maps(out, cache)
+
+
+def test_finetune_with_a_trunk_cache_that_cannot_be_written_stops_with_the_message(demo_dir, tmp_path):
+    # Not a reason to run on the images (those are the inexact settings): the run stops before
+    # training, saying which file and how to go on, and leaves no run behind.
+    args = ["finetune", "--data-dir", demo_dir, *SMALL_CLI, "--workers", "0", "--unfreeze", "layer4"]
+    args += ["--epochs", "1", "--batch-size", "16", "--trunk-cache", "auto", "--artifacts", tmp_path / "artifacts"]
+    result = run_cli_with_file_size_limit([*args, "--out", tmp_path / "run"], 400_000)
+    assert_refused(result, f"the trunk cache {tmp_path / 'artifacts' / 'trunks'}", "ulimit -f")
+    (made,) = (tmp_path / "artifacts" / "trunks").glob("*.partial")
+    assert not list((tmp_path / "artifacts" / "trunks").glob("*.h5")) and not list(made.parent.glob(".*.tmp-*"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 @pytest.mark.slow
