@@ -4,7 +4,7 @@ Model D trains only the top of a network (``--unfreeze layer4``); the frozen par
 *trunk*: stem and ``layer1``-``layer3`` of a ResNet, ``conv_stem``-``blocks.5`` of a timm
 EfficientNet) gives the same maps at every epoch when no augmentation runs and it is in eval
 mode. This module owns the file those maps are kept in (written by
-:func:`cars_tl.models.trunk.ensure`). Layout of a cache file (HDF5, schema version 2)::
+:func:`cars_tl.models.trunk_store.ensure`). Layout of a cache file (HDF5, schema version 2)::
 
     /                                 file attributes
         kind                = "cars_tl.artifacts.trunks"

@@ -1,19 +1,30 @@
 """What the training stages share: optimizers, stratified validation splits, divergence checks and
-scoring image batches with a model (train-head, finetune; predict scores saved runs with it too)."""
+scoring image batches with a model (train-head, finetune; predict scores saved runs with it too);
+and fine-tuning's primitives: which parameters and modules train, the optimizer, schedule and loss
+scaler, one epoch, one evaluation, the checkpoint state and the kept epoch's weights
+(:mod:`cars_tl.stages.finetune` orchestrates them)."""
 
 from __future__ import annotations
 
 import math
+import random
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from cars_tl.core import runtime
+from cars_tl.artifacts import runs
+from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import loaders
 from cars_tl.data.dataset import raise_bad
+from cars_tl.models import feature_views
+from cars_tl.models.scoring import Meter
 
 LBFGS_ITERATIONS = 20
+LOG_EVERY = 20  # training steps between progress updates (each reads the running loss back from the device)
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
@@ -81,3 +92,223 @@ def score_batches(
         torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
         torch.cat(scores).numpy() if scores else np.zeros((0, n_classes)),
     )
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def set_trainable(model, unfrozen: list[str], everything: bool = False) -> None:
+    """Only the head and the named backbone modules train (``everything``: the whole body too)."""
+    for p in model.body.parameters():
+        p.requires_grad_(everything)
+    for name in unfrozen:
+        for p in model.body.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+
+def train_mode(model, freeze_bn_stats: bool = False) -> None:
+    """``model.train()``, then every module without trainable parameters back to eval mode.
+
+    With ``freeze_bn_stats`` every BatchNorm keeps its pretrained running statistics too (its
+    affine weights still train): small batches of a small dataset re-estimate them badly.
+    """
+    model.train()
+    modules = dict(model.body.named_modules())
+    for name, module in modules.items():
+        params = list(module.parameters())
+        # Parameter-free modules (dropout, drop-path) follow the part they sit in.
+        frozen = not any(p.requires_grad for p in params) if params else bool(name) and _ancestor_frozen(modules, name)
+        if frozen or (freeze_bn_stats and isinstance(module, torch.nn.modules.batchnorm._BatchNorm)):
+            module.eval()
+
+
+def build_optimizer(model, config: dict):
+    """Only trainable parameters: the head at ``lr``, the unfrozen backbone at ``lr * backbone_lr_scale``."""
+    groups = [{"params": list(model.head.parameters()), "lr": config["lr"]}]
+    body_params = [p for p in model.body.parameters() if p.requires_grad]
+    if body_params:
+        groups.append({"params": body_params, "lr": config["lr"] * config["backbone_lr_scale"]})
+    return make_optimizer(config["optimizer"], groups, config["lr"], config["weight_decay"])
+
+
+def _ancestor_frozen(modules: dict, name: str) -> bool:
+    """True when the closest ancestor of module ``name`` that has parameters has none trainable."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        params = list(modules[".".join(parts[:depth])].parameters())
+        if params:
+            return not any(p.requires_grad for p in params)
+    return False
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Global RNGs (dropout, drop-path) from (seed, epoch) alone: a resumed epoch repeats exactly."""
+    value = seed * 100_003 + epoch
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [int(v) for v in np.random.get_state()[1]],
+        "python": list(random.getstate()[1]),
+    }
+
+
+def lr_lambda(config: dict, steps_per_epoch: int):
+    total = config["epochs"] * steps_per_epoch
+    warmup = config["warmup_epochs"] * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config["schedule"] == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict, ctx=distributed.SINGLE) -> dict:
+    """Metrics over the loader's images; with ``ctx`` active, over every rank's shard together.
+    With ``tta`` flip in ``spec``'s feature options, the logits of each image and its mirror averaged."""
+    tta = feature_views.options(spec)["tta"]
+    model.eval()
+    meter = Meter()
+    for images, labels, _, bad in loader:
+        raise_bad(bad)
+        images = loaders.batch_to_device(images, device, spec)
+        labels = labels.to(device, non_blocking=True)
+        with runtime.autocast(device, precision):
+            logits = feature_views.view_mean(model, images, tta)
+        meter.add(logits, labels)
+    return distributed.reduce_meter(meter, ctx).result(prefix)
+
+
+def repair_best(last: dict, best_path: Path) -> None:
+    """After a kill between writing last.pt and best.pt, best.pt lags: when last.pt's epoch is the
+    best one, its weights are the best weights."""
+    best = last.get("best") or {}
+    if best.get("epoch") != last["epoch"]:
+        return
+    current = runs.load_checkpoint(best_path) if best_path.is_file() else {}
+    if current.get("epoch") != best["epoch"]:
+        runs.save_checkpoint(best_path, {"model": last["model"], "epoch": last["epoch"], "config": last["config"]})
+
+
+def best_weights(best: dict | None, last_path: Path, best_path: Path, model) -> dict:
+    """The kept model's weights, checked to be of the epoch the run reports as best."""
+    if best is None:  # no epoch ran (e.g. --epochs reached already): the weights as they are
+        return model.state_dict()
+    state = runs.load_checkpoint(best_path) if best_path.is_file() else {}
+    if state.get("epoch") == best["epoch"]:
+        return state["model"]
+    last = runs.load_checkpoint(last_path)
+    if last.get("epoch") == best["epoch"]:
+        return last["model"]
+    raise CarsTLError(
+        f"{best_path} holds epoch {state.get('epoch')}, but the run's best epoch is {best['epoch']}: the checkpoints disagree",
+        "start the run again with --force",
+    )
+
+
+def train_epoch(
+    model,
+    loader,
+    opt,
+    scheduler,
+    scaler,
+    config,
+    device,
+    precision,
+    epoch,
+    total,
+    spec,
+    progress,
+    *,
+    forward=None,
+    sampler=None,
+    ctx=distributed.SINGLE,
+) -> dict:
+    """One epoch. Several processes: ``forward`` is the DDP-wrapped model and ``sampler`` the
+    :class:`~cars_tl.core.loaders.ShardedEpochSampler`; each rank's loss is its share's summed loss
+    times world size / global batch size, so DDP's gradient average is the global batch's mean."""
+    forward = forward or model
+    train_mode(model, config["freeze_bn_stats"])
+    meter = Meter()
+    start = time.perf_counter()
+    with progress.task(f"epoch {epoch}/{config['epochs']}", total=total, unit="img") as task:
+        for step, (images, labels, _, bad) in enumerate(loader, 1):
+            raise_bad(bad)
+            images = loaders.batch_to_device(images, device, spec)
+            labels = labels.to(device, non_blocking=True)
+            with runtime.autocast(device, precision):
+                logits = forward(images)
+            held, global_count = sampler.share(step - 1) if sampler is not None else (len(labels), len(labels))
+            if sampler is None:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"])
+            else:  # a stand-in image (held == 0) runs the step with weight 0
+                loss = F.cross_entropy(
+                    logits.float(), labels, label_smoothing=config["label_smoothing"], reduction="sum"
+                )
+                loss = loss * (ctx.world_size * min(held, 1) / global_count)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # loss scaling only for fp16; a no-op otherwise
+            scaler.step(opt)
+            scaler.update()
+            scheduler.step()
+            if held:
+                meter.add(logits.detach(), labels)
+            # Reading the running figures waits for the device: only every LOG_EVERY steps.
+            status = {}
+            if step % LOG_EVERY == 0:
+                running_loss, running_acc = meter.running()
+                status = {"status": f"loss {running_loss:.3f} acc {running_acc:.1f}%"}
+            task.advance(global_count, **status)
+    seconds = time.perf_counter() - start
+    meter = distributed.reduce_meter(meter, ctx)
+    return {
+        "epoch": epoch,
+        **meter.result("train"),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(total / seconds, 2),
+    }
+
+
+def make_scheduler(opt, config: dict, steps_per_epoch: int):
+    """Stepped once per training step: ``warmup_epochs`` of linear warmup, then ``schedule`` (cosine | none)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config, steps_per_epoch))
+
+
+def make_scaler(device: str, precision: str):
+    """Loss scaling for fp16 autocast; a no-op otherwise."""
+    return torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=precision == "fp16")
+
+
+def checkpoint_state(model, opt, scheduler, scaler, *, epoch: int, config: dict, best, history: list) -> dict:
+    """What ``last.pt`` holds: everything a resumed run continues from (the RNG states as a record)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "rng": rng_state(),
+        "config": config,
+        "best": best,
+        "history": history,
+    }
+
+
+def restore_optimizer(state: dict, opt, scheduler, scaler) -> None:
+    """The optimizer, schedule and loss scaler of a :func:`checkpoint_state`, to continue as they were."""
+    opt.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])

@@ -12,11 +12,7 @@ a no-op.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
-
-import numpy as np
 
 from cars_tl.artifacts import features, names
 from cars_tl.core import distributed, locks, runtime
@@ -29,11 +25,9 @@ from cars_tl.core.errors import (
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import devkit, loaders, transforms
 from cars_tl.data import manifest as manifests
-from cars_tl.models import backbones, feature_views
+from cars_tl.models import backbones, feature_views, frozen_pass
 from cars_tl.models.feature_views import embed, prepare_body
 from cars_tl.stages import presets
-
-CHUNK_BATCHES = 4
 
 
 @dataclasses.dataclass
@@ -129,26 +123,40 @@ def extract_features(
         "dataset_fingerprint": manifest.fingerprint,
         "skip_bad": bool(skip_bad),
     }
-    # Rank 0 alone holds the lock; the other ranks write only their own chunk files.
-    with distributed.rank0_output(ctx, lambda: locks.writer_lock(out, "extract-features")):
-        return _extract_locked(
-            manifest,
-            bb,
-            identity=identity,
-            out=out,
-            splits=splits,
-            crop=crop,
-            margin=margin,
-            image_size=image_size,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-            precision=precision,
-            skip_bad=skip_bad,
-            data_dir=data_dir,
-            progress=progress,
-            ctx=ctx,
-        )
+    job = _FeatureJob(
+        manifest=manifest,
+        bb=bb,
+        identity=identity,
+        path=out,
+        splits=tuple(splits),
+        crop=crop,
+        margin=margin,
+        image_size=image_size,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        skip_bad=skip_bad,
+        data_dir=data_dir,
+        world_size=ctx.world_size,
+    )
+    # Under torchrun rank 0 alone holds the lock; the other ranks write only their own chunk files.
+    done = frozen_pass.run(job, ctx=ctx, progress=progress)
+    if done.action == "up to date":
+        return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, precision, device)
+    if not ctx.is_main:
+        return ExtractResult(out, "extracted shard", {}, {}, done.seconds, done.images_per_second, precision, device)
+    return ExtractResult(
+        out,
+        "resumed" if done.action == "resumed" else "extracted",
+        {s: len(done.written[s].labels) for s in done.todo},
+        {s: len(done.written[s].skipped) for s in done.todo},
+        done.seconds,
+        done.images_per_second,
+        precision,
+        device,
+        job.distrusted,
+    )
 
 
 def with_feature_options(bb: backbones.Backbone, tta: str, layers: list[str], combine: str) -> backbones.Backbone:
@@ -164,147 +172,59 @@ def with_feature_options(bb: backbones.Backbone, tta: str, layers: list[str], co
     return dataclasses.replace(bb, transform=spec, num_features=max(stop for _, stop in columns.values()))
 
 
-def _extract_locked(
-    manifest,
-    bb,
-    *,
-    identity,
-    out,
-    splits,
-    crop,
-    margin,
-    image_size,
-    batch_size,
-    workers,
-    device,
-    precision,
-    skip_bad,
-    data_dir,
-    progress,
-    ctx=distributed.SINGLE,
-) -> ExtractResult:
-    # Splits already extracted alike are kept (extracting test after train adds to the file); an
-    # existing file that does not verify is never trusted: it is extracted again, and we say why.
-    carry, distrusted, todo = {}, None, ()
-    if ctx.is_main:
-        carry, distrusted = features.existing_splits(out, identity)
-        todo = tuple(s for s in splits if s not in carry)
-    datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
-    identity_meta = dict(
-        identity,
-        transform=transforms.transform_key(bb.transform),
-        splits=list(todo),
-        feature_dim=bb.num_features,
-        batch_size=batch_size,
-    )
-    partial = (
-        features.PartialCache(out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES)
-        if todo
-        else None
-    )
-    # The other ranks join once rank 0 has prepared the chunk folder (and learn which splits are to do).
-    todo = tuple(json.loads(distributed.broadcast_text(json.dumps(todo), ctx) or "[]")) if ctx.active else todo
-    if not todo:
-        return ExtractResult(out, "up to date", {}, {}, 0.0, 0.0, precision, device)
-    if not ctx.is_main:
-        datasets = {s: loaders.eval_dataset(manifest, s, bb.transform, device, crop, margin) for s in todo}
-        identity_meta.update(splits=list(todo))
-        partial = features.PartialCache(
-            out, identity_meta, {s: len(d) for s, d in datasets.items()}, batch_size * CHUNK_BATCHES, join=True
+@dataclasses.dataclass
+class _FeatureJob(frozen_pass.Job):
+    """Pooled feature rows of the splits not already in the file alike (extracting test after
+    train adds to the file); an existing file that does not verify is never trusted: it is
+    extracted again, and ``distrusted`` says why."""
+
+    manifest: manifests.Manifest
+    bb: backbones.Backbone
+    identity: dict
+    path: Path
+    splits: tuple[str, ...]
+    crop: str
+    margin: float
+    image_size: int | None
+    batch_size: int
+    workers: int
+    device: str
+    precision: str
+    skip_bad: bool
+    data_dir: Path
+    world_size: int
+    carry: dict = dataclasses.field(default_factory=dict)
+    distrusted: str | None = None
+    lock, label = "extract-features", "extract"
+
+    def __post_init__(self):
+        self.row_shape = (self.bb.num_features,)
+
+    def pending(self):
+        self.carry, self.distrusted = features.existing_splits(self.path, self.identity)
+        return tuple(s for s in self.splits if s not in self.carry)
+
+    def dataset(self, split):
+        return loaders.eval_dataset(self.manifest, split, self.bb.transform, self.device, self.crop, self.margin)
+
+    def start(self, todo):
+        self.body = prepare_body(self.bb.body, self.device, self.bb.transform["crop"], self.bb.transform)
+        return dict(
+            self.identity,
+            transform=transforms.transform_key(self.bb.transform),
+            splits=list(todo),
+            feature_dim=self.bb.num_features,
+            batch_size=self.batch_size,
         )
-    resumed = partial.resumed_rows
-    body = prepare_body(bb.body, device, bb.transform["crop"], bb.transform)
-    start_time, processed = time.perf_counter(), 0
-    skipped: dict[str, int] = {}
-    for index, (split, dataset) in enumerate(datasets.items()):
-        # Chunk-aligned shards: every rank's chunks are whole chunks of the one-process layout, valid for any N.
-        # Every other split deals its shards in reverse rank order, so that the short last chunks do not all
-        # fall to the same rank.
-        order = ctx if index % 2 == 0 else dataclasses.replace(ctx, rank=ctx.world_size - 1 - ctx.rank)
-        shard = distributed.shard_range(len(dataset), order, align=partial.chunk_rows)
-        processed += _extract_split(
-            body, dataset, split, shard, partial, batch_size, workers, device, precision, skip_bad, bb, progress
-        )
-    distributed.barrier(ctx)  # every rank's chunks are written
-    processed = int(distributed.all_reduce_sum([processed], ctx)[0])
-    seconds = time.perf_counter() - start_time
-    if not ctx.is_main:
-        return ExtractResult(
-            out, "extracted shard", {}, {}, seconds, processed / seconds if seconds > 0 else 0.0, precision, device
-        )
-    rows = {
-        s: {
-            "labels": [r.label for r in d.records],
-            "ids": [r.index for r in d.records],
-            "paths": [r.path for r in d.records],
-        }
-        for s, d in datasets.items()
-    }
-    attrs = dict(
-        identity,
-        weights_sha256=bb.weights_file_sha256 or "",
-        class_names=manifest.class_names,
-        num_classes=manifest.num_classes,
-        feature_dim=bb.num_features,
-        backbone_params=sum(p.numel() for p in bb.body.parameters()),
-        versions=runtime.versions(),
-        options={
-            "splits": sorted(set(todo) | set(carry)),
-            "dataset_splits": list(manifest.splits),
-            "batch_size": batch_size,
-            "workers": workers,
-            "device": device,
-            "device_name": runtime.device_name(device),
-            "image_size": image_size,
-            "data_dir": str(data_dir),
-            "world_size": ctx.world_size,
-        },
-    )
-    written = partial.finalize(attrs, rows, carry)
-    for s in todo:
-        skipped[s] = len(written[s].skipped)
-    return ExtractResult(
-        out,
-        "resumed" if resumed else "extracted",
-        {s: len(written[s].labels) for s in todo},
-        skipped,
-        seconds,
-        processed / seconds if seconds > 0 else 0.0,
-        precision,
-        device,
-        distrusted,
-    )
 
+    def partial(self, meta, sizes, chunk_rows, join):
+        return features.PartialCache(self.path, meta, sizes, chunk_rows, join=join)
 
-def _extract_split(
-    body, dataset, split, shard, partial, batch_size, workers, device, precision, skip_bad, bb, progress
-) -> int:
-    """Extract the chunks of ``shard`` (rows of ``split``) that are not complete yet; returns the rows done."""
-    missing = partial.missing_runs(split, shard)
-    todo = sum(map(len, missing))
-    if not todo:
-        return 0
-    with progress.task(f"extract {split}", total=len(shard), unit="img") as task:
-        task.advance(len(shard) - todo)
-        for rows in missing:
-            _extract_rows(
-                body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task
-            )
-    return todo
+    def loader(self, split, dataset, rows):
+        return loaders.eval_loader(dataset, rows, self.batch_size, self.workers, self.device, self.bb.transform)
 
-
-def _extract_rows(
-    body, dataset, split, rows, partial, batch_size, workers, device, precision, skip_bad, bb, task
-) -> None:
-    total, dim = rows.stop, bb.num_features
-    loader = loaders.eval_loader(dataset, rows, batch_size, workers, device, bb.transform)
-    chunk_rows = partial.chunk_rows
-    chunk_start = cursor = rows.start
-    buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
-    valid = np.zeros(len(buffer), bool)
-    reasons: dict[int, str] = {}
-    for images, _, positions, bad in loader:
-        if not skip_bad and bad:  # raised here, in the main process, so the error names the file
+    def check_bad(self, bad):
+        if not self.skip_bad:
             first = bad[0].error()
             raise BadImageError(
                 first.path,
@@ -312,20 +232,33 @@ def _extract_rows(
                 "leave such files out with --skip-bad (they are listed in the cache), "
                 f"or replace them; then rerun the same command to resume. {first.hint}",
             )
-        reasons.update({item.position: item.reason for item in bad})
-        # The dataset yields its own positions, so they are absolute whichever loader resumes mid-split.
-        if len(positions):
-            rel = positions.numpy() - chunk_start
-            buffer[rel] = embed(body, images, device, precision, bb.transform).numpy()
-            valid[rel] = True
-        consumed = min(batch_size, total - cursor)
-        cursor += consumed
-        task.advance(consumed)
-        if cursor - chunk_start >= len(buffer):
-            partial.write_chunk(
-                split, chunk_start, buffer, valid, {p: r for p, r in reasons.items() if p >= chunk_start}
-            )
-            reasons = {}
-            chunk_start = cursor
-            buffer = np.zeros((min(chunk_rows, total - chunk_start), dim), np.float32)
-            valid = np.zeros(len(buffer), bool)
+
+    def compute(self, images):
+        return embed(self.body, images, self.device, self.precision, self.bb.transform).numpy()
+
+    def write_chunk(self, partial, split, start, block, valid, reasons):
+        partial.write_chunk(split, start, block, valid, reasons)
+
+    def finish(self, partial, datasets, todo):
+        bb, manifest = self.bb, self.manifest
+        attrs = dict(
+            self.identity,
+            weights_sha256=bb.weights_file_sha256 or "",
+            class_names=manifest.class_names,
+            num_classes=manifest.num_classes,
+            feature_dim=bb.num_features,
+            backbone_params=sum(p.numel() for p in bb.body.parameters()),
+            versions=runtime.versions(),
+            options={
+                "splits": sorted(set(todo) | set(self.carry)),
+                "dataset_splits": list(manifest.splits),
+                "batch_size": self.batch_size,
+                "workers": self.workers,
+                "device": self.device,
+                "device_name": runtime.device_name(self.device),
+                "image_size": self.image_size,
+                "data_dir": str(self.data_dir),
+                "world_size": self.world_size,
+            },
+        )
+        return partial.finalize(attrs, frozen_pass.records(datasets), self.carry)

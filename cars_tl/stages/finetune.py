@@ -24,7 +24,8 @@ Every epoch is reproducible from (seed, epoch) alone: the global RNGs are re-see
 start, the order is a permutation seeded by (seed, epoch), and each sample's augmentation by
 (seed, epoch, sample), whatever the number of loader workers; so ``--resume`` after a kill, with
 any ``--workers``, ends with the same weights (on the CPU). ``last.pt`` is written before ``best.pt``
-and names the best epoch, so the kept model is always that epoch's (see :func:`_best_weights`).
+and names the best epoch, so the kept model is always that epoch's (see
+:func:`cars_tl.models.training.best_weights`).
 A loss that becomes NaN or infinite stops the run as ``failed`` at that epoch; ``last.pt`` keeps the
 last good one.
 """
@@ -32,14 +33,13 @@ last good one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from cars_tl.artifacts import embeddings, names, runs
@@ -50,15 +50,9 @@ from cars_tl.core.progress import NULL, Progress
 from cars_tl.core.tensorboard import EpochLog, check_available
 from cars_tl.data import devkit, loaders, transforms
 from cars_tl.data import manifest as manifests
-from cars_tl.data.dataset import CarsDataset, raise_bad
-from cars_tl.models import backbones, feature_views, trunk
-from cars_tl.models.scoring import Meter
-from cars_tl.models.training import (
-    DivergedError,
-    make_optimizer,
-    score_batches,
-    stratified_split,
-)
+from cars_tl.data.dataset import CarsDataset
+from cars_tl.models import backbones, feature_views, training, trunk_store
+from cars_tl.models.training import DivergedError, score_batches, set_trainable, stratified_split, train_mode
 from cars_tl.stages import presets
 
 MODEL_FILE = "model.pt"
@@ -69,7 +63,6 @@ RESUME_FREE = ("workers", "resume", "force", "out", "artifacts", "data_dir", "sy
 # Compared by what they compute on, not by which one: the device by its type (a single process
 # records cuda:0 where torchrun's rank 0 records cuda:0 and a single --device cuda records cuda).
 RESUME_BY_TYPE = ("device",)
-LOG_EVERY = 20  # training steps between progress updates (each reads the running loss back from the device)
 
 
 def resolve_config(preset: str, **options) -> dict:
@@ -84,100 +77,6 @@ def resolve_config(preset: str, **options) -> dict:
     check_number("--lr", config["lr"], minimum=0, exclusive_minimum=True)
     check_number("--weight-decay", config["weight_decay"], minimum=0)
     return config
-
-
-def set_trainable(model, unfrozen: list[str], everything: bool = False) -> None:
-    """Only the head and the named backbone modules train (``everything``: the whole body too)."""
-    for p in model.body.parameters():
-        p.requires_grad_(everything)
-    for name in unfrozen:
-        for p in model.body.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-
-
-def train_mode(model, freeze_bn_stats: bool = False) -> None:
-    """``model.train()``, then every module without trainable parameters back to eval mode.
-
-    With ``freeze_bn_stats`` every BatchNorm keeps its pretrained running statistics too (its
-    affine weights still train): small batches of a small dataset re-estimate them badly.
-    """
-    model.train()
-    modules = dict(model.body.named_modules())
-    for name, module in modules.items():
-        params = list(module.parameters())
-        # Parameter-free modules (dropout, drop-path) follow the part they sit in.
-        frozen = not any(p.requires_grad for p in params) if params else bool(name) and _ancestor_frozen(modules, name)
-        if frozen or (freeze_bn_stats and isinstance(module, torch.nn.modules.batchnorm._BatchNorm)):
-            module.eval()
-
-
-def build_optimizer(model, config: dict):
-    """Only trainable parameters: the head at ``lr``, the unfrozen backbone at ``lr * backbone_lr_scale``."""
-    groups = [{"params": list(model.head.parameters()), "lr": config["lr"]}]
-    body_params = [p for p in model.body.parameters() if p.requires_grad]
-    if body_params:
-        groups.append({"params": body_params, "lr": config["lr"] * config["backbone_lr_scale"]})
-    return make_optimizer(config["optimizer"], groups, config["lr"], config["weight_decay"])
-
-
-def _ancestor_frozen(modules: dict, name: str) -> bool:
-    """True when the closest ancestor of module ``name`` that has parameters has none trainable."""
-    parts = name.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        params = list(modules[".".join(parts[:depth])].parameters())
-        if params:
-            return not any(p.requires_grad for p in params)
-    return False
-
-
-def _seed_epoch(seed: int, epoch: int) -> None:
-    """Global RNGs (dropout, drop-path) from (seed, epoch) alone: a resumed epoch repeats exactly."""
-    value = seed * 100_003 + epoch
-    torch.manual_seed(value)
-    np.random.seed(value % 2**32)
-    random.seed(value)
-
-
-def _rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [int(v) for v in np.random.get_state()[1]],
-        "python": list(random.getstate()[1]),
-    }
-
-
-def _lr_lambda(config: dict, steps_per_epoch: int):
-    total = config["epochs"] * steps_per_epoch
-    warmup = config["warmup_epochs"] * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config["schedule"] == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
-
-
-@torch.no_grad()
-def evaluate(model, loader, device: str, precision: str, prefix: str, spec: dict, ctx=distributed.SINGLE) -> dict:
-    """Metrics over the loader's images; with ``ctx`` active, over every rank's shard together.
-    With ``tta`` flip in ``spec``'s feature options, the logits of each image and its mirror averaged."""
-    tta = feature_views.options(spec)["tta"]
-    model.eval()
-    meter = Meter()
-    for images, labels, _, bad in loader:
-        raise_bad(bad)
-        images = loaders.batch_to_device(images, device, spec)
-        labels = labels.to(device, non_blocking=True)
-        with runtime.autocast(device, precision):
-            logits = feature_views.view_mean(model, images, tta)
-        meter.add(logits, labels)
-    return distributed.reduce_meter(meter, ctx).result(prefix)
 
 
 def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> Path:
@@ -330,26 +229,11 @@ def finetune(
     with distributed.rank0_output(
         ctx, lambda: runs.writing_run(run_dir, "finetune", force=force, resume=resume)
     ) as target:
-        metrics = _train(
-            model,
-            bb,
-            manifest,
-            config,
-            params=params,
-            run_dir=run_dir,
-            target=target,
-            device=device,
-            precision=precision,
-            workers=workers,
-            seed=seed,
-            resume=resume,
-            force=force,
-            progress=progress,
-            ctx=ctx,
-            synced=synced,
-            trunk_opts=dict(choice=str(trunk_cache), storage=trunk_dtype, artifacts=Path(artifacts)),
-            tensorboard=tensorboard,
-        )
+        where = _Where(
+            run_dir, target, params, workers, resume, force, progress, ctx, synced, tensorboard,
+            trunk=dict(choice=str(trunk_cache), storage=trunk_dtype, artifacts=Path(artifacts)),
+        )  # fmt: skip
+        metrics = _train(model, bb, manifest, config, where)
         return run_dir, runs.finish(target, metrics, started) if ctx.is_main else metrics
 
 
@@ -421,32 +305,37 @@ def _same_option(key: str, recorded, asked) -> bool:
     return recorded == asked
 
 
-def _train(
-    model,
-    bb,
-    manifest,
-    config,
-    *,
-    params,
-    run_dir,
-    target,
-    device,
-    precision,
-    workers,
-    seed,
-    resume,
-    force,
-    progress,
-    ctx=distributed.SINGLE,
-    synced: bool = False,
-    trunk_opts: dict | None = None,
-    tensorboard: Path | None = None,
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """Where and how one fine-tune runs, beside its ``config`` (what it computes: device, precision and seed too)."""
+
+    run_dir: Path
+    target: Path  # the folder written (a staging folder under --force)
+    params: dict
+    workers: int
+    resume: bool
+    force: bool
+    progress: Progress
+    ctx: distributed.Context
+    synced: bool  # BatchNorm turned into SyncBatchNorm
+    tensorboard: Path | None
+    trunk: dict  # trunk_store.data_source's choice, storage and artifacts
+
+
+def _train(model, bb, manifest, config: dict, where: _Where) -> dict:
+    """Data, optimizer and schedule; resume; the epochs with their checkpoints; the kept model's test scores."""
+    device, precision, seed, workers, ctx = (
+        config["device"],
+        config["precision"],
+        config["seed"],
+        where.workers,
+        where.ctx,
+    )
+    run_dir, target, progress, resume, force = where.run_dir, where.target, where.progress, where.resume, where.force
     last_path, best_path = target / "checkpoints" / "last.pt", target / "checkpoints" / "best.pt"
-    opt = build_optimizer(model, config)
+    opt = training.build_optimizer(model, config)
     spec = bb.transform
     crop, margin = config["crop"], config["margin"]
-    cuda = device.startswith("cuda")
     train_set = CarsDataset(
         manifest,
         "train",
@@ -480,15 +369,15 @@ def _train(
         val_shard = [val_idx.tolist()[i] for i in distributed.shard_range(len(val_idx), ctx)]
         eval_loaders["val"] = loaders.eval_loader(eval_train, val_shard, eval_batch, workers, device, spec)
     steps_per_epoch = -(-len(fit_set) // config["batch_size"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
+    scheduler = training.make_scheduler(opt, config, steps_per_epoch)
     select = "val" if "val" in eval_loaders else "test"
-    scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=precision == "fp16")
+    scaler = training.make_scaler(device, precision)
 
     metrics = runs.new_metrics(
         "finetune",
         run_dir.name,
         config,
-        params=params,
+        params=where.params,
         model_file=MODEL_FILE,
         device=device,
         device_name=runtime.device_name(device),
@@ -498,7 +387,7 @@ def _train(
             "crop": crop,
             "margin": margin,
             "precision": precision,
-            "params": params["total"] - sum(p.numel() for p in model.head.parameters()),
+            "params": where.params["total"] - sum(p.numel() for p in model.head.parameters()),
         },
         inputs={"dataset_fingerprint": manifest.fingerprint, "init_head": config["init_head"]},
     )
@@ -507,9 +396,9 @@ def _train(
             "world_size": ctx.world_size,
             "backend": ctx.backend,
             "per_rank_batch": local_batch,
-            "sync_bn": synced,
+            "sync_bn": where.synced,
             "batchnorm": "SyncBatchNorm (global batch statistics)"
-            if synced
+            if where.synced
             else "unchanged (frozen, or per-process statistics)",
         }
     start_epoch, best = 1, None
@@ -533,10 +422,7 @@ def _train(
                 "resume with the original --backbone, or start over with --force (without --resume)",
             ) from None
         if differing in ([], ["epochs"]):
-            opt.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
+            training.restore_optimizer(state, opt, scheduler, scaler)
         else:  # forced with other options: the weights carry on, the optimizer and schedule start afresh
             metrics["optimizer_restarted"] = True
         if differing:
@@ -545,11 +431,11 @@ def _train(
         metrics["history"] = state["history"]
         metrics["resumed_from_epoch"] = state["epoch"]
         if ctx.is_main:
-            _repair_best(state, best_path)
+            training.repair_best(state, best_path)
     # The data source: the images, or the trunk cache where it is exact (then ``net`` runs the top only).
     # Planned after the checkpoint is loaded: the cache is keyed on the frozen part's weights as they now are.
-    source = trunk.data_source(
-        **(trunk_opts or {"choice": "off"}),
+    source = trunk_store.data_source(
+        **where.trunk,
         model=model,
         bb=bb,
         manifest=manifest,
@@ -571,11 +457,11 @@ def _train(
     if source.cached:
         train_loader, eval_loaders = source.train_loader, source.eval_loaders
 
-    live = EpochLog(tensorboard, run_dir.name, start_epoch)
+    live = EpochLog(where.tensorboard, run_dir.name, start_epoch)
     if start_epoch == 1:  # the starting point, before any step (e.g. the init-head's accuracy)
         row = {"epoch": 0}
         for name, loader in eval_loaders.items():
-            row.update(evaluate(net, loader, device, precision, name, spec, ctx))
+            row.update(training.evaluate(net, loader, device, precision, name, spec, ctx))
         metrics["history"] = [row]
         live.on_epoch(row)
     if ctx.is_main:
@@ -593,9 +479,9 @@ def _train(
 
     with runs.recording(target, metrics) if ctx.is_main else contextlib.nullcontext():
         for epoch in range(start_epoch, config["epochs"] + 1):
-            _seed_epoch(seed, epoch)
+            training.seed_epoch(seed, epoch)
             sampler.set_epoch(epoch)
-            row = train_epoch(
+            row = training.train_epoch(
                 model,
                 train_loader,
                 opt,
@@ -620,7 +506,7 @@ def _train(
                     "lower --lr and start again with --force (or --resume --force from the last good epoch)",
                 )
             for name, loader in eval_loaders.items():
-                row.update(evaluate(net, loader, device, precision, name, spec, ctx))
+                row.update(training.evaluate(net, loader, device, precision, name, spec, ctx))
             metrics["history"].append(row)
             live.on_epoch({**row, "lr": [g["lr"] for g in opt.param_groups]})
             score = (row[f"{select}_acc"], -row[f"{select}_loss"])  # ties (small splits) go to the lower loss
@@ -633,23 +519,15 @@ def _train(
             # may lag behind it (a kill between the two writes), so _repair_best can always mend it.
             runs.save_checkpoint(
                 last_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "rng": _rng_state(),
-                    "config": config,
-                    "best": best,
-                    "history": metrics["history"],
-                },
+                training.checkpoint_state(
+                    model, opt, scheduler, scaler, epoch=epoch, config=config, best=best, history=metrics["history"]
+                ),
             )
             if improved:
                 runs.save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "config": config})
             runs.write_metrics(target, metrics)
         if ctx.is_main:
-            kept = _best_weights(best, last_path, best_path, model)
+            kept = training.best_weights(best, last_path, best_path, model)
             runs.save_checkpoint(target / MODEL_FILE, kept)
             model.load_state_dict(kept)  # the kept model's test predictions
         distributed.broadcast_module(model, ctx)  # ... on every rank, each scoring its shard
@@ -714,93 +592,3 @@ def _gather_scores(scored, num_classes: int, ctx):
         for a in (ids, labels, np.asarray(scores, dtype=np.float64).reshape(len(ids), num_classes))
     ]
     return tuple(p.numpy() for p in parts) if ctx.is_main else scored
-
-
-def _repair_best(last: dict, best_path: Path) -> None:
-    """After a kill between writing last.pt and best.pt, best.pt lags: when last.pt's epoch is the
-    best one, its weights are the best weights."""
-    best = last.get("best") or {}
-    if best.get("epoch") != last["epoch"]:
-        return
-    current = runs.load_checkpoint(best_path) if best_path.is_file() else {}
-    if current.get("epoch") != best["epoch"]:
-        runs.save_checkpoint(best_path, {"model": last["model"], "epoch": last["epoch"], "config": last["config"]})
-
-
-def _best_weights(best: dict | None, last_path: Path, best_path: Path, model) -> dict:
-    """The kept model's weights, checked to be of the epoch the run reports as best."""
-    if best is None:  # no epoch ran (e.g. --epochs reached already): the weights as they are
-        return model.state_dict()
-    state = runs.load_checkpoint(best_path) if best_path.is_file() else {}
-    if state.get("epoch") == best["epoch"]:
-        return state["model"]
-    last = runs.load_checkpoint(last_path)
-    if last.get("epoch") == best["epoch"]:
-        return last["model"]
-    raise CarsTLError(
-        f"{best_path} holds epoch {state.get('epoch')}, but the run's best epoch is {best['epoch']}: the checkpoints disagree",
-        "start the run again with --force",
-    )
-
-
-def train_epoch(
-    model,
-    loader,
-    opt,
-    scheduler,
-    scaler,
-    config,
-    device,
-    precision,
-    epoch,
-    total,
-    spec,
-    progress,
-    *,
-    forward=None,
-    sampler=None,
-    ctx=distributed.SINGLE,
-) -> dict:
-    """One epoch. Several processes: ``forward`` is the DDP-wrapped model and ``sampler`` the
-    :class:`~cars_tl.core.loaders.ShardedEpochSampler`; each rank's loss is its share's summed loss
-    times world size / global batch size, so DDP's gradient average is the global batch's mean."""
-    forward = forward or model
-    train_mode(model, config["freeze_bn_stats"])
-    meter = Meter()
-    start = time.perf_counter()
-    with progress.task(f"epoch {epoch}/{config['epochs']}", total=total, unit="img") as task:
-        for step, (images, labels, _, bad) in enumerate(loader, 1):
-            raise_bad(bad)
-            images = loaders.batch_to_device(images, device, spec)
-            labels = labels.to(device, non_blocking=True)
-            with runtime.autocast(device, precision):
-                logits = forward(images)
-            held, global_count = sampler.share(step - 1) if sampler is not None else (len(labels), len(labels))
-            if sampler is None:
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config["label_smoothing"])
-            else:  # a stand-in image (held == 0) runs the step with weight 0
-                loss = F.cross_entropy(
-                    logits.float(), labels, label_smoothing=config["label_smoothing"], reduction="sum"
-                )
-                loss = loss * (ctx.world_size * min(held, 1) / global_count)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # loss scaling only for fp16; a no-op otherwise
-            scaler.step(opt)
-            scaler.update()
-            scheduler.step()
-            if held:
-                meter.add(logits.detach(), labels)
-            # Reading the running figures waits for the device: only every LOG_EVERY steps.
-            status = {}
-            if step % LOG_EVERY == 0:
-                running_loss, running_acc = meter.running()
-                status = {"status": f"loss {running_loss:.3f} acc {running_acc:.1f}%"}
-            task.advance(global_count, **status)
-    seconds = time.perf_counter() - start
-    meter = distributed.reduce_meter(meter, ctx)
-    return {
-        "epoch": epoch,
-        **meter.result("train"),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(total / seconds, 2),
-    }

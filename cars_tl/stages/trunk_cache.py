@@ -14,7 +14,7 @@ from cars_tl.core.errors import CarsTLError, check_number
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders
 from cars_tl.data import manifest as manifests
-from cars_tl.models import backbones, trunk
+from cars_tl.models import backbones, training, trunk, trunk_store
 
 
 def build_trunk(
@@ -54,27 +54,17 @@ def build_trunk(
     bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=seed)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
     model = backbones.classifier_model(bb, manifest.num_classes)
-    for p in model.body.parameters():
-        p.requires_grad_(unfreeze == "all")
-    for name in unfrozen:
-        for p in model.body.get_submodule(name).parameters():
-            p.requires_grad_(True)
+    training.set_trainable(model, unfrozen, everything=unfreeze == "all")
     model.eval()
-    config = {
-        "augment": "none",
-        "preset": "build-trunk",
-        "unfreeze": unfreeze,
-        "precision": precision,
-        "crop": crop,
-        "margin": float(margin),
-    }
-    p = trunk.plan(str(out) if out else "auto", model, bb, config, manifest, Path(artifacts), storage)
+    # What the plan reads of a run's options: build-trunk runs no augmentation and no mirrored views.
+    options = {"unfreeze": unfreeze, "precision": precision, "crop": crop, "margin": float(margin)}
+    p = trunk.plan(str(out) if out else "auto", model, bb, options, manifest, Path(artifacts), storage)
     if p.path is None:
         raise CarsTLError(
             p.reason.replace(": trunk cache not used", ""), "finetune then runs on the images: no trunk cache to build"
         )
     model.to(device)
-    result = trunk.ensure(
+    result = trunk_store.ensure(
         p,
         model,
         bb,

@@ -61,13 +61,13 @@ def test_frozen_prefix_builds_no_graph_and_stays_in_eval_mode():
 
 def test_only_trainable_parameters_reach_the_optimizer(demo_dir, tmp_path, monkeypatch):
     captured = {}
-    real = ft.make_optimizer
+    real = training.make_optimizer
 
     def spy(name, groups, lr, wd):
         captured["params"] = [p for g in groups for p in g["params"]]
         return real(name, groups, lr, wd)
 
-    monkeypatch.setattr(ft, "make_optimizer", spy)
+    monkeypatch.setattr(training, "make_optimizer", spy)
     ft.finetune(demo_dir, unfreeze="layer4", epochs=1, batch_size=32, out=tmp_path / "r", **TINY)
     assert captured["params"] and all(p.requires_grad for p in captured["params"])
     assert sum(p.numel() for p in captured["params"]) == runs.read_metrics(tmp_path / "r")["params"]["trainable"]
@@ -277,14 +277,14 @@ def test_the_kept_model_must_be_of_the_best_epoch(tmp_path):
     runs.save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "epoch": 1})
     runs.save_checkpoint(tmp_path / "last.pt", {"model": model.state_dict(), "epoch": 3})
     with pytest.raises(CarsTLError, match="checkpoints disagree"):
-        ft._best_weights({"epoch": 2}, tmp_path / "last.pt", tmp_path / "best.pt", model)
+        training.best_weights({"epoch": 2}, tmp_path / "last.pt", tmp_path / "best.pt", model)
 
 
 def test_an_epoch_reads_the_running_figures_once_per_log_interval(demo_dir, tmp_path, monkeypatch):
     calls = []
     real = Meter.running
     monkeypatch.setattr(Meter, "running", lambda self: calls.append(1) or real(self))
-    monkeypatch.setattr(ft, "LOG_EVERY", 2)
+    monkeypatch.setattr(training, "LOG_EVERY", 2)
     ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "r", **TINY)
     assert len(calls) == (144 // 16) // 2
     assert "scaler" in runs.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
@@ -308,13 +308,13 @@ def test_a_seeded_fine_tune_from_a_head_keeps_the_backbone_of_its_features(demo_
 
 
 def test_a_finetune_that_diverges_keeps_the_last_good_checkpoint(demo_dir, tmp_path, monkeypatch):
-    real = ft.train_epoch
+    real = training.train_epoch
 
     def diverging(*args, **kwargs):
         row = real(*args, **kwargs)
         return dict(row, train_loss=float("nan")) if row["epoch"] == 2 else row
 
-    monkeypatch.setattr(ft, "train_epoch", diverging)
+    monkeypatch.setattr(training, "train_epoch", diverging)
     with pytest.raises(training.DivergedError, match="epoch 2"):
         ft.finetune(demo_dir, unfreeze="none", epochs=3, batch_size=32, out=tmp_path / "r", **TINY)
     m = runs.read_metrics(tmp_path / "r")

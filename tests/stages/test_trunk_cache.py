@@ -28,7 +28,7 @@ from helpers import (
 
 from cars_tl.artifacts import runs, trunks
 from cars_tl.data import manifest as manifests
-from cars_tl.models import backbones, trunk
+from cars_tl.models import backbones, training, trunk, trunk_store
 from cars_tl.stages import finetune as ft
 from cars_tl.stages.trunk_cache import build_trunk
 
@@ -219,12 +219,12 @@ def test_a_validation_split_is_evaluated_from_the_evaluation_pipeline(demo_dir, 
     run = dict(SMALL, unfreeze="layer4", epochs=1, batch_size=16, preset="tuned", augment="none")
     seen = {"images": [], "cached": []}
 
-    class Recording(ft.Meter):  # the metrics are rounded: the logits themselves, every batch
+    class Recording(training.Meter):  # the metrics are rounded: the logits themselves, every batch
         def add(self, logits, labels):
             seen[path].append(logits.detach().clone())
             super().add(logits, labels)
 
-    monkeypatch.setattr(ft, "Meter", Recording)
+    monkeypatch.setattr(training, "Meter", Recording)
     path = "images"
     images, m_images = ft.finetune(demo_dir, out=tmp_path / "images", **run)
     path = "cached"
@@ -294,10 +294,10 @@ def test_build_trunk_prepares_the_device_as_finetune_does(cache, demo_dir, monke
 
 def test_device_path_on_the_cpu_gives_the_same_batches(cache):
     split = trunks.open_split(cache, "test")
-    on_device, _ = trunk.open_store(cache, "test", "cpu", on_device=True)
+    on_device, _ = trunk_store.open_store(cache, "test", "cpu", on_device=True)
     assert isinstance(on_device, torch.Tensor)
-    a = list(trunk.CachedBatches(split, split.labels, 8, positions=range(len(split))))
-    b = list(trunk.CachedBatches(on_device, split.labels, 8, positions=range(len(split))))
+    a = list(trunk_store.CachedBatches(split, split.labels, 8, positions=range(len(split))))
+    b = list(trunk_store.CachedBatches(on_device, split.labels, 8, positions=range(len(split))))
     for (ma, la, pa, _), (mb, lb, pb, _) in zip(a, b):
         assert torch.equal(ma, mb) and torch.equal(la, lb) and torch.equal(pa, pb)
 
