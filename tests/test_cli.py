@@ -195,7 +195,7 @@ def test_help_lists_choices_keeps_bracketed_words_and_shows_no_bool():
         (["extract-features", "--crop", "boxx"], ["unknown --crop 'boxx'; valid: full, box", "next: e.g. --crop full"]),
         (["finetune", "--optimizer", "lbfgs"], ["unknown --optimizer 'lbfgs'; valid: adam, adamw, sgd"]),
         (["build-trunk", "--trunk-dtype", "int8"], ["unknown --trunk-dtype 'int8'; valid: auto, fp32, fp16, bf16"]),
-        (["paths", "--scale=unit"], ["unknown --scale 'unit'", "(make: SVM_SCALE=l2)"]),
+        (["paths", "--scale=unit"], ["unknown --scale 'unit'", "(make: SVM_SCALE=none)"]),
     ],
 )
 def test_a_value_outside_the_choices_is_refused_before_anything_runs(tmp_path, argv, fragments):

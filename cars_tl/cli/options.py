@@ -59,7 +59,8 @@ Tta = Annotated[
     TtaMode | None,
     typer.Option(
         help="none | flip: average each image with its mirror (extract-features: the features; finetune: the "
-        "logits of evaluation and saved predictions). Default: the preset's (extract-features tuned: flip)."
+        "logits of evaluation and saved predictions). Default: the preset's; tuned: flip for extract-features, "
+        "none for finetune (not better on validation: benchmarks/README.md)."
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
