@@ -32,7 +32,7 @@ COMMANDS = (
 )
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["download", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["download", "--help"], ["finetune", "--help"], ["paths", "--help"]])
 def test_help_does_not_import_torch(argv):
     code = (
         "import sys\nfrom cars_tl.cli import app\n"
@@ -175,3 +175,75 @@ def test_a_hint_keeps_its_brackets(capsys):
     cli._error(CarsTLError("cannot read x[/]y", "pip install 'cars_tl[parquet]'"))
     err = capsys.readouterr().err
     assert "error: cannot read x[/]y" in err and "next: pip install 'cars_tl[parquet]'" in err
+
+
+def test_help_lists_choices_keeps_bracketed_words_and_shows_no_bool():
+    finetune = run_cli("finetune", "--help").stdout
+    assert "needs cars_tl[tensorboard]" in finetune  # was "needs cars_tl;": Rich took [tensorboard] for markup
+    assert "<adam|adamw|sgd>" in finetune and "<full|box>" in finetune and "<auto|fp32|bf16|fp16>" in finetune
+    fit_svm = run_cli("fit-svm", "--help").stdout
+    assert "[study: 1; tuned: auto]" in fit_svm and "<linear|poly|rbf|sigmoid|all>" in fit_svm
+    for text in (finetune, fit_svm, run_cli("knn", "--help").stdout, run_cli("--help").stdout):
+        assert "<bool>" not in text and " ." not in text.replace("  ", " ")
+    assert "[default: 20]" in run_cli("knn", "--help").stdout
+    assert "[default: ARTIFACTS/runs]" in run_cli("track", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["extract-features", "--crop", "boxx"], ["unknown --crop 'boxx'; valid: full, box", "next: e.g. --crop full"]),
+        (["finetune", "--optimizer", "lbfgs"], ["unknown --optimizer 'lbfgs'; valid: adam, adamw, sgd"]),
+        (["build-trunk", "--trunk-dtype", "int8"], ["unknown --trunk-dtype 'int8'; valid: auto, fp32, fp16, bf16"]),
+        (["paths", "--scale=unit"], ["unknown --scale 'unit'", "(make: SVM_SCALE=none)"]),
+    ],
+)
+def test_a_value_outside_the_choices_is_refused_before_anything_runs(tmp_path, argv, fragments):
+    result = run_cli(*argv, "--data-dir" if argv[0] != "paths" else "--artifacts", tmp_path / "absent")
+    assert_refused(result, *fragments)
+
+
+def test_the_cli_choices_are_the_librarys():
+    """The choice sets in cars_tl/cli (written out there: --help imports no torch) are the ones the library checks."""
+    import typer
+
+    from cars_tl.artifacts import trunks
+    from cars_tl.core import runtime
+    from cars_tl.data import transforms
+    from cars_tl.data.manifest import LABEL_CONFLICT_POLICIES
+    from cars_tl.models import feature_views
+    from cars_tl.models.svm import kernels, model
+    from cars_tl.stages import presets
+    from cars_tl.stages.train_head import OPTIMIZERS
+
+    commands = typer.main.get_command(app).commands
+
+    def choices(command: str, option: str) -> set:
+        [param] = [p for p in commands[command].params if p.name == option]
+        return set(param.type_descriptor.choices)
+
+    for command in ("extract-features", "finetune", "build-trunk", "paths"):
+        assert choices(command, "resize") == set(transforms.RESIZE_MODES)
+    for command in ("extract-features", "finetune", "build-trunk"):
+        assert choices(command, "precision") == set(runtime.PRECISIONS)
+        assert choices(command, "crop") == {"full", "box"}
+    for command in ("finetune", "build-trunk"):
+        assert choices(command, "trunk_dtype") == {"auto", *trunks.STORAGES}
+    for command in ("extract-features", "finetune"):
+        assert choices(command, "tta") == set(feature_views.TTA_MODES)
+    for command, table in (
+        ("extract-features", presets.EXTRACT),
+        ("train-head", presets.HEAD),
+        ("finetune", presets.FINETUNE),
+        ("fit-svm", presets.SVM),
+        ("paths", presets.SVM),
+    ):
+        assert choices(command, "preset") == set(table)
+    for command in ("fit-svm", "paths"):
+        assert choices(command, "kernel") == {*kernels.KERNELS, "all"}
+        assert choices(command, "scale") == set(model.SCALES)
+    assert choices("fit-svm", "method") == set(model.METHODS)
+    assert choices("train-head", "optimizer") == set(OPTIMIZERS)
+    assert choices("finetune", "optimizer") == set(OPTIMIZERS) - {"lbfgs"}
+    assert choices("extract-features", "combine") == set(feature_views.COMBINES)
+    assert choices("download", "label_conflicts") == set(LABEL_CONFLICT_POLICIES)
