@@ -17,7 +17,7 @@ place so that ``--resume`` finds it.)
 
 ``metrics.json`` (format_version 1)::
 
-    kind            "head" | "svm" | "finetune" | "knn"
+    kind            "head" | "svm" | "finetune" | "knn" (:mod:`cars_tl.artifacts.kinds`)
     name, status    "running" until the run ends, then "complete" ("failed" or "interrupted" with
                     an ``error``; a run killed outright stays "running")
     created, finished, wall_time_s, device, device_name, versions
@@ -71,7 +71,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import names
+from cars_tl.artifacts import kinds, names
+
+# The run kinds live in artifacts.kinds; their old names here keep working.
+from cars_tl.artifacts.kinds import KINDS, RUN_KINDS, SCORE_KINDS, RunKind, rerun_hint, stages_of  # noqa: F401
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, format_size, swap_in
 from cars_tl.core.errors import CarsTLError, check_output_path, parse_json
@@ -80,31 +83,6 @@ FORMAT_VERSION = 1
 METRICS = "metrics.json"
 STATUS = "status.json"
 STATUS_BYTES = 1024  # status.json is padded to this size when created, so rewriting it needs no new disk blocks
-
-
-@dataclasses.dataclass(frozen=True)
-class RunKind:
-    """What a run of one kind is: the facts every module that acts on runs reads here (inference
-    keeps a loader per kind that :attr:`keeps_model`, the report a description per kind)."""
-
-    name: str  # metrics.json "kind"
-    stage: str  # the command that makes it
-    score_kind: str  # what its saved prediction scores are (predictions-<split>.npz)
-    on_features: bool  # trained on a feature cache (--features), not on images
-    keeps_model: bool  # has a model file to apply to new images
-    resumes: bool  # an incomplete run continues with --resume (the others are fitted again)
-
-
-RUN_KINDS: dict[str, RunKind] = {
-    k.name: k
-    for k in (
-        RunKind("head", "train-head", "probability", on_features=True, keeps_model=True, resumes=False),
-        RunKind("svm", "fit-svm", "decision score", on_features=True, keeps_model=True, resumes=False),
-        RunKind("finetune", "finetune", "probability", on_features=False, keeps_model=True, resumes=True),
-        RunKind("knn", "knn", "vote share", on_features=True, keeps_model=False, resumes=False),
-    )
-}
-KINDS = tuple(RUN_KINDS)
 
 
 def now() -> str:
@@ -133,7 +111,8 @@ def writing_run(run_dir: Path, stage: str, *, force: bool = False, resume: bool 
         exists = _has_content(run_dir)
         if exists and not (force or resume):
             hint = "add --force to replace it (the old run stays until the new one completes), or --out for a new run"
-            if stage == "finetune":
+            kind = kinds.of_stage(stage)
+            if kind is not None and kind.resumes:
                 hint = "add --resume to continue it, " + hint
             raise CarsTLError(f"run directory {run_dir} already exists", hint)
         if resume or not exists:
@@ -232,12 +211,6 @@ def recording(run_dir: Path, metrics: dict):
         raise
 
 
-def stages_of(kinds=None) -> str:
-    """``train-head, fit-svm, finetune or knn``: the commands that make ``kinds`` (default: every kind)."""
-    stages = [k.stage for k in (RUN_KINDS.values() if kinds is None else kinds)]
-    return ", ".join(stages[:-1]) + " or " + stages[-1] if len(stages) > 1 else "".join(stages)
-
-
 def read_metrics(run_dir: Path) -> dict:
     """A run's metrics, checked to be a cars_tl run of a known kind."""
     run_dir = Path(run_dir)
@@ -261,8 +234,8 @@ def read_metrics(run_dir: Path) -> dict:
             f"{path} holds a JSON {type(metrics).__name__}, not the object a cars_tl run writes",
             f"pass a directory made by {stages_of()} (or rerun that stage with --force)",
         )
-    if metrics.get("kind") not in KINDS:
-        raise CarsTLError(f"{path}: unknown run kind {metrics.get('kind')!r}; valid: {', '.join(KINDS)}")
+    if metrics.get("kind") not in RUN_KINDS:
+        raise CarsTLError(f"{path}: unknown run kind {metrics.get('kind')!r}; valid: {', '.join(RUN_KINDS)}")
     if metrics.get("format_version") != FORMAT_VERSION:
         raise CarsTLError(f"{path}: run format {metrics.get('format_version')}, this cars_tl reads {FORMAT_VERSION}")
     if metrics.get("status") == "running":  # metrics.json may have been impossible to rewrite
@@ -288,15 +261,6 @@ def model_file(run_dir: Path) -> Path:
     if not path.is_file():
         raise CarsTLError(f"run {run_dir} lists model file {name}, which is missing", "rerun the stage that made it")
     return path
-
-
-def rerun_hint(run_dir: Path, metrics: dict) -> str:
-    """How to finish or redo an incomplete run, by its kind: only a fine-tune resumes."""
-    kind = RUN_KINDS.get(metrics.get("kind"))
-    if kind is not None and kind.resumes:
-        return f"continue it: rerun the cars-tl {kind.stage} command that made it, with --resume (--out {run_dir})"
-    features = (metrics.get("config") or {}).get("features") or "F.h5"
-    return f"fit it again: cars-tl {kind.stage if kind else 'STAGE'} --features {features} --out {run_dir} --force"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -389,7 +353,6 @@ def list_runs(artifacts: Path) -> list[Path]:
 
 PREDICTIONS_FORMAT = 1
 PREDICTION_TOP_K = 5
-SCORE_KINDS = tuple(dict.fromkeys(k.score_kind for k in RUN_KINDS.values()))
 
 
 @dataclasses.dataclass
@@ -446,8 +409,8 @@ def write_predictions(
     run_dir: Path, ids, labels, scores, score_kind: str, *, split: str = "test", columns=None, first=None
 ) -> Path:
     """Save a run's top-k on ``split`` from its (N, classes) scores, atomically; returns the file."""
-    if score_kind not in SCORE_KINDS:
-        raise ValueError(f"score_kind {score_kind!r} not in {SCORE_KINDS}")
+    if score_kind not in kinds.score_kinds():
+        raise ValueError(f"score_kind {score_kind!r} not in {kinds.score_kinds()}")
     top_classes, top_scores = top_predictions(scores, PREDICTION_TOP_K, columns, first)
     ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     if not len(ids) == len(labels) == len(top_classes):

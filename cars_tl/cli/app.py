@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from cars_tl.artifacts import names
+from cars_tl.artifacts import kinds, names
 from cars_tl.core.errors import CarsTLError
 
 
@@ -172,11 +172,7 @@ def _error(exc: CarsTLError) -> None:
 
 RESUME_HINTS = {
     "extract-features": "rerun the same cars-tl extract-features command to resume from the last complete chunk",
-    "finetune": "rerun the same cars-tl finetune command with --resume to continue from the last complete epoch",
     "download": "rerun the same cars-tl download command: verified archives and partial downloads are kept",
-    # These stages start over: their interrupted run directory (kept to show what happened) is replaced with --force.
-    **{
-        stage: f"rerun the same cars-tl {stage} command with --force: the interrupted run is replaced"
-        for stage in ("train-head", "fit-svm", "knn")
-    },
+    # Each stage that makes a run: its kind says (resume it, or replace the interrupted run with --force).
+    **{k.stage: k.interrupted_hint for k in kinds.RUN_KINDS.values()},
 }

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cars_tl.artifacts import runs
+from cars_tl.artifacts import kinds, runs
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import loaders, transforms
@@ -116,15 +116,15 @@ def _backbone_for(metrics: dict, run_dir: Path, cache: dict) -> backbones.Backbo
 
 
 def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
-    """Load a run of any kind that keeps a model (:data:`LOADERS`); ``cache`` shares rebuilt backbones between runs."""
+    """Load a run of any kind that keeps a model (its registered loader); ``cache`` shares rebuilt backbones between runs."""
     cache = {} if cache is None else cache
     run_dir = Path(run_dir)
     metrics = runs.read_metrics(run_dir)
-    kind = runs.RUN_KINDS[metrics["kind"]]
+    kind = kinds.RUN_KINDS[metrics["kind"]]
     if not kind.keeps_model:
         raise CarsTLError(
             f"{run_dir} is a {kind.name} run: it keeps no model to apply to new images (its test predictions are saved in it)",
-            f"predict with a {runs.stages_of(k for k in runs.RUN_KINDS.values() if k.keeps_model)} run; "
+            f"predict with a {kinds.stages_of(k for k in kinds.RUN_KINDS.values() if k.keeps_model)} run; "
             f"look inside it with: cars-tl inspect {run_dir}",
         )
     model_path = runs.model_file(run_dir)
@@ -139,9 +139,10 @@ def load_run(run_dir: Path, cache: dict | None = None) -> LoadedRun:
         precision=precision,
         precision_used="fp32" if precision == "fp16" else precision,
     )
-    return LOADERS[kind.name](run_dir, metrics, model_path, recorded, cache)
+    return kind.loader(run_dir, metrics, model_path, recorded, cache)
 
 
+@kinds.loader("finetune")
 def _load_finetune(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
     b, names, spec = metrics["backbone"], metrics["class_names"], recorded["spec"]
     bb = backbones.build_backbone(b["backbone"], "random")
@@ -163,13 +164,14 @@ def _load_finetune(run_dir: Path, metrics: dict, model_path: Path, recorded: dic
         model.body,
         transforms.eval_transform(spec, output="batch"),
         lambda f: model.head(f).softmax(1),
-        runs.RUN_KINDS["finetune"].score_kind,
+        kinds.RUN_KINDS["finetune"].score_kind,
         **recorded,
         forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1),
         feature_body=feature_views.for_spec(model.body, spec),  # unfolded, as finetune evaluates
     )
 
 
+@kinds.loader("head")
 def _load_head(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
     names, spec = metrics["class_names"], recorded["spec"]
     bb = _backbone_for(metrics, run_dir, cache)
@@ -193,11 +195,12 @@ def _load_head(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, c
         bb.body,
         transforms.eval_transform(bb.transform, output="batch"),
         lambda f: head(f).softmax(1),
-        runs.RUN_KINDS["head"].score_kind,
+        kinds.RUN_KINDS["head"].score_kind,
         **recorded,
     )
 
 
+@kinds.loader("svm")
 def _load_svm(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
     names, spec = metrics["class_names"], recorded["spec"]
     bb = _backbone_for(metrics, run_dir, cache)
@@ -221,10 +224,10 @@ def _load_svm(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, ca
         bb.body,
         transforms.eval_transform(bb.transform, output="batch"),
         svm_scores,
-        runs.RUN_KINDS["svm"].score_kind,
+        kinds.RUN_KINDS["svm"].score_kind,
         **recorded,
     )
 
 
-# One loader per run kind that keeps a model (runs.RUN_KINDS); a new kind adds its loader here.
-LOADERS = {"head": _load_head, "svm": _load_svm, "finetune": _load_finetune}
+# The loaders by kind, as registered above (the old table's name; the kind records hold them).
+LOADERS = {k.name: k.loader for k in kinds.RUN_KINDS.values() if k.loader is not None}

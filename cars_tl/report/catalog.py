@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import hdf5, runs
+from cars_tl.artifacts import hdf5, kinds, runs
 from cars_tl.core.atomic import format_size
 from cars_tl.core.errors import CarsTLError
 from cars_tl.report.markup import duration, fmt
@@ -107,41 +107,52 @@ def _finetune_setting(m: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class KindView:
-    """How the report shows runs of one kind (:data:`cars_tl.artifacts.runs.RUN_KINDS`): its model
-    group, what sets it apart within the group, and its label in the comparison table."""
+    """How the report shows runs of one kind (registered as the kind's ``view``, :mod:`cars_tl.artifacts.kinds`):
+    its model group, what sets it apart within the group, and its label in the comparison table."""
 
     group: Callable[[dict], str]
     setting: Callable[[dict], str]
     label: Callable[[dict], str]
 
 
-KIND_VIEWS: dict[str, KindView] = {
-    "head": KindView(group=lambda m: "B", setting=_preset, label=_preset),
-    "svm": KindView(
+kinds.register("head", view=KindView(group=lambda m: "B", setting=_preset, label=_preset))
+kinds.register(
+    "svm",
+    view=KindView(
         group=lambda m: "C",
         setting=_svm_setting,
         label=lambda m: f"{_svm_kernel(m, ' kernel')}, {(m.get('config') or {}).get('scale')} scaling",
     ),
-    "knn": KindView(group=lambda m: "kNN", setting=_knn_setting, label=_knn_setting),
-    "finetune": KindView(
+)
+kinds.register("knn", view=KindView(group=lambda m: "kNN", setting=_knn_setting, label=_knn_setting))
+kinds.register(
+    "finetune",
+    view=KindView(
         group=_finetune_group,
         setting=_finetune_setting,
         label=lambda m: (
             f"{(m.get('config') or {}).get('preset', '')}, unfreeze {(m.get('config') or {}).get('unfreeze')}"
         ),
     ),
-}
+)
+# The views by kind, as registered above (the old table's name; the kind records hold them).
+KIND_VIEWS: dict[str, KindView] = {k.name: k.view for k in kinds.RUN_KINDS.values() if k.view is not None}
+
+
+def _view(m: dict) -> KindView | None:
+    kind = kinds.RUN_KINDS.get(m.get("kind"))
+    return kind.view if kind is not None else None
 
 
 def model_group(m: dict) -> str:
     """The study's model letter from what the run did: A, B, C, D, kNN (or a description)."""
-    view = KIND_VIEWS.get(m.get("kind"))
+    view = _view(m)
     return view.group(m) if view else str(m.get("kind"))
 
 
 def setting(m: dict) -> str:
     """What distinguishes the run within its model group: preset, kernel, k."""
-    view = KIND_VIEWS.get(m.get("kind"))
+    view = _view(m)
     return view.setting(m) if view else _preset(m)
 
 
@@ -242,7 +253,7 @@ def row_for(m: dict) -> dict:
     """A run's row of the comparison table (:data:`COLUMNS`), formatted."""
     f = m.get("final") or {}
     b = m.get("backbone") or {}
-    label = KIND_VIEWS[m["kind"]].label(m)
+    label = _view(m).label(m)
     params = m.get("params") or {}
     return {
         "model": m["name"],

@@ -297,6 +297,7 @@ def test_every_run_kind_has_a_view_in_the_report():
     from cars_tl.artifacts import runs
 
     assert set(catalog.KIND_VIEWS) == set(runs.KINDS)
+    assert all(isinstance(k.view, catalog.KindView) for k in runs.RUN_KINDS.values())  # on the kind's record
 
 
 def _npz_declaring(path: Path, rows: int, data: bool) -> None:
