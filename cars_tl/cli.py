@@ -244,11 +244,12 @@ RunOut = Annotated[
 ]
 Force = Annotated[bool, typer.Option(help="Replace an existing run; the old one stays until the new one completes.")]
 Resize = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--resize",
         help=(
-            "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS on the mean colour)."
+            "crop (the weights' resize + center crop: the study's) | squash (whole image or box to SxS) | pad (letterboxed to SxS "
+            "on the mean colour). Default: the preset's (study: crop; tuned: squash)."
         ),
     ),
 ]
@@ -548,7 +549,10 @@ def finetune(
         Path | None, typer.Option(help="Start the head from this train-head run (model D from model B).")
     ] = None,
     preset: Annotated[
-        str, typer.Option(help="study (the paper's setting) | tuned (augmentation, AdamW, cosine, smoothing).")
+        str,
+        typer.Option(
+            help="study (the paper's setting) | tuned (squash 288 px, augmentation, AdamW, cosine, smoothing); explicit options win."
+        ),
     ] = "study",
     epochs: Annotated[int | None, typer.Option(help="Epochs (study: 15; tuned: 30).")] = None,
     lr: Annotated[
@@ -560,9 +564,12 @@ def finetune(
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
     image_size: Annotated[
-        int | None, typer.Option(help="Final side S in pixels (default: the weights' crop; 32 to 1024).")
+        int | None,
+        typer.Option(
+            help="Final side S in pixels, 32 to 1024 (default: the preset's; study: the weights' crop; tuned: 288)."
+        ),
     ] = None,
-    resize: Resize = "crop",
+    resize: Resize = None,
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Annotated[
@@ -677,8 +684,15 @@ def build_trunk(
     ] = "layer4",
     crop: Annotated[str, typer.Option(help="full | box")] = "full",
     margin: Annotated[float, typer.Option(help="With --crop box: widen the box by this fraction per side.")] = 0.0,
-    image_size: Annotated[int | None, typer.Option(help="Final side S in pixels (default: the weights' crop).")] = None,
-    resize: Resize = "crop",
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Final side S in pixels (default: the preset's; study: the weights' crop; tuned: 288)."),
+    ] = None,
+    resize: Resize = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="study | tuned: the image shape, as finetune --preset resolves it; explicit options win."),
+    ] = None,
     device: Device = "auto",
     precision: Precision = "auto",
     trunk_dtype: Annotated[
@@ -713,6 +727,7 @@ def build_trunk(
         margin=margin,
         image_size=image_size,
         resize_mode=resize,
+        preset=preset,
         device=device,
         precision=precision,
         storage=trunk_dtype,
