@@ -463,9 +463,9 @@ def _check_against_devkit(manifest: Manifest, rebuild: str, dropped: set[str] = 
     wrong: list[str] = []
     if class_names != manifest.class_names:
         wrong.append(f"class names differ from {paths['meta'].name}")
-    listed = set()
+    in_rows = set()
     for position, r in enumerate(manifest.records):
-        listed.add(r.path)
+        in_rows.add(r.path)
         split_row = expected.get(r.path)
         if split_row is None:
             wrong.append(f"{r.path} is not in the devkit annotations")
@@ -480,7 +480,7 @@ def _check_against_devkit(manifest: Manifest, rebuild: str, dropped: set[str] = 
             wrong.append(f"{r.path}: class name {r.class_name!r} (devkit: label {label})")
         elif r.box != _clip(row["box"], r.width, r.height):
             wrong.append(f"{r.path}: box {r.box} (devkit: {row['box']})")
-    absent = [p for p in expected if p not in listed]
+    absent = [p for p in expected if p not in in_rows]
     if absent:
         wrong.append(f"{len(absent)} annotated images have no row: {listed(absent, 3)}")
     if wrong:
