@@ -34,7 +34,8 @@ BATCH ?=
 TUNED := $(filter tuned,$(PRESET))
 # Empty: the preset's (study: crop at the weights' size; tuned: squash 288 px, the best measured in
 # benchmarks/bench_accuracy.py, README); extract-features --preset tuned adds flip averaging and the
-# two-stage features. `cars-tl paths` resolves them from cars_tl/stages/presets.py.
+# two-stage features. `cars-tl paths` resolves them from cars_tl/stages/presets.py, as every image
+# stage (extract-features, build-trunk, finetune) resolves its --preset.
 RESIZE ?=
 IMAGE_SIZE ?=
 CROP ?= full
@@ -144,7 +145,9 @@ SVM_ALL := $(SVM_ALL_RUN)/metrics.json
 KNN := $(KNN_RUN)/metrics.json
 TEST_IMAGE := $(DATA)/stanford_cars/cars_test/00001.jpg
 
-RESIZE_OPT := $(if $(filter-out crop,$(RESIZE)),--resize $(RESIZE))
+# Left out only for crop under study, where it is the stages' own default (study commands and stamps
+# stay as they were); another preset's stages would take that preset's mode instead.
+RESIZE_OPT := $(if $(filter-out crop,$(RESIZE))$(filter-out study,$(PRESET)),--resize $(RESIZE))
 COMMON := $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(RESIZE_OPT) --crop $(CROP) --device $(DEVICE) --precision $(PRECISION) $(if $(WORKERS),--workers $(WORKERS))
 # Empty EPOCHS/BATCH: the preset's own (study: 15 epochs, batch 32).
 TRAIN := --preset $(PRESET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))

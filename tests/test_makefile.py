@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -147,3 +148,79 @@ def test_make_n_all_takes_every_name_from_paths_and_checks_the_backbone_once(tmp
     # The second make skips the backbone's check (no torch) and prints the same commands.
     again, _ = _make_n(tmp_path, "all", *variables, cwd=REPO)
     assert again.returncode == 0 and again.stdout == first.stdout
+
+
+class _Built(Exception):
+    """Raised where a stage builds its backbone: the stage has resolved its options and stops there."""
+
+
+@pytest.mark.parametrize("preset", ["study", "tuned"])
+def test_every_entry_point_resolves_a_preset_to_the_same_pixels(preset, demo_dir, tmp_path, monkeypatch):
+    """extract-features, build-trunk and finetune, called as Python functions, as bare CLI commands with
+    --preset alone, and as `make -n` prints them (values from `cars-tl paths`), build their network
+    with one image shape: the preset's."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    from typer.testing import CliRunner
+
+    from cars_tl.cli import app
+    from cars_tl.models import backbones
+    from cars_tl.stages import presets
+    from cars_tl.stages.extract import extract_features
+    from cars_tl.stages.finetune import finetune
+    from cars_tl.stages.trunk_cache import build_trunk
+
+    built = []
+
+    def stop(name, weights="imagenet", image_size=None, resize_mode="crop", **_):
+        built.append((resize_mode, image_size))
+        raise _Built
+
+    def shape_of(call) -> tuple:
+        built.clear()
+        with pytest.raises(_Built):
+            call()
+        return built[0]
+
+    def cli_shape(args: list[str]) -> tuple:
+        built.clear()
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, _Built), (args, result.output)
+        return built[0]
+
+    monkeypatch.setattr(backbones, "build_backbone", stop)
+    expected = (presets.IMAGE[preset]["resize_mode"], presets.IMAGE[preset]["image_size"])
+    for stage in (extract_features, build_trunk, finetune):
+        assert shape_of(lambda: stage(demo_dir, preset=preset, out=tmp_path / "x")) == expected, stage
+    for stage in ("extract-features", "build-trunk", "finetune"):
+        assert cli_shape([stage, "--data-dir", str(demo_dir), "--preset", preset]) == expected, stage
+
+    # make: the names and the shape from `cars-tl paths` (its backbone check, which imports torch, skipped
+    # as make skips it once passed), then each image stage's command as make would run it.
+    def make_shapes(*variables: str) -> tuple[dict, set]:
+        checked = tmp_path / "work" / "a" / ".options" / "checked"
+        checked.mkdir(parents=True, exist_ok=True)
+        resize = next((v.split("=", 1)[1] for v in variables if v.startswith("RESIZE=")), "")
+        (checked / f"resnet50-layer4-{resize}-").touch()
+        result, work = _make_n(
+            tmp_path, "features", "A", "D", f"PRESET={preset}", "TRUNK_CACHE=on", *variables, cwd=REPO
+        )
+        assert result.returncode == 0, result.stderr
+        paths = dict(line.split("=", 1) for line in (work / "a" / ".options" / "paths.mk").read_text().splitlines())
+        commands = [shlex.split(line)[1:] for line in result.stdout.splitlines() if "cars-tl" in line]
+        commands = [c for c in commands if c[0] in ("extract-features", "build-trunk", "finetune")]
+        assert sorted({c[0] for c in commands}) == ["build-trunk", "extract-features", "finetune"]
+        for args in commands:
+            args[args.index("--data-dir") + 1] = str(demo_dir)
+        return paths, {cli_shape(args) for args in commands}
+
+    paths, shapes = make_shapes()
+    assert (paths["RESIZE"], paths["IMAGE_SIZE"]) == (expected[0], str(expected[1] or ""))
+    assert shapes == {expected}
+    if preset == "tuned":  # RESIZE=crop is passed on, not left to the preset's squash
+        assert make_shapes("RESIZE=crop")[1] == {("crop", expected[1])}
+    # Explicit options win over the preset, one by one.
+    explicit = ["--data-dir", str(demo_dir), "--preset", preset, "--resize", "pad"]
+    for stage in ("extract-features", "build-trunk", "finetune"):
+        assert cli_shape([stage, *explicit]) == ("pad", expected[1])
+        assert cli_shape([stage, *explicit, "--image-size", "64"]) == ("pad", 64)

@@ -56,7 +56,7 @@ def finetune(
     crop: Crop = "full",
     margin: Margin = 0.0,
     image_size: ImageSize = None,
-    resize: Resize = "crop",
+    resize: Resize = None,
     device: Device = "auto",
     precision: Precision = "auto",
     workers: Workers = None,

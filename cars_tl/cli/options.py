@@ -42,7 +42,7 @@ Margin = Annotated[float, typer.Option(help="With --crop box: widen the box by t
 ImageSize = Annotated[
     int | None,
     typer.Option(
-        help="Final side S in pixels, 32 to 1024 (default: the preset's; study: the weights' crop, e.g. 224)."
+        help="Final side S in pixels, 32 to 1024 (default: the preset's; study: the weights' crop, e.g. 224; tuned: 288)."
     ),
 ]
 Resize = Annotated[

@@ -123,3 +123,8 @@ def check_output_path(path, expect: str, option: str = "--out", example: str | N
                 )
             break
     return path
+
+
+def listed(items: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``items`` for a message, then how many more."""
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -23,14 +23,9 @@ and writes, beside them, the manifest that every later stage reads instead of th
     class names, counts, the number of clipped boxes, the fingerprint (SHA-256 of manifest.csv)
     that every artifact records, the SHA-256 of the devkit files it was built from, where the data
     came from (``origin``: source, layout), whether it has boxes, its splits, duplicate images
-    (``duplicates``), identical images carrying different labels (``label_conflicts``), and each
+    (``duplicates``), identical images carrying different labels (``label_conflicts``; both
+    entries, and the keep or drop policy, are :mod:`cars_tl.data.label_conflicts`'s), and each
     image's mtime (``mtime_ns``, in manifest order).
-
-Identical images with different labels (byte-identical files, within a split or across splits) are
-a known flaw of the official data (11 such pairs in its training split). They are accepted and
-listed under ``label_conflicts`` (policy ``keep``, the default: numbers stay comparable with
-published ones), or every member of each such group is left out of the manifest (policy ``drop``,
-``cars-tl download --label-conflicts drop``: recorded in ``origin``; the fingerprint changes).
 
 :func:`load_manifest` checks, cheaply, that nothing changed since: the fingerprint, each image's
 size and mtime (a ``stat`` per image), and every row against the devkit annotations (so a hand
@@ -47,11 +42,11 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cars_tl.core.atomic import atomic_write_bytes, file_sha256
-from cars_tl.core.errors import BadImageError, CarsTLError
+from cars_tl.core.errors import BadImageError, CarsTLError, listed
 from cars_tl.core.progress import NULL
 from cars_tl.data.devkit import (
     IMAGE_DIRS,
@@ -64,12 +59,20 @@ from cars_tl.data.devkit import (
     stanford_root,
 )
 from cars_tl.data.images import image_size
+from cars_tl.data.label_conflicts import (
+    check_label_conflicts,
+    describe_label_conflicts,
+    drop_losses,
+    drop_warning,
+    find_conflicts,
+    manifest_fields,
+    same_label_duplicates,
+)
 
 MANIFEST_CSV = "manifest.csv"
 MANIFEST_JSON = "manifest.json"
 MANIFEST_VERSION = 2
 ORIGIN_FILE = ".cars_tl_source.json"  # inside stanford_cars/: where the data came from (written by download)
-LABEL_CONFLICT_POLICIES = ("keep", "drop")  # identical images with different labels: listed, or left out
 COLUMNS = (
     "index",
     "split",
@@ -200,16 +203,6 @@ def _clip(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int,
     return (max(1, x1), max(1, y1), min(width, x2), min(height, y2))
 
 
-def check_label_conflicts(policy: str) -> str:
-    if policy not in LABEL_CONFLICT_POLICIES:
-        raise CarsTLError(
-            f"--label-conflicts {policy!r} is not a policy; valid: {', '.join(LABEL_CONFLICT_POLICIES)} "
-            "(keep lists identical images with different labels, drop leaves them out)",
-            "cars-tl download --label-conflicts keep   (or drop)",
-        )
-    return policy
-
-
 def build_manifest(
     data_dir: Path,
     *,
@@ -332,17 +325,17 @@ def build_manifest(
         )
         raise CarsTLError("\n".join(lines), fix)
 
-    conflicts = _label_conflicts(records, shown)
+    conflicts = find_conflicts(records, shown)
     dropped, losses = 0, {}
     if policy == "drop":
         gone = {g["sha256"] for g in conflicts}
         kept = [(r, m) for r, m in zip(records, mtimes) if r.sha256 not in gone]
         dropped = len(records) - len(kept)
-        losses = _drop_losses(records, [r for r, _ in kept], class_names, splits)
+        losses = drop_losses(records, [r for r, _ in kept], class_names, splits)
         records = [dataclasses.replace(r, index=i) for i, (r, _) in enumerate(kept)]
         mtimes = [m for _, m in kept]
         origin = dict(origin, label_conflicts="drop", label_conflicts_dropped=dropped)
-    within_splits, across = _same_label_duplicates(records, splits)
+    within_splits, across = same_label_duplicates(records, splits)
 
     csv_bytes = _manifest_csv(records)
     has_boxes = bool(origin.get("boxes", True))
@@ -359,123 +352,13 @@ def build_manifest(
         "origin": origin,
         "splits": list(splits),
         "boxes": has_boxes,
-        "duplicates": {
-            "across_splits": len(across),
-            "across_splits_examples": [[a.path, b.path] for a, b in across[:10]],
-            "within_splits_same_label": within_splits,
-        },
-        "label_conflicts": {
-            "policy": policy,
-            "groups": len(conflicts),
-            "within_split": sum(g["within_split"] for g in conflicts),
-            "across_splits": sum(g["across_splits"] for g in conflicts),
-            "images": sum(len(g["images"]) for g in conflicts),
-            "dropped": dropped,
-            **losses,
-            "list": conflicts,
-        },
+        **manifest_fields(policy, conflicts, dropped, losses, within_splits, across),
         "devkit_sha256": {str(p.relative_to(root)): file_sha256(p) for p in paths.values()},
         "mtime_ns": mtimes,
     }
     atomic_write_bytes(root / MANIFEST_CSV, csv_bytes)
     atomic_write_bytes(root / MANIFEST_JSON, json.dumps(meta, indent=1).encode())
     return manifest
-
-
-def _label_conflicts(records: Sequence[Record], shown: Callable[[str], str]) -> list[dict]:
-    """Groups of byte-identical images (same SHA-256) carrying more than one label, in manifest order.
-
-    ``within_split``: two labels inside one split; ``across_splits``: a test image whose label
-    differs from a train image's. ``source`` names the file the image was imported from.
-    """
-    by_digest: dict[str, list[Record]] = {}
-    for r in records:
-        by_digest.setdefault(r.sha256, []).append(r)
-    groups = []
-    for digest, group in by_digest.items():
-        if len({r.label for r in group}) < 2:
-            continue
-        train_labels = {r.label for r in group if r.split == "train"}
-        groups.append(
-            {
-                "sha256": digest,
-                "within_split": any(len({r.label for r in group if r.split == s}) > 1 for s in SPLITS),
-                "across_splits": any(r.split == "test" and train_labels - {r.label} for r in group),
-                "images": [
-                    {"path": r.path, "split": r.split, "label": r.label, "class_name": r.class_name}
-                    | ({"source": shown(r.path)} if shown(r.path) != r.path else {})
-                    for r in group
-                ],
-            }
-        )
-    return groups
-
-
-def _drop_losses(before: Sequence[Record], after: Sequence[Record], class_names, splits) -> dict:
-    """What dropping emptied: classes left without a training image, splits left without any image."""
-    trained = {r.label for r in after if r.split == "train"}
-    lost = sorted({r.label for r in before if r.split == "train"} - trained)
-    emptied = [s for s in splits if any(r.split == s for r in before) and not any(r.split == s for r in after)]
-    return ({"classes_without_train": [class_names[i] for i in lost]} if lost else {}) | (
-        {"empty_splits": emptied} if emptied else {}
-    )
-
-
-def _drop_warning(info: dict | None) -> str | None:
-    """The warning about what ``--label-conflicts drop`` emptied (None when nothing was)."""
-    info = info if isinstance(info, dict) else {}
-    lost, emptied = info.get("classes_without_train") or [], info.get("empty_splits") or []
-    if not lost and not emptied:
-        return None
-    parts = []
-    if lost:
-        parts.append(f"{len(lost)} class{'es' if len(lost) > 1 else ''} without a training image ({_listed(lost)})")
-    if emptied:
-        parts.append(f"the {' and '.join(emptied)} split{'s' if len(emptied) > 1 else ''} without any image")
-    return (
-        f"warning: --label-conflicts drop left {' and '.join(parts)}; models cannot learn (or be tested on) "
-        "what is gone: import with --label-conflicts keep, or fix the source's duplicate files"
-    )
-
-
-def _same_label_duplicates(records: Sequence[Record], splits: Sequence[str]) -> tuple[int, list[tuple[Record, Record]]]:
-    """Identical images with the same label: extra copies within a split, and (train, test) pairs (a leak)."""
-    by_digest: dict[str, list[Record]] = {}
-    for r in records:
-        by_digest.setdefault(r.sha256, []).append(r)
-    within, across = 0, []
-    for group in by_digest.values():
-        for split in splits:
-            labels = [r.label for r in group if r.split == split]
-            within += len(labels) - len(set(labels))
-        if "test" in splits:
-            train: dict[int, Record] = {}
-            for r in group:
-                if r.split == "train":
-                    train.setdefault(r.label, r)
-            across += [(train[r.label], r) for r in group if r.split == "test" and r.label in train]
-    return within, across
-
-
-def describe_label_conflicts(info: dict | None, limit: int | None = 5) -> list[str]:
-    """Lines about the ``label_conflicts`` of a manifest.json: a count, then one line per group."""
-    if not isinstance(info, dict) or not info.get("groups"):
-        return []
-    groups = info.get("list") or []
-    fate = (
-        f"dropped: {info.get('dropped', 0)} images left out of the manifest"
-        if info.get("policy") == "drop"
-        else "kept, as in the official data and published results"
-    )
-    lines = [
-        f"{info['groups']} groups of identical images with different labels (label noise; "
-        f"{info.get('within_split', 0)} within a split, {info.get('across_splits', 0)} across splits; {fate})"
-    ]
-    for g in groups[:limit] if limit is not None else groups:
-        lines.append(" = ".join(f"{i['split']} {i['path']} ({i['class_name']})" for i in g.get("images", [])))
-    if limit is not None and len(groups) > limit:
-        lines.append(f"... {len(groups) - limit} more (manifest.json, label_conflicts)")
-    return lines
 
 
 def _manifest_csv(records: Iterable[Record]) -> bytes:
@@ -485,10 +368,6 @@ def _manifest_csv(records: Iterable[Record]) -> bytes:
     for r in records:
         writer.writerow([r.index, r.split, r.path, r.label, r.class_name, *r.box, r.width, r.height, r.bytes, r.sha256])
     return out.getvalue().encode()
-
-
-def _listed(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def load_manifest(data_dir: Path, *, check_files: bool = True) -> Manifest:
@@ -584,9 +463,9 @@ def _check_against_devkit(manifest: Manifest, rebuild: str, dropped: set[str] = 
     wrong: list[str] = []
     if class_names != manifest.class_names:
         wrong.append(f"class names differ from {paths['meta'].name}")
-    listed = set()
+    in_rows = set()
     for position, r in enumerate(manifest.records):
-        listed.add(r.path)
+        in_rows.add(r.path)
         split_row = expected.get(r.path)
         if split_row is None:
             wrong.append(f"{r.path} is not in the devkit annotations")
@@ -601,12 +480,12 @@ def _check_against_devkit(manifest: Manifest, rebuild: str, dropped: set[str] = 
             wrong.append(f"{r.path}: class name {r.class_name!r} (devkit: label {label})")
         elif r.box != _clip(row["box"], r.width, r.height):
             wrong.append(f"{r.path}: box {r.box} (devkit: {row['box']})")
-    absent = [p for p in expected if p not in listed]
+    absent = [p for p in expected if p not in in_rows]
     if absent:
-        wrong.append(f"{len(absent)} annotated images have no row: {_listed(absent, 3)}")
+        wrong.append(f"{len(absent)} annotated images have no row: {listed(absent, 3)}")
     if wrong:
         raise CarsTLError(
-            f"{root / MANIFEST_CSV} disagrees with the devkit annotations it was built from ({len(wrong)} problems): {_listed(wrong)}",
+            f"{root / MANIFEST_CSV} disagrees with the devkit annotations it was built from ({len(wrong)} problems): {listed(wrong)}",
             f"{rebuild} rebuilds it",
         )
 
@@ -628,7 +507,7 @@ def _check_images(manifest: Manifest, mtimes, rebuild: str) -> None:
             changed.append(f"{r.path} (modified after the manifest was written)")
     if changed:
         raise CarsTLError(
-            f"{len(changed)} images under {manifest.root} changed since the manifest was written: {_listed(changed)}; "
+            f"{len(changed)} images under {manifest.root} changed since the manifest was written: {listed(changed)}; "
             "features or runs made from the old images would no longer match them",
             f"{rebuild} --verify re-checks every image (SHA-256) and rebuilds the manifest (and its fingerprint, if the pixels changed)",
         )
@@ -671,6 +550,6 @@ def summary(manifest: Manifest) -> str:
     conflicts = describe_label_conflicts(meta.get("label_conflicts"), limit=0)
     if conflicts:
         text += f"\n{conflicts[0]}: listed in {manifest.root / MANIFEST_JSON} (label_conflicts) and by cars-tl inspect {manifest.root.parent}"
-    if warning := _drop_warning(meta.get("label_conflicts")):
+    if warning := drop_warning(meta.get("label_conflicts")):
         text += f"\n{warning}"
     return text

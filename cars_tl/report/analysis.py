@@ -11,6 +11,7 @@ import numpy as np
 from cars_tl.artifacts import runs
 from cars_tl.data import devkit
 from cars_tl.data import manifest as manifests
+from cars_tl.data.label_conflicts import describe_label_conflicts
 
 TOP_CLASSES = 10
 TOP_CONFUSIONS = 5
@@ -102,4 +103,4 @@ def label_noise(data_dir: Path | None, fingerprints: set[str]) -> list[str]:
         return []
     if not isinstance(meta, dict) or (fingerprints and meta.get("fingerprint") not in fingerprints):
         return []
-    return manifests.describe_label_conflicts(meta.get("label_conflicts"), limit=5)
+    return describe_label_conflicts(meta.get("label_conflicts"), limit=5)

@@ -28,6 +28,7 @@ from cars_tl.core.errors import CarsTLError
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import devkit
 from cars_tl.data import manifest as manifests
+from cars_tl.data.label_conflicts import check_label_conflicts
 from cars_tl.sources import layouts
 from cars_tl.sources.archives import uncompressed_size
 from cars_tl.sources.demo import generate_demo
@@ -103,7 +104,7 @@ def prepare_dataset(
                 f"--splits and --test-labels apply to a local copy (--source PATH), not to --source {source}",
                 "cars-tl download --source /path/to/your/copy --splits train",
             )
-    wanted = _origin(source, splits, test_labels, manifests.check_label_conflicts(label_conflicts))
+    wanted = _origin(source, splits, test_labels, check_label_conflicts(label_conflicts))
     check_mirror_urls(mirrors)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def extract_features(
     :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.data.transforms`).
     ``tta`` (none | flip), ``layers`` (final | default | A,B,...) and ``combine`` (l2 | raw): what a
     row is made of (:mod:`cars_tl.models.feature_views`). ``preset`` (study | tuned, see
-    :data:`cars_tl.stages.presets.EXTRACT`) gives resize_mode, image_size, tta and layers unless passed (None: study).
+    :func:`cars_tl.stages.presets.for_stage`) gives resize_mode, image_size, tta and layers unless passed (None: study).
     Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
 
     Under ``torchrun`` every process calls this: each extracts a contiguous, chunk-aligned shard of
@@ -89,11 +89,11 @@ def extract_features(
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
     check_number("--margin", margin, minimum=0)
-    chosen = presets.resolve(presets.EXTRACT, preset or "study", presets.EXTRACT_HINT)
-    resize_mode = chosen["resize_mode"] if resize_mode is None else resize_mode
-    image_size = chosen["image_size"] if image_size is None and preset is not None else image_size
-    tta = feature_views.check_tta(chosen["tta"] if tta is None else tta)
-    layers = chosen["layers"] if layers is None else layers
+    chosen = presets.for_stage(
+        "extract-features", preset, resize_mode=resize_mode, image_size=image_size, tta=tta, layers=layers
+    )
+    resize_mode, image_size, layers = chosen["resize_mode"], chosen["image_size"], chosen["layers"]
+    tta = feature_views.check_tta(chosen["tta"])
     manifest = manifests.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
     ctx = distributed.init(runtime.resolve_device(device))

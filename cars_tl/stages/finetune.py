@@ -66,7 +66,9 @@ RESUME_BY_TYPE = ("device",)
 
 
 def resolve_config(preset: str, **options) -> dict:
-    config = dict(presets.resolve(presets.FINETUNE, preset, **options), preset=preset)
+    """The finetune preset's options (the image shape's ``resize_mode`` and ``image_size`` among them,
+    as every image stage resolves them) with every explicit (non-None) option applied, checked."""
+    config = dict(presets.for_stage("finetune", preset, **options), preset=preset)
     if config["optimizer"] not in ("adam", "adamw", "sgd"):
         raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: adam, adamw, sgd")
     if config["augment"] not in ("none", "standard"):
@@ -150,7 +152,7 @@ def finetune(
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
-    resize_mode: str = "crop",
+    resize_mode: str | None = None,
     sync_bn: bool | None = None,
     tta: str | None = None,
     trunk_cache: str = "off",
@@ -162,7 +164,8 @@ def finetune(
     ``seed`` seeds the head's initialisation, a random backbone's (``--weights random``, unless
     ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
     validation split; the default (0) reproduces earlier runs.
-    ``resize_mode``: crop | squash | pad, for training (with the augmentation that fits it) and evaluation.
+    ``resize_mode`` (crop | squash | pad, for training, with the augmentation that fits it, and evaluation) and
+    ``image_size``: None for the preset's (:func:`cars_tl.stages.presets.for_stage`, as extract-features and build-trunk).
     ``tta``: none | flip (None: the preset's, :data:`cars_tl.stages.presets.FINETUNE_TTA`): evaluation and the saved
     predictions average the logits of each image and its mirror; recorded in the config and in the
     run's transform spec, so ``predict`` averages alike.
@@ -175,7 +178,18 @@ def finetune(
     """
     started = time.perf_counter()
     check_available(tensorboard)
-    config = resolve_config(preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, augment=augment)
+    config = resolve_config(
+        preset,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        augment=augment,
+        resize_mode=resize_mode,
+        image_size=image_size,
+    )
+    # Recorded as before (image_size beside crop; resize only when not crop): configs stay comparable.
+    resize_mode, image_size = config.pop("resize_mode"), config.pop("image_size")
     check_number("--margin", margin, minimum=0)
     config.update(
         backbone=backbone,

@@ -69,7 +69,7 @@ def fit_svm(
     cross-validation on train (seeded by ``seed``), recorded per kernel under ``search``.
     An existing run is replaced only with ``force`` (and only once the new one completes)."""
 
-    chosen = presets.resolve(presets.SVM, preset, presets.SVM_HINT, C=C, gamma=gamma, scale=scale)
+    chosen = presets.for_stage("fit-svm", preset, C=C, gamma=gamma, scale=scale)
     C, gamma, scale = svm_search.parse_C(chosen["C"]), chosen["gamma"], chosen["scale"]
     searching = C == "auto" or gamma == "cv"
 

@@ -24,7 +24,7 @@ from cars_tl.artifacts import features, runs
 from cars_tl.core.errors import CarsTLError
 from cars_tl.data import devkit
 from cars_tl.data import manifest as manifests
-from cars_tl.data.manifest import describe_label_conflicts
+from cars_tl.data.label_conflicts import describe_label_conflicts
 
 PROVENANCE = (
     "backbone",

@@ -2,6 +2,10 @@
 measured), for the head (train-head), the SVM (fit-svm), the fine-tune (finetune) and the feature
 extraction (extract-features, build-trunk). An option given explicitly wins over its preset's value.
 
+Each stage resolves its preset once, through :func:`for_stage`; the stages that read images
+(extract-features, build-trunk, finetune) and ``cars-tl paths`` (hence ``make``) take the image shape
+from the one :data:`IMAGE` table, so a preset extracts, caches and trains on the same pixels.
+
 Standard library only (no torch): ``cars-tl paths`` (and so ``make``) reads it as cheaply as the stages.
 """
 
@@ -84,14 +88,33 @@ SVM = {
 }
 SVM_HINT = "--preset study (C=1, gamma=scale: the study) or --preset tuned (--C auto --gamma cv)"
 
-# study: the paper's exact setting (resize + center crop at the weights' size, one view, the final
-# pooled output). tuned: what measured best on the real subset (benchmarks/bench_accuracy.py, README
-# "Flip and two-stage features"): squash 288 px, flip-averaged, the family's two stages.
+# The image shape (``--resize``, ``--image-size``; ``--crop`` full|box is no preset's) of every stage
+# that reads images. study: the paper's exact setting (resize + center crop at the weights' size).
+# tuned: what measured best on the real subset (benchmarks/bench_accuracy.py, README "Flip and
+# two-stage features"): squash 288 px.
+IMAGE = {
+    "study": dict(resize_mode="crop", image_size=None),
+    "tuned": dict(resize_mode="squash", image_size=288),
+}
+
+# What a feature row is made of. study: one view, the final pooled output; tuned: flip-averaged, the
+# family's two stages.
 EXTRACT = {
-    "study": dict(resize_mode="crop", image_size=None, tta="none", layers="final"),
-    "tuned": dict(resize_mode="squash", image_size=288, tta="flip", layers="default"),
+    "study": dict(tta="none", layers="final"),
+    "tuned": dict(tta="flip", layers="default"),
 }
 EXTRACT_HINT = "study (the paper's setting) or tuned (squash 288 px, flip-averaged, two stages)"
+IMAGE_HINT = "study (the paper's setting: the weights' resize + center crop) or tuned (squash 288 px)"
+
+# Each stage's tables, merged in this order: the image shape is part of every image stage's preset.
+STAGES = {
+    "train-head": (HEAD,),
+    "fit-svm": (SVM,),
+    "extract-features": (IMAGE, EXTRACT),
+    "build-trunk": (IMAGE,),
+    "finetune": (IMAGE, FINETUNE),
+}
+HINTS = {"fit-svm": SVM_HINT, "extract-features": EXTRACT_HINT, "build-trunk": IMAGE_HINT}
 
 
 def resolve(table: dict, preset: str, hint: str | None = None, **overrides) -> dict:
@@ -102,6 +125,14 @@ def resolve(table: dict, preset: str, hint: str | None = None, **overrides) -> d
     config = dict(table[preset])
     config.update({k: v for k, v in overrides.items() if v is not None})
     return config
+
+
+def for_stage(stage: str, preset: str | None, **overrides) -> dict:
+    """The preset options of ``stage`` (a key of :data:`STAGES`) under ``preset`` (None: study), every
+    explicit (non-None) override applied: for an image stage, ``resize_mode`` and ``image_size``
+    (None: the weights' own size) among them."""
+    merged = {name: {k: v for table in STAGES[stage] for k, v in table[name].items()} for name in NAMES}
+    return resolve(merged, "study" if preset is None else preset, HINTS.get(stage), **overrides)
 
 
 def pipeline_values(
@@ -122,7 +153,7 @@ def pipeline_values(
     """What ``cars-tl paths`` prints (and ``make`` reads): the preset's extraction and SVM settings
     (RESIZE, IMAGE_SIZE, SVM_C, SVM_GAMMA, SVM_SCALE; explicit values win) and every name of the
     pipeline (:func:`cars_tl.artifacts.names.pipeline`)."""
-    shape = resolve(EXTRACT, preset, EXTRACT_HINT, resize_mode=resize, image_size=image_size)
+    shape = for_stage("build-trunk", preset, resize_mode=resize, image_size=image_size)  # every image stage's
     svm = resolve(SVM, preset, SVM_HINT, C=C, gamma=gamma, scale=scale)
     values = {
         "RESIZE": shape["resize_mode"],

@@ -45,7 +45,7 @@ WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 def resolve_preset(preset: str, **overrides) -> dict:
     """The preset's settings with every non-None override applied."""
-    config = dict(presets.resolve(presets.HEAD, preset, **overrides), preset=preset)
+    config = dict(presets.for_stage("train-head", preset, **overrides), preset=preset)
     if config["optimizer"] not in OPTIMIZERS:
         raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: {', '.join(OPTIMIZERS)}")
     check_number("--lr", config["lr"], minimum=0, exclusive_minimum=True)

@@ -15,6 +15,7 @@ from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders
 from cars_tl.data import manifest as manifests
 from cars_tl.models import backbones, training, trunk, trunk_store
+from cars_tl.stages import presets
 
 
 def build_trunk(
@@ -26,7 +27,8 @@ def build_trunk(
     crop: str = "full",
     margin: float = 0.0,
     image_size: int | None = None,
-    resize_mode: str = "crop",
+    resize_mode: str | None = None,
+    preset: str | None = None,
     device: str = "auto",
     precision: str = "auto",
     storage: str = "auto",
@@ -39,19 +41,21 @@ def build_trunk(
 ) -> tuple[Path, dict]:
     """Build (or find up to date) the trunk cache of ``--unfreeze unfreeze``; returns its path and
     {action, seconds, ...}. ``seed``: a random backbone's (the default is what D under --init-head uses).
+    ``resize_mode`` and ``image_size``: None for ``preset``'s (None: study), as finetune resolves them.
     Under torchrun every process builds its shard of the chunks; rank 0 writes the file."""
     if crop not in ("full", "box"):
         raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
     check_number("--margin", margin, minimum=0)
     if batch_size < 1:
         raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
+    shape = presets.for_stage("build-trunk", preset, resize_mode=resize_mode, image_size=image_size)
     manifest = manifests.load_manifest(data_dir)
     ctx = distributed.init(runtime.resolve_device(device))
     device = ctx.device
     precision = runtime.resolve_precision(precision, device)
     runtime.prepare_device(device, precision)  # as finetune's: its fp32 is fp32 (no TF32), cuda:N selected
     workers = loaders.default_workers(device) if workers is None else workers
-    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode, seed=seed)
+    bb = backbones.build_backbone(backbone, weights, shape["image_size"], shape["resize_mode"], seed=seed)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
     model = backbones.classifier_model(bb, manifest.num_classes)
     training.set_trainable(model, unfrozen, everything=unfreeze == "all")

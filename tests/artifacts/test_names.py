@@ -52,8 +52,8 @@ def test_paths_prints_the_names_functions_give_and_imports_no_torch():
     assert values["SVM_ALL_RUN"] == str(runs / "C-svm-all-kernels-tuned")
     # The tuned preset's settings come from the presets module, not from make.
     assert (values["RESIZE"], values["IMAGE_SIZE"]) == (
-        presets.EXTRACT["tuned"]["resize_mode"],
-        str(presets.EXTRACT["tuned"]["image_size"]),
+        presets.IMAGE["tuned"]["resize_mode"],
+        str(presets.IMAGE["tuned"]["image_size"]),
     )
     assert (values["SVM_C"], values["SVM_GAMMA"], values["SVM_SCALE"]) == ("auto", "cv", "l2")
 
@@ -148,7 +148,7 @@ def test_presets_resolve_copies_and_overrides():
     with pytest.raises(CarsTLError, match="unknown --preset 'x'; valid: study, tuned"):
         presets.resolve(presets.FINETUNE, "x")
     # Every table has both presets with the same keys (a preset never silently lacks an option).
-    for table in (presets.HEAD, presets.FINETUNE, presets.SVM, presets.EXTRACT):
+    for table in (presets.HEAD, presets.FINETUNE, presets.SVM, presets.EXTRACT, presets.IMAGE):
         assert set(table) == set(presets.NAMES)
         assert set(table["study"]) == set(table["tuned"])
 

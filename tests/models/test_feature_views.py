@@ -167,7 +167,9 @@ def test_the_cache_name_changes_with_each_option(demo_dir, tmp_path):
 
 
 def test_presets_and_bad_options(demo_dir, tmp_path):
-    assert presets.EXTRACT["study"] == dict(resize_mode="crop", image_size=None, tta="none", layers="final")
+    assert presets.for_stage("extract-features", "study") == dict(
+        resize_mode="crop", image_size=None, tta="none", layers="final"
+    )
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], **BUILD)
     assert feature_views.parse_layers("default", bb) == ["layer3", "layer4"]
     assert feature_views.parse_layers(None, bb) == ["final"]

@@ -33,6 +33,7 @@ def test_study_preset_is_exactly_the_study():
         "none",
     )
     assert c["weight_decay"] == 0 and c["label_smoothing"] == 0 and c["backbone_lr_scale"] == 1.0
+    assert (c["resize_mode"], c["image_size"]) == ("crop", None)  # the weights' resize + center crop
 
 
 def test_frozen_batchnorm_statistics_never_move(demo_finetune_run):
