@@ -340,7 +340,9 @@ def test_report_over_hostile_runs_lists_them_and_stays_small(tmp_path):
     epoch = {"train_loss": 1.0, "train_acc": 50.0, "test_loss": 1.0, "test_acc": 50.0}
     too_large = {
         "history": hostile("history", history=[{"epoch": e, **epoch} for e in range(1, 10_002)]),
-        "classes": hostile("classes", class_names=[f"Make{i % 50} M{i}" for i in range(10_001)]),
+        "classes": hostile(
+            "classes", class_names=[f"Make{i % 50} M{i}" for i in range(catalog.MAX_ENTRIES["class_names"] + 1)]
+        ),
         "k values": hostile("k-values", kind="knn", k_results={str(k): {"k": k, "test_acc": 1.0} for k in range(1001)}),
         "name": hostile("name", name="x" * 20_001),
         "preset": hostile("preset", config={**good["config"], "preset": "p" * 20_001}),
