@@ -120,7 +120,7 @@ RESUME_HINTS = {
     # These stages start over: their interrupted run directory (kept to show what happened) is replaced with --force.
     **{
         stage: f"rerun the same cars-tl {stage} command with --force: the interrupted run is replaced"
-        for stage in ("train-head", "fit-svm", "knn")
+        for stage in ("train-head", "fit-svm", "knn", "calibrate")
     },
 }
 
@@ -889,6 +889,40 @@ def knn(
     for r in metrics["k_results"].values():
         stdout.print(f"k={r['k']:<4} test acc {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%")
     stdout.print(f"knn run {run_dir}: T={temperature}, {metrics['wall_time_s']:.1f} s")
+
+
+@command("calibrate")
+def calibrate(
+    run: Annotated[
+        Path, typer.Option("--run", metavar="RUN_DIR", help="A train-head or finetune run with a validation split.")
+    ],
+    data_dir: DataDir = Path("data"),
+    workers: Annotated[int | None, typer.Option(help="Image decoding threads (finetune runs).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (default: RUN_DIR's name + -calibrated).")
+    ] = None,
+    artifacts: Artifacts = Path("artifacts"),
+):
+    """Temperature scaling: fit T on the run's validation logits; ECE and NLL before and after, a reliability diagram."""
+    from cars_tl.console import out as stdout
+    from cars_tl.console import progress
+    from cars_tl.stages.calibrate import calibrate as run_calibrate
+
+    run_dir, metrics = run_calibrate(
+        run, data_dir=data_dir, out=out, artifacts=artifacts, workers=workers, force=force, progress=progress()
+    )
+    c = metrics["calibration"]
+    for split in ("validation", "test"):
+        if c[split]:
+            n = c[split]
+            stdout.print(
+                f"{split} ({n['images']} images): NLL {n['nll_before']:.4f} -> {n['nll_after']:.4f}, "
+                f"ECE {100 * n['ece_before']:.2f}% -> {100 * n['ece_after']:.2f}%"
+            )
+    stdout.print(f"calibrated run {run_dir}: T={c['temperature']:.4f}")
+    if c.get("note"):
+        stdout.print(f"note: {c['note']}")
 
 
 @command("paths")

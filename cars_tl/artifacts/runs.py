@@ -17,7 +17,7 @@ place so that ``--resume`` finds it.)
 
 ``metrics.json`` (format_version 1)::
 
-    kind            "head" | "svm" | "finetune" | "knn"
+    kind            "head" | "svm" | "finetune" | "knn" | "calibrated" (calibrate: the base run's logits / T)
     name, status    "running" until the run ends, then "complete" ("failed" or "interrupted" with
                     an ``error``; a run killed outright stays "running")
     created, finished, wall_time_s, device, device_name, versions
@@ -102,6 +102,7 @@ RUN_KINDS: dict[str, RunKind] = {
         RunKind("svm", "fit-svm", "decision score", on_features=True, keeps_model=True, resumes=False),
         RunKind("finetune", "finetune", "probability", on_features=False, keeps_model=True, resumes=True),
         RunKind("knn", "knn", "vote share", on_features=True, keeps_model=False, resumes=False),
+        RunKind("calibrated", "calibrate", "probability", on_features=False, keeps_model=True, resumes=False),
     )
 }
 KINDS = tuple(RUN_KINDS)
@@ -295,6 +296,8 @@ def rerun_hint(run_dir: Path, metrics: dict) -> str:
     kind = RUN_KINDS.get(metrics.get("kind"))
     if kind is not None and kind.resumes:
         return f"continue it: rerun the cars-tl {kind.stage} command that made it, with --resume (--out {run_dir})"
+    if kind is not None and kind.name == "calibrated":
+        return f"calibrate it again: cars-tl calibrate --run {(metrics.get('config') or {}).get('run')} --out {run_dir} --force"
     features = (metrics.get("config") or {}).get("features") or "F.h5"
     return f"fit it again: cars-tl {kind.stage if kind else 'STAGE'} --features {features} --out {run_dir} --force"
 

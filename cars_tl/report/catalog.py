@@ -130,6 +130,13 @@ KIND_VIEWS: dict[str, KindView] = {
             f"{(m.get('config') or {}).get('preset', '')}, unfreeze {(m.get('config') or {}).get('unfreeze')}"
         ),
     ),
+    "calibrated": KindView(
+        group=lambda m: "calibrated",
+        setting=lambda m: (
+            f"T={(m.get('calibration') or {}).get('temperature')} of {(m.get('config') or {}).get('run')}"
+        ),
+        label=lambda m: f"T={(m.get('calibration') or {}).get('temperature')}",
+    ),
 }
 
 
