@@ -11,7 +11,7 @@ The public Python API is re-exported here lazily (PEP 562), so ``import cars_tl`
 - ``load_run(run_dir)``: a run rebuilt for inference (its model, preprocessing, class names).
 - ``read_metrics(run_dir)``: a run's metrics.json, validated.
 - every stage as a plain function: ``prepare_dataset``, ``extract_features``, ``train_head``,
-  ``fit_svm``, ``run_knn``, ``finetune``, ``build_trunk``, ``predict``, ``predict_split``,
+  ``fit_svm``, ``run_knn``, ``finetune``, ``build_trunk``, ``calibrate``, ``predict``, ``predict_split``,
   ``measure_sparsity``, ``build_report``, ``inspect_paths``, ``track``.
 """
 
@@ -34,6 +34,7 @@ _API = {
     "run_knn": ("cars_tl.stages.knn", "run_knn"),
     "finetune": ("cars_tl.stages.finetune", "finetune"),
     "build_trunk": ("cars_tl.stages.trunk_cache", "build_trunk"),
+    "calibrate": ("cars_tl.stages.calibrate", "calibrate"),
     "predict": ("cars_tl.stages.predict", "predict"),
     "predict_split": ("cars_tl.stages.predict", "predict_split"),
     "measure_sparsity": ("cars_tl.stages.sparsity", "measure"),

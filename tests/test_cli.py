@@ -23,6 +23,7 @@ COMMANDS = (
     "fit-svm",
     "knn",
     "finetune",
+    "calibrate",
     "predict",
     "sparsity",
     "report",

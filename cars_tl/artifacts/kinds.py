@@ -69,6 +69,17 @@ define(RunKind("head", "train-head", "probability", on_features=True, keeps_mode
 define(RunKind("svm", "fit-svm", "decision score", on_features=True, keeps_model=True, resumes=False))
 define(RunKind("finetune", "finetune", "probability", on_features=False, keeps_model=True, resumes=True))
 define(RunKind("knn", "knn", "vote share", on_features=True, keeps_model=False, resumes=False))
+define(
+    RunKind(
+        "calibrated",
+        "calibrate",
+        "probability",
+        on_features=False,
+        keeps_model=True,
+        resumes=False,
+        rerun="calibrate it again: cars-tl calibrate --run {run} --out {run_dir} --force",
+    )
+)
 
 # The kinds built in (a snapshot: checks read RUN_KINDS, which a later define() extends).
 KINDS = tuple(RUN_KINDS)

@@ -17,7 +17,7 @@ place so that ``--resume`` finds it.)
 
 ``metrics.json`` (format_version 1)::
 
-    kind            "head" | "svm" | "finetune" | "knn" (:mod:`cars_tl.artifacts.kinds`)
+    kind            "head" | "svm" | "finetune" | "knn" | "calibrated" (:mod:`cars_tl.artifacts.kinds`)
     name, status    "running" until the run ends, then "complete" ("failed" or "interrupted" with
                     an ``error``; a run killed outright stays "running")
     created, finished, wall_time_s, device, device_name, versions

@@ -13,6 +13,7 @@ from cars_tl.cli import (  # noqa: E402, F401  isort: skip
     train_head,
     fit_svm,
     finetune,
+    calibrate,
     build_trunk,
     predict,
     sparsity,

@@ -26,14 +26,16 @@ finetune trains and scores it, and scores whole (its head too) under the run's a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from cars_tl.artifacts import kinds, runs
+from cars_tl.artifacts import features, kinds, runs
 from cars_tl.core import runtime
-from cars_tl.core.errors import CarsTLError
+from cars_tl.core.atomic import file_sha256
+from cars_tl.core.errors import CarsTLError, parse_json
 from cars_tl.data import loaders, transforms
 from cars_tl.data.images import crop_box
 from cars_tl.models import backbones, feature_views
@@ -61,6 +63,9 @@ class LoadedRun:
     )
     # image batch -> feature rows as recorded (views, stages); None: extraction's body, prepared on first use
     feature_body: torch.nn.Module | None = None
+    # The logits ``score`` and ``forward`` softmax (head, finetune; None for an SVM): what calibrate divides by T.
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> logits
+    forward_logits: Callable[[torch.Tensor], torch.Tensor] | None = None  # finetune: image batch -> logits
 
     def tensor(self, image, box: tuple[int, int, int, int] | None = None, boxed: bool = False) -> torch.Tensor:
         """``image`` (PIL, the full picture) preprocessed as the run was trained: its box cut with
@@ -156,6 +161,7 @@ def _load_finetune(run_dir: Path, metrics: dict, model_path: Path, recorded: dic
         ) from None
     model.eval()
     model.to(memory_format=torch.channels_last)  # finetune's layout: contiguous weights score otherwise in bf16
+    tta = feature_views.options(spec)["tta"]
     return LoadedRun(
         run_dir,
         metrics["name"],
@@ -166,8 +172,10 @@ def _load_finetune(run_dir: Path, metrics: dict, model_path: Path, recorded: dic
         lambda f: model.head(f).softmax(1),
         kinds.RUN_KINDS["finetune"].score_kind,
         **recorded,
-        forward=lambda x: feature_views.view_mean(model, x, feature_views.options(spec)["tta"]).float().softmax(1),
+        forward=lambda x: feature_views.view_mean(model, x, tta).float().softmax(1),
         feature_body=feature_views.for_spec(model.body, spec),  # unfolded, as finetune evaluates
+        logits=model.head,
+        forward_logits=lambda x: feature_views.view_mean(model, x, tta).float(),
     )
 
 
@@ -197,6 +205,7 @@ def _load_head(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, c
         lambda f: head(f).softmax(1),
         kinds.RUN_KINDS["head"].score_kind,
         **recorded,
+        logits=head,
     )
 
 
@@ -229,5 +238,91 @@ def _load_svm(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, ca
     )
 
 
+TEMPERATURE_FILE = "temperature.json"  # a calibrated run's model file: {"temperature", "base_run", "base_model_sha256"}
+
+
+def read_temperature(run_dir: Path) -> dict:
+    """A calibrated run's temperature file, checked: a finite T > 0 and the base run it scales."""
+    path = Path(run_dir) / TEMPERATURE_FILE
+    hint = f"calibrate the base run again: cars-tl calibrate --run BASE_RUN --out {run_dir} --force"
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as exc:
+        raise CarsTLError(f"{path} cannot be read: {exc}", hint) from None
+    record = parse_json(text, str(path), hint)
+    t = record.get("temperature") if isinstance(record, dict) else None
+    if (
+        not isinstance(t, (int, float))
+        or isinstance(t, bool)
+        or not math.isfinite(t)
+        or t <= 0
+        or not isinstance(record.get("base_run"), str)
+    ):
+        raise CarsTLError(f"{path} holds no positive finite temperature and base run path: {text[:200]!r}", hint)
+    return record
+
+
+@kinds.loader("calibrated")
+def _load_calibrated(run_dir: Path, metrics: dict, model_path: Path, recorded: dict, cache: dict) -> LoadedRun:
+    record = read_temperature(run_dir)
+    base_dir = Path(record["base_run"])
+    base = load_run(base_dir, cache)
+    if base.logits is None or base.kind == "calibrated":
+        raise CarsTLError(f"{run_dir} scales {base_dir}, a {base.kind} run: only head and finetune runs have logits")
+    if file_sha256(runs.model_file(base_dir)) != record.get("base_model_sha256"):
+        raise CarsTLError(
+            f"{run_dir} was calibrated on another model than the one now in {base_dir} (its model file changed)",
+            f"calibrate it again: cars-tl calibrate --run {base_dir} --out {run_dir} --force",
+        )
+    t, logits, forward_logits = float(record["temperature"]), base.logits, base.forward_logits
+    return dataclasses.replace(
+        base,
+        run_dir=run_dir,
+        name=metrics["name"],
+        kind="calibrated",
+        score=lambda f: (logits(f) / t).softmax(1),
+        logits=lambda f: logits(f) / t,
+        forward=None if forward_logits is None else lambda x: (forward_logits(x) / t).softmax(1),
+        forward_logits=None if forward_logits is None else lambda x: forward_logits(x) / t,
+    )
+
+
 # The loaders by kind, as registered above (the old table's name; the kind records hold them).
 LOADERS = {k.name: k.loader for k in kinds.RUN_KINDS.values() if k.loader is not None}
+
+
+def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path("data")):
+    """The ``split`` arrays of the feature cache a head or SVM run was trained on, checked against
+    what the run recorded: its per-split checksums, or the file's SHA-256 for runs that predate them."""
+
+    recorded = (metrics.get("inputs") or {}).get("features") or {}
+    path = Path(recorded.get("path") or "?")
+    b = metrics["backbone"]
+    extract = (
+        f"cars-tl extract-features --data-dir {data_dir} --backbone {b['backbone']} --weights {b['weights']} "
+        f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {transforms.resize_mode(b['transform'])} "
+        f"--image-size {b['transform']['crop']} --precision {b.get('precision', 'fp32')} --out {path}"
+    )
+    if not path.is_file():
+        raise CarsTLError(
+            f"{run_dir} is scored from the feature cache it was trained on, {path}, and that file is gone",
+            f"put the cache back at {path}, or re-extract it (the same features on the same hardware): {extract}",
+        )
+    arrays = features.load(path, (split,)).split(split)
+    digests = (recorded.get("splits") or {}).get(split)
+    if digests:
+        same = digests.get("features_sha256") == features.content_digest(arrays.features) and digests.get(
+            "ids_sha256"
+        ) == features.content_digest(arrays.ids)
+        what = f"its {split} features differ from the ones the run recorded (SHA-256)"
+    else:
+        same = file_sha256(path) == recorded.get("sha256")
+        what = "the file's SHA-256 differs from the one the run recorded"
+    if not same:
+        stage = runs.RUN_KINDS[metrics["kind"]].stage
+        raise CarsTLError(
+            f"{path} is not the feature cache {run_dir} was trained on: {what}",
+            f"put the original cache back at {path} (or re-extract it: {extract}), "
+            f"or retrain the run on this one: cars-tl {stage} --features {path} --out {run_dir} --force (with the run's options)",
+        )
+    return arrays

@@ -135,6 +135,16 @@ kinds.register(
         ),
     ),
 )
+kinds.register(
+    "calibrated",
+    view=KindView(
+        group=lambda m: "calibrated",
+        setting=lambda m: (
+            f"T={(m.get('calibration') or {}).get('temperature')} of {(m.get('config') or {}).get('run')}"
+        ),
+        label=lambda m: f"T={(m.get('calibration') or {}).get('temperature')}",
+    ),
+)
 # The views by kind, as registered above (the old table's name; the kind records hold them).
 KIND_VIEWS: dict[str, KindView] = {k.name: k.view for k in kinds.RUN_KINDS.values() if k.view is not None}
 

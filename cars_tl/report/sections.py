@@ -206,6 +206,54 @@ def knn(ctx: Context) -> Section:
     )
 
 
+CALIBRATION_COLUMNS = ("run", "base run", "T", "validation images", "test NLL", "test ECE % (15 bins)", "note")
+
+
+def _percent(fraction) -> str:
+    """A fraction read from a run's metrics as a percentage (anything not a number as it is)."""
+    return (
+        fmt(100 * fraction) if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else fmt(fraction)
+    )
+
+
+@section
+def calibration(ctx: Context) -> Section:
+    """Calibrated runs (cars-tl calibrate): T, test NLL and ECE before -> after, each run's reliability diagram."""
+    shown = [m for m in ctx.complete if m.get("kind") == "calibrated"]
+    if not shown:
+        return Section()
+    rows, pictures = [], []
+    for m in shown:
+        c = m.get("calibration") or {}
+        test, val = c.get("test") or {}, c.get("validation") or {}
+        rows.append(
+            {
+                "run": m["name"],
+                "base run": str((m.get("config") or {}).get("run")),
+                "T": fmt(c.get("temperature"), 4),
+                "validation images": fmt(val.get("images")),
+                "test NLL": f"{fmt(test.get('nll_before'), 4)} → {fmt(test.get('nll_after'), 4)}",
+                "test ECE % (15 bins)": " → ".join(_percent(test.get(k)) for k in ("ece_before", "ece_after")),
+                "note": str(c.get("note") or ""),
+            }
+        )
+        diagram = Path(m["run_dir"]) / "reliability.png"
+        if diagram.is_file():
+            pictures.append((m["name"], diagram))
+    note = "Temperature scaling fitted on each base run's validation split; ECE: top-1 confidence in 15 equal bins."
+    out = Section(
+        md=["", "## Calibration", "", md(note), "", md_table(CALIBRATION_COLUMNS, rows)],
+        html=["<h2 id='calibration'>Calibration</h2>", f"<p>{esc(note)}</p>", html_table(CALIBRATION_COLUMNS, rows)],
+        toc=[("calibration", "calibration")],
+    )
+    for name, path in pictures:
+        out.md += ["", f"![reliability diagram: {md(name)}]({relative(path, ctx.out)})"]
+        out.html.append(
+            f"<details><summary>Reliability diagram: {esc(name)}</summary>{png(path, 'reliability: ' + name)}</details>"
+        )
+    return out
+
+
 @section
 def curves(ctx: Context) -> Section:
     out = Section(toc=[("curves", "curves")])  # in the contents even without curves, as before

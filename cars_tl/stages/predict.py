@@ -14,17 +14,16 @@ from pathlib import Path
 
 import torch
 
-from cars_tl.artifacts import features, runs
+from cars_tl.artifacts import runs
 from cars_tl.core import locks
-from cars_tl.core.atomic import file_sha256
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.locks import reads
 from cars_tl.core.progress import NULL
-from cars_tl.data import devkit, loaders, transforms
+from cars_tl.data import devkit, loaders
 from cars_tl.data import manifest as manifests
 from cars_tl.data.images import open_image
 from cars_tl.models import knn
-from cars_tl.models.inference import load_run
+from cars_tl.models.inference import cached_split, load_run
 from cars_tl.models.training import score_batches
 
 
@@ -177,40 +176,3 @@ def _score_images(m, metrics: dict, manifest, split: str, workers: int, task):
     dataset = loaders.eval_dataset(manifest, split, m.spec, "cpu", m.crop, m.margin)
     loader = loaders.eval_loader(dataset, range(len(dataset)), per_rank * 2, workers, "cpu", m.spec)
     return score_batches(m.forward, loader, dataset.records, "cpu", m.precision_used, m.spec, progress=task)
-
-
-def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path("data")):
-    """The ``split`` arrays of the feature cache a head or SVM run was trained on, checked against
-    what the run recorded: its per-split checksums, or the file's SHA-256 for runs that predate them."""
-
-    recorded = (metrics.get("inputs") or {}).get("features") or {}
-    path = Path(recorded.get("path") or "?")
-    b = metrics["backbone"]
-    extract = (
-        f"cars-tl extract-features --data-dir {data_dir} --backbone {b['backbone']} --weights {b['weights']} "
-        f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {transforms.resize_mode(b['transform'])} "
-        f"--image-size {b['transform']['crop']} --precision {b.get('precision', 'fp32')} --out {path}"
-    )
-    if not path.is_file():
-        raise CarsTLError(
-            f"{run_dir} is scored from the feature cache it was trained on, {path}, and that file is gone",
-            f"put the cache back at {path}, or re-extract it (the same features on the same hardware): {extract}",
-        )
-    arrays = features.load(path, (split,)).split(split)
-    digests = (recorded.get("splits") or {}).get(split)
-    if digests:
-        same = digests.get("features_sha256") == features.content_digest(arrays.features) and digests.get(
-            "ids_sha256"
-        ) == features.content_digest(arrays.ids)
-        what = f"its {split} features differ from the ones the run recorded (SHA-256)"
-    else:
-        same = file_sha256(path) == recorded.get("sha256")
-        what = "the file's SHA-256 differs from the one the run recorded"
-    if not same:
-        stage = runs.RUN_KINDS[metrics["kind"]].stage
-        raise CarsTLError(
-            f"{path} is not the feature cache {run_dir} was trained on: {what}",
-            f"put the original cache back at {path} (or re-extract it: {extract}), "
-            f"or retrain the run on this one: cars-tl {stage} --features {path} --out {run_dir} --force (with the run's options)",
-        )
-    return arrays

@@ -44,7 +44,7 @@ def test_a_new_kind_is_one_record_plus_its_loader_and_its_view(toy_kind, tmp_pat
     runs.write_metrics(run_dir, metrics)
 
     assert runs.read_metrics(run_dir)["kind"] == "toy"  # the artifacts layer knows it
-    assert runs.stages_of() == "train-head, fit-svm, finetune, knn or toy-stage"
+    assert runs.stages_of() == "train-head, fit-svm, finetune, knn, calibrate or toy-stage"
     assert inference.load_run(run_dir) == ("toy loaded", "head.pt")  # dispatched to its registered loader
     complete, _ = catalog.gather(artifacts)
     assert [catalog.model_group(m) for m in complete] == ["T"]

@@ -220,7 +220,7 @@ def test_every_run_kind_that_keeps_a_model_has_a_loader():
     assert set(inference.LOADERS) == {k.name for k in runs.RUN_KINDS.values() if k.keeps_model}
     assert all((k.loader is not None) == k.keeps_model for k in runs.RUN_KINDS.values())  # on the kind's record
     assert runs.SCORE_KINDS == ("probability", "decision score", "vote share")
-    assert runs.stages_of() == "train-head, fit-svm, finetune or knn"
+    assert runs.stages_of() == "train-head, fit-svm, finetune, knn or calibrate"
 
 
 def test_predict_top1_equals_the_svm_on_real_images(demo_svm_run, demo_dir):
