@@ -312,3 +312,40 @@ def restore_optimizer(state: dict, opt, scheduler, scaler) -> None:
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+
+
+def sync_batchnorm_wanted(model, config: dict, sync_bn: bool | None, ctx) -> bool:
+    """SyncBatchNorm where it changes something: several processes, and BatchNorm layers whose
+    statistics train (not frozen, not kept from pretraining). Auto (``None``) turns it on for CUDA
+    jobs, so that the global batch means for BatchNorm what it means for the gradient: the same
+    statistics as one process with that batch. On the CPU torch has no SyncBatchNorm, so auto
+    leaves each process its own share's statistics (recorded in metrics.json)."""
+    if not ctx.active or sync_bn is False:
+        return False
+    trains = not config["freeze_bn_stats"] and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())
+        for m in model.modules()
+    )
+    if sync_bn is None:
+        return trains and ctx.device.startswith("cuda")
+    return trains or sync_bn
+
+
+def load_init_head(model, head_file: Path) -> None:
+    state = runs.load_checkpoint(head_file)
+    want = tuple(model.head.weight.shape)
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} if isinstance(state, dict) else {}
+    if set(shapes) != {"weight", "bias"} or shapes["weight"] != want or shapes["bias"] != want[:1]:
+        found = ", ".join(f"{k} {s}" for k, s in shapes.items()) if shapes else f"a {type(state).__name__}"
+        raise CarsTLError(
+            f"--init-head: {head_file} is not a head for this model: it holds {found}, "
+            f"this model's head is weight {want} and bias {want[:1]}",
+            "retrain the head on this backbone's features: cars-tl train-head --features F.h5 --force",
+        )
+    bad = [k for k in ("weight", "bias") if not torch.isfinite(state[k]).all()]
+    if bad:
+        raise CarsTLError(
+            f"--init-head: {head_file} holds NaN or Inf in its {' and '.join(bad)}; fine-tuning from it would diverge at once",
+            f"retrain the head: cars-tl train-head --features F.h5 --out {head_file.parent} --force",
+        )
+    model.head.load_state_dict(state)
