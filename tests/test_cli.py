@@ -211,7 +211,7 @@ def test_the_cli_choices_are_the_librarys():
     from cars_tl.artifacts import trunks
     from cars_tl.core import runtime
     from cars_tl.data import transforms
-    from cars_tl.data.manifest import LABEL_CONFLICT_POLICIES
+    from cars_tl.data.label_conflicts import POLICIES as LABEL_CONFLICT_POLICIES
     from cars_tl.models import feature_views
     from cars_tl.models.svm import kernels, model
     from cars_tl.stages import presets

@@ -44,7 +44,7 @@ def download(
         ),
     ] = False,
     label_conflicts: Annotated[
-        Literal["keep", "drop"],  # data.manifest.LABEL_CONFLICT_POLICIES
+        Literal["keep", "drop"],  # data.label_conflicts.POLICIES
         typer.Option(
             "--label-conflicts",
             help=(

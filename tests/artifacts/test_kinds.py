@@ -71,20 +71,21 @@ def test_a_kind_is_defined_once_and_each_part_registered_once():
         kinds.register("head", view=catalog.KindView(group=str, setting=str, label=str))
     with pytest.raises(ValueError, match="no run kind 'nope'"):
         kinds.register("nope", loader=print)
-    assert set(kinds.RUN_KINDS) == {"head", "svm", "finetune", "knn"}
+    assert set(kinds.RUN_KINDS) == {"head", "svm", "finetune", "knn", "calibrated"}
 
 
 def test_every_kind_carries_its_parts_and_hints():
     from cars_tl import cli
+    from cars_tl.cli.app import RESUME_HINTS
 
     commands = {c.name for c in cli.app.registered_commands}
     for kind in kinds.RUN_KINDS.values():
         assert kind.stage in commands, kind.name
         assert kind.view is catalog.KIND_VIEWS[kind.name]
         assert (kind.loader is not None) == kind.keeps_model, kind.name
-        assert cli.RESUME_HINTS[kind.stage] == kind.interrupted_hint
+        assert RESUME_HINTS[kind.stage] == kind.interrupted_hint
     # the texts users saw before the kinds were records
-    assert cli.RESUME_HINTS["finetune"] == (
+    assert RESUME_HINTS["finetune"] == (
         "rerun the same cars-tl finetune command with --resume to continue from the last complete epoch"
     )
     assert runs.rerun_hint(Path("D"), {"kind": "svm", "config": {"features": "f.h5"}}) == (

@@ -151,6 +151,8 @@ def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
         run,
         "--lr",
         "0.01",
+        "--trunk-cache",  # the images: no cache written into the working folder, one phase to interrupt
+        "off",
     ]
     proc = subprocess.Popen(
         [*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env()

@@ -239,11 +239,10 @@ import os, sys, time
 from pathlib import Path
 from cars_tl.core import locks
 with locks.reader_lock(Path(sys.argv[1]), "finetune"), locks.writer_lock(Path(sys.argv[2]), "finetune"):
-    child = os.fork()
-    if child == 0:  # a DataLoader worker, still busy when its parent is killed
+    if os.fork() == 0:  # a DataLoader worker, still busy when its parent is killed
+        print(os.getpid(), flush=True)  # said by the child: its fork handlers have run
         time.sleep(60)
         os._exit(0)
-    print(child, flush=True)
     time.sleep(60)
 """
 
