@@ -155,7 +155,14 @@ def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
         "off",
     ]
     proc = subprocess.Popen(
-        [*CLI, *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env()
+        [*CLI, *map(str, args), "--force"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+        # Ctrl-C as a terminal sends it: a child inherits an ignored SIGINT (something earlier in the suite
+        # ignores it in this process), and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     staging = run.with_name(f".{run.name}.next")
     deadline = time.time() + 600  # a loaded machine can take minutes to import torch
