@@ -3,6 +3,8 @@
 Every training stage writes ``artifacts/runs/<name>/``::
 
     metrics.json     what the run is and how it went (below); rewritten atomically every epoch
+    config.toml      the options the stage was called with, as the command's options (rerun:
+                     ``cars-tl <stage> --config RUN/config.toml --out NEW``; :mod:`cars_tl.artifacts.run_config`)
     status.json      the status alone, in a small file rewritten in place: when metrics.json cannot be
                      rewritten (a full disk), a failure still shows here, and read_metrics honours it
     <model file>     head.pt (train-head), svm.skops (fit-svm), model.pt (finetune); knn has none
@@ -71,7 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import kinds, names
+from cars_tl.artifacts import kinds, names, run_config
 
 # The run kinds live in artifacts.kinds; their old names here keep working.
 from cars_tl.artifacts.kinds import KINDS, RUN_KINDS, SCORE_KINDS, RunKind, rerun_hint, stages_of  # noqa: F401
@@ -119,11 +121,13 @@ def writing_run(run_dir: Path, stage: str, *, force: bool = False, resume: bool 
             for stale in run_dir.glob(".*.tmp-*") if run_dir.is_dir() else ():
                 stale.unlink(missing_ok=True)  # a dead writer's temporaries (we hold the lock)
             run_dir.mkdir(parents=True, exist_ok=True)
+            run_config.write_current(run_dir)
             yield run_dir
             return
         staging = run_dir.with_name(f".{run_dir.name}.next")
         staging.mkdir(parents=True)
         try:
+            run_config.write_current(staging)
             yield staging
         except BaseException as exc:
             import shutil

@@ -168,3 +168,19 @@ TensorBoard = Annotated[
         "view: tensorboard --logdir DIR).",
     ),
 ]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="Read options from this TOML file (a run's config.toml, or --print-config's output); options given on "
+        "the command line win.",
+        show_default=False,
+    ),
+]
+PrintConfig = Annotated[
+    bool,
+    typer.Option(
+        "--print-config", help="Print the effective options (command line, --config, defaults) as TOML and exit."
+    ),
+]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars_tl.artifacts import runs
+from cars_tl.artifacts import run_config, runs
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text, file_sha256
 from cars_tl.core.errors import CarsTLError
@@ -166,6 +166,7 @@ def _diagram(path: Path, logits, labels, temperature: float, title: str) -> None
     plt.close(fig)
 
 
+@run_config.recorded("calibrate")
 def calibrate(
     run: Path,
     *,

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from cars_tl.artifacts import embeddings, names, runs
+from cars_tl.artifacts import embeddings, names, run_config, runs
 from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.locks import reads
@@ -127,6 +127,7 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
 
 
 @reads("finetune", lambda a: [devkit.stanford_root(a["data_dir"])])  # download cannot swap the data folder meanwhile
+@run_config.recorded("finetune", names={"resize_mode": "resize"})
 def finetune(
     data_dir: Path = Path("data"),
     *,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import names, runs
+from cars_tl.artifacts import names, run_config, runs
 from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.progress import NULL, Progress
@@ -44,6 +44,7 @@ from cars_tl.stages import presets
 # --------------------------------------------------------------------------- the stage
 
 
+@run_config.recorded("fit-svm", names={"features_path": "features"})
 def fit_svm(
     features_path: Path,
     *,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cars_tl.artifacts import names, runs
+from cars_tl.artifacts import names, run_config, runs
 from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError, check_number
@@ -63,6 +63,7 @@ def _metrics_of(votes: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+@run_config.recorded("knn", names={"features_path": "features", "ks": "k"})
 def run_knn(
     features_path: Path,
     *,

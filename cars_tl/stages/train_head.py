@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cars_tl.artifacts import names, runs
+from cars_tl.artifacts import names, run_config, runs
 from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
@@ -155,6 +155,7 @@ def _fold_standardization(head: torch.nn.Linear, mean: torch.Tensor, std: torch.
     return {"weight": weight.contiguous(), "bias": bias.contiguous()}
 
 
+@run_config.recorded("train-head", names={"features_path": "features"})
 def train_head(
     features_path: Path,
     *,
