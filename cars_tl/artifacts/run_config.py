@@ -15,8 +15,10 @@ An option left unset (``None``: "the preset's") is absent. A run's ``config.toml
 was called with, as the command's options: not ``--force``/``--resume`` (how to write, not what), and
 with the preset unresolved (the preset is recorded, so rerunning resolves it the same way).
 
-The stages mark themselves with :func:`recorded`; :func:`write_current` (called by
-:func:`cars_tl.artifacts.runs.writing_run`) writes the options of the stage call in progress.
+The stages mark themselves with :func:`recorded`; :func:`write_current` writes the options of the stage
+call in progress: :func:`cars_tl.artifacts.runs.writing_run` when a new run starts (so an interrupted run
+has it too) and :func:`cars_tl.artifacts.runs.finish` when a run completes (a resumed run's options
+replace the file only then: a refused ``--resume`` changes nothing).
 
 No torch here: the CLI reads this module for ``--help``-free option parsing.
 """

@@ -121,7 +121,10 @@ def writing_run(run_dir: Path, stage: str, *, force: bool = False, resume: bool 
             for stale in run_dir.glob(".*.tmp-*") if run_dir.is_dir() else ():
                 stale.unlink(missing_ok=True)  # a dead writer's temporaries (we hold the lock)
             run_dir.mkdir(parents=True, exist_ok=True)
-            run_config.write_current(run_dir)
+            if (
+                not exists
+            ):  # a resumed run's options are written when it completes (finish): a refused resume changes nothing
+                run_config.write_current(run_dir)
             yield run_dir
             return
         staging = run_dir.with_name(f".{run_dir.name}.next")
@@ -192,6 +195,7 @@ def _jsonable(value):
 
 def finish(run_dir: Path, metrics: dict, started: float) -> dict:
     metrics.update(status="complete", finished=now(), wall_time_s=round(time.perf_counter() - started, 3))
+    run_config.write_current(run_dir)
     write_metrics(run_dir, metrics)
     return metrics
 
