@@ -457,6 +457,29 @@ def tuned_finetune_args(data_dir: Path, weights: Path, out: Path, *extra: str) -
     ]
 
 
+def extract_args(data_dir: Path, out: Path) -> list[str]:
+    """extract-features with the TINY network, batch 16: the argv the distributed tests launch."""
+    return [
+        "extract-features",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        TINY["backbone"],
+        "--weights",
+        TINY["weights"],
+        "--image-size",
+        str(TINY["image_size"]),
+        "--precision",
+        TINY["precision"],
+        "--workers",
+        "0",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
     children: dict[int, list[int]] = {}
