@@ -7,12 +7,30 @@ when they are absent. Nothing is ever written into ``../shared``.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 from helpers import SHARED_MINI, TINY
 
 os.environ.setdefault("TORCH_HOME", str(Path(__file__).resolve().parent / ".torch-home-unused"))
+
+# SIGINT's handler as pytest started: default_int_handler from a terminal, SIG_IGN when pytest runs as a
+# background job of a non-interactive shell (`make test &`, `bash -c "pytest ... &"`): such a shell ignores
+# SIGINT for its background jobs, and every child a test starts inherits that (the Ctrl-C test gives its
+# child the default action itself).
+SIGINT_AT_START = signal.getsignal(signal.SIGINT)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_kept():
+    """Fails the test that changes SIGINT's handler in the pytest process (its children would inherit an
+    ignored SIGINT), and puts it back so the tests after it are unaffected."""
+    yield
+    now = signal.getsignal(signal.SIGINT)
+    if now is not SIGINT_AT_START:
+        signal.signal(signal.SIGINT, SIGINT_AT_START)
+        pytest.fail(f"this test left SIGINT's handler at {now!r} (it was {SIGINT_AT_START!r}); restore it")
 
 
 @pytest.fixture(scope="session")

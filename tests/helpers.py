@@ -8,6 +8,7 @@ Tests import these (``from helpers import ...``); fixtures stay in ``conftest.py
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.util
 import json
 import os
@@ -183,6 +184,24 @@ def toy_cache(tmp_path, x_train, y_train, x_test, y_test):
     }
     split = lambda x, y: features.SplitArrays(x, y, np.arange(len(y)), [f"{i}.jpg" for i in range(len(y))], [])  # noqa: E731
     return features.write(tmp_path / "toy.h5", attrs, {"train": split(x_train, y_train), "test": split(x_test, y_test)})
+
+
+class FullDisk:
+    """Stands in for ``open``: a file whose every write fails as on a full disk (ENOSPC, no filename, as
+    ``write()`` reports it). Patch a module's ``open`` with it: ``monkeypatch.setattr(mod, "open", FullDisk,
+    raising=False)``."""
+
+    def __init__(self, *_, **__):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def run_cli_with_file_size_limit(args, limit_bytes: int) -> subprocess.CompletedProcess:
@@ -454,6 +473,29 @@ def tuned_finetune_args(data_dir: Path, weights: Path, out: Path, *extra: str) -
         "--out",
         str(out),
         *extra,
+    ]
+
+
+def extract_args(data_dir: Path, out: Path) -> list[str]:
+    """extract-features with the TINY network, batch 16: the argv the distributed tests launch."""
+    return [
+        "extract-features",
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        TINY["backbone"],
+        "--weights",
+        TINY["weights"],
+        "--image-size",
+        str(TINY["image_size"]),
+        "--precision",
+        TINY["precision"],
+        "--workers",
+        "0",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
     ]
 
 

@@ -41,6 +41,14 @@ def train_head(
     out: RunOut = None,
     artifacts: Artifacts = Path("artifacts"),
     tensorboard: TensorBoard = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit/--no-refit",
+            help="tuned: refit the head on all of train once its weight decay is chosen; --no-refit keeps the "
+            "chosen head trained on the fit rows, its validation split held out (needed by cars-tl calibrate).",
+        ),
+    ] = True,
 ):
     """Train a Linear head (model B) on cached features; saves head.pt and metrics.json."""
     from cars_tl.cli.tables import final_line
@@ -62,5 +70,6 @@ def train_head(
         progress=progress(),
         force=force,
         tensorboard=tensorboard,
+        refit=refit,
     )
     stdout.print(final_line(run_dir, metrics))

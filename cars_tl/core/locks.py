@@ -190,10 +190,7 @@ def writer_lock(path: Path, stage: str) -> Iterator[Path]:
                 time.sleep(0.2)
                 readers = live_readers(path)
             if readers and all(r.get("exited") for r in readers):
-                raise LockedError(
-                    f"{path} was being read by {'; '.join(map(_describe, readers))}: {_stale_note(target)}",
-                    f"rerun in a few seconds; if it stays refused, stop what still holds the lock (fuser -v {target})",
-                ) from None
+                raise _being_released(path, f"read by {'; '.join(map(_describe, readers))}", target) from None
             if readers:
                 live = [r for r in readers if not r.get("exited")]
                 raise LockedError(
@@ -203,10 +200,7 @@ def writer_lock(path: Path, stage: str) -> Iterator[Path]:
                 ) from None
             holder, alive = _holder(target)
             if not alive:
-                raise LockedError(
-                    f"{path} was being written by {holder}: {_stale_note(target)}",
-                    f"rerun in a few seconds; if it stays refused, stop what still holds the lock (fuser -v {target})",
-                ) from None
+                raise _being_released(path, f"written by {holder}", target) from None
             raise LockedError(
                 f"{path} is being written by {holder}; a second {stage} into it would corrupt it",
                 "wait for that process to finish (or stop it), or write elsewhere with --out",
@@ -283,10 +277,13 @@ def _alive(info: dict) -> bool:
     return True
 
 
-def _stale_note(lock_file: Path) -> str:
-    return (
-        f"that process has exited, but processes it started (e.g. its data loader workers) still hold "
-        f"{lock_file}; they exit within seconds"
+def _being_released(path: Path, was: str, lock_file: Path) -> LockedError:
+    """The refusal for a lock whose holder has exited while processes it started still hold it:
+    ``was`` says what the holder did, e.g. "written by pid 12 (finetune)"."""
+    return LockedError(
+        f"{path} was being {was}: that process has exited, but processes it started (e.g. its data loader "
+        f"workers) still hold {lock_file}; they exit within seconds",
+        f"rerun in a few seconds; if it stays refused, stop what still holds the lock (fuser -v {lock_file})",
     )
 
 
@@ -408,10 +405,7 @@ def reader_lock(path: Path, stage: str) -> Iterator[Path | None]:
                 raise
             holder, alive = _holder(target)
             if not alive:
-                raise LockedError(
-                    f"{path} was being replaced by {holder}: {_stale_note(target)}",
-                    f"rerun in a few seconds; if it stays refused, stop what still holds the lock (fuser -v {target})",
-                ) from None
+                raise _being_released(path, f"replaced by {holder}", target) from None
             raise LockedError(
                 f"{path} is being replaced by {holder}; {stage} cannot read it until that finishes",
                 "wait for that process to finish (or stop it), then rerun",

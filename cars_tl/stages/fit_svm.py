@@ -28,7 +28,7 @@ from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.models.svm import search as svm_search
-from cars_tl.models.svm.kernels import KERNELS
+from cars_tl.models.svm.kernels import KERNELS, check_kernel
 from cars_tl.models.svm.model import (
     DEGREE_MAX,
     METHODS,
@@ -75,9 +75,7 @@ def fit_svm(
     searching = C == "auto" or gamma == "cv"
 
     started = time.perf_counter()
-    kernels = list(KERNELS) if kernel == "all" else [kernel]
-    if kernel != "all" and kernel not in KERNELS:
-        raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
+    kernels = list(KERNELS) if check_kernel(kernel, allow_all=True) == "all" else [kernel]
     Scaler(scale)  # validates every option before any work or any file is touched
     parsed_gamma = "cv" if gamma == "cv" else parse_gamma(gamma)
     if method not in METHODS:

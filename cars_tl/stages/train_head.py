@@ -9,7 +9,10 @@ Presets (explicit options override them):
            15 epochs of 20 L-BFGS iterations each. The penalty is chosen from a grid by the
            cross-entropy on a validation split carved from train (10%, stratified, seeded) --
            never on test -- then the head is refitted on all of train (the chosen value is recorded
-           under ``selection`` in metrics.json; ``config`` keeps ``None``). Full-batch optimization
+           under ``selection`` in metrics.json; ``config`` keeps ``None``). With ``refit=False``
+           (``--no-refit``) the final head is the chosen value's head trained on the fit rows only,
+           so the validation rows stay held out (``config["refit"]`` is then ``False``; absent means
+           refitted): ``calibrate`` fits its temperature on those rows. Full-batch optimization
            converges whatever the dataset size, unlike a fixed number of minibatch epochs;
            validation loss is a steadier criterion than validation accuracy on small splits.
            (Label smoothing was tried and dropped: it lowered accuracy and calibration here.)
@@ -171,16 +174,29 @@ def train_head(
     progress: Progress = NULL,
     force: bool = False,
     tensorboard: Path | None = None,
+    refit: bool = True,
 ) -> tuple[Path, dict]:
     """Train a Linear head on a feature cache; returns the run directory and its metrics.
 
     An existing run is replaced only with ``force`` (and only once the new one completes).
-    ``tensorboard``: also log each epoch of the final fit there, live (:mod:`cars_tl.core.tensorboard`)."""
+    ``tensorboard``: also log each epoch of the final fit there, live (:mod:`cars_tl.core.tensorboard`).
+    ``refit=False``: the tuned head is not refitted on all of train after its weight-decay search (the
+    validation rows stay held out, for ``calibrate``)."""
     started = time.perf_counter()
     check_available(tensorboard)
     config = resolve_preset(
         preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay
     )
+    if not refit:
+        if config["weight_decay"] is not None:
+            why = "--weight-decay was given" if preset == "tuned" else f"preset {preset!r} trains on all of train"
+            raise CarsTLError(
+                f"--no-refit keeps the validation split held out of the final head, but this run holds none out ({why})",
+                f"drop --no-refit, or hold one out: cars-tl train-head --features {features_path} --preset tuned "
+                "--no-refit (without --weight-decay)",
+            )
+        # Recorded only when set, so the configs (and artifacts) of refitted runs stay as they were.
+        config["refit"] = False
     config["seed"] = check_seed(seed)
     config["features"] = str(features_path)
     cache = load_train_test(Path(features_path), require_test=False)
@@ -241,11 +257,15 @@ def train_head(
             weight_decay_used = (
                 metrics["selection"]["chosen"]["weight_decay"] if "selection" in metrics else config["weight_decay"]
             )
-            mean, std = scaling(x_train)
+            # refit: the final head trains on all of train; --no-refit: on the fit rows only (the search's
+            # split), validation rows held out and scored each epoch.
+            x_fit, y_fit = (x_train, y_train) if refit else (x_train[fit_idx], y_train[fit_idx])
+            mean, std = scaling(x_fit)
+            held_out = {} if refit else {"val": HeadData((x_train[val_idx] - mean) / std, y_train[val_idx])}
             live = EpochLog(tensorboard, run_dir.name)
             head, history = fit_head(
-                HeadData((x_train - mean) / std, y_train),
-                {"test": HeadData((x_test - mean) / std, y_test)} if te else {},
+                HeadData((x_fit - mean) / std, y_fit),
+                {**held_out, **({"test": HeadData((x_test - mean) / std, y_test)} if te else {})},
                 config,
                 weight_decay_used,
                 cache.num_classes,
@@ -259,7 +279,9 @@ def train_head(
             with torch.no_grad():
                 raw = torch.nn.Linear(cache.feature_dim, cache.num_classes)
                 raw.load_state_dict(state)
-                final = evaluate_logits(raw(x_train), y_train, "train")
+                final = evaluate_logits(raw(x_fit), y_fit, "train")
+                if not refit:
+                    final.update(evaluate_logits(raw(x_train[val_idx]), y_train[val_idx], "val"))
                 if te:
                     final.update(evaluate_logits(raw(x_test), y_test, "test"))
                     runs.write_predictions(target, te.ids, te.labels, raw(x_test).softmax(1).numpy(), "probability")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from helpers import (
     REPO,
     TINY,
     TINY_CLI,
+    FullDisk,
     assert_refused,
     cache_rows,
     poisoned,
@@ -387,19 +387,6 @@ def test_a_file_size_limit_hit_during_the_write_is_the_same_message(demo_dir, tm
 
 
 def test_a_small_cache_that_cannot_be_written_states_its_size_in_a_unit_that_fits(tmp_path, monkeypatch):
-    class FullDisk:
-        def __init__(self, *_):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return False
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
     x = np.ones((4, 3), np.float32)
     y = np.arange(4)
     monkeypatch.setattr(features, "open", FullDisk, raising=False)  # the module's open(): the disk is full

@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, TINY, assert_same_run, kill_tree, torchrun_command, tuned_finetune_args
+from helpers import ENV, REPO, TINY, assert_same_run, extract_args, kill_tree, torchrun_command, tuned_finetune_args
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import distributed
@@ -118,28 +117,6 @@ class _StopAfter(Progress):
         return contextlib.nullcontext(_Task())
 
 
-def _extract_args(data_dir: Path, out: Path) -> list[str]:
-    return [
-        "extract-features",
-        "--data-dir",
-        str(data_dir),
-        "--backbone",
-        TINY["backbone"],
-        "--weights",
-        TINY["weights"],
-        "--image-size",
-        str(TINY["image_size"]),
-        "--precision",
-        TINY["precision"],
-        "--workers",
-        "0",
-        "--batch-size",
-        "16",
-        "--out",
-        str(out),
-    ]
-
-
 @pytest.mark.slow
 def test_two_process_extraction_equals_one_process_and_resumes_with_another_count(demo_dir, tmp_path):
     threads = torch.get_num_threads()
@@ -153,7 +130,7 @@ def test_two_process_extraction_equals_one_process_and_resumes_with_another_coun
     finally:
         torch.set_num_threads(threads)
     assert not out.exists() and len(list(features.partial_dir(out).glob("train-*.npz"))) == 1
-    done = _run(torchrun_command(2, *_extract_args(demo_dir, out)))
+    done = _run(torchrun_command(2, *extract_args(demo_dir, out)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (
         "resumed:" in done.stderr + done.stdout and done.stderr.count("resumed:") + done.stdout.count("resumed:") == 1
@@ -183,7 +160,7 @@ def test_a_rank_that_fails_stops_the_job_and_leaves_no_file(demo_dir, tmp_path):
     )  # the manifest accepts it (a changed file is refused at load): only decoding finds the damage
     out = tmp_path / "f.h5"
     started = time.monotonic()
-    result = _run(torchrun_command(2, *_extract_args(bad, out)), timeout=240)
+    result = _run(torchrun_command(2, *extract_args(bad, out)), timeout=240)
     assert result.returncode != 0
     assert time.monotonic() - started < 240
     assert "rank 1: error: cannot read image" in result.stderr and last.name in result.stderr

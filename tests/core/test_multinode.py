@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, TINY, assert_same_run, kill_tree, tuned_finetune_args
+from helpers import ENV, TINY, assert_same_run, extract_args, kill_tree, tuned_finetune_args
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import locks
@@ -169,28 +169,6 @@ def shared(demo_dir, tmp_path) -> Path:
     return root
 
 
-def _extract_args(data_dir: Path, out: Path) -> list[str]:
-    return [
-        "extract-features",
-        "--data-dir",
-        str(data_dir),
-        "--backbone",
-        TINY["backbone"],
-        "--weights",
-        TINY["weights"],
-        "--image-size",
-        str(TINY["image_size"]),
-        "--precision",
-        TINY["precision"],
-        "--workers",
-        "0",
-        "--batch-size",
-        "16",
-        "--out",
-        str(out),
-    ]
-
-
 def _assert_same_cache(a_path: Path, b_path: Path) -> None:
     a, b = features.load(a_path), features.load(b_path)
     for split in ("train", "test"):
@@ -218,7 +196,7 @@ def test_two_node_extraction_equals_one_process_and_only_rank0_writes_the_cache(
     data, out = shared / "data", shared / "out" / "f.h5"
     reference = _one_process_extraction(data, tmp_path / "one.h5")
     cluster = Cluster(tmp_path, shared)
-    cluster.start(*_extract_args(data, out))
+    cluster.start(*extract_args(data, out))
     assert cluster.wait() == [0, 0], cluster.output(0)[-3000:] + cluster.output(1)[-3000:]
     _assert_same_cache(reference, out)
     assert features.load(out).attrs["options"]["world_size"] == 2
@@ -236,7 +214,7 @@ def test_two_node_extraction_equals_one_process_and_only_rank0_writes_the_cache(
 def test_a_node_lost_mid_extraction_fails_the_job_and_one_process_resumes(shared, tmp_path):
     data, out = shared / "data", shared / "out" / "f.h5"
     cluster = Cluster(tmp_path, shared)
-    jobs = cluster.start(*_extract_args(data, out), timeout_s=60)
+    jobs = cluster.start(*extract_args(data, out), timeout_s=60)
     partial = features.partial_dir(out)
     _wait_for(lambda: any(partial.glob("*.npz")), jobs)
     lost = cluster.node_of_rank(0)  # the writer, and the host of the workers' store
@@ -252,7 +230,7 @@ def test_a_node_lost_mid_extraction_fails_the_job_and_one_process_resumes(shared
     assert chunks
     assert [n for n in _leftovers(shared) if not n.startswith("out/f.h5.partial/.")] == []
     resumed = subprocess.run(
-        [sys.executable, "-m", "cars_tl", *_extract_args(data, out)],
+        [sys.executable, "-m", "cars_tl", *extract_args(data, out)],
         env=ENV,
         capture_output=True,
         text=True,

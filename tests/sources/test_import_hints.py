@@ -14,7 +14,7 @@ import os
 import re
 
 import pytest
-from helpers import class_folders
+from helpers import FullDisk, class_folders
 from typer.testing import CliRunner
 
 from cars_tl.cli import app
@@ -114,20 +114,7 @@ def test_a_full_disk_while_streaming_is_not_retried_as_a_network_error(tmp_path,
     except ImportError:
         from http_server import FileServer
 
-    class Full:
-        def __init__(self, *a, **k):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def write(self, chunk):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(http, "open", Full, raising=False)
+    monkeypatch.setattr(http, "open", FullDisk, raising=False)
     with FileServer({"/f.bin": b"x" * 5000}) as server:
         with pytest.raises(OSError) as info:
             http.download_file(server.url("/f.bin"), tmp_path / "f.bin", retries=5)

@@ -55,10 +55,44 @@ def test_a_run_without_a_validation_split_is_refused(demo_head_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def tuned_head(demo_features, tmp_path_factory):
+    """A tuned head whose validation rows stay held out of its final fit."""
     from cars_tl.stages.train_head import train_head
 
-    run_dir, _ = train_head(demo_features, preset="tuned", epochs=2, out=tmp_path_factory.mktemp("h") / "head")
+    run_dir, _ = train_head(
+        demo_features, preset="tuned", epochs=2, refit=False, out=tmp_path_factory.mktemp("h") / "head"
+    )
     return run_dir
+
+
+def test_a_refitted_tuned_head_is_refused(demo_features, tmp_path):
+    # train-head's default refits the chosen head on all of train: its validation rows were training rows
+    result = run_cli(
+        "train-head", "--features", demo_features, "--preset", "tuned", "--epochs", "1", "--out", tmp_path / "h"
+    )
+    assert result.returncode == 0, result.stdout
+    result = run_cli("calibrate", "--run", tmp_path / "h", "--out", tmp_path / "c")
+    assert_refused(
+        result,
+        str(tmp_path / "h"),
+        "refitted on all of train",
+        "validation rows were training rows",
+        f"cars-tl train-head --features {demo_features} --preset tuned --no-refit",
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_temperature_comes_from_held_out_rows(tuned_head, demo_features, tmp_path):
+    """--no-refit: the final head never trained on the validation rows T is fitted on, and T fitted there
+    lowers (never raises) their NLL, as temperature scaling must on the rows it is fitted to."""
+    m = runs.read_metrics(tuned_head)
+    assert m["config"]["refit"] is False and m["selection"]["selected_on"] == "validation"
+    train = features.load(demo_features).split("train")
+    fit_idx, val_idx = stratified_split(train.labels, m["selection"]["val_fraction"], m["config"]["seed"])
+    assert not set(fit_idx) & set(val_idx)
+    _, c = calibrate(tuned_head, out=tmp_path / "cal")
+    v = c["calibration"]["validation"]
+    assert v["images"] == len(val_idx) and v["nll_after"] <= v["nll_before"]
+    assert "note" not in c["calibration"]
 
 
 def _head_logits(run_dir, x):
@@ -70,7 +104,7 @@ def test_tuned_head_end_to_end(tuned_head, demo_dir, tmp_path):
     out = tmp_path / "runs" / "cal"
     result = run_cli("calibrate", "--run", tuned_head, "--out", out, "--data-dir", demo_dir)
     assert result.returncode == 0, result.stdout
-    assert "T=" in result.stdout and "note:" in result.stdout
+    assert "T=" in result.stdout and "note:" not in result.stdout
     m = runs.read_metrics(out)
     assert m["kind"] == "calibrated" and m["status"] == "complete"
     assert {p.name for p in out.iterdir()} >= {

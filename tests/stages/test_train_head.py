@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import relu_features_with_a_dead_unit, rewrite_cache, run_cli, toy_cache
+from helpers import assert_refused, relu_features_with_a_dead_unit, rewrite_cache, run_cli, toy_cache
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.progress import NULL
 from cars_tl.models import training
 from cars_tl.stages import train_head as heads
 
@@ -60,6 +61,44 @@ def test_tuned_preset_folds_standardization_into_the_saved_weights(demo_features
     logits = torch.from_numpy(test.features) @ state["weight"].T + state["bias"]
     acc = (logits.argmax(1).numpy() == test.labels).mean() * 100
     assert acc == pytest.approx(metrics["final"]["test_acc"], abs=1e-3)
+
+
+def test_no_refit_keeps_the_chosen_head_trained_on_the_fit_rows(demo_features, tmp_path):
+    """--no-refit: the final head is the chosen weight decay's head on the fit rows alone (the validation
+    rows held out), not the default's refit on all of train; the default's config is unchanged."""
+    refit_dir, refit = heads.train_head(demo_features, preset="tuned", epochs=2, out=tmp_path / "refit")
+    run_dir, m = heads.train_head(demo_features, preset="tuned", epochs=2, refit=False, out=tmp_path / "held")
+    assert "refit" not in refit["config"] and m["config"]["refit"] is False
+    assert m["selection"]["chosen"] == refit["selection"]["chosen"]
+    assert "val_acc" in m["final"] and "val_loss" in m["history"][-1] and "val_acc" not in refit["final"]
+    saved = torch.load(run_dir / heads.HEAD_FILE, weights_only=True)
+    assert not torch.equal(saved["weight"], torch.load(refit_dir / heads.HEAD_FILE, weights_only=True)["weight"])
+    # the same head, trained here on the fit rows alone
+    cache = features.load(demo_features)
+    train = cache.split("train")
+    fit_idx, _ = training.stratified_split(train.labels, m["selection"]["val_fraction"], 0)
+    x, y = torch.from_numpy(train.features[fit_idx]), torch.from_numpy(train.labels[fit_idx])
+    mean, std = heads.standardization(x)
+    head, _ = heads.fit_head(
+        heads.HeadData((x - mean) / std, y),
+        {},
+        heads.resolve_preset("tuned", epochs=2),
+        m["selection"]["chosen"]["weight_decay"],
+        cache.num_classes,
+        0,
+        NULL,
+        "fit rows",
+    )
+    expected = heads._fold_standardization(head, mean, std)
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(saved[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("args", [["--preset", "study"], ["--preset", "tuned", "--weight-decay", "0.01"]])
+def test_no_refit_without_a_validation_split_is_refused(demo_features, tmp_path, args):
+    result = run_cli("train-head", "--features", demo_features, *args, "--no-refit", "--out", tmp_path / "h")
+    assert_refused(result, "--no-refit", "holds none out", "--preset tuned --no-refit")
+    assert not (tmp_path / "h").exists()
 
 
 def test_stratified_split_takes_from_every_class():

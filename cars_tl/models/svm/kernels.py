@@ -13,6 +13,14 @@ KERNELS = ("linear", "poly", "rbf", "sigmoid")
 BLOCK = 2048
 
 
+def check_kernel(kernel: str, *, allow_all: bool = False) -> str:
+    """``kernel`` if it names one of :data:`KERNELS` (or ``all``, where ``allow_all``: fit-svm fits each);
+    else the --kernel refusal users see."""
+    if kernel in KERNELS or (allow_all and kernel == "all"):
+        return kernel
+    raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
+
+
 def kernel_matrix(a: np.ndarray, b: np.ndarray, kernel: str, gamma: float, degree: int, coef0: float) -> np.ndarray:
     """K(a, b) in float64 with torch matrix products, by row blocks."""
     import torch
@@ -39,4 +47,5 @@ def kernel_values(gram, kernel: str, gamma: float, degree: int, coef0: float, xp
         return xp.exp(-gamma * gram)
     if kernel == "sigmoid":
         return xp.tanh(gamma * gram + coef0)
-    raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
+    check_kernel(kernel)  # raises: every kernel of KERNELS is handled above
+    raise AssertionError(f"kernel {kernel!r} listed in KERNELS but not computed")

@@ -202,8 +202,7 @@ def fit_model(
 ) -> SVMModel:
     from sklearn.svm import SVC
 
-    if kernel not in KERNELS:
-        raise CarsTLError(f"unknown --kernel {kernel!r}; valid: {', '.join(KERNELS)}, all")
+    kernels.check_kernel(kernel)
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
     check_number("--C", C, minimum=0, exclusive_minimum=True)
