@@ -202,7 +202,8 @@ def configuration_key(m: dict) -> str:
     identity = {
         "kind": m.get("kind"),
         "backbone": b.get("backbone"),
-        "weights_digest": b.get("weights_digest", b.get("weights")),
+        # A random backbone's digest is that of the weights its seed drew: the seed, in another form.
+        "weights_digest": "random" if b.get("weights") == "random" else b.get("weights_digest", b.get("weights")),
         "transform": b.get("transform"),
         "crop": b.get("crop"),
         "margin": b.get("margin"),

@@ -106,6 +106,27 @@ def test_runs_that_differ_only_by_seed_are_one_group(tmp_path):
     assert "50.00 ± 10.00" in md and "| B | study | resnet18 / random | 3 | 0, 1, 2 |" in md
 
 
+def test_random_backbones_trained_with_two_seeds_are_one_group(demo_dir, tmp_path):
+    """Model A with --weights random: each seed draws other backbone weights (another weights digest),
+    which is the seed, not another configuration."""
+    from helpers import TINY
+
+    from cars_tl.stages.finetune import finetune
+
+    artifacts = tmp_path / "artifacts"
+    for seed in (0, 1):
+        finetune(
+            demo_dir, unfreeze="all", epochs=1, batch_size=16, seed=seed, trunk_cache="off",
+            out=artifacts / "runs" / f"A-s{seed}", **TINY,
+        )  # fmt: skip
+    digests = {runs.read_metrics(artifacts / "runs" / f"A-s{s}")["backbone"]["weights_digest"] for s in (0, 1)}
+    assert len(digests) == 2  # what used to split them
+    complete, problems = catalog.gather(artifacts)
+    assert not problems
+    groups = catalog.seed_groups(complete)
+    assert [(sorted(g["runs"]), g["n"], sorted(g["seeds"])) for g in groups] == [(["A-s0", "A-s1"], 2, [0, 1])]
+
+
 def test_model_groups_follow_what_the_run_did():
     ft = lambda weights, unfreeze: {
         "kind": "finetune",
