@@ -80,7 +80,7 @@ def test_finetune_reruns_from_its_config(demo_dir, tmp_path):
 def test_calibrate_reruns_from_its_config(demo_features, demo_dir, tmp_path):
     from cars_tl.stages.train_head import train_head
 
-    base, _ = train_head(demo_features, preset="tuned", epochs=2, out=tmp_path / "tuned-head")
+    base, _ = train_head(demo_features, preset="tuned", epochs=2, refit=False, out=tmp_path / "tuned-head")
     first = tmp_path / "cal"
     invoke("calibrate", "--run", base, "--data-dir", demo_dir, "--out", first)
     config = rerun_from_config("calibrate", first, tmp_path)
