@@ -225,8 +225,6 @@ class ThreadedLoader:
 
     def __init__(self, dataset, positions, batch_size: int, workers: int, spec: dict):
         _check_workers(workers)
-        if batch_size < 1:
-            raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
         self.dataset, self.positions, self.batch_size, self.workers = dataset, positions, batch_size, workers
         self.normalize = transforms.PixelNormalizer(spec)
         self.size = int(spec["crop"])

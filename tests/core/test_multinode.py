@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, TINY, assert_same_run, kill_tree, tuned_finetune_args
+from helpers import ENV, TINY, assert_same_run, kill_tree, tiny, tuned_finetune_args
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import locks
@@ -179,9 +179,9 @@ def _extract_args(data_dir: Path, out: Path) -> list[str]:
         "--weights",
         TINY["weights"],
         "--image-size",
-        str(TINY["image_size"]),
+        str(TINY["image"].image_size),
         "--precision",
-        TINY["precision"],
+        TINY["compute"].precision,
         "--workers",
         "0",
         "--batch-size",
@@ -203,7 +203,7 @@ def _one_process_extraction(data_dir: Path, out: Path) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
     try:
-        return extract_features(data_dir, batch_size=16, out=out, **TINY).path
+        return extract_features(data_dir, out=out, **tiny(batch_size=16)).path
     finally:
         torch.set_num_threads(threads)
 

@@ -221,14 +221,14 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
     accuracy) are marked as selected on test -- hatched bars with a legend entry, a `selected on`
     column -- beside a tuned head (chosen on validation); the finetune's last-epoch number is shown."""
     import matplotlib.axes
-    from helpers import TINY
+    from helpers import tiny
 
     from cars_tl.stages.finetune import finetune
     from cars_tl.stages.fit_svm import fit_svm
     from cars_tl.stages.train_head import train_head
 
     artifacts = tmp_path / "artifacts"
-    _, ft = finetune(demo_dir, unfreeze="layer4", epochs=2, batch_size=16, out=artifacts / "runs" / "D-study", **TINY)
+    _, ft = finetune(demo_dir, unfreeze="layer4", epochs=2, out=artifacts / "runs" / "D-study", **tiny(batch_size=16))
     _, svm_all = fit_svm(demo_features, kernel="all", out=artifacts / "runs" / "C-all")
     _, head = train_head(demo_features, preset="tuned", epochs=2, out=artifacts / "runs" / "B-tuned")
     assert ft["final"]["selected_on"] == "test" and ft["selection"]["chosen"]["best_epoch"] == ft["final"]["best_epoch"]
