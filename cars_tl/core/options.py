@@ -40,8 +40,12 @@ class ImageOptions:
 
     def __post_init__(self):
         if self.crop not in CROPS:
-            raise CarsTLError(f"unknown --crop {self.crop!r}; valid: {', '.join(CROPS)}")
-        object.__setattr__(self, "margin", float(check_number("--margin", self.margin, minimum=0)))
+            raise CarsTLError(
+                f"unknown --crop {self.crop!r}; valid: {', '.join(CROPS)}",
+                "--crop full (the whole image) or --crop box (the annotated box, see --margin)",
+            )
+        margin = check_number("--margin", self.margin, minimum=0, hint="e.g. --margin 0.1 (10% of the box per side)")
+        object.__setattr__(self, "margin", float(margin))
         if self.resize is not None and self.resize not in RESIZE_MODES:
             raise CarsTLError(
                 f"unknown --resize {self.resize!r}; valid: {', '.join(RESIZE_MODES)}",
@@ -67,10 +71,27 @@ class DeviceOptions:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise CarsTLError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
-        if self.workers is not None and self.workers < 0:
             raise CarsTLError(
-                f"--workers must be >= 0, got {self.workers}", "use 0 to load in the main thread, or a positive count"
+                f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}",
+                "--precision auto (bf16 where the hardware has it, else fp32)",
             )
-        if self.batch_size is not None and self.batch_size < 1:
-            raise CarsTLError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.workers is not None:
+            check_workers(self.workers)
+        if self.batch_size is not None:
+            check_batch_size(self.batch_size)
+
+
+def check_batch_size(batch_size: int) -> int:
+    """``--batch-size``: images per batch here, feature rows per step in train-head (which takes no device)."""
+    if batch_size < 1:
+        raise CarsTLError(f"--batch-size must be positive, got {batch_size}", "e.g. --batch-size 32")
+    return batch_size
+
+
+def check_workers(workers: int) -> int:
+    """``--workers``: here, and in the loaders for predict and calibrate (which take no device)."""
+    if workers < 0:
+        raise CarsTLError(
+            f"--workers must be >= 0, got {workers}", "use 0 to load in the main thread, or a positive count"
+        )
+    return workers

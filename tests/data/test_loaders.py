@@ -57,11 +57,12 @@ def test_threaded_loader_marks_an_unreadable_image_and_keeps_the_others(demo_dir
     torch.testing.assert_close(images, ref_images, rtol=0, atol=1e-5)
 
 
-def test_threaded_loader_refuses_bad_settings(demo_dir):
-    # predict and calibrate hand --workers down as it was given (no DeviceOptions: they take no device).
-    dataset = CarsDataset(manifests.load_manifest(demo_dir), "test", transforms.eval_resize_crop(SPEC))
+def test_stages_without_a_device_refuse_bad_workers(demo_dir, tmp_path):
+    # predict and calibrate take --workers alone (no DeviceOptions): checked where it enters, for every kind of run.
+    from cars_tl.stages.predict import predict_split
+
     with pytest.raises(CarsTLError, match="--workers must be >= 0, got -1"):
-        loaders.ThreadedLoader(dataset, range(4), 2, -1, SPEC)
+        predict_split([tmp_path / "no-run-read"], split="test", data_dir=demo_dir, workers=-1)
 
 
 def test_pixel_normalizer_matches_to_tensor_and_normalize():
