@@ -159,13 +159,14 @@ def finetune(
     ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
     validation split; the default (0) reproduces earlier runs.
     ``image``: crop and margin; its resize mode (crop | squash | pad, for training, with the augmentation that fits
-    it, and evaluation) and image size: None for the preset's (:func:`cars_tl.stages.presets.for_stage`, as extract-features and build-trunk).
+    it, and evaluation) and image size: None for the preset's (:func:`cars_tl.stages.presets.for_stage`, as
+    extract-features and build-trunk).
     ``tta``: none | flip (None: the preset's, :data:`cars_tl.stages.presets.FINETUNE_TTA`): evaluation and the saved
     predictions average the logits of each image and its mirror; recorded in the config and in the
     run's transform spec, so ``predict`` averages alike.
 
-    Under ``torchrun`` every process calls this; ``batch_size`` is the global batch (see
-    :mod:`cars_tl.core.distributed`; ``compute.batch_size`` None: the preset's) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
+    Under ``torchrun`` every process calls this; ``compute.batch_size`` (None: the preset's) is the global batch
+    (see :mod:`cars_tl.core.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
     BatchNorm into SyncBatchNorm where its statistics train in a job of several CUDA processes.
     ``trunk_cache``: auto | off | PATH, ``trunk_dtype``: its storage (see :mod:`cars_tl.models.trunk`).
     ``tensorboard``: also log every epoch there, live (:mod:`cars_tl.core.tensorboard`; rank 0 only).
