@@ -56,6 +56,7 @@ from _common import (  # noqa: E402
     target,
 )
 
+from cars_tl.core.options import ImageOptions
 from cars_tl.models.svm import model as svm
 from cars_tl.models.svm import search as svm_search
 from cars_tl.stages import extract, knn  # noqa: E402
@@ -226,8 +227,7 @@ def views_section(tmp: Path, checkpoint=lambda partial: None) -> dict:
             tmp / "data",
             backbone=LITE0,
             weights=str(LITE0_WEIGHTS),
-            image_size=TUNED_SIZE,
-            resize_mode=TUNED_MODE,
+            image=ImageOptions(image_size=TUNED_SIZE, resize=TUNED_MODE),
             out=path,
             **options,
         )
@@ -323,7 +323,11 @@ def main() -> None:
             banner(key)
             path = tmp / f"lite0-{key}.h5"
             r = extract.extract_features(
-                tmp / "data", backbone=LITE0, weights=str(LITE0_WEIGHTS), image_size=size, resize_mode=mode, out=path
+                tmp / "data",
+                backbone=LITE0,
+                weights=str(LITE0_WEIGHTS),
+                image=ImageOptions(image_size=size, resize=mode),
+                out=path,
             )
             results["extract"][key] = {
                 "images_per_second": round(r.images_per_second, 1),

@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
 
 from cars_tl.artifacts import features
 from cars_tl.core import runtime
+from cars_tl.core.options import DeviceOptions
 from cars_tl.data import loaders, transforms
 from cars_tl.data import manifest as manifests
 from cars_tl.data.dataset import CarsDataset
@@ -110,9 +111,19 @@ def child_extract(data_dir: str, name: str, weights: str, out_dir: str, **kwargs
     faults = page_faults()
     res = {}
 
+    compute = DeviceOptions(
+        **{k: kwargs.pop(k) for k in ("device", "precision", "workers", "batch_size") if k in kwargs}
+    )
+
     def run():
         res["r"] = extract.extract_features(
-            Path(data_dir), backbone=name, weights=weights, out=out, artifacts=Path(out_dir) / "artifacts", **kwargs
+            Path(data_dir),
+            backbone=name,
+            weights=weights,
+            out=out,
+            artifacts=Path(out_dir) / "artifacts",
+            compute=compute,
+            **kwargs,
         )
 
     m = measured(run)

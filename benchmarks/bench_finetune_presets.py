@@ -25,6 +25,7 @@ UNFREEZE = "blocks.5,blocks.6,conv_head,bn2"
 
 def main() -> None:
     from cars_tl.core import runtime
+    from cars_tl.core.options import ImageOptions
     from cars_tl.sources.prepare import prepare_dataset
     from cars_tl.stages import presets
     from cars_tl.stages.extract import extract_features
@@ -45,9 +46,10 @@ def main() -> None:
         "presets": {},
     }
     for preset in ("study", "tuned"):
-        shape = presets.IMAGE[preset]  # the head must see the pixels the fine-tune trains on
+        # The head must see the pixels the fine-tune trains on.
+        image = presets.image_options("finetune", preset, ImageOptions())
         feats = extract_features(
-            work / "data", backbone=backbone, weights=weights, out=work / f"f-{preset}.h5", **shape
+            work / "data", backbone=backbone, weights=weights, out=work / f"f-{preset}.h5", image=image
         ).path
         head_dir, head = train_head(feats, preset="study", out=work / "runs" / f"B-{preset}")
         start = time.perf_counter()

@@ -35,6 +35,7 @@ UNFREEZE = "blocks.6,conv_head,bn2"
 def main() -> None:
     import torch
 
+    from cars_tl.core.options import DeviceOptions, ImageOptions
     from cars_tl.stages.finetune import finetune
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -59,10 +60,8 @@ def main() -> None:
                 init_head=None,
                 preset="tuned",
                 epochs=EPOCHS,
-                image_size=288,
-                resize_mode="squash",
-                precision="fp32",
-                workers=1,
+                image=ImageOptions(image_size=288, resize="squash"),
+                compute=DeviceOptions(precision="fp32", workers=1, batch_size=None),
                 tta=tta,
                 out=tmp / "runs" / tta,
             )

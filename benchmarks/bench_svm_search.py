@@ -56,6 +56,7 @@ from bench_svm import synthetic  # noqa: E402
 
 from cars_tl.artifacts import features
 from cars_tl.core import runtime
+from cars_tl.core.options import ImageOptions
 from cars_tl.models.svm import model as svm
 from cars_tl.models.svm import search as svm_search
 from cars_tl.stages import extract  # noqa: E402
@@ -189,8 +190,7 @@ def main() -> None:
                     tmp / "data",
                     backbone=LITE0,
                     weights=str(LITE0_WEIGHTS),
-                    image_size=size,
-                    resize_mode=mode,
+                    image=ImageOptions(image_size=size, resize=mode),
                     out=path,
                 )
                 train = features.load(path, ("train",)).split("train")

@@ -66,6 +66,7 @@ def bench_hook(tmp: Path, rows: list[dict], repeats: int = 20) -> float:
 
 
 def bench_finetune(tmp: Path) -> dict:
+    from cars_tl.core.options import DeviceOptions, ImageOptions
     from cars_tl.data import devkit
     from cars_tl.data import manifest as manifests
     from cars_tl.sources.demo import generate_demo
@@ -78,12 +79,10 @@ def bench_finetune(tmp: Path) -> dict:
         root,
         backbone="resnet18",
         weights="random",
-        image_size=64,
-        precision="fp32",
-        workers=0,
+        image=ImageOptions(image_size=64),
+        compute=DeviceOptions(precision="fp32", workers=0, batch_size=16),
         unfreeze="layer4",
         epochs=2,
-        batch_size=16,
         out=tmp / "ft",
         tensorboard=tmp / "tb",
     )

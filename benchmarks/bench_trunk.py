@@ -22,7 +22,11 @@ from _common import LITE0, LITE0_WEIGHTS, banner, machine_info, real_subset, req
 
 
 def _run(data_dir: Path, tmp: Path, name: str, **options) -> dict:
+    from cars_tl.core.options import DeviceOptions
     from cars_tl.stages import finetune as ft
+
+    device = {k: options.pop(k) for k in ("precision", "workers") if k in options}  # DeviceOptions' fields
+    options["compute"] = DeviceOptions(batch_size=None, **device)
 
     evals: list[float] = []
     original = ft.evaluate

@@ -10,6 +10,7 @@ The public Python API is re-exported here lazily (PEP 562), so ``import cars_tl`
 - ``load_features(path)``: a feature cache, every split read and verified (arrays and metadata).
 - ``load_run(run_dir)``: a run rebuilt for inference (its model, preprocessing, class names).
 - ``read_metrics(run_dir)``: a run's metrics.json, validated.
+- ``ImageOptions``, ``DeviceOptions``: the option records the image stages take (``image=``, ``compute=``).
 - every stage as a plain function: ``prepare_dataset``, ``extract_features``, ``train_head``,
   ``fit_svm``, ``run_knn``, ``finetune``, ``build_trunk``, ``calibrate``, ``predict``, ``predict_split``,
   ``measure_sparsity``, ``build_report``, ``inspect_paths``, ``track``.
@@ -27,6 +28,8 @@ _API = {
     "load_features": ("cars_tl.artifacts.features", "verify"),
     "load_run": ("cars_tl.models.inference", "load_run"),
     "read_metrics": ("cars_tl.artifacts.runs", "read_metrics"),
+    "ImageOptions": ("cars_tl.core.options", "ImageOptions"),
+    "DeviceOptions": ("cars_tl.core.options", "DeviceOptions"),
     "prepare_dataset": ("cars_tl.sources.prepare", "prepare_dataset"),
     "extract_features": ("cars_tl.stages.extract", "extract_features"),
     "train_head": ("cars_tl.stages.train_head", "train_head"),

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_MINI, TINY
+from helpers import SHARED_MINI, tiny
 
 os.environ.setdefault("TORCH_HOME", str(Path(__file__).resolve().parent / ".torch-home-unused"))
 
@@ -50,7 +50,7 @@ def demo_features(demo_dir, tmp_path_factory) -> Path:
     from cars_tl.stages.extract import extract_features
 
     out = tmp_path_factory.mktemp("features") / "tiny.h5"
-    extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **TINY)
+    extract_features(demo_dir, splits=("train", "test"), out=out, **tiny(batch_size=32))
     return out
 
 
@@ -82,9 +82,8 @@ def demo_finetune_run(demo_dir, demo_head_run, tmp_path_factory) -> Path:
         unfreeze="layer4",
         init_head=demo_head_run,
         epochs=1,
-        batch_size=16,
         out=tmp_path_factory.mktemp("runs") / "ft",
-        **TINY,
+        **tiny(batch_size=16),
     )
     return run_dir
 

@@ -8,6 +8,7 @@ Tests import these (``from helpers import ...``); fixtures stay in ``conftest.py
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import scipy.io
 import torch
 
 from cars_tl.artifacts import features, runs
+from cars_tl.core.options import DeviceOptions, ImageOptions
 from cars_tl.data import devkit
 from cars_tl.data import manifest as manifests
 from cars_tl.sources import classnames
@@ -45,8 +47,30 @@ needs_effnet = pytest.mark.skipif(
     reason="needs the timm extra (pip install 'cars_tl[timm]') and ../shared/models/efficientnet_lite0_timm.pth",
 )
 
-# Small, fast settings shared by the tests that run a real network.
-TINY = dict(backbone="resnet18", weights="random", image_size=64, precision="fp32", workers=0)
+# Small, fast settings shared by the tests that run a real network (batch_size None: the stage's default).
+TINY = dict(
+    backbone="resnet18",
+    weights="random",
+    image=ImageOptions(image_size=64),
+    compute=DeviceOptions(precision="fp32", workers=0, batch_size=None),
+)
+IMAGE_FIELDS = {f.name for f in dataclasses.fields(ImageOptions)}
+DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceOptions)}
+
+
+def tiny(settings: dict = TINY, /, **options) -> dict:
+    """``settings`` (:data:`TINY`, or keywords made by this function) with ``options`` applied: the image and
+    device options (by their CLI names: crop, margin, image_size, resize; device, precision, workers,
+    batch_size) into its records, the others as they are."""
+    image = {k: options.pop(k) for k in list(options) if k in IMAGE_FIELDS}
+    compute = {k: options.pop(k) for k in list(options) if k in DEVICE_FIELDS}
+    return dict(
+        settings,
+        image=dataclasses.replace(settings["image"], **image),
+        compute=dataclasses.replace(settings["compute"], **compute),
+        **options,
+    )
+
 
 CLI = [sys.executable, "-m", "cars_tl"]
 
@@ -487,9 +511,9 @@ def extract_args(data_dir: Path, out: Path) -> list[str]:
         "--weights",
         TINY["weights"],
         "--image-size",
-        str(TINY["image_size"]),
+        str(TINY["image"].image_size),
         "--precision",
-        TINY["precision"],
+        TINY["compute"].precision,
         "--workers",
         "0",
         "--batch-size",

@@ -51,6 +51,7 @@ def build_trunk(
     A random backbone's weights come from --seed (0: the one finetune --init-head uses)."""
     from cars_tl.console import console, labelled, progress
     from cars_tl.core.distributed import is_main_process
+    from cars_tl.core.options import DeviceOptions, ImageOptions
     from cars_tl.stages.trunk_cache import build_trunk as run
 
     path, result = run(
@@ -58,16 +59,10 @@ def build_trunk(
         backbone=backbone,
         weights=weights,
         unfreeze=unfreeze,
-        crop=crop,
-        margin=margin,
-        image_size=image_size,
-        resize_mode=resize,
+        image=ImageOptions(crop=crop, margin=margin, image_size=image_size, resize=resize),
         preset=preset,
-        device=device,
-        precision=precision,
+        compute=DeviceOptions(device=device, precision=precision, workers=workers, batch_size=batch_size),
         storage=trunk_dtype,
-        batch_size=batch_size,
-        workers=workers,
         seed=seed,
         out=out,
         artifacts=artifacts,

@@ -72,6 +72,7 @@ def extract_features(
     Resumes an interrupted run; a no-op when an identical complete file exists.
     """
     from cars_tl.console import console, labelled, progress
+    from cars_tl.core.options import DeviceOptions, ImageOptions
     from cars_tl.stages.extract import extract_features as run
 
     result = run(
@@ -79,18 +80,12 @@ def extract_features(
         backbone=backbone,
         weights=weights,
         splits=tuple(split) if split else None,
-        crop=crop,
-        margin=margin,
-        image_size=image_size,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
+        image=ImageOptions(crop=crop, margin=margin, image_size=image_size, resize=resize),
+        compute=DeviceOptions(device=device, precision=precision, workers=workers, batch_size=batch_size),
         skip_bad=skip_bad,
         out=out,
         artifacts=artifacts,
         progress=progress(),
-        resize_mode=resize,
         tta=tta,
         layers=layers,
         combine=combine,

@@ -88,6 +88,7 @@ def finetune(
     from cars_tl.console import console, labelled, progress
     from cars_tl.console import out as stdout
     from cars_tl.core.distributed import is_main_process
+    from cars_tl.core.options import DeviceOptions, ImageOptions
     from cars_tl.stages.finetune import finetune as run
 
     run_dir, metrics = run(
@@ -99,22 +100,16 @@ def finetune(
         preset=preset,
         epochs=epochs,
         lr=lr,
-        batch_size=batch_size,
         optimizer=optimizer,
         augment=augment,
-        crop=crop,
-        margin=margin,
-        image_size=image_size,
-        device=device,
-        precision=precision,
-        workers=workers,
+        image=ImageOptions(crop=crop, margin=margin, image_size=image_size, resize=resize),
+        compute=DeviceOptions(device=device, precision=precision, workers=workers, batch_size=batch_size),
         seed=seed,
         resume=resume,
         force=force,
         out=out,
         artifacts=artifacts,
         progress=progress(),
-        resize_mode=resize,
         sync_bn=sync_bn,
         tta=tta,
         trunk_cache=trunk_cache,

@@ -95,7 +95,7 @@ def paths(
     if check_backbone:
         from cars_tl.models.backbones import check_options
 
-        check_options(backbone, unfreeze, image_size, values["RESIZE"])
+        check_options(backbone, unfreeze)
     if key is not None:
         if key not in values:
             raise CarsTLError(f"unknown KEY {key!r}; valid: {', '.join(values)}", "cars-tl paths (every KEY=value)")

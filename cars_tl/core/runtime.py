@@ -7,9 +7,9 @@ import os
 import platform
 
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.options import PRECISIONS  # noqa: F401 - declared with the other device options
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def usable_cores() -> int:
@@ -57,8 +57,6 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    if precision not in PRECISIONS:
-        raise CarsTLError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     cuda = device.startswith("cuda")
     if precision == "auto":
         if cuda:

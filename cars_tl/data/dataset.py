@@ -43,16 +43,13 @@ class CarsDataset:
         margin: float = 0.0,
         mark_bad: bool = False,
     ):
-        if crop not in ("full", "box"):
-            raise CarsTLError(f"unknown crop mode {crop!r}; valid: full, box")
+        # crop and margin come checked (cars_tl.core.options.ImageOptions); the boxes are the dataset's.
         if crop == "box" and not manifest.has_boxes:
             raise CarsTLError(
                 f"--crop box needs bounding boxes, and the dataset at {manifest.root} has none "
                 f"({describe_origin(manifest.origin)}: that layout carries no boxes)",
                 "use --crop full, or import a copy with boxes (the devkit, or class folders with anno_train.csv/anno_test.csv): cars-tl download --source PATH",
             )
-        if margin < 0:
-            raise CarsTLError(f"--margin must be >= 0, got {margin}")
         self.manifest = manifest
         self.records = manifest.split(split)
         self.transform = transform

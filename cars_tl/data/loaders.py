@@ -79,13 +79,6 @@ def default_workers(device: str = "cpu") -> int:
     return cores if data_path(device).accelerator else min(4, cores)
 
 
-def _check_workers(workers: int) -> None:
-    if workers < 0:
-        raise CarsTLError(
-            f"--workers must be >= 0, got {workers}", "use 0 to load in the main thread, or a positive count"
-        )
-
-
 def make_loader(
     dataset,
     batch_size: int,
@@ -104,7 +97,6 @@ def make_loader(
     raises (``raise_bad``), so that the error names the file. ``generator`` (a private one
     by default) keeps the loader from drawing on the global RNG.
     """
-    _check_workers(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -224,9 +216,6 @@ class ThreadedLoader:
     """
 
     def __init__(self, dataset, positions, batch_size: int, workers: int, spec: dict):
-        _check_workers(workers)
-        if batch_size < 1:
-            raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
         self.dataset, self.positions, self.batch_size, self.workers = dataset, positions, batch_size, workers
         self.normalize = transforms.PixelNormalizer(spec)
         self.size = int(spec["crop"])

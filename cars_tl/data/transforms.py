@@ -11,15 +11,12 @@ import math
 import numpy as np
 import torch
 
+from cars_tl.core import options
 from cars_tl.core.errors import CarsTLError
 
 FUSED_PIPELINE = "resize-crop-in-one-v1"  # recorded in transform specs: see eval_transform
-RESIZE_MODES = ("crop", "squash", "pad")
-MIN_IMAGE_SIZE = 32  # below this the backbones' strided stems leave (next to) nothing to pool
-
-# Above this one image tensor alone is over 12 MB and a batch's activations many GB (--image-size 100000 asked
-# for a 120 GB allocation): 4.5x the weights' own 224, past the resolution of most Stanford Cars photos.
-MAX_IMAGE_SIZE = 1024
+# --resize, declared with the other image options (cars_tl.core.options checks them).
+RESIZE_MODES = options.RESIZE_MODES
 
 # Training crops for squash/pad (see train_transform): area fraction of the image kept, and the
 # crop's aspect ratio relative to the image's own (log-uniform), so a wide car stays wide.
@@ -27,24 +24,9 @@ TRAIN_CROP_SCALE = (0.5, 1.0)
 TRAIN_CROP_RELATIVE_RATIO = (3 / 4, 4 / 3)
 
 
-def check_image_options(image_size: int | None, resize_mode: str) -> None:
-    """``--image-size`` and ``--resize``, checked once: by ``build_backbone``, which every stage that
-    takes them calls before it writes anything."""
-    if resize_mode not in RESIZE_MODES:
-        raise CarsTLError(
-            f"unknown --resize {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}",
-            "--resize crop (the weights' resize + center crop, the study's), squash or pad",
-        )
-    if image_size is not None and not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise CarsTLError(
-            f"--image-size must be at least {MIN_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE} pixels, got {image_size}",
-            "omit it for the weights' own size (224 for most), or pass e.g. --image-size 288",
-        )
-
-
 def with_image_options(spec: dict, image_size: int | None, resize_mode: str, crop_pct: float | None = None) -> dict:
-    """``spec`` at final side ``image_size`` (None: the weights' own) in ``resize_mode`` (checked by the
-    caller: :func:`check_image_options`)."""
+    """``spec`` at final side ``image_size`` (None: the weights' own) in ``resize_mode`` (checked by
+    :class:`cars_tl.core.options.ImageOptions`)."""
     spec = dict(spec)
     if image_size:
         resize = (

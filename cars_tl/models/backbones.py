@@ -47,10 +47,7 @@ from torch import nn
 from cars_tl.artifacts import runs
 from cars_tl.core import atomic
 from cars_tl.core.errors import CarsTLError
-from cars_tl.data.transforms import (
-    check_image_options,
-    with_image_options,
-)
+from cars_tl.data.transforms import with_image_options
 from cars_tl.models.families import family
 
 RANDOM_SEED = 0
@@ -139,11 +136,11 @@ def build_backbone(
     *,
     seed: int = RANDOM_SEED,
 ) -> Backbone:
-    """Build ``name`` with ``weights`` and its classifier removed; see the module docstring.
+    """Build ``name`` with ``weights`` and its classifier removed; see the module docstring. ``image_size``
+    and ``resize_mode`` as :class:`cars_tl.core.options.ImageOptions` checked them.
 
     ``seed`` sets the random initialisation (what ``--weights random`` keeps; pretrained weights
     replace it). The default reproduces every artifact made before seeds varied it."""
-    check_image_options(image_size, resize_mode)
     if weights not in ("imagenet", "random") and Path(weights).exists():
         weights = str(Path(weights).resolve())  # recorded in artifacts: must work from any folder
     adapter = family(name)
@@ -229,11 +226,10 @@ def fold_batchnorm(body: nn.Module, example: torch.Tensor | None = None) -> nn.M
     return folded
 
 
-def check_options(name: str, unfreeze: str, image_size: int | None = None, resize_mode: str = "crop") -> list[str]:
-    """What the stages check of ``name``, ``--image-size``, ``--resize`` and ``--unfreeze`` (the modules,
-    :func:`parse_unfreeze`), without weights or memory: the network is built on the meta device.
+def check_options(name: str, unfreeze: str) -> list[str]:
+    """What the stages check of ``name`` and ``--unfreeze`` (the modules, :func:`parse_unfreeze`; the image
+    options are :class:`cars_tl.core.options.ImageOptions`'), without weights or memory: the network is built on the meta device.
     For ``cars-tl paths``, so that make stops at once where a stage would stop hours later."""
-    check_image_options(image_size, resize_mode)
     adapter = family(name)
     with torch.device("meta"):
         model, spec = adapter.create(name)

@@ -33,6 +33,7 @@ from cars_tl.artifacts import run_config, runs
 from cars_tl.core import locks, runtime
 from cars_tl.core.atomic import atomic_path, atomic_write_text, file_sha256
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.options import check_workers
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders
 from cars_tl.data import manifest as manifests
@@ -196,7 +197,7 @@ def calibrate(
         raise CarsTLError(
             f"--out {out} is the base run itself", f"pick another folder, e.g. --out {run_dir}-calibrated"
         )
-    workers = loaders.default_workers() if workers is None else workers
+    workers = loaders.default_workers() if workers is None else check_workers(workers)  # no DeviceOptions: no device
     m = load_run(base_dir)
     per_rank = (base.get("distributed") or {}).get("per_rank_batch") or (base["config"].get("batch_size") or 32)
     config = {"run": str(base_dir), "bins": calibration.ECE_BINS}

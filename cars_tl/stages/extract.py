@@ -16,12 +16,8 @@ from pathlib import Path
 
 from cars_tl.artifacts import features, names
 from cars_tl.core import distributed, locks, runtime
-from cars_tl.core.errors import (
-    BadImageError,
-    CarsTLError,
-    check_number,
-    check_output_path,
-)
+from cars_tl.core.errors import BadImageError, CarsTLError, check_output_path
+from cars_tl.core.options import FROZEN_BATCH_SIZE, DeviceOptions, ImageOptions
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import devkit, loaders, transforms
 from cars_tl.data import manifest as manifests
@@ -50,18 +46,12 @@ def extract_features(
     backbone: str = "resnet50",
     weights: str = "imagenet",
     splits: tuple[str, ...] | None = None,
-    crop: str = "full",
-    margin: float = 0.0,
-    image_size: int | None = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
+    image: ImageOptions = ImageOptions(),
+    compute: DeviceOptions = DeviceOptions(),
     skip_bad: bool = False,
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
-    resize_mode: str | None = None,
     tta: str | None = None,
     layers: str | None = None,
     combine: str = feature_views.DEFAULT_COMBINE,
@@ -70,11 +60,12 @@ def extract_features(
     """Extract pooled features for ``splits`` (default: every split the dataset has) into an HDF5
     cache (see :mod:`cars_tl.artifacts.features`).
 
-    ``workers``: decode threads on the CPU, DataLoader worker processes on CUDA (default:
-    :func:`loaders.default_workers` for the device, as finetune). ``resize_mode``: crop | squash | pad (see :mod:`cars_tl.data.transforms`).
+    ``image``: crop, margin, image size and resize mode (crop | squash | pad, see :mod:`cars_tl.data.transforms`).
+    ``compute``: device, precision, batch size and ``workers``: decode threads on the CPU, DataLoader worker
+    processes on CUDA (default: :func:`loaders.default_workers` for the device, as finetune).
     ``tta`` (none | flip), ``layers`` (final | default | A,B,...) and ``combine`` (l2 | raw): what a
     row is made of (:mod:`cars_tl.models.feature_views`). ``preset`` (study | tuned, see
-    :func:`cars_tl.stages.presets.for_stage`) gives resize_mode, image_size, tta and layers unless passed (None: study).
+    :func:`cars_tl.stages.presets.for_stage`) gives the resize mode, image size, tta and layers unless passed (None: study).
     Tunes glibc malloc for the process (:func:`runtime.tune_malloc`).
 
     Under ``torchrun`` every process calls this: each extracts a contiguous, chunk-aligned shard of
@@ -84,25 +75,20 @@ def extract_features(
     for split in splits or ():
         if split not in devkit.SPLITS:
             raise CarsTLError(f"unknown split {split!r}; valid: {', '.join(devkit.SPLITS)}")
-    if crop not in ("full", "box"):
-        raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
-    if batch_size < 1:
-        raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
-    check_number("--margin", margin, minimum=0)
-    chosen = presets.for_stage(
-        "extract-features", preset, resize_mode=resize_mode, image_size=image_size, tta=tta, layers=layers
-    )
-    resize_mode, image_size, layers = chosen["resize_mode"], chosen["image_size"], chosen["layers"]
+    image = presets.image_options("extract-features", preset, image)
+    crop, margin = image.crop, image.margin
+    chosen = presets.for_stage("extract-features", preset, tta=tta, layers=layers)
+    layers = chosen["layers"]
     tta = feature_views.check_tta(chosen["tta"])
     manifest = manifests.load_manifest(data_dir)
     splits = manifest.splits if splits is None else splits
-    ctx = distributed.init(runtime.resolve_device(device))
+    ctx = distributed.init(runtime.resolve_device(compute.device))
     device = ctx.device
-    precision = runtime.resolve_precision(precision, device)
+    precision = runtime.resolve_precision(compute.precision, device)
     runtime.prepare_device(device, precision)
-    workers = loaders.default_workers(device) if workers is None else workers
+    workers = loaders.default_workers(device) if compute.workers is None else compute.workers
     runtime.tune_malloc()
-    bb = backbones.build_backbone(backbone, weights, image_size, resize_mode)
+    bb = backbones.build_backbone(backbone, weights, image.image_size, image.resize)
     bb = with_feature_options(bb, tta, feature_views.parse_layers(layers, bb), combine)
     out = (
         Path(out)
@@ -118,7 +104,7 @@ def extract_features(
         "weights_digest": bb.weights_digest,
         "transform": bb.transform,
         "crop": crop,
-        "margin": float(margin),
+        "margin": margin,
         "precision": precision,
         "dataset_fingerprint": manifest.fingerprint,
         "skip_bad": bool(skip_bad),
@@ -131,8 +117,8 @@ def extract_features(
         splits=tuple(splits),
         crop=crop,
         margin=margin,
-        image_size=image_size,
-        batch_size=batch_size,
+        image_size=image.image_size,
+        batch_size=compute.batch_size or FROZEN_BATCH_SIZE,
         workers=workers,
         device=device,
         precision=precision,

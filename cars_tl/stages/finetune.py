@@ -46,6 +46,7 @@ from cars_tl.artifacts import embeddings, names, run_config, runs
 from cars_tl.core import distributed, runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
 from cars_tl.core.locks import reads
+from cars_tl.core.options import DeviceOptions, ImageOptions
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.core.tensorboard import EpochLog, check_available
 from cars_tl.data import devkit, loaders, transforms
@@ -73,9 +74,8 @@ def resolve_config(preset: str, **options) -> dict:
         raise CarsTLError(f"unknown --optimizer {config['optimizer']!r}; valid: adam, adamw, sgd")
     if config["augment"] not in ("none", "standard"):
         raise CarsTLError(f"unknown --augment {config['augment']!r}; valid: none, standard")
-    for key in ("epochs", "batch_size"):
-        if config[key] < 1:
-            raise CarsTLError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+    if config["epochs"] < 1:  # the batch size: DeviceOptions' (the presets' are valid)
+        raise CarsTLError(f"--epochs must be positive, got {config['epochs']}")
     check_number("--lr", config["lr"], minimum=0, exclusive_minimum=True)
     check_number("--weight-decay", config["weight_decay"], minimum=0)
     return config
@@ -127,7 +127,7 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
 
 
 @reads("finetune", lambda a: [devkit.stanford_root(a["data_dir"])])  # download cannot swap the data folder meanwhile
-@run_config.recorded("finetune", names={"resize_mode": "resize"})
+@run_config.recorded("finetune")
 def finetune(
     data_dir: Path = Path("data"),
     *,
@@ -138,22 +138,16 @@ def finetune(
     preset: str = "study",
     epochs: int | None = None,
     lr: float | None = None,
-    batch_size: int | None = None,
     optimizer: str | None = None,
     augment: str | None = None,
-    crop: str = "full",
-    margin: float = 0.0,
-    image_size: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    workers: int | None = None,
+    image: ImageOptions = ImageOptions(),
+    compute: DeviceOptions = DeviceOptions(batch_size=None),
     seed: int = 0,
     resume: bool = False,
     force: bool = False,
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
     progress: Progress = NULL,
-    resize_mode: str | None = None,
     sync_bn: bool | None = None,
     tta: str | None = None,
     trunk_cache: str = "off",
@@ -165,14 +159,15 @@ def finetune(
     ``seed`` seeds the head's initialisation, a random backbone's (``--weights random``, unless
     ``init_head`` fixes the backbone its features came from), the shuffling, the augmentation and the
     validation split; the default (0) reproduces earlier runs.
-    ``resize_mode`` (crop | squash | pad, for training, with the augmentation that fits it, and evaluation) and
-    ``image_size``: None for the preset's (:func:`cars_tl.stages.presets.for_stage`, as extract-features and build-trunk).
+    ``image``: crop and margin; its resize mode (crop | squash | pad, for training, with the augmentation that fits
+    it, and evaluation) and image size: None for the preset's (:func:`cars_tl.stages.presets.for_stage`, as
+    extract-features and build-trunk).
     ``tta``: none | flip (None: the preset's, :data:`cars_tl.stages.presets.FINETUNE_TTA`): evaluation and the saved
     predictions average the logits of each image and its mirror; recorded in the config and in the
     run's transform spec, so ``predict`` averages alike.
 
-    Under ``torchrun`` every process calls this; ``batch_size`` is the global batch (see
-    :mod:`cars_tl.core.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
+    Under ``torchrun`` every process calls this; ``compute.batch_size`` (None: the preset's) is the global batch
+    (see :mod:`cars_tl.core.distributed`) and only rank 0 writes the run. ``sync_bn`` (``None``: auto) turns
     BatchNorm into SyncBatchNorm where its statistics train in a job of several CUDA processes.
     ``trunk_cache``: auto | off | PATH, ``trunk_dtype``: its storage (see :mod:`cars_tl.models.trunk`).
     ``tensorboard``: also log every epoch there, live (:mod:`cars_tl.core.tensorboard`; rank 0 only).
@@ -183,15 +178,15 @@ def finetune(
         preset,
         epochs=epochs,
         lr=lr,
-        batch_size=batch_size,
+        batch_size=compute.batch_size,
         optimizer=optimizer,
         augment=augment,
-        resize_mode=resize_mode,
-        image_size=image_size,
+        resize_mode=image.resize,
+        image_size=image.image_size,
     )
     # Recorded as before (image_size beside crop; resize only when not crop): configs stay comparable.
     resize_mode, image_size = config.pop("resize_mode"), config.pop("image_size")
-    check_number("--margin", margin, minimum=0)
+    crop, margin = image.crop, image.margin
     config.update(
         backbone=backbone,
         weights=str(weights),
@@ -211,13 +206,13 @@ def finetune(
     config["freeze_bn_stats"] = bool(config["freeze_bn_stats"]) and str(weights) != "random"
     manifest = manifests.load_manifest(data_dir)
     manifest.split("test")  # evaluated every epoch: a train-only dataset is refused here, saying so
-    ctx = distributed.init(runtime.resolve_device(device))
+    ctx = distributed.init(runtime.resolve_device(compute.device))
     distributed.local_batch(config["batch_size"], ctx)  # a global batch that does not divide: refused before any work
     device = ctx.device
-    precision = runtime.resolve_precision(precision, device)
+    precision = runtime.resolve_precision(compute.precision, device)
     runtime.prepare_device(device, precision)
     config.update(device=device, precision=precision, dataset_fingerprint=manifest.fingerprint, sync_bn=sync_bn)
-    workers = loaders.default_workers(device) if workers is None else workers
+    workers = loaders.default_workers(device) if compute.workers is None else compute.workers
 
     # A random backbone is seeded by --seed, except under --init-head: the head was trained on the
     # features of one backbone (extract-features builds random weights from the default seed), and

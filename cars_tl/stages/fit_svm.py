@@ -81,7 +81,7 @@ def fit_svm(
     if method not in METHODS:
         raise CarsTLError(f"unknown --method {method!r}; valid: {', '.join(METHODS)}")
     check_number("--coef0", coef0)
-    check_seed(seed)  # validated even when no search uses it: a wrong value is never silently ignored
+    seed = check_seed(seed)  # validated even when no search uses it: a wrong value is never silently ignored
     if not 1 <= degree <= DEGREE_MAX:
         raise CarsTLError(
             f"--degree must be a whole number from 1 to {DEGREE_MAX}, got {degree}",
@@ -110,7 +110,7 @@ def fit_svm(
         "preset": preset,
     }
     if searching:
-        config.update(cv_folds=cv_folds, seed=check_seed(seed))
+        config.update(cv_folds=cv_folds, seed=seed)
     fields = feature_run_fields(cache)
     with runs.writing_run(run_dir, "fit-svm", force=force) as target:
         metrics = runs.new_metrics(

@@ -18,6 +18,7 @@ from cars_tl.artifacts import runs
 from cars_tl.core import locks
 from cars_tl.core.errors import CarsTLError
 from cars_tl.core.locks import reads
+from cars_tl.core.options import check_workers
 from cars_tl.core.progress import NULL
 from cars_tl.data import devkit, loaders
 from cars_tl.data import manifest as manifests
@@ -107,7 +108,7 @@ def predict_split(
         raise CarsTLError("no --model given", "pass --model artifacts/runs/<name> (repeatable)")
     manifest = manifests.load_manifest(data_dir)
     manifest.split(split)  # validates the name
-    workers = loaders.default_workers() if workers is None else workers
+    workers = loaders.default_workers() if workers is None else check_workers(workers)  # no DeviceOptions: no device
     saved, cache = [], {}
     for run_dir in map(Path, run_dirs):
         metrics = runs.read_metrics(run_dir)

@@ -11,10 +11,12 @@ Standard library only (no torch): ``cars-tl paths`` (and so ``make``) reads it a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from cars_tl.artifacts import names
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.options import ImageOptions
 
 NAMES = ("study", "tuned")
 
@@ -135,6 +137,13 @@ def for_stage(stage: str, preset: str | None, **overrides) -> dict:
     return resolve(merged, "study" if preset is None else preset, HINTS.get(stage), **overrides)
 
 
+def image_options(stage: str, preset: str | None, image: ImageOptions) -> ImageOptions:
+    """``image`` with the image shape of ``stage``'s ``preset`` (None: study) where it leaves it unset:
+    ``resize`` always set, ``image_size`` None only for the weights' own size."""
+    shape = for_stage(stage, preset, resize_mode=image.resize, image_size=image.image_size)
+    return dataclasses.replace(image, resize=shape["resize_mode"], image_size=shape["image_size"])
+
+
 def pipeline_values(
     *,
     artifacts: Path,
@@ -153,11 +162,12 @@ def pipeline_values(
     """What ``cars-tl paths`` prints (and ``make`` reads): the preset's extraction and SVM settings
     (RESIZE, IMAGE_SIZE, SVM_C, SVM_GAMMA, SVM_SCALE; explicit values win) and every name of the
     pipeline (:func:`cars_tl.artifacts.names.pipeline`)."""
-    shape = for_stage("build-trunk", preset, resize_mode=resize, image_size=image_size)  # every image stage's
+    # Every image stage's shape (build-trunk's: the image table alone); the record checks both values.
+    shape = image_options("build-trunk", preset, ImageOptions(image_size=image_size, resize=resize))
     svm = resolve(SVM, preset, SVM_HINT, C=C, gamma=gamma, scale=scale)
     values = {
-        "RESIZE": shape["resize_mode"],
-        "IMAGE_SIZE": "" if shape["image_size"] is None else str(shape["image_size"]),
+        "RESIZE": shape.resize,
+        "IMAGE_SIZE": "" if shape.image_size is None else str(shape.image_size),
         "SVM_C": str(svm["C"]),
         "SVM_GAMMA": svm["gamma"],
         "SVM_SCALE": svm["scale"],
@@ -168,8 +178,8 @@ def pipeline_values(
             backbone=backbone,
             weights=weights,
             preset=preset,
-            resize=shape["resize_mode"],
-            image_size=shape["image_size"],
+            resize=shape.resize,
+            image_size=shape.image_size,
             kernel=kernel,
             unfreeze=unfreeze,
             seeds=seeds,

@@ -35,6 +35,7 @@ from cars_tl.artifacts import names, run_config, runs
 from cars_tl.artifacts.features import feature_run_fields, load_train_test
 from cars_tl.core import runtime
 from cars_tl.core.errors import CarsTLError, check_number, check_seed
+from cars_tl.core.options import check_batch_size
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.core.tensorboard import EpochLog, check_available
 from cars_tl.models.scoring import Meter, evaluate_logits
@@ -55,9 +56,10 @@ def resolve_preset(preset: str, **overrides) -> dict:
     check_number("--weight-decay", config["weight_decay"], minimum=0)
     if config["optimizer"] == "lbfgs":
         config["batch_size"] = 0  # full batch
-    for key in ("epochs",) + (("batch_size",) if config["optimizer"] != "lbfgs" else ()):
-        if config[key] < 1:
-            raise CarsTLError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+    if config["epochs"] < 1:
+        raise CarsTLError(f"--epochs must be positive, got {config['epochs']}")
+    if config["optimizer"] != "lbfgs":
+        check_batch_size(config["batch_size"])
     return config
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cars_tl.core import distributed, runtime
-from cars_tl.core.errors import CarsTLError, check_number
+from cars_tl.core.errors import CarsTLError, check_seed
+from cars_tl.core.options import FROZEN_BATCH_SIZE, DeviceOptions, ImageOptions
 from cars_tl.core.progress import NULL, Progress
 from cars_tl.data import loaders
 from cars_tl.data import manifest as manifests
@@ -24,16 +25,10 @@ def build_trunk(
     backbone: str = "resnet50",
     weights: str = "imagenet",
     unfreeze: str = "layer4",
-    crop: str = "full",
-    margin: float = 0.0,
-    image_size: int | None = None,
-    resize_mode: str | None = None,
+    image: ImageOptions = ImageOptions(),
     preset: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
+    compute: DeviceOptions = DeviceOptions(),
     storage: str = "auto",
-    batch_size: int = 64,
-    workers: int | None = None,
     seed: int = backbones.RANDOM_SEED,
     out: Path | None = None,
     artifacts: Path = Path("artifacts"),
@@ -41,27 +36,24 @@ def build_trunk(
 ) -> tuple[Path, dict]:
     """Build (or find up to date) the trunk cache of ``--unfreeze unfreeze``; returns its path and
     {action, seconds, ...}. ``seed``: a random backbone's (the default is what D under --init-head uses).
-    ``resize_mode`` and ``image_size``: None for ``preset``'s (None: study), as finetune resolves them.
+    ``image``'s resize mode and image size: None for ``preset``'s (None: study), as finetune resolves them.
     Under torchrun every process builds its shard of the chunks; rank 0 writes the file."""
-    if crop not in ("full", "box"):
-        raise CarsTLError(f"unknown --crop {crop!r}; valid: full, box")
-    check_number("--margin", margin, minimum=0)
-    if batch_size < 1:
-        raise CarsTLError(f"--batch-size must be positive, got {batch_size}")
-    shape = presets.for_stage("build-trunk", preset, resize_mode=resize_mode, image_size=image_size)
+    seed = check_seed(seed)
+    image = presets.image_options("build-trunk", preset, image)
+    crop, margin = image.crop, image.margin
     manifest = manifests.load_manifest(data_dir)
-    ctx = distributed.init(runtime.resolve_device(device))
+    ctx = distributed.init(runtime.resolve_device(compute.device))
     device = ctx.device
-    precision = runtime.resolve_precision(precision, device)
+    precision = runtime.resolve_precision(compute.precision, device)
     runtime.prepare_device(device, precision)  # as finetune's: its fp32 is fp32 (no TF32), cuda:N selected
-    workers = loaders.default_workers(device) if workers is None else workers
-    bb = backbones.build_backbone(backbone, weights, shape["image_size"], shape["resize_mode"], seed=seed)
+    workers = loaders.default_workers(device) if compute.workers is None else compute.workers
+    bb = backbones.build_backbone(backbone, weights, image.image_size, image.resize, seed=seed)
     unfrozen = backbones.parse_unfreeze(unfreeze, bb)
     model = backbones.classifier_model(bb, manifest.num_classes)
     training.set_trainable(model, unfrozen, everything=unfreeze == "all")
     model.eval()
     # What the plan reads of a run's options: build-trunk runs no augmentation and no mirrored views.
-    options = {"unfreeze": unfreeze, "precision": precision, "crop": crop, "margin": float(margin)}
+    options = {"unfreeze": unfreeze, "precision": precision, "crop": crop, "margin": margin}
     p = trunk.plan(str(out) if out else "auto", model, bb, options, manifest, Path(artifacts), storage)
     if p.path is None:
         raise CarsTLError(
@@ -74,8 +66,8 @@ def build_trunk(
         bb,
         manifest,
         crop=crop,
-        margin=float(margin),
-        batch_size=batch_size,
+        margin=margin,
+        batch_size=compute.batch_size or FROZEN_BATCH_SIZE,
         workers=workers,
         device=device,
         precision=precision,

@@ -26,6 +26,7 @@ from helpers import (
     rewrite_cache,
     run_cli,
     run_python,
+    tiny,
     toy_cache,
 )
 
@@ -145,7 +146,7 @@ def test_extraction_writes_the_documented_attributes(demo_features):
 
 def test_rerun_with_identical_inputs_is_a_no_op(demo_dir, demo_features):
     before = demo_features.stat().st_mtime_ns
-    result = extract_features(demo_dir, batch_size=32, out=demo_features, **TINY)
+    result = extract_features(demo_dir, out=demo_features, **tiny(batch_size=32))
     assert result.action == "up to date" and demo_features.stat().st_mtime_ns == before
 
 
@@ -200,10 +201,10 @@ def test_skip_bad_lists_the_skipped_images(demo_dir, tmp_path):
     for workers in (0, 2):  # the error names the file, also when a worker process hit it
         with pytest.raises(CarsTLError, match="truncated") as err:
             extract_features(
-                tmp_path, splits=("test",), batch_size=8, out=tmp_path / "strict.h5", **dict(TINY, workers=workers)
+                tmp_path, splits=("test",), out=tmp_path / "strict.h5", **tiny(batch_size=8, workers=workers)
             )
         assert manifest.split("test")[4].path in err.value.message and "--skip-bad" in err.value.hint
-    result = extract_features(tmp_path, splits=("test",), batch_size=8, out=tmp_path / "f.h5", skip_bad=True, **TINY)
+    result = extract_features(tmp_path, splits=("test",), out=tmp_path / "f.h5", skip_bad=True, **tiny(batch_size=8))
     test = features.load(tmp_path / "f.h5").split("test")
     assert result.skipped == {"test": 1} and len(test.labels) == 71
     assert test.skipped[0]["path"] == manifest.split("test")[4].path and "truncated" in test.skipped[0]["reason"]
@@ -212,14 +213,14 @@ def test_skip_bad_lists_the_skipped_images(demo_dir, tmp_path):
 
 def test_extracting_another_split_adds_to_the_file(demo_dir, demo_features, tmp_path):
     out = tmp_path / "f.h5"
-    extract_features(demo_dir, splits=("train",), batch_size=32, out=out, **TINY)
+    extract_features(demo_dir, splits=("train",), out=out, **tiny(batch_size=32))
     assert set(features.load(out).splits) == {"train"}
-    result = extract_features(demo_dir, splits=("test",), batch_size=32, out=out, **TINY)
+    result = extract_features(demo_dir, splits=("test",), out=out, **tiny(batch_size=32))
     assert result.counts == {"test": 72}
     both, reference = features.load(out), features.load(demo_features)
     for split in ("train", "test"):
         np.testing.assert_array_equal(both.split(split).features, reference.split(split).features)
-    assert extract_features(demo_dir, batch_size=32, out=out, **TINY).action == "up to date"
+    assert extract_features(demo_dir, out=out, **tiny(batch_size=32)).action == "up to date"
 
 
 def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, demo_features):
@@ -228,7 +229,7 @@ def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, 
     from cars_tl.data.dataset import CarsDataset
     from cars_tl.models import backbones
 
-    bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], TINY["image_size"])
+    bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], TINY["image"].image_size)
     manifest = manifests.load_manifest(demo_dir)
     dataset = CarsDataset(manifest, "test", transforms.eval_transform(bb.transform))
     positions = [0, 17, 71]
@@ -239,7 +240,7 @@ def test_extracted_features_are_the_body_on_the_weights_preprocessing(demo_dir, 
 
 
 def _extract(demo_dir, out, **kw):
-    return extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **TINY, **kw)
+    return extract_features(demo_dir, splits=("train", "test"), out=out, **tiny(batch_size=32, **kw))
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import TINY, TINY_CLI, assert_refused, run_cli
+from helpers import TINY_CLI, assert_refused, run_cli, tiny
 
 from cars_tl import load_features
 from cars_tl.artifacts import features, runs, trunks
@@ -199,7 +199,7 @@ def test_nan_features_are_a_valid_file_that_every_stage_refuses(demo_features, t
 )
 def test_extract_features_over_a_hostile_cache_extracts_again(name, demo_dir, demo_features, tmp_path):
     path = _variant(demo_features, tmp_path, name)
-    result = extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=path, **TINY)
+    result = extract_features(demo_dir, splits=("train", "test"), out=path, **tiny(batch_size=32))
     assert result.action == "extracted" and str(path) in result.replaced_corrupt
     np.testing.assert_array_equal(
         features.verify(path).split("train").features, features.load(demo_features).split("train").features
@@ -223,7 +223,7 @@ def trunk_cache(demo_dir, tmp_path_factory) -> Path:
     from cars_tl.stages.trunk_cache import build_trunk
 
     out = tmp_path_factory.mktemp("trunk") / "trunk.h5"
-    build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=out, **dict(TINY, image_size=32))
+    build_trunk(demo_dir, unfreeze="layer4", out=out, **tiny(batch_size=16, image_size=32))
     return out
 
 

@@ -12,7 +12,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, TINY, assert_same_run, extract_args, kill_tree, torchrun_command, tuned_finetune_args
+from helpers import (
+    ENV,
+    REPO,
+    assert_same_run,
+    extract_args,
+    kill_tree,
+    tiny,
+    torchrun_command,
+    tuned_finetune_args,
+)
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import distributed
@@ -122,11 +131,11 @@ def test_two_process_extraction_equals_one_process_and_resumes_with_another_coun
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = extract_features(demo_dir, batch_size=16, out=tmp_path / "one.h5", **TINY)
+        reference = extract_features(demo_dir, out=tmp_path / "one.h5", **tiny(batch_size=16))
         out = tmp_path / "two.h5"
         # One process interrupted after its first chunk (64 rows), then two processes finish it.
         with pytest.raises(KeyboardInterrupt):
-            extract_features(demo_dir, batch_size=16, out=out, progress=_StopAfter(70), **TINY)
+            extract_features(demo_dir, out=out, progress=_StopAfter(70), **tiny(batch_size=16))
     finally:
         torch.set_num_threads(threads)
     assert not out.exists() and len(list(features.partial_dir(out).glob("train-*.npz"))) == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, TINY, assert_same_run, extract_args, kill_tree, tuned_finetune_args
+from helpers import ENV, assert_same_run, extract_args, kill_tree, tiny, tuned_finetune_args
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import locks
@@ -181,7 +181,7 @@ def _one_process_extraction(data_dir: Path, out: Path) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
     try:
-        return extract_features(data_dir, batch_size=16, out=out, **TINY).path
+        return extract_features(data_dir, out=out, **tiny(batch_size=16)).path
     finally:
         torch.set_num_threads(threads)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from helpers import TINY
+from helpers import tiny
 
 pytest.importorskip("tensorboardX")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -61,7 +61,7 @@ def test_finetune_resume_continues_without_duplicate_steps(demo_dir, tmp_path):
     from cars_tl.stages.finetune import finetune
 
     tb, out = tmp_path / "tb", tmp_path / "ft"
-    opts = dict(TINY, unfreeze="layer4", batch_size=16, out=out, tensorboard=tb)
+    opts = tiny(unfreeze="layer4", batch_size=16, out=out, tensorboard=tb)
     finetune(demo_dir, epochs=1, **opts)
     _, metrics = finetune(demo_dir, epochs=2, resume=True, **opts)
     acc = read_events(tb / out.name)

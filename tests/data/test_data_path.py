@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import tiny
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core import runtime
@@ -65,7 +65,7 @@ def accel_features(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("accel") / "accel.h5"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(loaders.DATA_PATH_ENV, "accelerator")
-        extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **dict(TINY, workers=1))
+        extract_features(demo_dir, splits=("train", "test"), out=out, **tiny(batch_size=32, workers=1))
     return out
 
 
@@ -111,7 +111,7 @@ def test_extract_features_through_the_accelerator_path_equals_the_cpu_path(
     monkeypatch.setattr(runtime, "prepare_device", lambda device, precision: prepared.append((device, precision)))
     monkeypatch.setenv(loaders.DATA_PATH_ENV, "accelerator")
     recorder = CopyRecorder(monkeypatch)
-    extract.extract_features(demo_dir, splits=("test",), batch_size=16, out=tmp_path / "f.h5", **TINY)
+    extract.extract_features(demo_dir, splits=("test",), out=tmp_path / "f.h5", **tiny(batch_size=16))
     assert prepared == [("cpu", "fp32")]  # backend settings as finetune makes them
     recorder.assert_no_per_batch_sync(min_batches=5)  # 72 test images in batches of 16
     got, want = features.load(tmp_path / "f.h5", ("test",)).split("test"), features.load(demo_features).split("test")
@@ -124,9 +124,7 @@ def test_extraction_asks_the_device_s_worker_default(demo_dir, tmp_path, monkeyp
 
     asked = []
     monkeypatch.setattr(loaders, "default_workers", lambda device="cpu": asked.append(device) or 0)
-    extract.extract_features(
-        demo_dir, splits=("test",), batch_size=72, out=tmp_path / "f.h5", **dict(TINY, workers=None)
-    )
+    extract.extract_features(demo_dir, splits=("test",), out=tmp_path / "f.h5", **tiny(batch_size=72, workers=None))
     assert asked == ["cpu"]
 
 
@@ -153,7 +151,7 @@ def test_knn_on_accelerator_path_features_equals_the_cpu_path(accel_features, de
 def _finetune(demo_dir, out, **options):
     from cars_tl.stages.finetune import finetune
 
-    return finetune(demo_dir, epochs=1, batch_size=16, out=out, **{**TINY, "unfreeze": "layer4", **options})
+    return finetune(demo_dir, epochs=1, out=out, **tiny(batch_size=16, **{"unfreeze": "layer4", **options}))
 
 
 def test_finetune_through_the_accelerator_path_equals_the_cpu_path(demo_dir, tmp_path, monkeypatch):
@@ -251,7 +249,7 @@ def test_resume_compares_the_device_type_not_its_index(demo_dir, tmp_path):
     """A run recorded on 'cuda:0' (one process) resumes with '--device cuda' (another process count)."""
 
     run = tmp_path / "r"
-    ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, out=run, **TINY)
+    ft.finetune(demo_dir, unfreeze="none", epochs=1, out=run, **tiny(batch_size=32))
     last = run / "checkpoints" / "last.pt"
     state = runs.load_checkpoint(last)
     config = dict(state["config"])
@@ -263,7 +261,7 @@ def test_resume_compares_the_device_type_not_its_index(demo_dir, tmp_path):
     state["config"] = recorded
     runs.save_checkpoint(last, state)
     with pytest.raises(CarsTLError, match="device: 'cuda:0' -> 'cpu'"):
-        ft.finetune(demo_dir, unfreeze="none", epochs=2, batch_size=32, resume=True, out=run, **TINY)
+        ft.finetune(demo_dir, unfreeze="none", epochs=2, resume=True, out=run, **tiny(batch_size=32))
 
 
 def test_uint8_batches_normalized_on_the_device_equal_the_float_transform(demo_dir):

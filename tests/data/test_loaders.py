@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, finetune_weights
+from helpers import finetune_weights, tiny
 from torch.utils.data import Subset
 
 from cars_tl.core.errors import CarsTLError
@@ -57,12 +57,12 @@ def test_threaded_loader_marks_an_unreadable_image_and_keeps_the_others(demo_dir
     torch.testing.assert_close(images, ref_images, rtol=0, atol=1e-5)
 
 
-def test_threaded_loader_refuses_bad_settings(demo_dir):
-    dataset = CarsDataset(manifests.load_manifest(demo_dir), "test", transforms.eval_resize_crop(SPEC))
+def test_stages_without_a_device_refuse_bad_workers(demo_dir, tmp_path):
+    # predict and calibrate take --workers alone (no DeviceOptions): checked where it enters, for every kind of run.
+    from cars_tl.stages.predict import predict_split
+
     with pytest.raises(CarsTLError, match="--workers must be >= 0, got -1"):
-        loaders.ThreadedLoader(dataset, range(4), 2, -1, SPEC)
-    with pytest.raises(CarsTLError, match="--batch-size must be positive"):
-        loaders.ThreadedLoader(dataset, range(4), 0, 1, SPEC)
+        predict_split([tmp_path / "no-run-read"], split="test", data_dir=demo_dir, workers=-1)
 
 
 def test_pixel_normalizer_matches_to_tensor_and_normalize():
@@ -90,9 +90,9 @@ def test_eval_loader_picks_threads_on_the_cpu_and_the_dataloader_elsewhere(demo_
 
 @pytest.mark.slow
 def test_augmentation_does_not_depend_on_the_worker_count(demo_dir, tmp_path):
-    common = dict(TINY, unfreeze="layer4", epochs=1, batch_size=32, augment="standard", seed=3)
-    ft.finetune(demo_dir, out=tmp_path / "w0", **dict(common, workers=0))
-    ft.finetune(demo_dir, out=tmp_path / "w2", **dict(common, workers=2))
+    common = tiny(unfreeze="layer4", epochs=1, batch_size=32, augment="standard", seed=3)
+    ft.finetune(demo_dir, out=tmp_path / "w0", **tiny(common, workers=0))
+    ft.finetune(demo_dir, out=tmp_path / "w2", **tiny(common, workers=2))
     w0, w2 = finetune_weights(tmp_path / "w0"), finetune_weights(tmp_path / "w2")
     differing = [k for k in w0 if not torch.equal(w0[k], w2[k])]
     assert differing == []

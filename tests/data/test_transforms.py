@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import HAS_TIMM, TINY, assert_refused, run_cli
+from helpers import HAS_TIMM, TINY, assert_refused, run_cli, tiny
 from PIL import Image, ImageOps
 
 from cars_tl.artifacts import features
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.options import ImageOptions
 from cars_tl.data import manifest as manifests
 from cars_tl.data import transforms
 from cars_tl.data.images import crop_box, open_image
@@ -107,9 +108,9 @@ def test_older_specs_without_a_mode_mean_crop():
 )
 def test_bad_resize_options_are_refused(mode, size, message, demo_dir, tmp_path):
     with pytest.raises(CarsTLError, match=message):
-        backbones.build_backbone("resnet18", "random", size, mode)
+        ImageOptions(image_size=size, resize=mode)
     with pytest.raises(CarsTLError, match=message):
-        extract_features(demo_dir, **dict(TINY, image_size=size), resize_mode=mode, out=tmp_path / "x.h5")
+        extract_features(demo_dir, **tiny(image_size=size, resize=mode), out=tmp_path / "x.h5")
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -205,7 +206,7 @@ def test_timm_crop_modes_match_timms_transform(crop_mode):
 @pytest.fixture(scope="module")
 def squash_cache(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("squash") / "squash.h5"
-    extract_features(demo_dir, **TINY, resize_mode="squash", out=out)
+    extract_features(demo_dir, **tiny(resize="squash"), out=out)
     return out
 
 
@@ -240,7 +241,7 @@ def test_finetune_init_head_with_another_resize_mode_is_refused(demo_dir, squash
 @pytest.fixture(scope="module")
 def box_head_run(demo_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("box")
-    extract_features(demo_dir, **TINY, crop="box", margin=0.1, resize_mode="pad", out=root / "box.h5")
+    extract_features(demo_dir, **tiny(crop="box", margin=0.1, resize="pad"), out=root / "box.h5")
     run_dir, _ = train_head(root / "box.h5", out=root / "head")
     return run_dir, root / "box.h5"
 
@@ -366,14 +367,12 @@ def test_finetune_trains_and_records_a_resize_mode_with_its_augmentation(demo_di
         unfreeze="none",
         preset="tuned",
         epochs=1,
-        batch_size=16,
-        resize_mode="pad",
         out=tmp_path / "ft",
-        **TINY,
+        **tiny(batch_size=16, resize="pad"),
     )
     assert metrics["config"]["resize"] == "pad" and metrics["backbone"]["transform"]["mode"] == "pad"
     loaded = load_run(run_dir)
-    assert transforms.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image_size"]
+    assert transforms.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image"].image_size
 
 
 @pytest.mark.parametrize("size", [100000, 31])
@@ -396,4 +395,4 @@ def test_image_size_is_bounded(size, demo_dir, tmp_path):
     with pytest.raises(CarsTLError, match="at least 32 and at most 1024"):
         from cars_tl.stages import finetune as ft
 
-        ft.finetune(demo_dir, epochs=1, out=tmp_path / "ft", **dict(TINY, image_size=size))
+        ft.finetune(demo_dir, epochs=1, out=tmp_path / "ft", **tiny(image_size=size))

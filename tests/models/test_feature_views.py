@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, TINY_CLI, assert_images_reproduce_saved
+from helpers import TINY, TINY_CLI, assert_images_reproduce_saved, tiny
 
 from cars_tl.artifacts import features, names
 from cars_tl.core.errors import CarsTLError
@@ -18,11 +18,11 @@ from cars_tl.data.images import open_image
 from cars_tl.models import backbones, feature_views, inference
 from cars_tl.stages import extract, presets
 
-BUILD = dict(image_size=TINY["image_size"])
+BUILD = dict(image_size=TINY["image"].image_size)
 
 
 def _extract(demo_dir, out, **options):
-    extract.extract_features(demo_dir, splits=("test",), batch_size=16, out=out, **TINY, **options)
+    extract.extract_features(demo_dir, splits=("test",), out=out, **tiny(batch_size=16, **options))
     return features.load(out, ("test",))
 
 
@@ -48,7 +48,7 @@ def test_flip_rows_are_the_mean_of_the_two_single_view_extractions(demo_dir, pla
     rows = list(range(min(6, len(plain_cache.split("test").labels))))
     bb = backbones.build_backbone(TINY["backbone"], TINY["weights"], **BUILD)
     images = _tensors(demo_dir, plain_cache, bb.transform, rows)
-    body = extract.prepare_body(bb.body, "cpu", TINY["image_size"])  # the single-view extraction's body
+    body = extract.prepare_body(bb.body, "cpu", TINY["image"].image_size)  # the single-view extraction's body
     with torch.inference_mode():
         mirrored = body(images.flip(-1)).numpy()
     single = plain_cache.split("test").features[rows]
@@ -114,11 +114,10 @@ def test_prediction_reproduces_the_cached_row_of_a_flip_multi_stage_cache(demo_d
     extract.extract_features(
         demo_dir,
         splits=("train",),
-        batch_size=16,
         out=both_cache.path,
         tta="flip",
         layers="layer3,layer2,final",
-        **TINY,
+        **tiny(batch_size=16),
     )  # add train to the same file
     head_dir, _ = train_head(both_cache.path, out=tmp_path / "head")
     svm_dir, _ = fit_svm(both_cache.path, kernel="linear", out=tmp_path / "svm")
@@ -181,7 +180,7 @@ def test_presets_and_bad_options(demo_dir, tmp_path):
         ({"combine": "max", "layers": "layer3,final"}, "--combine"),
     ):
         with pytest.raises(CarsTLError, match=message):
-            extract.extract_features(demo_dir, splits=("test",), out=tmp_path / "x.h5", **TINY, **bad)
+            extract.extract_features(demo_dir, splits=("test",), out=tmp_path / "x.h5", **tiny(**bad))
 
 
 @pytest.mark.parametrize(

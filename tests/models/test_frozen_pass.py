@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import tiny
 
 from cars_tl.artifacts import features
 from cars_tl.data.dataset import BadItem
@@ -98,8 +98,8 @@ def test_extract_features_and_the_trunk_cache_run_through_the_one_engine(demo_di
     jobs = []
     real = frozen_pass.run
     monkeypatch.setattr(frozen_pass, "run", lambda job, **kw: jobs.append(job.lock) or real(job, **kw))
-    extract_features(demo_dir, splits=("test",), batch_size=16, out=tmp_path / "f.h5", **TINY)
-    build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=tmp_path / "t.h5", **TINY)
+    extract_features(demo_dir, splits=("test",), out=tmp_path / "f.h5", **tiny(batch_size=16))
+    build_trunk(demo_dir, unfreeze="layer4", out=tmp_path / "t.h5", **tiny(batch_size=16))
     assert jobs == ["extract-features", "trunk-cache"]
 
 

@@ -109,15 +109,15 @@ def test_runs_that_differ_only_by_seed_are_one_group(tmp_path):
 def test_random_backbones_trained_with_two_seeds_are_one_group(demo_dir, tmp_path):
     """Model A with --weights random: each seed draws other backbone weights (another weights digest),
     which is the seed, not another configuration."""
-    from helpers import TINY
+    from helpers import tiny
 
     from cars_tl.stages.finetune import finetune
 
     artifacts = tmp_path / "artifacts"
     for seed in (0, 1):
         finetune(
-            demo_dir, unfreeze="all", epochs=1, batch_size=16, seed=seed, trunk_cache="off",
-            out=artifacts / "runs" / f"A-s{seed}", **TINY,
+            demo_dir, unfreeze="all", epochs=1, seed=seed, trunk_cache="off",
+            out=artifacts / "runs" / f"A-s{seed}", **tiny(batch_size=16),
         )  # fmt: skip
     digests = {runs.read_metrics(artifacts / "runs" / f"A-s{s}")["backbone"]["weights_digest"] for s in (0, 1)}
     assert len(digests) == 2  # what used to split them
@@ -242,14 +242,14 @@ def test_numbers_selected_on_test_are_marked_and_the_last_epoch_shown(demo_dir, 
     accuracy) are marked as selected on test -- hatched bars with a legend entry, a `selected on`
     column -- beside a tuned head (chosen on validation); the finetune's last-epoch number is shown."""
     import matplotlib.axes
-    from helpers import TINY
+    from helpers import tiny
 
     from cars_tl.stages.finetune import finetune
     from cars_tl.stages.fit_svm import fit_svm
     from cars_tl.stages.train_head import train_head
 
     artifacts = tmp_path / "artifacts"
-    _, ft = finetune(demo_dir, unfreeze="layer4", epochs=2, batch_size=16, out=artifacts / "runs" / "D-study", **TINY)
+    _, ft = finetune(demo_dir, unfreeze="layer4", epochs=2, out=artifacts / "runs" / "D-study", **tiny(batch_size=16))
     _, svm_all = fit_svm(demo_features, kernel="all", out=artifacts / "runs" / "C-all")
     _, head = train_head(demo_features, preset="tuned", epochs=2, out=artifacts / "runs" / "B-tuned")
     assert ft["final"]["selected_on"] == "test" and ft["selection"]["chosen"]["best_epoch"] == ft["final"]["best_epoch"]

@@ -352,7 +352,7 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, demo_ref, monkeypatch
 
 @pytest.mark.slow
 def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, demo_ref):
-    from helpers import TINY
+    from helpers import TINY, tiny
 
     from cars_tl.artifacts import features
     from cars_tl.stages.extract import extract_features
@@ -365,7 +365,7 @@ def test_a_train_only_dataset_through_extract_features_and_train_head(tmp_path, 
     data_dir = tmp_path / "data"
     manifest, _ = prepare_dataset(data_dir, str(source), splits=["train"])
     assert manifest.splits == ("train",)
-    result = extract_features(data_dir, batch_size=32, out=tmp_path / "f.h5", **TINY)
+    result = extract_features(data_dir, out=tmp_path / "f.h5", **tiny(batch_size=32))
     assert result.counts == {"train": 144}
     assert set(features.load(tmp_path / "f.h5").splits) == {"train"}
     run_dir, metrics = train_head(tmp_path / "f.h5", epochs=2, out=tmp_path / "head")

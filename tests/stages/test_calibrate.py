@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, assert_refused, run_cli
+from helpers import assert_refused, run_cli, tiny
 
 from cars_tl.artifacts import features, runs
 from cars_tl.core.errors import CarsTLError
@@ -173,9 +173,8 @@ def test_tuned_finetune_end_to_end(demo_dir, tmp_path):
         unfreeze="layer4",
         preset="tuned",
         epochs=1,
-        batch_size=32,
         out=tmp_path / "runs" / "ft",
-        **dict(TINY, image_size=32),
+        **tiny(batch_size=32, image_size=32),
     )
     run_dir, m = calibrate(base, data_dir=demo_dir, artifacts=tmp_path, workers=0)
     assert run_dir == tmp_path / "runs" / "ft-calibrated" and "note" not in m["calibration"]

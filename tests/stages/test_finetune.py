@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, finetune_weights
+from helpers import REPO, TINY, finetune_weights, tiny
 
 from cars_tl.artifacts import runs
 from cars_tl.core.errors import CarsTLError
@@ -69,7 +69,7 @@ def test_only_trainable_parameters_reach_the_optimizer(demo_dir, tmp_path, monke
         return real(name, groups, lr, wd)
 
     monkeypatch.setattr(training, "make_optimizer", spy)
-    ft.finetune(demo_dir, unfreeze="layer4", epochs=1, batch_size=32, out=tmp_path / "r", **TINY)
+    ft.finetune(demo_dir, unfreeze="layer4", epochs=1, out=tmp_path / "r", **tiny(batch_size=32))
     assert captured["params"] and all(p.requires_grad for p in captured["params"])
     assert sum(p.numel() for p in captured["params"]) == runs.read_metrics(tmp_path / "r")["params"]["trainable"]
 
@@ -101,10 +101,10 @@ def test_existing_run_needs_resume_or_force(demo_dir, demo_finetune_run):
 
 
 def test_resume_with_other_options_is_refused(demo_dir, tmp_path):
-    ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=32, out=tmp_path / "r", **TINY)
+    ft.finetune(demo_dir, unfreeze="none", epochs=1, out=tmp_path / "r", **tiny(batch_size=32))
     with pytest.raises(CarsTLError, match="lr: 0.001 -> 0.01"):
         ft.finetune(
-            demo_dir, unfreeze="none", epochs=1, batch_size=32, lr=0.01, resume=True, out=tmp_path / "r", **TINY
+            demo_dir, unfreeze="none", epochs=1, lr=0.01, resume=True, out=tmp_path / "r", **tiny(batch_size=32)
         )
 
 
@@ -199,9 +199,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(demo_dir, tmp_path):
 def test_tuned_keeps_pretrained_batchnorm_statistics(demo_dir, tmp_path):
     weights = tmp_path / "pretrained.pth"
     torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
-    settings = dict(TINY, weights=str(weights))
+    settings = tiny(weights=str(weights))
     run_dir, metrics = ft.finetune(
-        demo_dir, unfreeze="layer4", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "r", **settings
+        demo_dir, unfreeze="layer4", preset="tuned", epochs=1, out=tmp_path / "r", **tiny(settings, batch_size=32)
     )
     assert metrics["config"]["freeze_bn_stats"] is True
     fresh = torch.load(weights, weights_only=True)
@@ -210,7 +210,7 @@ def test_tuned_keeps_pretrained_batchnorm_statistics(demo_dir, tmp_path):
     assert not torch.equal(fresh["layer4.0.bn1.weight"], trained["body.layer4.0.bn1.weight"])  # affine still trains
     # From random weights there are no statistics worth keeping.
     _, scratch = ft.finetune(
-        demo_dir, unfreeze="all", preset="tuned", epochs=1, batch_size=32, out=tmp_path / "s", **TINY
+        demo_dir, unfreeze="all", preset="tuned", epochs=1, out=tmp_path / "s", **tiny(batch_size=32)
     )
     assert scratch["config"]["freeze_bn_stats"] is False
 
@@ -230,14 +230,14 @@ def test_dropout_follows_the_part_it_sits_in():
 
 
 def test_finetune_seeds_reach_the_model(demo_dir, tmp_path):
-    _, a = ft.finetune(demo_dir, unfreeze="all", epochs=1, batch_size=32, seed=0, out=tmp_path / "a", **TINY)
-    _, b = ft.finetune(demo_dir, unfreeze="all", epochs=1, batch_size=32, seed=1, out=tmp_path / "b", **TINY)
+    _, a = ft.finetune(demo_dir, unfreeze="all", epochs=1, seed=0, out=tmp_path / "a", **tiny(batch_size=32))
+    _, b = ft.finetune(demo_dir, unfreeze="all", epochs=1, seed=1, out=tmp_path / "b", **tiny(batch_size=32))
     assert a["backbone"]["weights_digest"] != b["backbone"]["weights_digest"]
     assert a["history"][0]["test_loss"] != b["history"][0]["test_loss"]  # before any step: the initialisation differs
 
 
 def test_more_epochs_on_resume_continue_a_constant_schedule(demo_dir, tmp_path):
-    common = dict(TINY, unfreeze="none", batch_size=32, seed=0)
+    common = tiny(unfreeze="none", batch_size=32, seed=0)
     ft.finetune(demo_dir, epochs=2, out=tmp_path / "straight", **common)
     ft.finetune(demo_dir, epochs=1, out=tmp_path / "extended", **common)
     _, m = ft.finetune(demo_dir, epochs=2, resume=True, out=tmp_path / "extended", **common)
@@ -250,7 +250,7 @@ def test_more_epochs_on_resume_continue_a_constant_schedule(demo_dir, tmp_path):
 
 
 def test_more_epochs_on_resume_are_refused_for_a_cosine_schedule(demo_dir, tmp_path):
-    common = dict(TINY, unfreeze="none", batch_size=32, preset="tuned", augment="none")
+    common = tiny(unfreeze="none", batch_size=32, preset="tuned", augment="none")
     ft.finetune(demo_dir, epochs=1, out=tmp_path / "r", **common)
     for force in (False, True):
         with pytest.raises(CarsTLError, match="laid out over 1 epochs") as err:
@@ -259,7 +259,7 @@ def test_more_epochs_on_resume_are_refused_for_a_cosine_schedule(demo_dir, tmp_p
 
 
 def test_a_kill_between_last_and_best_is_mended_on_resume(demo_dir, tmp_path):
-    common = dict(TINY, unfreeze="none", batch_size=32)
+    common = tiny(unfreeze="none", batch_size=32)
     run_dir = tmp_path / "r"
     ft.finetune(demo_dir, epochs=1, out=run_dir, **common)
     last = runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -286,7 +286,7 @@ def test_an_epoch_reads_the_running_figures_once_per_log_interval(demo_dir, tmp_
     real = Meter.running
     monkeypatch.setattr(Meter, "running", lambda self: calls.append(1) or real(self))
     monkeypatch.setattr(training, "LOG_EVERY", 2)
-    ft.finetune(demo_dir, unfreeze="none", epochs=1, batch_size=16, out=tmp_path / "r", **TINY)
+    ft.finetune(demo_dir, unfreeze="none", epochs=1, out=tmp_path / "r", **tiny(batch_size=16))
     assert len(calls) == (144 // 16) // 2
     assert "scaler" in runs.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
 
@@ -299,10 +299,9 @@ def test_a_seeded_fine_tune_from_a_head_keeps_the_backbone_of_its_features(demo_
         unfreeze="layer4",
         init_head=demo_head_run,
         epochs=1,
-        batch_size=32,
         seed=1,
         out=tmp_path / "d",
-        **TINY,
+        **tiny(batch_size=32),
     )
     assert m["backbone"]["weights_digest"] == runs.read_metrics(demo_head_run)["backbone"]["weights_digest"]
     assert m["history"][0]["test_acc"] == pytest.approx(runs.read_metrics(demo_head_run)["final"]["test_acc"], abs=1e-6)
@@ -317,7 +316,7 @@ def test_a_finetune_that_diverges_keeps_the_last_good_checkpoint(demo_dir, tmp_p
 
     monkeypatch.setattr(training, "train_epoch", diverging)
     with pytest.raises(training.DivergedError, match="epoch 2"):
-        ft.finetune(demo_dir, unfreeze="none", epochs=3, batch_size=32, out=tmp_path / "r", **TINY)
+        ft.finetune(demo_dir, unfreeze="none", epochs=3, out=tmp_path / "r", **tiny(batch_size=32))
     m = runs.read_metrics(tmp_path / "r")
     assert m["status"] == "failed" and "epoch 2" in m["error"]
     assert runs.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["epoch"] == 1

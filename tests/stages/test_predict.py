@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED_MINI, TINY, assert_images_reproduce_saved, assert_refused, needs_mini, run_cli
+from helpers import SHARED_MINI, assert_images_reproduce_saved, assert_refused, needs_mini, run_cli, tiny
 from typer.testing import CliRunner
 
 from cars_tl.artifacts import features, runs
@@ -94,7 +94,7 @@ def bf16_features(demo_dir, tmp_path_factory):
     from cars_tl.stages.extract import extract_features
 
     out = tmp_path_factory.mktemp("bf16") / "bf16.h5"
-    extract_features(demo_dir, splits=("train", "test"), batch_size=32, out=out, **dict(TINY, precision="bf16"))
+    extract_features(demo_dir, splits=("train", "test"), out=out, **tiny(batch_size=32, precision="bf16"))
     return out
 
 
@@ -169,10 +169,9 @@ def test_predict_reproduces_a_finetune_run(precision, unfreeze, trunk_cache, dem
         demo_dir,
         unfreeze=unfreeze,
         epochs=1,
-        batch_size=16,
         trunk_cache=str(tmp_path / "trunk.h5") if trunk_cache == "on" else "off",
         out=tmp_path / "ft",
-        **dict(TINY, image_size=32, precision=precision),
+        **tiny(batch_size=16, image_size=32, precision=precision),
     )
     assert metrics["trunk_cache"]["used"] is (trunk_cache == "on")
     assert_images_reproduce_saved(run_dir, demo_dir, 24)  # bf16: 1.1e-2 apart with the head outside autocast

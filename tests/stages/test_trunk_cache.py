@@ -22,6 +22,7 @@ from helpers import (
     run_cli,
     run_cli_with_file_size_limit,
     run_python,
+    tiny,
     torchrun_command,
     tuned_finetune_args,
 )
@@ -32,8 +33,8 @@ from cars_tl.models import backbones, training, trunk, trunk_store
 from cars_tl.stages import finetune as ft
 from cars_tl.stages.trunk_cache import build_trunk
 
-SMALL = dict(backbone="resnet18", weights="random", image_size=32, precision="fp32", workers=0)
-RUN = dict(SMALL, unfreeze="layer4", epochs=2, batch_size=16)
+SMALL = tiny(image_size=32, batch_size=16)
+RUN = tiny(SMALL, unfreeze="layer4", epochs=2)
 
 
 def _model(unfreeze: str, name: str = "resnet18", weights: str = "random"):
@@ -90,9 +91,7 @@ def test_timm_efficientnet_splits_at_blocks_6():
 
 @pytest.fixture(scope="module")
 def cache(demo_dir, tmp_path_factory) -> Path:
-    path, result = build_trunk(
-        demo_dir, unfreeze="layer4", batch_size=16, out=tmp_path_factory.mktemp("trunks") / "t.h5", **SMALL
-    )
+    path, result = build_trunk(demo_dir, unfreeze="layer4", out=tmp_path_factory.mktemp("trunks") / "t.h5", **SMALL)
     assert result["action"] == "built" and result["cut"] == "layer3"
     return path
 
@@ -110,13 +109,13 @@ def test_cache_file_is_verified_contiguous_and_resumable(cache, demo_dir, tmp_pa
     assert memory.mode == "memory" and isinstance(mapped.maps, np.memmap)
     assert np.array_equal(memory.maps, mapped.maps)
     # Up to date: a second build does nothing.
-    _, again = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=cache, **SMALL)
+    _, again = build_trunk(demo_dir, unfreeze="layer4", out=cache, **SMALL)
     assert again["action"] == "up to date"
     # A killed build resumes from its complete chunks.
     out = tmp_path / "r.h5"
     partial = trunks.PartialTrunk(out, {}, {"train": 1}, 1)  # another layout's leftovers: cleared
     partial.write_chunk("train", 0, np.zeros((1, 256, 2, 2), np.float32))
-    _, first = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=out, **SMALL)
+    _, first = build_trunk(demo_dir, unfreeze="layer4", out=out, **SMALL)
     assert first["action"] == "built"
     assert np.array_equal(trunks.open_split(out, "test").maps, trunks.open_split(cache, "test").maps)
 
@@ -216,7 +215,7 @@ def test_a_validation_split_is_evaluated_from_the_evaluation_pipeline(demo_dir, 
     # tuned without augmentation on random weights: a validation split carved from train, whose
     # cached train maps went through the training transform (the CPU path's normalisation rounds
     # differently from the evaluation loader's).
-    run = dict(SMALL, unfreeze="layer4", epochs=1, batch_size=16, preset="tuned", augment="none")
+    run = tiny(SMALL, unfreeze="layer4", epochs=1, preset="tuned", augment="none")
     seen = {"images": [], "cached": []}
 
     class Recording(training.Meter):  # the metrics are rounded: the logits themselves, every batch
@@ -258,7 +257,7 @@ def test_a_truncated_cache_path_is_rebuilt_saying_why(cache, demo_dir, demo_feat
     manifest = manifests.load_manifest(demo_dir)
     bb, model = _model("layer4")
     assert trunk.plan(str(bad), model, bb, _config(), manifest, tmp_path).path == bad  # not the images
-    _, result = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=bad, **SMALL)
+    _, result = build_trunk(demo_dir, unfreeze="layer4", out=bad, **SMALL)
     assert result["action"] == "built" and "not a readable HDF5 file" in result["replaced"]
     assert np.array_equal(trunks.open_split(bad, "train").maps, trunks.open_split(cache, "train").maps)
     # Some other file named by mistake is not overwritten: the image path runs, saying why.
@@ -288,7 +287,7 @@ def test_build_trunk_prepares_the_device_as_finetune_does(cache, demo_dir, monke
 
     prepared = []
     monkeypatch.setattr(runtime, "prepare_device", lambda device, precision: prepared.append((device, precision)))
-    _, result = build_trunk(demo_dir, unfreeze="layer4", batch_size=16, out=cache, **SMALL)
+    _, result = build_trunk(demo_dir, unfreeze="layer4", out=cache, **SMALL)
     assert result["action"] == "up to date" and prepared == [("cpu", "fp32")]
 
 
@@ -456,7 +455,7 @@ def test_bf16_autocast_run_with_bf16_storage_equals_the_image_path(demo_dir, tmp
     # bf16 storage is exact under bf16 autocast: the trunk's output already is bf16 (measured: bit-equal).
     if not torch.backends.mkldnn.is_available():
         pytest.skip("bf16 autocast on the CPU needs oneDNN")
-    run = dict(RUN, precision="bf16")
+    run = tiny(RUN, precision="bf16")
     images, _ = ft.finetune(demo_dir, out=tmp_path / "images", **run)
     cached, m = ft.finetune(demo_dir, out=tmp_path / "cached", trunk_cache=str(tmp_path / "t.h5"), **run)
     assert m["trunk_cache"]["storage"] == "bf16" and m["trunk_cache"]["bytes_per_image"] == 256 * 2 * 2 * 2
