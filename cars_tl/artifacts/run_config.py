@@ -16,9 +16,10 @@ was called with, as the command's options: not ``--force``/``--resume`` (how to 
 with the preset unresolved (the preset is recorded, so rerunning resolves it the same way).
 
 The stages mark themselves with :func:`recorded`; :func:`write_current` writes the options of the stage
-call in progress: :func:`cars_tl.artifacts.runs.writing_run` when a new run starts (so an interrupted run
-has it too) and :func:`cars_tl.artifacts.runs.finish` when a run completes (a resumed run's options
-replace the file only then: a refused ``--resume`` changes nothing).
+call in progress: :func:`cars_tl.artifacts.runs.write_metrics` with a run's first ``metrics.json`` (so an
+interrupted run has it too, and a run that fails before it starts leaves its folder empty) and
+:func:`cars_tl.artifacts.runs.finish` when a run completes (a resumed run's options replace the file only
+then: a refused ``--resume`` changes nothing).
 
 No torch here: the CLI reads this module for ``--help``-free option parsing.
 """

@@ -121,16 +121,11 @@ def writing_run(run_dir: Path, stage: str, *, force: bool = False, resume: bool 
             for stale in run_dir.glob(".*.tmp-*") if run_dir.is_dir() else ():
                 stale.unlink(missing_ok=True)  # a dead writer's temporaries (we hold the lock)
             run_dir.mkdir(parents=True, exist_ok=True)
-            if (
-                not exists
-            ):  # a resumed run's options are written when it completes (finish): a refused resume changes nothing
-                run_config.write_current(run_dir)
             yield run_dir
             return
         staging = run_dir.with_name(f".{run_dir.name}.next")
         staging.mkdir(parents=True)
         try:
-            run_config.write_current(staging)
             yield staging
         except BaseException as exc:
             import shutil
@@ -170,6 +165,8 @@ def new_metrics(kind: str, name: str, config: dict, **fields) -> dict:
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
+    if not (Path(run_dir) / run_config.FILE).exists():  # with the run's first record (a resumed run keeps its own)
+        run_config.write_current(run_dir)
     atomic_write_text(Path(run_dir) / METRICS, json.dumps(metrics, indent=2, default=_jsonable))
     write_status(run_dir, metrics["status"], metrics.get("error"))
 
