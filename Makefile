@@ -80,7 +80,7 @@ seed_opt = $(if $(strip $(SEEDS)),$(space)--seed $(1))
 # read once per make into $(OPTS)/paths.mk: RESIZE, IMAGE_SIZE, SVM_C, SVM_GAMMA, SVM_SCALE,
 # FEATURES_TAG, FEATURES, INIT_FEATURES, TRUNK, HEAD_RUN_<seed>, INIT_HEAD_RUN_<seed>, SCRATCH_RUN_<seed>,
 # PARTIAL_RUN_<seed>, SVM_RUN, SVM_ALL_RUN, KNN_RUN, PREDICT, SPARSITY, REPORT. Goals that run no stage skip it.
-STAGE_GOALS := $(filter-out help install lint test test-fast demo study clean-demo,$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL)))
+STAGE_GOALS := $(filter-out help install lint test test-slow test-all demo study clean-demo,$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL)))
 ifneq ($(STAGE_GOALS),)
 ifeq ($(wildcard $(CARS)),)
 ifneq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
@@ -164,12 +164,13 @@ DEMO_IMAGE_SIZE := $(if $(filter command line,$(origin WEIGHTS)),,64)
 # A stage that fails leaves no target behind: the next make reruns it.
 .DELETE_ON_ERROR:
 
-.PHONY: help install lint test test-fast demo all study features B C C-all kNN A D predict sparsity report clean-demo FORCE
+.PHONY: help install lint test test-slow test-all demo all study features B C C-all kNN A D predict sparsity report clean-demo FORCE
 
 help:
 	@echo "cars_tl make targets:"
 	@echo "  make demo       whole chain offline on generated data (random weights; numbers only show the chain works)"
-	@echo "  make test       run the test suite (creates $(VENV) when missing)"
+	@echo "  make test       run the test suite without the slow tests (creates $(VENV) when missing)"
+	@echo "  make test-slow  the tests marked slow; make test-all: both"
 	@echo "  make all        the study end to end: download, features, B, C, kNN, A, D, predict, sparsity, report"
 	@echo "  make all SEEDS=\"0 1 2\"   B, A and D once per seed; the report groups them (mean +- std, n)"
 	@echo "  make all PRESET=tuned   the same chain with our best settings (squash 288 px, tuned head/SVM/finetune)"
@@ -195,16 +196,21 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# make test: the suite without the tests marked slow (multi-process, kill-and-resume, full-disk: each
+# 10 s or more here), under 10 minutes on 2 cores; make test-slow runs those; CI runs both.
 test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-
-test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
 
 # ----------------------------------------------------------------------------- option stamps
 

@@ -166,6 +166,7 @@ def _extract_command(data_dir: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_identical_arrays(demo_dir, demo_features, tmp_path):
     out = tmp_path / "resumed.h5"
     partial = features.partial_dir(out)
@@ -359,6 +360,7 @@ def _assert_clean_refusal(result, out: Path):
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_the_write_is_a_message_and_the_rerun_succeeds(demo_dir, tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()

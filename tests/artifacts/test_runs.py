@@ -127,6 +127,7 @@ def test_a_folder_as_features_and_a_list_as_metrics(demo_features, demo_head_run
     assert_refused(run_cli("inspect", run_copy), "holds a JSON list, not the object a cars_tl run writes")
 
 
+@pytest.mark.slow
 def test_ctrl_c_of_a_forced_rerun_hints_force_and_resume_never_rewrites_the_run(
     demo_dir, demo_head_run, demo_finetune_run, tmp_path
 ):

@@ -49,6 +49,7 @@ def test_the_lock_of_a_dead_writer_is_free_and_its_temporaries_are_removed(demo_
     assert runs.read_metrics(run_dir)["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_download_is_refused_while_an_extraction_reads_the_folder(demo_dir, tmp_path):
     data_dir = copy_data(demo_dir, tmp_path)
     root = devkit.stanford_root(data_dir)

@@ -57,6 +57,7 @@ def test_train_head_logs_epochs_and_hparams(demo_features, tmp_path):
     assert acc.Scalars("hparam/test_acc")[0].value == pytest.approx(metrics["final"]["test_acc"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_finetune_resume_continues_without_duplicate_steps(demo_dir, tmp_path):
     from cars_tl.stages.finetune import finetune
 

@@ -278,6 +278,7 @@ def test_uint8_batches_normalized_on_the_device_equal_the_float_transform(demo_d
     assert on_device.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow
 def test_trunk_cache_through_the_accelerator_path_equals_its_image_path(demo_dir, tmp_path, monkeypatch):
     """The trunk cache is built through the data path's pipeline (uint8 batches normalized after the
     transfer here), not one chosen by the device's name: bit-equal to the images on that path."""

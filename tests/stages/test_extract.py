@@ -14,6 +14,7 @@ from cars_tl.artifacts import features
 from cars_tl.core.errors import CarsTLError
 
 
+@pytest.mark.slow
 def test_two_extractions_into_one_file_never_interleave(demo_dir, tmp_path):
     out = tmp_path / "f.h5"
     common = ["extract-features", "--data-dir", demo_dir, *TINY_CLI, "--out", out]

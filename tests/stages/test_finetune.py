@@ -167,6 +167,7 @@ def _finetune_command(data_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(demo_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     reference = subprocess.run(
@@ -196,6 +197,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(demo_dir, tmp_path):
     assert runs.read_metrics(out)["resumed_from_epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_tuned_keeps_pretrained_batchnorm_statistics(demo_dir, tmp_path):
     weights = tmp_path / "pretrained.pth"
     torch.save(backbones.build_backbone("resnet18", "random").body.state_dict(), weights)
@@ -229,6 +231,7 @@ def test_dropout_follows_the_part_it_sits_in():
     assert all(p.requires_grad for p in body.parameters())
 
 
+@pytest.mark.slow
 def test_finetune_seeds_reach_the_model(demo_dir, tmp_path):
     _, a = ft.finetune(demo_dir, unfreeze="all", epochs=1, seed=0, out=tmp_path / "a", **tiny(batch_size=32))
     _, b = ft.finetune(demo_dir, unfreeze="all", epochs=1, seed=1, out=tmp_path / "b", **tiny(batch_size=32))

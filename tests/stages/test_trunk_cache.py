@@ -186,6 +186,7 @@ def test_inexact_settings_fall_back_with_their_reason(cache, demo_dir, tmp_path)
         assert p.path is None and words in p.reason and p.reason.endswith("trunk cache not used"), (words, p.reason)
 
 
+@pytest.mark.slow
 def test_cached_run_equals_the_image_path_and_resumes_across_paths(cache, demo_dir, tmp_path):
     images, m_images = ft.finetune(demo_dir, out=tmp_path / "images", **RUN)
     cached, m_cached = ft.finetune(demo_dir, out=tmp_path / "cached", trunk_cache=str(cache), **RUN)
@@ -346,6 +347,7 @@ def test_two_builds_started_together_build_once(cache, demo_dir, tmp_path):
     assert not _leftovers(out) and not Path(f"{out}.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_a_message_and_a_later_build_resumes(cache, demo_dir, tmp_path):
     out = tmp_path / "t.h5"
     result = run_cli_with_file_size_limit([*BUILD, "--data-dir", demo_dir, "--out", out], 400_000)
@@ -372,6 +374,7 @@ app()
 """
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_hit_while_writing_is_a_message(cache, demo_dir, tmp_path):
     out = tmp_path / "t.h5"
     result = run_python(LIMIT_AFTER_CHECK, 400_000, *BUILD, "--data-dir", demo_dir, "--out", out)
