@@ -83,6 +83,8 @@ class RichProgressReporter(Progress):
                 _RateColumn(),
                 TextColumn("{task.fields[status]}", markup=False),
                 TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),  # "-:--:--" until the rate is known, and for a task without a total
             ]
         with RichProgress(*columns, console=console) as bar:
             task_id = bar.add_task(description, total=total, unit=unit, status="")

@@ -248,3 +248,31 @@ def test_the_cli_choices_are_the_librarys():
     assert choices("finetune", "optimizer") == set(OPTIMIZERS) - {"lbfgs"}
     assert choices("extract-features", "combine") == set(feature_views.COMBINES)
     assert choices("download", "label_conflicts") == set(LABEL_CONFLICT_POLICIES)
+
+
+def test_progress_bars_of_counted_work_show_the_time_remaining():
+    import io
+
+    from rich.console import Console
+
+    from cars_tl import console as console_module
+
+    buffer = io.StringIO()
+    original = console_module.console
+    console_module.console = Console(file=buffer, force_terminal=True, width=160)
+    try:
+        with console_module.RichProgressReporter().task("extract", total=10, unit="img") as task:
+            task.advance(5)
+    finally:
+        console_module.console = original
+    assert "eta" in buffer.getvalue() and "5/10" in buffer.getvalue()
+
+
+def test_the_tensorboard_extra_installs_the_viewer_the_help_names():
+    import re
+
+    from cars_tl.artifacts.run_config import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    packages = {re.split(r"[<>=!~;\[ ]", p)[0].lower() for p in extras["tensorboard"]}
+    assert {"tensorboardx", "tensorboard"} <= packages

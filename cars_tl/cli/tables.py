@@ -30,6 +30,8 @@ def svm_table(features: Path, metrics: dict) -> Table:
     config = metrics["config"]
     searched = any("search" in r for r in metrics["kernels"].values())
     table = Table(title=f"SVM on {features.name} ({config['scale']} scaling, C={config['C']}, gamma={config['gamma']})")
+    if metrics.get("startup_seconds") is not None:
+        table.caption = f"start-up (imports, once): {metrics['startup_seconds']:.2f} s, not in any kernel's fit s"
     columns = (
         ["kernel"]
         + (["C", "gamma", "CV acc %"] if searched else [])

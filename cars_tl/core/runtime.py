@@ -108,6 +108,22 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
+@contextlib.contextmanager
+def intra_op_threads(count: int | None):
+    """torch's intra-op thread count set to ``count`` inside the block, restored after (None: unchanged)."""
+    import torch
+
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def tune_malloc() -> bool:
     """glibc only: keep large freed blocks for reuse instead of an mmap/munmap per tensor.
 

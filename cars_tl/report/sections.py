@@ -183,9 +183,23 @@ def seeds(ctx: Context) -> Section:
 def svm_kernels(ctx: Context) -> Section:
     if not ctx.kernels:
         return Section()
+    startups = [
+        f"{m['name']} {m['startup_seconds']:.2f} s"
+        for m in ctx.complete
+        if m["kind"] == "svm" and isinstance(m.get("startup_seconds"), (int, float))
+    ]
+    note = (
+        "The fit s column leaves out each run's one-off start-up (imports), shown apart: " + ", ".join(startups) + "."
+        if startups
+        else ""
+    )
     return Section(
-        md=["", "## SVM kernels", "", md_table(KERNEL_COLUMNS, ctx.kernels)],
-        html=["<h2>SVM kernels</h2>", html_table(KERNEL_COLUMNS, ctx.kernels)],
+        md=["", "## SVM kernels", "", md_table(KERNEL_COLUMNS, ctx.kernels), *(["", md(note)] if note else [])],
+        html=[
+            "<h2>SVM kernels</h2>",
+            html_table(KERNEL_COLUMNS, ctx.kernels),
+            *([f"<p>{esc(note)}</p>"] if note else []),
+        ],
     )
 
 

@@ -254,7 +254,9 @@ def _kind_of(path: Path) -> str:
     if path.is_file():
         return "cache"
     raise CarsTLError(
-        f"{path} does not exist", "pass a feature cache (artifacts/features/*.h5) or a run directory (artifacts/runs/*)"
+        f"{path} does not exist",
+        "pass a feature cache (artifacts/features/*.h5), a run directory (artifacts/runs/*) or a data folder "
+        "(the --data-dir of download: it holds manifest.json)",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from helpers import assert_refused, run_cli
 from typer.testing import CliRunner
 
 from cars_tl.artifacts import features
@@ -92,3 +93,13 @@ def test_inspect_a_run_shows_its_final_metrics(demo_head_run):
     assert info["final"]["test_acc"] is not None and info["predictions"]["agrees_with_final"] is True
     result = CliRunner().invoke(app, ["inspect", str(demo_head_run.parent)])
     assert result.exit_code == 2 and "not a cars_tl run" in result.output
+
+
+def test_a_missing_path_names_every_kind_inspect_reads(tmp_path):
+    assert_refused(
+        run_cli("inspect", tmp_path / "nothing"),
+        "nothing does not exist",
+        "a feature cache",
+        "a run directory",
+        "a data folder",
+    )

@@ -183,3 +183,27 @@ def test_train_head_on_a_train_only_cache_reports_no_test(demo_features, tmp_pat
     assert "no test split" in result.stdout and "acc 0.00%" not in result.stdout
     m = runs.read_metrics(tmp_path / "head")
     assert m["status"] == "complete" and "test_acc" not in m["final"]
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_small_head_trains_on_one_thread_and_the_count_is_restored(demo_features, tmp_path, monkeypatch, small):
+    """A head's steps are small dependent operations: on one thread they lose nothing alone and do not
+    wait at barriers when other processes share the cores (README, performance). Steps with real work
+    keep every thread; either way the process's thread count is what it was afterwards."""
+    from cars_tl.stages import train_head as stage
+
+    if not small:
+        monkeypatch.setattr(stage, "ONE_THREAD_STEP_MACS", 0)
+    before = torch.get_num_threads()
+    seen = []
+    real = stage.fit_head
+
+    def recording_fit_head(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "fit_head", recording_fit_head)
+    _, metrics = stage.train_head(demo_features, preset="tuned", epochs=1, out=tmp_path / "head")
+    expected = 1 if small else before
+    assert seen == [expected] * (len(stage.WEIGHT_DECAY_GRID) + 1)
+    assert metrics["intra_op_threads"] == expected and torch.get_num_threads() == before
