@@ -76,8 +76,8 @@ def default_batch_size() -> int:
 
 def _warm_body(name: str, weights: str, precision: str, batch_size: int):
     bb = backbones.build_backbone(name, weights)
-    body = extract.prepare_body(bb.body, "cpu", bb.transform["crop"])
-    crop = bb.transform["crop"]
+    body = extract.prepare_body(bb.body, "cpu", transforms.side(bb.transform))
+    crop = transforms.side(bb.transform)
     x = torch.randn(batch_size, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # warm-up: oneDNN primitives, allocator
         extract.embed(body, x, "cpu", precision)
@@ -201,7 +201,10 @@ def child_preprocessing(data_dir: str, spec: dict) -> dict:
 
     decoded, decode_ms = stage(open_image, paths)
     cropped, crop_ms = stage(transforms.eval_resize_crop(spec), decoded)
-    normalize, row = transforms.PixelNormalizer(spec), np.empty((spec["crop"], spec["crop"], 3), np.float32)
+    normalize, row = (
+        transforms.PixelNormalizer(spec),
+        np.empty((transforms.side(spec), transforms.side(spec), 3), np.float32),
+    )
     _, norm_ms = stage(lambda im: normalize(np.asarray(im), row), cropped)
     per_image = T.Compose([T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
     _, tensor_ms = stage(per_image, cropped)
@@ -236,7 +239,7 @@ def child_naive(data_dir: str, name: str, weights: str) -> dict:
     transform = T.Compose(
         [
             T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
-            T.CenterCrop(spec["crop"]),
+            T.CenterCrop(transforms.side(spec)),
             T.ToTensor(),
             T.Normalize(spec["mean"], spec["std"]),
         ]

@@ -53,6 +53,7 @@ import numpy as np
 from cars_tl.artifacts import hdf5
 from cars_tl.core.atomic import atomic_path, atomic_write_text, ensure_room, file_sha256, format_size
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.options import same_transform
 
 KIND = "cars_tl.features"  # the file's format name, written since the first cache (not the module's path)
 # Also read: what this version wrote for a while after the package was split into layers (the module
@@ -268,7 +269,12 @@ def existing_splits(path: Path, identity: dict) -> tuple[dict[str, SplitArrays],
         cache = verify(path)
     except CarsTLError as exc:
         return {}, exc.message
-    if any(cache.attrs.get(k) != identity.get(k) for k in IDENTITY_KEYS):
+    if any(
+        not same_transform(cache.attrs[k], identity[k])
+        if k == "transform" and isinstance(cache.attrs.get(k), dict) and isinstance(identity.get(k), dict)
+        else cache.attrs.get(k) != identity.get(k)
+        for k in IDENTITY_KEYS
+    ):
         return {}, None  # a sound file from other inputs: replaced, as asked
     return cache.splits, None
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.options import legacy_spec, side
 
 
 def weights_tag(weights: str) -> str:
@@ -58,12 +59,18 @@ def features_path(
     feature views and stages included, and the margin), so extracting with other options never
     overwrites a cache that runs point to. ``tag``: a readable name for the spec's feature options
     (e.g. ``flip-blocks.6+final``)."""
-    digest = _digest({"transform": transform, "crop": crop, "margin": float(margin), "precision": precision})
+    legacy = legacy_spec(transform)  # names stay those earlier versions gave
+    digest = _digest({"transform": legacy, "crop": crop, "margin": float(margin), "precision": precision})
     crop_part = crop if crop == "full" else f"box{float(margin):g}"
     mode = transform.get("mode", "crop")
-    size = f"{transform['crop']}px" if mode == "crop" else f"{mode}{transform['crop']}px"
+    size = f"{side(transform)}px" if mode == "crop" else f"{mode}{side(transform)}px"
     name = f"{backbone_tag(backbone)}-{weights_tag(weights)}-{crop_part}-{size}{'-' + tag if tag else ''}-{precision}-{digest}"
     return features_folder(artifacts) / f"{name}.h5"
+
+
+def _legacy_key(transform_key: str) -> str:
+    """A trunk identity's transform key as versions before ``side`` wrote it (names stay theirs)."""
+    return json.dumps(legacy_spec(json.loads(transform_key)), sort_keys=True)
 
 
 def trunk_path(artifacts: Path, backbone: str, weights: str, identity: dict) -> Path:
@@ -74,7 +81,7 @@ def trunk_path(artifacts: Path, backbone: str, weights: str, identity: dict) -> 
     run points to."""
     name = (
         f"{backbone_tag(backbone)}-{weights_tag(weights)}-{identity['cut']}-{identity['precision']}-"
-        f"{identity['storage']}-{_digest(identity)}"
+        f"{identity['storage']}-{_digest(dict(identity, transform=_legacy_key(identity['transform'])))}"
     )
     return trunks_folder(artifacts) / f"{name}.h5"
 

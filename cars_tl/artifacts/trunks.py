@@ -58,6 +58,7 @@ from cars_tl.artifacts import hdf5
 from cars_tl.artifacts.features import PartialCache, content_digest
 from cars_tl.core.atomic import atomic_path, ensure_room, format_size
 from cars_tl.core.errors import CarsTLError
+from cars_tl.core.options import transform_key
 
 KIND = "cars_tl.artifacts.trunks"
 SCHEMA_VERSION = 2  # 2: trunk_digest (the frozen part's own state) in the identity
@@ -284,12 +285,20 @@ def check_existing(path: Path, identity: dict) -> tuple[bool, str | None]:
         attrs = verify(path)
     except CarsTLError as exc:
         return False, exc.message
-    differing = [k for k in IDENTITY_KEYS if attrs.get(k) != identity.get(k)]
+    differing = [k for k in IDENTITY_KEYS if not _same(k, attrs.get(k), identity.get(k))]
     if differing:
         return False, "made from other inputs (" + ", ".join(
             f"{k}: {attrs.get(k)!r} != {identity.get(k)!r}" for k in differing
         ) + ")"
     return True, None
+
+
+def _same(key: str, recorded, asked) -> bool:
+    """Equal identity values; transforms by what they compute (a spec of an older version names its side
+    ``crop``)."""
+    if key == "transform" and isinstance(recorded, str) and isinstance(asked, str):
+        return transform_key(json.loads(recorded)) == transform_key(json.loads(asked))
+    return recorded == asked
 
 
 # --------------------------------------------------------------------------- writing

@@ -13,6 +13,7 @@ Standard library only: the CLI's ``--help`` imports nothing that imports torch.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from cars_tl.core.errors import CarsTLError, check_number
 
@@ -95,3 +96,35 @@ def check_workers(workers: int) -> int:
             f"--workers must be >= 0, got {workers}", "use 0 to load in the main thread, or a positive count"
         )
     return workers
+
+
+# The transform spec (cars_tl.data.transforms) records the final square's side in pixels as "side"; versions
+# before recorded it as "crop", a name --crop (full | box) also has. Torch-free here: names read it.
+SIDE = "side"
+
+
+def side(spec: dict) -> int:
+    """The final square's side in pixels, from a spec of this version or an older one (``crop``)."""
+    return int(spec[SIDE] if SIDE in spec else spec["crop"])
+
+
+def legacy_spec(spec: dict) -> dict:
+    """``spec`` as versions before ``side`` recorded it: default file names hash this form, so they stay
+    the names earlier versions gave the same preprocessing (caches made before are found, not redone)."""
+    return {"crop" if k == SIDE else k: v for k, v in spec.items()}
+
+
+def normalized_spec(spec: dict) -> dict:
+    """``spec`` as this version writes it: the defaults of older recordings made explicit (no ``mode``:
+    crop) and their names updated (the side was ``crop``)."""
+    spec = {SIDE if k == "crop" and SIDE not in spec else k: v for k, v in spec.items()}
+    return dict(spec, mode=spec.get("mode", "crop"))
+
+
+def transform_key(spec: dict) -> str:
+    """One string per preprocessing: equal keys, equal tensors (older specs normalized first)."""
+    return json.dumps(normalized_spec(spec), sort_keys=True)
+
+
+def same_transform(a: dict, b: dict) -> bool:
+    return transform_key(a) == transform_key(b)

@@ -209,7 +209,7 @@ def eval_loader(dataset: CarsDataset, positions, batch_size: int, workers: int, 
 class ThreadedLoader:
     """Evaluation batches of ``dataset[positions]`` in order, decoded by ``workers`` threads.
 
-    ``dataset`` must yield PIL images of ``spec["crop"]`` square (its transform is
+    ``dataset`` must yield PIL images of ``transforms.side(spec)`` square (its transform is
     :func:`cars_tl.models.transforms.eval_resize_crop`); the loader normalizes them as
     :func:`cars_tl.models.transforms.eval_transform` does. ``workers=0`` decodes in the calling thread.
     Each batch is a fresh array (with :func:`cars_tl.core.runtime.tune_malloc`, reused heap memory).
@@ -218,7 +218,7 @@ class ThreadedLoader:
     def __init__(self, dataset, positions, batch_size: int, workers: int, spec: dict):
         self.dataset, self.positions, self.batch_size, self.workers = dataset, positions, batch_size, workers
         self.normalize = transforms.PixelNormalizer(spec)
-        self.size = int(spec["crop"])
+        self.size = transforms.side(spec)
 
     def __len__(self) -> int:
         return (len(self.positions) + self.batch_size - 1) // self.batch_size

@@ -5,7 +5,6 @@ after the transfer to the device."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -13,6 +12,9 @@ import torch
 
 from cars_tl.core import options
 from cars_tl.core.errors import CarsTLError
+
+# The spec's side and its normal form are declared torch-free (names and the caches' identities use them).
+from cars_tl.core.options import SIDE, legacy_spec, normalized_spec, same_transform, side, transform_key  # noqa: F401
 
 FUSED_PIPELINE = "resize-crop-in-one-v1"  # recorded in transform specs: see eval_transform
 # --resize, declared with the other image options (cars_tl.core.options checks them).
@@ -27,15 +29,13 @@ TRAIN_CROP_RELATIVE_RATIO = (3 / 4, 4 / 3)
 def with_image_options(spec: dict, image_size: int | None, resize_mode: str, crop_pct: float | None = None) -> dict:
     """``spec`` at final side ``image_size`` (None: the weights' own) in ``resize_mode`` (checked by
     :class:`cars_tl.core.options.ImageOptions`)."""
-    spec = dict(spec)
+    spec = normalized_spec(spec)
     if image_size:
-        resize = (
-            math.floor(image_size / crop_pct) if crop_pct else int(round(image_size * spec["resize"] / spec["crop"]))
-        )
-        spec.update(resize=int(resize), crop=int(image_size))
+        resize = math.floor(image_size / crop_pct) if crop_pct else int(round(image_size * spec["resize"] / side(spec)))
+        spec.update({"resize": int(resize), SIDE: int(image_size)})
     if resize_mode != "crop":
         spec.pop("crop_mode", None)  # timm's center-crop variants belong to the crop mode
-        spec["resize"] = spec["crop"]  # the whole image goes to the final side
+        spec["resize"] = side(spec)  # the whole image goes to the final side
     spec["mode"] = resize_mode
     return spec
 
@@ -136,7 +136,7 @@ def mean_colour(spec: dict) -> tuple[int, int, int]:
 
 def square_resize(spec: dict) -> SquareResize:
     """The ``squash`` or ``pad`` mode's region-to-square resize of ``spec``."""
-    return SquareResize(spec["crop"], spec["interpolation"], resize_mode(spec), mean_colour(spec))
+    return SquareResize(side(spec), spec["interpolation"], resize_mode(spec), mean_colour(spec))
 
 
 def eval_resize_crop(spec: dict):
@@ -158,15 +158,15 @@ def eval_resize_crop(spec: dict):
         return square_resize(spec)
     crop_mode = spec.get("crop_mode", "center")
     if crop_mode == "squash":
-        return CenterSquash(spec["resize"], spec["crop"], spec["interpolation"])
+        return CenterSquash(spec["resize"], side(spec), spec["interpolation"])
     if crop_mode == "border":
-        return SquareResize(spec["crop"], spec["interpolation"], "pad", mean_colour(spec), longest=spec["resize"])
+        return SquareResize(side(spec), spec["interpolation"], "pad", mean_colour(spec), longest=spec["resize"])
     if spec.get("pipeline") == FUSED_PIPELINE:
-        return ResizeCenterCrop(spec["resize"], spec["crop"], spec["interpolation"])
+        return ResizeCenterCrop(spec["resize"], side(spec), spec["interpolation"])
     return T.Compose(
         [
             T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True),
-            T.CenterCrop(spec["crop"]),
+            T.CenterCrop(side(spec)),
         ]
     )
 
@@ -276,7 +276,7 @@ def train_transform(spec: dict, augment: str, output: str = "float"):
         raise CarsTLError(f"unknown --augment {augment!r}; valid: none, standard")
     if resize_mode(spec) == "crop":
         crop = T.RandomResizedCrop(
-            spec["crop"], scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True
+            side(spec), scale=(0.25, 1.0), interpolation=T.InterpolationMode(spec["interpolation"]), antialias=True
         )
     else:
         crop = RandomRegionSquare(spec)
@@ -290,22 +290,8 @@ def train_transform(spec: dict, augment: str, output: str = "float"):
     )
 
 
-def normalized_spec(spec: dict) -> dict:
-    """``spec`` with the defaults of older recordings made explicit (no ``mode``: crop)."""
-    return dict(spec, mode=resize_mode(spec))
-
-
-def transform_key(spec: dict) -> str:
-    """One string per preprocessing: equal keys, equal tensors (older specs normalized first)."""
-    return json.dumps(normalized_spec(spec), sort_keys=True)
-
-
-def same_transform(a: dict, b: dict) -> bool:
-    return transform_key(a) == transform_key(b)
-
-
 def describe_transform(spec: dict) -> str:
     """A short human description for error messages, e.g. ``squash 288 px``."""
     mode = resize_mode(spec)
-    detail = f"resize {spec['resize']} + center crop {spec['crop']}" if mode == "crop" else f"{spec['crop']} px"
+    detail = f"resize {spec['resize']} + center crop {side(spec)}" if mode == "crop" else f"{side(spec)} px"
     return f"{mode} ({detail})"

@@ -81,7 +81,7 @@ class Torchvision(Family):
         t = weights.transforms()
         return {
             "resize": int(t.resize_size[0]),
-            "crop": int(t.crop_size[0]),
+            "side": int(t.crop_size[0]),
             "mean": [float(v) for v in t.mean],
             "std": [float(v) for v in t.std],
             "interpolation": t.interpolation.value,
@@ -151,7 +151,7 @@ class Timm(Family):
         crop, crop_pct = int(cfg["input_size"][-1]), float(cfg["crop_pct"])
         spec = {
             "resize": int(math.floor(crop / crop_pct)),
-            "crop": crop,
+            "side": crop,
             "mean": [float(v) for v in cfg["mean"]],
             "std": [float(v) for v in cfg["std"]],
             "interpolation": cfg["interpolation"],

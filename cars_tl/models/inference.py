@@ -84,7 +84,7 @@ class LoadedRun:
         """Feature rows in the recorded precision (see the module docstring), as float32: the pooled
         output, or the recorded views and stages (:mod:`cars_tl.models.feature_views`)."""
         if self.feature_body is None:  # folding traces the network: only for runs that embed images
-            self.feature_body = feature_views.prepare_body(self.body, "cpu", int(self.spec["crop"]), self.spec)
+            self.feature_body = feature_views.prepare_body(self.body, "cpu", transforms.side(self.spec), self.spec)
         self.feature_body.eval()
         return feature_views.embed(self.feature_body, batch, "cpu", self.precision_used, self.spec)
 
@@ -301,7 +301,7 @@ def cached_split(run_dir: Path, metrics: dict, split: str, data_dir: Path = Path
     extract = (
         f"cars-tl extract-features --data-dir {data_dir} --backbone {b['backbone']} --weights {b['weights']} "
         f"--crop {b.get('crop', 'full')} --margin {b.get('margin') or 0} --resize {transforms.resize_mode(b['transform'])} "
-        f"--image-size {b['transform']['crop']} --precision {b.get('precision', 'fp32')} --out {path}"
+        f"--image-size {transforms.side(b['transform'])} --precision {b.get('precision', 'fp32')} --out {path}"
     )
     if not path.is_file():
         raise CarsTLError(

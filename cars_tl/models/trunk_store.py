@@ -66,7 +66,7 @@ class _TrunkJob(frozen_pass.Job):
 
     def start(self, todo):
         self.trunk = self.trunk.to(self.device, memory_format=torch.channels_last).eval()
-        size = self.bb.transform["crop"]
+        size = transforms.side(self.bb.transform)
         with torch.inference_mode():
             probe = torch.zeros(1, 3, size, size, device=self.device).contiguous(memory_format=torch.channels_last)
             self.row_shape = tuple(self.trunk(probe).shape[1:])

@@ -152,7 +152,7 @@ def with_feature_options(bb: backbones.Backbone, tta: str, layers: list[str], co
     if layers == [feature_views.FINAL]:
         return dataclasses.replace(bb, transform=spec)
     probe = feature_views.FeatureBody(bb.body, layers, "none", combine)
-    columns = probe.columns(bb.transform["crop"])
+    columns = probe.columns(transforms.side(bb.transform))
     probe.close()
     spec = feature_views.with_options(bb.transform, tta, layers, combine, columns)
     return dataclasses.replace(bb, transform=spec, num_features=max(stop for _, stop in columns.values()))
@@ -194,7 +194,7 @@ class _FeatureJob(frozen_pass.Job):
         return loaders.eval_dataset(self.manifest, split, self.bb.transform, self.device, self.crop, self.margin)
 
     def start(self, todo):
-        self.body = prepare_body(self.bb.body, self.device, self.bb.transform["crop"], self.bb.transform)
+        self.body = prepare_body(self.bb.body, self.device, transforms.side(self.bb.transform), self.bb.transform)
         return dict(
             self.identity,
             transform=transforms.transform_key(self.bb.transform),

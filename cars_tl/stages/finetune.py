@@ -110,9 +110,9 @@ def _check_head_run(head_dir: Path, bb, manifest, crop: str, margin: float) -> P
     ):
         problems.append(
             f"preprocessing differs: the head's features were made with --crop {b['crop']} --margin {b.get('margin')} "
-            f"--resize {transforms.resize_mode(b['transform'])} --image-size {b['transform']['crop']} "
+            f"--resize {transforms.resize_mode(b['transform'])} --image-size {transforms.side(b['transform'])} "
             f"({transforms.describe_transform(b['transform'])}), this fine-tune asks for --crop {crop} --margin {margin} "
-            f"--resize {transforms.resize_mode(bb.transform)} --image-size {bb.transform['crop']}"
+            f"--resize {transforms.resize_mode(bb.transform)} --image-size {transforms.side(bb.transform)}"
         )
     if len(m["class_names"]) != manifest.num_classes:
         problems.append(f"{len(m['class_names'])} classes != {manifest.num_classes}")

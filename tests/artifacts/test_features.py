@@ -449,3 +449,25 @@ def test_the_format_name_is_the_one_caches_always_carried(demo_features, tmp_pat
         else:
             with pytest.raises(CarsTLError, match=f"is not a cars_tl feature cache \\(kind='{kind}'\\)"):
                 features.verify(copy)
+
+
+def test_a_cache_whose_spec_names_the_side_crop_is_still_up_to_date(demo_dir, tmp_path):
+    """The transform spec names the final side ``side`` (``--crop`` means full | box); a cache written by
+    an earlier version, whose spec said ``crop``, keeps its default name and is found up to date, not
+    extracted again; predict/train-head read its side alike."""
+    import json
+
+    from cars_tl.core.options import legacy_spec
+
+    artifacts = tmp_path / "artifacts"
+    first = extract_features(demo_dir, artifacts=artifacts, **tiny(batch_size=32))
+    spec = features.load(first.path).attrs["transform"]
+    assert spec["side"] == TINY["image"].image_size and "crop" not in spec
+    with h5py.File(first.path, "r+") as f:  # as the earlier version wrote it
+        f.attrs["transform"] = json.dumps(legacy_spec(json.loads(f.attrs["transform"])))
+    old = features.load(first.path)
+    assert "crop" in old.attrs["transform"] and transforms.side(old.attrs["transform"]) == spec["side"]
+    again = extract_features(demo_dir, artifacts=artifacts, **tiny(batch_size=32))
+    assert again.path == first.path and again.action == "up to date"
+    run_dir, metrics = heads.train_head(first.path, epochs=1, out=tmp_path / "head")
+    assert metrics["status"] == "complete"

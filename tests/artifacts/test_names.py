@@ -184,3 +184,29 @@ def test_default_cache_names_differ_for_every_array_changing_option(tmp_path):
     assert names.features_path(tmp_path, "resnet18", "random", "full", spec, 0.0, "fp32").name.startswith(
         "resnet18-random-full-64px-fp32-"
     )
+
+
+def test_default_names_are_those_earlier_versions_gave_before_the_spec_said_side():
+    import json
+
+    from cars_tl.core.options import legacy_spec, transform_key
+
+    spec = {
+        "resize": 256,
+        "side": 224,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "interpolation": "bilinear",
+        "mode": "crop",
+    }
+    old = legacy_spec(spec)
+    assert old["crop"] == 224 and "side" not in old
+    artifacts = Path("artifacts")
+    assert names.features_path(artifacts, "resnet50", "imagenet", "full", spec, 0.0, "fp32") == names.features_path(
+        artifacts, "resnet50", "imagenet", "full", old, 0.0, "fp32"
+    )
+    identity = {"cut": "layer3", "precision": "fp32", "storage": "fp32", "transform": transform_key(spec)}
+    earlier = dict(identity, transform=json.dumps(old, sort_keys=True))  # what transform_key wrote before
+    assert names.trunk_path(artifacts, "resnet50", "imagenet", identity) == names.trunk_path(
+        artifacts, "resnet50", "imagenet", earlier
+    )

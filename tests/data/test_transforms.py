@@ -43,7 +43,7 @@ def spec_for(mode: str, size: int = 64) -> dict:
 @pytest.mark.parametrize("mode", transforms.RESIZE_MODES)
 def test_every_mode_gives_the_final_side_and_is_recorded(mode):
     spec = spec_for(mode, 96)
-    assert spec["mode"] == mode and spec["crop"] == 96
+    assert spec["mode"] == mode and spec["side"] == 96
     out = transforms.eval_resize_crop(spec)(wide_image())
     assert out.size == (96, 96) and out.mode == "RGB"
     assert transforms.eval_transform(spec)(wide_image()).shape == (3, 96, 96)
@@ -162,7 +162,7 @@ def test_timm_specs_equal_timms_own_values(arch):
     spec = backbones.build_backbone(f"timm/{arch}", "random").transform
     cfg = resolve_data_config({}, model=timm.create_model(arch, pretrained=False))
     expected_resize = int(np.floor(cfg["input_size"][-1] / cfg["crop_pct"]))
-    assert (spec["resize"], spec["crop"]) == (expected_resize, cfg["input_size"][-1])
+    assert (spec["resize"], spec["side"]) == (expected_resize, cfg["input_size"][-1])
     assert spec["interpolation"] == cfg["interpolation"]
     assert spec["mean"] == list(cfg["mean"]) and spec["std"] == list(cfg["std"])
     assert spec.get("crop_mode", "center") == cfg["crop_mode"]
@@ -372,7 +372,7 @@ def test_finetune_trains_and_records_a_resize_mode_with_its_augmentation(demo_di
     )
     assert metrics["config"]["resize"] == "pad" and metrics["backbone"]["transform"]["mode"] == "pad"
     loaded = load_run(run_dir)
-    assert transforms.resize_mode(loaded.spec) == "pad" and loaded.spec["crop"] == TINY["image"].image_size
+    assert transforms.resize_mode(loaded.spec) == "pad" and loaded.spec["side"] == TINY["image"].image_size
 
 
 @pytest.mark.parametrize("size", [100000, 31])

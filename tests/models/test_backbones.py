@@ -35,7 +35,7 @@ def test_unfreeze_names_are_validated_with_the_valid_list(resnet50):
 
 def test_resnet50_features_and_transform(resnet50):
     assert resnet50.num_features == 2048
-    assert resnet50.transform["crop"] == 224 and resnet50.transform["mean"] == [0.485, 0.456, 0.406]
+    assert resnet50.transform["side"] == 224 and resnet50.transform["mean"] == [0.485, 0.456, 0.406]
     with torch.inference_mode():
         assert resnet50.body(torch.randn(2, 3, 64, 64)).shape == (2, 2048)
 
@@ -43,8 +43,8 @@ def test_resnet50_features_and_transform(resnet50):
 def test_image_size_override_keeps_the_resize_ratio():
     default = backbones.build_backbone("resnet18", "random").transform
     bb = backbones.build_backbone("resnet18", "random", image_size=112)
-    assert bb.transform["crop"] == 112
-    assert bb.transform["resize"] == round(112 * default["resize"] / default["crop"])
+    assert bb.transform["side"] == 112
+    assert bb.transform["resize"] == round(112 * default["resize"] / default["side"])
 
 
 def test_random_weights_are_reproducible():
@@ -91,7 +91,7 @@ def test_unknown_backbone_and_weights_names():
 def test_timm_backbone_with_the_shared_pretrained_weights():
     bb = backbones.build_backbone("timm/efficientnet_lite0", str(SHARED_EFFNET))
     assert bb.num_features == 1280
-    assert bb.transform["resize"] == 256 and bb.transform["crop"] == 224
+    assert bb.transform["resize"] == 256 and bb.transform["side"] == 224
     assert "blocks.6" in bb.stages and backbones.parse_unfreeze("blocks.6", bb) == ["blocks.6"]
     with torch.inference_mode():
         assert bb.body(torch.randn(1, 3, 224, 224)).shape == (1, 1280)
@@ -190,7 +190,7 @@ def test_a_new_family_is_one_adapter_in_the_registry(monkeypatch):
     bb = backbones.build_backbone("toy/tiny", "random")
     assert (bb.num_features, bb.classifier_name, bb.stages) == (8, "fc", ["stem"])
     assert bb.body(torch.randn(2, 3, 32, 32)).shape == (2, 8)
-    assert backbones.build_backbone("toy/tiny", "random", 48).transform["crop"] == 48
+    assert backbones.build_backbone("toy/tiny", "random", 48).transform["side"] == 48
     with pytest.raises(CarsTLError, match="toy networks have no weights named 'imagenet'"):
         backbones.build_backbone("toy/tiny", "imagenet")
 
