@@ -9,7 +9,8 @@ This module is the only one that touches h5py. Layout of a cache file (schema ve
         weights             "imagenet" | "random" | a path
         weights_digest      SHA-256 of the backbone's state dict (names, shapes, bytes)
         weights_sha256      SHA-256 of the weights file ("" for seeded random weights)
-        transform           JSON: resize, crop, mean, std, interpolation; optional "features":
+        transform           JSON: mode, resize, side (the final side in pixels; "crop" in files of earlier
+                            versions, read alike), mean, std, interpolation; optional "features":
                             {"tta": "flip", "layers": [...], "combine": "l2"|"raw",
                             "columns": {layer: [start, stop]}} -- what a row is made of
                             (cars_tl.models.feature_views; absent: one view, the final pooled output)

@@ -1,5 +1,6 @@
-"""Pixels in, tensors out: the transform spec every artifact records (resize mode, size, crop, mean/std)
-and the transforms built from it, for evaluation (resize + center crop, squash or pad, fused in one
+"""Pixels in, tensors out: the transform spec every artifact records (``mode``: crop | squash | pad,
+``resize``, ``side``: the final square's side in pixels, recorded as ``crop`` before this version and read
+either way by :func:`cars_tl.core.options.side`; ``mean``/``std``, ``interpolation``) and the transforms built from it, for evaluation (resize + center crop, squash or pad, fused in one
 step) and for training (the augmentations), plus :class:`PixelNormalizer` for uint8 batches normalized
 after the transfer to the device."""
 
